@@ -1,0 +1,117 @@
+"""The one typed settings object. Environment variables use the prefix SIEVE_ (e.g. SIEVE_DATA_DIR).
+
+Nothing else in the project reads os.environ: tests and tools build a `Settings(...)` directly.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Metric = Literal["cosine", "ip", "l2"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SIEVE_", env_file=None, extra="ignore", frozen=True)
+
+    # Where things live.
+    data_dir: Path = Field(Path("data"), description="Document store, index snapshots and job state.")
+    models_dir: Path = Field(Path("models"), description="Model bundles (one folder per model).")
+    grpc_address: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on.")
+    redis_url: SecretStr | None = Field(
+        None, description="Redis for the Celery broker and cache; unset: `make run` starts a local one."
+    )
+
+    # Models and collections.
+    default_embedding_model: str = Field("all-MiniLM-L6-v2", description="Bi-encoder bundle for new collections.")
+    default_metric: Metric = "cosine"
+    embed_batch_size: int = Field(32, ge=1, le=1024, description="Texts per ONNX run when embedding.")
+    onnx_threads: int = Field(0, ge=0, description="Intra-op threads per ONNX session; 0: one per core.")
+    executor_threads: int = Field(4, ge=1, description="Threads for blocking work (ONNX, usearch, SQLite).")
+
+    # Index.
+    hnsw_connectivity: int = Field(16, ge=4, le=128, description="HNSW M.")
+    hnsw_ef_construction: int = Field(200, ge=8, le=4096, description="HNSW ef at insertion time.")
+    default_ef_search: int = Field(256, ge=1, le=4096, description="HNSW ef at search time.")
+    exact_filter_max: int = Field(
+        20_000, ge=0, description="A filtered search whose filter matches at most this many documents "
+        "scores them all exactly instead of walking the HNSW graph."
+    )
+    snapshot_every_writes: int = Field(
+        5_000, ge=1, description="Snapshot a collection's index after this many changed documents."
+    )
+    snapshot_interval_s: float = Field(60.0, gt=0, description="...or this many seconds after a write.")
+
+    # Search defaults.
+    default_top_k: int = Field(10, ge=1)
+    default_retrieve_candidates: int = Field(100, ge=1)
+
+    # Limits: requests beyond them get INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for message size).
+    max_top_k: int = Field(1000, ge=1)
+    max_retrieve_candidates: int = Field(2000, ge=1)
+    max_query_chars: int = Field(4096, ge=1)
+    max_batch_documents: int = Field(1000, ge=1)
+    max_text_chars: int = Field(65_536, ge=1)
+    max_id_chars: int = Field(256, ge=1)
+    max_metadata_entries: int = Field(64, ge=0)
+    max_metadata_key_chars: int = Field(128, ge=1)
+    max_metadata_value_chars: int = Field(2048, ge=1)
+    max_filter_conditions: int = Field(16, ge=1)
+    max_get_ids: int = Field(1000, ge=1)
+    max_collections: int = Field(1000, ge=1)
+    max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted.")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("grpc_address")
+    @classmethod
+    def _has_port(cls, value: str) -> str:
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"expected host:port, got {value!r}")
+        return value
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as plain data, safe to log: secrets and URL passwords are masked."""
+        out = self.model_dump(mode="json")
+        if self.redis_url is not None:
+            out["redis_url"] = redact_url(self.redis_url.get_secret_value())
+        return out
+
+
+def redact_url(url: str) -> str:
+    """`redis://user:pw@host:6379/0` -> `redis://user:***@host:6379/0`."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    userinfo = f"{parts.username}:***" if parts.username else ":***"
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:
+    """Settings from an environment (default: the process's), with explicit overrides on top."""
+    env = dict(os.environ if environ is None else environ)
+    values = {
+        name: env[f"SIEVE_{name.upper()}"]
+        for name in Settings.model_fields
+        if f"SIEVE_{name.upper()}" in env
+    }
+    values.update(overrides)
+    # Build from the explicit mapping only, so an injected environment really replaces os.environ.
+    return _SettingsFromMapping(**values)
+
+
+class _SettingsFromMapping(Settings):
+    """Settings that take values only from constructor arguments (no process environment)."""
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[override]
+        return (init_settings,)

@@ -1,0 +1,159 @@
+"""Serving a bi-encoder bundle: tokenizers -> onnxruntime -> mean pooling -> L2 normalisation.
+
+Deliberately free of torch: server and workers need only onnxruntime, tokenizers and numpy.
+One runner holds one InferenceSession and one Tokenizer, both configured once in __init__ and never
+mutated afterwards, so concurrent calls from several threads are safe.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Encoding, Tokenizer
+
+from sieve_core.models.bundle import MODEL_FILE, TOKENIZER_FILE, BundleError, load_bundle_manifest
+
+# Same epsilons as sentence-transformers' Pooling (clamp of the token count) and torch's F.normalize.
+_MASK_EPS = 1e-9
+_NORM_EPS = 1e-12
+# Values the exporter may declare; each maps to one field of a tokenizers Encoding.
+_ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
+
+Batch = tuple[list[int], dict[str, np.ndarray]]
+
+
+def _make_session(model_path: Path, intra_op_threads: int) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    # A BERT graph is one chain of ops: inter-op parallelism buys nothing and costs threads.
+    options.inter_op_num_threads = 1
+    if intra_op_threads > 0:
+        options.intra_op_num_threads = intra_op_threads
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
+
+
+def _make_tokenizer(tokenizer_path: Path, max_length: int) -> tuple[Tokenizer, int]:
+    """Tokenizer with the bundle's truncation and no padding; also returns the pad id.
+
+    The tokenizer.json of a Hugging Face checkpoint carries whatever truncation/padding it was saved
+    with (all-MiniLM-L6-v2's says 128 and fixed padding to 128), not the max_seq_length the model was
+    trained and is served with, so both are set here from the manifest, once, for index and query alike.
+    """
+    tokenizer = Tokenizer.from_file(str(tokenizer_path))
+    pad_id = int((tokenizer.padding or {}).get("pad_id", 0))
+    tokenizer.no_padding()
+    # max_length counts the special tokens ([CLS] ... [SEP]), as in transformers' truncation.
+    tokenizer.enable_truncation(max_length=max_length)
+    return tokenizer, pad_id
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(x, axis=-1, keepdims=True)
+    return x / np.maximum(norms, _NORM_EPS)
+
+
+class BiEncoderRunner:
+    """Embeds texts with a `bi_encoder` bundle (see bundle.py for the directory layout)."""
+
+    def __init__(self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0) -> None:
+        bundle = Path(bundle_dir)
+        self.manifest = load_bundle_manifest(bundle)
+        if self.manifest.kind != "bi_encoder" or self.manifest.pooling != "mean":
+            raise BundleError(
+                f"model bundle {bundle}: BiEncoderRunner serves kind 'bi_encoder' with "
+                f"mean pooling, got {self.manifest.kind!r} / {self.manifest.pooling!r}"
+            )
+        unknown = sorted(set(self.manifest.input_names) - set(_ENCODING_FIELDS))
+        if unknown:
+            raise BundleError(f"model bundle {bundle}: cannot feed inputs {unknown}")
+        self.model_id = self.manifest.model_id
+        self.dims = self.manifest.dims
+        self._session = _make_session(bundle / MODEL_FILE, intra_op_threads)
+        self._check_graph(bundle)
+        self._tokenizer, self._pad_id = _make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
+
+    def _check_graph(self, bundle: Path) -> None:
+        # A manifest that disagrees with its graph would fail on the first request; fail at load instead.
+        graph_inputs = {i.name for i in self._session.get_inputs()}
+        graph_outputs = {o.name for o in self._session.get_outputs()}
+        if graph_inputs != set(self.manifest.input_names) or self.manifest.output_name not in graph_outputs:
+            raise BundleError(
+                f"model bundle {bundle}: manifest inputs/output {self.manifest.input_names}/"
+                f"{self.manifest.output_name!r} do not match the graph's "
+                f"{sorted(graph_inputs)}/{sorted(graph_outputs)}"
+            )
+
+    # -- public API -----------------------------------------------------------------------------------
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """One float32 vector per text, shape (len(texts), dims), in the caller's order."""
+        out = np.empty((len(texts), self.dims), dtype=np.float32)
+        for order, feeds in self._batches(texts, batch_size):
+            hidden = self._run(feeds)
+            mask = feeds["attention_mask"].astype(np.float32)[:, :, None]
+            pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), _MASK_EPS)
+            out[order] = _l2_normalize(pooled) if self.manifest.normalize else pooled
+        return out
+
+    def token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
+        """Per text, its L2-normalised last-hidden-state rows for every non-special token.
+
+        Shape (tokens, dims) float32, tokens counted after truncation to max_length; [CLS], [SEP] and
+        padding rows are dropped because they carry no term of the text for late interaction (MaxSim).
+        """
+        result: list[np.ndarray] = [np.empty((0, self.dims), dtype=np.float32)] * len(texts)
+        for order, feeds in self._batches(texts, batch_size, keep_special_mask=True):
+            hidden = self._run(feeds)
+            keep = (feeds["attention_mask"] == 1) & (feeds["special_tokens_mask"] == 0)
+            for row, index in enumerate(order):
+                result[index] = np.ascontiguousarray(_l2_normalize(hidden[row][keep[row]]), dtype=np.float32)
+        return result
+
+    def warmup(self) -> None:
+        """Run the graph once so the first real request does not pay ORT's lazy allocations."""
+        vectors = self.embed(["warm up the encoder", "a second, somewhat longer warm-up text for padding"])
+        if vectors.shape != (2, self.dims) or not np.isfinite(vectors).all():
+            raise BundleError(f"{self.model_id}: warm-up produced {vectors.shape}, expected (2, {self.dims})")
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _batches(
+        self, texts: Sequence[str], batch_size: int, *, keep_special_mask: bool = False
+    ) -> Iterator[Batch]:
+        """Yields (positions in the caller's list, padded feeds), texts grouped by token length.
+
+        Sorting by length means each batch pads to a length close to all of its members, which
+        matters with BERT's quadratic attention and a mix of short queries and long abstracts.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not texts:
+            return
+        encodings = self._tokenizer.encode_batch(list(texts))
+        by_length = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(by_length), batch_size):
+            order = by_length[start : start + batch_size]
+            yield order, self._pad([encodings[i] for i in order], keep_special_mask)
+
+    def _pad(self, encodings: list[Encoding], keep_special_mask: bool) -> dict[str, np.ndarray]:
+        width = max(len(e.ids) for e in encodings)
+        fields = dict(_ENCODING_FIELDS)
+        if keep_special_mask:
+            fields["special_tokens_mask"] = "special_tokens_mask"
+        arrays = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in fields}
+        arrays["input_ids"].fill(self._pad_id)
+        for row, encoding in enumerate(encodings):
+            for name, attr in fields.items():
+                values = getattr(encoding, attr)
+                arrays[name][row, : len(values)] = values
+        return arrays
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        inputs = {name: feeds[name] for name in self.manifest.input_names}
+        (hidden,) = self._session.run([self.manifest.output_name], inputs)
+        return np.asarray(hidden, dtype=np.float32)

@@ -1,0 +1,148 @@
+"""Plain domain types shared by the server core and the workers. No protobuf here."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class Stage(enum.IntEnum):
+    """Cascade stages, in order. Values match sieve.v1.Stage."""
+
+    RETRIEVE = 1
+    LATE_INTERACTION = 2
+    CROSS_ENCODER = 3
+
+
+class StageMode(enum.IntEnum):
+    """Values match sieve.v1.StageMode; 0 means 'use the default'."""
+
+    UNSPECIFIED = 0
+    OFF = 1
+    BEST_EFFORT = 2
+    REQUIRED = 3
+
+
+class StageStatus(enum.IntEnum):
+    """Values match sieve.v1.StageStatus."""
+
+    COMPLETED = 1
+    DEGRADED = 2
+    SKIPPED = 3
+
+
+METRICS = ("cosine", "ip", "l2")
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """Search settings; None / UNSPECIFIED fields fall back to the next level (collection, server)."""
+
+    retrieve_candidates: int | None = None
+    ef_search: int | None = None
+    late_interaction: StageMode = StageMode.UNSPECIFIED
+    late_interaction_keep: int | None = None
+    cross_encoder: StageMode = StageMode.UNSPECIFIED
+    cross_encoder_keep: int | None = None
+
+    def over(self, base: SearchSettings) -> SearchSettings:
+        """These settings, with unset fields taken from `base`."""
+
+        def pick(mine, theirs, unset=None):  # type: ignore[no-untyped-def]
+            return theirs if mine == unset else mine
+
+        return SearchSettings(
+            retrieve_candidates=pick(self.retrieve_candidates, base.retrieve_candidates),
+            ef_search=pick(self.ef_search, base.ef_search),
+            late_interaction=pick(self.late_interaction, base.late_interaction, StageMode.UNSPECIFIED),
+            late_interaction_keep=pick(self.late_interaction_keep, base.late_interaction_keep),
+            cross_encoder=pick(self.cross_encoder, base.cross_encoder, StageMode.UNSPECIFIED),
+            cross_encoder_keep=pick(self.cross_encoder_keep, base.cross_encoder_keep),
+        )
+
+
+@dataclass(frozen=True)
+class CollectionSpec:
+    name: str
+    embedding_model: str = ""
+    metric: str = ""
+    defaults: SearchSettings = field(default_factory=SearchSettings)
+
+
+@dataclass(frozen=True)
+class CollectionInfo:
+    name: str
+    embedding_model: str
+    embedding_model_id: str
+    metric: str
+    dimensions: int
+    defaults: SearchSettings
+    document_count: int
+    generation: int
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Document:
+    id: str
+    text: str
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Condition:
+    key: str
+    equals: str
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    collection: str
+    query: str
+    top_k: int = 0
+    filter: tuple[Condition, ...] = ()
+    settings: SearchSettings = field(default_factory=SearchSettings)
+    omit_documents: bool = False
+
+
+@dataclass
+class StageScore:
+    stage: Stage
+    score: float
+    rank: int
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    text: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    stage_scores: list[StageScore] = field(default_factory=list)
+
+
+@dataclass
+class StageReport:
+    stage: Stage
+    status: StageStatus
+    reason: str = ""
+    candidates_in: int = 0
+    candidates_out: int = 0
+    took_ms: float = 0.0
+    model_id: str = ""
+    method: str = ""
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    stages: list[StageReport]
+    generation: int
+    took_ms: float
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    generation: int
+    count: int
+    not_found: int = 0
