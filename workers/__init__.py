@@ -1,0 +1,1 @@
+"""Celery workers (re-ranking and bulk embedding) arrive with the re-ranking issue."""
