@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install models protos check-protos lint eval clean
+.PHONY: run test install models protos check-protos lint eval eval-record bench-service clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -45,3 +45,13 @@ eval: models
 
 clean:
 	rm -rf $(VENV) $(MODELS_DIR) data .pytest_cache
+
+# Quality on SciFact through the gRPC path, recorded in bench/results/ and the README.
+eval-record: models
+	$(VENV)/bin/sieve eval ../shared/datasets/scifact --json | $(PY) -c 'import json,sys; r=json.loads(sys.stdin.read().splitlines()[-1]); r={"benchmark":"eval","command":"sieve eval ../shared/datasets/scifact --json",**r}; open("bench/results/eval-scifact-retrieve.json","w").write(json.dumps(r,indent=2)+"\n")'
+	$(PY) bench/report.py
+
+# Search latency vs bare work, upsert vs bare embedding (a benchmark, never part of make test).
+bench-service: models
+	$(PY) bench/service.py ../shared/datasets/scifact
+	$(PY) bench/report.py

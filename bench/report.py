@@ -1,0 +1,52 @@
+"""Render the README's "Measured" table from bench/results/*.json (never typed by hand).
+
+    .venv/bin/python bench/report.py          # rewrites the block between the markers in README.md
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "bench" / "results"
+START, END = "<!-- results:start (bench/report.py) -->", "<!-- results:end -->"
+
+
+def _rows() -> list[str]:
+    rows = ["| what | figure | command |", "|---|---|---|"]
+    for path in sorted(RESULTS.glob("*.json")):
+        r = json.loads(path.read_text())
+        cmd = f"`{r['command']}`"
+        if r.get("benchmark") == "eval":
+            rows.append(f"| {r['dataset']} nDCG@10 / recall@100 / MRR@10, cascade `{r['cascade']}`, through gRPC "
+                        f"(published all-MiniLM-L6-v2: 0.6451) | {r['ndcg@10']:.4f} / {r['recall@100']:.4f} / "
+                        f"{r['mrr@10']:.4f} | {cmd} |")
+        elif r.get("benchmark") == "service":
+            rows.append(f"| `Search` latency, 1 client, {r['dataset']} ({r['documents']} docs, {r['samples']} queries),"
+                        f" top_k 10 | p50 {r['search_p50_ms']:.2f} ms, p99 {r['search_p99_ms']:.2f} ms | {cmd} |")
+            rows.append(f"| bare in-process work for the same queries (ONNX embed + usearch), same run | "
+                        f"p50 {r['bare_p50_ms']:.2f} ms, p99 {r['bare_p99_ms']:.2f} ms; **p50 ratio "
+                        f"{r['p50_ratio']:.2f}** | {cmd} |")
+            rows.append(f"| `UpsertDocuments` throughput (batches of 64, first {r['rate_docs']} docs) vs bare ONNX "
+                        f"embedding of the same texts, same run | {r['upsert_docs_per_s']:.1f} vs "
+                        f"{r['bare_embed_docs_per_s']:.1f} docs/s (ratio {r['upsert_vs_bare']:.2f}) | {cmd} |")
+    return rows
+
+
+def main() -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        print("README.md has no results markers", file=sys.stderr)
+        return 1
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    readme.write_text(head + START + "\n" + "\n".join(_rows()) + "\n" + END + tail)
+    print("README.md results table updated")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
