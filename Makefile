@@ -34,11 +34,12 @@ check-protos: install
 run: models
 	$(VENV)/bin/sieve serve
 
-test: models check-protos
+test: models check-protos lint
 	$(PY) -m pytest -q -ra
 
 lint: install
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 eval: models
 	$(VENV)/bin/sieve eval ../shared/datasets/scifact

@@ -1,6 +1,6 @@
 """Render the README's "Measured" table from bench/results/*.json (never typed by hand).
 
-    .venv/bin/python bench/report.py          # rewrites the block between the markers in README.md
+.venv/bin/python bench/report.py          # rewrites the block between the markers in README.md
 """
 
 from __future__ import annotations
@@ -20,18 +20,26 @@ def _rows() -> list[str]:
         r = json.loads(path.read_text())
         cmd = f"`{r['command']}`"
         if r.get("benchmark") == "eval":
-            rows.append(f"| {r['dataset']} nDCG@10 / recall@100 / MRR@10, cascade `{r['cascade']}`, through gRPC "
-                        f"(published all-MiniLM-L6-v2: 0.6451) | {r['ndcg@10']:.4f} / {r['recall@100']:.4f} / "
-                        f"{r['mrr@10']:.4f} | {cmd} |")
+            rows.append(
+                f"| {r['dataset']} nDCG@10 / recall@100 / MRR@10, cascade `{r['cascade']}`, through gRPC "
+                f"(published all-MiniLM-L6-v2: 0.6451) | {r['ndcg@10']:.4f} / {r['recall@100']:.4f} / "
+                f"{r['mrr@10']:.4f} | {cmd} |"
+            )
         elif r.get("benchmark") == "service":
-            rows.append(f"| `Search` latency, 1 client, {r['dataset']} ({r['documents']} docs, {r['samples']} queries),"
-                        f" top_k 10 | p50 {r['search_p50_ms']:.2f} ms, p99 {r['search_p99_ms']:.2f} ms | {cmd} |")
-            rows.append(f"| bare in-process work for the same queries (ONNX embed + usearch), same run | "
-                        f"p50 {r['bare_p50_ms']:.2f} ms, p99 {r['bare_p99_ms']:.2f} ms; **p50 ratio "
-                        f"{r['p50_ratio']:.2f}** | {cmd} |")
-            rows.append(f"| `UpsertDocuments` throughput (batches of 64, first {r['rate_docs']} docs) vs bare ONNX "
-                        f"embedding of the same texts, same run | {r['upsert_docs_per_s']:.1f} vs "
-                        f"{r['bare_embed_docs_per_s']:.1f} docs/s (ratio {r['upsert_vs_bare']:.2f}) | {cmd} |")
+            rows.append(
+                f"| `Search` latency, 1 client, {r['dataset']} ({r['documents']} docs, {r['samples']} queries),"
+                f" top_k 10 | p50 {r['search_p50_ms']:.2f} ms, p99 {r['search_p99_ms']:.2f} ms | {cmd} |"
+            )
+            rows.append(
+                f"| bare in-process work for the same queries (ONNX embed + usearch), same run | "
+                f"p50 {r['bare_p50_ms']:.2f} ms, p99 {r['bare_p99_ms']:.2f} ms; **p50 ratio "
+                f"{r['p50_ratio']:.2f}** | {cmd} |"
+            )
+            rows.append(
+                f"| `UpsertDocuments` throughput (batches of 64, first {r['rate_docs']} docs) vs bare ONNX "
+                f"embedding of the same texts, same run | {r['upsert_docs_per_s']:.1f} vs "
+                f"{r['bare_embed_docs_per_s']:.1f} docs/s (ratio {r['upsert_vs_bare']:.2f}) | {cmd} |"
+            )
     return rows
 
 

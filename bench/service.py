@@ -25,7 +25,14 @@ from pathlib import Path
 
 import grpc
 import numpy as np
-from sieve.v1 import collections_pb2, collections_pb2_grpc, documents_pb2, documents_pb2_grpc, search_pb2, search_pb2_grpc
+from sieve.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    documents_pb2,
+    documents_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -39,8 +46,13 @@ BATCH = 64
 
 
 def _start(data_dir: str, address: str) -> subprocess.Popen:  # type: ignore[type-arg]
-    env = {**os.environ, "SIEVE_DATA_DIR": data_dir, "SIEVE_GRPC_ADDRESS": address,
-           "SIEVE_MODELS_DIR": str(ROOT / "models"), "SIEVE_LOG_LEVEL": "WARNING"}
+    env = {
+        **os.environ,
+        "SIEVE_DATA_DIR": data_dir,
+        "SIEVE_GRPC_ADDRESS": address,
+        "SIEVE_MODELS_DIR": str(ROOT / "models"),
+        "SIEVE_LOG_LEVEL": "WARNING",
+    }
     proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT)
     wait_serving(address, 120, proc)
     return proc
@@ -51,7 +63,9 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("beir", type=Path)
     parser.add_argument("--passes", type=int, default=3, help="passes over the test queries")
     parser.add_argument("--bare-docs", type=int, default=1024, help="documents for the bare embedding rate")
@@ -69,15 +83,23 @@ def main() -> int:
         proc = _start(data_dir, address)
         try:
             with grpc.insecure_channel(address) as ch:
-                collections_pb2_grpc.CollectionServiceStub(ch).CreateCollection(collections_pb2.CreateCollectionRequest(
-                    collection=collections_pb2.Collection(name="bench")))
+                collections_pb2_grpc.CollectionServiceStub(ch).CreateCollection(
+                    collections_pb2.CreateCollectionRequest(
+                        collection=collections_pb2.Collection(name="bench")
+                    )
+                )
                 docs = documents_pb2_grpc.DocumentServiceStub(ch)
                 batch_times: list[tuple[int, float]] = []
                 for i in range(0, len(ids), BATCH):
                     chunk = ids[i : i + BATCH]
                     t = time.perf_counter()
-                    docs.UpsertDocuments(documents_pb2.UpsertDocumentsRequest(collection="bench", documents=[
-                        documents_pb2.Document(id=d, text=data.corpus[d]) for d in chunk]), timeout=600)
+                    docs.UpsertDocuments(
+                        documents_pb2.UpsertDocumentsRequest(
+                            collection="bench",
+                            documents=[documents_pb2.Document(id=d, text=data.corpus[d]) for d in chunk],
+                        ),
+                        timeout=600,
+                    )
                     batch_times.append((len(chunk), time.perf_counter() - t))
                     print(f"\rindexed {i + len(chunk)}/{len(ids)}", end="", file=sys.stderr)
                 print(file=sys.stderr)
@@ -100,7 +122,9 @@ def main() -> int:
                 runner.embed([data.corpus[d] for d in ids[i : min(i + BATCH, n_bare)]], 32)
             bare_embed_s = time.perf_counter() - t
 
-            loaded = VectorIndex.load_latest(Path(data_dir) / "collections" / "1", runner.dims, "cosine", ef_search=256)
+            loaded = VectorIndex.load_latest(
+                Path(data_dir) / "collections" / "1", runner.dims, "cosine", ef_search=256
+            )
             assert loaded is not None, "no snapshot after a graceful stop"
             index = loaded[0]
             with grpc.insecure_channel(address) as ch:
@@ -113,7 +137,9 @@ def main() -> int:
                 for _ in range(args.passes):
                     for q in queries:
                         t = time.perf_counter()
-                        search.Search(search_pb2.SearchRequest(collection="bench", query=q, top_k=10), timeout=10)
+                        search.Search(
+                            search_pb2.SearchRequest(collection="bench", query=q, top_k=10), timeout=10
+                        )
                         rpc_ms.append((time.perf_counter() - t) * 1000)
                         t = time.perf_counter()
                         index.search(runner.embed([q])[0], 10)
@@ -127,16 +153,28 @@ def main() -> int:
     result = {
         "benchmark": "service",
         "command": f"python bench/service.py {args.beir} --passes {args.passes}",
-        "dataset": data.name, "documents": len(ids), "queries": len(queries), "samples": len(rpc_ms),
-        "search_p50_ms": statistics.median(rpc_ms), "search_p99_ms": _pct(rpc_ms, 99),
-        "bare_p50_ms": statistics.median(bare_ms), "bare_p99_ms": _pct(bare_ms, 99),
+        "dataset": data.name,
+        "documents": len(ids),
+        "queries": len(queries),
+        "samples": len(rpc_ms),
+        "search_p50_ms": statistics.median(rpc_ms),
+        "search_p99_ms": _pct(rpc_ms, 99),
+        "bare_p50_ms": statistics.median(bare_ms),
+        "bare_p99_ms": _pct(bare_ms, 99),
         "p50_ratio": statistics.median(rpc_ms) / statistics.median(bare_ms),
-        "upsert_docs_per_s": upsert_rate, "bare_embed_docs_per_s": bare_rate,
-        "upsert_vs_bare": upsert_rate / bare_rate, "rate_docs": n_bare,
+        "upsert_docs_per_s": upsert_rate,
+        "bare_embed_docs_per_s": bare_rate,
+        "upsert_vs_bare": upsert_rate / bare_rate,
+        "rate_docs": n_bare,
         "upsert_docs_per_s_full_corpus": sum(n for n, _ in batch_times) / sum(s for _, s in batch_times),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "onnxruntime": metadata.version("onnxruntime"), "usearch": metadata.version("usearch"),
-                    "grpcio": metadata.version("grpcio")},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "onnxruntime": metadata.version("onnxruntime"),
+            "usearch": metadata.version("usearch"),
+            "grpcio": metadata.version("grpcio"),
+        },
         "date": time.strftime("%Y-%m-%d"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -144,8 +182,10 @@ def main() -> int:
     print(f"Search over gRPC   p50 {result['search_p50_ms']:.2f} ms  p99 {result['search_p99_ms']:.2f} ms")
     print(f"bare embed+usearch p50 {result['bare_p50_ms']:.2f} ms  p99 {result['bare_p99_ms']:.2f} ms")
     print(f"p50 ratio {result['p50_ratio']:.2f}")
-    print(f"upsert {upsert_rate:.1f} docs/s vs bare embedding {bare_rate:.1f} docs/s "
-          f"(ratio {result['upsert_vs_bare']:.2f}, first {n_bare} documents)")
+    print(
+        f"upsert {upsert_rate:.1f} docs/s vs bare embedding {bare_rate:.1f} docs/s "
+        f"(ratio {result['upsert_vs_bare']:.2f}, first {n_bare} documents)"
+    )
     print(f"wrote {args.out}")
     return 0
 

@@ -70,14 +70,18 @@ def _diff(expected: Path, actual: Path) -> list[str]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail if the committed code is stale")
     args = parser.parse_args()
 
     installed = metadata.version("grpcio-tools")
     if installed != PINNED_GRPCIO_TOOLS:
-        print(f"grpcio-tools {installed} is installed; this script is pinned to {PINNED_GRPCIO_TOOLS}",
-              file=sys.stderr)
+        print(
+            f"grpcio-tools {installed} is installed; this script is pinned to {PINNED_GRPCIO_TOOLS}",
+            file=sys.stderr,
+        )
         return 2
 
     target = OUT_ROOT / PACKAGE_DIR

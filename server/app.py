@@ -22,10 +22,10 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from sieve_core.config import Settings
-from sieve_core.errors import SieveError
 from server.engine import Engine
 from server.servicers import CollectionServicer, DocumentServicer, SearchServicer
+from sieve_core.config import Settings
+from sieve_core.errors import SieveError
 
 log = logging.getLogger("sieve.server")
 
@@ -63,10 +63,13 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             except Exception:
                 incident = uuid.uuid4().hex[:12]
                 log.exception("unhandled error in %s (incident %s)", method, incident)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see server log")
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see server log"
+                )
 
         return grpc.unary_unary_rpc_method_handler(
-            guarded, request_deserializer=handler.request_deserializer,
+            guarded,
+            request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
@@ -85,12 +88,18 @@ class SieveServer:
             ("grpc.so_reuseport", 0),
         ]
         self.server = grpc.aio.server(interceptors=[ErrorInterceptor(lambda: self._ready)], options=options)
-        collections_pb2_grpc.add_CollectionServiceServicer_to_server(CollectionServicer(self.engine), self.server)
+        collections_pb2_grpc.add_CollectionServiceServicer_to_server(
+            CollectionServicer(self.engine), self.server
+        )
         documents_pb2_grpc.add_DocumentServiceServicer_to_server(DocumentServicer(self.engine), self.server)
         search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(self.engine), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            (
+                *SERVICE_NAMES,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
             self.server,
         )
         self.port = self.server.add_insecure_port(settings.grpc_address)

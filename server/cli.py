@@ -10,8 +10,8 @@ from pathlib import Path
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from sieve_core.config import load_settings
     from server.app import serve
+    from sieve_core.config import load_settings
 
     overrides = {"grpc_address": args.address} if args.address else {}
     asyncio.run(serve(load_settings(**overrides)))
@@ -25,15 +25,20 @@ def _eval(args: argparse.Namespace) -> int:
     if not folder.is_dir():
         print(f"sieve eval: {folder} is not a directory", file=sys.stderr)
         return 2
-    result = run_eval(EvalOptions(folder=folder, address=args.address, split=args.split, keep=args.keep,
-                                  quiet=args.json))
+    result = run_eval(
+        EvalOptions(folder=folder, address=args.address, split=args.split, keep=args.keep, quiet=args.json)
+    )
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries")
+        print(
+            f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries"
+        )
         for key in ("ndcg@10", "recall@100", "mrr@10"):
             print(f"  {key:<11} {result[key]:.4f}")
-        print(f"  indexing    {result['index_docs_per_s']:.1f} docs/s   search {result['search_queries_per_s']:.1f} q/s")
+        print(
+            f"  indexing    {result['index_docs_per_s']:.1f} docs/s   search {result['search_queries_per_s']:.1f} q/s"
+        )
     return 0
 
 

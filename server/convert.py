@@ -49,7 +49,9 @@ def settings_from_pb(msg: common_pb2.SearchSettings) -> SearchSettings:
 
 
 def settings_to_pb(s: SearchSettings) -> common_pb2.SearchSettings:
-    msg = common_pb2.SearchSettings(late_interaction=int(s.late_interaction), cross_encoder=int(s.cross_encoder))
+    msg = common_pb2.SearchSettings(
+        late_interaction=int(s.late_interaction), cross_encoder=int(s.cross_encoder)
+    )
     for name in ("retrieve_candidates", "ef_search", "late_interaction_keep", "cross_encoder_keep"):
         value = getattr(s, name)
         if value is not None:
@@ -61,7 +63,9 @@ def collection_spec(msg: collections_pb2.Collection) -> CollectionSpec:
     if msg.metric not in _METRIC_TO_CORE:
         raise InvalidArgument(f"unknown metric {msg.metric}")
     return CollectionSpec(
-        name=msg.name, embedding_model=msg.embedding_model, metric=_METRIC_TO_CORE[msg.metric],
+        name=msg.name,
+        embedding_model=msg.embedding_model,
+        metric=_METRIC_TO_CORE[msg.metric],
         defaults=settings_from_pb(msg.defaults),
     )
 
@@ -70,9 +74,15 @@ def collection_to_pb(info: CollectionInfo) -> collections_pb2.Collection:
     created = Timestamp()
     created.FromNanoseconds(int(info.created_at * 1e9))
     return collections_pb2.Collection(
-        name=info.name, embedding_model=info.embedding_model, embedding_model_id=info.embedding_model_id,
-        metric=_METRIC_TO_PB[info.metric], dimensions=info.dimensions, defaults=settings_to_pb(info.defaults),
-        document_count=info.document_count, generation=info.generation, created_at=created,
+        name=info.name,
+        embedding_model=info.embedding_model,
+        embedding_model_id=info.embedding_model_id,
+        metric=_METRIC_TO_PB[info.metric],
+        dimensions=info.dimensions,
+        defaults=settings_to_pb(info.defaults),
+        document_count=info.document_count,
+        generation=info.generation,
+        created_at=created,
     )
 
 
@@ -91,8 +101,12 @@ def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
             raise InvalidArgument(f"filter.all[{i}] (key {cond.key!r}) has no match; set `equals`")
         conditions.append(Condition(cond.key, cond.equals))
     return SearchQuery(
-        collection=msg.collection, query=msg.query, top_k=msg.top_k, filter=tuple(conditions),
-        settings=settings_from_pb(msg.settings), omit_documents=msg.omit_documents,
+        collection=msg.collection,
+        query=msg.query,
+        top_k=msg.top_k,
+        filter=tuple(conditions),
+        settings=settings_from_pb(msg.settings),
+        omit_documents=msg.omit_documents,
     )
 
 
@@ -100,16 +114,27 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
     return search_pb2.SearchResponse(
         hits=[
             search_pb2.Hit(
-                id=h.id, score=h.score, text=h.text, metadata=h.metadata,
-                stage_scores=[search_pb2.StageScore(stage=int(s.stage), score=s.score, rank=s.rank)
-                              for s in h.stage_scores],
+                id=h.id,
+                score=h.score,
+                text=h.text,
+                metadata=h.metadata,
+                stage_scores=[
+                    search_pb2.StageScore(stage=int(s.stage), score=s.score, rank=s.rank)
+                    for s in h.stage_scores
+                ],
             )
             for h in result.hits
         ],
         stages=[
             search_pb2.StageReport(
-                stage=int(r.stage), status=int(r.status), reason=r.reason, candidates_in=r.candidates_in,
-                candidates_out=r.candidates_out, took_ms=r.took_ms, model_id=r.model_id, method=r.method,
+                stage=int(r.stage),
+                status=int(r.status),
+                reason=r.reason,
+                candidates_in=r.candidates_in,
+                candidates_out=r.candidates_out,
+                took_ms=r.took_ms,
+                model_id=r.model_id,
+                method=r.method,
             )
             for r in result.stages
         ],

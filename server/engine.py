@@ -21,6 +21,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from server import validation
+from server.index import VectorIndex
+from server.store import CollectionRow, Store
 from sieve_core.config import Settings
 from sieve_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from sieve_core.models.bi_encoder import BiEncoderRunner
@@ -40,9 +43,6 @@ from sieve_core.types import (
     StageStatus,
     WriteResult,
 )
-from server import validation
-from server.index import VectorIndex
-from server.store import CollectionRow, Store
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -64,7 +64,9 @@ class ModelRegistry:
                 if not name or "/" in name or name.startswith("."):
                     raise InvalidArgument(f"invalid model name {name!r}")
                 try:
-                    runner = BiEncoderRunner(path, intra_op_threads=self._settings.onnx_threads)
+                    runner = BiEncoderRunner(
+                        path, intra_op_threads=self._settings.onnx_threads, spin=self._settings.onnx_spin
+                    )
                 except BundleError as exc:
                     raise FailedPrecondition(
                         f"embedding model {name!r} is not available on this server ({exc}); export it into "
@@ -72,7 +74,9 @@ class ModelRegistry:
                         f"--out {path}` (the default model: `make models`)"
                     ) from None
                 if runner.manifest.kind != "bi_encoder":
-                    raise FailedPrecondition(f"model {name!r} is a {runner.manifest.kind} model, not a bi-encoder")
+                    raise FailedPrecondition(
+                        f"model {name!r} is a {runner.manifest.kind} model, not a bi-encoder"
+                    )
                 runner.warmup()
                 self._runners[name] = runner
             return runner
@@ -153,7 +157,9 @@ class Engine:
         runner = self.models.get(row.embedding_model)
         directory = self._collection_dir(row)
         started = time.monotonic()
-        loaded = VectorIndex.load_latest(directory, row.dims, row.metric, ef_search=self.settings.default_ef_search)
+        loaded = VectorIndex.load_latest(
+            directory, row.dims, row.metric, ef_search=self.settings.default_ef_search
+        )
         if loaded is None:
             index, snap_gen = self._new_index(row), 0
         else:
@@ -166,14 +172,21 @@ class Engine:
         if len(index) != row.doc_count:
             log.warning(
                 "collection %r: index has %d vectors but the store %d documents; rebuilding the index",
-                row.name, len(index), row.doc_count,
+                row.name,
+                len(index),
+                row.doc_count,
             )
             index, snap_gen = self._new_index(row), 0
             for change in self.store.changes_since(row.id, 0, row.dims):
                 index.add(change.added_keys, change.added_vectors)
         log.info(
             "collection %r: %d documents at generation %d (snapshot %d, %d changes applied) in %.2fs",
-            row.name, row.doc_count, row.generation, snap_gen, applied, time.monotonic() - started,
+            row.name,
+            row.doc_count,
+            row.generation,
+            snap_gen,
+            applied,
+            time.monotonic() - started,
         )
         col = _Collection(row, index, runner, _settings_from_json(row.defaults_json), directory, snap_gen)
         col.unsnapshotted_writes = applied
@@ -181,8 +194,11 @@ class Engine:
 
     def _new_index(self, row: CollectionRow) -> VectorIndex:
         return VectorIndex(
-            row.dims, row.metric, connectivity=self.settings.hnsw_connectivity,
-            ef_construction=self.settings.hnsw_ef_construction, ef_search=self.settings.default_ef_search,
+            row.dims,
+            row.metric,
+            connectivity=self.settings.hnsw_connectivity,
+            ef_construction=self.settings.hnsw_ef_construction,
+            ef_search=self.settings.default_ef_search,
         )
 
     def _snapshot(self, col: _Collection, generation: int) -> None:
@@ -211,9 +227,15 @@ class Engine:
     def _info(self, col: _Collection) -> CollectionInfo:
         row = self.store.get_collection(col.row.name)
         return CollectionInfo(
-            name=row.name, embedding_model=row.embedding_model, embedding_model_id=row.embedding_model_id,
-            metric=row.metric, dimensions=row.dims, defaults=col.defaults, document_count=row.doc_count,
-            generation=row.generation, created_at=row.created_at,
+            name=row.name,
+            embedding_model=row.embedding_model,
+            embedding_model_id=row.embedding_model_id,
+            metric=row.metric,
+            dimensions=row.dims,
+            defaults=col.defaults,
+            document_count=row.doc_count,
+            generation=row.generation,
+            created_at=row.created_at,
         )
 
     # -- collections -----------------------------------------------------------------------------
@@ -228,9 +250,13 @@ class Engine:
         if name in self._collections:
             raise AlreadyExists(f"collection {name!r} already exists")
         if len(self._collections) >= self.settings.max_collections:
-            raise FailedPrecondition(f"this server already holds the maximum of {self.settings.max_collections} collections")
+            raise FailedPrecondition(
+                f"this server already holds the maximum of {self.settings.max_collections} collections"
+            )
         runner = self.models.get(model)
-        row = self.store.create_collection(name, model, runner.model_id, metric, runner.dims, _settings_to_json(defaults))
+        row = self.store.create_collection(
+            name, model, runner.model_id, metric, runner.dims, _settings_to_json(defaults)
+        )
         directory = self._collection_dir(row)
         shutil.rmtree(directory, ignore_errors=True)  # leftovers of an earlier collection with this row id
         col = _Collection(row, self._new_index(row), runner, defaults, directory)
@@ -274,7 +300,9 @@ class Engine:
     async def _embed(self, col: _Collection, docs: list[Document]) -> dict[str, np.ndarray]:
         if not docs:
             return {}
-        matrix = await self._run(self._pool, col.runner.embed, [d.text for d in docs], self.settings.embed_batch_size)
+        matrix = await self._run(
+            self._pool, col.runner.embed, [d.text for d in docs], self.settings.embed_batch_size
+        )
         return {d.id: matrix[i] for i, d in enumerate(docs)}
 
     def _commit_upsert(self, col: _Collection, docs: list[Document], vectors: dict[str, np.ndarray]):  # type: ignore[no-untyped-def]
@@ -330,14 +358,22 @@ class Engine:
                 )
         reranking = any(mode == StageMode.BEST_EFFORT for _, mode in rerank)
         candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k
-        hits, report, generation = await self._run(self._pool, self._retrieve, col, query, candidates, settings)
+        hits, report, generation = await self._run(
+            self._pool, self._retrieve, col, query, candidates, settings
+        )
         stages = [report]
         for stage, mode in rerank:
             if mode == StageMode.BEST_EFFORT:
-                stages.append(StageReport(
-                    stage, StageStatus.DEGRADED, reason=f"no {stage.name.lower()} model is configured on this server;"
-                    " kept the previous stage's order", candidates_in=len(hits), candidates_out=len(hits),
-                ))
+                stages.append(
+                    StageReport(
+                        stage,
+                        StageStatus.DEGRADED,
+                        reason=f"no {stage.name.lower()} model is configured on this server;"
+                        " kept the previous stage's order",
+                        candidates_in=len(hits),
+                        candidates_out=len(hits),
+                    )
+                )
             else:
                 stages.append(StageReport(stage, StageStatus.SKIPPED, reason="not requested"))
         hits = hits[:top_k]
@@ -360,11 +396,17 @@ class Engine:
             doc = docs.get(key)
             if doc is None:  # removed between the index search and the lookup
                 continue
-            hits.append(Hit(doc.doc_id, score, doc.text, doc.metadata,
-                            [StageScore(Stage.RETRIEVE, score, len(hits))]))
+            hits.append(
+                Hit(doc.doc_id, score, doc.text, doc.metadata, [StageScore(Stage.RETRIEVE, score, len(hits))])
+            )
         report = StageReport(
-            Stage.RETRIEVE, StageStatus.COMPLETED, candidates_in=seen, candidates_out=len(hits),
-            took_ms=(time.perf_counter() - started) * 1000, model_id=col.runner.model_id, method=method,
+            Stage.RETRIEVE,
+            StageStatus.COMPLETED,
+            candidates_in=seen,
+            candidates_out=len(hits),
+            took_ms=(time.perf_counter() - started) * 1000,
+            model_id=col.runner.model_id,
+            method=method,
         )
         return hits, report, generation
 

@@ -16,8 +16,22 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-from sieve.v1 import collections_pb2, collections_pb2_grpc, documents_pb2, documents_pb2_grpc, search_pb2, search_pb2_grpc
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from sieve.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    documents_pb2,
+    documents_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
 
 from sieve_core.beir import evaluate, load_beir
 
@@ -47,7 +61,10 @@ def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = N
             if proc is not None and proc.poll() is not None:
                 raise RuntimeError(f"server exited with code {proc.returncode} before serving")
             try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
                     return
             except grpc.RpcError:
                 pass
@@ -75,8 +92,14 @@ def self_started_server(env: dict[str, str] | None = None) -> Iterator[str]:
 
 def _progress(quiet: bool) -> Progress:
     return Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"),
-        TimeElapsedColumn(), TimeRemainingColumn(), disable=quiet, transient=False,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=False,
     )
 
 
@@ -96,7 +119,8 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         documents = documents_pb2_grpc.DocumentServiceStub(channel)
         search = search_pb2_grpc.SearchServiceStub(channel)
         collections.CreateCollection(
-            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name)), timeout=60
+            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name)),
+            timeout=60,
         )
         try:
             ids = list(data.corpus)
@@ -104,12 +128,17 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
             with _progress(opts.quiet) as bar:
                 task = bar.add_task("indexing", total=len(ids), rate="")
                 for i in range(0, len(ids), opts.batch_size):
-                    batch = [documents_pb2.Document(id=d, text=data.corpus[d]) for d in ids[i : i + opts.batch_size]]
+                    batch = [
+                        documents_pb2.Document(id=d, text=data.corpus[d])
+                        for d in ids[i : i + opts.batch_size]
+                    ]
                     documents.UpsertDocuments(
                         documents_pb2.UpsertDocumentsRequest(collection=name, documents=batch), timeout=600
                     )
                     done = i + len(batch)
-                    bar.update(task, completed=done, rate=f"{done / (time.perf_counter() - started):.1f} docs/s")
+                    bar.update(
+                        task, completed=done, rate=f"{done / (time.perf_counter() - started):.1f} docs/s"
+                    )
             index_s = time.perf_counter() - started
             run: dict[str, list[str]] = {}
             started = time.perf_counter()
@@ -117,7 +146,9 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
                 task = bar.add_task("searching", total=len(data.queries), rate="")
                 for n, (qid, text) in enumerate(data.queries.items(), 1):
                     response = search.Search(
-                        search_pb2.SearchRequest(collection=name, query=text, top_k=opts.top_k, omit_documents=True),
+                        search_pb2.SearchRequest(
+                            collection=name, query=text, top_k=opts.top_k, omit_documents=True
+                        ),
                         timeout=60,
                     )
                     run[qid] = [hit.id for hit in response.hits]
@@ -128,8 +159,13 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
                 collections.DeleteCollection(collections_pb2.DeleteCollectionRequest(name=name), timeout=60)
     metrics = evaluate(run, data.qrels)
     return {
-        "dataset": data.name, "split": opts.split, "documents": len(data.corpus), "queries": len(data.queries),
-        "cascade": "retrieve", **metrics,
-        "index_docs_per_s": len(data.corpus) / index_s, "search_queries_per_s": len(data.queries) / search_s,
+        "dataset": data.name,
+        "split": opts.split,
+        "documents": len(data.corpus),
+        "queries": len(data.queries),
+        "cascade": "retrieve",
+        **metrics,
+        "index_docs_per_s": len(data.corpus) / index_s,
+        "search_queries_per_s": len(data.queries) / search_s,
         "collection": name if opts.keep else None,
     }

@@ -83,15 +83,25 @@ def exact_scores(metric: str, query: np.ndarray, vectors: np.ndarray) -> np.ndar
 
 class VectorIndex:
     def __init__(
-        self, dims: int, metric: str, *, connectivity: int = 16, ef_construction: int = 128, ef_search: int = 128,
+        self,
+        dims: int,
+        metric: str,
+        *,
+        connectivity: int = 16,
+        ef_construction: int = 128,
+        ef_search: int = 128,
         index: Index | None = None,
     ) -> None:
         self.dims = dims
         self.metric = metric
         self.default_ef = ef_search
         self._index = index or Index(
-            ndim=dims, metric=_USEARCH_METRIC[metric], dtype="f32", connectivity=connectivity,
-            expansion_add=ef_construction, expansion_search=ef_search,
+            ndim=dims,
+            metric=_USEARCH_METRIC[metric],
+            dtype="f32",
+            connectivity=connectivity,
+            expansion_add=ef_construction,
+            expansion_search=ef_search,
         )
         self._index.expansion_search = ef_search
         self._lock = RWLock()
@@ -130,14 +140,25 @@ class VectorIndex:
         else:
             with self._lock.read():
                 matches = self._index.search(query, count)
-        return np.asarray(matches.keys, dtype=np.uint64), scores_from_distances(self.metric, matches.distances)
+        return np.asarray(matches.keys, dtype=np.uint64), scores_from_distances(
+            self.metric, matches.distances
+        )
 
     def search_exact(self, query: np.ndarray, keys: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top `count` among `keys` (e.g. the documents a filter matches)."""
         if len(keys) == 0 or count <= 0:
             return np.zeros(0, dtype=np.uint64), np.zeros(0)
         with self._lock.read():
-            vectors = np.asarray(self._index.get(keys), dtype=np.float32).reshape(len(keys), self.dims)
+            found = self._index.get(keys)
+        if isinstance(found, np.ndarray):
+            vectors = found.astype(np.float32, copy=False).reshape(len(keys), self.dims)
+        else:
+            # Some keys are not in the index yet (committed to the store, index update in flight): skip them.
+            present = np.array([v is not None for v in found], dtype=bool)
+            keys = keys[present]
+            if len(keys) == 0:
+                return np.zeros(0, dtype=np.uint64), np.zeros(0)
+            vectors = np.stack([v for v in found if v is not None]).astype(np.float32, copy=False)
         scores = exact_scores(self.metric, query, vectors)
         count = min(count, len(keys))
         top = np.argpartition(-scores, count - 1)[:count]
@@ -182,7 +203,11 @@ class VectorIndex:
 def snapshot_files(directory: Path) -> list[Path]:
     if not directory.exists():
         return []
-    return sorted(p for p in directory.iterdir() if p.name.startswith(_SNAPSHOT_PREFIX) and p.name.endswith(_SNAPSHOT_SUFFIX))
+    return sorted(
+        p
+        for p in directory.iterdir()
+        if p.name.startswith(_SNAPSHOT_PREFIX) and p.name.endswith(_SNAPSHOT_SUFFIX)
+    )
 
 
 def _fsync_dir(directory: Path) -> None:

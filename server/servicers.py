@@ -7,7 +7,6 @@ from sieve.v1 import (
     collections_pb2_grpc,
     documents_pb2,
     documents_pb2_grpc,
-    search_pb2,
     search_pb2_grpc,
 )
 
@@ -29,7 +28,9 @@ class CollectionServicer(collections_pb2_grpc.CollectionServiceServicer):
 
     async def ListCollections(self, request, context):  # type: ignore[no-untyped-def]
         infos = await self.engine.list_collections()
-        return collections_pb2.ListCollectionsResponse(collections=[convert.collection_to_pb(i) for i in infos])
+        return collections_pb2.ListCollectionsResponse(
+            collections=[convert.collection_to_pb(i) for i in infos]
+        )
 
     async def DeleteCollection(self, request, context):  # type: ignore[no-untyped-def]
         await self.engine.delete_collection(request.name)

@@ -114,9 +114,7 @@ class UpsertOutcome:
     missing_vectors: list[str]  # ids whose text changed but no vector was supplied (retry with them)
 
 
-_COLLECTION_COLUMNS = (
-    "id, name, embedding_model, embedding_model_id, metric, dims, defaults_json, generation, doc_count, created_at"
-)
+_COLLECTION_COLUMNS = "id, name, embedding_model, embedding_model_id, metric, dims, defaults_json, generation, doc_count, created_at"
 
 
 class Store:
@@ -150,7 +148,12 @@ class Store:
 
     # -- collections ---------------------------------------------------------------------------
     def create_collection(
-        self, name: str, embedding_model: str, embedding_model_id: str, metric: str, dims: int,
+        self,
+        name: str,
+        embedding_model: str,
+        embedding_model_id: str,
+        metric: str,
+        dims: int,
         defaults_json: str,
     ) -> CollectionRow:
         with self._transaction() as conn:
@@ -165,9 +168,11 @@ class Store:
         return self.get_collection(name)
 
     def get_collection(self, name: str) -> CollectionRow:
-        row = self._conn().execute(
-            f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,)
-        ).fetchone()
+        row = (
+            self._conn()
+            .execute(f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,))
+            .fetchone()
+        )
         if row is None:
             raise NotFound(f"collection {name!r} does not exist")
         return CollectionRow(*row)
@@ -178,7 +183,9 @@ class Store:
 
     def delete_collection(self, name: str) -> CollectionRow:
         with self._transaction() as conn:
-            row = conn.execute(f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,)).fetchone()
+            row = conn.execute(
+                f"SELECT {_COLLECTION_COLUMNS} FROM collections WHERE name = ?", (name,)
+            ).fetchone()
             if row is None:
                 raise NotFound(f"collection {name!r} does not exist")
             cid = row[0]
@@ -188,7 +195,9 @@ class Store:
         return CollectionRow(*row)
 
     # -- writes ----------------------------------------------------------------------------------
-    def upsert(self, collection_id: int, docs: Sequence[Document], vectors: dict[str, np.ndarray]) -> UpsertOutcome:
+    def upsert(
+        self, collection_id: int, docs: Sequence[Document], vectors: dict[str, np.ndarray]
+    ) -> UpsertOutcome:
         """Write a batch atomically. `vectors` holds a vector for every id whose text is new or changed.
 
         A document whose text is unchanged keeps its key and vector (only its metadata is replaced).
@@ -198,7 +207,8 @@ class Store:
         with self._transaction() as conn:
             existing = self._existing(conn, collection_id, [d.id for d in docs])
             missing = [
-                d.id for d in docs
+                d.id
+                for d in docs
                 if d.id not in vectors and (d.id not in existing or existing[d.id][1] != content_hash(d.text))
             ]
             if missing:
@@ -216,7 +226,9 @@ class Store:
                 digest = content_hash(doc.text)
                 meta_json = json.dumps(doc.metadata, sort_keys=True, ensure_ascii=False)
                 if old is not None:
-                    conn.execute("DELETE FROM doc_meta WHERE collection_id = ? AND key = ?", (collection_id, old[0]))
+                    conn.execute(
+                        "DELETE FROM doc_meta WHERE collection_id = ? AND key = ?", (collection_id, old[0])
+                    )
                 if old is not None and old[1] == digest:
                     key = old[0]  # same text: same vector, same key; metadata only
                     conn.execute(
@@ -255,13 +267,20 @@ class Store:
         """Delete documents by id. Returns (generation, removed keys)."""
         with self._transaction() as conn:
             existing = self._existing(conn, collection_id, ids)
-            generation = conn.execute(
-                "SELECT generation FROM collections WHERE id = ?", (collection_id,)
-            ).fetchone()[0] + 1
+            generation = (
+                conn.execute("SELECT generation FROM collections WHERE id = ?", (collection_id,)).fetchone()[
+                    0
+                ]
+                + 1
+            )
             keys = [existing[i][0] for i in dict.fromkeys(ids) if i in existing]
             for doc_id in existing:
-                conn.execute("DELETE FROM documents WHERE collection_id = ? AND doc_id = ?", (collection_id, doc_id))
-            conn.executemany("DELETE FROM doc_meta WHERE collection_id = ? AND key = ?", [(collection_id, k) for k in keys])
+                conn.execute(
+                    "DELETE FROM documents WHERE collection_id = ? AND doc_id = ?", (collection_id, doc_id)
+                )
+            conn.executemany(
+                "DELETE FROM doc_meta WHERE collection_id = ? AND key = ?", [(collection_id, k) for k in keys]
+            )
             conn.executemany(
                 "INSERT INTO tombstones (collection_id, generation, key) VALUES (?, ?, ?)",
                 [(collection_id, generation, k) for k in keys],
@@ -276,11 +295,14 @@ class Store:
         """Tombstones at or below a snapshot's generation are no longer needed to catch it up."""
         with self._transaction() as conn:
             conn.execute(
-                "DELETE FROM tombstones WHERE collection_id = ? AND generation <= ?", (collection_id, up_to_generation)
+                "DELETE FROM tombstones WHERE collection_id = ? AND generation <= ?",
+                (collection_id, up_to_generation),
             )
 
     @staticmethod
-    def _existing(conn: sqlite3.Connection, collection_id: int, ids: Iterable[str]) -> dict[str, tuple[int, bytes]]:
+    def _existing(
+        conn: sqlite3.Connection, collection_id: int, ids: Iterable[str]
+    ) -> dict[str, tuple[int, bytes]]:
         out: dict[str, tuple[int, bytes]] = {}
         for chunk in _chunks(list(dict.fromkeys(ids)), 500):
             marks = ",".join("?" * len(chunk))
@@ -309,7 +331,9 @@ class Store:
                 out[doc_id] = StoredDocument(doc_id, key, text, json.loads(meta))
         return out
 
-    def documents_by_keys(self, collection_id: int, keys: Sequence[int], with_text: bool = True) -> dict[int, StoredDocument]:
+    def documents_by_keys(
+        self, collection_id: int, keys: Sequence[int], with_text: bool = True
+    ) -> dict[int, StoredDocument]:
         out: dict[int, StoredDocument] = {}
         columns = "doc_id, key, text, metadata_json" if with_text else "doc_id, key, '', '{}'"
         for chunk in _chunks([int(k) for k in keys], 500):
@@ -332,13 +356,19 @@ class Store:
         rows = self._conn().execute(parts, params).fetchall()
         return np.sort(np.fromiter((r[0] for r in rows), dtype=np.uint64, count=len(rows)))
 
-    def changes_since(self, collection_id: int, generation: int, dims: int, batch: int = 10_000) -> Iterator[IndexChanges]:
+    def changes_since(
+        self, collection_id: int, generation: int, dims: int, batch: int = 10_000
+    ) -> Iterator[IndexChanges]:
         """What to apply to an index snapshot taken at `generation`, in batches (removals first)."""
         conn = self._conn()
         removed = np.fromiter(
-            (r[0] for r in conn.execute(
-                "SELECT key FROM tombstones WHERE collection_id = ? AND generation > ?", (collection_id, generation)
-            )),
+            (
+                r[0]
+                for r in conn.execute(
+                    "SELECT key FROM tombstones WHERE collection_id = ? AND generation > ?",
+                    (collection_id, generation),
+                )
+            ),
             dtype=np.uint64,
         )
         empty = np.zeros((0, dims), dtype=np.float32)

@@ -44,7 +44,10 @@ def metric(value: str, settings: Settings) -> str:
 
 
 def search_settings(s: SearchSettings, settings: Settings, where: str = "settings") -> SearchSettings:
-    if s.retrieve_candidates is not None and not 1 <= s.retrieve_candidates <= settings.max_retrieve_candidates:
+    if (
+        s.retrieve_candidates is not None
+        and not 1 <= s.retrieve_candidates <= settings.max_retrieve_candidates
+    ):
         raise InvalidArgument(
             f"{where}.retrieve_candidates must be between 1 and {settings.max_retrieve_candidates},"
             f" got {s.retrieve_candidates}"
@@ -104,7 +107,9 @@ def document_id(doc_id: str, settings: Settings, where: str = "id") -> None:
     if not doc_id:
         raise InvalidArgument(f"{where} has an empty id")
     if len(doc_id) > settings.max_id_chars:
-        raise InvalidArgument(f"{where} id has {len(doc_id)} characters; the limit is {settings.max_id_chars}")
+        raise InvalidArgument(
+            f"{where} id has {len(doc_id)} characters; the limit is {settings.max_id_chars}"
+        )
     _check_text(f"{where} id", doc_id)
 
 
@@ -126,7 +131,9 @@ def conditions(conds: Sequence[Condition], settings: Settings) -> None:
         if not cond.key:
             raise InvalidArgument(f"filter.all[{i}] has an empty key")
         if len(cond.key) > settings.max_metadata_key_chars:
-            raise InvalidArgument(f"filter.all[{i}] key is longer than {settings.max_metadata_key_chars} characters")
+            raise InvalidArgument(
+                f"filter.all[{i}] key is longer than {settings.max_metadata_key_chars} characters"
+            )
         _check_text(f"filter.all[{i}].key", cond.key)
         _check_text(f"filter.all[{i}].equals", cond.equals)
 

@@ -28,10 +28,17 @@ class Settings(BaseSettings):
     )
 
     # Models and collections.
-    default_embedding_model: str = Field("all-MiniLM-L6-v2", description="Bi-encoder bundle for new collections.")
+    default_embedding_model: str = Field(
+        "all-MiniLM-L6-v2", description="Bi-encoder bundle for new collections."
+    )
     default_metric: Metric = "cosine"
     embed_batch_size: int = Field(32, ge=1, le=1024, description="Texts per ONNX run when embedding.")
     onnx_threads: int = Field(0, ge=0, description="Intra-op threads per ONNX session; 0: one per core.")
+    onnx_spin: bool = Field(
+        False,
+        description="Let idle ONNX threads busy-wait (lower latency on a dedicated machine, "
+        "but they take cores from everything else).",
+    )
     executor_threads: int = Field(4, ge=1, description="Threads for blocking work (ONNX, usearch, SQLite).")
 
     # Index.
@@ -39,8 +46,10 @@ class Settings(BaseSettings):
     hnsw_ef_construction: int = Field(200, ge=8, le=4096, description="HNSW ef at insertion time.")
     default_ef_search: int = Field(256, ge=1, le=4096, description="HNSW ef at search time.")
     exact_filter_max: int = Field(
-        20_000, ge=0, description="A filtered search whose filter matches at most this many documents "
-        "scores them all exactly instead of walking the HNSW graph."
+        20_000,
+        ge=0,
+        description="A filtered search whose filter matches at most this many documents "
+        "scores them all exactly instead of walking the HNSW graph.",
     )
     snapshot_every_writes: int = Field(
         5_000, ge=1, description="Snapshot a collection's index after this many changed documents."
@@ -100,9 +109,7 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     """Settings from an environment (default: the process's), with explicit overrides on top."""
     env = dict(os.environ if environ is None else environ)
     values = {
-        name: env[f"SIEVE_{name.upper()}"]
-        for name in Settings.model_fields
-        if f"SIEVE_{name.upper()}" in env
+        name: env[f"SIEVE_{name.upper()}"] for name in Settings.model_fields if f"SIEVE_{name.upper()}" in env
     }
     values.update(overrides)
     # Build from the explicit mapping only, so an injected environment really replaces os.environ.

@@ -11,8 +11,8 @@ import pytest
 import pytest_asyncio
 from sieve.v1 import collections_pb2_grpc, documents_pb2_grpc, search_pb2_grpc
 
-from sieve_core.config import Settings, load_settings
 from server.app import SieveServer
+from sieve_core.config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
@@ -48,8 +48,12 @@ async def start_api(settings: Settings) -> Api:
     address = f"127.0.0.1:{server.port}"
     channel = grpc.aio.insecure_channel(address)
     return Api(
-        address, channel, collections_pb2_grpc.CollectionServiceStub(channel),
-        documents_pb2_grpc.DocumentServiceStub(channel), search_pb2_grpc.SearchServiceStub(channel), server,
+        address,
+        channel,
+        collections_pb2_grpc.CollectionServiceStub(channel),
+        documents_pb2_grpc.DocumentServiceStub(channel),
+        search_pb2_grpc.SearchServiceStub(channel),
+        server,
     )
 
 

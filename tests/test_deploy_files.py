@@ -22,17 +22,22 @@ def test_every_sieve_setting_in_compose_is_real() -> None:
     for name, service in _compose()["services"].items():
         for key in service.get("environment", {}):
             if key.startswith("SIEVE_"):
-                assert key[len("SIEVE_"):].lower() in Settings.model_fields, f"{name}: unknown setting {key}"
+                assert key[len("SIEVE_") :].lower() in Settings.model_fields, f"{name}: unknown setting {key}"
 
 
 def test_every_sieve_command_exists() -> None:
     from server.cli import build_parser
 
-    commands = [s["command"] for s in _compose()["services"].values() if s.get("command", [None])[0] == "sieve"]
-    commands += [s["healthcheck"]["test"][1:] for s in _compose()["services"].values()
-                 if "healthcheck" in s and s["healthcheck"]["test"][1] == "sieve"]
+    commands = [
+        s["command"] for s in _compose()["services"].values() if s.get("command", [None])[0] == "sieve"
+    ]
+    commands += [
+        s["healthcheck"]["test"][1:]
+        for s in _compose()["services"].values()
+        if "healthcheck" in s and s["healthcheck"]["test"][1] == "sieve"
+    ]
     docker = (ROOT / "Dockerfile").read_text()
-    for line in re.findall(r'^(?:CMD|HEALTHCHECK .*CMD) (\[.*\])$', docker, re.M):
+    for line in re.findall(r"^(?:CMD|HEALTHCHECK .*CMD) (\[.*\])$", docker, re.M):
         commands.append(yaml.safe_load(line))
     assert len(commands) >= 4
     for argv in commands:
@@ -42,10 +47,14 @@ def test_every_sieve_command_exists() -> None:
 def test_dockerfile_env_settings_are_real_and_copied_paths_exist() -> None:
     docker = (ROOT / "Dockerfile").read_text()
     for key in re.findall(r"\b(SIEVE_[A-Z_]+)=", docker):
-        assert key[len("SIEVE_"):].lower() in Settings.model_fields, key
+        assert key[len("SIEVE_") :].lower() in Settings.model_fields, key
     for src in re.findall(r"^COPY (?!--from)(\S+)", docker, re.M):
         assert (ROOT / src).exists(), src
     # The module the model stage runs exists and takes that option.
-    out = subprocess.run([sys.executable, "-m", "sieve_core.models.prepare", "--help"], cwd=ROOT,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "sieve_core.models.prepare", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and "--models-dir" in out.stdout

@@ -25,7 +25,9 @@ def test_metrics_by_hand() -> None:
     assert recall_at(ranked, rel, 2) == 0.5 and recall_at(ranked, rel, 100) == 1.0
     assert mrr_at(ranked, rel, 10) == 0.5 and mrr_at(["x"], rel, 10) == 0.0
     # Graded relevance uses linear gains (trec_eval), and a missing run scores zero.
-    assert ndcg_at(["b", "a"], {"a": 2, "b": 1}, 10) == pytest.approx((1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3)))
+    assert ndcg_at(["b", "a"], {"a": 2, "b": 1}, 10) == pytest.approx(
+        (1 + 2 / math.log2(3)) / (2 + 1 / math.log2(3))
+    )
     assert evaluate({"q1": ["a"]}, {"q1": {"a": 1}, "q2": {"b": 1}})["ndcg@10"] == pytest.approx(0.5)
 
 
@@ -53,7 +55,12 @@ def _write_beir(folder: Path) -> None:
         for doc_id, text in TOPICS.items():
             fh.write(json.dumps({"_id": doc_id, "title": doc_id.title(), "text": text}) + "\n")
         for i in range(40):  # distractors
-            fh.write(json.dumps({"_id": f"noise-{i}", "title": "", "text": f"Meeting notes number {i} about budgets."}) + "\n")
+            fh.write(
+                json.dumps(
+                    {"_id": f"noise-{i}", "title": "", "text": f"Meeting notes number {i} about budgets."}
+                )
+                + "\n"
+            )
     with (folder / "queries.jsonl").open("w") as fh:
         for qid, (text, _) in QUERIES.items():
             fh.write(json.dumps({"_id": qid, "text": text}) + "\n")
@@ -76,8 +83,14 @@ def test_sieve_eval_json_on_a_self_started_server(tmp_path: Path) -> None:
     require_bundle()
     _write_beir(tmp_path / "tiny")
     env = {"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin:/bin", "SIEVE_MODELS_DIR": str(ROOT / "models")}
-    result = subprocess.run([sys.executable, "-m", "server.cli", "eval", str(tmp_path / "tiny"), "--json"],
-                            cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "server.cli", "eval", str(tmp_path / "tiny"), "--json"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["documents"] == 46 and report["queries"] == 6

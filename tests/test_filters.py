@@ -13,9 +13,52 @@ from tests.conftest import MODEL, MODELS_DIR, make_settings, start_api, stop_api
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-WORDS = ("protein cell gene virus tumor patient therapy dose brain neuron heart blood immune vaccine "
-         "mouse trial risk diet sleep exercise climate ocean carbon forest river soil crop insect bird "
-         "market price bank loan tax trade school student teacher exam music film novel poem theatre").split()
+WORDS = [
+    "protein",
+    "cell",
+    "gene",
+    "virus",
+    "tumor",
+    "patient",
+    "therapy",
+    "dose",
+    "brain",
+    "neuron",
+    "heart",
+    "blood",
+    "immune",
+    "vaccine",
+    "mouse",
+    "trial",
+    "risk",
+    "diet",
+    "sleep",
+    "exercise",
+    "climate",
+    "ocean",
+    "carbon",
+    "forest",
+    "river",
+    "soil",
+    "crop",
+    "insect",
+    "bird",
+    "market",
+    "price",
+    "bank",
+    "loan",
+    "tax",
+    "trade",
+    "school",
+    "student",
+    "teacher",
+    "exam",
+    "music",
+    "film",
+    "novel",
+    "poem",
+    "theatre",
+]
 N_DOCS, SELECTIVE_EVERY = 2000, 100  # 1% of documents carry the selective tag
 
 
@@ -39,8 +82,14 @@ def vectors(corpus) -> np.ndarray:  # type: ignore[no-untyped-def]
     return BiEncoderRunner(MODELS_DIR / MODEL).embed([t for _, t, _ in corpus])
 
 
-QUERIES = ["gene therapy for tumor patients", "carbon in ocean and forest soil", "student exam music",
-           "immune response to a vaccine", "bank loan and market price", "sleep diet exercise heart"]
+QUERIES = [
+    "gene therapy for tumor patients",
+    "carbon in ocean and forest soil",
+    "student exam music",
+    "immune response to a vaccine",
+    "bank loan and market price",
+    "sleep diet exercise heart",
+]
 
 
 def _brute_force(corpus, vectors, query_vec, keep, k):  # type: ignore[no-untyped-def]
@@ -52,11 +101,18 @@ def _brute_force(corpus, vectors, query_vec, keep, k):  # type: ignore[no-untype
 
 async def _load(api, corpus) -> str:  # type: ignore[no-untyped-def]
     name = f"flt-{random.randrange(1 << 30)}"
-    await api.collections.CreateCollection(collections_pb2.CreateCollectionRequest(
-        collection=collections_pb2.Collection(name=name)))
+    await api.collections.CreateCollection(
+        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
+    )
     for i in range(0, len(corpus), 500):
-        await api.documents.UpsertDocuments(documents_pb2.UpsertDocumentsRequest(collection=name, documents=[
-            documents_pb2.Document(id=d, text=t, metadata=m) for d, t, m in corpus[i : i + 500]]))
+        await api.documents.UpsertDocuments(
+            documents_pb2.UpsertDocumentsRequest(
+                collection=name,
+                documents=[
+                    documents_pb2.Document(id=d, text=t, metadata=m) for d, t, m in corpus[i : i + 500]
+                ],
+            )
+        )
     return name
 
 
@@ -68,7 +124,9 @@ async def _recall(api, name, corpus, vectors, flt, keep, k: int) -> tuple[float,
     runner = BiEncoderRunner(MODELS_DIR / MODEL)
     found, methods = 0, set()
     for query in QUERIES:
-        resp = await api.search.Search(search_pb2.SearchRequest(collection=name, query=query, top_k=k, filter=flt))
+        resp = await api.search.Search(
+            search_pb2.SearchRequest(collection=name, query=query, top_k=k, filter=flt)
+        )
         got = [h.id for h in resp.hits]
         truth = _brute_force(corpus, vectors, runner.embed([query])[0], keep, k)
         assert len(got) == len(truth) == k
@@ -80,12 +138,21 @@ async def _recall(api, name, corpus, vectors, flt, keep, k: int) -> tuple[float,
 
 async def test_selective_filter_returns_true_top_k(api, corpus, vectors) -> None:  # type: ignore[no-untyped-def]
     name = await _load(api, corpus)
-    recall, methods = await _recall(api, name, corpus, vectors, _flt(tag="rare"), lambda m: m["tag"] == "rare", 10)
+    recall, methods = await _recall(
+        api, name, corpus, vectors, _flt(tag="rare"), lambda m: m["tag"] == "rare", 10
+    )
     assert methods == {"exact"}
     assert recall == 1.0
     # Two conditions: 1% AND a third of those.
-    recall, _ = await _recall(api, name, corpus, vectors, _flt(tag="rare", third="0"),
-                              lambda m: m["tag"] == "rare" and m["third"] == "0", 5)
+    recall, _ = await _recall(
+        api,
+        name,
+        corpus,
+        vectors,
+        _flt(tag="rare", third="0"),
+        lambda m: m["tag"] == "rare" and m["third"] == "0",
+        5,
+    )
     assert recall == 1.0
 
 
@@ -94,7 +161,10 @@ async def test_broad_filter_through_the_graph_keeps_recall(tmp_path, corpus, vec
     graph_only = await start_api(make_settings(tmp_path, exact_filter_max=0))
     try:
         name = await _load(graph_only, corpus)
-        for flt, keep in [(_flt(third="1"), lambda m: m["third"] == "1"), (_flt(tag="rare"), lambda m: m["tag"] == "rare")]:
+        for flt, keep in [
+            (_flt(third="1"), lambda m: m["third"] == "1"),
+            (_flt(tag="rare"), lambda m: m["tag"] == "rare"),
+        ]:
             recall, methods = await _recall(graph_only, name, corpus, vectors, flt, keep, 10)
             assert methods == {"hnsw+filter"}
             assert recall >= 0.95, recall

@@ -40,14 +40,20 @@ async def test_collection_lifecycle(api) -> None:  # type: ignore[no-untyped-def
     created = await api.collections.CreateCollection(
         collections_pb2.CreateCollectionRequest(
             collection=collections_pb2.Collection(
-                name=name, metric=common_pb2.METRIC_COSINE,
+                name=name,
+                metric=common_pb2.METRIC_COSINE,
                 defaults=common_pb2.SearchSettings(retrieve_candidates=50),
             )
         )
     )
     c = created.collection
     assert (c.name, c.embedding_model, c.dimensions, c.document_count, c.generation) == (
-        name, "all-MiniLM-L6-v2", 384, 0, 0)
+        name,
+        "all-MiniLM-L6-v2",
+        384,
+        0,
+        0,
+    )
     assert c.embedding_model_id.startswith("all-MiniLM-L6-v2@")
     assert c.defaults.retrieve_candidates == 50
     listed = await api.collections.ListCollections(collections_pb2.ListCollectionsRequest())
@@ -64,28 +70,44 @@ async def test_upsert_get_delete_and_generation(api) -> None:  # type: ignore[no
     assert info.document_count == len(DOCS) and info.generation == 1
 
     # Idempotent by id: the same upsert again changes nothing but the generation.
-    again = await api.documents.UpsertDocuments(documents_pb2.UpsertDocumentsRequest(
-        collection=name, documents=[documents_pb2.Document(id="cat", text=DOCS["cat"][0], metadata=DOCS["cat"][1])]))
+    again = await api.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name,
+            documents=[documents_pb2.Document(id="cat", text=DOCS["cat"][0], metadata=DOCS["cat"][1])],
+        )
+    )
     assert again.generation == 2
     # Replacing text and metadata.
-    await api.documents.UpsertDocuments(documents_pb2.UpsertDocumentsRequest(
-        collection=name, documents=[documents_pb2.Document(id="dog", text="Dogs love long walks.", metadata={"v": "2"})]))
-    got = await api.documents.GetDocuments(documents_pb2.GetDocumentsRequest(collection=name, ids=["dog", "nope", "cat"]))
+    await api.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name,
+            documents=[documents_pb2.Document(id="dog", text="Dogs love long walks.", metadata={"v": "2"})],
+        )
+    )
+    got = await api.documents.GetDocuments(
+        documents_pb2.GetDocumentsRequest(collection=name, ids=["dog", "nope", "cat"])
+    )
     assert [d.id for d in got.documents] == ["dog", "cat"]
     assert got.documents[0].text == "Dogs love long walks." and dict(got.documents[0].metadata) == {"v": "2"}
     assert list(got.missing_ids) == ["nope"]
 
-    deleted = await api.documents.DeleteDocuments(documents_pb2.DeleteDocumentsRequest(collection=name, ids=["cat", "nope"]))
+    deleted = await api.documents.DeleteDocuments(
+        documents_pb2.DeleteDocumentsRequest(collection=name, ids=["cat", "nope"])
+    )
     assert (deleted.deleted, deleted.not_found, deleted.generation) == (1, 1, 4)
     info = (await api.collections.GetCollection(collections_pb2.GetCollectionRequest(name=name))).collection
     assert info.document_count == len(DOCS) - 1 and info.generation == 4
-    hits = (await api.search.Search(search_pb2.SearchRequest(collection=name, query="a cat on a mat", top_k=10))).hits
+    hits = (
+        await api.search.Search(search_pb2.SearchRequest(collection=name, query="a cat on a mat", top_k=10))
+    ).hits
     assert "cat" not in [h.id for h in hits]
 
 
 async def test_search_ranks_and_reports_stages(api) -> None:  # type: ignore[no-untyped-def]
     name = await _collection_with_docs(api)
-    resp = await api.search.Search(search_pb2.SearchRequest(collection=name, query="subatomic particles", top_k=3))
+    resp = await api.search.Search(
+        search_pb2.SearchRequest(collection=name, query="subatomic particles", top_k=3)
+    )
     assert [h.id for h in resp.hits][0] == "quark"
     assert len(resp.hits) == 3
     scores = [h.score for h in resp.hits]
@@ -94,30 +116,43 @@ async def test_search_ranks_and_reports_stages(api) -> None:  # type: ignore[no-
     assert resp.hits[0].stage_scores[0].stage == common_pb2.STAGE_RETRIEVE
     assert resp.hits[0].stage_scores[0].score == pytest.approx(resp.hits[0].score)
     assert [s.stage for s in resp.stages] == [
-        common_pb2.STAGE_RETRIEVE, common_pb2.STAGE_LATE_INTERACTION, common_pb2.STAGE_CROSS_ENCODER]
+        common_pb2.STAGE_RETRIEVE,
+        common_pb2.STAGE_LATE_INTERACTION,
+        common_pb2.STAGE_CROSS_ENCODER,
+    ]
     retrieve = resp.stages[0]
     assert retrieve.status == search_pb2.STAGE_STATUS_COMPLETED and retrieve.candidates_out == 3
     assert retrieve.took_ms > 0 and retrieve.model_id.startswith("all-MiniLM-L6-v2@")
     assert all(s.status == search_pb2.STAGE_STATUS_SKIPPED for s in resp.stages[1:])
     assert resp.generation == 1
 
-    slim = await api.search.Search(search_pb2.SearchRequest(
-        collection=name, query="subatomic particles", top_k=1, omit_documents=True))
+    slim = await api.search.Search(
+        search_pb2.SearchRequest(collection=name, query="subatomic particles", top_k=1, omit_documents=True)
+    )
     assert slim.hits[0].id == "quark" and slim.hits[0].text == "" and not slim.hits[0].metadata
 
 
 async def test_unconfigured_rerank_stage_degrades_or_fails(api) -> None:  # type: ignore[no-untyped-def]
     name = await _collection_with_docs(api)
-    best_effort = await api.search.Search(search_pb2.SearchRequest(
-        collection=name, query="bread", top_k=2,
-        settings=common_pb2.SearchSettings(cross_encoder=common_pb2.STAGE_MODE_BEST_EFFORT)))
+    best_effort = await api.search.Search(
+        search_pb2.SearchRequest(
+            collection=name,
+            query="bread",
+            top_k=2,
+            settings=common_pb2.SearchSettings(cross_encoder=common_pb2.STAGE_MODE_BEST_EFFORT),
+        )
+    )
     ce = best_effort.stages[2]
     assert ce.status == search_pb2.STAGE_STATUS_DEGRADED and "no cross_encoder model" in ce.reason
     assert best_effort.hits[0].id == "bread"
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await api.search.Search(search_pb2.SearchRequest(
-            collection=name, query="bread",
-            settings=common_pb2.SearchSettings(cross_encoder=common_pb2.STAGE_MODE_REQUIRED)))
+        await api.search.Search(
+            search_pb2.SearchRequest(
+                collection=name,
+                query="bread",
+                settings=common_pb2.SearchSettings(cross_encoder=common_pb2.STAGE_MODE_REQUIRED),
+            )
+        )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
@@ -127,14 +162,21 @@ async def test_filter_exact_match_all_conditions(api) -> None:  # type: ignore[n
     def flt(**kv: str) -> common_pb2.Filter:
         return common_pb2.Filter(all=[common_pb2.Condition(key=k, equals=v) for k, v in kv.items()])
 
-    resp = await api.search.Search(search_pb2.SearchRequest(
-        collection=name, query="a sleeping cat", top_k=10, filter=flt(kind="animal", lang="de")))
+    resp = await api.search.Search(
+        search_pb2.SearchRequest(
+            collection=name, query="a sleeping cat", top_k=10, filter=flt(kind="animal", lang="de")
+        )
+    )
     assert [h.id for h in resp.hits] == ["katze"]
-    resp = await api.search.Search(search_pb2.SearchRequest(
-        collection=name, query="a sleeping cat", top_k=10, filter=flt(kind="animal")))
+    resp = await api.search.Search(
+        search_pb2.SearchRequest(collection=name, query="a sleeping cat", top_k=10, filter=flt(kind="animal"))
+    )
     assert sorted(h.id for h in resp.hits) == ["cat", "dog", "katze"]
-    resp = await api.search.Search(search_pb2.SearchRequest(
-        collection=name, query="a sleeping cat", top_k=10, filter=flt(kind="nothing")))
+    resp = await api.search.Search(
+        search_pb2.SearchRequest(
+            collection=name, query="a sleeping cat", top_k=10, filter=flt(kind="nothing")
+        )
+    )
     assert list(resp.hits) == []
 
 
@@ -151,5 +193,9 @@ async def test_health_and_reflection(api) -> None:  # type: ignore[no-untyped-de
     services = []
     async for resp in stub.ServerReflectionInfo(requests()):
         services = [s.name for s in resp.list_services_response.service]
-    assert {"sieve.v1.SearchService", "sieve.v1.DocumentService", "sieve.v1.CollectionService",
-            "grpc.health.v1.Health"} <= set(services)
+    assert {
+        "sieve.v1.SearchService",
+        "sieve.v1.DocumentService",
+        "sieve.v1.CollectionService",
+        "grpc.health.v1.Health",
+    } <= set(services)

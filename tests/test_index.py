@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sieve_core.config import Settings
 from server.index import RWLock, VectorIndex, snapshot_files
+from sieve_core.config import Settings
 
 DIMS = 384
 METRICS = ("cosine", "ip", "l2")
@@ -22,7 +22,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def _default_index(dims: int = DIMS, metric: str = "cosine") -> VectorIndex:
     s = Settings()
     return VectorIndex(
-        dims, metric, connectivity=s.hnsw_connectivity, ef_construction=s.hnsw_ef_construction,
+        dims,
+        metric,
+        connectivity=s.hnsw_connectivity,
+        ef_construction=s.hnsw_ef_construction,
         ef_search=s.default_ef_search,
     )
 
@@ -49,7 +52,7 @@ def _recall_at_10(data: np.ndarray, queries: np.ndarray) -> float:
 
 
 def _clustered(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Embedding-like data: 50 topics, points = topic centre + noise, L2-normalised; queries = noisy copies."""
+    """Embedding-like data: 50 topics, point = topic centre + noise, L2-normalised; queries = noisy copies."""
     rng = np.random.default_rng(seed)
     centres = _unit(rng.standard_normal((50, DIMS)))
     labels = rng.integers(0, 50, n)
@@ -190,7 +193,8 @@ def test_save_and_load_latest_round_trip(tmp_path: Path) -> None:
 
 def test_save_removes_older_snapshots(tmp_path: Path) -> None:
     index = VectorIndex(8, "l2")
-    index.add(np.arange(1, 11, dtype=np.uint64), np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32))
+    vectors = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
+    index.add(np.arange(1, 11, dtype=np.uint64), vectors)
     for generation in (1, 2, 10, 3):  # the last save is what is kept, even at a lower generation
         index.save(tmp_path, generation)
     assert [p.name for p in snapshot_files(tmp_path)] == ["index-000000000003.usearch"]
@@ -283,3 +287,13 @@ def test_rwlock_writer_excludes_readers_and_readers_share() -> None:
         assert not writer_in.wait(0.2), "a writer got in while a reader held the lock"
     assert writer_in.wait(2.0)
     t.join(2.0)
+
+
+def test_search_exact_skips_keys_not_yet_in_the_index() -> None:
+    # The store commits before the index is updated: a filter can name keys the index has not got yet.
+    index = VectorIndex(4, "cosine")
+    index.add(np.array([1, 3], dtype=np.uint64), np.eye(4, dtype=np.float32)[:2])
+    keys, scores = index.search_exact(np.eye(4, dtype=np.float32)[0], np.array([1, 2, 3], dtype=np.uint64), 5)
+    assert keys.tolist() == [1, 3] and scores[0] == pytest.approx(1.0)
+    keys, _ = index.search_exact(np.eye(4, dtype=np.float32)[0], np.array([2], dtype=np.uint64), 5)
+    assert keys.tolist() == []

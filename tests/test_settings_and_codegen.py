@@ -14,8 +14,15 @@ from tests.conftest import ROOT
 
 
 def test_env_prefix_and_overrides() -> None:
-    s = load_settings({"SIEVE_DATA_DIR": "/x", "SIEVE_GRPC_ADDRESS": "0.0.0.0:9", "SIEVE_MAX_TOP_K": "7",
-                       "OTHER": "ignored"}, max_batch_documents=3)
+    s = load_settings(
+        {
+            "SIEVE_DATA_DIR": "/x",
+            "SIEVE_GRPC_ADDRESS": "0.0.0.0:9",
+            "SIEVE_MAX_TOP_K": "7",
+            "OTHER": "ignored",
+        },
+        max_batch_documents=3,
+    )
     assert (str(s.data_dir), s.grpc_address, s.max_top_k, s.max_batch_documents) == ("/x", "0.0.0.0:9", 7, 3)
 
 
@@ -25,8 +32,9 @@ def test_injected_environment_replaces_process_environment(monkeypatch: pytest.M
     assert load_settings().max_top_k == 3
 
 
-@pytest.mark.parametrize("env", [{"SIEVE_GRPC_ADDRESS": "nohost"}, {"SIEVE_MAX_TOP_K": "0"},
-                                 {"SIEVE_DEFAULT_METRIC": "hamming"}])
+@pytest.mark.parametrize(
+    "env", [{"SIEVE_GRPC_ADDRESS": "nohost"}, {"SIEVE_MAX_TOP_K": "0"}, {"SIEVE_DEFAULT_METRIC": "hamming"}]
+)
 def test_invalid_settings_are_refused(env: dict[str, str]) -> None:
     with pytest.raises(ValidationError):
         load_settings(env)
@@ -42,8 +50,9 @@ def test_secrets_are_redacted(caplog: pytest.LogCaptureFixture) -> None:
 
 
 def test_generated_code_matches_protos() -> None:
-    result = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_protos.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -56,9 +65,12 @@ def test_generated_code_check_detects_drift(tmp_path) -> None:  # type: ignore[n
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "gen_protos.py", tmp_path / "scripts")
     proto = tmp_path / "protos" / "sieve" / "v1" / "search.proto"
-    proto.write_text(proto.read_text().replace("bool omit_documents = 6;", "bool omit_documents = 6;\n  bool x = 7;"))
-    result = subprocess.run([sys.executable, "scripts/gen_protos.py", "--check"], cwd=tmp_path,
-                            capture_output=True, text=True)
+    proto.write_text(
+        proto.read_text().replace("bool omit_documents = 6;", "bool omit_documents = 6;\n  bool x = 7;")
+    )
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_protos.py", "--check"], cwd=tmp_path, capture_output=True, text=True
+    )
     assert result.returncode == 1 and "stale" in result.stderr
 
 
@@ -75,8 +87,13 @@ def test_settings_logged_once_redacted(capfd: pytest.CaptureFixture[str], tmp_pa
 
     from server import app
 
-    settings = load_settings({}, data_dir=tmp_path, grpc_address="127.0.0.1:0", models_dir=tmp_path / "none",
-                             redis_url="redis://:topsecret@localhost:1/0")
+    settings = load_settings(
+        {},
+        data_dir=tmp_path,
+        grpc_address="127.0.0.1:0",
+        models_dir=tmp_path / "none",
+        redis_url="redis://:topsecret@localhost:1/0",
+    )
 
     async def stop_at_once(server: app.SieveServer) -> None:
         import os

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from server.store import CollectionRow, Store
 from sieve_core.errors import AlreadyExists, NotFound
 from sieve_core.types import Condition, Document
-from server.store import CollectionRow, Store
 
 DIMS = 4
 
@@ -40,9 +40,9 @@ def _upsert(store: Store, cid: int, docs: list[Document], seed: int = 0):  # typ
 
 def _live(store: Store, cid: int) -> dict[int, np.ndarray]:
     """key -> vector of every stored document, read straight from the documents table."""
-    rows = store._conn().execute(
-        "SELECT key, vector FROM documents WHERE collection_id = ?", (cid,)
-    ).fetchall()
+    rows = (
+        store._conn().execute("SELECT key, vector FROM documents WHERE collection_id = ?", (cid,)).fetchall()
+    )
     return {int(k): np.frombuffer(v, dtype=np.float32) for k, v in rows}
 
 
@@ -95,7 +95,8 @@ def test_upsert_is_atomic_when_a_changed_text_has_no_vector(store: Store) -> Non
     assert store.filter_keys(cid, [Condition("k", "9")]).size == 0
     assert store.filter_keys(cid, [Condition("k", "1")]).size == 2
     assert _live(store, cid).keys() == live_before.keys()
-    assert [c.removed_keys.size + c.added_keys.size for c in store.changes_since(cid, before.generation, DIMS)] == [0]
+    changes = list(store.changes_since(cid, before.generation, DIMS))
+    assert [c.removed_keys.size + c.added_keys.size for c in changes] == [0]
 
     # A new document without a vector is missing too.
     outcome = store.upsert(cid, [Document("d", "delta")], {})
@@ -246,7 +247,8 @@ def test_filter_keys_with_one_and_two_conditions(store: Store) -> None:
     assert store.filter_keys(cid, [Condition("year", "2020")]).tolist() == sorted(
         [key["en-2020"], key["fr-2020"], key["de-2020"]]
     )
-    assert store.filter_keys(cid, [Condition("lang", "en"), Condition("year", "2020")]).tolist() == [key["en-2020"]]
+    both = store.filter_keys(cid, [Condition("lang", "en"), Condition("year", "2020")])
+    assert both.tolist() == [key["en-2020"]]
     assert store.filter_keys(cid, [Condition("lang", "fr"), Condition("year", "2021")]).size == 0
     assert store.filter_keys(cid, [Condition("lang", "EN")]).size == 0  # exact, case-sensitive
     assert store.filter_keys(cid, [Condition("missing", "x")]).size == 0

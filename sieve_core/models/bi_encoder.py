@@ -26,7 +26,7 @@ _ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "tok
 Batch = tuple[list[int], dict[str, np.ndarray]]
 
 
-def _make_session(model_path: Path, intra_op_threads: int) -> ort.InferenceSession:
+def _make_session(model_path: Path, intra_op_threads: int, spin: bool = True) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -34,6 +34,10 @@ def _make_session(model_path: Path, intra_op_threads: int) -> ort.InferenceSessi
     options.inter_op_num_threads = 1
     if intra_op_threads > 0:
         options.intra_op_num_threads = intra_op_threads
+    if not spin:
+        # Idle pool threads otherwise busy-wait after each run, taking cores from the gRPC loop,
+        # SQLite and other processes on a small machine.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
 
 
@@ -60,7 +64,9 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
 class BiEncoderRunner:
     """Embeds texts with a `bi_encoder` bundle (see bundle.py for the directory layout)."""
 
-    def __init__(self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0) -> None:
+    def __init__(
+        self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0, spin: bool = True
+    ) -> None:
         bundle = Path(bundle_dir)
         self.manifest = load_bundle_manifest(bundle)
         if self.manifest.kind != "bi_encoder" or self.manifest.pooling != "mean":
@@ -73,7 +79,7 @@ class BiEncoderRunner:
             raise BundleError(f"model bundle {bundle}: cannot feed inputs {unknown}")
         self.model_id = self.manifest.model_id
         self.dims = self.manifest.dims
-        self._session = _make_session(bundle / MODEL_FILE, intra_op_threads)
+        self._session = _make_session(bundle / MODEL_FILE, intra_op_threads, spin)
         self._check_graph(bundle)
         self._tokenizer, self._pad_id = _make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
 
