@@ -90,6 +90,8 @@ class _Collection:
     defaults: SearchSettings
     directory: Path
     snapshot_generation: int = 0
+    # The generation whose writes the index shows (set by the writer thread after each index update).
+    visible_generation: int = 0
     unsnapshotted_writes: int = 0
     last_snapshot: float = field(default_factory=time.monotonic)
 
@@ -143,9 +145,8 @@ class Engine:
 
     def _snapshot_all(self) -> None:
         for col in self._collections.values():
-            generation = self.store.get_collection(col.row.name).generation
-            if generation != col.snapshot_generation:
-                self._snapshot(col, generation)
+            if col.visible_generation != col.snapshot_generation:
+                self._snapshot(col, col.visible_generation)
 
     async def _run(self, executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args))
@@ -189,6 +190,7 @@ class Engine:
             time.monotonic() - started,
         )
         col = _Collection(row, index, runner, _settings_from_json(row.defaults_json), directory, snap_gen)
+        col.visible_generation = row.generation
         col.unsnapshotted_writes = applied
         return col
 
@@ -209,6 +211,7 @@ class Engine:
         col.last_snapshot = time.monotonic()
 
     def _maybe_snapshot(self, col: _Collection, changed: int, generation: int) -> None:
+        col.visible_generation = generation
         col.unsnapshotted_writes += changed
         due = (
             col.unsnapshotted_writes >= self.settings.snapshot_every_writes
@@ -383,6 +386,7 @@ class Engine:
         self, col: _Collection, query: SearchQuery, count: int, settings: SearchSettings
     ) -> tuple[list[Hit], StageReport, int]:
         started = time.perf_counter()
+        generation = col.visible_generation  # every write up to here is in the index
         vector = col.runner.embed([query.query])[0]
         if query.filter:
             keys, scores, method, seen = self._filtered_search(col, vector, query, count, settings)
@@ -390,7 +394,6 @@ class Engine:
             keys, scores = col.index.search(vector, count, settings.ef_search)
             method, seen = "hnsw", len(col.index)
         docs = self.store.documents_by_keys(col.row.id, keys.tolist(), with_text=not query.omit_documents)
-        generation = self.store.get_collection(col.row.name).generation
         hits: list[Hit] = []
         for key, score in zip(keys.tolist(), scores.tolist(), strict=True):
             doc = docs.get(key)
