@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install models protos check-protos lint eval eval-record bench-service clean
+.PHONY: run test install models redis protos check-protos lint eval eval-record bench-service clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,10 +31,13 @@ protos: install
 check-protos: install
 	$(PY) scripts/gen_protos.py --check
 
-run: models
-	$(VENV)/bin/sieve serve
+redis:
+	@if [ -z "$$SIEVE_REDIS_URL" ]; then scripts/ensure_redis.sh; fi
 
-test: models check-protos lint
+run: models redis
+	$(VENV)/bin/sieve run
+
+test: models redis check-protos lint
 	$(PY) -m pytest -q -ra
 
 lint: install

@@ -18,6 +18,12 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(args: argparse.Namespace) -> int:
+    from server.supervisor import run
+
+    return run()
+
+
 def _eval(args: argparse.Namespace) -> int:
     from server.evaluate import EvalOptions, run_eval
 
@@ -73,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gRPC server (settings from SIEVE_* variables)")
     serve.add_argument("--address", help="host:port to listen on (default: SIEVE_GRPC_ADDRESS)")
     serve.set_defaults(func=_serve)
+
+    run = sub.add_parser(
+        "run", help="the whole service: local Redis (if SIEVE_REDIS_URL is unset) and the server"
+    )
+    run.set_defaults(func=_run)
 
     ev = sub.add_parser("eval", help="index a BEIR folder and report nDCG@10, recall@100, MRR@10")
     ev.add_argument("folder", help="BEIR folder with corpus.jsonl, queries.jsonl, qrels/")

@@ -26,6 +26,12 @@ class Settings(BaseSettings):
     redis_url: SecretStr | None = Field(
         None, description="Redis for the Celery broker and cache; unset: `make run` starts a local one."
     )
+    local_redis_port: int = Field(
+        6390,
+        ge=1,
+        le=65535,
+        description="Port of the Redis that `sieve run` starts when SIEVE_REDIS_URL is unset.",
+    )
 
     # Models and collections.
     default_embedding_model: str = Field(

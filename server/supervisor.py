@@ -1,0 +1,123 @@
+"""`sieve run`: the whole service as one supervised unit (what `make run` starts).
+
+Starts a local redis-server on a private loopback port when SIEVE_REDIS_URL is unset, then the gRPC
+server (Celery workers join here with the re-ranking issue). Ctrl-C or SIGTERM stops everything in
+order: the server first (it drains calls and snapshots its indexes), then Redis. If any child dies,
+the others are stopped and the command exits non-zero.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import redis
+
+from sieve_core.config import Settings, load_settings
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+
+
+def _wait_redis(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:  # type: ignore[type-arg]
+    deadline = time.monotonic() + timeout
+    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"redis-server exited with code {proc.returncode}")
+        try:
+            if client.ping():
+                return
+        except redis.RedisError:
+            time.sleep(0.1)
+    raise TimeoutError(f"redis-server did not answer at {url} within {timeout:.0f}s")
+
+
+def local_redis(settings: Settings) -> tuple[Child, str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed: run scripts/ensure_redis.sh, or set SIEVE_REDIS_URL")
+    directory = settings.data_dir / "redis"
+    directory.mkdir(parents=True, exist_ok=True)
+    port = settings.local_redis_port
+    argv = [
+        binary,
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dir",
+        str(directory.resolve()),
+        "--appendonly",
+        "yes",
+        "--save",
+        "",
+        "--protected-mode",
+        "yes",
+        "--daemonize",
+        "no",
+    ]
+    return Child("redis", argv), f"redis://127.0.0.1:{port}/0"
+
+
+def _stop(child: Child, timeout: float = 30.0) -> None:
+    proc = child.proc
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        print(f"sieve run: {child.name} did not stop in {timeout:.0f}s; killing it", file=sys.stderr)
+        proc.kill()
+        proc.wait()
+
+
+def run(settings: Settings | None = None) -> int:
+    settings = settings or load_settings()
+    env = dict(os.environ)
+    children: list[Child] = []
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        if settings.redis_url is None:
+            child, url = local_redis(settings)
+            # Own process group: a terminal's Ctrl-C reaches only this supervisor, which stops children in order.
+            child.proc = subprocess.Popen(child.argv, stdout=subprocess.DEVNULL, start_new_session=True)
+            children.append(child)
+            _wait_redis(url, child.proc)
+            env["SIEVE_REDIS_URL"] = url
+            print(f"sieve run: redis-server on {url} (data in {settings.data_dir / 'redis'})", flush=True)
+        server = Child("server", [sys.executable, "-m", "server.cli", "serve"], env)
+        server.proc = subprocess.Popen(server.argv, env=env, start_new_session=True)
+        children.append(server)
+        print(f"sieve run: gRPC server on {settings.grpc_address}; Ctrl-C stops everything", flush=True)
+        while not stopping:
+            for child in children:
+                if child.proc is not None and child.proc.poll() is not None:
+                    print(
+                        f"sieve run: {child.name} exited with code {child.proc.returncode}; stopping",
+                        file=sys.stderr,
+                    )
+                    return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        for child in reversed(children):
+            _stop(child)

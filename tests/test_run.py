@@ -1,0 +1,85 @@
+"""`sieve run` (what `make run` starts): a local Redis and the server as one unit, stopped cleanly by Ctrl-C."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+import redis
+
+from server.evaluate import _free_port, wait_serving
+from tests.conftest import MODELS_DIR, ROOT, require_bundle
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_sieve_run_starts_redis_and_server_and_stops_on_ctrl_c(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    require_bundle()
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
+    grpc_port, redis_port = _free_port(), _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SIEVE_REDIS_URL"}
+    env.update(
+        SIEVE_DATA_DIR=str(tmp_path),
+        SIEVE_GRPC_ADDRESS=f"127.0.0.1:{grpc_port}",
+        SIEVE_LOCAL_REDIS_PORT=str(redis_port),
+        SIEVE_MODELS_DIR=str(MODELS_DIR),
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "run"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        wait_serving(f"127.0.0.1:{grpc_port}", timeout=60, proc=proc)
+        assert redis.Redis(port=redis_port, socket_timeout=2).ping()
+        assert (tmp_path / "redis").is_dir()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+        assert "redis-server on redis://127.0.0.1:" in out
+        assert not _port_open(grpc_port) and not _port_open(redis_port), "a child outlived `sieve run`"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_sieve_run_stops_everything_when_a_child_dies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    redis_port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "SIEVE_REDIS_URL"}
+    # A port that is already taken: the server cannot listen and exits, so the supervisor must stop Redis.
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env.update(
+            SIEVE_DATA_DIR=str(tmp_path),
+            SIEVE_GRPC_ADDRESS=f"127.0.0.1:{taken.getsockname()[1]}",
+            SIEVE_LOCAL_REDIS_PORT=str(redis_port),
+            SIEVE_MODELS_DIR=str(MODELS_DIR),
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "server.cli", "run"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert proc.returncode == 1
+    assert "server exited with code" in proc.stderr
+    assert not _port_open(redis_port)
