@@ -15,7 +15,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-from usearch.index import Index, MetricKind
+
+# onnxruntime must be loaded before usearch's extension module: in the other order the process
+# segfaults inside onnxruntime's import (usearch 2.26.6 + onnxruntime 1.31.1 on x86_64 Linux; see
+# tests/test_import_order.py). Every process that embeds also searches, so load it here, first.
+import onnxruntime  # noqa: F401, I001  (import order matters, see above)
+from usearch.index import Index, MetricKind  # noqa: I001
 
 log = logging.getLogger(__name__)
 

@@ -62,6 +62,7 @@ CREATE TABLE IF NOT EXISTS doc_meta (
     key INTEGER NOT NULL,
     PRIMARY KEY (collection_id, name, value, key)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS doc_meta_by_key ON doc_meta (collection_id, key);
 CREATE TABLE IF NOT EXISTS tombstones (
     collection_id INTEGER NOT NULL,
     generation INTEGER NOT NULL,
@@ -339,7 +340,9 @@ class Store:
         for chunk in _chunks([int(k) for k in keys], 500):
             marks = ",".join("?" * len(chunk))
             for doc_id, key, text, meta in self._conn().execute(
-                f"SELECT {columns} FROM documents WHERE collection_id = ? AND key IN ({marks})",
+                # Without statistics SQLite scans the whole collection through the primary key here.
+                f"SELECT {columns} FROM documents INDEXED BY documents_by_key"
+                f" WHERE collection_id = ? AND key IN ({marks})",
                 (collection_id, *chunk),
             ):
                 out[key] = StoredDocument(doc_id, key, text, json.loads(meta))

@@ -26,7 +26,7 @@ _ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "tok
 Batch = tuple[list[int], dict[str, np.ndarray]]
 
 
-def _make_session(model_path: Path, intra_op_threads: int, spin: bool = True) -> ort.InferenceSession:
+def _make_session(model_path: Path, intra_op_threads: int, spin: bool = False) -> ort.InferenceSession:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -65,7 +65,7 @@ class BiEncoderRunner:
     """Embeds texts with a `bi_encoder` bundle (see bundle.py for the directory layout)."""
 
     def __init__(
-        self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0, spin: bool = True
+        self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0, spin: bool = False
     ) -> None:
         bundle = Path(bundle_dir)
         self.manifest = load_bundle_manifest(bundle)
