@@ -9,7 +9,12 @@ document's token vectors (as BiEncoderRunner.token_vectors computes them), so no
 Queries likewise. Then per test query: exact cosine top-`candidates` (server.index.exact_scores), and
 that list re-ranked by MaxSim over fp32 token vectors and over the int8 and fp16 blobs of
 sieve_core.late_interaction (decoded as a worker would decode them from Redis). Prints and writes
-nDCG@10 per variant, MaxSim milliseconds per query (with and without decoding), and bytes per document.
+nDCG@10 per variant, MaxSim milliseconds per query, and bytes per document. Timings, per query over the
+candidates: `<fmt>_maxsim` is MaxSim alone on already-decoded vectors (decode excluded);
+`<fmt>_maxsim_blobs` is the warm production path, MaxSim straight from the blobs (decode included);
+`<fmt>_decode` + `<fmt>_maxsim` = `<fmt>_decode_and_maxsim` decodes all candidates first;
+`fp32_maxsim` is `maxsim` over the fp32 arrays (chunked copy + GEMM), `fp32_maxsim_naive_loop` one product
+per document, `fp32_pack` + `fp32_maxsim_prepacked` all candidates packed into one matrix, then one GEMM.
 
 --limit-docs N keeps every document judged for a (kept) test query plus the first others in corpus order
 up to N in all, and --limit-queries N the first N test queries: quick smoke runs whose figures are not
@@ -37,6 +42,7 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -51,6 +57,8 @@ from sieve_core.beir import BeirDataset, evaluate, load_beir  # noqa: E402
 from sieve_core.late_interaction import (  # noqa: E402
     decode_packed,
     encode_tokens,
+    maxsim,
+    maxsim_blobs,
     maxsim_naive,
     maxsim_packed,
     pack,
@@ -64,6 +72,20 @@ _MASK_EPS, _NORM_EPS = 1e-9, 1e-12  # as in bi_encoder.py
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
+
+
+def advance(progress: Progress, task: TaskID, step: int = 1) -> None:
+    """Advances a bar; when stderr is not a terminal (a log file), also prints a line every 10 %."""
+    before = next(t for t in progress.tasks if t.id == task)
+    tenth_before = int(10 * before.completed / max(before.total or 1, 1))
+    progress.advance(task, step)
+    if not progress.console.is_terminal:
+        after = next(t for t in progress.tasks if t.id == task)
+        tenth = int(10 * after.completed / max(after.total or 1, 1))
+        if tenth > tenth_before:
+            progress.console.print(
+                f"{after.description} {after.completed:.0f}/{after.total:.0f} ({after.elapsed or 0:.0f} s)"
+            )
 
 
 def encode_both(
@@ -92,7 +114,7 @@ def encode_both(
         for row, index in enumerate(order):
             tokens[index] = np.ascontiguousarray(_normalize(hidden[row][keep[row]]), dtype=np.float32)
         if progress is not None and task is not None:
-            progress.advance(task, len(order))
+            advance(progress, task, len(order))
     return pooled, tokens
 
 
@@ -186,7 +208,7 @@ def main() -> int:
                 t0 = time.perf_counter()
                 blobs[fmt].append(encode_tokens(tokens, fmt))
                 encode_seconds[fmt] += time.perf_counter() - t0
-            progress.advance(encode_task)
+            advance(progress, encode_task)
 
         variants = ("bi-encoder", "maxsim-fp32", "maxsim-int8", "maxsim-fp16")
         runs: dict[str, dict[str, list[str]]] = {v: {} for v in variants}
@@ -196,12 +218,15 @@ def main() -> int:
                 "fp32_maxsim",
                 "fp32_maxsim_naive_loop",
                 "fp32_pack",
+                "fp32_maxsim_prepacked",
                 "int8_decode",
                 "int8_maxsim",
                 "int8_decode_and_maxsim",
+                "int8_maxsim_blobs",
                 "fp16_decode",
                 "fp16_maxsim",
                 "fp16_decode_and_maxsim",
+                "fp16_maxsim_blobs",
             )
         }
         moved_bytes: dict[str, list[int]] = {fmt: [] for fmt in FORMATS}
@@ -215,18 +240,23 @@ def main() -> int:
             runs["bi-encoder"][qid] = candidates
             q = query_tokens[qi]
 
+            chosen_tokens = [doc_tokens[i] for i in top]
             t0 = time.perf_counter()
-            packed = pack([doc_tokens[i] for i in top], dims=runner.dims)
+            fp32 = maxsim(q, chosen_tokens)
             t1 = time.perf_counter()
-            fp32 = maxsim_packed(q, packed)
+            naive = maxsim_naive(q, chosen_tokens)
             t2 = time.perf_counter()
-            naive = maxsim_naive(q, [doc_tokens[i] for i in top])
+            packed = pack(chosen_tokens, dims=runner.dims)
             t3 = time.perf_counter()
-            timings["fp32_pack"].append(t1 - t0)
-            timings["fp32_maxsim"].append(t2 - t1)
-            timings["fp32_maxsim_naive_loop"].append(t3 - t2)
-            if not np.allclose(fp32, naive, rtol=1e-4, atol=1e-4):
-                raise AssertionError(f"query {qid}: packed MaxSim disagrees with the per-document loop")
+            prepacked = maxsim_packed(q, packed)
+            t4 = time.perf_counter()
+            timings["fp32_maxsim"].append(t1 - t0)
+            timings["fp32_maxsim_naive_loop"].append(t2 - t1)
+            timings["fp32_pack"].append(t3 - t2)
+            timings["fp32_maxsim_prepacked"].append(t4 - t3)
+            for other in (naive, prepacked):
+                if not np.allclose(fp32, other, rtol=1e-4, atol=1e-4):
+                    raise AssertionError(f"query {qid}: MaxSim implementations disagree")
             runs["maxsim-fp32"][qid] = _rerank(candidates, fp32)
 
             for fmt in FORMATS:
@@ -239,9 +269,16 @@ def main() -> int:
                 timings[f"{fmt}_decode"].append(t1 - t0)
                 timings[f"{fmt}_maxsim"].append(t2 - t1)
                 timings[f"{fmt}_decode_and_maxsim"].append(t2 - t0)
+                t0 = time.perf_counter()
+                fused = maxsim_blobs(q, chosen)
+                timings[f"{fmt}_maxsim_blobs"].append(time.perf_counter() - t0)
+                if not np.allclose(fused, approx, rtol=1e-4, atol=1e-4):
+                    raise AssertionError(
+                        f"query {qid}: maxsim_blobs disagrees with decode_packed + maxsim_packed"
+                    )
                 moved_bytes[fmt].append(sum(len(b) for b in chosen))
                 runs[f"maxsim-{fmt}"][qid] = _rerank(candidates, approx)
-            progress.advance(rerank_task)
+            advance(progress, rerank_task)
 
     # A few single-query encodings: what a warm re-rank pays before MaxSim (the search path already
     # runs this pass for the query vector; with one shared pass the token vectors come free).
@@ -266,7 +303,7 @@ def main() -> int:
     for v in variants:
         m = metrics[v]
         table.add_row(v, f"{m['ndcg@10']:.4f}", f"{m['recall@100']:.4f}", f"{m['mrr@10']:.4f}")
-    out_console = Console()
+    out_console = Console(width=None if sys.stdout.isatty() else 120)
     out_console.print(table)
     timing_ms = {k: _ms(v) for k, v in timings.items()}
     speed = Table(title=f"ms per query, {args.candidates} candidates, {lengths.mean():.0f} tokens/doc mean")

@@ -27,7 +27,7 @@ def _rows() -> list[str]:
             )
         elif r.get("benchmark") == "service":
             rows.append(
-                f"| `Search` latency, 1 client, {r['dataset']} ({r['documents']} docs, {r['samples']} queries),"
+                f"| `Search` latency, 1 client, {r['dataset']} ({r['documents']} docs, {r['queries']} queries, {r['samples']} calls),"
                 f" top_k 10 | p50 {r['search_p50_ms']:.2f} ms, p99 {r['search_p99_ms']:.2f} ms | {cmd} |"
             )
             rows.append(
@@ -40,6 +40,14 @@ def _rows() -> list[str]:
                 f"| `UpsertDocuments` throughput (batches of 64, first {r['rate_docs']} docs) vs bare ONNX "
                 f"embedding of the same texts, same run | {r['upsert_docs_per_s']:.1f} vs "
                 f"{r['bare_embed_docs_per_s']:.1f} docs/s (ratio {r['upsert_vs_bare']:.2f}) | {cmd} |"
+            )
+        elif "maxsim-int8" in r.get("ndcg@10", {}):
+            n = r["ndcg@10"]
+            rows.append(
+                f"| {r['dataset']} nDCG@10, in-process reference (no server): bi-encoder top-{r['candidates']} "
+                f"re-ranked by MaxSim over MiniLM token vectors (zero-shot; fp32 / int8 / fp16 storage) | "
+                f"{n['bi-encoder']:.4f} -> {n['maxsim-fp32']:.4f} / {n['maxsim-int8']:.4f} / "
+                f"{n['maxsim-fp16']:.4f}; int8 {r['bytes_per_document']['int8'] / 1000:.0f} KB/doc | {cmd} |"
             )
     return rows
 

@@ -20,6 +20,7 @@ from sieve_core.late_interaction import (
     decode_tokens,
     encode_tokens,
     maxsim,
+    maxsim_blobs,
     maxsim_naive,
     maxsim_packed,
     pack,
@@ -159,6 +160,8 @@ def test_maxsim_equals_naive_reference_on_ragged_documents() -> None:
     np.testing.assert_allclose(got, reference, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(maxsim_naive(query, docs), reference, rtol=1e-5, atol=1e-5)
     assert got[2] == got[5] == got[-1] == 0.0  # empty documents
+    for chunk_tokens in (1, 64, 10_000):  # a chunk per document, several per chunk, all in one
+        np.testing.assert_allclose(maxsim(query, docs, chunk_tokens=chunk_tokens), got, rtol=1e-6, atol=1e-6)
     np.testing.assert_array_equal(maxsim(query[:0], docs), np.zeros(len(docs), dtype=np.float32))
     assert maxsim(query, []).shape == (0,)
 
@@ -175,6 +178,23 @@ def test_packed_decode_matches_per_document_decode(fmt: str) -> None:
     decoded = [decode_tokens(b) for b in blobs]
     expected = maxsim_naive(query, decoded)
     np.testing.assert_allclose(maxsim_packed(query, packed), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 100, 2048])
+def test_maxsim_straight_from_blobs_matches_decoded(chunk_tokens: int) -> None:
+    rng = np.random.default_rng(9)
+    docs = _ragged_docs(rng)
+    query = _unit_rows(rng, 16)
+    blobs = [encode_tokens(d, "int8" if i % 3 else "fp16") for i, d in enumerate(docs)]  # mixed formats
+    expected = maxsim_naive(query, [decode_tokens(b) for b in blobs])
+    got = maxsim_blobs(query, blobs, chunk_tokens=chunk_tokens)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert got[2] == got[-1] == 0.0
+    assert maxsim_blobs(query, []).shape == (0,)
+    with pytest.raises(ValueError, match="truncated"):
+        maxsim_blobs(query, [blobs[0], blobs[1][:-1]])
+    with pytest.raises(ValueError, match="query dims"):
+        maxsim_blobs(query[:, :128], blobs)
 
 
 def test_maxsim_rejects_mismatched_dims() -> None:
