@@ -38,7 +38,7 @@ def _rows() -> list[str]:
             )
             rows.append(
                 f"| `UpsertDocuments` throughput (batches of 64, first {r['rate_docs']} docs) vs bare ONNX "
-                f"embedding of the same texts, same run | {r['upsert_docs_per_s']:.1f} vs "
+                f"embedding of the same texts, same run (bare pass after indexing, not interleaved) | {r['upsert_docs_per_s']:.1f} vs "
                 f"{r['bare_embed_docs_per_s']:.1f} docs/s (ratio {r['upsert_vs_bare']:.2f}) | {cmd} |"
             )
         elif "maxsim-int8" in r.get("ndcg@10", {}):
