@@ -228,3 +228,15 @@ def test_serving_path_does_not_import_torch() -> None:
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "torch" not in sys.modules, "the test process itself must stay torch-free"
+
+
+def test_encode_gives_vectors_and_tokens_from_one_run(runner: BiEncoderRunner) -> None:
+    texts = ["a short one", "a somewhat longer text about proteins and cells " * 3, "émigré café"]
+    vectors, tokens = runner.encode(texts, batch_size=2, tokens=True)
+    only_vectors, none = runner.encode(texts, batch_size=3)
+    assert none is None and tokens is not None and len(tokens) == 3
+    np.testing.assert_allclose(vectors, only_vectors, atol=1e-5)
+    for text, rows in zip(texts, tokens, strict=True):
+        _, alone = runner.encode([text], tokens=True)
+        assert alone is not None
+        np.testing.assert_allclose(rows, alone[0], atol=1e-5)

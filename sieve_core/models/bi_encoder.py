@@ -96,29 +96,43 @@ class BiEncoderRunner:
 
     # -- public API -----------------------------------------------------------------------------------
 
-    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """One float32 vector per text, shape (len(texts), dims), in the caller's order."""
-        out = np.empty((len(texts), self.dims), dtype=np.float32)
-        for order, feeds in self._batches(texts, batch_size):
+    def encode(
+        self, texts: Sequence[str], batch_size: int = 32, *, tokens: bool = False
+    ) -> tuple[np.ndarray, list[np.ndarray] | None]:
+        """Sentence vectors and, with `tokens=True`, per-text token vectors, from ONE encoder run.
+
+        Vectors: float32 (len(texts), dims) in the caller's order, mean-pooled over the attention mask
+        (special tokens included, as sentence-transformers does) and L2-normalised when the bundle says so.
+        Token vectors: per text, the L2-normalised last-hidden-state rows of its non-special tokens,
+        (tokens, dims) float32 after truncation to max_length; [CLS], [SEP] and padding carry no term of
+        the text for late interaction (MaxSim), so they are dropped.
+        """
+        vectors = np.empty((len(texts), self.dims), dtype=np.float32)
+        token_rows: list[np.ndarray] | None = (
+            [np.empty((0, self.dims), dtype=np.float32)] * len(texts) if tokens else None
+        )
+        for order, feeds in self._batches(texts, batch_size, keep_special_mask=tokens):
             hidden = self._run(feeds)
             mask = feeds["attention_mask"].astype(np.float32)[:, :, None]
             pooled = (hidden * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), _MASK_EPS)
-            out[order] = _l2_normalize(pooled) if self.manifest.normalize else pooled
-        return out
+            vectors[order] = _l2_normalize(pooled) if self.manifest.normalize else pooled
+            if token_rows is not None:
+                keep = (feeds["attention_mask"] == 1) & (feeds["special_tokens_mask"] == 0)
+                for row, index in enumerate(order):
+                    token_rows[index] = np.ascontiguousarray(
+                        _l2_normalize(hidden[row][keep[row]]), dtype=np.float32
+                    )
+        return vectors, token_rows
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """One float32 vector per text, shape (len(texts), dims), in the caller's order."""
+        return self.encode(texts, batch_size)[0]
 
     def token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
-        """Per text, its L2-normalised last-hidden-state rows for every non-special token.
-
-        Shape (tokens, dims) float32, tokens counted after truncation to max_length; [CLS], [SEP] and
-        padding rows are dropped because they carry no term of the text for late interaction (MaxSim).
-        """
-        result: list[np.ndarray] = [np.empty((0, self.dims), dtype=np.float32)] * len(texts)
-        for order, feeds in self._batches(texts, batch_size, keep_special_mask=True):
-            hidden = self._run(feeds)
-            keep = (feeds["attention_mask"] == 1) & (feeds["special_tokens_mask"] == 0)
-            for row, index in enumerate(order):
-                result[index] = np.ascontiguousarray(_l2_normalize(hidden[row][keep[row]]), dtype=np.float32)
-        return result
+        """Per text, its L2-normalised token vectors (see `encode`)."""
+        rows = self.encode(texts, batch_size, tokens=True)[1]
+        assert rows is not None
+        return rows
 
     def warmup(self) -> None:
         """Run the graph once so the first real request does not pay ORT's lazy allocations."""
