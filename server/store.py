@@ -14,7 +14,6 @@ One writer (the server's write thread) and any number of reader threads, each wi
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
@@ -25,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sieve_core.contracts import content_hash
 from sieve_core.errors import AlreadyExists, NotFound
 from sieve_core.types import Condition, Document
 
@@ -70,10 +70,6 @@ CREATE TABLE IF NOT EXISTS tombstones (
     PRIMARY KEY (collection_id, generation, key)
 ) WITHOUT ROWID;
 """
-
-
-def content_hash(text: str) -> bytes:
-    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()[:16]
 
 
 @dataclass(frozen=True)

@@ -1,1 +1,1 @@
-"""Celery workers (re-ranking and bulk embedding) arrive with the re-ranking issue."""
+"""Celery workers: bulk embedding and re-ranking. Start with `celery -A workers.celery_app worker` (see there)."""

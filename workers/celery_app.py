@@ -1,0 +1,130 @@
+"""The Celery app of the Sieve workers: Redis broker and result backend, one queue per model kind.
+
+Start a worker (SIEVE_REDIS_URL and SIEVE_MODELS_DIR set, from the repository root):
+
+    celery -A workers.celery_app worker -Q colbert -c 1 --loglevel INFO
+
+Queues: `embed` (bi-encoder, bulk indexing and token blobs), `colbert` (late-interaction re-rank),
+`cross_encoder` (cross-encoder re-rank; its task arrives with the cross-encoder runner). A machine can
+run one worker per queue or one worker on several (`-Q embed,colbert`). Each pool process loads its
+ONNX sessions once, at start (see workers/runtime.py), with intra-op threads = cores // concurrency.
+
+The server builds its own client app with `create_app(settings)` and sends tasks by name
+(`app.send_task(TASK_EMBED, args=[request.to_json()])`); routing sends each to its queue.
+
+Delivery: tasks are acknowledged after they finish (`acks_late`), each pool process reserves one
+message at a time (prefetch 1), and a task whose pool process dies (OOM kill, segfault) runs again on
+the next free process: it is re-sent at once with its retry count raised (`task_retry_on_worker_lost`),
+and after MAX_WORKER_LOST_RETRIES such losses it fails with WorkerLostError instead of killing process
+after process (a "poison" payload). Should the re-send itself fail, the message is put back on its queue
+(`task_reject_on_worker_lost`). If a whole worker host disappears, Redis redelivers its unacknowledged
+messages after the visibility timeout. Tasks must therefore be idempotent, which ours are: they compute,
+and write only content-addressed cache entries.
+
+MaxSim runs on numpy's BLAS, which starts one thread per core in every pool process; with `-c` above 1
+start workers with OPENBLAS_NUM_THREADS=1 (see sieve_core/late_interaction.py for the measurements).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from sieve_core.config import Settings, load_settings
+
+QUEUE_EMBED = "embed"
+QUEUE_COLBERT = "colbert"
+QUEUE_CROSS_ENCODER = "cross_encoder"
+QUEUES = (QUEUE_EMBED, QUEUE_COLBERT, QUEUE_CROSS_ENCODER)
+
+TASK_EMBED = "sieve.embed"
+TASK_LATE_INTERACTION = "sieve.late_interaction"
+
+# (soft, hard) time limits per task, seconds. The soft limit raises SoftTimeLimitExceeded in the task;
+# the hard one kills the pool process. A re-rank answers a search, so it is bounded tightly (the server
+# also sets `expires` from the gRPC deadline); an embed task is bulk work of up to 1000 texts.
+TIME_LIMITS: dict[str, tuple[int, int]] = {
+    TASK_EMBED: (240, 300),
+    TASK_LATE_INTERACTION: (20, 30),
+}
+ROUTES = {
+    TASK_EMBED: {"queue": QUEUE_EMBED},
+    TASK_LATE_INTERACTION: {"queue": QUEUE_COLBERT},
+    "sieve.cross_encoder*": {"queue": QUEUE_CROSS_ENCODER},
+}
+# An unacknowledged message is redelivered after this long. It must exceed the longest time a task can
+# hold its message (the hard limit, as prefetch is 1), or a slow but healthy task would run twice.
+MAX_WORKER_LOST_RETRIES = 2
+VISIBILITY_TIMEOUT_S = max(hard for _, hard in TIME_LIMITS.values()) + 60
+RESULT_EXPIRES_S = 3600
+
+
+class SieveCelery(Celery):
+    """A Celery app that keeps the Settings it was built from (workers read models_dir etc. there)."""
+
+    settings: Settings
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    if settings.redis_url is None:
+        raise RuntimeError(
+            "SIEVE_REDIS_URL is not set: the workers need the Redis that the server uses as its Celery "
+            "broker (`sieve run` prints it; e.g. SIEVE_REDIS_URL=redis://127.0.0.1:6390/0)"
+        )
+    url = settings.redis_url.get_secret_value()
+    return {
+        "broker_url": url,
+        "result_backend": url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        # One direct exchange per queue: queues declared without one would all share the default
+        # exchange and routing key, and a message for one queue would be copied into the others.
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
+        "task_default_queue": QUEUE_EMBED,
+        "task_default_exchange": QUEUE_EMBED,
+        "task_default_routing_key": QUEUE_EMBED,
+        "task_routes": ROUTES,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "task_retry_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        # STARTED (with the pool process id) is stored when a task begins: the caller can tell queued
+        # from running, e.g. to report "no workers" rather than "too slow".
+        "task_track_started": True,
+        # Tasks declare their limits (TIME_LIMITS); these defaults catch any task that does not.
+        "task_soft_time_limit": 60,
+        "task_time_limit": 90,
+        "result_expires": RESULT_EXPIRES_S,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_connection_retry_on_startup": True,
+        "worker_send_task_events": False,
+        "timezone": "UTC",
+    }
+
+
+def create_app(settings: Settings | None = None) -> SieveCelery:
+    """The app for workers (tasks registered) and for clients that send tasks by name."""
+    settings = settings or load_settings()
+    app = SieveCelery("sieve", set_as_current=False)
+    app.config_from_object(celery_config(settings))
+    app.settings = settings
+    # Imported here: workers.tasks imports this module for its constants.
+    import workers.tasks
+
+    workers.tasks.register(app)
+    return app
+
+
+def __getattr__(name: str) -> SieveCelery:
+    # `celery -A workers.celery_app` looks up `app` (then `celery`); building it on first access keeps
+    # settings from being read at import time, e.g. by a test that imports QUEUES.
+    if name in ("app", "celery"):
+        app = create_app()
+        globals().update(app=app, celery=app)
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,133 @@
+"""Per-process state of a worker: settings, ONNX runners and the Redis client, built once per process.
+
+The worker's parent process records its settings and concurrency at `worker_init`, then forks its pool;
+each pool process builds its runners at `worker_process_init`, so no ONNX session and no Redis socket is
+ever created before a fork and shared by several processes. Each session gets
+`intra_op_threads = max(1, cores // concurrency)` (or SIEVE_ONNX_THREADS when set), so that `-c N`
+processes together use the machine's cores instead of N times them.
+
+With a pool that does not fork (`-P solo`, `-P threads`) there is no worker_process_init; runners are
+then built on the first task instead, which logs that it did.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from typing import Any
+
+import redis
+from celery.signals import worker_init, worker_process_init
+
+# onnxruntime (via bi_encoder) is imported before anything that could load usearch: the other order
+# segfaults. Workers import no usearch at all.
+from sieve_core.config import Settings
+from sieve_core.late_interaction_service import TokenCache
+from sieve_core.models.bi_encoder import BiEncoderRunner
+
+log = logging.getLogger("sieve.worker")
+
+_settings: Settings | None = None
+_concurrency = 1
+_runners: dict[str, BiEncoderRunner] = {}
+_cache: TokenCache | None = None
+_lock = threading.Lock()
+
+
+def available_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def intra_op_threads(settings: Settings, concurrency: int) -> int:
+    if settings.onnx_threads > 0:
+        return settings.onnx_threads
+    return max(1, available_cores() // max(1, concurrency))
+
+
+@worker_init.connect
+def _record_worker(sender: Any = None, **_: Any) -> None:
+    """In the worker's parent process, before the pool forks."""
+    global _settings, _concurrency
+    app = getattr(sender, "app", None)
+    _settings = getattr(app, "settings", None)
+    _concurrency = int(getattr(sender, "concurrency", 1) or 1)
+
+
+@worker_process_init.connect
+def _load_in_pool_process(**_: Any) -> None:
+    """In each pool process, right after the fork: build and warm the default model's runner."""
+    settings = _require_settings()
+    try:
+        runner(settings.default_embedding_model)
+        cache()
+    except Exception:
+        # The process stays up; every task will then fail with this error rather than hang.
+        log.exception("pid %d: loading %s failed", os.getpid(), settings.default_embedding_model)
+
+
+def configure(settings: Settings, concurrency: int = 1) -> None:
+    """For pools without worker_init (and tests): the settings to build runners from."""
+    global _settings, _concurrency
+    _settings, _concurrency = settings, concurrency
+
+
+def _require_settings() -> Settings:
+    global _settings
+    if _settings is None:
+        from celery import current_app
+
+        _settings = getattr(current_app, "settings", None)
+    if _settings is None:
+        raise RuntimeError("worker runtime has no settings: start it through workers.celery_app")
+    return _settings
+
+
+def runner(model: str) -> BiEncoderRunner:
+    """This process's runner for a bundle name, built and warmed on first use."""
+    with _lock:
+        found = _runners.get(model)
+        if found is not None:
+            return found
+        settings = _require_settings()
+        threads = intra_op_threads(settings, _concurrency)
+        started = time.perf_counter()
+        built = BiEncoderRunner(
+            settings.models_dir / model, intra_op_threads=threads, spin=settings.onnx_spin
+        )
+        built.warmup()
+        _runners[model] = built
+        log.info(
+            "pid %d: loaded %s (%s) with %d intra-op threads (%d cores, concurrency %d), warm in %.2fs",
+            os.getpid(),
+            model,
+            built.model_id,
+            threads,
+            available_cores(),
+            _concurrency,
+            time.perf_counter() - started,
+        )
+        return built
+
+
+def cache() -> TokenCache:
+    """This process's token cache on settings.redis_url (one connection pool per process)."""
+    global _cache
+    with _lock:
+        if _cache is None:
+            settings = _require_settings()
+            if settings.redis_url is None:
+                raise RuntimeError("SIEVE_REDIS_URL is not set")
+            client = redis.Redis.from_url(
+                settings.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
+            )
+            _cache = TokenCache(client)
+        return _cache
+
+
+def embed_batch_size() -> int:
+    return _require_settings().embed_batch_size

@@ -1,0 +1,64 @@
+"""Thin Celery tasks: a contract's JSON in, a shared service call, the result's JSON out.
+
+The logic lives in sieve_core.late_interaction_service, so the server can run it in-process as well.
+Both tasks are idempotent (they only write content-addressed cache entries), as redelivery requires.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from celery import Celery
+from pydantic import BaseModel, ValidationError
+
+from sieve_core import late_interaction_service as service
+from sieve_core.contracts import EmbedRequest, LateInteractionRequest
+from sieve_core.errors import InvalidArgument
+from workers import runtime
+from workers.celery_app import MAX_WORKER_LOST_RETRIES, TASK_EMBED, TASK_LATE_INTERACTION, TIME_LIMITS
+
+C = TypeVar("C", bound=BaseModel)
+
+
+def _parse(contract: type[C], payload: dict[str, Any]) -> C:
+    # A plain SieveError crosses the result backend as JSON and is rebuilt by the caller; a pydantic
+    # ValidationError would not be.
+    try:
+        return contract.from_json(payload)  # type: ignore[attr-defined,no-any-return]
+    except ValidationError as exc:
+        raise InvalidArgument(f"bad {contract.__name__}: {exc}") from None
+
+
+def embed(payload: dict[str, Any]) -> dict[str, Any]:
+    """EmbedRequest -> EmbedResult: vectors, and with want_tokens the texts' token blobs cached."""
+    request = _parse(EmbedRequest, payload)
+    cache = runtime.cache() if request.want_tokens else None
+    result = service.embed(
+        runtime.runner(request.model), cache, request, batch_size=runtime.embed_batch_size()
+    )
+    return result.to_json()
+
+
+def late_interaction(payload: dict[str, Any]) -> dict[str, Any]:
+    """LateInteractionRequest -> LateInteractionResult: MaxSim scores from cached token blobs."""
+    request = _parse(LateInteractionRequest, payload)
+    result = service.late_interaction(
+        runtime.runner(request.model), runtime.cache(), request, batch_size=runtime.embed_batch_size()
+    )
+    return result.to_json()
+
+
+def register(app: Celery) -> None:
+    """Registers the tasks on an app under their public names, each with its time limits."""
+    for name, func in ((TASK_EMBED, embed), (TASK_LATE_INTERACTION, late_interaction)):
+        soft, hard = TIME_LIMITS[name]
+        app.task(
+            name=name,
+            soft_time_limit=soft,
+            time_limit=hard,
+            # Only a lost pool process retries (task_retry_on_worker_lost), at once, and a bounded number
+            # of times; the tasks never call self.retry().
+            max_retries=MAX_WORKER_LOST_RETRIES,
+            default_retry_delay=0,
+            shared=False,
+        )(func)
