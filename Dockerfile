@@ -1,4 +1,4 @@
-# The Sieve server image. The model is exported at build time in a separate stage, so the runtime
+# The Sieve image, for the server, the Celery workers and Flower. The model is exported at build time in a separate stage, so the runtime
 # image needs neither torch nor transformers (serving needs onnxruntime + tokenizers only).
 FROM python:3.11-slim AS models
 WORKDIR /src
@@ -18,7 +18,7 @@ COPY clients/python clients/python
 COPY sieve_core sieve_core
 COPY server server
 COPY workers workers
-RUN pip install --no-cache-dir ./clients/python . && useradd --system --home /data sieve \
+RUN pip install --no-cache-dir ./clients/python ".[ops]" && useradd --system --home /data sieve \
  && mkdir -p /data && chown sieve /data
 COPY --from=models /models /models
 ENV SIEVE_MODELS_DIR=/models SIEVE_DATA_DIR=/data SIEVE_GRPC_ADDRESS=0.0.0.0:50051

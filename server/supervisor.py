@@ -1,13 +1,15 @@
 """`sieve run`: the whole service as one supervised unit (what `make run` starts).
 
-Starts a local redis-server on a private loopback port when SIEVE_REDIS_URL is unset, then the gRPC
-server (Celery workers join here with the re-ranking issue). Ctrl-C or SIGTERM stops everything in
-order: the server first (it drains calls and snapshots its indexes), then Redis. If any child dies,
-the others are stopped and the command exits non-zero.
+Starts a local redis-server on a private loopback port when SIEVE_REDIS_URL is unset, one Celery worker
+per queue in SIEVE_RUN_WORKER_QUEUES, then the gRPC server. Ctrl-C or SIGTERM stops everything in
+reverse order: the server first (it drains calls and snapshots its indexes), then the workers (warm
+shutdown: running tasks finish), then Redis. If any child dies, the others are stopped and the command
+exits non-zero.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -70,6 +72,29 @@ def local_redis(settings: Settings) -> tuple[Child, str]:
     return Child("redis", argv), f"redis://127.0.0.1:{port}/0"
 
 
+def worker_argv(queue: str, concurrency: int) -> list[str]:
+    from workers.celery_app import QUEUES
+
+    if queue not in QUEUES:
+        raise SystemExit(f"unknown worker queue {queue!r}; expected one of {', '.join(QUEUES)}")
+    return [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        queue,
+        "-c",
+        str(concurrency),
+        "-n",
+        f"sieve-{queue}@%h",
+        "--loglevel",
+        "INFO",
+    ]
+
+
 def _stop(child: Child, timeout: float = 30.0) -> None:
     proc = child.proc
     if proc is None or proc.poll() is not None:
@@ -79,7 +104,8 @@ def _stop(child: Child, timeout: float = 30.0) -> None:
         proc.wait(timeout)
     except subprocess.TimeoutExpired:
         print(f"sieve run: {child.name} did not stop in {timeout:.0f}s; killing it", file=sys.stderr)
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # its own session: the whole group, pool processes too
         proc.wait()
 
 
@@ -104,6 +130,11 @@ def run(settings: Settings | None = None) -> int:
             _wait_redis(url, child.proc)
             env["SIEVE_REDIS_URL"] = url
             print(f"sieve run: redis-server on {url} (data in {settings.data_dir / 'redis'})", flush=True)
+        for queue in [q.strip() for q in settings.run_worker_queues.split(",") if q.strip()]:
+            worker = Child(f"worker-{queue}", worker_argv(queue, settings.run_worker_concurrency), env)
+            worker.proc = subprocess.Popen(worker.argv, env=env, start_new_session=True)
+            children.append(worker)
+            print(f"sieve run: Celery worker on queue {queue!r}", flush=True)
         server = Child("server", [sys.executable, "-m", "server.cli", "serve"], env)
         server.proc = subprocess.Popen(server.argv, env=env, start_new_session=True)
         children.append(server)

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         le=65535,
         description="Port of the Redis that `sieve run` starts when SIEVE_REDIS_URL is unset.",
     )
+    run_worker_queues: str = Field(
+        "embed,colbert",
+        description="Worker queues `sieve run` starts, one Celery worker each (cross_encoder needs a model).",
+    )
+    run_worker_concurrency: int = Field(1, ge=1, description="Pool processes per worker `sieve run` starts.")
 
     # Models and collections.
     default_embedding_model: str = Field(

@@ -58,3 +58,35 @@ def test_dockerfile_env_settings_are_real_and_copied_paths_exist() -> None:
         text=True,
     )
     assert out.returncode == 0 and "--models-dir" in out.stdout
+
+
+def test_celery_services_use_real_queues_and_commands() -> None:
+    import os
+
+    from workers.celery_app import QUEUES
+
+    services = _compose()["services"]
+    celery_commands = [s["command"] for s in services.values() if s.get("command", [None])[0] == "celery"]
+    assert len(celery_commands) >= 3
+    queues_served = set()
+    for argv in celery_commands:
+        assert argv[1:3] == ["-A", "workers.celery_app"]
+        if "-Q" in argv:
+            queues = argv[argv.index("-Q") + 1].split(",")
+            assert set(queues) <= set(QUEUES), queues
+            queues_served |= set(queues)
+        # The subcommand and its options parse (help is printed without connecting to Redis).
+        env = {**os.environ, "SIEVE_REDIS_URL": "redis://127.0.0.1:1/0"}
+        out = subprocess.run(
+            [sys.executable, "-m", "celery", *argv[1:], "--help"],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert out.returncode == 0, (argv, out.stderr[-1500:])
+    assert {"embed", "colbert"} <= queues_served
+    for name, service in services.items():
+        if name != "redis":
+            assert service.get("build") == ".", f"{name} does not run the project image"

@@ -8,12 +8,15 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
 
 from server.evaluate import _free_port, wait_serving
+from sieve_core.config import load_settings
 from tests.conftest import MODELS_DIR, ROOT, require_bundle
+from workers.celery_app import create_app
 
 
 def _port_open(port: int) -> bool:
@@ -46,11 +49,19 @@ def test_sieve_run_starts_redis_and_server_and_stops_on_ctrl_c(tmp_path) -> None
         wait_serving(f"127.0.0.1:{grpc_port}", timeout=60, proc=proc)
         assert redis.Redis(port=redis_port, socket_timeout=2).ping()
         assert (tmp_path / "redis").is_dir()
+        # One Celery worker per default queue answers a ping through the local Redis.
+        app = create_app(load_settings({"SIEVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}))
+        names: set[str] = set()
+        deadline = time.monotonic() + 60
+        while names != {"sieve-embed", "sieve-colbert"} and time.monotonic() < deadline:
+            names = {name.split("@")[0] for reply in app.control.ping(timeout=1.0) for name in reply}
+        assert names == {"sieve-embed", "sieve-colbert"}
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=60)
         assert proc.returncode == 0, out
         assert "redis-server on redis://127.0.0.1:" in out
         assert not _port_open(grpc_port) and not _port_open(redis_port), "a child outlived `sieve run`"
+        assert "Celery worker on queue 'embed'" in out
     finally:
         if proc.poll() is None:
             proc.kill()
