@@ -7,6 +7,7 @@ generation it contains; on start the newest snapshot is loaded and caught up fro
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -173,12 +174,13 @@ class VectorIndex:
     # -- snapshots -----------------------------------------------------------------------------
     def save(self, directory: Path, generation: int) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
-        final = directory / f"{_SNAPSHOT_PREFIX}{generation:012d}{_SNAPSHOT_SUFFIX}"
-        tmp = directory / f".{final.name}.tmp"
+        tmp = directory / f".{_SNAPSHOT_PREFIX}{generation:012d}.tmp"
         with self._lock.read():
             self._index.save(str(tmp))
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
+        # The name carries the content's digest: a snapshot damaged later is detected before it is loaded.
+        final = directory / f"{_SNAPSHOT_PREFIX}{generation:012d}-{_digest(tmp)}{_SNAPSHOT_SUFFIX}"
         os.replace(tmp, final)
         _fsync_dir(directory)
         for old in snapshot_files(directory):
@@ -192,7 +194,10 @@ class VectorIndex:
     ) -> tuple[VectorIndex, int] | None:
         """The newest snapshot in `directory` and its generation, or None if there is none usable."""
         for path in reversed(snapshot_files(directory)):
-            generation = int(path.name[len(_SNAPSHOT_PREFIX) : -len(_SNAPSHOT_SUFFIX)])
+            generation, digest = _parse_name(path)
+            if _digest(path) != digest:
+                log.warning("index snapshot %s does not match its checksum; ignoring it", path)
+                continue
             try:
                 index = Index.restore(str(path))
             except Exception:  # a damaged snapshot is only a cache: fall back to an older one or a rebuild
@@ -203,6 +208,24 @@ class VectorIndex:
                 continue
             return cls(dims, metric, ef_search=ef_search, index=index), generation
         return None
+
+
+def _digest(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            sha.update(chunk)
+    return sha.hexdigest()[:16]
+
+
+def _parse_name(path: Path) -> tuple[int, str]:
+    generation, _, digest = path.name[len(_SNAPSHOT_PREFIX) : -len(_SNAPSHOT_SUFFIX)].partition("-")
+    return int(generation), digest
+
+
+def snapshot_generation(path: Path) -> int:
+    """The store generation a snapshot file contains (from its name)."""
+    return _parse_name(path)[0]
 
 
 def snapshot_files(directory: Path) -> list[Path]:

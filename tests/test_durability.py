@@ -30,7 +30,7 @@ from sieve.v1 import (
 )
 
 from server.evaluate import _free_port, wait_serving
-from server.index import VectorIndex, snapshot_files
+from server.index import VectorIndex, snapshot_files, snapshot_generation
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS_DIR = REPO / "models"
@@ -224,10 +224,6 @@ def collection_snapshots(data_dir: Path) -> list[Path]:
     return snapshot_files(dirs[0]) if dirs else []
 
 
-def snapshot_generation(path: Path) -> int:
-    return int(path.name.removeprefix("index-").removesuffix(".usearch"))
-
-
 def create_collection(client: Client) -> None:
     request = collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=COLLECTION))
     response = client.collections.CreateCollection(request, timeout=60)
@@ -388,7 +384,7 @@ def test_sigterm_exits_cleanly_and_leaves_a_snapshot_at_the_final_generation(tmp
         assert code == 0, f"exit code {code}:\n{client.log.read_text(errors='replace')}"
 
     files = collection_snapshots(data_dir)
-    assert [p.name for p in files] == [f"index-{model.generation:012d}.usearch"]
+    assert [snapshot_generation(p) for p in files] == [model.generation]
     loaded = VectorIndex.load_latest(files[0].parent, DIMS, "cosine")
     assert loaded is not None
     index, generation = loaded

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from server.index import RWLock, VectorIndex, snapshot_files
+from server.index import RWLock, VectorIndex, snapshot_files, snapshot_generation
 from sieve_core.config import Settings
 
 DIMS = 384
@@ -170,7 +171,8 @@ def test_save_and_load_latest_round_trip(tmp_path: Path) -> None:
     index.add(keys, data)
     index.remove(keys[:100])
     path = index.save(tmp_path, 42)
-    assert path.name == "index-000000000042.usearch"
+    assert re.fullmatch(r"index-000000000042-[0-9a-f]{16}\.usearch", path.name), path.name
+    assert snapshot_generation(path) == 42
     assert snapshot_files(tmp_path) == [path]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
@@ -197,8 +199,8 @@ def test_save_removes_older_snapshots(tmp_path: Path) -> None:
     index.add(np.arange(1, 11, dtype=np.uint64), vectors)
     for generation in (1, 2, 10, 3):  # the last save is what is kept, even at a lower generation
         index.save(tmp_path, generation)
-    assert [p.name for p in snapshot_files(tmp_path)] == ["index-000000000003.usearch"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["index-000000000003.usearch"]
+    assert [snapshot_generation(p) for p in snapshot_files(tmp_path)] == [3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in snapshot_files(tmp_path)]
 
 
 def test_corrupt_newest_snapshot_falls_back_to_older_or_none(tmp_path: Path) -> None:
@@ -297,3 +299,19 @@ def test_search_exact_skips_keys_not_yet_in_the_index() -> None:
     assert keys.tolist() == [1, 3] and scores[0] == pytest.approx(1.0)
     keys, _ = index.search_exact(np.eye(4, dtype=np.float32)[0], np.array([2], dtype=np.uint64), 5)
     assert keys.tolist() == []
+
+
+def test_snapshot_damaged_in_the_middle_is_rejected_by_its_checksum(tmp_path: Path) -> None:
+    # usearch itself loads a file with overwritten bytes in the middle without complaint.
+    index = VectorIndex(16, "cosine")
+    vectors = np.random.default_rng(3).standard_normal((200, 16)).astype(np.float32)
+    index.add(np.arange(1, 201, dtype=np.uint64), vectors)
+    older = index.save(tmp_path / "a", 1)
+    newest = index.save(tmp_path / "b", 2)
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    newest.write_bytes(bytes(data))
+    assert VectorIndex.load_latest(tmp_path / "b", 16, "cosine") is None
+    loaded = VectorIndex.load_latest(older.parent, 16, "cosine")
+    assert loaded is not None and loaded[1] == 1
