@@ -23,9 +23,10 @@ import numpy as np
 
 from server import validation
 from server.index import VectorIndex
+from server.rerank import Dispatcher, StageUnavailable
 from server.store import CollectionRow, Store
 from sieve_core.config import Settings
-from sieve_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from sieve_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError
 from sieve_core.types import (
@@ -112,6 +113,7 @@ class Engine:
         self.settings = settings
         self.store = Store(settings.data_dir / "sieve.db")
         self.models = ModelRegistry(settings)
+        self.dispatcher = Dispatcher(settings)
         self._pool = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="sieve-work")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sieve-write")
         self._collections: dict[str, _Collection] = {}
@@ -140,6 +142,7 @@ class Engine:
     async def close(self) -> None:
         """Snapshot every index, then stop the executors."""
         await self._run(self._writer, self._snapshot_all)
+        self.dispatcher.close()
         self._pool.shutdown(wait=True)
         self._writer.shutdown(wait=True)
 
@@ -344,46 +347,94 @@ class Engine:
         return WriteResult(generation, len(keys), unique - len(keys))
 
     # -- search ----------------------------------------------------------------------------------
-    async def search(self, query: SearchQuery) -> SearchResult:
+    async def search(self, query: SearchQuery, timeout_s: float | None = None) -> SearchResult:
+        """Retrieve, then re-rank as the settings ask. `timeout_s`: time left before the caller's deadline."""
         started = time.perf_counter()
         top_k = validation.search(query, self.settings)
         col = self._get(query.collection)
         settings = query.settings.over(col.defaults).over(self.server_defaults)
-        rerank = [
-            (Stage.LATE_INTERACTION, settings.late_interaction),
-            (Stage.CROSS_ENCODER, settings.cross_encoder),
-        ]
-        for stage, mode in rerank:
-            if mode == StageMode.REQUIRED:
-                raise FailedPrecondition(
-                    f"stage {stage.name.lower()} is required but no {stage.name.lower()} model is configured "
-                    "on this server"
-                )
-        reranking = any(mode == StageMode.BEST_EFFORT for _, mode in rerank)
+        if settings.cross_encoder == StageMode.REQUIRED:
+            raise FailedPrecondition(
+                "stage cross_encoder is required but no cross-encoder model is configured on this server"
+            )
+        late = settings.late_interaction
+        reranking = late != StageMode.OFF or settings.cross_encoder == StageMode.BEST_EFFORT
         candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k
+        # Re-rankers need the candidates' texts (to recompute evicted token vectors) even if the reply omits them.
+        fetch_texts = not query.omit_documents or late != StageMode.OFF
         hits, report, generation = await self._run(
-            self._pool, self._retrieve, col, query, candidates, settings
+            self._pool, self._retrieve, col, query, candidates, settings, fetch_texts
         )
         stages = [report]
-        for stage, mode in rerank:
-            if mode == StageMode.BEST_EFFORT:
-                stages.append(
-                    StageReport(
-                        stage,
-                        StageStatus.DEGRADED,
-                        reason=f"no {stage.name.lower()} model is configured on this server;"
-                        " kept the previous stage's order",
-                        candidates_in=len(hits),
-                        candidates_out=len(hits),
-                    )
+        if late == StageMode.OFF:
+            stages.append(StageReport(Stage.LATE_INTERACTION, StageStatus.SKIPPED, reason="not requested"))
+        else:
+            budget = self.settings.rerank_timeout_s
+            if timeout_s is not None:
+                budget = min(budget, timeout_s - (time.perf_counter() - started) - 0.1)
+            keep = settings.late_interaction_keep or top_k
+            hits, li_report = await self._late_interaction(col, query.query, hits, max(keep, top_k), budget)
+            if li_report.status == StageStatus.DEGRADED and late == StageMode.REQUIRED:
+                raise Unavailable(f"late_interaction is required but could not run: {li_report.reason}")
+            stages.append(li_report)
+        if settings.cross_encoder == StageMode.BEST_EFFORT:
+            stages.append(
+                StageReport(
+                    Stage.CROSS_ENCODER,
+                    StageStatus.DEGRADED,
+                    reason="no cross_encoder model is configured on this server; kept the previous stage's order",
+                    candidates_in=len(hits),
+                    candidates_out=len(hits),
                 )
-            else:
-                stages.append(StageReport(stage, StageStatus.SKIPPED, reason="not requested"))
+            )
+        else:
+            stages.append(StageReport(Stage.CROSS_ENCODER, StageStatus.SKIPPED, reason="not requested"))
         hits = hits[:top_k]
+        if query.omit_documents:
+            for hit in hits:
+                hit.text, hit.metadata = "", {}
         return SearchResult(hits, stages, generation, (time.perf_counter() - started) * 1000)
 
+    async def _late_interaction(
+        self, col: _Collection, query: str, hits: list[Hit], keep: int, budget_s: float
+    ) -> tuple[list[Hit], StageReport]:
+        """MaxSim over the bi-encoder's own token vectors, on a `colbert` worker; degrade on failure."""
+        started = time.perf_counter()
+        model_id = f"{col.runner.model_id} (MaxSim over its token vectors, zero-shot)"
+        try:
+            result = await self.dispatcher.late_interaction(
+                col.row.embedding_model, query, [h.text for h in hits], budget_s
+            )
+        except StageUnavailable as exc:
+            return hits, StageReport(
+                Stage.LATE_INTERACTION,
+                StageStatus.DEGRADED,
+                reason=f"{exc}; kept the retrieval order",
+                candidates_in=len(hits),
+                candidates_out=len(hits),
+                took_ms=(time.perf_counter() - started) * 1000,
+                model_id=model_id,
+                method="worker",
+            )
+        order = sorted(range(len(hits)), key=lambda i: -result.scores[i])[:keep]
+        ranked = []
+        for rank, i in enumerate(order):
+            hit = hits[i]
+            hit.score = result.scores[i]
+            hit.stage_scores.append(StageScore(Stage.LATE_INTERACTION, result.scores[i], rank))
+            ranked.append(hit)
+        return ranked, StageReport(
+            Stage.LATE_INTERACTION,
+            StageStatus.COMPLETED,
+            candidates_in=len(hits),
+            candidates_out=len(ranked),
+            took_ms=(time.perf_counter() - started) * 1000,
+            model_id=model_id,
+            method=f"worker (token vectors: {result.cache_hits} cached, {result.recomputed} recomputed)",
+        )
+
     def _retrieve(
-        self, col: _Collection, query: SearchQuery, count: int, settings: SearchSettings
+        self, col: _Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
     ) -> tuple[list[Hit], StageReport, int]:
         started = time.perf_counter()
         generation = col.visible_generation  # every write up to here is in the index
@@ -393,7 +444,7 @@ class Engine:
         else:
             keys, scores = col.index.search(vector, count, settings.ef_search)
             method, seen = "hnsw", len(col.index)
-        docs = self.store.documents_by_keys(col.row.id, keys.tolist(), with_text=not query.omit_documents)
+        docs = self.store.documents_by_keys(col.row.id, keys.tolist(), with_text=with_text)
         hits: list[Hit] = []
         for key, score in zip(keys.tolist(), scores.tolist(), strict=True):
             doc = docs.get(key)

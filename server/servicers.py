@@ -63,5 +63,5 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.engine = engine
 
     async def Search(self, request, context):  # type: ignore[no-untyped-def]
-        result = await self.engine.search(convert.search_query(request))
+        result = await self.engine.search(convert.search_query(request), context.time_remaining())
         return convert.search_result_to_pb(result)

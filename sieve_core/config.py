@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     snapshot_interval_s: float = Field(60.0, gt=0, description="...or this many seconds after a write.")
 
     # Search defaults.
+    rerank_timeout_s: float = Field(
+        2.0,
+        gt=0,
+        description="Longest a re-ranking stage waits for its worker (less if the deadline is nearer).",
+    )
     default_top_k: int = Field(10, ge=1)
     default_retrieve_candidates: int = Field(100, ge=1)
 

@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
+import redis
 from sieve.v1 import collections_pb2_grpc, documents_pb2_grpc, search_pb2_grpc
 
 from server.app import SieveServer
+from server.evaluate import _free_port
 from sieve_core.config import Settings, load_settings
+from workers.celery_app import QUEUE_COLBERT, QUEUE_EMBED, SieveCelery, create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
@@ -68,3 +77,82 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
     running = await start_api(make_settings(tmp_path_factory.mktemp("sieve-data"), max_batch_documents=500))
     yield running
     await stop_api(running)
+
+
+# -- a real redis-server and a real Celery worker (module-scoped, for worker and cascade tests) ----
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
+    port = _free_port()
+    directory = tmp_path_factory.mktemp("redis")
+    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
+    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.RedisError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start (exit code {proc.poll()})") from None
+                time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def client_app(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> SieveCelery:
+    return create_app(make_settings(tmp_path_factory.mktemp("client"), redis_url=redis_url))
+
+
+class Worker:
+    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
+        self.proc = proc
+        self.log = log
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+@pytest.fixture(scope="module")
+def worker(
+    redis_url: str, client_app: SieveCelery, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    require_bundle()
+    log = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
+    env.update(
+        SIEVE_REDIS_URL=redis_url, SIEVE_MODELS_DIR=str(MODELS_DIR), SIEVE_DEFAULT_EMBEDDING_MODEL=MODEL
+    )
+    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
+    argv += ["-Q", f"{QUEUE_EMBED},{QUEUE_COLBERT}", "-c", "1", "-P", "prefork", "--loglevel", "INFO"]
+    argv += ["-n", f"test-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    running = Worker(proc, log)
+    try:
+        deadline = time.monotonic() + 60
+        while not client_app.control.ping(timeout=0.5):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not answer ping (exit code {proc.poll()}):\n{running.tail()}")
+        # Ping answers from the parent; wait for the pool process to have loaded its model too.
+        while "warm in" not in log.read_text(errors="replace"):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker did not load its model:\n{running.tail()}")
+            time.sleep(0.1)
+        yield running
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool processes (own session)
+        proc.wait()

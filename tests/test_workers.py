@@ -7,20 +7,14 @@ process that built its own ONNX session, and come back through the result backen
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
 from celery.result import AsyncResult
 
-from server.evaluate import _free_port
 from server.store import content_hash
 from sieve_core.contracts import (
     Candidate,
@@ -34,15 +28,12 @@ from sieve_core.errors import InvalidArgument
 from sieve_core.late_interaction import maxsim_blobs, token_cache_key
 from sieve_core.late_interaction_service import TokenCache, late_interaction
 from sieve_core.models.bi_encoder import BiEncoderRunner
-from tests.conftest import MODEL, MODELS_DIR, ROOT, make_settings, require_bundle
+from tests.conftest import MODEL, MODELS_DIR, Worker, require_bundle
 from workers.celery_app import (
     MAX_WORKER_LOST_RETRIES,
-    QUEUE_COLBERT,
-    QUEUE_EMBED,
     TASK_EMBED,
     TASK_LATE_INTERACTION,
     SieveCelery,
-    create_app,
 )
 
 DOCS = [
@@ -53,82 +44,6 @@ DOCS = [
     "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
 ]
 QUERY = "does aspirin prevent heart attacks"
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
-    port = _free_port()
-    directory = tmp_path_factory.mktemp("redis")
-    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
-    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start (exit code {proc.poll()})") from None
-                time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-@pytest.fixture(scope="module")
-def client_app(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> SieveCelery:
-    return create_app(make_settings(tmp_path_factory.mktemp("client"), redis_url=redis_url))
-
-
-class Worker:
-    def __init__(self, proc: subprocess.Popen[bytes], log: Path) -> None:
-        self.proc = proc
-        self.log = log
-
-    def tail(self) -> str:
-        return self.log.read_text(errors="replace")[-4000:]
-
-
-@pytest.fixture(scope="module")
-def worker(
-    redis_url: str, client_app: SieveCelery, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Worker]:
-    require_bundle()
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_REDIS_URL=redis_url, SIEVE_MODELS_DIR=str(MODELS_DIR), SIEVE_DEFAULT_EMBEDDING_MODEL=MODEL
-    )
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
-    argv += ["-Q", f"{QUEUE_EMBED},{QUEUE_COLBERT}", "-c", "1", "-P", "prefork", "--loglevel", "INFO"]
-    argv += ["-n", f"test-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    running = Worker(proc, log)
-    try:
-        deadline = time.monotonic() + 60
-        while not client_app.control.ping(timeout=0.5):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not answer ping (exit code {proc.poll()}):\n{running.tail()}")
-        # Ping answers from the parent; wait for the pool process to have loaded its model too.
-        while "warm in" not in log.read_text(errors="replace"):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not load its model:\n{running.tail()}")
-            time.sleep(0.1)
-        yield running
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool processes (own session)
-        proc.wait()
 
 
 @pytest.fixture(scope="module")

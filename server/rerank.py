@@ -1,0 +1,100 @@
+"""Dispatch of re-ranking stages to the Celery workers, without blocking the event loop.
+
+The server sends a task with `expires` set from the request's remaining time, then waits for its
+result in a thread of a dedicated executor (never `AsyncResult.get()` on the loop). Anything that
+keeps the stage from finishing in time (no Redis configured, Redis down, no worker, a slow or killed
+worker) becomes a `StageUnavailable` with a reason the response reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+
+from sieve_core.config import Settings
+from sieve_core.contracts import Candidate, LateInteractionRequest, LateInteractionResult
+from sieve_core.errors import SieveError
+
+log = logging.getLogger(__name__)
+
+
+class StageUnavailable(Exception):
+    """A re-ranking stage could not finish; the message says why (it goes into the stage report)."""
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._app = None
+        self._redis = None
+        if settings.redis_url is not None:
+            import redis
+
+            self._app = self._new_app()
+            url = settings.redis_url.get_secret_value()
+            self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+        # Errors a task itself raises (reported as they are); anything else is the connection's fault.
+        self._task_errors: tuple[type[BaseException], ...] = (SieveError, ValueError)
+        # Each waiting re-rank holds a thread until its result or its deadline.
+        self._waiters = ThreadPoolExecutor(64, thread_name_prefix="sieve-rerank-wait")
+
+    async def late_interaction(
+        self, model: str, query: str, texts: list[str], timeout_s: float
+    ) -> LateInteractionResult:
+        if self._app is None:
+            raise StageUnavailable("no Redis is configured (SIEVE_REDIS_URL), so no re-ranking workers")
+        if timeout_s <= 0.05:
+            raise StageUnavailable("no time left before the deadline")
+        request = LateInteractionRequest(
+            query=query, model=model, candidates=[Candidate.of(t) for t in texts]
+        )
+        loop = asyncio.get_running_loop()
+        waiting = loop.run_in_executor(self._waiters, partial(self._call, request, timeout_s))
+        try:
+            # The deadline holds even if a client library blocks longer than asked (the thread finishes later).
+            payload = await asyncio.wait_for(waiting, timeout_s + 0.02)
+        except TimeoutError:
+            raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
+        return LateInteractionResult.from_json(payload)
+
+    def _call(self, request: LateInteractionRequest, timeout_s: float) -> dict:  # type: ignore[type-arg]
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        from workers.celery_app import TASK_LATE_INTERACTION
+
+        assert self._app is not None and self._redis is not None
+        try:
+            self._redis.ping()
+        except Exception as exc:
+            raise StageUnavailable(f"cannot reach Redis: {type(exc).__name__}") from None
+        try:
+            # retry=False: with Redis down, fail now rather than retry past the deadline.
+            result = self._app.send_task(
+                TASK_LATE_INTERACTION, args=[request.to_json()], expires=timeout_s, retry=False
+            )
+        except Exception as exc:
+            self._app = self._new_app()  # a client that gave up on Redis stays broken: start afresh
+            raise StageUnavailable(f"cannot reach the broker: {type(exc).__name__}") from None
+        try:
+            return result.get(timeout=timeout_s, propagate=True)  # type: ignore[no-any-return]
+        except CeleryTimeout:
+            raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
+        except Exception as exc:
+            if not isinstance(exc, self._task_errors):
+                self._app = self._new_app()  # a connection-level failure: start afresh (see above)
+            raise StageUnavailable(f"the worker failed: {type(exc).__name__}: {exc}"[:300]) from None
+
+    def _new_app(self):  # type: ignore[no-untyped-def]
+        from workers.celery_app import create_app
+
+        app = create_app(self._settings)
+        # The result backend retries a lost connection for about 20 s by default; a search cannot wait.
+        options = dict(app.conf.result_backend_transport_options or {})
+        options["retry_policy"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
+        app.conf.result_backend_transport_options = options
+        return app
+
+    def close(self) -> None:
+        self._waiters.shutdown(wait=False, cancel_futures=True)

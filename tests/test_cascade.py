@@ -1,0 +1,132 @@
+"""The search cascade end to end: retrieval, then late interaction on a real Celery worker over real Redis.
+
+Also how it degrades: no Redis configured, Redis unreachable, no worker on the queue, a required stage.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+import grpc
+import pytest
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
+
+from tests.conftest import Worker, make_settings, start_api, stop_api
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+DOCS = {
+    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
+    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
+    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
+    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
+    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
+    "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
+}
+QUERY = "does aspirin prevent heart attacks"
+LATE = common_pb2.SearchSettings(
+    late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=6, late_interaction_keep=3
+)
+
+
+async def _collection(api) -> str:  # type: ignore[no-untyped-def]
+    name = f"cascade-{uuid.uuid4().hex[:8]}"
+    await api.collections.CreateCollection(
+        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
+    )
+    await api.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in DOCS.items()]
+        )
+    )
+    return name
+
+
+async def test_late_interaction_on_a_worker(worker: Worker, redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    api = await start_api(make_settings(tmp_path, redis_url=redis_url))
+    try:
+        name = await _collection(api)
+        cold = await api.search.Search(
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=30
+        )
+        retrieve, late, _ = cold.stages
+        assert late.stage == common_pb2.STAGE_LATE_INTERACTION
+        assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
+        assert (retrieve.candidates_out, late.candidates_in, late.candidates_out) == (6, 6, 3)
+        assert "6 recomputed" in late.method and "zero-shot" in late.model_id
+        assert [h.id for h in cold.hits][0] == "aspirin" and len(cold.hits) == 3
+        for hit in cold.hits:
+            assert [s.stage for s in hit.stage_scores] == [
+                common_pb2.STAGE_RETRIEVE,
+                common_pb2.STAGE_LATE_INTERACTION,
+            ]
+            assert hit.score == hit.stage_scores[1].score
+        scores = [h.score for h in cold.hits]
+        assert scores == sorted(scores, reverse=True)
+
+        warm = await api.search.Search(
+            search_pb2.SearchRequest(
+                collection=name, query=QUERY, top_k=3, settings=LATE, omit_documents=True
+            ),
+            timeout=30,
+        )
+        assert "6 cached, 0 recomputed" in warm.stages[1].method
+        assert [h.id for h in warm.hits] == [h.id for h in cold.hits]
+        assert [h.score for h in warm.hits] == pytest.approx(scores, abs=1e-6)
+        assert all(h.text == "" for h in warm.hits)
+    finally:
+        await stop_api(api)
+
+
+@pytest.mark.parametrize(
+    "redis, reason",
+    [
+        (None, "no Redis is configured"),
+        ("redis://127.0.0.1:1/0", "cannot reach Redis"),
+    ],
+)
+async def test_degrades_without_redis(api, redis, reason, tmp_path, worker: Worker) -> None:  # type: ignore[no-untyped-def]
+    target = api if redis is None else await start_api(make_settings(tmp_path, redis_url=redis))
+    try:
+        name = await _collection(target)
+        started = time.monotonic()
+        resp = await target.search.Search(
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=10
+        )
+        assert time.monotonic() - started < 5
+        late = resp.stages[1]
+        assert late.status == search_pb2.STAGE_STATUS_DEGRADED and reason in late.reason
+        assert [h.id for h in resp.hits][0] == "aspirin"  # retrieval order kept
+        assert [len(h.stage_scores) for h in resp.hits] == [1, 1, 1]
+    finally:
+        if target is not api:
+            await stop_api(target)
+
+
+async def test_no_worker_degrades_within_the_deadline_or_fails_when_required(
+    redis_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # Database 1 of the same Redis: a broker no worker listens on.
+    api = await start_api(make_settings(tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/1"))
+    try:
+        name = await _collection(api)
+        started = time.monotonic()
+        resp = await api.search.Search(
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=1.0
+        )
+        assert time.monotonic() - started < 1.0
+        late = resp.stages[1]
+        assert late.status == search_pb2.STAGE_STATUS_DEGRADED and "no worker answered" in late.reason
+        assert [h.id for h in resp.hits][0] == "aspirin"
+
+        required = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_REQUIRED)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await api.search.Search(
+                search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=required),
+                timeout=1.0,
+            )
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "late_interaction is required" in err.value.details()
+    finally:
+        await stop_api(api)
