@@ -32,13 +32,22 @@ def _eval(args: argparse.Namespace) -> int:
         print(f"sieve eval: {folder} is not a directory", file=sys.stderr)
         return 2
     result = run_eval(
-        EvalOptions(folder=folder, address=args.address, split=args.split, keep=args.keep, quiet=args.json)
+        EvalOptions(
+            folder=folder,
+            address=args.address,
+            split=args.split,
+            keep=args.keep,
+            quiet=args.json,
+            late_interaction=args.late_interaction,
+            candidates=args.candidates,
+        )
     )
     if args.json:
         print(json.dumps(result))
     else:
         print(
-            f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries"
+            f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries,"
+            f" cascade {result['cascade']}"
         )
         for key in ("ndcg@10", "recall@100", "mrr@10"):
             print(f"  {key:<11} {result[key]:.4f}")
@@ -90,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--address", help="a running server (default: start one with a temporary data dir)")
     ev.add_argument("--split", default="test")
     ev.add_argument("--keep", action="store_true", help="keep the collection afterwards")
+    ev.add_argument(
+        "--late-interaction",
+        action="store_true",
+        help="re-rank the retrieved candidates by late interaction on a worker (self-started: `sieve run`)",
+    )
+    ev.add_argument("--candidates", type=int, default=100, help="candidates retrieved for re-ranking")
     ev.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     ev.set_defaults(func=_eval)
 

@@ -27,6 +27,7 @@ from rich.progress import (
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
+    common_pb2,
     documents_pb2,
     documents_pb2_grpc,
     search_pb2,
@@ -45,6 +46,9 @@ class EvalOptions:
     batch_size: int = 64
     keep: bool = False
     quiet: bool = False
+    # Re-rank the retrieved `candidates` by late interaction (required: a stage that cannot run fails eval).
+    late_interaction: bool = False
+    candidates: int = 100
 
 
 def _free_port() -> int:
@@ -73,12 +77,20 @@ def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = N
 
 
 @contextlib.contextmanager
-def self_started_server(env: dict[str, str] | None = None) -> Iterator[str]:
-    """A `sieve serve` subprocess on a free loopback port with a throwaway data directory."""
+def self_started_server(env: dict[str, str] | None = None, *, workers: bool = False) -> Iterator[str]:
+    """A throwaway service on free loopback ports with a temporary data directory: `sieve serve`, or
+    with `workers` the whole `sieve run` (its own Redis and a `colbert` worker)."""
     with tempfile.TemporaryDirectory(prefix="sieve-eval-") as data_dir:
         address = f"127.0.0.1:{_free_port()}"
         child_env = {**os.environ, **(env or {}), "SIEVE_GRPC_ADDRESS": address, "SIEVE_DATA_DIR": data_dir}
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=child_env)
+        command = "serve"
+        if workers:
+            command = "run"
+            child_env.pop("SIEVE_REDIS_URL", None)
+            child_env.update(SIEVE_LOCAL_REDIS_PORT=str(_free_port()), SIEVE_RUN_WORKER_QUEUES="colbert")
+            # Cold candidates are encoded by the worker on first sight; give the stage time for that.
+            child_env.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
+        proc = subprocess.Popen([sys.executable, "-m", "server.cli", command], env=child_env)
         try:
             wait_serving(address, timeout=120, proc=proc)
             yield address
@@ -107,7 +119,7 @@ def run_eval(opts: EvalOptions) -> dict[str, object]:
     data = load_beir(opts.folder, opts.split)
     if opts.address:
         return _eval_on(opts.address, data, opts)
-    with self_started_server() as address:
+    with self_started_server(workers=opts.late_interaction) as address:
         return _eval_on(address, data, opts)
 
 
@@ -141,15 +153,26 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
                     )
             index_s = time.perf_counter() - started
             run: dict[str, list[str]] = {}
+            cascade = common_pb2.SearchSettings()
+            if opts.late_interaction:
+                cascade = common_pb2.SearchSettings(
+                    retrieve_candidates=max(opts.candidates, opts.top_k),
+                    late_interaction=common_pb2.STAGE_MODE_REQUIRED,
+                    late_interaction_keep=opts.top_k,
+                )
             started = time.perf_counter()
             with _progress(opts.quiet) as bar:
                 task = bar.add_task("searching", total=len(data.queries), rate="")
                 for n, (qid, text) in enumerate(data.queries.items(), 1):
                     response = search.Search(
                         search_pb2.SearchRequest(
-                            collection=name, query=text, top_k=opts.top_k, omit_documents=True
+                            collection=name,
+                            query=text,
+                            top_k=opts.top_k,
+                            omit_documents=True,
+                            settings=cascade,
                         ),
-                        timeout=60,
+                        timeout=120,
                     )
                     run[qid] = [hit.id for hit in response.hits]
                     bar.update(task, completed=n, rate=f"{n / (time.perf_counter() - started):.1f} q/s")
@@ -163,7 +186,7 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         "split": opts.split,
         "documents": len(data.corpus),
         "queries": len(data.queries),
-        "cascade": "retrieve",
+        "cascade": f"retrieve {opts.candidates} > late_interaction" if opts.late_interaction else "retrieve",
         **metrics,
         "index_docs_per_s": len(data.corpus) / index_s,
         "search_queries_per_s": len(data.queries) / search_s,

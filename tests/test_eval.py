@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,25 @@ def test_sieve_eval_json_on_a_self_started_server(tmp_path: Path) -> None:
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["documents"] == 46 and report["queries"] == 6
     assert report["ndcg@10"] >= 0.9 and report["recall@100"] == 1.0 and report["mrr@10"] >= 0.9
+
+
+def test_sieve_eval_with_late_interaction_on_a_self_started_service(tmp_path: Path) -> None:
+    require_bundle()
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it)")
+    _write_beir(tmp_path / "tiny")
+    env = {"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin:/bin", "SIEVE_MODELS_DIR": str(ROOT / "models")}
+    argv = [
+        sys.executable,
+        "-m",
+        "server.cli",
+        "eval",
+        str(tmp_path / "tiny"),
+        "--json",
+        "--late-interaction",
+    ]
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["cascade"] == "retrieve 100 > late_interaction"
+    assert report["ndcg@10"] >= 0.9 and report["recall@100"] == 1.0
