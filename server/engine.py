@@ -298,6 +298,13 @@ class Engine:
         while True:
             outcome = await self._run(self._writer, self._commit_upsert, col, docs, vectors)
             if not outcome.missing_vectors:
+                if col.defaults.late_interaction not in (StageMode.UNSPECIFIED, StageMode.OFF) and to_embed:
+                    # The collection re-ranks by late interaction: have a worker cache the new texts' token
+                    # vectors now, so a warm re-rank never runs the document encoder.
+                    texts = [d.text for d in to_embed]
+                    await self._run(
+                        self._pool, self.dispatcher.precompute_tokens, col.row.embedding_model, texts
+                    )
                 return WriteResult(outcome.generation, len(docs))
             # A concurrent write changed some texts after we looked: embed those too and try again.
             missing = set(outcome.missing_vectors)

@@ -90,7 +90,10 @@ def self_started_server(env: dict[str, str] | None = None, *, workers: bool = Fa
             child_env.update(SIEVE_LOCAL_REDIS_PORT=str(_free_port()), SIEVE_RUN_WORKER_QUEUES="colbert")
             # Cold candidates are encoded by the worker on first sight; give the stage time for that.
             child_env.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
-        proc = subprocess.Popen([sys.executable, "-m", "server.cli", command], env=child_env)
+        # The children's output goes to stderr: stdout is for the result (one JSON object with --json).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", command], env=child_env, stdout=sys.stderr
+        )
         try:
             wait_serving(address, timeout=120, proc=proc)
             yield address

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 from sieve_core.config import Settings
-from sieve_core.contracts import Candidate, LateInteractionRequest, LateInteractionResult
+from sieve_core.contracts import Candidate, EmbedRequest, LateInteractionRequest, LateInteractionResult
 from sieve_core.errors import SieveError
 
 log = logging.getLogger(__name__)
@@ -85,6 +85,19 @@ class Dispatcher:
             if not isinstance(exc, self._task_errors):
                 self._app = self._new_app()  # a connection-level failure: start afresh (see above)
             raise StageUnavailable(f"the worker failed: {type(exc).__name__}: {exc}"[:300]) from None
+
+    def precompute_tokens(self, model: str, texts: list[str]) -> None:
+        """Ask an `embed` worker to cache these texts' token vectors; fire and forget (a miss is recomputed
+        at query time anyway). Runs in a thread: it may touch the network."""
+        if self._app is None or not texts:
+            return
+        from workers.celery_app import TASK_EMBED
+
+        request = EmbedRequest(texts=texts, model=model, want_tokens=True)
+        try:
+            self._app.send_task(TASK_EMBED, args=[request.to_json()], retry=False, ignore_result=True)
+        except Exception as exc:  # the write is committed; only the warm-up of the cache is lost
+            log.warning("could not queue token vectors for %d texts: %s", len(texts), type(exc).__name__)
 
     def _new_app(self):  # type: ignore[no-untyped-def]
         from workers.celery_app import create_app

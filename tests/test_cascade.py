@@ -5,6 +5,7 @@ Also how it degrades: no Redis configured, Redis unreachable, no worker on the q
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
 
+from sieve_core.contracts import content_hash_hex
 from tests.conftest import Worker, make_settings, start_api, stop_api
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
@@ -128,5 +130,42 @@ async def test_no_worker_degrades_within_the_deadline_or_fails_when_required(
             )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "late_interaction is required" in err.value.details()
+    finally:
+        await stop_api(api)
+
+
+async def test_token_vectors_are_cached_at_write_time(worker: Worker, redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import redis as redis_client
+
+    api = await start_api(make_settings(tmp_path, redis_url=redis_url))
+    try:
+        name = f"warm-{uuid.uuid4().hex[:8]}"
+        texts = {f"w{i}": f"{text} (edition {uuid.uuid4().hex[:6]})" for i, text in enumerate(DOCS.values())}
+        defaults = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT)
+        await api.collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(
+                collection=collections_pb2.Collection(name=name, defaults=defaults)
+            )
+        )
+        await api.documents.UpsertDocuments(
+            documents_pb2.UpsertDocumentsRequest(
+                collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in texts.items()]
+            )
+        )
+        client = redis_client.Redis.from_url(redis_url)
+        deadline = time.monotonic() + 60
+        present = 0
+        while time.monotonic() < deadline:
+            # Keys are content-addressed: count the ones for these texts.
+            present = sum(1 for t in texts.values() if client.keys(f"sieve:tok:*:{content_hash_hex(t)}"))
+            if present == len(texts):
+                break
+            await asyncio.sleep(0.2)
+        assert present == len(texts), "the embed worker did not cache the token vectors at write time"
+        resp = await api.search.Search(
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=30
+        )
+        assert resp.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED
+        assert "6 cached, 0 recomputed" in resp.stages[1].method
     finally:
         await stop_api(api)

@@ -115,6 +115,6 @@ def test_sieve_eval_with_late_interaction_on_a_self_started_service(tmp_path: Pa
     ]
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout)  # stdout holds the JSON object alone
     assert report["cascade"] == "retrieve 100 > late_interaction"
     assert report["ndcg@10"] >= 0.9 and report["recall@100"] == 1.0
