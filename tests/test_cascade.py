@@ -115,9 +115,9 @@ async def test_no_worker_degrades_within_the_deadline_or_fails_when_required(
         name = await _collection(api)
         started = time.monotonic()
         resp = await api.search.Search(
-            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=1.0
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=2.0
         )
-        assert time.monotonic() - started < 1.0
+        assert time.monotonic() - started < 2.0
         late = resp.stages[1]
         assert late.status == search_pb2.STAGE_STATUS_DEGRADED and "no worker answered" in late.reason
         assert [h.id for h in resp.hits][0] == "aspirin"
@@ -126,7 +126,7 @@ async def test_no_worker_degrades_within_the_deadline_or_fails_when_required(
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await api.search.Search(
                 search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=required),
-                timeout=1.0,
+                timeout=2.0,
             )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "late_interaction is required" in err.value.details()
