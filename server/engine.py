@@ -408,6 +408,8 @@ class Engine:
         """MaxSim over the bi-encoder's own token vectors, on a `colbert` worker; degrade on failure."""
         started = time.perf_counter()
         model_id = f"{col.runner.model_id} (MaxSim over its token vectors, zero-shot)"
+        if not hits:
+            return hits, StageReport(Stage.LATE_INTERACTION, StageStatus.COMPLETED, model_id=model_id)
         try:
             result = await self.dispatcher.late_interaction(
                 col.row.embedding_model, query, [h.text for h in hits], budget_s

@@ -169,3 +169,15 @@ async def test_token_vectors_are_cached_at_write_time(worker: Worker, redis_url:
         assert "6 cached, 0 recomputed" in resp.stages[1].method
     finally:
         await stop_api(api)
+
+
+async def test_late_interaction_on_an_empty_result_needs_no_worker(api) -> None:  # type: ignore[no-untyped-def]
+    name = f"empty-{uuid.uuid4().hex[:8]}"
+    await api.collections.CreateCollection(
+        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
+    )
+    resp = await api.search.Search(
+        search_pb2.SearchRequest(collection=name, query=QUERY, settings=LATE), timeout=10
+    )
+    assert list(resp.hits) == []
+    assert resp.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED and resp.stages[1].candidates_in == 0
