@@ -49,12 +49,9 @@ from rich.progress import (
 )
 from rich.table import Table
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from server.index import exact_scores  # noqa: E402
-from sieve_core.beir import BeirDataset, evaluate, load_beir  # noqa: E402
-from sieve_core.late_interaction import (  # noqa: E402
+from server.index import exact_scores
+from sieve_core.beir import BeirDataset, evaluate, load_beir
+from sieve_core.late_interaction import (
     decode_packed,
     encode_tokens,
     maxsim,
@@ -63,7 +60,9 @@ from sieve_core.late_interaction import (  # noqa: E402
     maxsim_packed,
     pack,
 )
-from sieve_core.models.bi_encoder import BiEncoderRunner  # noqa: E402
+from sieve_core.models.bi_encoder import BiEncoderRunner
+
+ROOT = Path(__file__).resolve().parent.parent
 
 FORMATS = ("int8", "fp16")
 DEFAULT_OUT = ROOT / "bench" / "results" / "late-interaction-reference.json"

@@ -34,13 +34,12 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from server.evaluate import free_port, wait_serving
+from server.index import VectorIndex
+from sieve_core.beir import load_beir
+from sieve_core.models.bi_encoder import BiEncoderRunner
 
-from server.evaluate import _free_port, wait_serving  # noqa: E402
-from server.index import VectorIndex  # noqa: E402
-from sieve_core.beir import load_beir  # noqa: E402
-from sieve_core.models.bi_encoder import BiEncoderRunner  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 BATCH = 64
 
@@ -79,7 +78,7 @@ def main() -> int:
     queries = list(data.queries.values())
 
     with tempfile.TemporaryDirectory(prefix="sieve-bench-") as data_dir:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         proc = _start(data_dir, address)
         try:
             with grpc.insecure_channel(address) as ch:

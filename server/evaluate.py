@@ -51,7 +51,7 @@ class EvalOptions:
     candidates: int = 100
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -81,13 +81,13 @@ def self_started_server(env: dict[str, str] | None = None, *, workers: bool = Fa
     """A throwaway service on free loopback ports with a temporary data directory: `sieve serve`, or
     with `workers` the whole `sieve run` (its own Redis and a `colbert` worker)."""
     with tempfile.TemporaryDirectory(prefix="sieve-eval-") as data_dir:
-        address = f"127.0.0.1:{_free_port()}"
+        address = f"127.0.0.1:{free_port()}"
         child_env = {**os.environ, **(env or {}), "SIEVE_GRPC_ADDRESS": address, "SIEVE_DATA_DIR": data_dir}
         command = "serve"
         if workers:
             command = "run"
             child_env.pop("SIEVE_REDIS_URL", None)
-            child_env.update(SIEVE_LOCAL_REDIS_PORT=str(_free_port()), SIEVE_RUN_WORKER_QUEUES="colbert")
+            child_env.update(SIEVE_LOCAL_REDIS_PORT=str(free_port()), SIEVE_RUN_WORKER_QUEUES="colbert")
             # Cold candidates are encoded by the worker on first sight; give the stage time for that.
             child_env.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
         # The children's output goes to stderr: stdout is for the result (one JSON object with --json).

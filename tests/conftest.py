@@ -19,7 +19,7 @@ import redis
 from sieve.v1 import collections_pb2_grpc, documents_pb2_grpc, search_pb2_grpc
 
 from server.app import SieveServer
-from server.evaluate import _free_port
+from server.evaluate import free_port
 from sieve_core.config import Settings, load_settings
 from workers.celery_app import QUEUE_COLBERT, QUEUE_EMBED, SieveCelery, create_app
 
@@ -87,7 +87,7 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
-    port = _free_port()
+    port = free_port()
     directory = tmp_path_factory.mktemp("redis")
     argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]

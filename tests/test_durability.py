@@ -29,7 +29,7 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from server.evaluate import _free_port, wait_serving
+from server.evaluate import free_port, wait_serving
 from server.index import VectorIndex, snapshot_files, snapshot_generation
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,7 +173,7 @@ class Client:
 @contextmanager
 def running_server(data_dir: Path, log: Path, **env: str) -> Iterator[Client]:
     """A `sieve serve` child process, SERVING, killed (if still alive) on the way out."""
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
     child_env.update(
         SIEVE_DATA_DIR=str(data_dir),

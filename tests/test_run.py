@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from server.evaluate import _free_port, wait_serving
+from server.evaluate import free_port, wait_serving
 from sieve_core.config import load_settings
 from tests.conftest import MODELS_DIR, ROOT, require_bundle
 from workers.celery_app import create_app
@@ -29,7 +29,7 @@ def test_sieve_run_starts_redis_and_server_and_stops_on_ctrl_c(tmp_path) -> None
     require_bundle()
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
-    grpc_port, redis_port = _free_port(), _free_port()
+    grpc_port, redis_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "SIEVE_REDIS_URL"}
     env.update(
         SIEVE_DATA_DIR=str(tmp_path),
@@ -71,7 +71,7 @@ def test_sieve_run_starts_redis_and_server_and_stops_on_ctrl_c(tmp_path) -> None
 def test_sieve_run_stops_everything_when_a_child_dies(tmp_path) -> None:  # type: ignore[no-untyped-def]
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
-    redis_port = _free_port()
+    redis_port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SIEVE_REDIS_URL"}
     # A port that is already taken: the server cannot listen and exits, so the supervisor must stop Redis.
     with socket.socket() as taken:
