@@ -18,7 +18,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 MODEL_FILE = "model.onnx"
 TOKENIZER_FILE = "tokenizer.json"
-# "colbert" and "cross_encoder" get runners later; the manifest format already accepts them.
+# Each kind has its runner module: bi_encoder.py, colbert.py, cross_encoder.py.
 KNOWN_KINDS = frozenset({"bi_encoder", "colbert", "cross_encoder"})
 KNOWN_POOLING = frozenset({"mean", "cls", "none"})
 # Checked in this order: safetensors is what current checkpoints ship; the .bin is the legacy layout.
@@ -43,6 +43,9 @@ class BundleManifest:
     pooling: str = "mean"
     normalize: bool = True
     exported_with: dict[str, Any] = field(default_factory=dict)
+    # Kind-specific serving settings (ColBERT markers and query length, a cross-encoder's activation...),
+    # validated by that kind's runner; a bi-encoder has none.
+    options: dict[str, Any] = field(default_factory=dict)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -72,6 +75,7 @@ def _check_types(data: dict[str, Any], path: Path) -> None:
         "pooling": str,
         "normalize": bool,
         "exported_with": dict,
+        "options": dict,
     }
     for key, typ in expected.items():
         # bool is an int subclass; a `true` where a count belongs is still a broken manifest.

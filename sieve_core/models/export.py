@@ -1,13 +1,17 @@
 """Export Hugging Face checkpoints to Sieve model bundles (needs the `export` extra: torch, transformers).
 
     python -m sieve_core.models.export bi-encoder --source DIR --out DIR [--name NAME]
+    python -m sieve_core.models.export cross-encoder --source DIR --out DIR [...]
+    python -m sieve_core.models.export colbert --source DIR --out DIR [...]
     python -m sieve_core.models.export check --bundle DIR
 
 `bi-encoder` reads a sentence-transformers folder (Transformer -> Pooling -> optional Normalize), exports
 the transformer's last_hidden_state to ONNX, and leaves pooling and normalisation to the runner, as
-the manifest describes. The bundle is built in a temporary directory beside --out, checked in a fresh
-process (the serving path, without torch), and only then renamed into place: a crash or a failed check
-never leaves a half bundle where a server would load it.
+the manifest describes. `cross-encoder` and `colbert` live in export_cross_encoder.py and
+export_colbert.py; each module offers `add_arguments(parser)` and `run(args)`, and this module is their
+one command line. Every bundle is built in a temporary directory beside --out (`staging_dir`), checked
+in a fresh process (the serving path, without torch), and only then renamed into place: a crash or a
+failed check never leaves a half bundle where a server would load it.
 
 torch and transformers are imported inside functions so `check` (and importing this module) stays
 torch-free.
@@ -16,12 +20,15 @@ torch-free.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,11 +38,23 @@ from sieve_core.models.bundle import (
     TOKENIZER_FILE,
     BundleError,
     BundleManifest,
+    load_bundle_manifest,
     weights_revision,
     write_manifest,
 )
 
 DEFAULT_OPSET = 17
+# Export subcommands implemented in their own modules (each has add_arguments(parser) and run(args)).
+KIND_MODULES = {
+    "cross-encoder": "sieve_core.models.export_cross_encoder",
+    "colbert": "sieve_core.models.export_colbert",
+}
+# `check` dispatches on the manifest's kind to the module whose check_bundle(path) serves it.
+CHECKERS = {
+    "bi_encoder": "sieve_core.models.export",
+    "cross_encoder": "sieve_core.models.cross_encoder",
+    "colbert": "sieve_core.models.colbert",
+}
 OUTPUT_NAME = "last_hidden_state"
 _REPO_ROOT = Path(__file__).resolve().parents[2]
 _CHECK_TEXTS = [
@@ -138,8 +157,17 @@ def _export_onnx(model_dir: Path, onnx_path: Path, opset: int) -> tuple[list[str
     return names, int(model.config.hidden_size), versions
 
 
+def check_any_bundle(bundle: Path) -> None:
+    """Check a bundle of any kind with the checker of its kind (raises BundleError on failure)."""
+    kind = load_bundle_manifest(bundle).kind
+    checker = importlib.import_module(CHECKERS[kind]).check_bundle
+    checker(bundle)
+    if "torch" in sys.modules:
+        raise BundleError("check: the serving path imported torch")
+
+
 def check_bundle(bundle: Path) -> None:
-    """Load a bundle the way serving does and sanity-check its embeddings; raises on failure."""
+    """Load a bi-encoder bundle the way serving does and sanity-check its embeddings; raises on failure."""
     import numpy as np
 
     from sieve_core.models.bi_encoder import BiEncoderRunner
@@ -171,14 +199,14 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-def _check_in_fresh_process(bundle: Path) -> None:
+def check_in_fresh_process(bundle: Path) -> None:
     # A fresh interpreter: no torch state from the export can leak into what we verify.
     cmd = [sys.executable, "-m", "sieve_core.models.export", "check", "--bundle", str(bundle)]
     if subprocess.run(cmd, env=subprocess_env()).returncode != 0:
         raise BundleError("the exported bundle failed its check (see above); --out was left unchanged")
 
 
-def _move_into_place(built: Path, out: Path) -> None:
+def move_into_place(built: Path, out: Path) -> None:
     if not out.exists():
         os.rename(built, out)
         return
@@ -187,6 +215,19 @@ def _move_into_place(built: Path, out: Path) -> None:
     os.rename(out, old)
     os.rename(built, out)
     shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def staging_dir(out: Path) -> Iterator[Path]:
+    """A fresh directory beside `out` to build a bundle in; removed afterwards unless moved into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    # mkdtemp makes it 0700; a bundle must stay readable by a server or worker running as another user.
+    work.chmod(0o755)
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def export_bi_encoder(
@@ -199,11 +240,7 @@ def export_bi_encoder(
 ) -> BundleManifest:
     layout = read_layout(source)
     revision = weights_revision(layout.transformer_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    # mkdtemp makes it 0700; a bundle must stay readable by a server or worker running as another user.
-    work.chmod(0o755)
-    try:
+    with staging_dir(out) as work:
         print(
             f"export: {source} (max_length {layout.max_length}, {layout.pooling} pooling, "
             f"normalize={layout.normalize}, revision {revision}) -> ONNX opset {opset}"
@@ -226,10 +263,8 @@ def export_bi_encoder(
             exported_with=versions,
         )
         write_manifest(work, manifest)
-        _check_in_fresh_process(work)
-        _move_into_place(work, out)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+        check_in_fresh_process(work)
+        move_into_place(work, out)
     print(f"export: wrote {out} ({manifest.model_id}, {(out / MODEL_FILE).stat().st_size / 1e6:.1f} MB)")
     return manifest
 
@@ -245,6 +280,14 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     bi.add_argument("--name", help="model name in the manifest (default: the --out folder name)")
     bi.add_argument("--source-label", help="where the checkpoint came from, recorded in the manifest")
     bi.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    for command, module_name in KIND_MODULES.items():
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:  # a kind whose exporter is not part of this build
+            if exc.name != module_name:
+                raise
+            continue
+        module.add_arguments(sub.add_parser(command, help=f"export a {command} checkpoint ({module_name})"))
     check = sub.add_parser("check", help="load a bundle without torch and sanity-check it")
     check.add_argument("--bundle", type=Path, required=True)
     return parser.parse_args(argv)
@@ -254,10 +297,13 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     try:
         if args.command == "check":
-            check_bundle(args.bundle)
+            check_any_bundle(args.bundle)
+            return 0
+        # Only local files exist here; never let transformers try a model hub.
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        if args.command in KIND_MODULES:
+            importlib.import_module(KIND_MODULES[args.command]).run(args)
         else:
-            # Only local files exist here; never let transformers try a model hub.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             export_bi_encoder(
                 args.source, args.out, name=args.name, source_label=args.source_label, opset=args.opset
             )
