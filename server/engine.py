@@ -22,11 +22,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from server import validation
+from server.cascade import Cascade
 from server.index import VectorIndex
-from server.rerank import Dispatcher, StageUnavailable
+from server.rerank import Dispatcher
 from server.store import CollectionRow, Store
+from sieve_core.cache import ResultCache, query_vector_key
 from sieve_core.config import Settings
-from sieve_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from sieve_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError
 from sieve_core.types import (
@@ -116,6 +118,9 @@ class Engine:
         self.dispatcher = Dispatcher(settings)
         self._pool = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="sieve-work")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sieve-write")
+        url = settings.redis_url.get_secret_value() if settings.redis_url else None
+        self.cache = ResultCache.from_url(url, ttl_s=settings.cache_ttl_s)
+        self.cascade = Cascade(settings, self.dispatcher, self.cache, self._pool)
         self._collections: dict[str, _Collection] = {}
         self.server_defaults = SearchSettings(
             retrieve_candidates=settings.default_retrieve_candidates,
@@ -303,7 +308,11 @@ class Engine:
                     # vectors now, so a warm re-rank never runs the document encoder.
                     texts = [d.text for d in to_embed]
                     await self._run(
-                        self._pool, self.dispatcher.precompute_tokens, col.row.embedding_model, texts
+                        self._pool,
+                        self.dispatcher.precompute_tokens,
+                        col.row.embedding_model,
+                        texts,
+                        self.settings.late_interaction_model,
                     )
                 return WriteResult(outcome.generation, len(docs))
             # A concurrent write changed some texts after we looked: embed those too and try again.
@@ -360,94 +369,41 @@ class Engine:
         top_k = validation.search(query, self.settings)
         col = self._get(query.collection)
         settings = query.settings.over(col.defaults).over(self.server_defaults)
-        if settings.cross_encoder == StageMode.REQUIRED:
-            raise FailedPrecondition(
-                "stage cross_encoder is required but no cross-encoder model is configured on this server"
-            )
-        late = settings.late_interaction
-        reranking = late != StageMode.OFF or settings.cross_encoder == StageMode.BEST_EFFORT
+        self.cascade.check_required(settings)
+        modes = (settings.late_interaction, settings.cross_encoder)
+        reranking = any(m not in (StageMode.OFF, StageMode.UNSPECIFIED) for m in modes)
         candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k
         # Re-rankers need the candidates' texts (to recompute evicted token vectors) even if the reply omits them.
-        fetch_texts = not query.omit_documents or late != StageMode.OFF
+        fetch_texts = not query.omit_documents or reranking
         hits, report, generation = await self._run(
             self._pool, self._retrieve, col, query, candidates, settings, fetch_texts
         )
-        stages = [report]
-        if late == StageMode.OFF:
-            stages.append(StageReport(Stage.LATE_INTERACTION, StageStatus.SKIPPED, reason="not requested"))
-        else:
-            budget = self.settings.rerank_timeout_s
-            if timeout_s is not None:
-                budget = min(budget, timeout_s - (time.perf_counter() - started) - 0.1)
-            keep = settings.late_interaction_keep or top_k
-            hits, li_report = await self._late_interaction(col, query.query, hits, max(keep, top_k), budget)
-            if li_report.status == StageStatus.DEGRADED and late == StageMode.REQUIRED:
-                raise Unavailable(f"late_interaction is required but could not run: {li_report.reason}")
-            stages.append(li_report)
-        if settings.cross_encoder == StageMode.BEST_EFFORT:
-            stages.append(
-                StageReport(
-                    Stage.CROSS_ENCODER,
-                    StageStatus.DEGRADED,
-                    reason="no cross_encoder model is configured on this server; kept the previous stage's order",
-                    candidates_in=len(hits),
-                    candidates_out=len(hits),
-                )
-            )
-        else:
-            stages.append(StageReport(Stage.CROSS_ENCODER, StageStatus.SKIPPED, reason="not requested"))
+        deadline = (
+            None if timeout_s is None else time.monotonic() + timeout_s - (time.perf_counter() - started)
+        )
+        hits, reranked = await self.cascade.rerank(
+            collection_id=col.row.id,
+            generation=generation,
+            embedding_model=col.row.embedding_model,
+            query=query.query,
+            hits=hits,
+            settings=settings,
+            top_k=top_k,
+            deadline=deadline,
+        )
+        stages = [report, *reranked]
         hits = hits[:top_k]
         if query.omit_documents:
             for hit in hits:
                 hit.text, hit.metadata = "", {}
         return SearchResult(hits, stages, generation, (time.perf_counter() - started) * 1000)
 
-    async def _late_interaction(
-        self, col: _Collection, query: str, hits: list[Hit], keep: int, budget_s: float
-    ) -> tuple[list[Hit], StageReport]:
-        """MaxSim over the bi-encoder's own token vectors, on a `colbert` worker; degrade on failure."""
-        started = time.perf_counter()
-        model_id = f"{col.runner.model_id} (MaxSim over its token vectors, zero-shot)"
-        if not hits:
-            return hits, StageReport(Stage.LATE_INTERACTION, StageStatus.COMPLETED, model_id=model_id)
-        try:
-            result = await self.dispatcher.late_interaction(
-                col.row.embedding_model, query, [h.text for h in hits], budget_s
-            )
-        except StageUnavailable as exc:
-            return hits, StageReport(
-                Stage.LATE_INTERACTION,
-                StageStatus.DEGRADED,
-                reason=f"{exc}; kept the retrieval order",
-                candidates_in=len(hits),
-                candidates_out=len(hits),
-                took_ms=(time.perf_counter() - started) * 1000,
-                model_id=model_id,
-                method="worker",
-            )
-        order = sorted(range(len(hits)), key=lambda i: -result.scores[i])[:keep]
-        ranked = []
-        for rank, i in enumerate(order):
-            hit = hits[i]
-            hit.score = result.scores[i]
-            hit.stage_scores.append(StageScore(Stage.LATE_INTERACTION, result.scores[i], rank))
-            ranked.append(hit)
-        return ranked, StageReport(
-            Stage.LATE_INTERACTION,
-            StageStatus.COMPLETED,
-            candidates_in=len(hits),
-            candidates_out=len(ranked),
-            took_ms=(time.perf_counter() - started) * 1000,
-            model_id=model_id,
-            method=f"worker (token vectors: {result.cache_hits} cached, {result.recomputed} recomputed)",
-        )
-
     def _retrieve(
         self, col: _Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
     ) -> tuple[list[Hit], StageReport, int]:
         started = time.perf_counter()
         generation = col.visible_generation  # every write up to here is in the index
-        vector = col.runner.embed([query.query])[0]
+        vector = self._query_vector(col, query.query)
         if query.filter:
             keys, scores, method, seen = self._filtered_search(col, vector, query, count, settings)
         else:
@@ -472,6 +428,15 @@ class Engine:
             method=method,
         )
         return hits, report, generation
+
+    def _query_vector(self, col: _Collection, text: str) -> np.ndarray:
+        """The query's embedding, from the Redis cache when this model has embedded it before."""
+        key = query_vector_key(col.runner.manifest.cache_id, text)
+        vector = self.cache.get_vector(key, col.runner.dims)
+        if vector is None:
+            vector = col.runner.embed([text])[0]
+            self.cache.put_vector(key, vector)
+        return vector
 
     def _filtered_search(
         self, col: _Collection, vector: np.ndarray, query: SearchQuery, count: int, settings: SearchSettings

@@ -12,12 +12,23 @@ import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
 
 from sieve_core.config import Settings
-from sieve_core.contracts import Candidate, EmbedRequest, LateInteractionRequest, LateInteractionResult
+from sieve_core.contracts import (
+    Candidate,
+    CrossEncoderRequest,
+    CrossEncoderResult,
+    EmbedRequest,
+    LateInteractionRequest,
+    LateInteractionResult,
+)
 from sieve_core.errors import SieveError
 
 log = logging.getLogger(__name__)
+R = TypeVar("R", bound=BaseModel)
 
 
 class StageUnavailable(Exception):
@@ -43,26 +54,37 @@ class Dispatcher:
     async def late_interaction(
         self, model: str, query: str, texts: list[str], timeout_s: float
     ) -> LateInteractionResult:
+        from workers.celery_app import TASK_LATE_INTERACTION
+
+        request = LateInteractionRequest(
+            query=query, model=model, candidates=[Candidate.of(t) for t in texts]
+        )
+        return await self._rerank(TASK_LATE_INTERACTION, request, LateInteractionResult, timeout_s)
+
+    async def cross_encoder(
+        self, model: str, query: str, texts: list[str], timeout_s: float
+    ) -> CrossEncoderResult:
+        from workers.celery_app import TASK_CROSS_ENCODER
+
+        request = CrossEncoderRequest(query=query, model=model, candidates=[Candidate.of(t) for t in texts])
+        return await self._rerank(TASK_CROSS_ENCODER, request, CrossEncoderResult, timeout_s)
+
+    async def _rerank(self, task: str, request: BaseModel, result_type: type[R], timeout_s: float) -> R:
         if self._app is None:
             raise StageUnavailable("no Redis is configured (SIEVE_REDIS_URL), so no re-ranking workers")
         if timeout_s <= 0.05:
             raise StageUnavailable("no time left before the deadline")
-        request = LateInteractionRequest(
-            query=query, model=model, candidates=[Candidate.of(t) for t in texts]
-        )
         loop = asyncio.get_running_loop()
-        waiting = loop.run_in_executor(self._waiters, partial(self._call, request, timeout_s))
+        waiting = loop.run_in_executor(self._waiters, partial(self._call, task, request, timeout_s))
         try:
             # The deadline holds even if a client library blocks longer than asked (the thread finishes later).
             payload = await asyncio.wait_for(waiting, timeout_s + 0.02)
         except TimeoutError:
             raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
-        return LateInteractionResult.from_json(payload)
+        return result_type.from_json(payload)  # type: ignore[attr-defined,no-any-return]
 
-    def _call(self, request: LateInteractionRequest, timeout_s: float) -> dict:  # type: ignore[type-arg]
+    def _call(self, task: str, request: Any, timeout_s: float) -> dict:  # type: ignore[type-arg]
         from celery.exceptions import TimeoutError as CeleryTimeout
-
-        from workers.celery_app import TASK_LATE_INTERACTION
 
         assert self._app is not None and self._redis is not None
         try:
@@ -71,9 +93,7 @@ class Dispatcher:
             raise StageUnavailable(f"cannot reach Redis: {type(exc).__name__}") from None
         try:
             # retry=False: with Redis down, fail now rather than retry past the deadline.
-            result = self._app.send_task(
-                TASK_LATE_INTERACTION, args=[request.to_json()], expires=timeout_s, retry=False
-            )
+            result = self._app.send_task(task, args=[request.to_json()], expires=timeout_s, retry=False)
         except Exception as exc:
             self._app = self._new_app()  # a client that gave up on Redis stays broken: start afresh
             raise StageUnavailable(f"cannot reach the broker: {type(exc).__name__}") from None
@@ -86,14 +106,15 @@ class Dispatcher:
                 self._app = self._new_app()  # a connection-level failure: start afresh (see above)
             raise StageUnavailable(f"the worker failed: {type(exc).__name__}: {exc}"[:300]) from None
 
-    def precompute_tokens(self, model: str, texts: list[str]) -> None:
-        """Ask an `embed` worker to cache these texts' token vectors; fire and forget (a miss is recomputed
-        at query time anyway). Runs in a thread: it may touch the network."""
+    def precompute_tokens(self, model: str, texts: list[str], token_model: str | None = None) -> None:
+        """Ask an `embed` worker to cache these texts' document token vectors (from `token_model`, or the
+        bi-encoder `model`'s own); fire and forget (a miss is recomputed at query time anyway). Runs in a
+        thread: it may touch the network."""
         if self._app is None or not texts:
             return
         from workers.celery_app import TASK_EMBED
 
-        request = EmbedRequest(texts=texts, model=model, want_tokens=True)
+        request = EmbedRequest(texts=texts, model=model, want_tokens=True, token_model=token_model)
         try:
             self._app.send_task(TASK_EMBED, args=[request.to_json()], retry=False, ignore_result=True)
         except Exception as exc:  # the write is committed; only the warm-up of the cache is lost

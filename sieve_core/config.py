@@ -43,6 +43,16 @@ class Settings(BaseSettings):
         "all-MiniLM-L6-v2", description="Bi-encoder bundle for new collections."
     )
     default_metric: Metric = "cosine"
+    late_interaction_model: str | None = Field(
+        None,
+        description="Bundle for the late-interaction stage: a `colbert` bundle, or unset to use MaxSim over "
+        "the collection's own bi-encoder token vectors (zero-shot).",
+    )
+    cross_encoder_model: str | None = Field(
+        None,
+        description="`cross_encoder` bundle for the last stage; unset: asking for that stage is refused "
+        "(REQUIRED) or reported degraded (BEST_EFFORT).",
+    )
     embed_batch_size: int = Field(32, ge=1, le=1024, description="Texts per ONNX run when embedding.")
     onnx_threads: int = Field(0, ge=0, description="Intra-op threads per ONNX session; 0: one per core.")
     onnx_spin: bool = Field(
@@ -72,6 +82,17 @@ class Settings(BaseSettings):
         2.0,
         gt=0,
         description="Longest a re-ranking stage waits for its worker (less if the deadline is nearer).",
+    )
+    cache_ttl_s: int = Field(
+        3600,
+        ge=1,
+        description="Lifetime of cached query vectors and re-rank scores in Redis (their keys name the "
+        "model revision, and scores also the collection generation, so a write never serves stale ones).",
+    )
+    local_redis_maxmemory: str = Field(
+        "1gb",
+        description="maxmemory of the Redis that `sieve run` starts (policy volatile-lru: only cache "
+        "entries, which have a TTL, are evicted; never the Celery queues).",
     )
     default_top_k: int = Field(10, ge=1)
     default_retrieve_candidates: int = Field(100, ge=1)

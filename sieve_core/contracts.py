@@ -81,9 +81,17 @@ class EmbedRequest(_Contract):
     texts: list[Text] = Field(min_length=1, max_length=MAX_EMBED_TEXTS)
     model: str
     want_tokens: bool = False
+    # The late-interaction bundle whose document token vectors to cache (a `colbert` bundle); None: the
+    # bi-encoder's own token vectors, from the same encoder run as the sentence vectors.
+    token_model: str | None = None
     token_format: TokenFormat = "int8"
 
     _model = field_validator("model")(_check_model_name)
+
+    @field_validator("token_model")
+    @classmethod
+    def _token_model(cls, value: str | None) -> str | None:
+        return None if value is None else _check_model_name(value)
 
 
 class EmbedResult(_Contract):
@@ -145,3 +153,20 @@ class LateInteractionResult(_Contract):
     cache_hits: int = Field(ge=0)  # candidates whose token blob came from Redis
     recomputed: int = Field(ge=0)  # candidates encoded now (missing or unreadable blob), then cached
     bytes_read: int = Field(0, ge=0)  # token-blob bytes fetched from Redis
+
+
+class CrossEncoderRequest(_Contract):
+    """Score (query, candidate) pairs with a cross-encoder bundle."""
+
+    query: Text = Field(min_length=1)
+    model: str
+    candidates: list[Candidate] = Field(max_length=MAX_CANDIDATES)
+
+    _model = field_validator("model")(_check_model_name)
+
+
+class CrossEncoderResult(_Contract):
+    model_id: str
+    scores: list[float]  # one per candidate, in the request's order
+    cache_hits: int = Field(ge=0)  # pairs whose score came from Redis
+    computed: int = Field(ge=0)  # pairs run through the model now, then cached

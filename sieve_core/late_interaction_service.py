@@ -3,8 +3,8 @@
 Takes a runner and a Redis client, never a Celery object, so the server can run the same code in its
 own executor and tests can drive it with a fake runner.
 
-Token cache policy. Blobs live under `token_cache_key(model_id, content_hash, fmt)`, so the key names
-the model revision, the codec and the exact text; a key never goes stale, only unused. Each blob is
+Token cache policy. Blobs live under `token_cache_key(runner.manifest.cache_id, content_hash, fmt)`, so
+the key names the model revision and its serving settings (max length...), the codec and the exact text; a key never goes stale, only unused. Each blob is
 written with a TTL (`DEFAULT_TOKEN_TTL_S`, a week) so that blobs of deleted or replaced documents go
 away on their own, and Redis should run with `maxmemory-policy volatile-lru`: under memory pressure it
 then evicts the least recently read *cache* entries (they have a TTL) and never the Celery broker's
@@ -29,6 +29,7 @@ from sieve_core.contracts import (
     content_hash_hex,
 )
 from sieve_core.late_interaction import encode_tokens, maxsim_blobs, read_header, token_cache_key
+from sieve_core.models.bundle import BundleManifest
 
 log = logging.getLogger(__name__)
 
@@ -38,16 +39,23 @@ DEFAULT_TOKEN_TTL_S = 7 * 24 * 3600
 MGET_BATCH = 32
 
 
-class Runner(Protocol):
-    """What the service needs from a model runner (BiEncoderRunner has it)."""
+class TokenRunner(Protocol):
+    """What late interaction needs from a model: BiEncoderRunner (zero-shot) and ColbertRunner have it."""
 
     model_id: str
+    manifest: BundleManifest
+
+    def query_token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]: ...
+
+    def document_token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]: ...
+
+
+class EmbedRunner(TokenRunner, Protocol):
+    """A bi-encoder: sentence vectors, and token vectors from the same encoder run."""
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 32, *, tokens: bool = False
     ) -> tuple[np.ndarray, list[np.ndarray] | None]: ...
-
-    def token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]: ...
 
 
 class TokenCache:
@@ -107,24 +115,41 @@ def _usable(blob: bytes | None, fmt: str, dims: int | None) -> bool:
     return info.fmt == fmt and (dims is None or info.dims == dims)
 
 
+def token_key(runner: TokenRunner, content_hash: str, fmt: str) -> str:
+    return token_cache_key(runner.manifest.cache_id, content_hash, fmt)
+
+
 def embed(
-    runner: Runner, cache: TokenCache | None, request: EmbedRequest, *, batch_size: int = 32
+    runner: EmbedRunner,
+    cache: TokenCache | None,
+    request: EmbedRequest,
+    *,
+    token_runner: TokenRunner | None = None,
+    batch_size: int = 32,
 ) -> EmbedResult:
-    """Vectors for the texts; with want_tokens, their token blobs cached (computed only where missing)."""
+    """Vectors for the texts; with want_tokens, their document token blobs cached (only where missing).
+
+    The token vectors come from `token_runner` (a ColBERT bundle) when given, else from the bi-encoder's
+    own encoder run, which then yields sentence and token vectors in one pass.
+    """
+    tokens_by = token_runner or runner
     keys: list[str] = []
     todo: dict[str, int] = {}  # cache key -> position of the first text with that key
     if request.want_tokens:
         if cache is None:
             raise ValueError("want_tokens needs a token cache")
-        keys = [
-            token_cache_key(runner.model_id, content_hash_hex(t), request.token_format) for t in request.texts
-        ]
+        keys = [token_key(tokens_by, content_hash_hex(t), request.token_format) for t in request.texts]
         # The same text twice in one batch (or already cached) is stored once.
         for i, (key, absent) in enumerate(zip(keys, cache.missing(keys), strict=True)):
             if absent:
                 todo.setdefault(key, i)
-    # One encoder run gives the sentence vectors and, when some are missing, the token vectors.
-    vectors, rows = runner.encode(request.texts, batch_size, tokens=bool(todo))
+    same_pass = tokens_by is runner and bool(todo)
+    vectors, rows = runner.encode(request.texts, batch_size, tokens=same_pass)
+    if todo and not same_pass:
+        fresh = tokens_by.document_token_vectors([request.texts[i] for i in todo.values()], batch_size)
+        rows = [np.empty(0)] * len(request.texts)
+        for i, matrix in zip(todo.values(), fresh, strict=True):
+            rows[i] = matrix
     computed = 0
     if todo and cache is not None and rows is not None:
         blobs = {key: encode_tokens(rows[i], request.token_format) for key, i in todo.items()}
@@ -134,12 +159,12 @@ def embed(
 
 
 def late_interaction(
-    runner: Runner, cache: TokenCache, request: LateInteractionRequest, *, batch_size: int = 32
+    runner: TokenRunner, cache: TokenCache, request: LateInteractionRequest, *, batch_size: int = 32
 ) -> LateInteractionResult:
     """One query encoding, cached document blobs (misses recomputed and written back), then MaxSim."""
-    query = runner.token_vectors([request.query])[0]
+    query = runner.query_token_vectors([request.query])[0]
     fmt = request.token_format
-    keys = [token_cache_key(runner.model_id, c.content_hash, fmt) for c in request.candidates]
+    keys = [token_key(runner, c.content_hash, fmt) for c in request.candidates]
     blobs = cache.get_many(keys)
     bytes_read = sum(len(b) for b in blobs if b is not None)
     dims = int(query.shape[1])
@@ -149,7 +174,7 @@ def late_interaction(
             miss_texts[key] = candidate.text
     fresh: dict[str, bytes] = {}
     if miss_texts:
-        matrices = runner.token_vectors(list(miss_texts.values()), batch_size)
+        matrices = runner.document_token_vectors(list(miss_texts.values()), batch_size)
         # Scored from the encoded blob, not the float32 rows, so a cold and a warm re-rank agree exactly.
         fresh = {key: encode_tokens(m, fmt) for key, m in zip(miss_texts, matrices, strict=True)}
         cache.put_many(fresh)

@@ -27,6 +27,7 @@ DOCS = {
     "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
 }
 QUERY = "does aspirin prevent heart attacks"
+OTHER_QUERY = "aspirin and cardiovascular risk"
 LATE = common_pb2.SearchSettings(
     late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=6, late_interaction_keep=3
 )
@@ -73,10 +74,52 @@ async def test_late_interaction_on_a_worker(worker: Worker, redis_url: str, tmp_
             ),
             timeout=30,
         )
-        assert "6 cached, 0 recomputed" in warm.stages[1].method
+        # The same search again: answered from the score cache, no worker involved.
+        assert warm.stages[1].method == "cache", warm.stages[1]
         assert [h.id for h in warm.hits] == [h.id for h in cold.hits]
         assert [h.score for h in warm.hits] == pytest.approx(scores, abs=1e-6)
         assert all(h.text == "" for h in warm.hits)
+
+        # Another query over the same candidates: a worker, but every token vector comes from Redis.
+        other = await api.search.Search(
+            search_pb2.SearchRequest(collection=name, query=OTHER_QUERY, top_k=3, settings=LATE), timeout=30
+        )
+        assert "6 cached, 0 recomputed" in other.stages[1].method, other.stages[1]
+    finally:
+        await stop_api(api)
+
+
+async def test_a_write_invalidates_cached_scores(worker: Worker, redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import redis as redis_client
+
+    api = await start_api(make_settings(tmp_path, redis_url=redis_url))
+    try:
+        name = await _collection(api)
+        request = search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE)
+        first = await api.search.Search(request, timeout=30)
+        assert first.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED, first.stages[1].reason
+        assert (await api.search.Search(request, timeout=30)).stages[1].method == "cache"
+        # The query vector was cached too, under the bi-encoder's revision.
+        client = redis_client.Redis.from_url(redis_url)
+        assert client.keys("sieve:qvec:v1:all-MiniLM-L6-v2@*")
+        hits_before = api.server.engine.cache.hits
+
+        changed = "Aspirin does not reduce the risk of a heart attack in healthy adults, a new trial finds."
+        write = await api.documents.UpsertDocuments(
+            documents_pb2.UpsertDocumentsRequest(
+                collection=name, documents=[documents_pb2.Document(id="aspirin", text=changed)]
+            )
+        )
+        after = await api.search.Search(request, timeout=30)
+        assert after.generation == write.generation > first.generation
+        late = after.stages[1]
+        # A new generation: the cached scores are unreachable, a worker re-ranks; only the changed text
+        # needed its token vectors computed.
+        assert late.method.startswith("worker") and "1 recomputed" in late.method, late
+        assert {h.id: h.score for h in after.hits}.get("aspirin") != {h.id: h.score for h in first.hits}.get(
+            "aspirin"
+        )
+        assert api.server.engine.cache.hits > hits_before  # at least the query vector
     finally:
         await stop_api(api)
 

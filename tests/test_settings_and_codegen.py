@@ -66,7 +66,9 @@ def test_generated_code_check_detects_drift(tmp_path) -> None:  # type: ignore[n
     shutil.copy(ROOT / "scripts" / "gen_protos.py", tmp_path / "scripts")
     proto = tmp_path / "protos" / "sieve" / "v1" / "search.proto"
     proto.write_text(
-        proto.read_text().replace("bool omit_documents = 6;", "bool omit_documents = 6;\n  bool x = 7;")
+        proto.read_text().replace(
+            "bool omit_documents = 6;", "bool omit_documents = 6;\n  bool drift_probe = 999;"
+        )
     )
     result = subprocess.run(
         [sys.executable, "scripts/gen_protos.py", "--check"], cwd=tmp_path, capture_output=True, text=True

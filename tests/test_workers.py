@@ -92,7 +92,7 @@ def test_embed_task_matches_in_process_runner_and_writes_token_blobs(
     revision = runner.manifest.revision
     for text, key in zip(DOCS, result.token_keys, strict=True):
         assert revision in key and content_hash_hex(text) in key
-        assert key == token_cache_key(runner.model_id, content_hash_hex(text), "int8")
+        assert key == token_cache_key(runner.manifest.cache_id, content_hash_hex(text), "int8")
         assert client.exists(key) and client.ttl(key) > 0
     # A bad payload comes back as the core's InvalidArgument, rebuilt from JSON on the caller's side.
     with pytest.raises(InvalidArgument, match="EmbedRequest"):
@@ -107,7 +107,7 @@ def test_late_interaction_warm_then_one_miss(
 ) -> None:
     _call(client_app, TASK_EMBED, EmbedRequest(texts=DOCS, model=MODEL, want_tokens=True).to_json())
     client = redis.Redis.from_url(redis_url)
-    keys = [token_cache_key(runner.model_id, content_hash_hex(d), "int8") for d in DOCS]
+    keys = [token_cache_key(runner.manifest.cache_id, content_hash_hex(d), "int8") for d in DOCS]
     blobs = client.mget(keys)
     expected = maxsim_blobs(runner.token_vectors([QUERY])[0], blobs)  # type: ignore[arg-type]
     request = LateInteractionRequest(query=QUERY, model=MODEL, candidates=[Candidate.of(d) for d in DOCS])
@@ -133,7 +133,7 @@ def test_service_treats_a_corrupt_blob_as_a_miss(runner: BiEncoderRunner, redis_
     request = LateInteractionRequest(query=QUERY, model=MODEL, candidates=[Candidate.of(d) for d in docs])
     first = late_interaction(runner, cache, request)
     assert (first.cache_hits, first.recomputed) == (0, 3)
-    key = token_cache_key(runner.model_id, content_hash_hex(docs[1]), "int8")
+    key = token_cache_key(runner.manifest.cache_id, content_hash_hex(docs[1]), "int8")
     cache.client.set(key, b"SVTK garbage")
     second = late_interaction(runner, cache, request)
     assert (second.cache_hits, second.recomputed) == (2, 1)

@@ -5,7 +5,7 @@ Start a worker (SIEVE_REDIS_URL and SIEVE_MODELS_DIR set, from the repository ro
     celery -A workers.celery_app worker -Q colbert -c 1 --loglevel INFO
 
 Queues: `embed` (bi-encoder, bulk indexing and token blobs), `colbert` (late-interaction re-rank),
-`cross_encoder` (cross-encoder re-rank; its task arrives with the cross-encoder runner). A machine can
+`cross_encoder` (cross-encoder re-rank). A machine can
 run one worker per queue or one worker on several (`-Q embed,colbert`). Each pool process loads its
 ONNX sessions once, at start (see workers/runtime.py), with intra-op threads = cores // concurrency.
 
@@ -41,6 +41,7 @@ QUEUES = (QUEUE_EMBED, QUEUE_COLBERT, QUEUE_CROSS_ENCODER)
 
 TASK_EMBED = "sieve.embed"
 TASK_LATE_INTERACTION = "sieve.late_interaction"
+TASK_CROSS_ENCODER = "sieve.cross_encoder"
 
 # (soft, hard) time limits per task, seconds. The soft limit raises SoftTimeLimitExceeded in the task;
 # the hard one kills the pool process. A re-rank answers a search, so it is bounded tightly (the server
@@ -48,11 +49,12 @@ TASK_LATE_INTERACTION = "sieve.late_interaction"
 TIME_LIMITS: dict[str, tuple[int, int]] = {
     TASK_EMBED: (240, 300),
     TASK_LATE_INTERACTION: (20, 30),
+    TASK_CROSS_ENCODER: (20, 30),
 }
 ROUTES = {
     TASK_EMBED: {"queue": QUEUE_EMBED},
     TASK_LATE_INTERACTION: {"queue": QUEUE_COLBERT},
-    "sieve.cross_encoder*": {"queue": QUEUE_CROSS_ENCODER},
+    TASK_CROSS_ENCODER: {"queue": QUEUE_CROSS_ENCODER},
 }
 # An unacknowledged message is redelivered after this long. It must exceed the longest time a task can
 # hold its message (the hard limit, as prefetch is 1), or a slow but healthy task would run twice.

@@ -21,18 +21,23 @@ from typing import Any
 import redis
 from celery.signals import worker_init, worker_process_init
 
-# onnxruntime (via bi_encoder) is imported before anything that could load usearch: the other order
-# segfaults. Workers import no usearch at all.
+from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
 from sieve_core.late_interaction_service import TokenCache
+
+# Workers import no usearch, so the import order that segfaults in the server (usearch before
+# onnxruntime) cannot arise here.
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.models.load import load_runner
 
 log = logging.getLogger("sieve.worker")
 
 _settings: Settings | None = None
 _concurrency = 1
-_runners: dict[str, BiEncoderRunner] = {}
+_queues: set[str] = set()  # the queues this worker consumes (from -Q), empty if unknown
+_runners: dict[str, Any] = {}
 _cache: TokenCache | None = None
+_scores: ResultCache | None = None
 _lock = threading.Lock()
 
 
@@ -52,22 +57,41 @@ def intra_op_threads(settings: Settings, concurrency: int) -> int:
 @worker_init.connect
 def _record_worker(sender: Any = None, **_: Any) -> None:
     """In the worker's parent process, before the pool forks."""
-    global _settings, _concurrency
+    global _settings, _concurrency, _queues
     app = getattr(sender, "app", None)
     _settings = getattr(app, "settings", None)
     _concurrency = int(getattr(sender, "concurrency", 1) or 1)
+    # `-Q` has been applied by now (setup_queues runs before worker_init): load only what those use.
+    queues = getattr(getattr(app, "amqp", None), "queues", None)
+    _queues = set(queues.consume_from) if queues is not None else set()
 
 
 @worker_process_init.connect
 def _load_in_pool_process(**_: Any) -> None:
-    """In each pool process, right after the fork: build and warm the default model's runner."""
+    """In each pool process, right after the fork: build and warm the runners this worker's queues use."""
     settings = _require_settings()
+    for model in _models_for(settings, _queues):
+        try:
+            runner(model)
+        except Exception:
+            # The process stays up; every task will then fail with this error rather than hang.
+            log.exception("pid %d: loading %s failed", os.getpid(), model)
     try:
-        runner(settings.default_embedding_model)
         cache()
     except Exception:
-        # The process stays up; every task will then fail with this error rather than hang.
-        log.exception("pid %d: loading %s failed", os.getpid(), settings.default_embedding_model)
+        log.exception("pid %d: connecting the token cache failed", os.getpid())
+
+
+def _models_for(settings: Settings, queues: set[str]) -> list[str]:
+    """The bundles a worker on these queues needs at hand (all of them when the queues are unknown)."""
+    wanted: list[str] = []
+    if not queues or queues & {"embed", "colbert"}:
+        wanted.append(settings.default_embedding_model)
+        if settings.late_interaction_model:
+            wanted.append(settings.late_interaction_model)
+    if (not queues or "cross_encoder" in queues) and settings.cross_encoder_model:
+        wanted.append(settings.cross_encoder_model)
+    return list(dict.fromkeys(wanted))
 
 
 def configure(settings: Settings, concurrency: int = 1) -> None:
@@ -87,8 +111,8 @@ def _require_settings() -> Settings:
     return _settings
 
 
-def runner(model: str) -> BiEncoderRunner:
-    """This process's runner for a bundle name, built and warmed on first use."""
+def runner(model: str) -> Any:
+    """This process's runner for a bundle name (of any kind), built and warmed on first use."""
     with _lock:
         found = _runners.get(model)
         if found is not None:
@@ -96,9 +120,7 @@ def runner(model: str) -> BiEncoderRunner:
         settings = _require_settings()
         threads = intra_op_threads(settings, _concurrency)
         started = time.perf_counter()
-        built = BiEncoderRunner(
-            settings.models_dir / model, intra_op_threads=threads, spin=settings.onnx_spin
-        )
+        built = load_runner(settings.models_dir / model, intra_op_threads=threads, spin=settings.onnx_spin)
         built.warmup()
         _runners[model] = built
         log.info(
@@ -129,5 +151,28 @@ def cache() -> TokenCache:
         return _cache
 
 
+def scores_cache() -> ResultCache:
+    """This process's cache of cross-encoder pair scores (same Redis)."""
+    global _scores
+    with _lock:
+        if _scores is None:
+            settings = _require_settings()
+            url = settings.redis_url.get_secret_value() if settings.redis_url else None
+            _scores = ResultCache.from_url(url, ttl_s=settings.cache_ttl_s, timeout_s=2.0)
+        return _scores
+
+
+def bi_encoder(model: str) -> BiEncoderRunner:
+    found = runner(model)
+    if not isinstance(found, BiEncoderRunner):
+        raise ValueError(f"model {model!r} is a {found.manifest.kind} bundle, not a bi-encoder")
+    return found
+
+
 def embed_batch_size() -> int:
     return _require_settings().embed_batch_size
+
+
+def cross_encoder_batch_size() -> int:
+    # A pair is a query plus a whole document: half the embedding batch keeps padding waste similar.
+    return max(1, _require_settings().embed_batch_size // 2)

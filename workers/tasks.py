@@ -12,10 +12,17 @@ from celery import Celery
 from pydantic import BaseModel, ValidationError
 
 from sieve_core import late_interaction_service as service
-from sieve_core.contracts import EmbedRequest, LateInteractionRequest
+from sieve_core.contracts import CrossEncoderRequest, EmbedRequest, LateInteractionRequest
+from sieve_core.cross_encoder_service import cross_encoder as score_pairs
 from sieve_core.errors import InvalidArgument
 from workers import runtime
-from workers.celery_app import MAX_WORKER_LOST_RETRIES, TASK_EMBED, TASK_LATE_INTERACTION, TIME_LIMITS
+from workers.celery_app import (
+    MAX_WORKER_LOST_RETRIES,
+    TASK_CROSS_ENCODER,
+    TASK_EMBED,
+    TASK_LATE_INTERACTION,
+    TIME_LIMITS,
+)
 
 C = TypeVar("C", bound=BaseModel)
 
@@ -33,8 +40,13 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
     """EmbedRequest -> EmbedResult: vectors, and with want_tokens the texts' token blobs cached."""
     request = _parse(EmbedRequest, payload)
     cache = runtime.cache() if request.want_tokens else None
+    token_runner = runtime.runner(request.token_model) if request.token_model else None
     result = service.embed(
-        runtime.runner(request.model), cache, request, batch_size=runtime.embed_batch_size()
+        runtime.bi_encoder(request.model),
+        cache,
+        request,
+        token_runner=token_runner,
+        batch_size=runtime.embed_batch_size(),
     )
     return result.to_json()
 
@@ -42,15 +54,33 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
 def late_interaction(payload: dict[str, Any]) -> dict[str, Any]:
     """LateInteractionRequest -> LateInteractionResult: MaxSim scores from cached token blobs."""
     request = _parse(LateInteractionRequest, payload)
-    result = service.late_interaction(
-        runtime.runner(request.model), runtime.cache(), request, batch_size=runtime.embed_batch_size()
+    found = runtime.runner(request.model)
+    if found.manifest.kind not in ("bi_encoder", "colbert"):
+        raise InvalidArgument(f"model {request.model!r} is a {found.manifest.kind} bundle: no token vectors")
+    result = service.late_interaction(found, runtime.cache(), request, batch_size=runtime.embed_batch_size())
+    return result.to_json()
+
+
+def cross_encoder(payload: dict[str, Any]) -> dict[str, Any]:
+    """CrossEncoderRequest -> CrossEncoderResult: one score per (query, candidate), cached per pair."""
+    request = _parse(CrossEncoderRequest, payload)
+    found = runtime.runner(request.model)
+    if found.manifest.kind != "cross_encoder":
+        raise InvalidArgument(
+            f"model {request.model!r} is a {found.manifest.kind} bundle, not a cross-encoder"
+        )
+    result = score_pairs(
+        found, runtime.scores_cache(), request, batch_size=runtime.cross_encoder_batch_size()
     )
     return result.to_json()
 
 
+TASKS = {TASK_EMBED: embed, TASK_LATE_INTERACTION: late_interaction, TASK_CROSS_ENCODER: cross_encoder}
+
+
 def register(app: Celery) -> None:
     """Registers the tasks on an app under their public names, each with its time limits."""
-    for name, func in ((TASK_EMBED, embed), (TASK_LATE_INTERACTION, late_interaction)):
+    for name, func in TASKS.items():
         soft, hard = TIME_LIMITS[name]
         app.task(
             name=name,

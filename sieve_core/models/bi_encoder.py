@@ -134,6 +134,14 @@ class BiEncoderRunner:
         assert rows is not None
         return rows
 
+    # The late-interaction interface (ColbertRunner has the same two methods): a bi-encoder encodes
+    # queries and documents alike, so MaxSim over its token vectors is zero-shot late interaction.
+    def query_token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
+        return self.token_vectors(texts, batch_size)
+
+    def document_token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]:
+        return self.token_vectors(texts, batch_size)
+
     def warmup(self) -> None:
         """Run the graph once so the first real request does not pay ORT's lazy allocations."""
         vectors = self.embed(["warm up the encoder", "a second, somewhat longer warm-up text for padding"])

@@ -53,6 +53,14 @@ class BundleManifest:
         """Stable identity for cache keys: the name alone would survive a change of weights."""
         return f"{self.name}@{self.revision}"
 
+    @property
+    def cache_id(self) -> str:
+        """Identity for cached model outputs: the weights (`revision`) and every serving setting that
+        changes an output (max length, pooling, normalisation, kind options), as `name@revision.<hash>`."""
+        serving = {k: v for k, v in self.to_json().items() if k not in ("exported_with", "source", "name")}
+        digest = hashlib.sha256(json.dumps(serving, sort_keys=True).encode()).hexdigest()[:8]
+        return f"{self.model_id}.{digest}"
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
