@@ -1,7 +1,8 @@
 """`sieve run`: the whole service as one supervised unit (what `make run` starts).
 
 Starts a local redis-server on a private loopback port when SIEVE_REDIS_URL is unset, one Celery worker
-per queue in SIEVE_RUN_WORKER_QUEUES, then the gRPC server. Ctrl-C or SIGTERM stops everything in
+per queue in SIEVE_RUN_WORKER_QUEUES (plus `cross_encoder` when SIEVE_CROSS_ENCODER_MODEL is set), then
+the gRPC server. Ctrl-C or SIGTERM stops everything in
 reverse order: the server first (it drains calls and snapshots its indexes), then the workers (warm
 shutdown: running tasks finish), then Redis. If any child dies, the others are stopped and the command
 exits non-zero.
@@ -66,6 +67,12 @@ def local_redis(settings: Settings) -> tuple[Child, str]:
         "",
         "--protected-mode",
         "yes",
+        # Bounded memory: evict only keys with a TTL, least recently used first: the caches (and stale
+        # Celery results); never the Celery queues, which have no TTL.
+        "--maxmemory",
+        settings.local_redis_maxmemory,
+        "--maxmemory-policy",
+        "volatile-lru",
         "--daemonize",
         "no",
     ]
@@ -93,6 +100,13 @@ def worker_argv(queue: str, concurrency: int) -> list[str]:
         "--loglevel",
         "INFO",
     ]
+
+
+def worker_queues(settings: Settings) -> list[str]:
+    queues = [q.strip() for q in settings.run_worker_queues.split(",") if q.strip()]
+    if settings.cross_encoder_model and "cross_encoder" not in queues:
+        queues.append("cross_encoder")
+    return list(dict.fromkeys(queues))
 
 
 def _stop(child: Child, timeout: float = 30.0) -> None:
@@ -130,7 +144,7 @@ def run(settings: Settings | None = None) -> int:
             _wait_redis(url, child.proc)
             env["SIEVE_REDIS_URL"] = url
             print(f"sieve run: redis-server on {url} (data in {settings.data_dir / 'redis'})", flush=True)
-        for queue in [q.strip() for q in settings.run_worker_queues.split(",") if q.strip()]:
+        for queue in worker_queues(settings):
             worker = Child(f"worker-{queue}", worker_argv(queue, settings.run_worker_concurrency), env)
             worker.proc = subprocess.Popen(worker.argv, env=env, start_new_session=True)
             children.append(worker)

@@ -47,7 +47,11 @@ def test_sieve_run_starts_redis_and_server_and_stops_on_ctrl_c(tmp_path) -> None
     )
     try:
         wait_serving(f"127.0.0.1:{grpc_port}", timeout=60, proc=proc)
-        assert redis.Redis(port=redis_port, socket_timeout=2).ping()
+        local = redis.Redis(port=redis_port, socket_timeout=2, decode_responses=True)
+        assert local.ping()
+        # Bounded, and only keys with a TTL (the caches) are evicted, never the Celery queues.
+        assert local.config_get("maxmemory-policy") == {"maxmemory-policy": "volatile-lru"}
+        assert int(local.config_get("maxmemory")["maxmemory"]) == 1024**3
         assert (tmp_path / "redis").is_dir()
         # One Celery worker per default queue answers a ping through the local Redis.
         app = create_app(load_settings({"SIEVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"}))
@@ -94,3 +98,11 @@ def test_sieve_run_stops_everything_when_a_child_dies(tmp_path) -> None:  # type
     assert proc.returncode == 1
     assert "server exited with code" in proc.stderr
     assert not _port_open(redis_port)
+
+
+def test_worker_queues_add_cross_encoder_when_a_model_is_configured() -> None:
+    from server.supervisor import worker_queues
+
+    assert worker_queues(load_settings({})) == ["embed", "colbert"]
+    with_model = load_settings({"SIEVE_CROSS_ENCODER_MODEL": "ms-marco-MiniLM-L-6-v2"})
+    assert worker_queues(with_model) == ["embed", "colbert", "cross_encoder"]
