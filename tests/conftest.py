@@ -82,31 +82,54 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
 # -- a real redis-server and a real Celery worker (module-scoped, for worker and cascade tests) ----
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
-    port = free_port()
-    directory = tmp_path_factory.mktemp("redis")
-    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
-    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
+class RedisServer:
+    """A real redis-server on a loopback port, which a test can stop and start again on that port."""
+
+    def __init__(self, directory: Path, port: int | None = None) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
+        self.binary = binary
+        self.directory = directory
+        self.port = port or free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        argv = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory)]
+        argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
         deadline = time.monotonic() + 10
         while True:
             try:
                 client.ping()
-                break
+                return
             except redis.RedisError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start (exit code {proc.poll()})") from None
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start (exit code {self.proc.poll()})") from None
                 time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server
     finally:
-        proc.kill()
-        proc.wait()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
 
 
 @pytest.fixture(scope="module")
@@ -122,37 +145,64 @@ class Worker:
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
 
+    def pool_pids(self) -> list[int]:
+        """The pool (child) processes that run the tasks."""
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout
+        return [int(pid) for pid in out.split()]
 
-@pytest.fixture(scope="module")
-def worker(
-    redis_url: str, client_app: SieveCelery, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Worker]:
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the worker and its pool processes (own session)
+        self.proc.wait()
+
+
+def start_worker(
+    redis_url: str,
+    client_app: SieveCelery,
+    log: Path,
+    *,
+    queues: str = f"{QUEUE_EMBED},{QUEUE_COLBERT}",
+    models_dir: Path = MODELS_DIR,
+    extra_env: dict[str, str] | None = None,
+    name: str = "test",
+) -> Worker:
+    """A real `celery worker` process (its own session, so killpg stops its pool too), ready to work."""
     require_bundle()
-    log = tmp_path_factory.mktemp("worker") / "worker.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
     env.update(
-        SIEVE_REDIS_URL=redis_url, SIEVE_MODELS_DIR=str(MODELS_DIR), SIEVE_DEFAULT_EMBEDDING_MODEL=MODEL
+        SIEVE_REDIS_URL=redis_url, SIEVE_MODELS_DIR=str(models_dir), SIEVE_DEFAULT_EMBEDDING_MODEL=MODEL
     )
+    env.update(extra_env or {})
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
-    argv += ["-Q", f"{QUEUE_EMBED},{QUEUE_COLBERT}", "-c", "1", "-P", "prefork", "--loglevel", "INFO"]
-    argv += ["-n", f"test-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
+    argv += ["-Q", queues, "-c", "1", "-P", "prefork", "--loglevel", "INFO"]
+    argv += ["-n", f"{name}-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
     with log.open("wb") as out:
         proc = subprocess.Popen(
             argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     running = Worker(proc, log)
+    deadline = time.monotonic() + 60
     try:
-        deadline = time.monotonic() + 60
         while not client_app.control.ping(timeout=0.5):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not answer ping (exit code {proc.poll()}):\n{running.tail()}")
-        # Ping answers from the parent; wait for the pool process to have loaded its model too.
+        # Ping answers from the parent; wait for the pool process to have loaded its models too.
         while "warm in" not in log.read_text(errors="replace"):
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not load its model:\n{running.tail()}")
             time.sleep(0.1)
+    except BaseException:
+        running.kill()
+        raise
+    return running
+
+
+@pytest.fixture(scope="module")
+def worker(
+    redis_url: str, client_app: SieveCelery, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    running = start_worker(redis_url, client_app, tmp_path_factory.mktemp("worker") / "worker.log")
+    try:
         yield running
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)  # the worker and its pool processes (own session)
-        proc.wait()
+        running.kill()

@@ -1,0 +1,215 @@
+"""Faults during a re-rank, through `Search`, with a real worker process and a real redis-server.
+
+- The worker's pool process is SIGKILLed mid-task: with time left, the task is redelivered to the
+  respawned process and the search completes; with too little time, the search answers within its
+  deadline in retrieval order, marked degraded (and UNAVAILABLE when the stage is REQUIRED).
+- Redis is stopped mid-flight: the search answers within its deadline, degraded; once Redis is back on
+  its port, server and worker recover without being restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import signal
+import time
+import uuid
+
+import grpc
+import pytest
+import redis
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
+
+from tests.conftest import RedisServer, Worker, make_settings, start_api, stop_api
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+WORDS = [
+    "protein",
+    "cell",
+    "gene",
+    "expression",
+    "tumour",
+    "patient",
+    "cohort",
+    "trial",
+    "dose",
+    "placebo",
+    "risk",
+    "receptor",
+    "pathway",
+    "mutation",
+    "enzyme",
+    "infection",
+    "immune",
+    "response",
+    "vaccine",
+    "insulin",
+    "glucose",
+    "neuron",
+    "cortex",
+    "memory",
+    "sleep",
+    "bacteria",
+    "antibiotic",
+    "resistance",
+    "inflammation",
+    "cytokine",
+    "signalling",
+    "mitochondria",
+    "metabolism",
+]
+DOCS = 100
+QUERY = "immune response to infection in a patient cohort"
+
+
+def _corpus(seed: str) -> dict[str, str]:
+    # Long, unique texts: their token vectors are cached nowhere yet, so a re-rank has real work to do.
+    rng = random.Random(seed)
+    return {f"d{i}": f"{seed} " + " ".join(rng.choices(WORDS, k=180)) for i in range(DOCS)}
+
+
+def _settings(mode: int) -> common_pb2.SearchSettings:
+    return common_pb2.SearchSettings(
+        late_interaction=mode, retrieve_candidates=DOCS, late_interaction_keep=10
+    )
+
+
+async def _collection(api) -> str:  # type: ignore[no-untyped-def]
+    name = f"faults-{uuid.uuid4().hex[:8]}"
+    await api.collections.CreateCollection(
+        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
+    )
+    await api.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name,
+            documents=[documents_pb2.Document(id=i, text=t) for i, t in _corpus(name).items()],
+        )
+    )
+    return name
+
+
+async def _wait_task_started(redis_url: str, limit_s: float = 20.0) -> None:
+    """Until some re-rank task is STARTED on a worker (task_track_started writes that state)."""
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        for key in client.scan_iter("celery-task-meta-*"):
+            raw = client.get(key)
+            if raw and json.loads(raw).get("status") == "STARTED":
+                client.delete(key)  # so the next wait sees the next task
+                return
+        await asyncio.sleep(0.02)
+    raise AssertionError("no task started on the worker")
+
+
+def _kill_pool(worker: Worker) -> None:
+    pids = worker.pool_pids()
+    assert pids, "the worker has no pool process"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+
+
+async def test_worker_killed_mid_rerank_with_time_left_completes(
+    worker: Worker, redis_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    api = await start_api(make_settings(tmp_path, redis_url=redis_url, rerank_timeout_s=40.0))
+    try:
+        name = await _collection(api)
+        started = time.monotonic()
+        search = asyncio.ensure_future(
+            api.search.Search(
+                search_pb2.SearchRequest(
+                    collection=name, query=QUERY, settings=_settings(common_pb2.STAGE_MODE_BEST_EFFORT)
+                ),
+                timeout=50,
+            )
+        )
+        await _wait_task_started(redis_url)
+        _kill_pool(worker)
+        resp = await search
+        late = resp.stages[1]
+        # Redelivered to the respawned pool process (task_retry_on_worker_lost) and finished in time.
+        assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
+        assert late.candidates_in == DOCS and "recomputed" in late.method
+        assert time.monotonic() - started < 50
+        assert "WorkerLostError" in worker.tail() or "exited prematurely" in worker.tail()
+    finally:
+        await stop_api(api)
+
+
+async def test_worker_killed_mid_rerank_without_time_left_degrades_within_the_deadline(
+    worker: Worker, redis_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    api = await start_api(make_settings(tmp_path, redis_url=redis_url, rerank_timeout_s=1.5))
+    try:
+        name = await _collection(api)
+        for mode in (common_pb2.STAGE_MODE_BEST_EFFORT, common_pb2.STAGE_MODE_REQUIRED):
+            # A fresh query each time: the second must not be answered from the first one's work.
+            query = f"{QUERY} {mode}"
+            request = search_pb2.SearchRequest(collection=name, query=query, settings=_settings(mode))
+            started = time.monotonic()
+            search = asyncio.ensure_future(api.search.Search(request, timeout=10))
+            await _wait_task_started(redis_url)
+            _kill_pool(worker)
+            if mode == common_pb2.STAGE_MODE_REQUIRED:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await search
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+                assert "late_interaction is required" in err.value.details()
+            else:
+                resp = await search
+                late = resp.stages[1]
+                assert late.status == search_pb2.STAGE_STATUS_DEGRADED
+                assert "no worker answered within 1500 ms" in late.reason
+                # Retrieval order kept: the hits carry the retrieval score only.
+                assert len(resp.hits) == 10 and all(len(h.stage_scores) == 1 for h in resp.hits)
+            assert time.monotonic() - started < 3.0
+            # Let the retried task finish on the respawned process before the next round.
+            await asyncio.sleep(0.5)
+    finally:
+        await stop_api(api)
+
+
+async def test_redis_stopped_mid_flight_degrades_then_recovers(
+    redis_server: RedisServer, worker: Worker, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    api = await start_api(make_settings(tmp_path, redis_url=redis_server.url, rerank_timeout_s=5.0))
+    try:
+        name = await _collection(api)
+        request = search_pb2.SearchRequest(
+            collection=name, query=QUERY, settings=_settings(common_pb2.STAGE_MODE_BEST_EFFORT)
+        )
+        started = time.monotonic()
+        search = asyncio.ensure_future(api.search.Search(request, timeout=8))
+        await _wait_task_started(redis_server.url)
+        redis_server.stop()
+        resp = await search
+        assert time.monotonic() - started < 8
+        assert resp.stages[1].status == search_pb2.STAGE_STATUS_DEGRADED, resp.stages[1]
+        assert len(resp.hits) == 10
+
+        # While Redis is down: still answered, quickly (the caches are skipped, the stage degrades).
+        started = time.monotonic()
+        down = await api.search.Search(request, timeout=8)
+        assert down.stages[1].status == search_pb2.STAGE_STATUS_DEGRADED
+        assert "Redis" in down.stages[1].reason or "broker" in down.stages[1].reason
+        assert time.monotonic() - started < 3
+
+        # Redis back on the same port: neither the server nor the worker is restarted, yet re-ranking
+        # works again once both have reconnected.
+        redis_server.start()
+        deadline = time.monotonic() + 60
+        status, reason = None, ""
+        while time.monotonic() < deadline:
+            again = await api.search.Search(request, timeout=15)
+            status, reason = again.stages[1].status, again.stages[1].reason
+            if status == search_pb2.STAGE_STATUS_COMPLETED:
+                break
+            await asyncio.sleep(0.5)
+        assert status == search_pb2.STAGE_STATUS_COMPLETED, f"no recovery after Redis came back: {reason}"
+        assert worker.proc.poll() is None
+    finally:
+        await stop_api(api)
