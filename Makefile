@@ -53,8 +53,7 @@ clean:
 # Quality on SciFact through the gRPC path (bi-encoder alone, then + late interaction on a worker),
 # recorded in bench/results/ and the README.
 eval-record: models redis
-	$(PY) bench/record_eval.py ../shared/datasets/scifact
-	$(PY) bench/record_eval.py ../shared/datasets/scifact --late-interaction
+	$(PY) bench/record_eval.py ../shared/datasets/scifact --cascade retrieve --cascade late
 	$(PY) bench/report.py
 
 # Search latency vs bare work, upsert vs bare embedding (a benchmark, never part of make test).

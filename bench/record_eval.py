@@ -1,6 +1,8 @@
 """Run `sieve eval BEIR_DIR --json [options]` and record its result in bench/results/ for the README.
 
-.venv/bin/python bench/record_eval.py ../shared/datasets/scifact [--late-interaction]
+.venv/bin/python bench/record_eval.py ../shared/datasets/scifact [--cascade retrieve --cascade late ...]
+
+One file per cascade configuration: bench/results/eval-<dataset>-<spec>.json.
 """
 
 from __future__ import annotations
@@ -29,11 +31,15 @@ def main(argv: list[str]) -> int:
         text=True,
     ).stdout
     result = json.loads(out.strip().splitlines()[-1])
-    record = {"benchmark": "eval", "command": " ".join(command), **result}
-    suffix = "late-interaction" if "--late-interaction" in argv else "retrieve"
-    path = ROOT / "bench" / "results" / f"eval-{result['dataset']}-{suffix}.json"
-    path.write_text(json.dumps(record, indent=2) + "\n")
-    print(f"nDCG@10 {result['ndcg@10']:.4f} ({result['cascade']}); wrote {path.relative_to(ROOT)}")
+    shared = {k: v for k, v in result.items() if k != "runs"}
+    for run in result["runs"]:
+        record = {"benchmark": "eval", "command": " ".join(command), **shared, **run}
+        suffix = {"retrieve": "retrieve", "late": "late-interaction"}.get(
+            run["spec"], run["spec"].replace("+", "-")
+        )
+        path = ROOT / "bench" / "results" / f"eval-{result['dataset']}-{suffix}.json"
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"nDCG@10 {run['ndcg@10']:.4f} ({run['cascade']}); wrote {path.relative_to(ROOT)}")
     return 0
 
 

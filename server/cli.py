@@ -25,11 +25,20 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from server.evaluate import EvalOptions, run_eval
+    from server.evaluate import EvalOptions, parse_cascade, run_eval
 
     folder = Path(args.folder)
     if not folder.is_dir():
         print(f"sieve eval: {folder} is not a directory", file=sys.stderr)
+        return 2
+    cascades = list(args.cascade or [])
+    if args.late_interaction:
+        cascades.append("late")
+    try:
+        for spec in cascades:
+            parse_cascade(spec)
+    except ValueError as exc:
+        print(f"sieve eval: {exc}", file=sys.stderr)
         return 2
     result = run_eval(
         EvalOptions(
@@ -38,21 +47,24 @@ def _eval(args: argparse.Namespace) -> int:
             split=args.split,
             keep=args.keep,
             quiet=args.json,
-            late_interaction=args.late_interaction,
+            cascades=tuple(dict.fromkeys(cascades or ["retrieve"])),
             candidates=args.candidates,
+            late_keep=args.late_keep,
+            cross_keep=args.cross_keep,
         )
     )
     if args.json:
         print(json.dumps(result))
-    else:
+        return 0
+    print(
+        f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries,"
+        f" indexed at {result['index_docs_per_s']:.1f} docs/s"
+    )
+    print(f"  {'cascade':<48} {'nDCG@10':>8} {'R@100':>7} {'MRR@10':>7} {'q/s':>7}")
+    for run in result["runs"]:  # type: ignore[attr-defined]
         print(
-            f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries,"
-            f" cascade {result['cascade']}"
-        )
-        for key in ("ndcg@10", "recall@100", "mrr@10"):
-            print(f"  {key:<11} {result[key]:.4f}")
-        print(
-            f"  indexing    {result['index_docs_per_s']:.1f} docs/s   search {result['search_queries_per_s']:.1f} q/s"
+            f"  {run['cascade']:<48} {run['ndcg@10']:>8.4f} {run['recall@100']:>7.4f} "
+            f"{run['mrr@10']:>7.4f} {run['search_queries_per_s']:>7.1f}"
         )
     return 0
 
@@ -100,11 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test")
     ev.add_argument("--keep", action="store_true", help="keep the collection afterwards")
     ev.add_argument(
-        "--late-interaction",
-        action="store_true",
-        help="re-rank the retrieved candidates by late interaction on a worker (self-started: `sieve run`)",
+        "--cascade",
+        action="append",
+        metavar="SPEC",
+        help="a cascade to evaluate, repeatable: retrieve, late, cross or late+cross (default: retrieve); "
+        "each is reported on the same index. Re-ranking stages run on workers (self-started: `sieve run`; "
+        "cross needs SIEVE_CROSS_ENCODER_MODEL)",
     )
+    ev.add_argument("--late-interaction", action="store_true", help="same as --cascade late")
     ev.add_argument("--candidates", type=int, default=100, help="candidates retrieved for re-ranking")
+    ev.add_argument("--late-keep", type=int, default=100, help="candidates late interaction keeps")
+    ev.add_argument("--cross-keep", type=int, default=100, help="candidates the cross-encoder keeps")
     ev.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     ev.set_defaults(func=_eval)
 

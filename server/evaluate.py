@@ -1,10 +1,16 @@
-"""`sieve eval`: index a BEIR folder through UpsertDocuments and score it through Search, over gRPC."""
+"""`sieve eval`: index a BEIR folder through UpsertDocuments and score it through Search, over gRPC.
+
+The corpus is indexed once; each cascade configuration asked for (`--cascade retrieve`, `--cascade
+late`, `--cascade late+cross`...) then runs every query and is reported on its own, so the
+configurations are compared on the same index in the same run.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -46,9 +52,54 @@ class EvalOptions:
     batch_size: int = 64
     keep: bool = False
     quiet: bool = False
-    # Re-rank the retrieved `candidates` by late interaction (required: a stage that cannot run fails eval).
-    late_interaction: bool = False
-    candidates: int = 100
+    # Cascade configurations, each a '+'-joined list of re-ranking stages after retrieval: "retrieve"
+    # (none), "late", "cross", "late+cross". Every stage is REQUIRED: one that cannot run fails eval.
+    cascades: tuple[str, ...] = ("retrieve",)
+    candidates: int = 100  # retrieved for re-ranking
+    late_keep: int = 100  # kept by late interaction (what the cross-encoder sees)
+    cross_keep: int = 100  # kept by the cross-encoder
+
+    def needs_workers(self) -> bool:
+        return any(parse_cascade(c) for c in self.cascades)
+
+
+STAGE_NAMES = {"late": "late_interaction", "cross": "cross_encoder"}
+
+
+def parse_cascade(spec: str) -> tuple[str, ...]:
+    """'late+cross' -> ('late', 'cross'); 'retrieve' -> (). Raises ValueError for anything else."""
+    stages = tuple(s.strip() for s in spec.split("+") if s.strip() != "retrieve")
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if (
+        not spec.strip()
+        or unknown
+        or len(set(stages)) != len(stages)
+        or list(stages) != sorted(stages, key=list(STAGE_NAMES).index)
+    ):
+        raise ValueError(f"bad cascade {spec!r}: use 'retrieve', 'late', 'cross' or 'late+cross'")
+    return stages
+
+
+def describe_cascade(spec: str, opts: EvalOptions) -> str:
+    stages = parse_cascade(spec)
+    parts = [f"retrieve {opts.candidates if stages else opts.top_k}"]
+    if "late" in stages:
+        parts.append(f"late_interaction {max(opts.late_keep, opts.top_k)}")
+    if "cross" in stages:
+        parts.append(f"cross_encoder {max(opts.cross_keep, opts.top_k)}")
+    return " > ".join(parts)
+
+
+def cascade_settings(spec: str, opts: EvalOptions) -> common_pb2.SearchSettings:
+    stages = parse_cascade(spec)
+    required, off = common_pb2.STAGE_MODE_REQUIRED, common_pb2.STAGE_MODE_OFF
+    return common_pb2.SearchSettings(
+        retrieve_candidates=max(opts.candidates, opts.top_k),
+        late_interaction=required if "late" in stages else off,
+        late_interaction_keep=opts.late_keep,
+        cross_encoder=required if "cross" in stages else off,
+        cross_encoder_keep=opts.cross_keep,
+    )
 
 
 def free_port() -> int:
@@ -79,7 +130,8 @@ def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = N
 @contextlib.contextmanager
 def self_started_server(env: dict[str, str] | None = None, *, workers: bool = False) -> Iterator[str]:
     """A throwaway service on free loopback ports with a temporary data directory: `sieve serve`, or
-    with `workers` the whole `sieve run` (its own Redis and a `colbert` worker)."""
+    with `workers` the whole `sieve run` (its own Redis, a `colbert` worker, and a `cross_encoder` one
+    when SIEVE_CROSS_ENCODER_MODEL is set)."""
     with tempfile.TemporaryDirectory(prefix="sieve-eval-") as data_dir:
         address = f"127.0.0.1:{free_port()}"
         child_env = {**os.environ, **(env or {}), "SIEVE_GRPC_ADDRESS": address, "SIEVE_DATA_DIR": data_dir}
@@ -122,7 +174,7 @@ def run_eval(opts: EvalOptions) -> dict[str, object]:
     data = load_beir(opts.folder, opts.split)
     if opts.address:
         return _eval_on(opts.address, data, opts)
-    with self_started_server(workers=opts.late_interaction) as address:
+    with self_started_server(workers=opts.needs_workers()) as address:
         return _eval_on(address, data, opts)
 
 
@@ -155,43 +207,45 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
                         task, completed=done, rate=f"{done / (time.perf_counter() - started):.1f} docs/s"
                     )
             index_s = time.perf_counter() - started
-            run: dict[str, list[str]] = {}
-            cascade = common_pb2.SearchSettings()
-            if opts.late_interaction:
-                cascade = common_pb2.SearchSettings(
-                    retrieve_candidates=max(opts.candidates, opts.top_k),
-                    late_interaction=common_pb2.STAGE_MODE_REQUIRED,
-                    late_interaction_keep=opts.top_k,
-                )
-            started = time.perf_counter()
-            with _progress(opts.quiet) as bar:
-                task = bar.add_task("searching", total=len(data.queries), rate="")
-                for n, (qid, text) in enumerate(data.queries.items(), 1):
-                    response = search.Search(
-                        search_pb2.SearchRequest(
-                            collection=name,
-                            query=text,
-                            top_k=opts.top_k,
-                            omit_documents=True,
-                            settings=cascade,
-                        ),
-                        timeout=120,
-                    )
-                    run[qid] = [hit.id for hit in response.hits]
-                    bar.update(task, completed=n, rate=f"{n / (time.perf_counter() - started):.1f} q/s")
-            search_s = time.perf_counter() - started
+            runs = [_search_all(search, name, data, spec, opts) for spec in opts.cascades]
         finally:
             if not opts.keep:
                 collections.DeleteCollection(collections_pb2.DeleteCollectionRequest(name=name), timeout=60)
-    metrics = evaluate(run, data.qrels)
     return {
         "dataset": data.name,
         "split": opts.split,
         "documents": len(data.corpus),
         "queries": len(data.queries),
-        "cascade": f"retrieve {opts.candidates} > late_interaction" if opts.late_interaction else "retrieve",
-        **metrics,
         "index_docs_per_s": len(data.corpus) / index_s,
-        "search_queries_per_s": len(data.queries) / search_s,
         "collection": name if opts.keep else None,
+        "runs": runs,
+    }
+
+
+def _search_all(search, name: str, data, spec: str, opts: EvalOptions) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Every query through one cascade configuration; its metrics and speed."""
+    settings = cascade_settings(spec, opts)
+    run: dict[str, list[str]] = {}
+    stage_ms: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    with _progress(opts.quiet) as bar:
+        task = bar.add_task(f"searching ({spec})", total=len(data.queries), rate="")
+        for n, (qid, text) in enumerate(data.queries.items(), 1):
+            request = search_pb2.SearchRequest(
+                collection=name, query=text, top_k=opts.top_k, omit_documents=True, settings=settings
+            )
+            response = search.Search(request, timeout=120)
+            run[qid] = [hit.id for hit in response.hits]
+            for report in response.stages:
+                if report.status == search_pb2.STAGE_STATUS_COMPLETED:
+                    key = common_pb2.Stage.Name(report.stage).removeprefix("STAGE_").lower()
+                    stage_ms.setdefault(key, []).append(report.took_ms)
+            bar.update(task, completed=n, rate=f"{n / (time.perf_counter() - started):.1f} q/s")
+    search_s = time.perf_counter() - started
+    return {
+        "cascade": describe_cascade(spec, opts),
+        "spec": spec,
+        **evaluate(run, data.qrels),
+        "search_queries_per_s": len(data.queries) / search_s,
+        "stage_ms_p50": {k: statistics.median(v) for k, v in stage_ms.items()},
     }

@@ -95,7 +95,9 @@ def test_sieve_eval_json_on_a_self_started_server(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["documents"] == 46 and report["queries"] == 6
-    assert report["ndcg@10"] >= 0.9 and report["recall@100"] == 1.0 and report["mrr@10"] >= 0.9
+    (run,) = report["runs"]
+    assert run["cascade"] == "retrieve 100"
+    assert run["ndcg@10"] >= 0.9 and run["recall@100"] == 1.0 and run["mrr@10"] >= 0.9
 
 
 def test_sieve_eval_with_late_interaction_on_a_self_started_service(tmp_path: Path) -> None:
@@ -111,10 +113,26 @@ def test_sieve_eval_with_late_interaction_on_a_self_started_service(tmp_path: Pa
         "eval",
         str(tmp_path / "tiny"),
         "--json",
+        "--cascade",
+        "retrieve",
         "--late-interaction",
+        "--late-keep",
+        "20",
     ]
     result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout)  # stdout holds the JSON object alone
-    assert report["cascade"] == "retrieve 100 > late_interaction"
-    assert report["ndcg@10"] >= 0.9 and report["recall@100"] == 1.0
+    # Both configurations on the same index, each reported on its own.
+    plain, late = report["runs"]
+    assert plain["cascade"] == "retrieve 100" and "late_interaction" not in plain["stage_ms_p50"]
+    assert late["cascade"] == "retrieve 100 > late_interaction 100"
+    assert late["ndcg@10"] >= 0.9 and late["recall@100"] == 1.0
+    assert late["stage_ms_p50"]["late_interaction"] > 0
+
+
+@pytest.mark.parametrize("spec", ["cross+late", "late+late", "colbert", ""])
+def test_sieve_eval_refuses_a_bad_cascade(spec: str, tmp_path: Path) -> None:
+    from server.cli import main
+
+    _write_beir(tmp_path / "tiny")
+    assert main(["eval", str(tmp_path / "tiny"), "--cascade", spec]) == 2
