@@ -112,7 +112,65 @@ class Settings(BaseSettings):
     max_collections: int = Field(1000, ge=1)
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted.")
 
+    # Index jobs (bulk loading, server/jobs.py) and read-your-writes.
+    job_batch_size: int = Field(
+        64, ge=1, le=1000, description="Documents per embedding task of an index job (jobs may ask for another)."
+    )
+    job_max_inflight_batches: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Batches of one job sent to workers and not yet committed (backpressure); "
+        "keep it above the number of embed worker processes so that none idles.",
+    )
+    job_max_concurrent: int = Field(
+        2, ge=1, description="Jobs running at once; jobs on one collection always run one at a time."
+    )
+    job_batch_timeout_s: float = Field(
+        330.0,
+        gt=0,
+        description="A batch a worker started and has not answered for this long is sent again "
+        "(above the embed task's hard time limit, so a slow but healthy task is not run twice).",
+    )
+    job_batch_retries: int = Field(
+        2, ge=0, description="Times a batch is sent again after a timeout or a worker failure; then the job fails."
+    )
+    job_worker_wait_s: float = Field(
+        10.0, gt=0, description="A batch no worker has taken for this long makes the job report why it waits."
+    )
+    job_worker_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="A job fails when no worker consumes the embed queue (or Redis is unreachable) this long.",
+    )
+    job_max_errors: int = Field(
+        10_000, ge=0, description="Bad lines a job records; one more and the job stops as failed."
+    )
+    job_max_line_bytes: int = Field(
+        1 << 20, ge=1024, description="Longest line of a job's source; a longer one is recorded as an error."
+    )
+    job_max_upload_bytes: int = Field(
+        8 << 30, ge=1, description="Largest UploadIndexJob (written to the data directory before the job starts)."
+    )
+    job_source_dirs: str = Field(
+        "",
+        description="Comma-separated directories StartIndexJob may read files from; empty: any absolute path "
+        "the server can read.",
+    )
+    min_generation_wait_s: float = Field(
+        2.0,
+        ge=0,
+        description="Longest a Search with min_generation waits for the collection to reach it "
+        "(less if the deadline is nearer), then FAILED_PRECONDITION.",
+    )
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("late_interaction_model", "cross_encoder_model", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # `SIEVE_CROSS_ENCODER_MODEL=` (e.g. from compose's ${VAR:-}) means "none", not a bundle named "".
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("grpc_address")
     @classmethod

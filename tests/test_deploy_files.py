@@ -90,3 +90,16 @@ def test_celery_services_use_real_queues_and_commands() -> None:
     for name, service in services.items():
         if name != "redis":
             assert service.get("build") == ".", f"{name} does not run the project image"
+
+
+def test_cross_encoder_service_mounts_the_model_it_names() -> None:
+    services = _compose()["services"]
+    worker = services["worker-cross-encoder"]
+    assert worker["profiles"] == ["cross-encoder"] and "cross_encoder" in worker["command"]
+    for service in (worker, services["server"]):
+        assert service["environment"]["SIEVE_CROSS_ENCODER_MODEL"] == "${SIEVE_CROSS_ENCODER_MODEL:-}"
+        name = "${SIEVE_CROSS_ENCODER_MODEL:-none}"
+        assert f"./models/{name}:/models/{name}:ro" in service["volumes"]
+    from sieve_core.config import load_settings
+
+    assert load_settings({"SIEVE_CROSS_ENCODER_MODEL": ""}).cross_encoder_model is None
