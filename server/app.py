@@ -7,7 +7,7 @@ import json
 import logging
 import signal
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -18,12 +18,15 @@ from sieve.v1 import (
     collections_pb2_grpc,
     documents_pb2,
     documents_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
     search_pb2,
     search_pb2_grpc,
 )
 
 from server.engine import Engine
-from server.servicers import CollectionServicer, DocumentServicer, SearchServicer
+from server.jobs import JobManager
+from server.servicers import CollectionServicer, DocumentServicer, JobServicer, SearchServicer
 from sieve_core.config import Settings
 from sieve_core.errors import SieveError
 
@@ -33,45 +36,78 @@ SERVICE_NAMES = (
     collections_pb2.DESCRIPTOR.services_by_name["CollectionService"].full_name,
     documents_pb2.DESCRIPTOR.services_by_name["DocumentService"].full_name,
     search_pb2.DESCRIPTOR.services_by_name["SearchService"].full_name,
+    jobs_pb2.DESCRIPTOR.services_by_name["JobService"].full_name,
 )
 _ALWAYS_OPEN = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
-    """The one place where errors become gRPC statuses; also refuses calls until the engine is ready."""
+    """The one place where errors become gRPC statuses; also refuses calls until the engine is ready.
+
+    Covers unary and client-streaming handlers (one response) and server-streaming ones (an error
+    raised while the stream runs ends it with the mapped status).
+    """
 
     def __init__(self, is_ready: Callable[[], bool]) -> None:
         self._is_ready = is_ready
 
     async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
-        inner = handler.unary_unary
         gated = not method.startswith(_ALWAYS_OPEN)
+        if handler.unary_unary is not None or handler.stream_unary is not None:
+            inner = handler.unary_unary or handler.stream_unary
 
-        async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            if gated and not self._is_ready():
-                await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting; retry shortly")
-            try:
-                return await inner(request, context)
-            except grpc.aio.AbortError:
-                raise
-            except SieveError as exc:
-                await context.abort(grpc.StatusCode[exc.code], exc.message)
-            except Exception:
-                incident = uuid.uuid4().hex[:12]
-                log.exception("unhandled error in %s (incident %s)", method, incident)
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see server log"
-                )
+            async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                await self._gate(gated, context)
+                try:
+                    return await inner(request, context)
+                except Exception as exc:
+                    await self._abort(exc, method, context)
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+            factory = (
+                grpc.unary_unary_rpc_method_handler
+                if handler.unary_unary is not None
+                else grpc.stream_unary_rpc_method_handler
+            )
+            return factory(
+                guarded,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            streaming = handler.unary_stream
+
+            async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                await self._gate(gated, context)
+                try:
+                    async for response in streaming(request, context):
+                        yield response
+                except Exception as exc:
+                    await self._abort(exc, method, context)
+
+            return grpc.unary_stream_rpc_method_handler(
+                guarded_stream,
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    async def _gate(self, gated: bool, context: grpc.aio.ServicerContext) -> None:
+        if gated and not self._is_ready():
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is starting; retry shortly")
+
+    @staticmethod
+    async def _abort(exc: Exception, method: str, context: grpc.aio.ServicerContext) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            raise exc
+        if isinstance(exc, SieveError):
+            await context.abort(grpc.StatusCode[exc.code], exc.message)
+        incident = uuid.uuid4().hex[:12]
+        log.error("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see server log")
 
 
 class SieveServer:
@@ -80,6 +116,7 @@ class SieveServer:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.engine = Engine(settings)
+        self.jobs = JobManager(self.engine, settings)
         self.health = health.aio.HealthServicer()
         self._ready = False
         options = [
@@ -93,6 +130,7 @@ class SieveServer:
         )
         documents_pb2_grpc.add_DocumentServiceServicer_to_server(DocumentServicer(self.engine), self.server)
         search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(self.engine), self.server)
+        jobs_pb2_grpc.add_JobServiceServicer_to_server(JobServicer(self.jobs), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (
@@ -117,13 +155,16 @@ class SieveServer:
         await self.server.start()
         log.info("listening on %s (port %d); loading collections", self.settings.grpc_address, self.port)
         await self.engine.start()
+        await self.jobs.start()  # resumes the jobs a previous run left unfinished
         self._ready = True
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info("serving")
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Refuse new work, drain in-flight calls for up to `grace` seconds, snapshot the indexes."""
+        """Refuse new work, pause jobs at a checkpoint (they resume on the next start), drain in-flight
+        calls for up to `grace` seconds, snapshot the indexes."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.jobs.stop()  # also ends WatchJob streams, which would otherwise hold up the grace period
         await self.server.stop(grace)
         await self.engine.close()
         log.info("stopped")

@@ -1,4 +1,4 @@
-"""The `sieve` command: serve, eval, models."""
+"""The `sieve` command: serve, run, eval, health, models, index, jobs."""
 
 from __future__ import annotations
 
@@ -139,6 +139,10 @@ def build_parser() -> argparse.ArgumentParser:
     exp = msub.add_parser("export", help="export a checkpoint (args as `python -m sieve_core.models.export`)")
     exp.add_argument("export_args", nargs=argparse.REMAINDER)
     models.set_defaults(func=_models)
+
+    from server import cli_jobs  # `sieve index` and `sieve jobs`
+
+    cli_jobs.register(sub)
     return parser
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from google.protobuf.timestamp_pb2 import Timestamp
-from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
+from collections.abc import AsyncIterator
 
+from google.protobuf.timestamp_pb2 import Timestamp
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
+
+from server.job_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, LineError
+from server.jobs import JobView, UploadChunk
 from sieve_core.errors import InvalidArgument
 from sieve_core.types import (
     CollectionInfo,
@@ -141,3 +145,64 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
         generation=result.generation,
         took_ms=result.took_ms,
     )
+
+
+_JOB_STATE_TO_PB = {
+    QUEUED: jobs_pb2.JOB_STATE_QUEUED,
+    RUNNING: jobs_pb2.JOB_STATE_RUNNING,
+    SUCCEEDED: jobs_pb2.JOB_STATE_SUCCEEDED,
+    FAILED: jobs_pb2.JOB_STATE_FAILED,
+    CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
+}
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if not seconds:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def job_to_pb(view: JobView) -> jobs_pb2.Job:
+    r = view.record
+    job = jobs_pb2.Job(
+        id=r.id,
+        collection=r.collection,
+        state=_JOB_STATE_TO_PB[r.state],
+        source=r.source,
+        format=r.format,
+        batch_size=r.batch_size,
+        done=r.done,
+        failed=r.failed,
+        docs_per_second=view.docs_per_second,
+        generation=r.generation,
+        committed_through_line=r.next_line - 1,
+        reason=r.reason,
+        status=view.status,
+        waiting_for_workers=view.waiting_for_workers,
+        cancel_requested=r.cancel_requested,
+        batches_in_flight=view.batches_in_flight,
+        batch_retries=r.batch_retries,
+        resumes=r.resumes,
+        embedder=r.embedder,
+        created_at=_timestamp(r.created_at),
+        started_at=_timestamp(r.started_at),
+        finished_at=_timestamp(r.finished_at),
+    )
+    if r.total is not None:
+        job.total = r.total
+    if view.eta_seconds is not None:
+        job.eta_seconds = view.eta_seconds
+    return job
+
+
+def job_errors_to_pb(errors: list[LineError]) -> list[jobs_pb2.JobError]:
+    return [jobs_pb2.JobError(line=e.line, document_id=e.doc_id, reason=e.reason) for e in errors]
+
+
+async def upload_chunks(requests) -> AsyncIterator[UploadChunk]:  # type: ignore[no-untyped-def]
+    async for msg in requests:
+        yield UploadChunk(
+            msg.collection, msg.batch_size, msg.format, documents_from_pb(msg.documents), msg.jsonl
+        )

@@ -341,6 +341,51 @@ class Engine:
         self._maybe_snapshot(col, len(docs), outcome.generation)
         return outcome
 
+    async def upsert_embedded(
+        self, name: str, docs: list[Document], vectors: dict[str, np.ndarray]
+    ) -> WriteResult:
+        """Commit documents whose vectors were computed elsewhere (an index job's embedding workers).
+
+        The same atomic write as `upsert`, on the single writer thread, idempotent by id. `vectors` must
+        hold a vector for every document whose text is new or changed; one that is missing because a
+        concurrent write changed the stored text meanwhile is embedded here. No token vectors are queued:
+        the worker that computed the vectors cached them in the same encoder pass when asked to.
+        """
+        col = self._get(name)
+        validation.documents(docs, self.settings)
+        for doc_id, vector in vectors.items():
+            if np.shape(vector) != (col.row.dims,):
+                raise InvalidArgument(
+                    f"vector for {doc_id!r} has shape {np.shape(vector)}; the collection needs ({col.row.dims},)"
+                )
+        vectors = dict(vectors)
+        while True:
+            outcome = await self._run(self._writer, self._commit_upsert, col, docs, vectors)
+            if not outcome.missing_vectors:
+                return WriteResult(outcome.generation, len(docs))
+            missing = set(outcome.missing_vectors)
+            vectors.update(await self._embed(col, [d for d in docs if d.id in missing]))
+
+    async def wait_for_generation(self, name: str, generation: int, timeout_s: float) -> int:
+        """Read your writes: wait until the collection's index shows `generation`, for at most `timeout_s`,
+        then FAILED_PRECONDITION. Returns the generation the index shows."""
+        col = self._get(name)
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        delay = 0.002
+        while col.visible_generation < generation:
+            if self._collections.get(name) is not col:
+                raise NotFound(f"collection {name!r} was deleted")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FailedPrecondition(
+                    f"collection {name!r} is at generation {col.visible_generation}, below the requested "
+                    f"min_generation {generation}; retry later"
+                )
+            # The writer thread publishes visible_generation; a short poll costs nothing next to a write.
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+        return col.visible_generation
+
     async def get_documents(self, name: str, ids: list[str]) -> tuple[list[Document], list[str]]:
         col = self._get(name)
         validation.ids(ids, self.settings)

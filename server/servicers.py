@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import time
+
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
     documents_pb2,
     documents_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
     search_pb2_grpc,
 )
 
-from server import convert
+from server import convert, validation
 from server.engine import Engine
+from server.jobs import JobManager
 
 
 class CollectionServicer(collections_pb2_grpc.CollectionServiceServicer):
@@ -63,5 +68,54 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.engine = engine
 
     async def Search(self, request, context):  # type: ignore[no-untyped-def]
-        result = await self.engine.search(convert.search_query(request), context.time_remaining())
+        query = convert.search_query(request)
+        remaining = context.time_remaining()
+        if validation.min_generation(request.min_generation):
+            # Read your writes: wait (briefly, within the deadline) until the index shows that generation.
+            validation.search(query, self.engine.settings)  # a bad request fails at once, not after the wait
+            wait_s = self.engine.settings.min_generation_wait_s
+            if remaining is not None:
+                wait_s = min(wait_s, remaining - 0.05)
+            started = time.monotonic()
+            await self.engine.wait_for_generation(request.collection, request.min_generation, wait_s)
+            if remaining is not None:
+                remaining -= time.monotonic() - started
+        result = await self.engine.search(query, remaining)
         return convert.search_result_to_pb(result)
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, jobs: JobManager) -> None:
+        self.jobs = jobs
+
+    async def StartIndexJob(self, request, context):  # type: ignore[no-untyped-def]
+        view = await self.jobs.start_file_job(
+            request.collection, request.path, request.format, request.batch_size
+        )
+        return jobs_pb2.StartIndexJobResponse(job=convert.job_to_pb(view))
+
+    async def UploadIndexJob(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        view = await self.jobs.upload_job(convert.upload_chunks(request_iterator))
+        return jobs_pb2.UploadIndexJobResponse(job=convert.job_to_pb(view))
+
+    async def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+        view, errors, next_after = await self.jobs.get(
+            request.id, request.errors_after_line, request.max_errors
+        )
+        return jobs_pb2.GetJobResponse(
+            job=convert.job_to_pb(view),
+            errors=convert.job_errors_to_pb(errors),
+            next_errors_after_line=next_after,
+        )
+
+    async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
+        async for view in self.jobs.watch(request.id, request.min_interval_ms):
+            yield jobs_pb2.WatchJobResponse(job=convert.job_to_pb(view))
+
+    async def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
+        view = await self.jobs.cancel(request.id)
+        return jobs_pb2.CancelJobResponse(job=convert.job_to_pb(view))
+
+    async def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+        views = await self.jobs.list(request.collection, request.limit)
+        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_pb(v) for v in views])

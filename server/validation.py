@@ -13,6 +13,7 @@ from sieve_core.errors import InvalidArgument
 from sieve_core.types import METRICS, Condition, Document, SearchQuery, SearchSettings
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
+_JOB_ID = re.compile(r"^[0-9a-f]{16}$")
 
 
 def _check_text(what: str, value: str) -> None:
@@ -78,29 +79,35 @@ def documents(docs: Sequence[Document], settings: Settings) -> None:
         if doc.id in seen:
             raise InvalidArgument(f"duplicate document id {doc.id!r} in the batch ({where})")
         seen.add(doc.id)
-        if not doc.text.strip():
-            raise InvalidArgument(f"{where} (id {doc.id!r}) has empty text")
-        if len(doc.text) > settings.max_text_chars:
+        document(doc, settings, where)
+
+
+def document(doc: Document, settings: Settings, where: str) -> None:
+    """One document's id, text and metadata; `where` names it in the message (e.g. "documents[3]", "line 7")."""
+    document_id(doc.id, settings, where)
+    if not doc.text.strip():
+        raise InvalidArgument(f"{where} (id {doc.id!r}) has empty text")
+    if len(doc.text) > settings.max_text_chars:
+        raise InvalidArgument(
+            f"{where} (id {doc.id!r}) text has {len(doc.text)} characters; the limit is {settings.max_text_chars}"
+        )
+    _check_text(f"{where}.text", doc.text)
+    if len(doc.metadata) > settings.max_metadata_entries:
+        raise InvalidArgument(
+            f"{where} has {len(doc.metadata)} metadata entries; the limit is {settings.max_metadata_entries}"
+        )
+    for key, value in doc.metadata.items():
+        if not key or len(key) > settings.max_metadata_key_chars:
             raise InvalidArgument(
-                f"{where} (id {doc.id!r}) text has {len(doc.text)} characters; the limit is {settings.max_text_chars}"
+                f"{where} metadata key {key[:40]!r} must have 1-{settings.max_metadata_key_chars} characters"
             )
-        _check_text(f"{where}.text", doc.text)
-        if len(doc.metadata) > settings.max_metadata_entries:
+        if len(value) > settings.max_metadata_value_chars:
             raise InvalidArgument(
-                f"{where} has {len(doc.metadata)} metadata entries; the limit is {settings.max_metadata_entries}"
+                f"{where} metadata value for {key!r} has {len(value)} characters;"
+                f" the limit is {settings.max_metadata_value_chars}"
             )
-        for key, value in doc.metadata.items():
-            if not key or len(key) > settings.max_metadata_key_chars:
-                raise InvalidArgument(
-                    f"{where} metadata key {key[:40]!r} must have 1-{settings.max_metadata_key_chars} characters"
-                )
-            if len(value) > settings.max_metadata_value_chars:
-                raise InvalidArgument(
-                    f"{where} metadata value for {key!r} has {len(value)} characters;"
-                    f" the limit is {settings.max_metadata_value_chars}"
-                )
-            _check_text(f"{where}.metadata key", key)
-            _check_text(f"{where}.metadata[{key!r}]", value)
+        _check_text(f"{where}.metadata key", key)
+        _check_text(f"{where}.metadata[{key!r}]", value)
 
 
 def document_id(doc_id: str, settings: Settings, where: str = "id") -> None:
@@ -154,3 +161,27 @@ def search(query: SearchQuery, settings: Settings) -> int:
     conditions(query.filter, settings)
     search_settings(query.settings, settings)
     return top_k
+
+
+def min_generation(value: int) -> int:
+    if value < 0:
+        raise InvalidArgument(f"min_generation must be 0 or more, got {value}")
+    return value
+
+
+def job_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("job id is empty")
+    if not _JOB_ID.match(value):
+        raise InvalidArgument(f"invalid job id {value[:80]!r}")
+    return value
+
+
+def job_batch_size(value: int, settings: Settings) -> int:
+    """0 means the server default; never more than a write batch may hold."""
+    limit = min(settings.max_batch_documents, 1000)
+    if value < 0 or value > limit:
+        raise InvalidArgument(
+            f"batch_size must be between 1 and {limit} (0: the server default), got {value}"
+        )
+    return min(value or settings.job_batch_size, limit)

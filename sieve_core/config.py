@@ -114,7 +114,10 @@ class Settings(BaseSettings):
 
     # Index jobs (bulk loading, server/jobs.py) and read-your-writes.
     job_batch_size: int = Field(
-        64, ge=1, le=1000, description="Documents per embedding task of an index job (jobs may ask for another)."
+        64,
+        ge=1,
+        le=1000,
+        description="Documents per embedding task of an index job (jobs may ask for another).",
     )
     job_max_inflight_batches: int = Field(
         4,
@@ -133,7 +136,9 @@ class Settings(BaseSettings):
         "(above the embed task's hard time limit, so a slow but healthy task is not run twice).",
     )
     job_batch_retries: int = Field(
-        2, ge=0, description="Times a batch is sent again after a timeout or a worker failure; then the job fails."
+        2,
+        ge=0,
+        description="Times a batch is sent again after a timeout or a worker failure; then the job fails.",
     )
     job_worker_wait_s: float = Field(
         10.0, gt=0, description="A batch no worker has taken for this long makes the job report why it waits."
@@ -150,7 +155,9 @@ class Settings(BaseSettings):
         1 << 20, ge=1024, description="Longest line of a job's source; a longer one is recorded as an error."
     )
     job_max_upload_bytes: int = Field(
-        8 << 30, ge=1, description="Largest UploadIndexJob (written to the data directory before the job starts)."
+        8 << 30,
+        ge=1,
+        description="Largest UploadIndexJob (written to the data directory before the job starts).",
     )
     job_source_dirs: str = Field(
         "",

@@ -21,20 +21,22 @@ STAGE_STATUS_DEGRADED: StageStatus
 STAGE_STATUS_SKIPPED: StageStatus
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "query", "top_k", "filter", "settings", "omit_documents")
+    __slots__ = ("collection", "query", "top_k", "filter", "settings", "omit_documents", "min_generation")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     OMIT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
+    MIN_GENERATION_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     top_k: int
     filter: _common_pb2.Filter
     settings: _common_pb2.SearchSettings
     omit_documents: bool
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., settings: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., omit_documents: _Optional[bool] = ...) -> None: ...
+    min_generation: int
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., settings: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., omit_documents: _Optional[bool] = ..., min_generation: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "stages", "generation", "took_ms")
