@@ -116,6 +116,11 @@ def _index(args: argparse.Namespace) -> int:
                 job = stub.StartIndexJob(request, timeout=60).job
         except grpc.RpcError as exc:
             return _fail(exc)
+        except KeyboardInterrupt:
+            print(
+                "\ninterrupted before the server acknowledged the upload: no job was started", file=sys.stderr
+            )
+            return EXIT_DETACHED
         if args.detach:
             print(json.dumps(_as_dict(job)) if args.json else job.id)
             return 0

@@ -26,6 +26,7 @@ from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
+from pydantic import ValidationError
 
 from sieve_core.config import Settings
 from sieve_core.contracts import EmbedRequest, EmbedResult
@@ -35,7 +36,13 @@ POLL_S = 0.5
 
 
 class EmbedFailed(Exception):
-    """A batch could not be embedded; the job fails with this reason."""
+    """A batch could not be embedded. `by_content`: the task itself failed (its texts may be at fault, so
+    the job looks for the bad line); otherwise no worker or no Redis was there (the job fails)."""
+
+    def __init__(self, reason: str, by_content: bool, refused: bool = False) -> None:
+        super().__init__(reason)
+        self.by_content = by_content
+        self.refused = refused  # the task contract refused the texts: nothing was sent, trying is free
 
 
 class Stopped(Exception):
@@ -62,6 +69,7 @@ class Pending:
     task: Any = None  # celery AsyncResult (worker embedder)
     future: Future | None = None  # type: ignore[type-arg]  # in-process embedder
     error: str = ""  # why the last send failed (task is None)
+    refused: str = ""  # why the task contract refused the texts (nothing was sent)
     sent_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None
     attempts: int = 0
@@ -99,7 +107,7 @@ class InProcessEmbedder:
         try:
             vectors = waiting.result()
         except Exception as exc:
-            raise EmbedFailed(f"embedding failed: {type(exc).__name__}: {exc}"[:500]) from None
+            raise EmbedFailed(f"embedding failed: {type(exc).__name__}: {exc}"[:500], True) from None
         return dict(zip(pending.ids, vectors, strict=True))
 
     async def discard(self, pendings: list[Pending]) -> None:
@@ -148,7 +156,12 @@ class WorkerEmbedder:
     def _send(self, pending: Pending) -> None:
         from workers.celery_app import TASK_EMBED
 
-        request = EmbedRequest(texts=pending.texts, **self._fields)
+        try:
+            request = EmbedRequest(texts=pending.texts, **self._fields)
+        except ValidationError as exc:  # e.g. a text longer than the task contract allows
+            first = exc.errors()[0]
+            pending.refused = f"the embed task refuses it: {first.get('msg', exc)}"[:300]
+            return
         try:
             pending.task = self._client().send_task(TASK_EMBED, args=[request.to_json()], retry=False)
             pending.error = ""
@@ -229,6 +242,8 @@ class WorkerEmbedder:
     async def result(self, pending: Pending, job: JobHooks) -> dict[str, np.ndarray]:
         if not pending.texts:
             return {}
+        if pending.refused:
+            raise EmbedFailed(pending.refused, True, refused=True)
         s = self._settings
         stuck_since: float | None = None  # since when no worker (or no Redis) could take the batch
         while True:
@@ -240,7 +255,7 @@ class WorkerEmbedder:
                 job.set_status(f"waiting for Redis: {pending.error}", True)
                 if now - stuck_since > s.job_worker_timeout_s:
                     raise EmbedFailed(
-                        f"Redis was unreachable for {s.job_worker_timeout_s:.0f} s ({pending.error})"
+                        f"Redis was unreachable for {s.job_worker_timeout_s:.0f} s ({pending.error})", False
                     )
                 await asyncio.sleep(1.0)
                 await self._call(self._send, pending)
@@ -261,7 +276,7 @@ class WorkerEmbedder:
             if kind == "failed":
                 pending.attempts += 1
                 if pending.attempts > s.job_batch_retries:
-                    raise EmbedFailed(f"embedding a batch failed {pending.attempts} times; last: {value}")
+                    raise EmbedFailed(f"embedding failed {pending.attempts} times; last: {value}", True)
                 log.warning("embed task failed (%s); sending the batch again", value)
                 job.count_retry()
                 await self._call(self._resend, pending)
@@ -282,7 +297,9 @@ class WorkerEmbedder:
                 True,
             )
             if now - stuck_since > s.job_worker_timeout_s:
-                raise EmbedFailed(f"no worker consumed the embed queue for {s.job_worker_timeout_s:.0f} s")
+                raise EmbedFailed(
+                    f"no worker consumed the embed queue for {s.job_worker_timeout_s:.0f} s", False
+                )
 
     async def discard(self, pendings: list[Pending]) -> None:
         for pending in pendings:

@@ -45,6 +45,7 @@ class Batch:
     last_line: int  # the last line read (inclusive)
     end_offset: int  # byte offset just after `last_line`
     docs: list[Document] = field(default_factory=list)  # one per id: the batch's last line with that id
+    lines: dict[str, int] = field(default_factory=dict)  # id -> the line its document comes from
     valid_lines: int = 0  # lines that gave a document (including ones a later line of the batch replaced)
     errors: list[LineError] = field(default_factory=list)
 
@@ -133,6 +134,7 @@ class SourceReader:
                 continue
             by_id.pop(doc.id, None)  # the last line with an id wins; keep the batch in source order
             by_id[doc.id] = doc
+            batch.lines[doc.id] = number
             batch.valid_lines += 1
         if lines == 0:
             return None

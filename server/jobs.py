@@ -384,10 +384,16 @@ class JobManager:
             key=lambda j: (j.record.created_at, j.record.id),
         )
         for live in queued:
-            if len(running) >= self._settings.job_max_concurrent:
-                break
-            if live.record.collection in busy:
+            ahead = next((j for j in running if j.record.collection == live.record.collection), None)
+            if ahead is not None or live.record.collection in busy:
+                who = f"job {ahead.record.id}" if ahead is not None else "an earlier job"
+                live.set_status(f"queued behind {who} on the same collection", False)
                 continue
+            if len(running) >= self._settings.job_max_concurrent:
+                live.set_status(f"queued: {len(running)} jobs are running (SIEVE_JOB_MAX_CONCURRENT)", False)
+                busy.add(live.record.collection)  # later jobs on this collection must not overtake it
+                continue
+            live.set_status("", False)
             busy.add(live.record.collection)
             running.append(live)
             live.task = asyncio.create_task(self._run(live), name=f"sieve-job-{live.record.id}")
@@ -548,7 +554,7 @@ class JobManager:
                     break
                 batch, pending = in_flight[0]
                 try:
-                    vectors = await embedder.result(pending, live)
+                    vectors = await self._vectors(embedder, pending, batch, live)
                 except Stopped:
                     break
                 in_flight.popleft()
@@ -569,6 +575,54 @@ class JobManager:
             await self._finish(live, CANCELLED, f"cancelled; committed through line {record.next_line - 1}")
         else:
             await self._save(record)  # paused by shutdown: RUNNING on disk, resumed on restart
+
+    async def _vectors(
+        self, embedder: Embedder, pending: Pending, batch: Batch, live: LiveJob
+    ) -> dict[str, Any]:
+        """The batch's vectors. If its embedding task keeps failing, find the line at fault: the documents
+        the task cannot embed move from the batch to its errors, and the rest goes on."""
+        try:
+            return await embedder.result(pending, live)
+        except EmbedFailed as exc:
+            if not exc.by_content:
+                raise
+            vectors, bad = await self._isolate(embedder, pending.ids, pending.texts, str(exc), live)
+        batch.docs = [d for d in batch.docs if d.id not in bad]
+        batch.valid_lines -= len(bad)
+        for doc_id, reason in bad.items():
+            batch.errors.append(LineError(batch.lines[doc_id], doc_id, f"embedding failed: {reason}"[:500]))
+        batch.errors.sort(key=lambda e: e.line)
+        return vectors
+
+    async def _isolate(
+        self, embedder: Embedder, ids: list[str], texts: list[str], reason: str, live: LiveJob
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        """Bisect a failing batch: each half is tried once; a failing single document is a bad line. If both
+        halves fail it is not one bad document but the workers (or several): the job fails."""
+        if len(ids) == 1:
+            return {}, {ids[0]: reason}
+        mid = len(ids) // 2
+        vectors: dict[str, Any] = {}
+        failing: list[tuple[list[str], list[str], EmbedFailed]] = []
+        for part_ids, part_texts in ((ids[:mid], texts[:mid]), (ids[mid:], texts[mid:])):
+            pending = await embedder.submit(part_ids, part_texts)
+            pending.attempts = self._settings.job_batch_retries  # one try
+            try:
+                vectors.update(await embedder.result(pending, live))
+            except EmbedFailed as exc:
+                if not exc.by_content:
+                    raise
+                failing.append((part_ids, part_texts, exc))
+        if len(failing) == 2 and not all(f[2].refused for f in failing):
+            raise EmbedFailed(
+                f"a batch fails in both halves, so not because of one document: {reason}", False
+            )
+        bad: dict[str, str] = {}
+        for part_ids, part_texts, part_exc in failing:
+            more, part_bad = await self._isolate(embedder, part_ids, part_texts, str(part_exc), live)
+            vectors.update(more)
+            bad.update(part_bad)
+        return vectors, bad
 
     async def _commit(self, live: LiveJob, batch: Batch, vectors: dict[str, Any]) -> None:
         record = live.record

@@ -483,6 +483,34 @@ async def test_no_worker_is_reported_then_fails_the_job(redis_url, worker, tmp_p
         await stop_api(api)
 
 
+@aio
+async def test_documents_a_worker_task_cannot_take_are_isolated_as_bad_lines(
+    redis_url, worker, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # The server accepts texts up to 100,000 characters, the embed task contract only 65,536: the job
+    # bisects the failing batches down to those documents and records them; the rest is committed.
+    api = await start_api(make_settings(tmp_path, redis_url=redis_url, max_text_chars=100_000))
+    try:
+        name = await _collection(api)
+        rows = [{"id": f"i{i}", "text": _text(i, " iso")} for i in range(30)]
+        for i in (3, 7, 22):  # two in the first batch of 10, one in the third
+            rows[i]["text"] = "long " * 14_000
+        path = _write(tmp_path / "iso.jsonl", rows)
+        job = (
+            await _jobs(api).StartIndexJob(
+                J.StartIndexJobRequest(collection=name, path=str(path), batch_size=10)
+            )
+        ).job
+        final = (await _watch(api, job.id))[-1]
+        assert (final.state, final.done, final.failed) == (J.JOB_STATE_SUCCEEDED, 27, 3), final
+        errors = (await _jobs(api).GetJob(J.GetJobRequest(id=job.id))).errors
+        assert [(e.line, e.document_id) for e in errors] == [(4, "i3"), (8, "i7"), (23, "i22")]
+        assert all("embedding failed: the embed task refuses it" in e.reason for e in errors), errors
+        assert (await _info(api, name)).document_count == 27
+    finally:
+        await stop_api(api)
+
+
 # -- kill -9 of a real `sieve serve` process mid-job -------------------------------------------------
 @contextmanager
 def _serve(
