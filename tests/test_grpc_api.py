@@ -154,6 +154,10 @@ async def test_unconfigured_rerank_stage_degrades_or_fails(api) -> None:  # type
             )
         )
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    # The message names what is missing and how to fix it.
+    assert "no cross_encoder model is configured" in err.value.details()
+    assert "sieve models export cross-encoder" in err.value.details()
+    assert "SIEVE_CROSS_ENCODER_MODEL" in err.value.details()
 
 
 async def test_filter_exact_match_all_conditions(api) -> None:  # type: ignore[no-untyped-def]
