@@ -143,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     from server import cli_jobs  # `sieve index` and `sieve jobs`
 
     cli_jobs.register(sub)
+    from server import cli_client  # `sieve collections`, `sieve docs`, `sieve search` (the Python client)
+
+    cli_client.register(sub)
     return parser
 
 

@@ -1,0 +1,168 @@
+"""Typed arguments -> sieve.v1 request messages (shared by the sync and async clients)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Literal, TypeAlias
+
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
+
+StageModeArg: TypeAlias = Literal["off", "best_effort", "required"] | common_pb2.StageMode | int | None
+MetricArg: TypeAlias = Literal["cosine", "ip", "l2"] | common_pb2.Metric | int | None
+FormatArg: TypeAlias = Literal["auto", "sieve", "beir"] | jobs_pb2.SourceFormat | int
+DocumentArg: TypeAlias = documents_pb2.Document | Mapping[str, Any]
+FilterArg: TypeAlias = Mapping[str, str] | common_pb2.Filter | None
+SettingsArg: TypeAlias = common_pb2.SearchSettings | Mapping[str, Any] | None
+
+_STAGE_MODES = {
+    "off": common_pb2.STAGE_MODE_OFF,
+    "best_effort": common_pb2.STAGE_MODE_BEST_EFFORT,
+    "best-effort": common_pb2.STAGE_MODE_BEST_EFFORT,
+    "required": common_pb2.STAGE_MODE_REQUIRED,
+}
+_METRICS = {
+    "cosine": common_pb2.METRIC_COSINE,
+    "ip": common_pb2.METRIC_INNER_PRODUCT,
+    "inner_product": common_pb2.METRIC_INNER_PRODUCT,
+    "l2": common_pb2.METRIC_L2,
+}
+_FORMATS = {
+    "auto": jobs_pb2.SOURCE_FORMAT_UNSPECIFIED,
+    "sieve": jobs_pb2.SOURCE_FORMAT_SIEVE,
+    "beir": jobs_pb2.SOURCE_FORMAT_BEIR,
+}
+
+
+def _lookup(table: Mapping[str, int], value: str | int, what: str) -> int:
+    if isinstance(value, str):
+        try:
+            return table[value.lower()]
+        except KeyError:
+            raise ValueError(f"unknown {what} {value!r}; one of {sorted(table)}") from None
+    return int(value)
+
+
+def stage_mode(value: StageModeArg) -> int:
+    return common_pb2.STAGE_MODE_UNSPECIFIED if value is None else _lookup(_STAGE_MODES, value, "stage mode")
+
+
+def source_format(value: FormatArg) -> int:
+    return _lookup(_FORMATS, value, "source format")
+
+
+def document(value: DocumentArg) -> documents_pb2.Document:
+    if isinstance(value, documents_pb2.Document):
+        return value
+    return documents_pb2.Document(
+        id=str(value["id"]), text=str(value["text"]), metadata=dict(value.get("metadata") or {})
+    )
+
+
+def search_settings(
+    base: SettingsArg,
+    *,
+    retrieve_candidates: int | None = None,
+    ef_search: int | None = None,
+    late_interaction: StageModeArg = None,
+    late_interaction_keep: int | None = None,
+    cross_encoder: StageModeArg = None,
+    cross_encoder_keep: int | None = None,
+) -> common_pb2.SearchSettings:
+    """`base` (a message or a dict of its fields), with the keyword arguments that are not None on top."""
+    settings = common_pb2.SearchSettings()
+    if isinstance(base, common_pb2.SearchSettings):
+        settings.CopyFrom(base)
+    elif base:
+        base = dict(base)
+        for key in ("late_interaction", "cross_encoder"):
+            if key in base:
+                base[key] = stage_mode(base[key])
+        settings = common_pb2.SearchSettings(**base)
+    for key, value in (
+        ("retrieve_candidates", retrieve_candidates),
+        ("ef_search", ef_search),
+        ("late_interaction_keep", late_interaction_keep),
+        ("cross_encoder_keep", cross_encoder_keep),
+    ):
+        if value is not None:
+            setattr(settings, key, value)
+    if late_interaction is not None:
+        settings.late_interaction = stage_mode(late_interaction)  # type: ignore[assignment]
+    if cross_encoder is not None:
+        settings.cross_encoder = stage_mode(cross_encoder)  # type: ignore[assignment]
+    return settings
+
+
+def create_collection(
+    name: str, embedding_model: str, metric: MetricArg, defaults: SettingsArg
+) -> collections_pb2.CreateCollectionRequest:
+    return collections_pb2.CreateCollectionRequest(
+        collection=collections_pb2.Collection(
+            name=name,
+            embedding_model=embedding_model,
+            metric=common_pb2.METRIC_UNSPECIFIED if metric is None else _lookup(_METRICS, metric, "metric"),  # type: ignore[arg-type]
+            defaults=search_settings(defaults),
+        )
+    )
+
+
+def upsert(collection: str, documents: Iterable[DocumentArg]) -> documents_pb2.UpsertDocumentsRequest:
+    return documents_pb2.UpsertDocumentsRequest(
+        collection=collection, documents=[document(d) for d in documents]
+    )
+
+
+def search(
+    collection: str,
+    query: str,
+    *,
+    top_k: int,
+    filter: FilterArg,
+    settings: common_pb2.SearchSettings,
+    omit_documents: bool,
+    min_generation: int,
+) -> search_pb2.SearchRequest:
+    if filter is None or isinstance(filter, common_pb2.Filter):
+        flt = filter
+    else:
+        flt = common_pb2.Filter(all=[common_pb2.Condition(key=k, equals=v) for k, v in filter.items()])
+    return search_pb2.SearchRequest(
+        collection=collection,
+        query=query,
+        top_k=top_k,
+        filter=flt,
+        settings=settings,
+        omit_documents=omit_documents,
+        min_generation=min_generation,
+    )
+
+
+def upload_messages(
+    collection: str,
+    source: str | Path | Iterable[DocumentArg],
+    *,
+    format: FormatArg,
+    batch_size: int,
+    chunk_bytes: int = 1 << 20,
+    documents_per_message: int = 500,
+) -> Iterator[jobs_pb2.UploadIndexJobRequest]:
+    """The UploadIndexJob request stream: the raw bytes of a JSONL file, or documents in groups."""
+    yield jobs_pb2.UploadIndexJobRequest(
+        collection=collection,
+        batch_size=batch_size,
+        format=source_format(format),  # type: ignore[arg-type]
+    )
+    if isinstance(source, str | Path):
+        with Path(source).open("rb") as fh:
+            while chunk := fh.read(chunk_bytes):
+                yield jobs_pb2.UploadIndexJobRequest(jsonl=chunk)
+        return
+    group: list[documents_pb2.Document] = []
+    for item in source:
+        group.append(document(item))
+        if len(group) >= documents_per_message:
+            yield jobs_pb2.UploadIndexJobRequest(documents=group)
+            group = []
+    if group:
+        yield jobs_pb2.UploadIndexJobRequest(documents=group)

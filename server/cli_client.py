@@ -1,0 +1,335 @@
+"""`sieve collections`, `sieve docs` and `sieve search`: the API from the command line, through the Python
+client facade (`sieve.SieveClient`) only.
+
+    sieve collections create NAME [--model M] [--metric cosine|ip|l2] [--late MODE] [--candidates N]
+    sieve collections list | get NAME | delete NAME
+    sieve docs upsert COLLECTION FILE.jsonl      (Sieve lines: {"id", "text", "metadata"}; '-' for stdin)
+    sieve docs get COLLECTION ID... | delete COLLECTION ID...
+    sieve search QUERY --collection NAME [--top-k K] [--filter KEY=VALUE]... [--late [MODE]] [--cross [MODE]]
+                 [--candidates N] [--late-keep N] [--cross-keep N] [--min-generation G] [--json]
+
+Every command takes --address (default SIEVE_GRPC_ADDRESS), --api-key, --tls/--ca-cert, --timeout and
+--json (the messages as proto3 JSON, for scripts). Exit codes: 0 done, 1 the server refused (the status
+and message go to stderr), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sieve
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+from sieve import SieveClient, SieveError
+
+MODES = ("off", "best_effort", "required")
+
+
+def register(sub: Any) -> None:
+    """Adds `collections`, `docs` and `search` to the `sieve` command's subparsers."""
+    col = sub.add_parser("collections", help="create, list, show or delete collections")
+    csub = col.add_subparsers(dest="collections_command", required=True)
+    create = csub.add_parser("create", help="create a collection")
+    create.add_argument("name")
+    create.add_argument("--model", default="", help="bi-encoder bundle (default: the server's)")
+    create.add_argument("--metric", choices=("cosine", "ip", "l2"), help="default: the server's (cosine)")
+    create.add_argument("--late", choices=MODES, help="default late-interaction mode for searches")
+    create.add_argument("--cross", choices=MODES, help="default cross-encoder mode for searches")
+    create.add_argument("--candidates", type=int, help="default candidates retrieved for re-ranking")
+    parsers = [create]
+    for verb, text in (("list", "all collections"), ("get", "one collection"), ("delete", "delete one")):
+        p = csub.add_parser(verb, help=text)
+        if verb != "list":
+            p.add_argument("name")
+        parsers.append(p)
+    col.set_defaults(func=_collections)
+
+    docs = sub.add_parser("docs", help="upsert, get or delete documents")
+    dsub = docs.add_subparsers(dest="docs_command", required=True)
+    up = dsub.add_parser("upsert", help="upsert a JSONL file of Sieve lines, in batches")
+    up.add_argument("collection")
+    up.add_argument("file", help='JSONL ({"id", "text", "metadata"} per line); - for stdin')
+    up.add_argument("--batch-size", type=int, default=256, help="documents per UpsertDocuments call")
+    parsers.append(up)
+    for verb in ("get", "delete"):
+        p = dsub.add_parser(verb, help=f"{verb} documents by id")
+        p.add_argument("collection")
+        p.add_argument("ids", nargs="+", metavar="ID")
+        parsers.append(p)
+    docs.set_defaults(func=_docs)
+
+    se = sub.add_parser("search", help="search a collection; shows every stage's scores and timings")
+    se.add_argument("query")
+    se.add_argument("--collection", "-c", required=True)
+    se.add_argument("--top-k", "-k", type=int, default=0, help="hits (default: the server's, 10)")
+    se.add_argument(
+        "--filter", action="append", default=[], metavar="KEY=VALUE", help="repeatable; all must hold"
+    )
+    se.add_argument(
+        "--late", nargs="?", const="best_effort", choices=MODES, help="late interaction (alone: best_effort)"
+    )
+    se.add_argument(
+        "--cross", nargs="?", const="best_effort", choices=MODES, help="cross-encoder (alone: best_effort)"
+    )
+    se.add_argument("--candidates", type=int, help="candidates the retrieval stage hands on")
+    se.add_argument("--late-keep", type=int, help="candidates late interaction keeps")
+    se.add_argument("--cross-keep", type=int, help="candidates the cross-encoder keeps")
+    se.add_argument("--ef-search", type=int, help="HNSW search breadth")
+    se.add_argument(
+        "--min-generation", type=int, default=0, help="read your writes: wait for this generation"
+    )
+    se.add_argument("--omit-documents", action="store_true", help="ids and scores only")
+    se.set_defaults(func=_search)
+    parsers.append(se)
+
+    for p in parsers:
+        p.add_argument("--address", help="the server (default: SIEVE_GRPC_ADDRESS)")
+        p.add_argument("--api-key", help="sent as `authorization: Bearer KEY`")
+        p.add_argument("--tls", action="store_true", help="use TLS (system trust store unless --ca-cert)")
+        p.add_argument("--ca-cert", type=Path, help="PEM file of the CA to trust (implies --tls)")
+        p.add_argument("--timeout", type=float, help="deadline per call in seconds (default: the client's)")
+        p.add_argument("--json", action="store_true", help="print proto3 JSON")
+
+
+# -- plumbing -------------------------------------------------------------------------------------
+def _address(args: argparse.Namespace) -> str:
+    if args.address:
+        return str(args.address)
+    from sieve_core.config import load_settings
+
+    return load_settings().grpc_address
+
+
+@contextmanager
+def _client(args: argparse.Namespace) -> Iterator[SieveClient]:
+    with SieveClient(
+        _address(args), tls=args.tls, root_certificates=args.ca_cert, api_key=args.api_key
+    ) as client:
+        yield client
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True)  # type: ignore[no-any-return]
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False))
+
+
+def _guarded(run: Any, args: argparse.Namespace) -> int:
+    try:
+        with _client(args) as client:
+            return int(run(client, args))
+    except SieveError as exc:
+        print(f"sieve: {exc.code.name}: {exc.message}", file=sys.stderr)
+        return 1
+
+
+def _console() -> Console:
+    # Piped output is not cut to rich's 80-column default.
+    return Console(width=None if sys.stdout.isatty() else 160)
+
+
+def _name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower()
+
+
+# -- collections ----------------------------------------------------------------------------------
+def _collections(args: argparse.Namespace) -> int:
+    return _guarded(_collections_on, args)
+
+
+def _collections_on(client: SieveClient, args: argparse.Namespace) -> int:
+    command = args.collections_command
+    if command == "create":
+        defaults: dict[str, Any] = {}
+        if args.late:
+            defaults["late_interaction"] = args.late
+        if args.cross:
+            defaults["cross_encoder"] = args.cross
+        if args.candidates:
+            defaults["retrieve_candidates"] = args.candidates
+        created = client.create_collection(
+            args.name, embedding_model=args.model, metric=args.metric, defaults=defaults, timeout=args.timeout
+        )
+        _show_collections([created], args.json, one=True)
+    elif command == "list":
+        _show_collections(client.list_collections(timeout=args.timeout), args.json)
+    elif command == "get":
+        _show_collections([client.get_collection(args.name, timeout=args.timeout)], args.json, one=True)
+    else:
+        client.delete_collection(args.name, timeout=args.timeout)
+        if args.json:
+            _print_json({"deleted": args.name})
+        else:
+            print(f"deleted collection {args.name!r}")
+    return 0
+
+
+def _show_collections(collections: list[sieve.Collection], as_json: bool, one: bool = False) -> None:
+    if as_json:
+        _print_json(_as_dict(collections[0]) if one else [_as_dict(c) for c in collections])
+        return
+    table = Table("name", "model", "metric", "dims", "documents", "generation", "defaults", "created")
+    for c in collections:
+        defaults = ", ".join(
+            f"{k}={str(v).removeprefix('STAGE_MODE_').lower()}" for k, v in _as_dict(c.defaults).items()
+        )
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created_at.seconds))
+        table.add_row(
+            c.name,
+            c.embedding_model_id or c.embedding_model,
+            _name(sieve.Metric, c.metric, "METRIC_"),
+            str(c.dimensions),
+            str(c.document_count),
+            str(c.generation),
+            defaults or "-",
+            created,
+        )
+    _console().print(table)
+
+
+# -- documents ------------------------------------------------------------------------------------
+def _docs(args: argparse.Namespace) -> int:
+    return _guarded(_docs_on, args)
+
+
+def _read_lines(path: str) -> Iterator[dict[str, Any]]:
+    with contextlib.nullcontext(sys.stdin) if path == "-" else Path(path).open(encoding="utf-8") as stream:
+        for number, line in enumerate(stream, 1):
+            if line.strip():
+                try:
+                    yield json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise SystemExit(f"sieve docs upsert: {path}:{number}: not JSON ({exc})") from None
+
+
+def _docs_on(client: SieveClient, args: argparse.Namespace) -> int:
+    command = args.docs_command
+    if command == "upsert":
+        batch: list[dict[str, Any]] = []
+        total, generation = 0, 0
+
+        def flush() -> None:
+            nonlocal total, generation
+            if batch:
+                written = client.upsert_documents(args.collection, batch, timeout=args.timeout)
+                total, generation = total + written.upserted, written.generation
+                batch.clear()
+
+        for doc in _read_lines(args.file):
+            batch.append(doc)
+            if len(batch) >= args.batch_size:
+                flush()
+        flush()
+        if args.json:
+            _print_json({"upserted": total, "generation": generation})
+        else:
+            print(f"upserted {total} documents into {args.collection!r} (generation {generation})")
+    elif command == "get":
+        got = client.get_documents(args.collection, args.ids, timeout=args.timeout)
+        if args.json:
+            _print_json(_as_dict(got))
+        else:
+            table = Table("id", "text", "metadata")
+            for d in got.documents:
+                table.add_row(d.id, d.text, json.dumps(dict(d.metadata), ensure_ascii=False))
+            _console().print(table)
+            if got.missing_ids:
+                print(f"missing: {', '.join(got.missing_ids)}")
+    else:
+        deleted = client.delete_documents(args.collection, args.ids, timeout=args.timeout)
+        if args.json:
+            _print_json(_as_dict(deleted))
+        else:
+            print(
+                f"deleted {deleted.deleted}, not found {deleted.not_found} (generation {deleted.generation})"
+            )
+    return 0
+
+
+# -- search ---------------------------------------------------------------------------------------
+def _search(args: argparse.Namespace) -> int:
+    filters: dict[str, str] = {}
+    for item in args.filter:
+        key, sep, value = item.partition("=")
+        if not sep:
+            print(f"sieve search: --filter {item!r} is not KEY=VALUE", file=sys.stderr)
+            return 2
+        filters[key] = value
+    args.filters = filters
+    return _guarded(_search_on, args)
+
+
+def _search_on(client: SieveClient, args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    response = client.search(
+        args.collection,
+        args.query,
+        top_k=args.top_k,
+        filter=args.filters or None,
+        retrieve_candidates=args.candidates,
+        ef_search=args.ef_search,
+        late_interaction=args.late,
+        late_interaction_keep=args.late_keep,
+        cross_encoder=args.cross,
+        cross_encoder_keep=args.cross_keep,
+        omit_documents=args.omit_documents,
+        min_generation=args.min_generation,
+        timeout=args.timeout,
+    )
+    round_trip_ms = (time.perf_counter() - started) * 1000
+    if args.json:
+        _print_json({**_as_dict(response), "round_trip_ms": round_trip_ms})
+    else:
+        show_search(response, round_trip_ms)
+    return 0
+
+
+def show_search(response: sieve.SearchResponse, round_trip_ms: float, console: Console | None = None) -> None:
+    """Two tables: the hits with every stage's score (and rank), then one row per stage."""
+    console = console or _console()
+    ran = [s.stage for s in response.stages if s.status != sieve.StageStatus.STAGE_STATUS_SKIPPED]
+    hits = Table(title="hits (stage columns: score and rank in that stage)", title_justify="left")
+    hits.add_column("#", justify="right", no_wrap=True, min_width=2)
+    hits.add_column("id", no_wrap=True, min_width=4)
+    hits.add_column("score", justify="right", no_wrap=True, min_width=7)
+    for stage in ran:
+        name = _name(sieve.Stage, stage, "STAGE_")
+        hits.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 11))
+    hits.add_column("text", overflow="ellipsis", no_wrap=True, max_width=70)
+    for rank, hit in enumerate(response.hits, 1):
+        by_stage = {s.stage: s for s in hit.stage_scores}
+        cells = [f"{by_stage[s].score:.4f} (#{by_stage[s].rank + 1})" if s in by_stage else "-" for s in ran]
+        hits.add_row(str(rank), hit.id, f"{hit.score:.4f}", *cells, hit.text.replace("\n", " "))
+    console.print(hits)
+
+    stages = Table(title="stages", title_justify="left")
+    for column in ("stage", "status", "in", "out", "ms", "method"):
+        stages.add_column(column, no_wrap=True, justify="right" if column in ("in", "out", "ms") else "left")
+    stages.add_column("model / reason", ratio=1)
+    for s in response.stages:
+        status = _name(sieve.StageStatus, s.status, "STAGE_STATUS_")
+        style = {"degraded": "yellow", "skipped": "dim"}.get(status, "")
+        stages.add_row(
+            _name(sieve.Stage, s.stage, "STAGE_"),
+            f"[{style}]{status}[/]" if style else status,
+            str(s.candidates_in),
+            str(s.candidates_out),
+            f"{s.took_ms:.2f}",
+            s.method or "-",
+            "\n".join(x for x in (s.model_id, s.reason and f"[{style}]{s.reason}[/]") if x) or "-",
+        )
+    console.print(stages)
+    console.print(
+        f"generation {response.generation}; server {response.took_ms:.2f} ms, round trip {round_trip_ms:.2f} ms"
+    )
