@@ -12,48 +12,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-from tokenizers import Encoding, Tokenizer
+from tokenizers import Encoding
 
 from sieve_core.models.bundle import MODEL_FILE, TOKENIZER_FILE, BundleError, load_bundle_manifest
+from sieve_core.models.onnx_common import ENCODING_FIELDS, make_session, make_tokenizer
 
 # Same epsilons as sentence-transformers' Pooling (clamp of the token count) and torch's F.normalize.
 _MASK_EPS = 1e-9
 _NORM_EPS = 1e-12
-# Values the exporter may declare; each maps to one field of a tokenizers Encoding.
-_ENCODING_FIELDS = {"input_ids": "ids", "attention_mask": "attention_mask", "token_type_ids": "type_ids"}
 
 Batch = tuple[list[int], dict[str, np.ndarray]]
-
-
-def _make_session(model_path: Path, intra_op_threads: int, spin: bool = False) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    # A BERT graph is one chain of ops: inter-op parallelism buys nothing and costs threads.
-    options.inter_op_num_threads = 1
-    if intra_op_threads > 0:
-        options.intra_op_num_threads = intra_op_threads
-    if not spin:
-        # Idle pool threads otherwise busy-wait after each run, taking cores from the gRPC loop,
-        # SQLite and other processes on a small machine.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(model_path), sess_options=options, providers=["CPUExecutionProvider"])
-
-
-def _make_tokenizer(tokenizer_path: Path, max_length: int) -> tuple[Tokenizer, int]:
-    """Tokenizer with the bundle's truncation and no padding; also returns the pad id.
-
-    The tokenizer.json of a Hugging Face checkpoint carries whatever truncation/padding it was saved
-    with (all-MiniLM-L6-v2's says 128 and fixed padding to 128), not the max_seq_length the model was
-    trained and is served with, so both are set here from the manifest, once, for index and query alike.
-    """
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    pad_id = int((tokenizer.padding or {}).get("pad_id", 0))
-    tokenizer.no_padding()
-    # max_length counts the special tokens ([CLS] ... [SEP]), as in transformers' truncation.
-    tokenizer.enable_truncation(max_length=max_length)
-    return tokenizer, pad_id
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
@@ -74,14 +42,14 @@ class BiEncoderRunner:
                 f"model bundle {bundle}: BiEncoderRunner serves kind 'bi_encoder' with "
                 f"mean pooling, got {self.manifest.kind!r} / {self.manifest.pooling!r}"
             )
-        unknown = sorted(set(self.manifest.input_names) - set(_ENCODING_FIELDS))
+        unknown = sorted(set(self.manifest.input_names) - set(ENCODING_FIELDS))
         if unknown:
             raise BundleError(f"model bundle {bundle}: cannot feed inputs {unknown}")
         self.model_id = self.manifest.model_id
         self.dims = self.manifest.dims
-        self._session = _make_session(bundle / MODEL_FILE, intra_op_threads, spin)
+        self._session = make_session(bundle / MODEL_FILE, intra_op_threads, spin)
         self._check_graph(bundle)
-        self._tokenizer, self._pad_id = _make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
+        self._tokenizer, self._pad_id = make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
 
     def _check_graph(self, bundle: Path) -> None:
         # A manifest that disagrees with its graph would fail on the first request; fail at load instead.
@@ -170,7 +138,7 @@ class BiEncoderRunner:
 
     def _pad(self, encodings: list[Encoding], keep_special_mask: bool) -> dict[str, np.ndarray]:
         width = max(len(e.ids) for e in encodings)
-        fields = dict(_ENCODING_FIELDS)
+        fields = dict(ENCODING_FIELDS)
         if keep_special_mask:
             fields["special_tokens_mask"] = "special_tokens_mask"
         arrays = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in fields}

@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from sieve_core.models.bi_encoder import _make_session, _make_tokenizer
 from sieve_core.models.bundle import (
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -42,6 +41,7 @@ from sieve_core.models.bundle import (
     BundleManifest,
     load_bundle_manifest,
 )
+from sieve_core.models.onnx_common import make_session, make_tokenizer
 
 KIND = "colbert"
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -149,13 +149,13 @@ class ColbertRunner:
         self.options = ColbertOptions.from_manifest(self.manifest, bundle)
         self.model_id = self.manifest.model_id
         self.dims = self.manifest.dims
-        self._session = _make_session(bundle / MODEL_FILE, intra_op_threads, spin)
+        self._session = make_session(bundle / MODEL_FILE, intra_op_threads, spin)
         self._check_graph(bundle)
         opts = self.options
         # Each side truncates to its length minus one: the marker is inserted after tokenization,
         # exactly as both reference libraries do (max_length - 1, then insert after [CLS]).
-        query_tok, _ = _make_tokenizer(bundle / TOKENIZER_FILE, opts.query_max_length - 1)
-        doc_tok, pad_id = _make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length - 1)
+        query_tok, _ = make_tokenizer(bundle / TOKENIZER_FILE, opts.query_max_length - 1)
+        doc_tok, pad_id = make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length - 1)
         self._check_tokenizer(bundle, doc_tok)
         expand = opts.query_expansion
         self._query = _Side(

@@ -21,7 +21,6 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Encoding
 
-from sieve_core.models.bi_encoder import _ENCODING_FIELDS, _make_session, _make_tokenizer
 from sieve_core.models.bundle import (
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -29,6 +28,7 @@ from sieve_core.models.bundle import (
     BundleManifest,
     load_bundle_manifest,
 )
+from sieve_core.models.onnx_common import ENCODING_FIELDS, make_session, make_tokenizer
 
 KIND = "cross_encoder"
 ACTIVATIONS = frozenset({"sigmoid", "identity"})
@@ -86,16 +86,16 @@ class CrossEncoderRunner:
         self.manifest = load_bundle_manifest(bundle)
         _check_kind(bundle, self.manifest)
         self.activation, self._max_batch = _read_options(bundle, self.manifest.options)
-        unknown = sorted(set(self.manifest.input_names) - set(_ENCODING_FIELDS))
+        unknown = sorted(set(self.manifest.input_names) - set(ENCODING_FIELDS))
         if unknown:
             raise BundleError(f"model bundle {bundle}: cannot feed inputs {unknown}")
         self.model_id = self.manifest.model_id
-        self._session = _make_session(bundle / MODEL_FILE, intra_op_threads, spin)
+        self._session = make_session(bundle / MODEL_FILE, intra_op_threads, spin)
         self._check_graph(bundle)
         # The bi-encoder's tokenizer set-up is the one wanted here: truncation to max_length with the
         # tokenizers default strategy, 'longest_first', which is what transformers (and so
         # sentence-transformers) applies to a pair: it trims the longer side first.
-        self._tokenizer, self._pad_id = _make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
+        self._tokenizer, self._pad_id = make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
 
     def _check_graph(self, bundle: Path) -> None:
         # A manifest that disagrees with its graph would fail on the first request; fail at load instead.
@@ -167,10 +167,10 @@ class CrossEncoderRunner:
 
     def _pad(self, encodings: list[Encoding]) -> dict[str, np.ndarray]:
         width = max(len(e.ids) for e in encodings)
-        arrays = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in _ENCODING_FIELDS}
+        arrays = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in ENCODING_FIELDS}
         arrays["input_ids"].fill(self._pad_id)
         for row, encoding in enumerate(encodings):
-            for name, attr in _ENCODING_FIELDS.items():
+            for name, attr in ENCODING_FIELDS.items():
                 values = getattr(encoding, attr)
                 arrays[name][row, : len(values)] = values
         return arrays
