@@ -34,7 +34,8 @@ class Settings(BaseSettings):
     )
     run_worker_queues: str = Field(
         "embed,colbert",
-        description="Worker queues `sieve run` starts, one Celery worker each (cross_encoder needs a model).",
+        description="Worker queues `sieve run` starts, one Celery worker each (plus cross_encoder when "
+        "SIEVE_CROSS_ENCODER_MODEL is set).",
     )
     run_worker_concurrency: int = Field(1, ge=1, description="Pool processes per worker `sieve run` starts.")
 
@@ -42,7 +43,7 @@ class Settings(BaseSettings):
     default_embedding_model: str = Field(
         "all-MiniLM-L6-v2", description="Bi-encoder bundle for new collections."
     )
-    default_metric: Metric = "cosine"
+    default_metric: Metric = Field("cosine", description="Metric of new collections: cosine, ip or l2.")
     late_interaction_model: str | None = Field(
         None,
         description="Bundle for the late-interaction stage: a `colbert` bundle, or unset to use MaxSim over "
@@ -94,22 +95,26 @@ class Settings(BaseSettings):
         description="maxmemory of the Redis that `sieve run` starts (policy volatile-lru: only cache "
         "entries, which have a TTL, are evicted; never the Celery queues).",
     )
-    default_top_k: int = Field(10, ge=1)
-    default_retrieve_candidates: int = Field(100, ge=1)
+    default_top_k: int = Field(10, ge=1, description="Hits per search when the request says 0.")
+    default_retrieve_candidates: int = Field(
+        100,
+        ge=1,
+        description="Candidates retrieval hands to re-ranking when neither request nor collection says.",
+    )
 
     # Limits: requests beyond them get INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for message size).
-    max_top_k: int = Field(1000, ge=1)
-    max_retrieve_candidates: int = Field(2000, ge=1)
-    max_query_chars: int = Field(4096, ge=1)
-    max_batch_documents: int = Field(1000, ge=1)
-    max_text_chars: int = Field(65_536, ge=1)
-    max_id_chars: int = Field(256, ge=1)
-    max_metadata_entries: int = Field(64, ge=0)
-    max_metadata_key_chars: int = Field(128, ge=1)
-    max_metadata_value_chars: int = Field(2048, ge=1)
-    max_filter_conditions: int = Field(16, ge=1)
-    max_get_ids: int = Field(1000, ge=1)
-    max_collections: int = Field(1000, ge=1)
+    max_top_k: int = Field(1000, ge=1, description="Largest top_k a search may ask for.")
+    max_retrieve_candidates: int = Field(2000, ge=1, description="Largest retrieve_candidates.")
+    max_query_chars: int = Field(4096, ge=1, description="Longest query text.")
+    max_batch_documents: int = Field(1000, ge=1, description="Documents per UpsertDocuments call.")
+    max_text_chars: int = Field(65_536, ge=1, description="Longest document text.")
+    max_id_chars: int = Field(256, ge=1, description="Longest document id.")
+    max_metadata_entries: int = Field(64, ge=0, description="Metadata entries per document.")
+    max_metadata_key_chars: int = Field(128, ge=1, description="Longest metadata key.")
+    max_metadata_value_chars: int = Field(2048, ge=1, description="Longest metadata value.")
+    max_filter_conditions: int = Field(16, ge=1, description="Conditions per search filter.")
+    max_get_ids: int = Field(1000, ge=1, description="Ids per GetDocuments / DeleteDocuments call.")
+    max_collections: int = Field(1000, ge=1, description="Collections one server holds.")
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted.")
 
     # Index jobs (bulk loading, server/jobs.py) and read-your-writes.
@@ -171,7 +176,7 @@ class Settings(BaseSettings):
         "(less if the deadline is nearer), then FAILED_PRECONDITION.",
     )
 
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
     @field_validator("late_interaction_model", "cross_encoder_model", mode="before")
     @classmethod
@@ -193,6 +198,19 @@ class Settings(BaseSettings):
         if self.redis_url is not None:
             out["redis_url"] = redact_url(self.redis_url.get_secret_value())
         return out
+
+
+def markdown_table() -> str:
+    """The settings as the README's Markdown table (scripts/gen_docs.py keeps the README in step)."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else str(field.default)
+        rows.append(f"| `SIEVE_{name.upper()}` | `{cell(default)}` | {cell(field.description or '')} |")
+    return "\n".join(rows) + "\n"
 
 
 def redact_url(url: str) -> str:

@@ -108,3 +108,10 @@ def test_settings_logged_once_redacted(capfd: pytest.CaptureFixture[str], tmp_pa
     lines = [line for line in logged.splitlines() if "sieve.server: settings:" in line]
     assert len(lines) == 1 and ":***@" in lines[0]
     assert "topsecret" not in logged
+
+
+def test_readme_settings_table_matches_the_settings() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
