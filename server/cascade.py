@@ -101,10 +101,18 @@ class Cascade:
             raise FailedPrecondition(f"model {name!r} is a {manifest.kind} bundle, not a cross_encoder")
         return StageModel(name, manifest.model_id, manifest.cache_id)
 
-    def check_required(self, settings: SearchSettings) -> None:
+    def check_required(self, settings: SearchSettings, embedding_model: str) -> None:
         """Refuse up front a request that demands a stage this server has no model for."""
         if settings.cross_encoder == StageMode.REQUIRED:
             self.cross_encoder_model()
+        if settings.late_interaction == StageMode.REQUIRED:
+            try:
+                self.late_interaction_model(embedding_model)
+            except BundleError as exc:
+                raise FailedPrecondition(
+                    f"late_interaction model is not available ({exc}); export one with `sieve models export "
+                    f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
+                ) from None
 
     # -- running -------------------------------------------------------------------------------------
     async def rerank(

@@ -414,7 +414,7 @@ class Engine:
         top_k = validation.search(query, self.settings)
         col = self._get(query.collection)
         settings = query.settings.over(col.defaults).over(self.server_defaults)
-        self.cascade.check_required(settings)
+        self.cascade.check_required(settings, col.row.embedding_model)
         modes = (settings.late_interaction, settings.cross_encoder)
         reranking = any(m not in (StageMode.OFF, StageMode.UNSPECIFIED) for m in modes)
         candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k

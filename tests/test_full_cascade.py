@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import redis
@@ -228,3 +229,32 @@ async def test_cross_encoder_without_its_worker_degrades_or_fails(
         assert resp.hits[0].id == "aspirin" and all(len(h.stage_scores) == 1 for h in resp.hits)
     finally:
         await stop_api(api)
+
+
+async def test_a_missing_late_interaction_bundle_is_a_failed_precondition(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(tmp_path, late_interaction_model="no-such-colbert")
+    server = await start_api(settings)
+    try:
+        name = f"nocolbert-{uuid.uuid4().hex[:8]}"
+        await server.collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
+        )
+        required = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_REQUIRED)
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await server.search.Search(
+                search_pb2.SearchRequest(collection=name, query=QUERY, settings=required)
+            )
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert (
+            "no-such-colbert" in err.value.details() and "sieve models export colbert" in err.value.details()
+        )
+        best = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT)
+        resp = await server.search.Search(
+            search_pb2.SearchRequest(collection=name, query=QUERY, settings=best)
+        )
+        assert (
+            resp.stages[1].status == search_pb2.STAGE_STATUS_DEGRADED
+            and "no-such-colbert" in resp.stages[1].reason
+        )
+    finally:
+        await stop_api(server)
