@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install models redis protos check-protos lint eval eval-record bench-service bench-ingest clean
+.PHONY: run test install node models redis protos check-protos lint eval eval-record bench-service bench-ingest clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,8 +28,29 @@ models: install
 protos: install
 	$(PY) scripts/gen_protos.py
 
-check-protos: install
+check-protos: install node
 	$(PY) scripts/gen_protos.py --check
+	cd $(NODE_DIR) && npm run --silent check-gen
+
+# The TypeScript client (clients/node): its pinned packages (npm ci, once per lockfile change), the
+# build (dist/, redone when a source changes), and the node examples' link to it.
+NODE_DIR := clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
+NODE_BUILD := $(NODE_DIR)/dist/src/index.js
+EXAMPLES_NODE_STAMP := examples/node/node_modules/.installed
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	cd $(NODE_DIR) && npm ci --no-audit --no-fund --ignore-scripts
+	touch $(NODE_STAMP)
+
+$(NODE_BUILD): $(NODE_STAMP) $(NODE_DIR)/tsconfig.json $(shell find $(NODE_DIR)/src -name '*.ts' 2>/dev/null)
+	cd $(NODE_DIR) && npm run --silent build
+
+$(EXAMPLES_NODE_STAMP): examples/node/package.json examples/node/package-lock.json $(NODE_STAMP)
+	cd examples/node && npm ci --no-audit --no-fund --ignore-scripts
+	touch $(EXAMPLES_NODE_STAMP)
+
+node: $(NODE_BUILD) $(EXAMPLES_NODE_STAMP)
 
 redis:
 	@if [ -z "$$SIEVE_REDIS_URL" ]; then scripts/ensure_redis.sh; fi
@@ -37,8 +58,9 @@ redis:
 run: models redis
 	$(VENV)/bin/sieve run
 
-test: models redis check-protos lint
+test: models redis check-protos lint node
 	$(PY) -m pytest -q -ra
+	cd $(NODE_DIR) && npm test
 
 lint: install
 	$(VENV)/bin/ruff check .

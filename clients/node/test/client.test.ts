@@ -1,0 +1,352 @@
+// The TypeScript client against a live Sieve server that this test starts (every RPC, errors, deadlines,
+// the examples), and against fake grpc-js servers (default deadline, RetryInfo, retries and what is never
+// retried, a server that starts late, TLS and the API key).
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { copyFileSync, existsSync, mkdtempSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { promisify } from "node:util";
+import {
+  type sendUnaryData,
+  Server,
+  ServerCredentials,
+  type ServerUnaryCall,
+  status as Status,
+} from "@grpc/grpc-js";
+import {
+  CollectionServiceService,
+  type CreateCollectionRequest,
+  type CreateCollectionResponse,
+} from "../src/gen/sieve/v1/collections";
+import { type SearchRequest, SearchResponse, SearchServiceService } from "../src/gen/sieve/v1/search";
+import {
+  AlreadyExistsError,
+  API_KEY_HEADER,
+  DeadlineExceededError,
+  FailedPreconditionError,
+  InvalidArgumentError,
+  isRetryable,
+  JobState,
+  NotFoundError,
+  ResourceExhaustedError,
+  SieveClient,
+  SieveError,
+  Stage,
+  StageStatus,
+  UnavailableError,
+} from "../src";
+import { freePort, type LiveServer, NOTES, ROOT, retryInfoTrailer, selfSigned, startServer } from "./helpers";
+
+const FAST_RETRY = { maxAttempts: 30, initialBackoffMs: 50, maxBackoffMs: 300 };
+const QUICK_RECONNECT = { "grpc.initial_reconnect_backoff_ms": 100, "grpc.max_reconnect_backoff_ms": 300 };
+const unique = () => `node-${Math.random().toString(16).slice(2, 12)}`;
+
+describe("against a live server", () => {
+  let server: LiveServer;
+  let client: SieveClient;
+
+  before(async () => {
+    server = await startServer();
+    client = new SieveClient(server.address);
+  });
+  after(async () => {
+    client?.close();
+    await server?.stop();
+  });
+
+  test("every RPC", async () => {
+    const name = unique();
+    const created = await client.createCollection(name, { metric: "cosine", defaults: { retrieveCandidates: 40 } });
+    assert.equal(created.name, name);
+    assert.equal(created.dimensions, 384);
+    assert.equal(created.defaults?.retrieveCandidates, 40);
+    assert.equal((await client.getCollection(name)).embeddingModelId, created.embeddingModelId);
+    assert.ok((await client.listCollections()).some((c) => c.name === name));
+
+    const written = await client.upsertDocuments(name, [
+      { id: "cat", text: "The cat sat on the warm mat.", metadata: { topic: "animals" } },
+      { id: "quark", text: "Quarks are bound by the strong force.", metadata: { topic: "physics" } },
+      { id: "photon", text: "A photon is a quantum of light.", metadata: { topic: "physics" } },
+    ]);
+    assert.deepEqual([written.upserted, written.generation], [3, 1]);
+    const got = await client.getDocuments(name, ["cat", "nope"]);
+    assert.deepEqual(got.documents.map((d) => d.id), ["cat"]);
+    assert.deepEqual(got.missingIds, ["nope"]);
+    assert.equal(got.documents[0].metadata.topic, "animals");
+
+    const response = await client.search(name, "subatomic particles", {
+      topK: 2,
+      filter: { topic: "physics" },
+      minGeneration: written.generation,
+    });
+    assert.equal(response.hits[0].id, "quark");
+    assert.equal(response.stages[0].stage, Stage.STAGE_RETRIEVE);
+    assert.ok(Math.abs(response.hits[0].stageScores[0].score - response.hits[0].score) < 1e-9);
+
+    const cascade = await client.search(name, "light", { lateInteraction: "best_effort", crossEncoder: "best_effort" });
+    const late = cascade.stages.find((s) => s.stage === Stage.STAGE_LATE_INTERACTION);
+    assert.equal(late?.status, StageStatus.STAGE_STATUS_DEGRADED); // no Redis or worker behind this server
+    assert.ok(late?.reason);
+
+    const deleted = await client.deleteDocuments(name, ["cat", "nope"]);
+    assert.deepEqual([deleted.deleted, deleted.notFound], [1, 1]);
+
+    // Jobs: a file the server reads, and an upload; each followed to the end.
+    const dir = mkdtempSync(join(tmpdir(), "sieve-node-job-"));
+    copyFileSync(NOTES, join(dir, "notes.jsonl"));
+    const job = await client.startIndexJob(name, join(dir, "notes.jsonl"), { format: "sieve", batchSize: 8 });
+    assert.equal(job.collection, name);
+    const seen = [];
+    for await (const j of client.watchJob(job.id, { minIntervalMs: 50 })) seen.push(j);
+    assert.equal(seen.at(-1)?.state, JobState.JOB_STATE_SUCCEEDED);
+    assert.equal(seen.at(-1)?.done, 20);
+    const uploaded = await client.uploadIndexJob(name, NOTES);
+    let last;
+    for await (const j of client.watchJob(uploaded.id)) last = j;
+    assert.equal(last?.state, JobState.JOB_STATE_SUCCEEDED);
+    const docsJob = await client.uploadIndexJob(name, [{ id: "extra", text: "An extra note about owls." }]);
+    for await (const j of client.watchJob(docsJob.id)) last = j;
+    assert.equal(last?.done, 1);
+    assert.equal((await client.getJob(job.id, { maxErrors: 5 })).job?.id, job.id);
+    const listed = (await client.listJobs({ collection: name })).map((j) => j.id);
+    assert.ok(listed.includes(job.id) && listed.includes(uploaded.id));
+    await assert.rejects(client.cancelJob(job.id), FailedPreconditionError); // it succeeded long ago
+    assert.equal((await client.getCollection(name)).documentCount, 21); // the 20 notes and "extra"
+
+    await client.deleteCollection(name);
+    await assert.rejects(client.getCollection(name), (err: unknown) => {
+      assert.ok(err instanceof NotFoundError && err instanceof SieveError);
+      assert.equal(err.code, Status.NOT_FOUND);
+      assert.equal(err.codeName, "NOT_FOUND");
+      assert.match(err.message, /does not exist/);
+      assert.equal(err.attempts, 1);
+      return true;
+    });
+  });
+
+  test("errors carry status and message", async () => {
+    const name = unique();
+    await client.createCollection(name);
+    await assert.rejects(client.createCollection(name), AlreadyExistsError);
+    await assert.rejects(client.search(name, "x", { topK: 100_000 }), (err: unknown) => {
+      assert.ok(err instanceof InvalidArgumentError);
+      assert.match(err.message, /top_k/);
+      assert.equal(err.retryDelayMs, undefined);
+      return true;
+    });
+    await assert.rejects(client.search(name, "x", { crossEncoder: "required" }), FailedPreconditionError);
+    await assert.rejects(client.search(name, "x", { lateInteraction: "sometimes" as "off" }), TypeError);
+    await assert.rejects(client.search(name, "x", { timeoutMs: 0 }), DeadlineExceededError);
+    await client.deleteCollection(name);
+  });
+
+  test("the examples run as they are", async () => {
+    const examples = join(ROOT, "examples", "node");
+    if (!existsSync(join(examples, "node_modules", "sieve-client"))) {
+      assert.fail("examples/node has no node_modules: run `make node` (or `npm install` in examples/node)");
+    }
+    for (const script of ["quickstart.mjs", "walkthrough.mjs"]) {
+      const { stdout } = await promisify(execFile)(
+        process.execPath,
+        [script, "--address", server.address, "--collection", unique()],
+        { cwd: examples, timeout: 60_000 },
+      );
+      if (script === "walkthrough.mjs") {
+        assert.match(stdout, /SUCCEEDED/);
+        assert.match(stdout, /DEGRADED/);
+      } else {
+        assert.match(stdout, /quark/);
+      }
+    }
+  });
+});
+
+interface Fake {
+  server: Server;
+  port: number;
+  address: string;
+  searches: { deadline: number; metadata: Record<string, unknown> }[];
+  creates: number;
+  searchScript: ((callback: sendUnaryData<SearchResponse>) => boolean)[];
+  createScript: ((callback: sendUnaryData<CreateCollectionResponse>) => boolean)[];
+}
+
+async function startFake(options: { port?: number; tls?: { key: Buffer; cert: Buffer } } = {}): Promise<Fake> {
+  const server = new Server();
+  const fake: Fake = { server, port: 0, address: "", searches: [], creates: 0, searchScript: [], createScript: [] };
+  server.addService(SearchServiceService, {
+    search(call: ServerUnaryCall<SearchRequest, SearchResponse>, callback: sendUnaryData<SearchResponse>) {
+      const deadline = call.getDeadline();
+      fake.searches.push({
+        deadline: deadline instanceof Date ? deadline.getTime() - Date.now() : Number(deadline) - Date.now(),
+        metadata: call.metadata.getMap(),
+      });
+      const step = fake.searchScript.shift();
+      if (step && step(callback)) return;
+      callback(null, SearchResponse.fromPartial({ generation: 7 }));
+    },
+  });
+  server.addService(CollectionServiceService, {
+    createCollection(
+      call: ServerUnaryCall<CreateCollectionRequest, CreateCollectionResponse>,
+      callback: sendUnaryData<CreateCollectionResponse>,
+    ) {
+      fake.creates += 1;
+      const step = fake.createScript.shift();
+      if (step && step(callback)) return;
+      callback(null, { collection: call.request.collection });
+    },
+    getCollection: () => undefined,
+    listCollections: () => undefined,
+    deleteCollection: () => undefined,
+  });
+  const creds = options.tls
+    ? ServerCredentials.createSsl(null, [{ private_key: options.tls.key, cert_chain: options.tls.cert }])
+    : ServerCredentials.createInsecure();
+  fake.port = await new Promise<number>((done, fail) =>
+    server.bindAsync(`127.0.0.1:${options.port ?? 0}`, creds, (err, port) => (err ? fail(err) : done(port))),
+  );
+  fake.address = `127.0.0.1:${fake.port}`;
+  return fake;
+}
+
+const refuse =
+  (code: Status, details: string, retryDelayMs?: number) =>
+  (callback: sendUnaryData<never>): boolean => {
+    callback({
+      code,
+      details,
+      metadata: retryDelayMs === undefined ? undefined : retryInfoTrailer(code, details, retryDelayMs),
+    });
+    return true;
+  };
+
+describe("against fake servers", () => {
+  let fake: Fake;
+  before(async () => {
+    fake = await startFake();
+  });
+  after(() => fake.server.forceShutdown());
+
+  test("every call has a deadline", async () => {
+    const client = new SieveClient(fake.address);
+    await client.search("c", "q");
+    await client.search("c", "q", { timeoutMs: 2500 });
+    fake.searchScript.push((callback) => {
+      setTimeout(() => callback(null, SearchResponse.fromPartial({})), 1000);
+      return true;
+    });
+    const started = Date.now();
+    await assert.rejects(client.search("c", "q", { timeoutMs: 300 }), DeadlineExceededError);
+    assert.ok(Date.now() - started < 900);
+    client.close();
+    const [first, second] = fake.searches;
+    assert.ok(first.deadline > 9000 && first.deadline <= 10_100, `default deadline: ${first.deadline}`);
+    assert.ok(second.deadline > 2000 && second.deadline <= 2600, `per-call deadline: ${second.deadline}`);
+  });
+
+  test("RetryInfo is honoured", async () => {
+    const client = new SieveClient(fake.address);
+    fake.searches.length = 0;
+    fake.searchScript.push(refuse(Status.RESOURCE_EXHAUSTED, "too many concurrent searches", 400));
+    const started = Date.now();
+    assert.equal((await client.search("c", "q")).generation, 7);
+    const waited = Date.now() - started;
+    assert.ok(waited >= 390 && waited < 1500, `waited ${waited} ms`);
+    assert.equal(fake.searches.length, 2);
+    // A delay longer than the time left ends the call at once with the server's error.
+    fake.searchScript.push(refuse(Status.RESOURCE_EXHAUSTED, "full", 5000));
+    await assert.rejects(client.search("c", "q", { timeoutMs: 2000 }), (err: unknown) => {
+      assert.ok(err instanceof ResourceExhaustedError);
+      assert.equal(err.retryDelayMs, 5000);
+      assert.equal(err.details[0].typeUrl, "type.googleapis.com/google.rpc.RetryInfo");
+      return true;
+    });
+    client.close();
+  });
+
+  test("UNAVAILABLE is retried with backoff for idempotent calls, up to maxAttempts", async () => {
+    const retries: number[] = [];
+    const client = new SieveClient(fake.address, { retry: FAST_RETRY, onRetry: (_e, ms) => retries.push(ms) });
+    fake.searches.length = 0;
+    fake.searchScript.push(...[1, 2, 3].map(() => refuse(Status.UNAVAILABLE, "busy")));
+    assert.equal((await client.search("c", "q")).generation, 7);
+    assert.equal(fake.searches.length, 4);
+    assert.equal(retries.length, 3);
+    client.close();
+    const once = new SieveClient(fake.address, { retry: { maxAttempts: 2, initialBackoffMs: 10 } });
+    fake.searchScript.push(...[1, 2, 3].map(() => refuse(Status.UNAVAILABLE, "busy")));
+    await assert.rejects(once.search("c", "q"), (err: unknown) => {
+      assert.ok(err instanceof UnavailableError);
+      assert.equal(err.attempts, 2);
+      assert.match(String(err), /after 2 attempts/);
+      return true;
+    });
+    fake.searchScript.length = 0;
+    once.close();
+  });
+
+  test("non-idempotent calls are retried only when refused before any work", async () => {
+    const client = new SieveClient(fake.address, { retry: FAST_RETRY });
+    fake.creates = 0;
+    fake.createScript.push(refuse(Status.UNAVAILABLE, "connection reset"));
+    await assert.rejects(client.createCollection("x"), UnavailableError);
+    assert.equal(fake.creates, 1);
+    fake.createScript.push(refuse(Status.UNAVAILABLE, "starting", 50), refuse(Status.RESOURCE_EXHAUSTED, "full", 50));
+    fake.createScript.push(refuse(Status.UNAVAILABLE, "server is starting; retry shortly"));
+    assert.equal((await client.createCollection("x")).name, "x");
+    assert.equal(fake.creates, 5);
+    client.close();
+    assert.ok(!isRetryable("JobService/UploadIndexJob", Status.UNAVAILABLE, "server is starting", 100));
+    assert.ok(!isRetryable("SearchService/Search", Status.RESOURCE_EXHAUSTED, "Received message larger than max", undefined));
+  });
+
+  test("a server that starts late", async () => {
+    const port = await freePort();
+    const client = new SieveClient(`127.0.0.1:${port}`, { retry: FAST_RETRY, channelOptions: QUICK_RECONNECT });
+    const retried: string[] = [];
+    const watching = new SieveClient(`127.0.0.1:${port}`, {
+      retry: FAST_RETRY,
+      channelOptions: QUICK_RECONNECT,
+      onRetry: (err) => retried.push(err.message),
+    });
+    const creating = watching.createCollection("late", { timeoutMs: 30_000 });
+    const searching = client.search("c", "q", { timeoutMs: 30_000 });
+    await new Promise((done) => setTimeout(done, 1000));
+    const late = await startFake({ port });
+    try {
+      assert.equal((await creating).name, "late");
+      assert.equal((await searching).generation, 7);
+      assert.equal(late.creates, 1); // the create was never sent while nothing listened
+      assert.ok(retried.length > 0 && retried.every((m) => /no connection established/i.test(m)), String(retried));
+    } finally {
+      client.close();
+      watching.close();
+      late.server.forceShutdown();
+    }
+  });
+
+  test("TLS and the API key", async () => {
+    const tls = selfSigned();
+    const secure = await startFake({ tls });
+    try {
+      const client = new SieveClient(secure.address, { rootCerts: tls.certPath, apiKey: "s3cret" });
+      assert.equal(client.tls, true);
+      assert.equal((await client.search("c", "q")).generation, 7);
+      client.close();
+      const bytes = new SieveClient(secure.address, { tls: true, rootCerts: tls.cert });
+      assert.equal((await bytes.search("c", "q")).generation, 7);
+      bytes.close();
+      assert.deepEqual(secure.searches[0].metadata[API_KEY_HEADER], "Bearer s3cret");
+      assert.equal(secure.searches[1].metadata[API_KEY_HEADER], undefined);
+      const plain = new SieveClient(secure.address, { retry: { maxAttempts: 1 } });
+      assert.equal(plain.tls, false);
+      await assert.rejects(plain.search("c", "q", { timeoutMs: 2000 }), SieveError);
+      plain.close();
+    } finally {
+      secure.server.forceShutdown();
+    }
+  });
+});
