@@ -46,6 +46,13 @@ def _rows() -> list[str]:
                 f"embedding of the same texts, same run (bare pass after indexing, not interleaved) | {r['upsert_docs_per_s']:.1f} vs "
                 f"{r['bare_embed_docs_per_s']:.1f} docs/s (ratio {r['upsert_vs_bare']:.2f}) | {cmd} |"
             )
+        elif r.get("benchmark") == "client-overhead":
+            rows.append(
+                f"| Python client facade vs raw generated stub, `Search` ({r['documents']} docs, top_k 10, "
+                f"{r['samples']} calls each, alternating on one channel) | facade p50 {r['facade_p50_ms']:.2f} ms vs "
+                f"raw p50 {r['raw_p50_ms']:.2f} ms; **added {r['added_p50_ms'] * 1000:.0f} µs per call** "
+                f"(median of pairs, {r['added_p50_share']:.1%}) | {cmd} |"
+            )
         elif "maxsim-int8" in r.get("ndcg@10", {}):
             n = r["ndcg@10"]
             rows.append(
