@@ -136,7 +136,8 @@ async def test_async_client_every_rpc(api: Api) -> None:
         assert [d.id for d in (await client.get_documents(name, ["a"])).documents] == ["a"]
         response = await client.search(name, "night bird", top_k=1, min_generation=1)
         assert response.hits[0].id == "a"
-        job = await client.upload_index_job(name, NOTES)
+        raw = NOTES.read_bytes()
+        job = await client.upload_index_job(name, (raw[i : i + 100] for i in range(0, len(raw), 100)))
         states = [j.state async for j in client.watch_job(job.id, min_interval_ms=50)]
         assert states[-1] == sieve.JobState.JOB_STATE_SUCCEEDED
         assert (await client.get_job(job.id)).job.done == 20

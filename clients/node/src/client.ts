@@ -353,11 +353,12 @@ export class SieveClient {
     return (await this.unary("JobService/StartIndexJob", j.startIndexJob.bind(j), request, options.timeoutMs)).job!;
   }
 
-  /** Sends a local JSONL file (a path) or documents to the server, which stores them durably and indexes
-   * them as a job; resolves once the upload is on the server's disk. Not retried. */
+  /** Sends a local JSONL file (a path, or its bytes as chunks cut anywhere) or documents to the server,
+   * which stores them durably and indexes them as a job; resolves once the upload is on the server's
+   * disk. Not retried. */
   async uploadIndexJob(
     collection: string,
-    source: string | Iterable<DocumentInput> | AsyncIterable<DocumentInput>,
+    source: string | Iterable<DocumentInput | Uint8Array> | AsyncIterable<DocumentInput | Uint8Array>,
     options: IndexJobOptions = {},
   ): Promise<Job> {
     const method = "JobService/UploadIndexJob";
@@ -383,8 +384,12 @@ export class SieveClient {
           }
         } else {
           let group: Document[] = [];
-          for await (const doc of source) {
-            group.push(toDocument(doc));
+          for await (const item of source) {
+            if (item instanceof Uint8Array) {
+              await send(UploadIndexJobRequest.fromPartial({ jsonl: Buffer.from(item.buffer, item.byteOffset, item.byteLength) }));
+              continue;
+            }
+            group.push(toDocument(item));
             if (group.length >= 500) {
               await send(UploadIndexJobRequest.fromPartial({ documents: group }));
               group = [];

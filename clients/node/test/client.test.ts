@@ -3,7 +3,7 @@
 // retried, a server that starts late, TLS and the API key).
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { copyFileSync, existsSync, mkdtempSync } from "node:fs";
+import { copyFileSync, existsSync, mkdtempSync, readFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -102,7 +102,10 @@ describe("against a live server", () => {
     for await (const j of client.watchJob(job.id, { minIntervalMs: 50 })) seen.push(j);
     assert.equal(seen.at(-1)?.state, JobState.JOB_STATE_SUCCEEDED);
     assert.equal(seen.at(-1)?.done, 20);
-    const uploaded = await client.uploadIndexJob(name, NOTES);
+    const bytes = readFileSync(NOTES);
+    const chunks = Array.from({ length: Math.ceil(bytes.length / 100) }, (_, i) => bytes.subarray(i * 100, i * 100 + 100));
+    const uploaded = await client.uploadIndexJob(name, chunks);
+    await assert.rejects(client.uploadIndexJob("no-such-collection", NOTES), NotFoundError);
     let last;
     for await (const j of client.watchJob(uploaded.id)) last = j;
     assert.equal(last?.state, JobState.JOB_STATE_SUCCEEDED);

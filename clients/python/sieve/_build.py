@@ -14,6 +14,8 @@ FormatArg: TypeAlias = Literal["auto", "sieve", "beir"] | jobs_pb2.SourceFormat 
 DocumentArg: TypeAlias = documents_pb2.Document | Mapping[str, Any]
 FilterArg: TypeAlias = Mapping[str, str] | common_pb2.Filter | None
 SettingsArg: TypeAlias = common_pb2.SearchSettings | Mapping[str, Any] | None
+# A JSONL file (path), JSONL bytes in chunks, or documents.
+UploadSource: TypeAlias = str | Path | Iterable[bytes] | Iterable[DocumentArg]
 
 _STAGE_MODES = {
     "off": common_pb2.STAGE_MODE_OFF,
@@ -140,14 +142,15 @@ def search(
 
 def upload_messages(
     collection: str,
-    source: str | Path | Iterable[DocumentArg],
+    source: UploadSource,
     *,
     format: FormatArg,
     batch_size: int,
     chunk_bytes: int = 1 << 20,
     documents_per_message: int = 500,
 ) -> Iterator[jobs_pb2.UploadIndexJobRequest]:
-    """The UploadIndexJob request stream: the raw bytes of a JSONL file, or documents in groups."""
+    """The UploadIndexJob request stream: the raw bytes of a JSONL file (a path, or an iterable of byte
+    chunks cut anywhere, e.g. to show progress), or documents in groups."""
     yield jobs_pb2.UploadIndexJobRequest(
         collection=collection,
         batch_size=batch_size,
@@ -160,6 +163,9 @@ def upload_messages(
         return
     group: list[documents_pb2.Document] = []
     for item in source:
+        if isinstance(item, bytes | bytearray | memoryview):
+            yield jobs_pb2.UploadIndexJobRequest(jsonl=bytes(item))
+            continue
         group.append(document(item))
         if len(group) >= documents_per_message:
             yield jobs_pb2.UploadIndexJobRequest(documents=group)

@@ -25,7 +25,15 @@ from typing import Any, TypeVar
 import grpc
 
 from sieve import _build, _channel
-from sieve._build import DocumentArg, FilterArg, FormatArg, MetricArg, SettingsArg, StageModeArg
+from sieve._build import (
+    DocumentArg,
+    FilterArg,
+    FormatArg,
+    MetricArg,
+    SettingsArg,
+    StageModeArg,
+    UploadSource,
+)
 from sieve._channel import DEFAULT_ADDRESS, Timeouts
 from sieve.client import P, retry_wait
 from sieve.errors import from_rpc_error
@@ -239,7 +247,7 @@ class AsyncSieveClient:
     async def upload_index_job(
         self,
         collection: str,
-        source: str | Path | Iterable[DocumentArg],
+        source: UploadSource,
         *,
         format: FormatArg = "auto",
         batch_size: int = 0,

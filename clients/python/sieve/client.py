@@ -25,7 +25,15 @@ from typing import Any, TypeVar
 import grpc
 
 from sieve import _build, _channel
-from sieve._build import DocumentArg, FilterArg, FormatArg, MetricArg, SettingsArg, StageModeArg
+from sieve._build import (
+    DocumentArg,
+    FilterArg,
+    FormatArg,
+    MetricArg,
+    SettingsArg,
+    StageModeArg,
+    UploadSource,
+)
 from sieve._channel import DEFAULT_ADDRESS, Timeouts
 from sieve.errors import SieveError, from_rpc_error
 from sieve.retry import RetryPolicy, is_retryable, next_wait
@@ -257,14 +265,15 @@ class SieveClient:
     def upload_index_job(
         self,
         collection: str,
-        source: str | Path | Iterable[DocumentArg],
+        source: UploadSource,
         *,
         format: FormatArg = "auto",
         batch_size: int = 0,
         timeout: float | None = None,
     ) -> jobs_pb2.Job:
-        """Send a local JSONL file (a path) or documents to the server, which stores them durably and
-        indexes them as a job; returns the job once the upload is on the server's disk. Not retried."""
+        """Send a local JSONL file (a path, or its bytes as an iterable of chunks) or documents to the
+        server, which stores them durably and indexes them as a job; returns the job once the upload is on
+        the server's disk. Not retried."""
         requests = _build.upload_messages(collection, source, format=format, batch_size=batch_size)
         method = "JobService/UploadIndexJob"
         try:
