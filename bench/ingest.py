@@ -1,23 +1,22 @@
 """Ingest benchmark: a SciFact index job on 1 and on 2 worker processes vs bare in-process ONNX embedding.
 
-    .venv/bin/python bench/ingest.py ../shared/datasets/scifact [--out bench/results/ingest.json]
+    .venv/bin/python bench/ingest.py ../shared/datasets/scifact [--segments 6] [--out bench/results/ingest.json]
 
-Everything runs in one process tree, one thing at a time, so that each measurement has the machine to
-itself: its own redis-server on a free port, a `sieve serve` subprocess (SIEVE_REDIS_URL set), and a
-Celery embed worker with -c 1 (one pool process, ONNX intra-op threads = cores) or -c 2 (two pool
-processes, cores // 2 threads each), started and warm before its job. The sequence is
+One run, one thing at a time, each measurement paired with its baseline: its own redis-server on a
+free port, a `sieve serve` subprocess (SIEVE_REDIS_URL set), and a Celery embed worker with -c 1 (one
+pool process, ONNX intra-op threads = cores) or -c 2 (two pool processes, cores // 2 threads each),
+warm before it is measured. The corpus is cut into `--segments` contiguous parts; for each worker
+configuration and each part, this process first embeds the part's texts itself (the bare rate: a
+BiEncoderRunner with all cores, the job's batch size, SIEVE_EMBED_BATCH_SIZE texts per ONNX run, the
+worker idle), then an index job over that part's lines runs into the configuration's collection (the
+job rate: documents / time from StartIndexJob to the job's final state, as a client sees it). On this
+shared, noisy machine the two halves of a pair see about the same load, so the figure to quote is the
+median of the per-part ratios job / bare.
 
-    bare embedding pass -> job, 1 worker -> job, 2 workers -> bare embedding pass
-
-so the bare rate (median of the two passes) brackets the jobs in time on this shared, noisy machine.
-The bare pass embeds the same texts (BEIR's title + " " + text), in the same batches (the job's batch
-size, SIEVE_EMBED_BATCH_SIZE texts per ONNX run), with a BiEncoderRunner in this process. A job's rate
-is end to end, as a client sees it: documents / (time from StartIndexJob to the job's final state).
-
-Quality: the 1-worker job's collection is searched with the test queries exactly as `sieve eval` does
-(top_k 100, bi-encoder retrieval, ids only) and scored with sieve_core.beir.evaluate; then `sieve eval`'s
-own code (server.evaluate.run_eval) indexes the corpus through UpsertDocuments on the same server and
-scores it. The two nDCG@10 figures should be equal.
+Quality: after its last part the 1-worker collection holds the whole corpus; it is searched with the test
+queries exactly as `sieve eval` does (top_k 100, bi-encoder retrieval, ids only) and scored with
+sieve_core.beir.evaluate; then `sieve eval`'s own code (server.evaluate.run_eval) indexes the corpus
+through UpsertDocuments on the same server and scores it. The two nDCG@10 figures should be equal.
 """
 
 from __future__ import annotations
@@ -56,7 +55,6 @@ from sieve_core.models.bi_encoder import BiEncoderRunner
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "all-MiniLM-L6-v2"
-FINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
 
 
 def log(message: str) -> None:
@@ -138,38 +136,60 @@ def worker(redis_url: str, processes: int, log_path: Path) -> Iterator[None]:
             proc.wait()
 
 
-def bare_rate(texts: list[str], batch: int, per_run: int) -> float:
-    runner = BiEncoderRunner(ROOT / "models" / MODEL)
-    runner.warmup()
+def bare_rate(runner: BiEncoderRunner, texts: list[str], batch: int, per_run: int) -> float:
     started = time.perf_counter()
     for i in range(0, len(texts), batch):
         runner.embed(texts[i : i + batch], per_run)
     return len(texts) / (time.perf_counter() - started)
 
 
-def run_job(address: str, collection: str, corpus: Path) -> tuple[float, jobs_pb2.Job]:
+def run_job(jobs: jobs_pb2_grpc.JobServiceStub, collection: str, source: Path) -> tuple[float, jobs_pb2.Job]:
+    started = time.perf_counter()
+    job = jobs.StartIndexJob(
+        jobs_pb2.StartIndexJobRequest(collection=collection, path=str(source.resolve())), timeout=60
+    ).job
+    for message in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job.id, min_interval_ms=1000), timeout=7200):
+        job = message.job
+    elapsed = time.perf_counter() - started
+    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED or job.failed:
+        raise SystemExit(
+            f"job {job.id} ended {jobs_pb2.JobState.Name(job.state)} ({job.failed} bad lines): {job.reason}"
+        )
+    return (job.done + job.failed) / elapsed, job
+
+
+def run_config(
+    address: str,
+    processes: int,
+    parts: list[tuple[Path, list[str]]],
+    runner: BiEncoderRunner,
+    batch: int,
+    per_run: int,
+) -> tuple[list[dict[str, float]], jobs_pb2.Job]:
+    """Every part: bare embedding, then a job over the same lines. Returns the pairs and the last job."""
+    collection = f"scifact-w{processes}"
+    pairs = []
     with grpc.insecure_channel(address) as channel:
         collections_pb2_grpc.CollectionServiceStub(channel).CreateCollection(
             collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=collection)),
             timeout=60,
         )
         jobs = jobs_pb2_grpc.JobServiceStub(channel)
-        started = time.perf_counter()
-        job = jobs.StartIndexJob(
-            jobs_pb2.StartIndexJobRequest(collection=collection, path=str(corpus.resolve())), timeout=60
-        ).job
-        last_print = 0.0
-        for message in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job.id, min_interval_ms=1000), timeout=7200):
-            job = message.job
-            if time.monotonic() - last_print > 15:
-                log(
-                    f"  {collection}: {job.done}/{job.total} at {job.docs_per_second:.1f} docs/s {job.status}"
-                )
-                last_print = time.monotonic()
-        elapsed = time.perf_counter() - started
-    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
-        raise SystemExit(f"job {job.id} ended {jobs_pb2.JobState.Name(job.state)}: {job.reason}")
-    return (job.done + job.failed) / elapsed, job
+        for k, (source, texts) in enumerate(parts, 1):
+            bare = bare_rate(runner, texts, batch, per_run)
+            rate, job = run_job(jobs, collection, source)
+            pairs.append(
+                {
+                    "documents": len(texts),
+                    "bare_docs_per_s": bare,
+                    "job_docs_per_s": rate,
+                    "ratio": rate / bare,
+                }
+            )
+            log(
+                f"  part {k}/{len(parts)}: bare {bare:.1f} docs/s, job {rate:.1f} docs/s (ratio {rate / bare:.2f})"
+            )
+    return pairs, job
 
 
 def score_collection(address: str, collection: str, data, generation: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -185,60 +205,80 @@ def score_collection(address: str, collection: str, data, generation: int) -> di
     return evaluate(run, data.qrels)
 
 
+def _summary(pairs: list[dict[str, float]]) -> dict[str, float]:
+    docs = sum(p["documents"] for p in pairs)
+    return {
+        "bare_docs_per_s": docs / sum(p["documents"] / p["bare_docs_per_s"] for p in pairs),
+        "job_docs_per_s": docs / sum(p["documents"] / p["job_docs_per_s"] for p in pairs),
+        "median_ratio": statistics.median(p["ratio"] for p in pairs),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("beir", type=Path)
+    parser.add_argument(
+        "--segments", type=int, default=6, help="parts of the corpus, each measured as a pair"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ingest.json")
     args = parser.parse_args()
     corpus = args.beir / "corpus.jsonl"
     if not corpus.is_file():
         print(f"skipped: {args.beir} is not a BEIR folder", file=sys.stderr)
         return 0
+    # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the children below are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     data = load_beir(args.beir)
-    texts = list(data.corpus.values())  # title + " " + text, as the job reads BEIR lines
     settings = load_settings({})
     batch, per_run = settings.job_batch_size, settings.embed_batch_size
-
+    lines = [line for line in corpus.read_bytes().splitlines(keepends=True) if line.strip()]
+    size = -(-len(lines) // args.segments)
+    runner = BiEncoderRunner(ROOT / "models" / MODEL)
+    runner.warmup()
+    results: dict[int, list[dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="sieve-ingest-") as tmp:
         tmp_dir = Path(tmp)
-        log(f"bare pass 1: {len(texts)} texts, batches of {batch} ({per_run} per ONNX run)")
-        bare = [bare_rate(texts, batch, per_run)]
-        log(f"  {bare[0]:.1f} docs/s")
+        parts: list[tuple[Path, list[str]]] = []
+        for k in range(0, len(lines), size):
+            part = tmp_dir / f"part-{k // size}.jsonl"
+            part.write_bytes(b"".join(lines[k : k + size]))
+            # The texts the job indexes: BEIR's title + " " + text, as load_beir builds them.
+            texts = []
+            for line in lines[k : k + size]:
+                doc = json.loads(line)
+                texts.append((doc.get("title", "") + " " + doc.get("text", "")).strip())
+            parts.append((part, texts))
         with redis_server(tmp_dir) as url, server(tmp_dir / "data", url) as address:
-            rates: dict[int, float] = {}
-            jobs: dict[int, jobs_pb2.Job] = {}
             for processes in (1, 2):
                 with worker(url, processes, tmp_dir / f"worker-{processes}.log"):
-                    log(f"job with {processes} worker process(es)")
-                    rates[processes], jobs[processes] = run_job(address, f"scifact-w{processes}", corpus)
-                    log(f"  {rates[processes]:.1f} docs/s")
-            log(
-                "scoring the 1-worker job's collection, then `sieve eval` (UpsertDocuments) on the same server"
-            )
-            job_metrics = score_collection(address, "scifact-w1", data, jobs[1].generation)
-            upsert = run_eval(EvalOptions(folder=args.beir, address=address, quiet=True))
-        log("bare pass 2")
-        bare.append(bare_rate(texts, batch, per_run))
-        log(f"  {bare[1]:.1f} docs/s")
+                    log(f"{processes} worker process(es), {len(parts)} parts")
+                    results[processes], last = run_config(address, processes, parts, runner, batch, per_run)
+                if processes == 1:
+                    log(
+                        "scoring the 1-worker collection, then `sieve eval` (UpsertDocuments) on the same server"
+                    )
+                    job_metrics = score_collection(address, "scifact-w1", data, last.generation)
+                    upsert = run_eval(EvalOptions(folder=args.beir, address=address, quiet=True))
 
     upsert_metrics = upsert["runs"][0] if "runs" in upsert else upsert  # type: ignore[index]
-    bare_median = statistics.median(bare)
+    one, two = _summary(results[1]), _summary(results[2])
     result = {
         "benchmark": "ingest",
-        "command": f"python bench/ingest.py {args.beir}",
+        "command": f"python bench/ingest.py {args.beir} --segments {args.segments}",
         "dataset": data.name,
-        "documents": len(texts),
+        "documents": len(lines),
         "job_batch_size": batch,
         "job_max_inflight_batches": settings.job_max_inflight_batches,
-        "bare_docs_per_s": bare,
-        "bare_docs_per_s_median": bare_median,
-        "job_1_worker_docs_per_s": rates[1],
-        "job_2_workers_docs_per_s": rates[2],
-        "job_1_worker_vs_bare": rates[1] / bare_median,
-        "job_2_workers_vs_bare": rates[2] / bare_median,
-        "job_machinery_cost_1_worker": 1 - rates[1] / bare_median,
+        "bare_docs_per_s_1": one["bare_docs_per_s"],
+        "job_1_worker_docs_per_s": one["job_docs_per_s"],
+        "job_1_worker_vs_bare_median": one["median_ratio"],
+        "bare_docs_per_s_2": two["bare_docs_per_s"],
+        "job_2_workers_docs_per_s": two["job_docs_per_s"],
+        "job_2_workers_vs_bare_median": two["median_ratio"],
+        "pairs_1_worker": results[1],
+        "pairs_2_workers": results[2],
         "ndcg@10_job": job_metrics["ndcg@10"],
         "recall@100_job": job_metrics["recall@100"],
         "ndcg@10_upsert": upsert_metrics["ndcg@10"],  # type: ignore[index]
@@ -255,9 +295,11 @@ def main() -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"bare ONNX embedding    {bare[0]:.1f} / {bare[1]:.1f} docs/s (before / after the jobs)")
-    print(f"index job, 1 worker    {rates[1]:.1f} docs/s ({rates[1] / bare_median:.2f} of bare)")
-    print(f"index job, 2 workers   {rates[2]:.1f} docs/s ({rates[2] / bare_median:.2f} of bare)")
+    for n, summary in ((1, one), (2, two)):
+        print(
+            f"index job, {n} worker process(es): {summary['job_docs_per_s']:.1f} docs/s; bare ONNX in the same parts "
+            f"{summary['bare_docs_per_s']:.1f} docs/s; median ratio job/bare {summary['median_ratio']:.2f}"
+        )
     print(f"nDCG@10 job {result['ndcg@10_job']:.4f} vs UpsertDocuments {result['ndcg@10_upsert']:.4f}")
     print(f"wrote {args.out}")
     return 0
