@@ -8,7 +8,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
 
 from server.job_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, LineError
-from server.jobs import JobView, UploadChunk
+from server.job_upload import UploadChunk
+from server.jobs import JobView
 from sieve_core.errors import InvalidArgument
 from sieve_core.types import (
     CollectionInfo,

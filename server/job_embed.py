@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -84,9 +85,17 @@ class InProcessEmbedder:
         self._runner = runner
         self._settings = settings
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sieve-job-embed")
+        self._closed = threading.Event()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
-        return self._runner().embed(texts, self._settings.embed_batch_size)  # type: ignore[no-any-return]
+        # One ONNX run at a time, so that a stopping job (or server) waits for one run, not a whole batch.
+        runner, step = self._runner(), self._settings.embed_batch_size
+        parts = []
+        for i in range(0, len(texts), step):
+            if self._closed.is_set():
+                raise Stopped
+            parts.append(runner.embed(texts[i : i + step], step))
+        return np.concatenate(parts)
 
     async def submit(self, ids: list[str], texts: list[str]) -> Pending:
         pending = Pending(ids, texts)
@@ -106,6 +115,8 @@ class InProcessEmbedder:
                 break
         try:
             vectors = waiting.result()
+        except Stopped:
+            raise
         except Exception as exc:
             raise EmbedFailed(f"embedding failed: {type(exc).__name__}: {exc}"[:500], True) from None
         return dict(zip(pending.ids, vectors, strict=True))
@@ -116,6 +127,7 @@ class InProcessEmbedder:
                 pending.future.cancel()
 
     async def close(self) -> None:
+        self._closed.set()
         self._thread.shutdown(wait=False, cancel_futures=True)
 
 
@@ -136,6 +148,8 @@ class WorkerEmbedder:
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sieve-job-{label}")
         self._app: Any = None
         self._consumers: tuple[float, int] | None = None  # (checked at, embed-queue consumers)
+        self._redis: Any = None
+        self._queue_empty_since: float | None = None
 
     async def _call(self, fn: Callable[..., Any], *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._thread, partial(fn, *args))
@@ -217,6 +231,28 @@ class WorkerEmbedder:
         self._forget(pending)
         self._send(pending)
 
+    def _queue_empty_for(self, seconds: float) -> bool:
+        """Whether the embed queue has held no message at every look over the last `seconds`."""
+        from workers.celery_app import QUEUE_EMBED
+
+        try:
+            if self._redis is None:
+                import redis
+
+                url = self._settings.redis_url.get_secret_value()  # type: ignore[union-attr]
+                self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+            # kombu keeps a queue's messages in a list named after it (and per priority step, if used).
+            keys = [QUEUE_EMBED, *(f"{QUEUE_EMBED}\x06\x16{p}" for p in (3, 6, 9))]
+            waiting = sum(self._redis.llen(k) for k in keys)
+        except Exception:
+            return False
+        now = time.monotonic()
+        if waiting:
+            self._queue_empty_since = None
+            return False
+        self._queue_empty_since = self._queue_empty_since or now
+        return now - self._queue_empty_since >= seconds
+
     def _embed_consumers(self) -> int:
         """Workers consuming the embed queue (asked at most every 5 s; a broadcast that takes 1 s)."""
         from workers.celery_app import QUEUE_EMBED
@@ -288,6 +324,18 @@ class WorkerEmbedder:
             consumers = await self._call(self._embed_consumers)
             if consumers:
                 stuck_since = None
+                if await self._call(self._queue_empty_for, s.job_worker_wait_s):
+                    # Workers are there, the queue has been empty a while, and nobody started the batch:
+                    # its message is lost (e.g. Redis restarted without persistence). Send it again.
+                    pending.attempts += 1
+                    if pending.attempts > s.job_batch_retries:
+                        raise EmbedFailed(
+                            f"a batch was lost from the embed queue {pending.attempts} times", False
+                        )
+                    log.warning("an embed task is neither queued nor started; sending the batch again")
+                    job.count_retry()
+                    await self._call(self._resend, pending)
+                    continue
                 job.set_status(f"waiting for a free embed worker ({consumers} consume the queue)", False)
                 continue
             stuck_since = stuck_since or now

@@ -28,9 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
-import json
 import logging
-import os
 import time
 import uuid
 from collections import deque
@@ -44,7 +42,7 @@ from typing import Any, Protocol
 from server import validation
 from server.engine import Engine
 from server.job_embed import EmbedFailed, InProcessEmbedder, Pending, Stopped, WorkerEmbedder
-from server.job_source import FORMAT_NAMES, FORMAT_SIEVE, Batch, SourceReader, count_lines, file_identity
+from server.job_source import Batch, SourceReader, count_lines, file_identity
 from server.job_store import (
     CANCELLED,
     FAILED,
@@ -57,16 +55,16 @@ from server.job_store import (
     LineError,
     now,
 )
+from server.job_upload import UploadChunk, check_format, remove_partial, spool_upload
 from sieve_core.config import Settings
 from sieve_core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
-    ResourceExhausted,
     SieveError,
     Unavailable,
 )
-from sieve_core.types import Document, StageMode
+from sieve_core.types import StageMode
 
 log = logging.getLogger(__name__)
 
@@ -85,17 +83,6 @@ class JobView:
     status: str = ""
     waiting_for_workers: bool = False
     batches_in_flight: int = 0
-
-
-@dataclass(frozen=True)
-class UploadChunk:
-    """One message of an upload: collection, batch size and format (first message); documents or raw JSONL."""
-
-    collection: str
-    batch_size: int
-    format: int
-    documents: list[Document]
-    jsonl: bytes = b""
 
 
 class Embedder(Protocol):
@@ -198,7 +185,7 @@ class JobManager:
     # -- lifecycle ---------------------------------------------------------------------------------
     async def start(self) -> None:
         """Resume the jobs a previous run left queued or running (after the engine has started)."""
-        await self._on(self._files, self._remove_partial_uploads)
+        await self._on(self._files, remove_partial, self._uploads)
         for record in await self._on(self._db_thread, self._db.unfinished):
             live = LiveJob(record)
             self._live[record.id] = live
@@ -210,11 +197,6 @@ class JobManager:
                 log.info("job %s: resuming at line %d", record.id, record.next_line)
             record.state = QUEUED
         self._schedule()
-
-    def _remove_partial_uploads(self) -> None:
-        if self._uploads.is_dir():
-            for part in self._uploads.glob("*.part"):
-                part.unlink(missing_ok=True)  # an upload the client never finished: it was never acknowledged
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Pause running jobs at their next checkpoint (they stay RUNNING on disk and resume on restart)."""
@@ -242,7 +224,7 @@ class JobManager:
     # -- starting jobs -----------------------------------------------------------------------------
     async def start_file_job(self, collection: str, path: str, fmt: int, batch_size: int) -> JobView:
         self._check_open()
-        fmt = _check_format(fmt)
+        fmt = check_format(fmt)
         size = validation.job_batch_size(batch_size, self._settings)
         await self._engine.get_collection(collection)
         source = await self._on(self._files, self._resolve_source, path)
@@ -294,66 +276,25 @@ class JobManager:
         """Spool an uploaded stream (documents, or raw JSONL) durably, then start a job over it."""
         self._check_open()
         job_id = uuid.uuid4().hex[:16]
-        final = self._uploads / f"{job_id}.jsonl"
-        part = final.with_name(final.name + ".part")
-        spool = await self._on(self._files, _open_spool, part)
-        collection, batch_size, fmt, count, written = "", 0, FORMAT_SIEVE, 0, 0
-        kinds: set[str] = set()
-        last = b"\n"
-        try:
-            async for chunk in chunks:
-                if not collection:
-                    if not chunk.collection:
-                        raise InvalidArgument("the first message of an upload must name the collection")
-                    collection = chunk.collection
-                    batch_size = validation.job_batch_size(chunk.batch_size, self._settings)
-                    fmt = _check_format(chunk.format)
-                    await self._engine.get_collection(collection)
-                elif chunk.collection and chunk.collection != collection:
-                    raise InvalidArgument(
-                        f"the upload is for collection {collection!r}; a later message names {chunk.collection!r}"
-                    )
-                data = chunk.jsonl
-                if chunk.documents:
-                    kinds.add("documents")
-                    data = b"".join(_spool_line(d) for d in chunk.documents)
-                    count += len(chunk.documents)
-                elif data:
-                    kinds.add("jsonl")
-                if len(kinds) > 1:
-                    raise InvalidArgument("an upload carries either documents or raw jsonl, not both")
-                if not data:
-                    continue
-                written += len(data)
-                if written > self._settings.job_max_upload_bytes:
-                    raise ResourceExhausted(
-                        f"the upload is larger than {self._settings.job_max_upload_bytes} bytes "
-                        "(SIEVE_JOB_MAX_UPLOAD_BYTES); split it or index a file on the server"
-                    )
-                await self._on(self._files, spool.write, data)
-                last = data[-1:]
-            if not collection:
-                raise InvalidArgument("the upload is empty: the first message must name the collection")
-            if not written:
-                raise InvalidArgument("no documents in the upload")
-            if last != b"\n":
-                await self._on(self._files, spool.write, b"\n")
-            self._check_open()
-            file_size, mtime_ns = await self._on(self._files, _commit_spool, spool, part, final)
-        except BaseException:
-            await self._on(self._files, _drop_spool, spool, part)
-            raise
+        spooled = await spool_upload(
+            chunks,
+            self._uploads / f"{job_id}.jsonl",
+            self._settings,
+            self._engine.get_collection,
+            partial(self._on, self._files),
+            self._check_open,
+        )
         record = JobRecord(
             id=job_id,
-            collection=collection,
+            collection=spooled.collection,
             source="upload",
-            path=str(final),
+            path=str(spooled.path),
             upload=True,
-            format=FORMAT_SIEVE if "documents" in kinds else fmt,
-            batch_size=batch_size,
-            file_size=file_size,
-            file_mtime_ns=mtime_ns,
-            total=count if "documents" in kinds else None,  # raw lines are counted when the job starts
+            format=spooled.format,
+            batch_size=spooled.batch_size,
+            file_size=spooled.file_size,
+            file_mtime_ns=spooled.mtime_ns,
+            total=spooled.total,
             created_at=now(),
         )
         return await self._add(record)
@@ -514,13 +455,16 @@ class JobManager:
             raise FailedPrecondition(f"the source {record.source} no longer exists on the server")
         if await self._on(self._files, file_identity, source) != (record.file_size, record.file_mtime_ns):
             raise FailedPrecondition(f"the source {record.source} changed since the job started")
-        if record.total is None:
-            record.total = await self._on(self._files, count_lines, source, s.job_max_line_bytes)
         want_tokens = info.defaults.late_interaction not in (StageMode.UNSPECIFIED, StageMode.OFF)
         embedder = self._embedder(info.embedding_model, want_tokens, record.id)
         record.state, record.embedder = RUNNING, embedder.name
         record.started_at = record.started_at or now()
         await self._save(record)
+        if record.total is None:
+            live.set_status("counting the source's lines", False)
+            record.total = await self._on(self._files, count_lines, source, s.job_max_line_bytes)
+            live.set_status("", False)
+            await self._save(record)
         live.progressed()
         reader = await self._on(
             self._files, SourceReader, source, record.format, s, record.next_offset, record.next_line
@@ -666,41 +610,3 @@ class JobManager:
         # Saved first: a watcher that no longer finds the job here reads its final state from disk.
         self._live.pop(record.id, None)
         live.notify()
-
-
-def _check_format(fmt: int) -> int:
-    if fmt not in FORMAT_NAMES:
-        raise InvalidArgument(f"unknown source format {fmt}")
-    return fmt
-
-
-# -- upload spool files (in the files thread) --------------------------------------------------------
-def _open_spool(part: Path) -> Any:
-    part.parent.mkdir(parents=True, exist_ok=True)
-    return part.open("wb")
-
-
-def _spool_line(doc: Document) -> bytes:
-    line = {"id": doc.id, "text": doc.text}
-    if doc.metadata:
-        line["metadata"] = doc.metadata  # type: ignore[assignment]
-    return (json.dumps(line, ensure_ascii=False) + "\n").encode("utf-8", "surrogatepass")
-
-
-def _commit_spool(spool: Any, part: Path, final: Path) -> tuple[int, int]:
-    """fsync the data, rename into place, fsync the directory: the upload survives a crash from here on."""
-    spool.flush()
-    os.fsync(spool.fileno())
-    spool.close()
-    os.replace(part, final)
-    fd = os.open(final.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    return file_identity(final)
-
-
-def _drop_spool(spool: Any, part: Path) -> None:
-    spool.close()
-    part.unlink(missing_ok=True)

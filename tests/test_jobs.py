@@ -244,6 +244,36 @@ async def test_upload_is_spooled_and_indexed(api, tmp_path) -> None:  # type: ig
 
 
 @aio
+async def test_a_graceful_stop_pauses_a_job_and_the_next_start_resumes_it(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    settings = make_settings(tmp_path / "data")  # no Redis: the job embeds in-process
+    n = 1500
+    path = _write(tmp_path / "pause.jsonl", [{"id": f"p{i}", "text": _text(i, " p")} for i in range(n)])
+    api = await start_api(settings)
+    try:
+        name = await _collection(api)
+        job = (
+            await _jobs(api).StartIndexJob(
+                J.StartIndexJobRequest(collection=name, path=str(path), batch_size=8)
+            )
+        ).job
+        async for message in _jobs(api).WatchJob(J.WatchJobRequest(id=job.id, min_interval_ms=50)):
+            if message.job.done >= 16:
+                break
+        assert message.job.done < n
+    finally:
+        started = time.monotonic()
+        await stop_api(api)
+    assert time.monotonic() - started < 10, "stopping waited for the whole job"
+    api = await start_api(settings)
+    try:
+        final = (await _watch(api, job.id))[-1]
+        assert (final.state, final.done, final.resumes) == (J.JOB_STATE_SUCCEEDED, n, 1), final
+        assert (await _info(api, name)).document_count == n
+    finally:
+        await stop_api(api)
+
+
+@aio
 async def test_bad_requests(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
     name = await _collection(api)
     jobs = _jobs(api)
