@@ -139,7 +139,8 @@ def self_started_server(env: dict[str, str] | None = None, *, workers: bool = Fa
         if workers:
             command = "run"
             child_env.pop("SIEVE_REDIS_URL", None)
-            child_env.update(SIEVE_LOCAL_REDIS_PORT=str(free_port()), SIEVE_RUN_WORKER_QUEUES="colbert")
+            # embed: write-time token vectors (the eval collection enables late interaction by default).
+            child_env.update(SIEVE_LOCAL_REDIS_PORT=str(free_port()), SIEVE_RUN_WORKER_QUEUES="embed,colbert")
             # Cold candidates are encoded by the worker on first sight; give the stage time for that.
             child_env.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
         # The children's output goes to stderr: stdout is for the result (one JSON object with --json).
@@ -185,8 +186,16 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         collections = collections_pb2_grpc.CollectionServiceStub(channel)
         documents = documents_pb2_grpc.DocumentServiceStub(channel)
         search = search_pb2_grpc.SearchServiceStub(channel)
+        # A cascade with late interaction: make it the collection's default, so that each upsert has a
+        # worker cache the documents' token vectors at write time, as a user's collection would.
+        late = any("late" in parse_cascade(spec) for spec in opts.cascades)
+        defaults = (
+            common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT) if late else None
+        )
         collections.CreateCollection(
-            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name)),
+            collections_pb2.CreateCollectionRequest(
+                collection=collections_pb2.Collection(name=name, defaults=defaults)
+            ),
             timeout=60,
         )
         try:

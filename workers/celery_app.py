@@ -44,12 +44,14 @@ TASK_LATE_INTERACTION = "sieve.late_interaction"
 TASK_CROSS_ENCODER = "sieve.cross_encoder"
 
 # (soft, hard) time limits per task, seconds. The soft limit raises SoftTimeLimitExceeded in the task;
-# the hard one kills the pool process. A re-rank answers a search, so it is bounded tightly (the server
-# also sets `expires` from the gRPC deadline); an embed task is bulk work of up to 1000 texts.
+# the hard one kills the pool process. A re-rank answers a search, whose deadline the server enforces
+# itself (and sends as `expires`); the limits here only stop runaway work, and must leave room for a
+# cold re-rank (up to MAX_CANDIDATES texts encoded) on a busy machine, whose token vectors are cached
+# for the next search even if this one has given up. An embed task is bulk work of up to 1000 texts.
 TIME_LIMITS: dict[str, tuple[int, int]] = {
     TASK_EMBED: (240, 300),
-    TASK_LATE_INTERACTION: (20, 30),
-    TASK_CROSS_ENCODER: (20, 30),
+    TASK_LATE_INTERACTION: (90, 120),
+    TASK_CROSS_ENCODER: (90, 120),
 }
 ROUTES = {
     TASK_EMBED: {"queue": QUEUE_EMBED},
