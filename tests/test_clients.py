@@ -40,6 +40,8 @@ Code = grpc.StatusCode
 NOTES = ROOT / "examples" / "data" / "notes.jsonl"
 NODE_DIR = ROOT / "clients" / "node"
 FAST_RETRY = RetryPolicy(max_attempts=30, initial_backoff=0.05, max_backoff=0.3)
+# For servers that start late: bounded by the call's deadline, not by attempts (a busy machine is slow).
+PATIENT = RetryPolicy(max_attempts=10_000, initial_backoff=0.05, max_backoff=0.3)
 QUICK_RECONNECT = [("grpc.initial_reconnect_backoff_ms", 100), ("grpc.max_reconnect_backoff_ms", 300)]
 
 
@@ -329,7 +331,7 @@ async def test_a_server_that_starts_late(tmp_path: Path, caplog: pytest.LogCaptu
     gate while it loads the collections), succeeds once it serves."""
     caplog.set_level(logging.INFO, logger="sieve.client")
     port = free_port()
-    client = SieveClient(f"127.0.0.1:{port}", retry=FAST_RETRY, options=QUICK_RECONNECT)
+    client = SieveClient(f"127.0.0.1:{port}", retry=PATIENT, options=QUICK_RECONNECT)
     listing = asyncio.create_task(asyncio.to_thread(client.list_collections, timeout=60))
     await asyncio.sleep(1.0)
     assert not listing.done()
@@ -366,7 +368,7 @@ async def test_create_is_retried_while_nothing_listens() -> None:
     """CreateCollection is not idempotent, but a request that was never sent can be: the call waits
     out a server that is not listening yet, and the server sees it once."""
     port = free_port()
-    client = AsyncSieveClient(f"127.0.0.1:{port}", retry=FAST_RETRY, options=QUICK_RECONNECT)
+    client = AsyncSieveClient(f"127.0.0.1:{port}", retry=PATIENT, options=QUICK_RECONNECT)
     creating = asyncio.create_task(client.create_collection("late", timeout=30))
     await asyncio.sleep(1.0)
     assert not creating.done()
