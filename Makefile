@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install node models redis protos check-protos lint eval eval-record bench-service bench-ingest clean
+.PHONY: run test install node models redis protos check-protos lint eval eval-record bench-service bench-ingest bench-install bench bench-quick clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -88,3 +88,24 @@ bench-service: models
 bench-ingest: models redis
 	$(PY) bench/ingest.py ../shared/datasets/scifact
 	$(PY) bench/report.py
+
+# `make bench` / `make bench-quick`: every benchmark side by side with its peers (quality through gRPC,
+# each stage vs its bare work, scaling with concurrency and corpus size, usearch vs FAISS, ONNX vs
+# sentence-transformers, warm ColBERT vs colbert-ai), written to bench/results/ and summarised with plots
+# in bench/REPORT.md; quick mode ends within 10 minutes (after `--prepare` has built the seeded models once).
+# Never part of make test. The peers' libraries come from the `bench` extra (faiss-cpu, matplotlib) and the
+# `export` extra, never the service's dependencies.
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PIP) install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench-install: $(BENCH_STAMP)
+
+bench: bench-install models redis
+	$(PY) bench/run.py --prepare
+	$(PY) bench/run.py --beir ../shared/datasets/scifact
+
+bench-quick: bench-install models redis
+	$(PY) bench/run.py --prepare
+	$(PY) bench/run.py --quick --beir ../shared/datasets/scifact

@@ -1,6 +1,6 @@
-"""Render the README's "Measured" table from bench/results/*.json (never typed by hand).
+"""Render the README's "Measured" table and bench/REPORT.md from bench/results/*.json (never typed by hand).
 
-.venv/bin/python bench/report.py          # rewrites the block between the markers in README.md
+.venv/bin/python bench/report.py          # rewrites the block between the markers in README.md, and REPORT.md
 """
 
 from __future__ import annotations
@@ -12,6 +12,17 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
 START, END = "<!-- results:start (bench/report.py) -->", "<!-- results:end -->"
+# Kinds written by the `make bench` sections (bench/run.py), rendered by _bench_rows.
+BENCH_KINDS = {
+    "quality",
+    "floor",
+    "concurrency",
+    "scaling-corpus",
+    "ann",
+    "bi-encoder",
+    "late-interaction-peers",
+    "run",
+}
 
 
 def _rows() -> list[str]:
@@ -53,6 +64,8 @@ def _rows() -> list[str]:
                 f"raw p50 {r['raw_p50_ms']:.2f} ms; **added {r['added_p50_ms'] * 1000:.0f} µs per call** "
                 f"(median of pairs, {r['added_p50_share']:.1%}) | {cmd} |"
             )
+        elif r.get("benchmark") in BENCH_KINDS:
+            rows.extend(_bench_rows(r, cmd))
         elif "maxsim-int8" in r.get("ndcg@10", {}):
             n = r["ndcg@10"]
             rows.append(
@@ -62,6 +75,509 @@ def _rows() -> list[str]:
                 f"{n['maxsim-fp16']:.4f}; int8 {r['bytes_per_document']['int8'] / 1000:.0f} KB/doc | {cmd} |"
             )
     return rows
+
+
+# -- `make bench` (bench/run.py): README rows and bench/REPORT.md ------------------------------------------
+
+REPORT = ROOT / "bench" / "REPORT.md"
+PLOTS = RESULTS / "plots"
+# Published nDCG@10 (../shared/REFERENCE.md), shown beside the measured cascades of a whole corpus.
+PUBLISHED = {
+    "scifact": [
+        ("BM25 (BEIR paper, Table 2)", 0.665),
+        ("all-MiniLM-L6-v2 bi-encoder (MTEB)", 0.6451),
+        ("BM25 top-100 + MiniLM-L6 cross-encoder (BEIR paper)", 0.688),
+        ("ColBERTv2 (paper)", 0.693),
+        ("MiniLM top-100 re-ranked by MaxSim over its own token vectors (in-process reference)", 0.709),
+        ("answerai-colbert-small-v1 (model card)", 0.7477),
+    ],
+    "nfcorpus": [("BM25", 0.325), ("all-MiniLM-L6-v2", 0.3159), ("BM25+CE", 0.350), ("ColBERTv2", 0.338)],
+    "fiqa": [("BM25", 0.236), ("all-MiniLM-L6-v2", 0.3687), ("BM25+CE", 0.347), ("ColBERTv2", 0.356)],
+}
+ANN_NAMES = {
+    "usearch_cos": "usearch, cosine (Sieve's index)",
+    "usearch_ip": "usearch, inner product",
+    "faiss_hnsw": "FAISS IndexHNSWFlat",
+    "exact": "exact (numpy BLAS)",
+}
+
+
+def _mode(r: dict) -> str:  # type: ignore[type-arg]
+    return " [quick mode]" if r.get("mode") == "quick" else ""
+
+
+def _whole_corpus(r: dict) -> bool:  # type: ignore[type-arg]
+    return str(r.get("corpus", "")).startswith("the whole corpus")
+
+
+def _bench_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
+    """README rows of the `make bench` sections (one or a few headline rows each; REPORT.md has the rest)."""
+    kind, m = r.get("benchmark"), _mode(r)
+    if kind == "quality":
+        published = dict(PUBLISHED.get(r["dataset"], []))
+        rows = []
+        for run in r["runs"]:
+            anchor = ""
+            if _whole_corpus(r):
+                ref = 0.709 if run["spec"] == "late" else published.get("all-MiniLM-L6-v2 bi-encoder (MTEB)")
+                anchor = f" (reference: {ref})" if ref else ""
+            rows.append(
+                f"| {r['dataset']} nDCG@10 / recall@100 / MRR@10, cascade `{run['cascade']}`, gRPC Search on "
+                f"`sieve run`, {r['documents']} documents{anchor}{m} | {run['ndcg@10']:.4f} / "
+                f"{run['recall@100']:.4f} / {run['mrr@10']:.4f} | {cmd} |"
+            )
+        return rows
+    if kind == "floor":
+        p, s = r["p50_ms"], r["overhead_share_p50"]
+        return [
+            f"| physical floor, p50 over {r['queries']} queries: `Search` vs the same work in-process (retrieve; "
+            f"retrieve 100 > late interaction; the late-interaction stage alone){m} | "
+            f"{p['retrieve_client']:.1f} vs {p['retrieve_bare']:.1f} ms ({s['retrieve_request']:.0%} overhead); "
+            f"{p['late_client']:.1f} vs {p['late_bare']:.1f} ms ({s['late_request']:.0%}); stage "
+            f"{p['late_stage_late']:.1f} vs {p['late_bare_stage']:.1f} ms ({s['late_interaction_stage']:.0%}) | {cmd} |"
+        ]
+    if kind == "concurrency":
+        cells = []
+        for spec, label in (("retrieve", "retrieve"), ("late", "+ late interaction")):
+            passes = [x for x in r["passes"] if x["cascade"] == spec]
+            if passes:
+                lo, hi = passes[0], passes[-1]
+                cells.append(
+                    f"{label}: {lo['throughput_qps']:.0f} q/s (p50 {lo['p50_ms']:.0f} ms) at {lo['clients']} client, "
+                    f"{hi['throughput_qps']:.0f} q/s (p50 {hi['p50_ms']:.0f}, p99 {hi['p99_ms']:.0f} ms) at "
+                    f"{hi['clients']}"
+                )
+        return [
+            f"| `Search` throughput and latency vs concurrent clients, {r['dataset']} ({r['documents']} docs), "
+            f"top 10 with documents, client on the same 2 cores{m} | {'; '.join(cells)} | {cmd} |"
+        ]
+    if kind == "scaling-corpus":
+        cells = [
+            f"{s['vectors']:,}: {s['top10']['p50_ms']:.2f} / {s['top10']['p99_ms']:.2f} ms, recall@10 "
+            f"{s['recall@10']:.3f}"
+            for s in r["sizes"]
+        ]
+        return [
+            f"| VectorIndex search p50 / p99 (top 10, one thread) vs corpus size, synthetic 384-d, in-process"
+            f"{m} | {'; '.join(cells)} | {cmd} |"
+        ]
+    if kind == "ann":
+        rows = []
+        for d in r["datasets"]:
+            sy = d["systems"]
+            cells = [
+                f"{name} {sy[name]['qps']:,.0f} QPS, recall {sy[name]['recall@10']:.3f}, build "
+                f"{sy[name]['build_s']:.1f} s, {sy[name]['bytes_per_vector']:.0f} B/vector"
+                for name in ("usearch_cos", "faiss_hnsw", "exact")
+            ]
+            rows.append(
+                f"| ANN peers on {d['name']} ({d['vectors']:,} vectors), same M/ef, same threads: usearch (Sieve) / "
+                f"FAISS HNSW / exact{m} | {'; '.join(cells)} | {cmd} |"
+            )
+        return rows
+    if kind == "bi-encoder":
+        t, lat = r["texts_per_s"], r["single_text_latency"]
+        return [
+            f"| bi-encoder all-MiniLM-L6-v2, Sieve ONNX runner vs sentence-transformers `encode`, same texts, "
+            f"{r['threads']} threads: documents/s; one query p50{m} | {t['onnx']:.1f} vs "
+            f"{t['sentence_transformers']:.1f} texts/s (**{r['onnx_over_st']:.2f}x**); {lat['onnx']['p50_ms']:.1f} vs "
+            f"{lat['sentence_transformers']['p50_ms']:.1f} ms | {cmd} |"
+        ]
+    if kind == "late-interaction-peers":
+        ms = r["ms_per_query"]
+        cells = [f"{k} {v['p50_ms']:.1f}" for k, v in ms.items()]
+        return [
+            f"| warm late interaction over {r['candidates']} candidates, seeded ColBERT checkpoint (speed only), ms "
+            f"per query p50: Sieve stage / Sieve in memory / peers{m} | {', '.join(cells)} | {cmd} |"
+        ]
+    if kind == "run":
+        ok = sum(1 for s in r["sections"] if s["status"] == "ok")
+        return [
+            f"| `make bench{'-quick' if r.get('mode') == 'quick' else ''}` wall time, all sections, plots and "
+            f"report | {r['wall_s'] / 60:.1f} min ({ok}/{len(r['sections'])} steps ok) | {cmd} |"
+        ]
+    return []
+
+
+def _load(name: str) -> dict | None:  # type: ignore[type-arg]
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(row) + " |" for row in rows]
+    return out
+
+
+def _plot(name: str, alt: str) -> list[str]:
+    return [f"![{alt}](results/plots/{name}.png)", ""] if (PLOTS / f"{name}.png").is_file() else []
+
+
+def _source(r: dict) -> str:  # type: ignore[type-arg]
+    m = r["machine"]
+    return (
+        f"_`{r['command']}`: {r.get('mode', 'full')} mode, {r.get('date', '?')[:10]}, {r.get('wall_s', 0):.0f} s; "
+        f"{m.get('cpus')} CPUs, load average {m.get('loadavg', ['?'])[0]} at the end._"
+    )
+
+
+def _section_quality() -> list[str]:
+    out = ["## 1. Quality through gRPC", ""]
+    found = sorted(RESULTS.glob("quality-*.json"))
+    if not found:
+        return [*out, "_Not measured yet (`python bench/scaling.py service BEIR_DIR`)._", ""]
+    for path in found:
+        r = json.loads(path.read_text())
+        out += [
+            f"**{r['dataset']}**: {r['corpus']}, {r['queries']} test queries. Indexed by an index job "
+            f"({r['index_job_docs_per_s']:.1f} docs/s, token vectors cached in the same encoder pass), then every "
+            "query through `Search` once per cascade (top 100 ids), scored as `sieve eval` scores.",
+            "",
+        ]
+        rows = [
+            [
+                f"`{run['cascade']}`",
+                f"{run['ndcg@10']:.4f}",
+                f"{run['recall@100']:.4f}",
+                f"{run['mrr@10']:.4f}",
+                f"{run['search_queries_per_s']:.1f}",
+                ", ".join(f"{k} {v:.1f}" for k, v in run["stage_ms_p50"].items()),
+            ]
+            for run in r["runs"]
+        ]
+        out += _table(["cascade", "nDCG@10", "recall@100", "MRR@10", "queries/s", "stage p50 ms"], rows)
+        published = PUBLISHED.get(r["dataset"], [])
+        if published and _whole_corpus(r):
+            out += [
+                "",
+                "Published and reference figures (../shared/REFERENCE.md), same data set and metric:",
+                "",
+            ]
+            out += _table(["system", "nDCG@10"], [[name, f"{v}"] for name, v in published])
+        elif published:
+            out += [
+                "",
+                "A subset of the corpus has fewer distractors, so these figures are higher than, and not comparable "
+                "with, published ones; the full run (`make bench`) indexes the whole corpus.",
+            ]
+        out += ["", *_plot(path.stem, "quality"), _source(r), ""]
+    return out
+
+
+def _section_floor() -> list[str]:
+    r = _load("floor")
+    out = ["## 2. Each stage against its physical floor", ""]
+    if r is None:
+        return [*out, "_Not measured yet._", ""]
+    p, q = r["p50_ms"], r["p99_ms"]
+    out += [
+        f"{r['queries']} queries of {r['dataset']} ({r['documents']} documents); for each, in one loop: `Search` "
+        "through gRPC, then the same work in this process. The query-vector and score caches are flushed before "
+        "every call, token vectors stay cached (the warm steady state).",
+        "",
+    ]
+    rows = [
+        [
+            "retrieve, top 10: whole `Search` (client)",
+            f"{p['retrieve_client']:.2f}",
+            f"{q['retrieve_client']:.2f}",
+            f"{p['retrieve_bare']:.2f}",
+            f"{r['overhead_share_p50']['retrieve_request']:.0%}",
+        ],
+        [
+            "retrieve stage, as the server reports it",
+            f"{p['retrieve_stage']:.2f}",
+            f"{q['retrieve_stage']:.2f}",
+            f"{p['retrieve_bare']:.2f}",
+            f"{r['overhead_share_p50']['retrieve_stage_in_server']:.0%}",
+        ],
+        [
+            "late-interaction stage (server: Celery + worker + Redis)",
+            f"{p['late_stage_late']:.2f}",
+            f"{q['late_stage_late']:.2f}",
+            f"{p['late_bare_stage']:.2f}",
+            f"{r['overhead_share_p50']['late_interaction_stage']:.0%}",
+        ],
+        [
+            "retrieve 100 > late interaction > top 10: whole `Search`",
+            f"{p['late_client']:.2f}",
+            f"{q['late_client']:.2f}",
+            f"{p['late_bare']:.2f}",
+            f"{r['overhead_share_p50']['late_request']:.0%}",
+        ],
+    ]
+    out += _table(
+        ["stage", "service p50 ms", "service p99 ms", "bare in-process p50 ms", "overhead share"], rows
+    )
+    out += [
+        "",
+        f"Of the bare work, the query embedding alone is {p['retrieve_bare_embed']:.2f} ms (p50). A negative share "
+        "means the bare run in the benchmark's own process was the slower one: read it as no overhead measurable "
+        "at this machine's noise. What each figure includes:",
+        "",
+    ]
+    out += [f"- `{k}`: {v}" for k, v in r["definitions"].items()]
+    rr = _load("rerank")
+    if rr is not None and "celery_overhead" in rr:
+        o = rr["celery_overhead"]
+        out += [
+            "",
+            "The Celery path alone (bench/rerank.py, same stage in-process vs through `server.rerank.Dispatcher` and a "
+            f"real worker): late interaction {o['li_warm']['in_process_p50_ms']:.1f} -> "
+            f"{o['li_warm']['celery_p50_ms']:.1f} ms, cross-encoder {o['ce_fp32']['in_process_p50_ms']:.1f} -> "
+            f"{o['ce_fp32']['celery_p50_ms']:.1f} ms ({rr['command']}).",
+        ]
+    return [*out, "", *_plot("floor", "floor"), _source(r), ""]
+
+
+def _section_scaling() -> list[str]:
+    out = ["## 3. Scaling", "", "### Client concurrency (real service)", ""]
+    r = _load("concurrency")
+    if r is None:
+        out += ["_Not measured yet._", ""]
+    else:
+        out += [
+            f"{r['dataset']}, {r['documents']} documents; {r['request']}; {r['caches']}; {r['client']}. Each pass "
+            "sends max(base, 4 x clients) distinct queries (quick mode: max(60, 2 x clients)).",
+            "",
+        ]
+        rows = [
+            [
+                x["cascade"],
+                str(x["clients"]),
+                f"{x['throughput_qps']:.1f}",
+                f"{x['p50_ms']:.1f}",
+                f"{x['p99_ms']:.1f}",
+                f"{x['completed']}/{x['requests']}",
+                str(x["degraded"]),
+                ", ".join(f"{k} {v}" for k, v in x["errors"].items()) or "0",
+            ]
+            for x in r["passes"]
+        ]
+        out += _table(
+            ["cascade", "clients", "queries/s", "p50 ms", "p99 ms", "completed", "degraded", "errors"], rows
+        )
+        out += ["", *_plot("concurrency", "concurrency"), _source(r), ""]
+    out += ["### Corpus size (the index alone)", ""]
+    r = _load("scaling-corpus")
+    if r is None:
+        return [*out, "_Not measured yet._", ""]
+    out += [
+        f"{r['what']}. A query's embedding (section 2) costs the same at any corpus size, so a `Search` at size N "
+        "costs about the section-2 figure plus the change in these index latencies.",
+        "",
+    ]
+    threads = [t["threads"] for t in r["sizes"][0]["threads"]]
+    rows = [
+        [
+            f"{s['vectors']:,}",
+            f"{s['top10']['p50_ms']:.3f}",
+            f"{s['top10']['p99_ms']:.3f}",
+            f"{s['top100']['p50_ms']:.3f}",
+            f"{s['top100']['p99_ms']:.3f}",
+            f"{s['recall@10']:.4f}",
+            *(f"{t['qps']:,.0f}" for t in s["threads"]),
+            f"{s['index_file_bytes_per_vector']:.0f}",
+        ]
+        for s in r["sizes"]
+    ]
+    out += _table(
+        [
+            "vectors",
+            "top10 p50 ms",
+            "top10 p99 ms",
+            "top100 p50 ms",
+            "top100 p99 ms",
+            "recall@10",
+            *(f"QPS {t} threads" for t in threads),
+            "bytes/vector",
+        ],
+        rows,
+    )
+    return [*out, "", *_plot("scaling-corpus", "corpus size"), _source(r), ""]
+
+
+def _section_peers() -> list[str]:
+    out = ["## 4. Beside the peers", "", "### ANN: usearch vs FAISS vs exact", ""]
+    r = _load("ann")
+    if r is None:
+        out += ["_Not measured yet._", ""]
+    else:
+        s = r["settings"]
+        out += [
+            f"Same vectors and queries for all; M={s['connectivity']}, ef_construction={s['ef_construction']}, "
+            f"ef_search={s['ef_search']}, top {s['k']}; builds and batch searches on {s['threads']} threads; "
+            f"latency: {s['latency']}. Recall@10 against the exact top 10.",
+            "",
+        ]
+        for d in r["datasets"]:
+            out += [
+                f"**{d['name']}**: {d['vectors']:,} x {d['dims']}, {d['queries']} queries ({d.get('note', '')})",
+                "",
+            ]
+            rows = [
+                [
+                    ANN_NAMES.get(k, k),
+                    f"{v['build_s']:.1f}",
+                    f"{v['qps']:,.0f}",
+                    f"{v['latency']['p50_ms']:.3f}",
+                    f"{v['latency']['p99_ms']:.3f}",
+                    f"{v['recall@10']:.4f}",
+                    f"{v['bytes_per_vector']:.0f}",
+                    f"{v['memory_bytes_per_vector']:.0f}" if "memory_bytes_per_vector" in v else "-",
+                ]
+                for k, v in d["systems"].items()
+            ]
+            out += _table(
+                [
+                    "system",
+                    "build s",
+                    "batch QPS",
+                    "1-query p50 ms",
+                    "1-query p99 ms",
+                    "recall@10",
+                    "serialized B/vector",
+                    "in-memory B/vector",
+                ],
+                rows,
+            )
+            out.append("")
+        out += [*_plot("ann", "ANN peers"), _source(r), ""]
+    out += ["### Cross-encoder: ONNX fp32 / int8 vs sentence-transformers", ""]
+    rr = _load("rerank")
+    if rr is None or "cross_encoder_backends" not in rr:
+        out += ["_Not measured yet (`python bench/rerank.py BEIR_DIR`)._", ""]
+    else:
+        be = rr["cross_encoder_backends"]
+        pps, agree = be["pairs_per_s"], be["agreement_vs_st"]
+        out += [
+            f"Seeded MiniLM cross-encoder checkpoint (speed and agreement only), {rr['queries']} queries x "
+            f"{rr['candidates']} candidates, {rr['threads']} threads. Rank agreement with sentence-transformers per "
+            "query (Spearman, top-10 overlap).",
+            "",
+        ]
+        rows = [
+            ["sentence-transformers `CrossEncoder` (PyTorch)", f"{pps['st_torch_fp32']:.1f}", "1.00", "-"],
+            [
+                "Sieve ONNX fp32",
+                f"{pps['onnx_fp32']:.1f}",
+                f"{be['onnx_fp32_over_st']:.2f}",
+                f"{agree['onnx_fp32']['spearman_mean']:.4f}, {agree['onnx_fp32']['top10_overlap_mean']:.1f}/10",
+            ],
+            [
+                "Sieve ONNX int8",
+                f"{pps['onnx_int8']:.1f}",
+                f"{be['onnx_int8_over_st']:.2f}",
+                f"{agree['onnx_int8']['spearman_mean']:.4f}, {agree['onnx_int8']['top10_overlap_mean']:.1f}/10",
+            ],
+        ]
+        out += _table(["backend", "pairs/s", "vs ST", "agreement with ST"], rows)
+        out += [
+            "",
+            "Reference (other hardware): ONNX fp32 about 1.0x PyTorch, int8 about 1.4x (sentence-transformers' own comparison).",
+            "",
+            _source(rr),
+            "",
+        ]
+    out += ["### Late interaction: warm ColBERT stage vs colbert-ai / PyLate", ""]
+    li = _load("late-interaction-peers")
+    if li is None:
+        out += ["_Not measured yet._", ""]
+    else:
+        out += [
+            f"{li['model_note']}. {li['queries']} queries x {li['candidates']} candidates ({li['candidate_source']}); "
+            f"document token vectors precomputed by each side; timed per query from the query text. PyLate: "
+            f"{li['pylate']}.",
+            "",
+        ]
+        agree = li["agreement_vs_sieve"]
+        rows = [
+            [
+                k,
+                f"{v['p50_ms']:.1f}",
+                f"{v['p90_ms']:.1f}",
+                f"{li['documents_per_s'].get(k.split('_')[0], float('nan')):.1f}",
+                f"{agree[k]['spearman_mean']:.5f}" if k in agree else "-",
+            ]
+            for k, v in li["ms_per_query"].items()
+        ]
+        out += _table(
+            ["implementation", "ms/query p50", "p90", "documents encoded/s", "Spearman vs Sieve"], rows
+        )
+        out += ["", _source(li), ""]
+    out += ["### Bi-encoder: ONNX runner vs sentence-transformers", ""]
+    bi = _load("bi-encoder")
+    if bi is None:
+        return [*out, "_Not measured yet._", ""]
+    t, lat = bi["texts_per_s"], bi["single_text_latency"]
+    out += [
+        f"{bi['model']}, {bi['texts_per_round']} {bi['dataset']} documents x {bi['rounds']} rounds per side "
+        f"(alternating), batch {bi['batch_size']}, max length {bi['max_length']}, {bi['threads']} threads. Cosine "
+        f"between the two sides' vectors: min {bi['cosine_onnx_vs_st']['min']:.6f}.",
+        "",
+    ]
+    out += _table(
+        ["implementation", "documents/s", "one query p50 ms", "one query p99 ms"],
+        [
+            [
+                "Sieve ONNX (BiEncoderRunner)",
+                f"{t['onnx']:.1f}",
+                f"{lat['onnx']['p50_ms']:.2f}",
+                f"{lat['onnx']['p99_ms']:.2f}",
+            ],
+            [
+                f"sentence-transformers {bi['sentence_transformers_process'].get('sentence_transformers', '')} (PyTorch)",
+                f"{t['sentence_transformers']:.1f}",
+                f"{lat['sentence_transformers']['p50_ms']:.2f}",
+                f"{lat['sentence_transformers']['p99_ms']:.2f}",
+            ],
+        ],
+    )
+    out += [
+        "",
+        "Reference (../shared/REFERENCE.md, this kind of machine): sentence-transformers 5.7 torch 22.8 texts/s and "
+        "11.1 ms per query; its ONNX backend 24.4 texts/s and 5.7 ms.",
+        "",
+        *_plot("peers", "peers"),
+        _source(bi),
+        "",
+    ]
+    return out
+
+
+def write_report() -> None:
+    run = _load("run")
+    head = [
+        "# Sieve benchmark report",
+        "",
+        "Generated by `bench/report.py` from `bench/results/*.json` (do not edit by hand); plots by `bench/plots.py`. "
+        "`make bench` (full) or `make bench-quick` (bounded: a corpus subset, 10k synthetic vectors, fewer queries) "
+        "re-measures everything on this machine and rewrites this page. Every figure names the command that made it; "
+        "each JSON records the machine and library versions. The machine is shared and noisy: compare figures of the "
+        "same run (ratios), not absolute times across runs.",
+        "",
+    ]
+    if run is not None:
+        steps = ", ".join(
+            f"{s['section']} {s.get('seconds', 0):.0f} s ({s['status']})"
+            for s in run["sections"]
+            if "seconds" in s
+        )
+        m = run["machine"]
+        head += [
+            f"Last complete run: `{run['command']}`, {run['mode']} mode, {run['date'][:10]}, **{run['wall_s'] / 60:.1f} "
+            f"minutes** wall time ({steps}). Machine: {m['cpus']} CPUs ({m.get('processor', '')}), "
+            f"{m.get('memory_gb', '?')} GB, Python {m['python']}.",
+            "",
+        ]
+    body = _section_quality() + _section_floor() + _section_scaling() + _section_peers()
+    versions = (run or {}).get("machine", {}).get("versions", {})
+    tail = []
+    if versions:
+        tail = ["## Versions", "", ", ".join(f"{k} {v}" for k, v in versions.items() if v), ""]
+    REPORT.write_text("\n".join(head + body + tail).rstrip() + "\n")
+    print(f"{REPORT.relative_to(ROOT)} written")
 
 
 def main() -> int:
@@ -74,6 +590,7 @@ def main() -> int:
     _, tail = rest.split(END, 1)
     readme.write_text(head + START + "\n" + "\n".join(_rows()) + "\n" + END + tail)
     print("README.md results table updated")
+    write_report()
     return 0
 
 

@@ -1,0 +1,413 @@
+"""Late-interaction peers: the project's warm ColBERT stage vs colbert-ai (and PyLate) on the same checkpoint.
+
+    .venv/bin/python bench/late_interaction_peers.py BEIR_DIR [--quick] [--queries N] [--candidates 100]
+        [--threads T]
+
+Checkpoint: no trained ColBERT weights are reachable here, so all sides load the seeded colbert-ir
+checkpoint of `python -m sieve_core.models.export_colbert seed` (all-MiniLM-L6-v2 + a seeded 384->128
+projection, [Q]/[D] markers), and the project serves its export (`python -m sieve_core.models.export
+colbert`); both are built once into bench/.cache (the same folders bench/rerank.py uses). The scores carry
+no ranking quality; this measures speed and agreement of implementations of the same model.
+
+Candidates: for N test queries (fixed seed), their bi-encoder top 100 from the service section's retrieve
+run (bench/.cache/candidates-<name>.json; the first 100 corpus documents if it is missing). Every side
+encodes the union of the candidates once, untimed per query (the document side is precomputed: that is
+the point of late interaction), and reports its document encoding rate. Then, per query, alternating
+the order of the sides, the timed span is everything a warm re-rank does from the query text:
+
+  sieve (Redis)   sieve_core.late_interaction_service.late_interaction(): query encoding (ONNX), 100 int8
+                  token blobs read from a local Redis, MaxSim: the function the colbert worker runs
+  sieve (memory)  the same without Redis: query encoding + MaxSim over the int8 blobs held in memory
+  colbert-ai      colbert-ai 0.2.22 in its own process: Checkpoint.queryFromText + colbert_score over the
+                  candidates' precomputed padded float32 token matrices and their mask
+  pylate          PyLate in its own process (only when SIEVE_PYLATE_PYTHON names a Python that has it, see
+                  tests/test_colbert.py): ColBERT.encode(is_query=True) + rank.rerank over its precomputed
+                  document embeddings
+
+Peers are timed inside their processes (no IPC in their figures); torch threads = ONNX threads = T.
+Agreement: Spearman of each peer's scores against sieve's per query, and the top-10 overlap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLBERT_NAME = "colbert-seeded-minilm"  # built by run.build_seeded, in bench/rerank.py's layout
+BATCH = 32
+
+
+# -- the peer processes (torch lives only there) -----------------------------------------------------------
+
+
+def _load_colbert_ai(checkpoint: Path) -> Any:
+    # tests/reference/colbert_embed.py holds the one transformers-5 workaround colbert-ai 0.2.22 needs and
+    # the check that the weights were loaded as stored; use it rather than a copy.
+    path = Path(__file__).resolve().parent.parent / "tests" / "reference" / "colbert_embed.py"
+    spec = importlib.util.spec_from_file_location("colbert_embed", path)
+    assert spec is not None and spec.loader is not None
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    reference._let_colbert_ai_load_on_transformers_5()
+    from colbert.modeling.colbert import ColBERT
+
+    ColBERT.loaded_extensions = True  # only colbert_score_packed needs the C++ extension
+    from colbert.infra import ColBERTConfig
+    from colbert.modeling.checkpoint import Checkpoint
+
+    model = Checkpoint(str(checkpoint), colbert_config=ColBERTConfig(), verbose=0)
+    reference._check_loaded_weights(checkpoint, model.model.state_dict())
+    return model
+
+
+def serve(library: str, checkpoint: Path, threads: int) -> int:
+    """One JSON request per stdin line, one JSON answer per stdout line."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import importlib.metadata
+
+    import torch
+
+    torch.set_num_threads(threads)
+    state: dict[str, Any] = {}
+    if library == "colbert-ai":
+        from colbert.modeling.colbert import colbert_score
+
+        model = _load_colbert_ai(checkpoint)
+        version = importlib.metadata.version("colbert-ai")
+
+        def encode_documents(texts: list[str]) -> None:
+            ids, mask = model.doc_tokenizer.tensorize(texts)  # padded to the longest: one width for all
+            parts, masks = [], []
+            for start in range(0, len(texts), BATCH):
+                d, m = model.doc(
+                    ids[start : start + BATCH], mask[start : start + BATCH], keep_dims="return_mask"
+                )
+                parts.append(d.float())
+                masks.append(m)
+            state["D"], state["mask"] = torch.cat(parts), torch.cat(masks)
+
+        def score(query: str, indices: list[int]) -> list[float]:
+            q = model.queryFromText([query], to_cpu=True).float()
+            index = torch.tensor(indices)
+            d, m = state["D"].index_select(0, index), state["mask"].index_select(0, index)
+            return colbert_score(q, d, m, config=model.colbert_config).tolist()  # type: ignore[no-any-return]
+
+    else:
+        from pylate import models, rank
+
+        model = models.ColBERT(model_name_or_path=str(checkpoint), device="cpu", local_files_only=True)
+        version = importlib.metadata.version("pylate")
+
+        def encode_documents(texts: list[str]) -> None:
+            state["D"] = model.encode(texts, batch_size=BATCH, is_query=False, show_progress_bar=False)
+
+        def score(query: str, indices: list[int]) -> list[float]:
+            q = model.encode([query], batch_size=1, is_query=True, show_progress_bar=False)
+            ranked = rank.rerank(
+                documents_ids=[indices],
+                queries_embeddings=q,
+                documents_embeddings=[[state["D"][i] for i in indices]],
+            )[0]
+            by_id = {r["id"]: r["score"] for r in ranked}
+            return [float(by_id[i]) for i in indices]
+
+    print(
+        json.dumps({"ready": True, "library": f"{library} {version}", "torch": torch.__version__}), flush=True
+    )
+    with torch.inference_mode():
+        for line in sys.stdin:
+            request = json.loads(line)
+            t = time.perf_counter()
+            if "documents" in request:
+                encode_documents(request["documents"])
+                print(json.dumps({"seconds": time.perf_counter() - t}), flush=True)
+            else:
+                scores = score(request["query"], request["indices"])
+                print(json.dumps({"seconds": time.perf_counter() - t, "scores": scores}), flush=True)
+    return 0
+
+
+class Peer:
+    def __init__(self, python: str, library: str, checkpoint: Path, threads: int) -> None:
+        argv = [
+            python,
+            __file__,
+            "--serve",
+            library,
+            "--checkpoint",
+            str(checkpoint),
+            "--threads",
+            str(threads),
+        ]
+        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.info = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"peer process exited ({self.proc.wait()})")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# -- this process ------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[Any]:
+    import redis
+
+    from server.evaluate import free_port
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit("redis-server is not installed (make redis installs it)")
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="sieve-bench-li-") as tmp:
+        argv = [
+            binary,
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--dir",
+            tmp,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            client = redis.Redis(port=port, socket_timeout=30)
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    client.ping()
+                    break
+                except redis.RedisError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        raise SystemExit("redis-server did not start") from None
+                    time.sleep(0.05)
+            yield client
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    ra = np.argsort(np.argsort(a)).astype(np.float64)
+    rb = np.argsort(np.argsort(b)).astype(np.float64)
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def top_overlap(a: list[float], b: list[float], k: int = 10) -> int:
+    return len(set(np.argsort(a)[::-1][:k].tolist()) & set(np.argsort(b)[::-1][:k].tolist()))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("beir", type=Path, nargs="?")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--queries", type=int, help="test queries (default 20, quick 2)")
+    parser.add_argument("--candidates", type=int, help="candidates per query (default 100, quick 50)")
+    parser.add_argument("--threads", type=int, default=0, help="ONNX and torch threads (0: all cores)")
+    parser.add_argument("--serve", choices=("colbert-ai", "pylate"), help=argparse.SUPPRESS)
+    parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve:
+        return serve(args.serve, args.checkpoint, args.threads or 1)
+
+    from run import CACHE, available_cores, build_seeded, command_line, log, percentiles, write_result
+
+    from sieve_core.beir import load_beir
+    from sieve_core.contracts import Candidate, LateInteractionRequest
+    from sieve_core.late_interaction import encode_tokens, maxsim_blobs
+    from sieve_core.late_interaction_service import TokenCache, late_interaction, token_key
+    from sieve_core.models.colbert import ColbertRunner
+
+    if args.beir is None or not (args.beir / "corpus.jsonl").is_file():
+        print(f"skipped: {args.beir} is not a BEIR folder", file=sys.stderr)
+        return 0
+    started = time.monotonic()
+    threads = args.threads or available_cores()
+    n_queries = args.queries or (2 if args.quick else 20)
+    n_candidates = args.candidates or (50 if args.quick else 100)
+    data = load_beir(args.beir)
+    checkpoint, bundle = build_seeded(COLBERT_NAME)
+
+    cand_path = CACHE / f"candidates-{data.name}.json"
+    if cand_path.is_file():
+        saved = json.loads(cand_path.read_text())["candidates"]
+        source = "the bi-encoder top 100 of the service section's retrieve run"
+    else:
+        saved = {}
+        source = "the first corpus documents (bench/.cache/candidates file missing)"
+    qids = sorted(q for q in data.queries if q in saved) or sorted(data.queries)
+    qids = random.Random(0).sample(qids, min(n_queries, len(qids)))
+    first = list(data.corpus)[:n_candidates]
+    cases = [(q, [d for d in saved.get(q, first) if d in data.corpus][:n_candidates]) for q in qids]
+    union = list(dict.fromkeys(d for _, docs in cases for d in docs))
+    position = {d: i for i, d in enumerate(union)}
+    texts = [data.corpus[d] for d in union]
+    log(f"{len(cases)} queries x {n_candidates} candidates ({source}); {len(union)} distinct documents")
+
+    runner = ColbertRunner(bundle, intra_op_threads=threads)
+    runner.warmup()
+    t = time.perf_counter()
+    matrices = runner.document_token_vectors(texts, BATCH)
+    blobs = {
+        token_key(runner, Candidate.of(x).content_hash, "int8"): encode_tokens(m, "int8")
+        for x, m in zip(texts, matrices, strict=True)
+    }
+    encode_s = {"sieve": time.perf_counter() - t}
+    log(f"  sieve encoded {len(texts)} documents in {encode_s['sieve']:.1f} s")
+
+    peers: dict[str, Peer] = {}
+    peer_info: dict[str, Any] = {}
+    try:
+        log("starting colbert-ai (its own process)")
+        peers["colbert-ai"] = Peer(sys.executable, "colbert-ai", checkpoint, threads)
+        pylate_python = os.environ.get("SIEVE_PYLATE_PYTHON")
+        if pylate_python:
+            log(f"starting PyLate ({pylate_python})")
+            peers["pylate"] = Peer(pylate_python, "pylate", checkpoint, threads)
+        else:
+            log(
+                "PyLate skipped: SIEVE_PYLATE_PYTHON is not set (tests/test_colbert.py says how to build one)"
+            )
+        for name, peer in peers.items():
+            encode_s[name] = peer.ask(documents=texts)["seconds"]
+            peer_info[name] = peer.info
+            log(f"  {name} encoded {len(texts)} documents in {encode_s[name]:.1f} s")
+
+        ms: dict[str, list[float]] = {"sieve_redis": [], "sieve_memory": [], **{p: [] for p in peers}}
+        agreement: dict[str, list[tuple[float, int]]] = {p: [] for p in peers}
+        with redis_server() as client:
+            cache = TokenCache(client)
+            items = list(blobs.items())
+            for start in range(0, len(items), 64):
+                cache.put_many(dict(items[start : start + 64]))
+
+            def sieve_redis(query: str, docs: list[str]) -> list[float]:
+                request = LateInteractionRequest(
+                    query=query, model=COLBERT_NAME, candidates=[Candidate.of(data.corpus[d]) for d in docs]
+                )
+                result = late_interaction(runner, cache, request, batch_size=BATCH)
+                if result.recomputed:
+                    raise AssertionError(f"warm stage recomputed {result.recomputed} documents")
+                return result.scores
+
+            def sieve_memory(query: str, docs: list[str]) -> list[float]:
+                q = runner.query_token_vectors([query])[0]
+                keys = [token_key(runner, Candidate.of(data.corpus[d]).content_hash, "int8") for d in docs]
+                return [float(s) for s in maxsim_blobs(q, [blobs[k] for k in keys])]
+
+            sides = list(ms)
+            for warm in (True, False):
+                for r, (qid, docs) in enumerate(cases[:1] if warm else cases):
+                    query = data.queries[qid]
+                    scores: dict[str, list[float]] = {}
+                    for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
+                        if side in peers:
+                            answer = peers[side].ask(query=query, indices=[position[d] for d in docs])
+                            seconds, scores[side] = answer["seconds"], answer["scores"]
+                        else:
+                            fn = sieve_redis if side == "sieve_redis" else sieve_memory
+                            t = time.perf_counter()
+                            scores[side] = fn(query, docs)
+                            seconds = time.perf_counter() - t
+                        if not warm:
+                            ms[side].append(seconds * 1000)
+                    if not warm:
+                        for p in peers:
+                            agreement[p].append(
+                                (
+                                    spearman(scores["sieve_redis"], scores[p]),
+                                    top_overlap(scores["sieve_redis"], scores[p]),
+                                )
+                            )
+                    if not warm:
+                        log(
+                            f"  query {r + 1}/{len(cases)}: "
+                            + ", ".join(f"{s} {ms[s][-1]:.1f} ms" for s in sides)
+                        )
+    finally:
+        for peer in peers.values():
+            peer.close()
+
+    stats = {side: percentiles(v) for side, v in ms.items()}
+    log("ms per query (p50): " + ", ".join(f"{s} {stats[s]['p50_ms']:.1f}" for s in stats))
+    argv = [str(args.beir)] + (["--quick"] if args.quick else [])
+    if args.queries:
+        argv += ["--queries", str(args.queries)]
+    if args.candidates:
+        argv += ["--candidates", str(args.candidates)]
+    write_result(
+        "late-interaction-peers",
+        {
+            "benchmark": "late-interaction-peers",
+            "dataset": data.name,
+            "model": runner.model_id,
+            "model_note": "seeded colbert-ir checkpoint (MiniLM + seeded 384->128 projection): speed and "
+            "agreement only, no ranking quality",
+            "queries": len(cases),
+            "candidates": n_candidates,
+            "candidate_source": source,
+            "documents_encoded": len(texts),
+            "threads": threads,
+            "ms_per_query": stats,
+            "documents_per_s": {side: len(texts) / s for side, s in encode_s.items()},
+            "agreement_vs_sieve": {
+                p: {
+                    "spearman_mean": float(np.mean([a for a, _ in v])),
+                    "spearman_min": float(np.min([a for a, _ in v])),
+                    "top10_overlap_mean": float(np.mean([b for _, b in v])),
+                }
+                for p, v in agreement.items()
+            },
+            "peers": peer_info,
+            "pylate": "run" if "pylate" in peer_info else "skipped: SIEVE_PYLATE_PYTHON not set",
+        },
+        command=command_line("bench/late_interaction_peers.py", argv),
+        quick=args.quick,
+        started=started,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
