@@ -76,18 +76,20 @@ class Cascade:
                 self._manifests[name] = found
         return found
 
-    def late_interaction_model(self, embedding_model: str) -> StageModel:
-        name = self.settings.late_interaction_model
+    def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
+        """The stage's model: the named `colbert` bundle, or MaxSim over the bi-encoder's token vectors."""
         if name is None:
             manifest = self._manifest(embedding_model)
             label = f"{manifest.model_id} (MaxSim over its token vectors, zero-shot)"
             return StageModel(embedding_model, label, manifest.cache_id)
         manifest = self._manifest(name)
-        return StageModel(name, f"{manifest.model_id} (ColBERT)", manifest.cache_id)
+        if manifest.kind not in ("colbert", "bi_encoder"):
+            raise BundleError(f"model {name!r} is a {manifest.kind} bundle: it has no token vectors")
+        label = "ColBERT" if manifest.kind == "colbert" else "MaxSim over its token vectors, zero-shot"
+        return StageModel(name, f"{manifest.model_id} ({label})", manifest.cache_id)
 
-    def cross_encoder_model(self) -> StageModel:
-        """The configured cross-encoder; FailedPrecondition naming the fix when there is none."""
-        name = self.settings.cross_encoder_model
+    def cross_encoder_model(self, name: str | None) -> StageModel:
+        """The named cross-encoder; FailedPrecondition naming the fix when there is none."""
         hint = CROSS_ENCODER_EXPORT_HINT.format(dir=self.settings.models_dir)
         if name is None:
             raise FailedPrecondition(f"no cross_encoder model is configured on this server; {hint}")
@@ -104,10 +106,10 @@ class Cascade:
     def check_required(self, settings: SearchSettings, embedding_model: str) -> None:
         """Refuse up front a request that demands a stage this server has no model for."""
         if settings.cross_encoder == StageMode.REQUIRED:
-            self.cross_encoder_model()
+            self.cross_encoder_model(settings.cross_encoder_model)
         if settings.late_interaction == StageMode.REQUIRED:
             try:
-                self.late_interaction_model(embedding_model)
+                self.late_interaction_model(settings.late_interaction_model, embedding_model)
             except BundleError as exc:
                 raise FailedPrecondition(
                     f"late_interaction model is not available ({exc}); export one with `sieve models export "
@@ -140,7 +142,15 @@ class Cascade:
                 reports.append(StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested"))
                 continue
             hits, report = await self._stage(
-                plan, collection_id, generation, embedding_model, query, hits, max(plan.keep, top_k), deadline
+                plan,
+                settings,
+                collection_id,
+                generation,
+                embedding_model,
+                query,
+                hits,
+                max(plan.keep, top_k),
+                deadline,
             )
             if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
                 raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
@@ -150,6 +160,7 @@ class Cascade:
     async def _stage(
         self,
         plan: StagePlan,
+        settings: SearchSettings,
         collection_id: int,
         generation: int,
         embedding_model: str,
@@ -168,9 +179,9 @@ class Cascade:
 
         try:
             model = (
-                self.late_interaction_model(embedding_model)
+                self.late_interaction_model(settings.late_interaction_model, embedding_model)
                 if plan.stage == Stage.LATE_INTERACTION
-                else self.cross_encoder_model()
+                else self.cross_encoder_model(settings.cross_encoder_model)
             )
         except (FailedPrecondition, BundleError) as exc:
             reason = exc.message if isinstance(exc, FailedPrecondition) else str(exc)

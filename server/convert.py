@@ -50,6 +50,8 @@ def settings_from_pb(msg: common_pb2.SearchSettings) -> SearchSettings:
         late_interaction_keep=_opt(msg, "late_interaction_keep"),
         cross_encoder=_mode(msg.cross_encoder, "cross_encoder"),
         cross_encoder_keep=_opt(msg, "cross_encoder_keep"),
+        late_interaction_model=_opt(msg, "late_interaction_model"),
+        cross_encoder_model=_opt(msg, "cross_encoder_model"),
     )
 
 
@@ -57,7 +59,8 @@ def settings_to_pb(s: SearchSettings) -> common_pb2.SearchSettings:
     msg = common_pb2.SearchSettings(
         late_interaction=int(s.late_interaction), cross_encoder=int(s.cross_encoder)
     )
-    for name in ("retrieve_candidates", "ef_search", "late_interaction_keep", "cross_encoder_keep"):
+    optional = ("retrieve_candidates", "ef_search", "late_interaction_keep", "cross_encoder_keep")
+    for name in (*optional, "late_interaction_model", "cross_encoder_model"):
         value = getattr(s, name)
         if value is not None:
             setattr(msg, name, value)

@@ -100,7 +100,7 @@ class _Collection:
 
 
 def _settings_to_json(s: SearchSettings) -> str:
-    return json.dumps({k: int(v) if v is not None else None for k, v in asdict(s).items()})
+    return json.dumps({k: v if v is None or isinstance(v, str) else int(v) for k, v in asdict(s).items()})
 
 
 def _settings_from_json(text: str) -> SearchSettings:
@@ -129,6 +129,8 @@ class Engine:
             late_interaction_keep=settings.default_top_k,
             cross_encoder=StageMode.OFF,
             cross_encoder_keep=settings.default_top_k,
+            late_interaction_model=settings.late_interaction_model,
+            cross_encoder_model=settings.cross_encoder_model,
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -312,7 +314,7 @@ class Engine:
                         self.dispatcher.precompute_tokens,
                         col.row.embedding_model,
                         texts,
-                        self.settings.late_interaction_model,
+                        col.defaults.over(self.server_defaults).late_interaction_model,
                     )
                 return WriteResult(outcome.generation, len(docs))
             # A concurrent write changed some texts after we looked: embed those too and try again.

@@ -37,6 +37,9 @@ def collection_name(name: str) -> str:
     return name
 
 
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
 def metric(value: str, settings: Settings) -> str:
     value = value or settings.default_metric
     if value not in METRICS:
@@ -60,6 +63,12 @@ def search_settings(s: SearchSettings, settings: Settings, where: str = "setting
         if value is not None and not 1 <= value <= settings.max_retrieve_candidates:
             raise InvalidArgument(
                 f"{where}.{name} must be between 1 and {settings.max_retrieve_candidates}, got {value}"
+            )
+    for name in ("late_interaction_model", "cross_encoder_model"):
+        value = getattr(s, name)
+        if value is not None and not _MODEL_NAME.match(value):
+            raise InvalidArgument(
+                f"{where}.{name} must be a bundle name (letters, digits, '.', '_', '-'; at most 128), got {value!r}"
             )
     return s
 

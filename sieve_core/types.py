@@ -44,6 +44,8 @@ class SearchSettings:
     late_interaction_keep: int | None = None
     cross_encoder: StageMode = StageMode.UNSPECIFIED
     cross_encoder_keep: int | None = None
+    late_interaction_model: str | None = None
+    cross_encoder_model: str | None = None
 
     def over(self, base: SearchSettings) -> SearchSettings:
         """These settings, with unset fields taken from `base`."""
@@ -58,6 +60,8 @@ class SearchSettings:
             late_interaction_keep=pick(self.late_interaction_keep, base.late_interaction_keep),
             cross_encoder=pick(self.cross_encoder, base.cross_encoder, StageMode.UNSPECIFIED),
             cross_encoder_keep=pick(self.cross_encoder_keep, base.cross_encoder_keep),
+            late_interaction_model=pick(self.late_interaction_model, base.late_interaction_model),
+            cross_encoder_model=pick(self.cross_encoder_model, base.cross_encoder_model),
         )
 
 

@@ -258,3 +258,53 @@ async def test_a_missing_late_interaction_bundle_is_a_failed_precondition(tmp_pa
         )
     finally:
         await stop_api(server)
+
+
+async def test_a_collection_picks_its_bundles(
+    models: Models, stage_worker: Worker, redis_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    # No models in the server's settings: the collection's defaults name them, a request may override.
+    settings = make_settings(
+        tmp_path, redis_url=redis_url, models_dir=models.directory, rerank_timeout_s=30.0
+    )
+    api = await start_api(settings)
+    try:
+        name = f"picks-{uuid.uuid4().hex[:8]}"
+        defaults = common_pb2.SearchSettings(
+            late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT,
+            late_interaction_model=COLBERT,
+            cross_encoder_model=CROSS,
+        )
+        created = await api.collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(
+                collection=collections_pb2.Collection(name=name, defaults=defaults)
+            )
+        )
+        assert created.collection.defaults.cross_encoder_model == CROSS
+        await api.documents.UpsertDocuments(
+            documents_pb2.UpsertDocumentsRequest(
+                collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in DOCS.items()]
+            )
+        )
+        request = search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=CASCADE)
+        resp = await api.search.Search(request, timeout=60)
+        assert [s.status for s in resp.stages] == [search_pb2.STAGE_STATUS_COMPLETED] * 3, resp.stages
+        assert COLBERT in resp.stages[1].model_id and CROSS in resp.stages[2].model_id
+
+        # A request naming a bundle the server does not have: a clear FAILED_PRECONDITION.
+        missing = common_pb2.SearchSettings(
+            cross_encoder=common_pb2.STAGE_MODE_REQUIRED, cross_encoder_model="nope"
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await api.search.Search(search_pb2.SearchRequest(collection=name, query=QUERY, settings=missing))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "'nope'" in err.value.details()
+        # A name that cannot be a bundle: INVALID_ARGUMENT.
+        bad = common_pb2.SearchSettings(late_interaction_model="../etc")
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await api.search.Search(search_pb2.SearchRequest(collection=name, query=QUERY, settings=bad))
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and "late_interaction_model" in err.value.details()
+        )
+    finally:
+        await stop_api(api)

@@ -56,17 +56,21 @@ class Condition(_message.Message):
     def __init__(self, key: _Optional[str] = ..., equals: _Optional[str] = ...) -> None: ...
 
 class SearchSettings(_message.Message):
-    __slots__ = ("retrieve_candidates", "ef_search", "late_interaction", "late_interaction_keep", "cross_encoder", "cross_encoder_keep")
+    __slots__ = ("retrieve_candidates", "ef_search", "late_interaction", "late_interaction_keep", "cross_encoder", "cross_encoder_keep", "late_interaction_model", "cross_encoder_model")
     RETRIEVE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     LATE_INTERACTION_FIELD_NUMBER: _ClassVar[int]
     LATE_INTERACTION_KEEP_FIELD_NUMBER: _ClassVar[int]
     CROSS_ENCODER_FIELD_NUMBER: _ClassVar[int]
     CROSS_ENCODER_KEEP_FIELD_NUMBER: _ClassVar[int]
+    LATE_INTERACTION_MODEL_FIELD_NUMBER: _ClassVar[int]
+    CROSS_ENCODER_MODEL_FIELD_NUMBER: _ClassVar[int]
     retrieve_candidates: int
     ef_search: int
     late_interaction: StageMode
     late_interaction_keep: int
     cross_encoder: StageMode
     cross_encoder_keep: int
-    def __init__(self, retrieve_candidates: _Optional[int] = ..., ef_search: _Optional[int] = ..., late_interaction: _Optional[_Union[StageMode, str]] = ..., late_interaction_keep: _Optional[int] = ..., cross_encoder: _Optional[_Union[StageMode, str]] = ..., cross_encoder_keep: _Optional[int] = ...) -> None: ...
+    late_interaction_model: str
+    cross_encoder_model: str
+    def __init__(self, retrieve_candidates: _Optional[int] = ..., ef_search: _Optional[int] = ..., late_interaction: _Optional[_Union[StageMode, str]] = ..., late_interaction_keep: _Optional[int] = ..., cross_encoder: _Optional[_Union[StageMode, str]] = ..., cross_encoder_keep: _Optional[int] = ..., late_interaction_model: _Optional[str] = ..., cross_encoder_model: _Optional[str] = ...) -> None: ...

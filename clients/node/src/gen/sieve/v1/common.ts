@@ -192,7 +192,16 @@ export interface SearchSettings {
     | undefined;
   /** Cross-encoder stage: mode, and how many candidates it keeps. */
   crossEncoder: StageMode;
-  crossEncoderKeep?: number | undefined;
+  crossEncoderKeep?:
+    | number
+    | undefined;
+  /**
+   * Model bundles for the re-ranking stages, by name in the server's models directory. Unset: the
+   * collection's default, then the server's (SIEVE_LATE_INTERACTION_MODEL, SIEVE_CROSS_ENCODER_MODEL;
+   * late interaction falls back to MaxSim over the bi-encoder's own token vectors).
+   */
+  lateInteractionModel?: string | undefined;
+  crossEncoderModel?: string | undefined;
 }
 
 function createBaseFilter(): Filter {
@@ -355,6 +364,8 @@ function createBaseSearchSettings(): SearchSettings {
     lateInteractionKeep: undefined,
     crossEncoder: 0,
     crossEncoderKeep: undefined,
+    lateInteractionModel: undefined,
+    crossEncoderModel: undefined,
   };
 }
 
@@ -377,6 +388,12 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     }
     if (message.crossEncoderKeep !== undefined) {
       writer.uint32(48).int32(message.crossEncoderKeep);
+    }
+    if (message.lateInteractionModel !== undefined) {
+      writer.uint32(58).string(message.lateInteractionModel);
+    }
+    if (message.crossEncoderModel !== undefined) {
+      writer.uint32(66).string(message.crossEncoderModel);
     }
     return writer;
   },
@@ -442,6 +459,22 @@ export const SearchSettings: MessageFns<SearchSettings> = {
             message.crossEncoderKeep = reader.int32();
             continue;
           }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.lateInteractionModel = reader.string();
+            continue;
+          }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.crossEncoderModel = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -486,6 +519,16 @@ export const SearchSettings: MessageFns<SearchSettings> = {
         : isSet(object.cross_encoder_keep)
         ? globalThis.Number(object.cross_encoder_keep)
         : undefined,
+      lateInteractionModel: isSet(object.lateInteractionModel)
+        ? globalThis.String(object.lateInteractionModel)
+        : isSet(object.late_interaction_model)
+        ? globalThis.String(object.late_interaction_model)
+        : undefined,
+      crossEncoderModel: isSet(object.crossEncoderModel)
+        ? globalThis.String(object.crossEncoderModel)
+        : isSet(object.cross_encoder_model)
+        ? globalThis.String(object.cross_encoder_model)
+        : undefined,
     };
   },
 
@@ -509,6 +552,12 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     if (message.crossEncoderKeep !== undefined) {
       obj.crossEncoderKeep = Math.round(message.crossEncoderKeep);
     }
+    if (message.lateInteractionModel !== undefined) {
+      obj.lateInteractionModel = message.lateInteractionModel;
+    }
+    if (message.crossEncoderModel !== undefined) {
+      obj.crossEncoderModel = message.crossEncoderModel;
+    }
     return obj;
   },
 
@@ -523,6 +572,8 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     message.lateInteractionKeep = object.lateInteractionKeep ?? undefined;
     message.crossEncoder = object.crossEncoder ?? 0;
     message.crossEncoderKeep = object.crossEncoderKeep ?? undefined;
+    message.lateInteractionModel = object.lateInteractionModel ?? undefined;
+    message.crossEncoderModel = object.crossEncoderModel ?? undefined;
     return message;
   },
 };
