@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install node models redis protos check-protos lint eval eval-record bench-service bench-ingest bench-install bench bench-quick clean
+.PHONY: run test install node models redis protos check-protos lint eval eval-record bench-service bench-ingest bench-rerank bench-install bench bench-quick clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -87,6 +87,12 @@ bench-service: models
 # and the job's SciFact nDCG@10 vs indexing through UpsertDocuments (a benchmark, never part of make test).
 bench-ingest: models redis
 	$(PY) bench/ingest.py ../shared/datasets/scifact
+	$(PY) bench/report.py
+
+# Re-ranking: late interaction warm vs cold vs the cross-encoder, ONNX vs sentence-transformers (fp32, int8),
+# and the Celery path's overhead, side by side on the same candidates (a benchmark, never part of make test).
+bench-rerank: models redis
+	$(PY) bench/rerank.py ../shared/datasets/scifact
 	$(PY) bench/report.py
 
 # `make bench` / `make bench-quick`: every benchmark side by side with its peers (quality through gRPC,

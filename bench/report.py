@@ -64,6 +64,8 @@ def _rows() -> list[str]:
                 f"raw p50 {r['raw_p50_ms']:.2f} ms; **added {r['added_p50_ms'] * 1000:.0f} µs per call** "
                 f"(median of pairs, {r['added_p50_share']:.1%}) | {cmd} |"
             )
+        elif r.get("benchmark") == "rerank":
+            rows.extend(_rerank_rows(r, cmd))
         elif r.get("benchmark") in BENCH_KINDS:
             rows.extend(_bench_rows(r, cmd))
         elif "maxsim-int8" in r.get("ndcg@10", {}):
@@ -74,6 +76,75 @@ def _rows() -> list[str]:
                 f"{n['bi-encoder']:.4f} -> {n['maxsim-fp32']:.4f} / {n['maxsim-int8']:.4f} / "
                 f"{n['maxsim-fp16']:.4f}; int8 {r['bytes_per_document']['int8'] / 1000:.0f} KB/doc | {cmd} |"
             )
+    return rows
+
+
+def _rerank_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
+    """bench/rerank.py: latency per variant, the Celery path's overhead, ONNX vs sentence-transformers."""
+    v, ratios, celery, be = r["variants"], r["ratios"], r["celery_overhead"], r["cross_encoder_backends"]
+    n, q = r["candidates"], r["queries"]
+    seeded = "a seeded checkpoint: speed and agreement only, no ranking quality"
+    same = f"{q} {r['dataset']} queries x the same {n} bi-encoder candidates, variants interleaved per query"
+    colbert = (
+        f"; seeded ColBERT (128-d) warm {v['colbert_warm']['p50_ms']:.1f}" if "colbert_warm" in v else ""
+    )
+    if "li_warm_blas1" in v:
+        colbert += (
+            f"; warm late interaction with 1 BLAS thread {v['li_warm_blas1']['p50_ms']:.1f} "
+            f"(CE fp32 / that {ratios['ce_fp32_over_li_warm_blas1_p50']:.0f}x)"
+        )
+    rows = [
+        f"| re-ranking {n} candidates, p50 (p90) ms per query, {same}: late interaction warm (MiniLM "
+        f"zero-shot MaxSim, int8 blobs in Redis) / cold (blobs recomputed) / cross-encoder ONNX fp32 / "
+        f"int8, in-process (the cross-encoder is {seeded}) | warm {v['li_warm']['p50_ms']:.1f} "
+        f"({v['li_warm']['p90_ms']:.1f}) / cold {v['li_cold']['p50_ms']:.0f} ({v['li_cold']['p90_ms']:.0f}) / "
+        f"CE fp32 {v['ce_fp32']['p50_ms']:.0f} ({v['ce_fp32']['p90_ms']:.0f}) / CE int8 "
+        f"{v['ce_int8']['p50_ms']:.0f} ({v['ce_int8']['p90_ms']:.0f}){colbert}; **CE fp32 / warm late "
+        f"interaction {ratios['ce_fp32_over_li_warm_p50']:.0f}x** (target >= "
+        f"{ratios['target_ce_over_li_warm']}x), cold / warm {ratios['li_cold_over_li_warm_p50']:.0f}x | {cmd} |",
+    ]
+    parts = []
+    for stage, label in (("li_warm", "late interaction warm"), ("ce_fp32", "cross-encoder fp32")):
+        o = celery[stage]
+        failed = ""
+        if o.get("celery_failures"):
+            reasons = {f["reason"] for f in r.get("failures", {}).get(f"{stage}_celery", [])}
+            limit = r.get("worker_time_limits_s", {}).get("cross_encoder" if stage == "ce_fp32" else stage)
+            why = (
+                f"the worker's {limit[0]} s soft time limit"
+                if limit and all("SoftTimeLimitExceeded" in x for x in reasons)
+                else "see the JSON"
+            )
+            failed = f"; {o['celery_failures']} of {q} calls failed: {why}, excluded from both p50s"
+        parts.append(
+            f"{label} {o['in_process_p50_ms']:.1f} -> {o['celery_p50_ms']:.1f} ms "
+            f"(**{o['overhead_p50_ms']:+.1f} ms**, x{o['ratio_p50']:.2f}; median of paired differences "
+            f"{o['paired_overhead_median_ms']:+.1f} ms{failed})"
+        )
+    rows.append(
+        f"| Celery path overhead: the same stage through `server.rerank.Dispatcher` and one real worker "
+        f"(send_task, wait off the event loop) vs the same runner in-process, p50, same run | "
+        f"{'; '.join(parts)} | {cmd} |"
+    )
+    pps = be["pairs_per_s"]
+    rows.append(
+        f"| cross-encoder backends on the same seeded checkpoint (MiniLM encoder + seeded head; speed and "
+        f"agreement only, no ranking quality) and the "
+        f"same {q} x {n} pairs, {r['threads']} threads: pairs/s sentence-transformers `CrossEncoder` (PyTorch) "
+        f"/ ONNX fp32 (batch 16) / ONNX int8 (one pair per run) | {pps['st_torch_fp32']:.1f} / "
+        f"{pps['onnx_fp32']:.1f} (**{be['onnx_fp32_over_st']:.2f}x**) / {pps['onnx_int8']:.1f} "
+        f"(**{be['onnx_int8_over_st']:.2f}x**) | {cmd} |"
+    )
+    agree = be["agreement_vs_st"]
+    cells = [
+        f"{name.split('_')[1]} Spearman {a['spearman_mean']:.4f} (min {a['spearman_min']:.4f}), top-10 overlap "
+        f"{a['top10_overlap_mean']:.1f}/10 (min {a['top10_overlap_min']})"
+        for name, a in agree.items()
+    ]
+    rows.append(
+        f"| rank agreement with sentence-transformers per query over the {n} candidates, ONNX fp32 / int8 "
+        f"({seeded}) | {'; '.join(cells)} | {cmd} |"
+    )
     return rows
 
 
