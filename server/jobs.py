@@ -297,7 +297,11 @@ class JobManager:
             total=spooled.total,
             created_at=now(),
         )
-        return await self._add(record)
+        try:
+            return await self._add(record)
+        except BaseException:
+            await self._on(self._files, partial(spooled.path.unlink, missing_ok=True))
+            raise
 
     async def _add(self, record: JobRecord) -> JobView:
         self._check_open()
