@@ -136,14 +136,16 @@ class WorkerEmbedder:
 
     name = "workers"
 
-    def __init__(self, settings: Settings, model: str, want_tokens: bool, label: str) -> None:
+    def __init__(
+        self, settings: Settings, model: str, want_tokens: bool, token_model: str | None, label: str
+    ) -> None:
         self._settings = settings
-        # With want_tokens the worker also caches the texts' document token vectors: the configured
-        # late-interaction bundle's, or (none configured) the bi-encoder's own from the same encoder run.
+        # With want_tokens the worker also caches the texts' document token vectors: `token_model`'s (the
+        # collection's late-interaction bundle), or with None the bi-encoder's own from the same encoder run.
         self._fields: dict[str, Any] = {
             "model": model,
             "want_tokens": want_tokens,
-            "token_model": settings.late_interaction_model if want_tokens else None,
+            "token_model": token_model if want_tokens else None,
         }
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sieve-job-{label}")
         self._app: Any = None

@@ -107,6 +107,7 @@ class LiveJob:
         self.in_flight = 0
         self.cancel = False
         self.shutdown = False
+        self.finishing = False  # its final state is being written
         self.task: asyncio.Task[None] | None = None
         self.finished = asyncio.Event()
         self._changed = asyncio.Event()
@@ -408,6 +409,10 @@ class JobManager:
         self._check_open()
         validation.job_id(job_id)
         live = self._live.get(job_id)
+        if live is not None and live.finishing:  # it is ending anyway: answer with how it ended
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(live.finished.wait(), CANCEL_WAIT_S)
+            live = self._live.get(job_id)
         if live is None:
             record = await self._record(job_id)
             if record.state == CANCELLED:
@@ -459,8 +464,11 @@ class JobManager:
             raise FailedPrecondition(f"the source {record.source} no longer exists on the server")
         if await self._on(self._files, file_identity, source) != (record.file_size, record.file_mtime_ns):
             raise FailedPrecondition(f"the source {record.source} changed since the job started")
+        # As UpsertDocuments does: a collection that re-ranks by late interaction gets its token vectors
+        # cached at write time, by the worker that embeds the batch (its late-interaction bundle's, if any).
         want_tokens = info.defaults.late_interaction not in (StageMode.UNSPECIFIED, StageMode.OFF)
-        embedder = self._embedder(info.embedding_model, want_tokens, record.id)
+        token_model = info.defaults.over(self._engine.server_defaults).late_interaction_model
+        embedder = self._embedder(info.embedding_model, want_tokens, token_model, record.id)
         record.state, record.embedder = RUNNING, embedder.name
         record.started_at = record.started_at or now()
         await self._save(record)
@@ -589,16 +597,19 @@ class JobManager:
         await self._save(record, batch.errors)
         live.progressed()
 
-    def _embedder(self, model: str, want_tokens: bool, job_id: str) -> Embedder:
+    def _embedder(self, model: str, want_tokens: bool, token_model: str | None, job_id: str) -> Embedder:
         if self._settings.redis_url is None:
             return InProcessEmbedder(partial(self._engine.models.get, model), self._settings)
-        return WorkerEmbedder(self._settings, model, want_tokens, job_id[:8])
+        return WorkerEmbedder(self._settings, model, want_tokens, token_model, job_id[:8])
 
     async def _finish(self, live: LiveJob, state: str, reason: str) -> None:
+        live.finishing = True
         record = live.record
-        record.state, record.reason, record.finished_at = state, reason, now()
-        live.set_status("", False)
-        await self._save(record)
+        final = copy.copy(record)
+        final.state, final.reason, final.finished_at = state, reason, now()
+        await self._save(final)  # on disk before anyone hears of it
+        record.state, record.reason, record.finished_at = final.state, final.reason, final.finished_at
+        live.status, live.waiting = "", False
         if record.upload:
             await self._on(self._files, partial(Path(record.path).unlink, missing_ok=True))
         log.info(
@@ -613,4 +624,5 @@ class JobManager:
         )
         # Saved first: a watcher that no longer finds the job here reads its final state from disk.
         self._live.pop(record.id, None)
+        live.finished.set()
         live.notify()
