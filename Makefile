@@ -1,6 +1,6 @@
 # Sieve: two commands do all the set-up on a fresh machine.
-#   make run   - install, export the model if needed, start the server (Redis too once workers exist)
-#   make test  - install, export the model if needed, check generated code, run the tests
+#   make run   - install, export the model if needed, start Redis (unless SIEVE_REDIS_URL), workers, server
+#   make test  - install, export the model if needed, check generated code, run the Python and node tests
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
@@ -25,8 +25,9 @@ install: $(STAMP)
 models: install
 	$(PY) -m sieve_core.models.prepare --models-dir $(MODELS_DIR)
 
-protos: install
+protos: install node
 	$(PY) scripts/gen_protos.py
+	cd $(NODE_DIR) && npm run --silent gen
 
 check-protos: install node
 	$(PY) scripts/gen_protos.py --check
