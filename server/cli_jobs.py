@@ -1,12 +1,15 @@
-"""`sieve index` and `sieve jobs`: bulk indexing jobs from the command line, with a live progress bar.
+"""`sieve index` and `sieve jobs`: bulk indexing jobs from the command line, with a live progress bar,
+through the Python client facade (`sieve.SieveClient`) only.
 
     sieve index FILE --collection NAME [--create] [--upload] [--format auto|sieve|beir] [--batch-size N]
     sieve jobs list [--collection NAME] | show ID [--errors N] | watch ID | cancel ID
 
 `sieve index` starts a job and follows it until it ends; Ctrl-C detaches (the job keeps running on the
 server; `sieve jobs watch ID` follows it again). By default the server reads FILE itself (same machine
-or shared disk); `--upload` sends its bytes instead. Exit codes: 0 succeeded with no bad lines, 3
-succeeded with bad lines (listed), 1 failed or cancelled, 130 detached.
+or shared disk); `--upload` sends its bytes instead. Every command takes --address (default
+SIEVE_GRPC_ADDRESS), --api-key, --tls/--ca-cert, --timeout and --json. Exit codes: 0 succeeded with no
+bad lines, 3 succeeded with bad lines (listed), 1 failed or cancelled (or the server refused: the status
+and message go to stderr), 130 detached.
 """
 
 from __future__ import annotations
@@ -19,22 +22,27 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import grpc
+import sieve
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
-from sieve.v1 import collections_pb2, collections_pb2_grpc, jobs_pb2, jobs_pb2_grpc
+from sieve import FINAL_JOB_STATES, SieveClient, SieveError
 
-FORMATS = {
-    "auto": jobs_pb2.SOURCE_FORMAT_UNSPECIFIED,
-    "sieve": jobs_pb2.SOURCE_FORMAT_SIEVE,
-    "beir": jobs_pb2.SOURCE_FORMAT_BEIR,
-}
-FINAL = (jobs_pb2.JOB_STATE_SUCCEEDED, jobs_pb2.JOB_STATE_FAILED, jobs_pb2.JOB_STATE_CANCELLED)
+FORMATS = ("auto", "beir", "sieve")
+SUCCEEDED = sieve.JobState.JOB_STATE_SUCCEEDED
 UPLOAD_CHUNK = 1 << 20
 EXIT_DETACHED = 130
-_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+# Large uploads and large GetJob error pages: the client's channel limits (64 MiB), stated explicitly.
+_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+]
+# Deadlines of the unary calls when --timeout is not given (the upload and the watch stream use the
+# client's stream deadline, 24 h).
+_T_START = 60.0
+_T_GET = 30.0
+_T_CHANGE = 60.0
 
 
 def register(sub: Any) -> None:
@@ -44,8 +52,7 @@ def register(sub: Any) -> None:
     )
     idx.add_argument("file", type=Path, help="JSONL file (Sieve or BEIR lines), or a BEIR folder")
     idx.add_argument("--collection", required=True)
-    idx.add_argument("--address", help="the server (default: SIEVE_GRPC_ADDRESS)")
-    idx.add_argument("--format", choices=sorted(FORMATS), default="auto", help="line format (auto: per line)")
+    idx.add_argument("--format", choices=FORMATS, default="auto", help="line format (auto: per line)")
     idx.add_argument(
         "--batch-size", type=int, default=0, help="documents per worker task (default: server's)"
     )
@@ -54,7 +61,6 @@ def register(sub: Any) -> None:
     )
     idx.add_argument("--create", action="store_true", help="create the collection if it does not exist")
     idx.add_argument("--detach", action="store_true", help="print the job id and return at once")
-    idx.add_argument("--json", action="store_true", help="no progress bar; print the final job as JSON")
     idx.set_defaults(func=_index)
 
     jobs = sub.add_parser("jobs", help="list, show, watch or cancel index jobs")
@@ -69,12 +75,24 @@ def register(sub: Any) -> None:
     watch.add_argument("id")
     cancel = jsub.add_parser("cancel", help="stop a job; what it committed stays")
     cancel.add_argument("id")
-    for p in (ls, show, watch, cancel):
-        p.add_argument("--address", help="the server (default: SIEVE_GRPC_ADDRESS)")
-        p.add_argument("--json", action="store_true", help="print JSON")
     jobs.set_defaults(func=_jobs)
 
+    for p in (idx, ls, show, watch, cancel):
+        p.add_argument("--address", help="the server (default: SIEVE_GRPC_ADDRESS)")
+        p.add_argument("--api-key", help="sent as `authorization: Bearer KEY`")
+        p.add_argument("--tls", action="store_true", help="use TLS (system trust store unless --ca-cert)")
+        p.add_argument("--ca-cert", type=Path, help="PEM file of the CA to trust (implies --tls)")
+        p.add_argument(
+            "--timeout",
+            type=float,
+            help="deadline per call in seconds (default: 30-60 s; the upload and the watch stream: 24 h)",
+        )
+    idx.add_argument("--json", action="store_true", help="no progress bar; print the final job as JSON")
+    for p in (ls, show, watch, cancel):
+        p.add_argument("--json", action="store_true", help="print JSON")
 
+
+# -- plumbing -------------------------------------------------------------------------------------
 def _address(args: argparse.Namespace) -> str:
     if args.address:
         return str(args.address)
@@ -83,9 +101,27 @@ def _address(args: argparse.Namespace) -> str:
     return load_settings().grpc_address
 
 
-def _fail(exc: grpc.RpcError) -> int:
-    print(f"sieve: {exc.code().name}: {exc.details()}", file=sys.stderr)  # type: ignore[attr-defined]
+def _client(args: argparse.Namespace) -> SieveClient:
+    return SieveClient(
+        _address(args),
+        tls=args.tls,
+        root_certificates=args.ca_cert,
+        api_key=args.api_key,
+        options=_OPTIONS,
+    )
+
+
+def _timeout(args: argparse.Namespace, default: float) -> float:
+    return float(args.timeout) if args.timeout else default
+
+
+def _fail(exc: SieveError) -> int:
+    print(f"sieve: {exc.code.name}: {exc.message}", file=sys.stderr)
     return 1
+
+
+def _state(job: sieve.Job) -> str:
+    return str(sieve.JobState.Name(job.state)).removeprefix("JOB_STATE_")
 
 
 # -- sieve index ------------------------------------------------------------------------------------
@@ -96,25 +132,26 @@ def _index(args: argparse.Namespace) -> int:
     if not path.is_file():
         print(f"sieve index: {args.file} is not a file (or a BEIR folder)", file=sys.stderr)
         return 2
-    with grpc.insecure_channel(_address(args), options=_OPTIONS) as channel:
-        stub = jobs_pb2_grpc.JobServiceStub(channel)
+    with _client(args) as client:
         try:
             if args.create:
-                _create_collection(channel, args.collection)
+                _create_collection(client, args.collection, args)
             if args.upload:
-                job = stub.UploadIndexJob(
-                    _upload_messages(path, args.collection, args.batch_size, FORMATS[args.format], args.json),
-                    timeout=24 * 3600,
-                ).job
-            else:
-                request = jobs_pb2.StartIndexJobRequest(
-                    collection=args.collection,
-                    path=str(path.resolve()),
-                    format=FORMATS[args.format],
+                job = client.upload_index_job(
+                    args.collection,
+                    _upload_chunks(path, args.json),
+                    format=args.format,
                     batch_size=args.batch_size,
                 )
-                job = stub.StartIndexJob(request, timeout=60).job
-        except grpc.RpcError as exc:
+            else:
+                job = client.start_index_job(
+                    args.collection,
+                    str(path.resolve()),
+                    format=args.format,
+                    batch_size=args.batch_size,
+                    timeout=_timeout(args, _T_START),
+                )
+        except SieveError as exc:
             return _fail(exc)
         except KeyboardInterrupt:
             print(
@@ -126,31 +163,23 @@ def _index(args: argparse.Namespace) -> int:
             return 0
         if not args.json:
             print(f"job {job.id}: {job.source} -> collection {job.collection!r}")
-        return _follow(stub, job.id, args.json)
+        return _follow(client, job.id, args.json, args)
 
 
-def _create_collection(channel: grpc.Channel, name: str) -> None:
-    stub = collections_pb2_grpc.CollectionServiceStub(channel)
+def _create_collection(client: SieveClient, name: str, args: argparse.Namespace) -> None:
     try:
-        stub.GetCollection(collections_pb2.GetCollectionRequest(name=name), timeout=30)
-    except grpc.RpcError as exc:
-        if exc.code() != grpc.StatusCode.NOT_FOUND:  # type: ignore[attr-defined]
-            raise
-        stub.CreateCollection(
-            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name)),
-            timeout=60,
-        )
+        client.get_collection(name, timeout=_timeout(args, _T_GET))
+    except sieve.NotFound:
+        client.create_collection(name, timeout=_timeout(args, _T_CHANGE))
 
 
-def _upload_messages(
-    path: Path, collection: str, batch_size: int, fmt: int, quiet: bool
-) -> Iterator[jobs_pb2.UploadIndexJobRequest]:
-    yield jobs_pb2.UploadIndexJobRequest(collection=collection, batch_size=batch_size, format=fmt)
+def _upload_chunks(path: Path, quiet: bool) -> Iterator[bytes]:
+    """The file's bytes in chunks, advancing an upload progress bar as the client sends them."""
     size = path.stat().st_size
     with _progress(quiet, "uploading") as bar, path.open("rb") as fh:
         task = bar.add_task("upload", total=size, rate="", errors="", eta="", status="")
         while chunk := fh.read(UPLOAD_CHUNK):
-            yield jobs_pb2.UploadIndexJobRequest(jsonl=chunk)
+            yield chunk
             bar.advance(task, len(chunk))
 
 
@@ -177,8 +206,8 @@ def _duration(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
-def _show_progress(bar: Progress, task: Any, job: jobs_pb2.Job) -> None:
-    status = job.status or jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower()
+def _show_progress(bar: Progress, task: Any, job: sieve.Job) -> None:
+    status = job.status or _state(job).lower()
     bar.update(
         task,
         description=job.id,
@@ -191,28 +220,26 @@ def _show_progress(bar: Progress, task: Any, job: jobs_pb2.Job) -> None:
     )
 
 
-def _watch(stub: jobs_pb2_grpc.JobServiceStub, job_id: str, quiet: bool) -> jobs_pb2.Job:
-    """Follow WatchJob until the job ends, reconnecting while the server restarts."""
-    last: jobs_pb2.Job | None = None
+def _watch(client: SieveClient, job_id: str, quiet: bool) -> sieve.Job:
+    """Follow the job until it ends. The client reconnects the stream on UNAVAILABLE by itself; when it
+    gives up (a long server restart) or the stream ends early, start watching again after a second."""
+    last: sieve.Job | None = None
     with _progress(quiet) as bar:
         task = bar.add_task(job_id, total=None, rate="", errors="", eta="", status="")
         while True:
             try:
-                for message in stub.WatchJob(jobs_pb2.WatchJobRequest(id=job_id, min_interval_ms=250)):
-                    last = message.job
+                for last in client.watch_job(job_id, min_interval_ms=250):
                     _show_progress(bar, task, last)
-                if last is not None and last.state in FINAL:
+                if last is not None and last.state in FINAL_JOB_STATES:
                     return last
-            except grpc.RpcError as exc:
-                if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):  # type: ignore[attr-defined]
-                    raise
-                bar.update(task, status=f"server unavailable ({exc.details()}); reconnecting")  # type: ignore[attr-defined]
+            except (sieve.Unavailable, sieve.DeadlineExceeded) as exc:
+                bar.update(task, status=f"server unavailable ({exc.message}); reconnecting")
             time.sleep(1.0)
 
 
-def _follow(stub: jobs_pb2_grpc.JobServiceStub, job_id: str, quiet: bool) -> int:
+def _follow(client: SieveClient, job_id: str, quiet: bool, args: argparse.Namespace) -> int:
     try:
-        job = _watch(stub, job_id, quiet)
+        job = _watch(client, job_id, quiet)
     except KeyboardInterrupt:
         print(
             f"\ndetached: job {job_id} keeps running on the server "
@@ -220,24 +247,26 @@ def _follow(stub: jobs_pb2_grpc.JobServiceStub, job_id: str, quiet: bool) -> int
             file=sys.stderr,
         )
         return EXIT_DETACHED
-    except grpc.RpcError as exc:
+    except SieveError as exc:
         return _fail(exc)
-    if quiet:
-        print(json.dumps(_as_dict(job)))
-    else:
-        _summary(stub, job)
-    if job.state != jobs_pb2.JOB_STATE_SUCCEEDED:
+    try:
+        if quiet:
+            print(json.dumps(_as_dict(job)))
+        else:
+            _summary(client, job, args)
+    except SieveError as exc:
+        return _fail(exc)
+    if job.state != SUCCEEDED:
         return 1
     return 3 if job.failed else 0
 
 
-def _summary(stub: jobs_pb2_grpc.JobServiceStub, job: jobs_pb2.Job, max_errors: int = 20) -> None:
-    state = jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_")
+def _summary(client: SieveClient, job: sieve.Job, args: argparse.Namespace, max_errors: int = 20) -> None:
     elapsed = ""
     if job.HasField("started_at") and job.HasField("finished_at"):
         seconds = (job.finished_at.ToNanoseconds() - job.started_at.ToNanoseconds()) / 1e9
         elapsed = f" in {_duration(seconds)} ({job.docs_per_second:.1f} docs/s)"
-    print(f"job {job.id} {state}: {job.done} documents committed, {job.failed} bad lines{elapsed}")
+    print(f"job {job.id} {_state(job)}: {job.done} documents committed, {job.failed} bad lines{elapsed}")
     if job.reason:
         print(f"  reason: {job.reason}")
     print(
@@ -245,13 +274,13 @@ def _summary(stub: jobs_pb2_grpc.JobServiceStub, job: jobs_pb2.Job, max_errors: 
         f"search with min_generation={job.generation} to read these writes"
     )
     if job.failed:
-        _print_errors(stub, job.id, max_errors)
+        _print_errors(client, job.id, max_errors, args)
 
 
-def _print_errors(stub: jobs_pb2_grpc.JobServiceStub, job_id: str, limit: int) -> None:
+def _print_errors(client: SieveClient, job_id: str, limit: int, args: argparse.Namespace) -> None:
     if limit <= 0:
         return
-    response = stub.GetJob(jobs_pb2.GetJobRequest(id=job_id, max_errors=limit), timeout=30)
+    response = client.get_job(job_id, max_errors=limit, timeout=_timeout(args, _T_GET))
     for err in response.errors:
         who = f" (id {err.document_id!r})" if err.document_id else ""
         print(f"  line {err.line}{who}: {err.reason}")
@@ -265,40 +294,36 @@ def _as_dict(message: Any) -> dict[str, Any]:
 
 # -- sieve jobs -------------------------------------------------------------------------------------
 def _jobs(args: argparse.Namespace) -> int:
-    with grpc.insecure_channel(_address(args), options=_OPTIONS) as channel:
-        stub = jobs_pb2_grpc.JobServiceStub(channel)
+    with _client(args) as client:
         try:
             if args.jobs_command == "list":
-                return _list(stub, args)
+                return _list(client, args)
             if args.jobs_command == "show":
-                response = stub.GetJob(
-                    jobs_pb2.GetJobRequest(id=args.id, max_errors=max(args.errors, 1)), timeout=30
+                response = client.get_job(
+                    args.id, max_errors=max(args.errors, 1), timeout=_timeout(args, _T_GET)
                 )
                 if args.json:
                     print(json.dumps(_as_dict(response)))
                 else:
-                    _summary(stub, response.job, args.errors)
-                    if response.job.state not in FINAL:
-                        print(
-                            f"  running: {response.job.done + response.job.failed} of {response.job.total or '?'} lines"
-                        )
+                    job = response.job
+                    _summary(client, job, args, args.errors)
+                    if job.state not in FINAL_JOB_STATES:
+                        print(f"  running: {job.done + job.failed} of {job.total or '?'} lines")
                 return 0
             if args.jobs_command == "watch":
-                return _follow(stub, args.id, args.json)
-            job = stub.CancelJob(jobs_pb2.CancelJobRequest(id=args.id), timeout=60).job
+                return _follow(client, args.id, args.json, args)
+            job = client.cancel_job(args.id, timeout=_timeout(args, _T_CHANGE))
             if args.json:
                 print(json.dumps(_as_dict(job)))
             else:
-                _summary(stub, job, 0)
+                _summary(client, job, args, 0)
             return 0
-        except grpc.RpcError as exc:
+        except SieveError as exc:
             return _fail(exc)
 
 
-def _list(stub: jobs_pb2_grpc.JobServiceStub, args: argparse.Namespace) -> int:
-    jobs = stub.ListJobs(
-        jobs_pb2.ListJobsRequest(collection=args.collection, limit=args.limit), timeout=30
-    ).jobs
+def _list(client: SieveClient, args: argparse.Namespace) -> int:
+    jobs = client.list_jobs(collection=args.collection, limit=args.limit, timeout=_timeout(args, _T_GET))
     if args.json:
         print(json.dumps([_as_dict(j) for j in jobs]))
         return 0
@@ -309,7 +334,7 @@ def _list(stub: jobs_pb2_grpc.JobServiceStub, args: argparse.Namespace) -> int:
         table.add_row(
             j.id,
             j.collection,
-            jobs_pb2.JobState.Name(j.state).removeprefix("JOB_STATE_").lower(),
+            _state(j).lower(),
             f"{j.done}/{total}",
             str(j.failed),
             f"{j.docs_per_second:.1f}",
