@@ -10,7 +10,9 @@ the model's), same batch size (32), same thread count (ONNX intra-op threads = t
 
 Rounds alternate which side goes first, so the machine's noise hits both alike; texts/s = all texts /
 all seconds. Each side is timed inside its own process around the encode call alone. Then single-text
-latency (one query per call, what a Search pays) for the test queries, alternating per query. The two
+latency (one query per call, what a Search pays) for the test queries, the four variants rotating per
+query: each side at T threads and at 1 thread (on a busy machine torch's thread pool, called back to
+back, degrades far more than onnxruntime's; 1 thread is its best case then). The two
 sides' vectors are compared (cosine) as a check that they compute the same thing.
 """
 
@@ -53,6 +55,7 @@ def serve_st(threads: int) -> int:
         request = json.loads(line)
         texts = request["texts"]
         if request.get("single"):
+            torch.set_num_threads(request.get("threads", threads))
             ms = []
             for text in texts:
                 t = time.perf_counter()
@@ -60,6 +63,7 @@ def serve_st(threads: int) -> int:
                 ms.append((time.perf_counter() - t) * 1000)
             print(json.dumps({"ms": ms}), flush=True)
             continue
+        torch.set_num_threads(threads)
         t = time.perf_counter()
         vectors = model.encode(texts, batch_size=BATCH, convert_to_numpy=True, show_progress_bar=False)
         seconds = time.perf_counter() - t
@@ -157,17 +161,23 @@ def main() -> int:
                 f"  round {r + 1}/{rounds}: ONNX {len(texts) / seconds['onnx'][-1]:.1f} texts/s, "
                 f"sentence-transformers {len(texts) / seconds['st'][-1]:.1f} texts/s"
             )
-        onnx_ms: list[float] = []
-        st_ms: list[float] = []
+        # One query per call, at T threads and at 1 thread for both sides: under contention (a busy machine)
+        # torch's thread pool degrades much more than onnxruntime's, so both settings are reported.
+        runner1 = BiEncoderRunner(ROOT / "models" / "all-MiniLM-L6-v2", intra_op_threads=1)
+        runner1.warmup()
+        single: dict[str, list[float]] = {"onnx": [], "onnx_1t": [], "st": [], "st_1t": []}
         for i, q in enumerate(queries):
-            first_onnx = i % 2 == 0
-            if not first_onnx:
-                st_ms += st.ask(texts=[q], single=True)["ms"]
-            t = time.perf_counter()
-            runner.embed([q])
-            onnx_ms.append((time.perf_counter() - t) * 1000)
-            if first_onnx:
-                st_ms += st.ask(texts=[q], single=True)["ms"]
+            sides = ["onnx", "st", "onnx_1t", "st_1t"]
+            shift = i % len(sides)
+            for side in sides[shift:] + sides[:shift]:
+                if side.startswith("st"):
+                    one = side == "st_1t"
+                    single[side] += st.ask(texts=[q], single=True, threads=1 if one else threads)["ms"]
+                else:
+                    r1 = runner1 if side == "onnx_1t" else runner
+                    t = time.perf_counter()
+                    r1.embed([q])
+                    single[side].append((time.perf_counter() - t) * 1000)
         info = st.info
     finally:
         st.close()
@@ -175,7 +185,9 @@ def main() -> int:
     rate = {side: len(texts) * len(s) / sum(s) for side, s in seconds.items()}
     log(
         f"ONNX {rate['onnx']:.1f} texts/s vs sentence-transformers {rate['st']:.1f} texts/s "
-        f"(ratio {rate['onnx'] / rate['st']:.2f}); one query p50 {np.median(onnx_ms):.2f} vs {np.median(st_ms):.2f} ms"
+        f"(ratio {rate['onnx'] / rate['st']:.2f}); one query p50 {np.median(single['onnx']):.2f} vs "
+        f"{np.median(single['st']):.2f} ms ({threads} threads), {np.median(single['onnx_1t']):.2f} vs "
+        f"{np.median(single['st_1t']):.2f} ms (1 thread)"
     )
     argv = [str(args.beir)] + (["--quick"] if args.quick else [])
     for flag, value in (("--texts", args.texts), ("--rounds", args.rounds), ("--queries", args.queries)):
@@ -195,8 +207,10 @@ def main() -> int:
             "texts_per_s": {"onnx": rate["onnx"], "sentence_transformers": rate["st"]},
             "onnx_over_st": rate["onnx"] / rate["st"],
             "single_text_latency": {
-                "onnx": percentiles(onnx_ms),
-                "sentence_transformers": percentiles(st_ms),
+                "onnx": percentiles(single["onnx"]),
+                "sentence_transformers": percentiles(single["st"]),
+                "onnx_1_thread": percentiles(single["onnx_1t"]),
+                "sentence_transformers_1_thread": percentiles(single["st_1t"]),
             },
             "cosine_onnx_vs_st": {"min": min(cosines), "mean": float(np.mean(cosines))},
             "sentence_transformers_process": info,

@@ -24,7 +24,9 @@ the order of the sides, the timed span is everything a warm re-rank does from th
                   tests/test_colbert.py): ColBERT.encode(is_query=True) + rank.rerank over its precomputed
                   document embeddings
 
-Peers are timed inside their processes (no IPC in their figures); torch threads = ONNX threads = T.
+Peers are timed inside their processes (no IPC in their figures); torch threads = ONNX threads = T, and the
+in-memory variants once more at 1 thread (`_1t`): on a busy machine torch's thread pool, called back to
+back, degrades far more than onnxruntime's, and 1 thread is then its best case.
 Agreement: Spearman of each peer's scores against sieve's per query, and the top-10 overlap.
 """
 
@@ -131,6 +133,7 @@ def serve(library: str, checkpoint: Path, threads: int) -> int:
     with torch.inference_mode():
         for line in sys.stdin:
             request = json.loads(line)
+            torch.set_num_threads(request.get("threads", threads))
             t = time.perf_counter()
             if "documents" in request:
                 encode_documents(request["documents"])
@@ -272,7 +275,7 @@ def main() -> int:
     cand_path = CACHE / f"candidates-{data.name}.json"
     if cand_path.is_file():
         saved = json.loads(cand_path.read_text())["candidates"]
-        source = "the bi-encoder top 100 of the service section's retrieve run"
+        source = f"the first {n_candidates} of the bi-encoder top 100 of the service section's retrieve run"
     else:
         saved = {}
         source = "the first corpus documents (bench/.cache/candidates file missing)"
@@ -314,7 +317,12 @@ def main() -> int:
             peer_info[name] = peer.info
             log(f"  {name} encoded {len(texts)} documents in {encode_s[name]:.1f} s")
 
-        ms: dict[str, list[float]] = {"sieve_redis": [], "sieve_memory": [], **{p: [] for p in peers}}
+        # Each side at T threads, and the in-memory sides at 1 thread too: on a busy machine torch's thread
+        # pool, called back to back, degrades far more than onnxruntime's, and 1 thread is its best case.
+        runner1 = ColbertRunner(bundle, intra_op_threads=1)
+        runner1.warmup()
+        names = ["sieve_redis", "sieve_memory", *peers, "sieve_memory_1t", *(f"{p}_1t" for p in peers)]
+        ms: dict[str, list[float]] = {name: [] for name in names}
         agreement: dict[str, list[tuple[float, int]]] = {p: [] for p in peers}
         with redis_server() as client:
             cache = TokenCache(client)
@@ -331,8 +339,8 @@ def main() -> int:
                     raise AssertionError(f"warm stage recomputed {result.recomputed} documents")
                 return result.scores
 
-            def sieve_memory(query: str, docs: list[str]) -> list[float]:
-                q = runner.query_token_vectors([query])[0]
+            def sieve_memory(query: str, docs: list[str], one_thread: bool = False) -> list[float]:
+                q = (runner1 if one_thread else runner).query_token_vectors([query])[0]
                 keys = [token_key(runner, Candidate.of(data.corpus[d]).content_hash, "int8") for d in docs]
                 return [float(s) for s in maxsim_blobs(q, [blobs[k] for k in keys])]
 
@@ -342,13 +350,19 @@ def main() -> int:
                     query = data.queries[qid]
                     scores: dict[str, list[float]] = {}
                     for side in sides[r % len(sides) :] + sides[: r % len(sides)]:
-                        if side in peers:
-                            answer = peers[side].ask(query=query, indices=[position[d] for d in docs])
+                        peer = side.removesuffix("_1t")
+                        if peer in peers:
+                            n = 1 if side.endswith("_1t") else threads
+                            answer = peers[peer].ask(
+                                query=query, indices=[position[d] for d in docs], threads=n
+                            )
                             seconds, scores[side] = answer["seconds"], answer["scores"]
                         else:
-                            fn = sieve_redis if side == "sieve_redis" else sieve_memory
                             t = time.perf_counter()
-                            scores[side] = fn(query, docs)
+                            if side == "sieve_redis":
+                                scores[side] = sieve_redis(query, docs)
+                            else:
+                                scores[side] = sieve_memory(query, docs, side.endswith("_1t"))
                             seconds = time.perf_counter() - t
                         if not warm:
                             ms[side].append(seconds * 1000)

@@ -229,7 +229,7 @@ def peers() -> None:
     panels = [p for p in (bi, rr, li) if p is not None]
     if not panels:
         return
-    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 3.8), squeeze=False)
     k = 0
     if bi is not None:
         ax = axes[0][k]
@@ -255,25 +255,31 @@ def peers() -> None:
         ax.bar_label(b, labels=[f"{v:.1f}" for v in vals.values()])
         ax.set_ylabel("pairs/s")
         ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(_title(rr, "cross-encoder (seeded MiniLM), bench/rerank.py"), fontsize=9)
+        ax.set_title(
+            f"cross-encoder (seeded MiniLM), bench/rerank.py, {rr.get('queries')} queries", fontsize=9
+        )
     if li is not None:
         ax = axes[0][k]
+        threads = li.get("threads", "T")
         names = {
-            "sieve_redis": "Sieve stage\n(Redis)",
-            "sieve_memory": "Sieve\n(memory)",
-            "colbert-ai": "colbert-ai",
-            "pylate": "PyLate",
+            "sieve_redis": f"Sieve stage, blobs in Redis ({threads}t)",
+            "sieve_memory": f"Sieve, blobs in memory ({threads}t)",
+            "colbert-ai": f"colbert-ai ({threads}t)",
+            "pylate": f"PyLate ({threads}t)",
+            "sieve_memory_1t": "Sieve, blobs in memory (1t)",
+            "colbert-ai_1t": "colbert-ai (1t)",
+            "pylate_1t": "PyLate (1t)",
         }
         stats = li["ms_per_query"]
-        keys = [s for s in names if s in stats]
-        b = ax.bar(
+        keys = [s for s in names if s in stats][::-1]
+        b = ax.barh(
             [names[s] for s in keys],
             [stats[s]["p50_ms"] for s in keys],
-            color=[f"C{i}" for i in range(len(keys))],
+            color=["C0" if s.startswith("sieve") else "C1" for s in keys],
         )
-        ax.bar_label(b, labels=[f"{stats[s]['p50_ms']:.0f}" for s in keys])
-        ax.set_ylabel(f"ms per query, p50 ({li['candidates']} candidates)")
-        ax.tick_params(axis="x", labelsize=7)
+        ax.bar_label(b, labels=[f"{stats[s]['p50_ms']:.0f}" for s in keys], fontsize=7, padding=2)
+        ax.set_xlabel(f"ms per query, p50 ({li['candidates']} candidates)")
+        ax.tick_params(axis="y", labelsize=7)
         ax.set_title(_title(li, "warm late interaction (seeded ColBERT)"), fontsize=9)
     _save(fig, "peers")
 

@@ -410,7 +410,7 @@ def _section_scaling() -> list[str]:
     else:
         out += [
             f"{r['dataset']}, {r['documents']} documents; {r['request']}; {r['caches']}; {r['client']}. Each pass "
-            "sends max(base, 4 x clients) distinct queries (quick mode: max(60, 2 x clients)).",
+            "sends max(base, 4 x clients) distinct queries (base 300; quick mode: max(30, clients)).",
             "",
         ]
         rows = [
@@ -518,7 +518,10 @@ def _section_peers() -> list[str]:
     out += ["### Cross-encoder: ONNX fp32 / int8 vs sentence-transformers", ""]
     rr = _load("rerank")
     if rr is None or "cross_encoder_backends" not in rr:
-        out += ["_Not measured yet (`python bench/rerank.py BEIR_DIR`)._", ""]
+        out += [
+            "_bench/results/rerank.json is not recorded yet (`make bench-rerank` records it; `make bench` runs bench/rerank.py too)._",
+            "",
+        ]
     else:
         be = rr["cross_encoder_backends"]
         pps, agree = be["pairs_per_s"], be["agreement_vs_st"]
@@ -559,7 +562,10 @@ def _section_peers() -> list[str]:
         out += [
             f"{li['model_note']}. {li['queries']} queries x {li['candidates']} candidates ({li['candidate_source']}); "
             f"document token vectors precomputed by each side; timed per query from the query text. PyLate: "
-            f"{li['pylate']}.",
+            f"{li['pylate']}. Sides at {li['threads']} threads, and (`_1t`) the in-memory ones again at 1 thread: on a "
+            "busy machine torch's thread pool, called back to back, degrades far more than onnxruntime's, so "
+            "compare like with like. Sieve scores int8 blobs (decoded per query, 4x smaller than float32); the "
+            "peers keep float32 matrices in memory.",
             "",
         ]
         agree = li["agreement_vs_sieve"]
@@ -588,20 +594,28 @@ def _section_peers() -> list[str]:
         f"between the two sides' vectors: min {bi['cosine_onnx_vs_st']['min']:.6f}.",
         "",
     ]
+    st_name = f"sentence-transformers {bi['sentence_transformers_process'].get('sentence_transformers', '')} (PyTorch)"
+
+    def one(key: str) -> list[str]:
+        x = lat.get(key)
+        return [f"{x['p50_ms']:.2f}", f"{x['p99_ms']:.2f}"] if x else ["-", "-"]
+
     out += _table(
-        ["implementation", "documents/s", "one query p50 ms", "one query p99 ms"],
         [
+            "implementation",
+            "documents/s",
+            "one query p50 ms",
+            "p99 ms",
+            "one query, 1 thread: p50 ms",
+            "p99 ms",
+        ],
+        [
+            ["Sieve ONNX (BiEncoderRunner)", f"{t['onnx']:.1f}", *one("onnx"), *one("onnx_1_thread")],
             [
-                "Sieve ONNX (BiEncoderRunner)",
-                f"{t['onnx']:.1f}",
-                f"{lat['onnx']['p50_ms']:.2f}",
-                f"{lat['onnx']['p99_ms']:.2f}",
-            ],
-            [
-                f"sentence-transformers {bi['sentence_transformers_process'].get('sentence_transformers', '')} (PyTorch)",
+                st_name,
                 f"{t['sentence_transformers']:.1f}",
-                f"{lat['sentence_transformers']['p50_ms']:.2f}",
-                f"{lat['sentence_transformers']['p99_ms']:.2f}",
+                *one("sentence_transformers"),
+                *one("sentence_transformers_1_thread"),
             ],
         ],
     )
@@ -637,9 +651,10 @@ def write_report() -> None:
         )
         m = run["machine"]
         head += [
-            f"Last complete run: `{run['command']}`, {run['mode']} mode, {run['date'][:10]}, **{run['wall_s'] / 60:.1f} "
+            f"Last complete `bench/run.py`: `{run['command']}`, {run['mode']} mode, {run['date'][:10]}, **{run['wall_s'] / 60:.1f} "
             f"minutes** wall time ({steps}). Machine: {m['cpus']} CPUs ({m.get('processor', '')}), "
-            f"{m.get('memory_gb', '?')} GB, Python {m['python']}.",
+            f"{m.get('memory_gb', '?')} GB, Python {m['python']}. A section re-measured since then by its own "
+            "command says so in its source line (command, mode, date).",
             "",
         ]
     body = _section_quality() + _section_floor() + _section_scaling() + _section_peers()

@@ -218,12 +218,12 @@ def sections(quick: bool, beir: Path) -> list[tuple[str, list[str], float]]:
     # Quick-mode caps: a margin over what each section took on this 2-core machine at a load average of
     # about 6, and never more than what is left of QUICK_BUDGET_S (the last section gets whatever is left).
     out: list[tuple[str, list[str], float]] = [
-        ("service", ["bench/scaling.py", "service", str(beir), *q], 200 if quick else 6 * hour),
+        ("service", ["bench/scaling.py", "service", str(beir), *q], 185 if quick else 6 * hour),
         # ann before corpus: the corpus section reuses the indexes ann builds (same vectors, same settings)
-        ("ann", ["bench/ann.py", "--beir", str(beir), *q], 50 if quick else 6 * hour),
-        ("corpus", ["bench/scaling.py", "corpus", *q], 30 if quick else 4 * hour),
-        ("bi", ["bench/bi_encoder.py", str(beir), *q], 50 if quick else hour),
-        ("late", ["bench/late_interaction_peers.py", str(beir), *q], 80 if quick else hour),
+        ("ann", ["bench/ann.py", "--beir", str(beir), *q], 40 if quick else 6 * hour),
+        ("corpus", ["bench/scaling.py", "corpus", *q], 25 if quick else 4 * hour),
+        ("bi", ["bench/bi_encoder.py", str(beir), *q], 60 if quick else hour),
+        ("late", ["bench/late_interaction_peers.py", str(beir), *q], 95 if quick else hour),
     ]
     if (BENCH / "rerank.py").is_file():  # another benchmark (cross-encoder peers, Celery overhead)
         rerank = ["bench/rerank.py", str(beir)]

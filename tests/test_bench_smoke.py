@@ -172,6 +172,7 @@ def _results() -> dict[str, dict]:  # type: ignore[type-arg]
             "queries": 3,
             "candidates": 100,
             "candidate_source": "s",
+            "threads": 2,
             "pylate": "skipped",
             "ms_per_query": {"sieve_redis": lat, "colbert-ai": lat},
             "documents_per_s": {"sieve": 10.0, "colbert-ai": 8.0},
@@ -207,4 +208,4 @@ def test_report_renders_every_kind(
         "Bi-encoder",
     ):
         assert heading in text
-    assert "Not measured yet" in text  # the cross-encoder section, whose result is absent here
+    assert "rerank.json is not recorded yet" in text  # the cross-encoder section, whose result is absent
