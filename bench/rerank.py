@@ -62,6 +62,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import ctypes
 import hashlib
 import json
 import os
@@ -359,6 +360,25 @@ def ensure_blobs(
 # -- processes -------------------------------------------------------------------------------------------
 
 
+def _raise_exit(signum: int, _frame: Any) -> None:
+    # SIGTERM (e.g. a benchmark runner's time limit) unwinds like Ctrl-C, so the ExitStack stops the
+    # worker, which runs in its own session and would otherwise outlive this process.
+    raise SystemExit(128 + signum)
+
+
+def _die_with_parent() -> None:
+    """preexec_fn of the services started here: SIGTERM when this process dies, even by SIGKILL (Linux)."""
+    if _LIBC is not None:
+        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1
+try:  # loaded before any fork: the child only calls it
+    _LIBC: Any = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:  # pragma: no cover
+    _LIBC = None
+
+
 def start_redis(directory: Path, stack: contextlib.ExitStack) -> str:
     binary = shutil.which("redis-server")
     if binary is None:
@@ -366,7 +386,9 @@ def start_redis(directory: Path, stack: contextlib.ExitStack) -> str:
     port = free_port()
     argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
     argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+    )
     stack.callback(_stop, proc, "redis-server")
     client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
     deadline = time.monotonic() + 15
@@ -428,7 +450,13 @@ def start_worker(
     ]
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
     stack.callback(_stop, proc, "worker", True)
     deadline = time.monotonic() + 120
@@ -464,6 +492,7 @@ class SentenceTransformersProcess:
             stderr=self._log,
             text=True,
             encoding="utf-8",
+            preexec_fn=_die_with_parent,
         )
         stack.callback(self._close)
         self.info = self._read()
@@ -518,6 +547,7 @@ def main() -> int:
     parser.add_argument("--cache-dir", type=Path, default=ROOT / "bench" / ".cache")
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "rerank.json")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, _raise_exit)
     console = Console(stderr=True)
     if not (args.beir / "corpus.jsonl").is_file():
         print(f"skipped: {args.beir} is not a BEIR folder (corpus.jsonl missing)", file=sys.stderr)
