@@ -116,6 +116,8 @@ def _rerank_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
                 else "see the JSON"
             )
             failed = f"; {o['celery_failures']} of {q} calls failed: {why}, excluded from both p50s"
+        if o["overhead_p50_ms"] < 0 or o["paired_overhead_median_ms"] < 0:
+            failed += "; negative: below this run's noise"
         parts.append(
             f"{label} {o['in_process_p50_ms']:.1f} -> {o['celery_p50_ms']:.1f} ms "
             f"(**{o['overhead_p50_ms']:+.1f} ms**, x{o['ratio_p50']:.2f}; median of paired differences "
