@@ -145,8 +145,11 @@ def run(settings: Settings | None = None) -> int:
             env["SIEVE_REDIS_URL"] = url
             print(f"sieve run: redis-server on {url} (data in {settings.data_dir / 'redis'})", flush=True)
         for queue in worker_queues(settings):
-            worker = Child(f"worker-{queue}", worker_argv(queue, settings.run_worker_concurrency), env)
-            worker.proc = subprocess.Popen(worker.argv, env=env, start_new_session=True)
+            # MaxSim is small matrix products: numpy's multi-threaded BLAS only adds contention (measured
+            # by bench/rerank.py: 35 ms p50 with 1 BLAS thread vs 77 ms with 2 on a busy 2-core machine).
+            worker_env = {"OPENBLAS_NUM_THREADS": "1", **env}
+            worker = Child(f"worker-{queue}", worker_argv(queue, settings.run_worker_concurrency), worker_env)
+            worker.proc = subprocess.Popen(worker.argv, env=worker_env, start_new_session=True)
             children.append(worker)
             print(f"sieve run: Celery worker on queue {queue!r}", flush=True)
         server = Child("server", [sys.executable, "-m", "server.cli", "serve"], env)
