@@ -57,6 +57,21 @@ def _rows() -> list[str]:
                 f"embedding of the same texts, same run (bare pass after indexing, not interleaved) | {r['upsert_docs_per_s']:.1f} vs "
                 f"{r['bare_embed_docs_per_s']:.1f} docs/s (ratio {r['upsert_vs_bare']:.2f}) | {cmd} |"
             )
+        elif r.get("benchmark") == "ingest":
+            rows.append(
+                f"| index job ingest, {r['dataset']} corpus ({r['documents']} docs, batches of {r['job_batch_size']}), "
+                f"vs bare in-process ONNX embedding of the same texts, paired per corpus part in one run "
+                f"(median of per-part ratios; load average 6 to 9: quote the ratios) | 1 worker process "
+                f"{r['job_1_worker_docs_per_s']:.1f} vs {r['bare_docs_per_s_1']:.1f} docs/s "
+                f"(**{r['job_1_worker_vs_bare_median']:.2f}**); 2 worker processes "
+                f"{r['job_2_workers_docs_per_s']:.1f} vs {r['bare_docs_per_s_2']:.1f} docs/s "
+                f"({r['job_2_workers_vs_bare_median']:.2f}) | {cmd} |"
+            )
+            rows.append(
+                f"| {r['dataset']} nDCG@10 / recall@100 after an index job vs indexed through UpsertDocuments "
+                f"(`sieve eval`'s code), same server | {r['ndcg@10_job']:.4f} / {r['recall@100_job']:.4f} vs "
+                f"{r['ndcg@10_upsert']:.4f} / {r['recall@100_upsert']:.4f} | {cmd} |"
+            )
         elif r.get("benchmark") == "client-overhead":
             rows.append(
                 f"| Python client facade vs raw generated stub, `Search` ({r['documents']} docs, top_k 10, "
