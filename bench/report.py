@@ -303,11 +303,16 @@ def _plot(name: str, alt: str) -> list[str]:
 
 
 def _source(r: dict) -> str:  # type: ignore[type-arg]
-    m = r["machine"]
-    return (
-        f"_`{r['command']}`: {r.get('mode', 'full')} mode, {r.get('date', '?')[:10]}, {r.get('wall_s', 0):.0f} s; "
-        f"{m.get('cpus')} CPUs, load average {m.get('loadavg', ['?'])[0]} at the end._"
-    )
+    m = r.get("machine", {})
+    parts = [f"`{r['command']}`"]
+    if "mode" in r:
+        parts.append(f"{r['mode']} mode")
+    parts.append(str(r.get("date", "?"))[:10])
+    if "wall_s" in r:
+        parts.append(f"{r['wall_s']:.0f} s")
+    load = m.get("loadavg") or m.get("loadavg_after")
+    machine = f"{m.get('cpus')} CPUs" + (f", load average {load[0]} at the end" if load else "")
+    return "_" + ", ".join(parts) + "; " + machine + "._"
 
 
 def _section_quality() -> list[str]:
