@@ -133,7 +133,8 @@ async def test_worker_killed_mid_rerank_with_time_left_completes(
         late = resp.stages[1]
         # Redelivered to the respawned pool process (task_retry_on_worker_lost) and finished in time.
         assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
-        assert late.candidates_in == DOCS and "recomputed" in late.method
+        # Every retrieved candidate was re-ranked (HNSW may return a few fewer than all 100 documents).
+        assert late.candidates_in == resp.stages[0].candidates_out >= DOCS - 5 and "recomputed" in late.method
         assert time.monotonic() - started < 50
         assert "WorkerLostError" in worker.tail() or "exited prematurely" in worker.tail()
     finally:
