@@ -167,7 +167,9 @@ async def test_worker_killed_mid_rerank_without_time_left_degrades_within_the_de
                 assert "no worker answered within 1500 ms" in late.reason
                 # Retrieval order kept: the hits carry the retrieval score only.
                 assert len(resp.hits) == 10 and all(len(h.stage_scores) == 1 for h in resp.hits)
-            assert time.monotonic() - started < 3.0
+            assert (
+                time.monotonic() - started < 4.0
+            )  # the 1.5 s budget plus slack, well inside the 10 s deadline
             # Let the retried task finish on the respawned process before the next round.
             await asyncio.sleep(0.5)
     finally:
