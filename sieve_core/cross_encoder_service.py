@@ -34,7 +34,6 @@ def cross_encoder(
     for key, raw in zip(keys, cached, strict=True):
         if raw is not None and len(raw) == 8:
             scores[key] = float(np.frombuffer(raw, dtype="<f8")[0])
-    hits = len(scores)
     todo: dict[str, str] = {}  # key -> text, each distinct text scored once
     for key, candidate in zip(keys, request.candidates, strict=True):
         if key not in scores:
@@ -48,6 +47,6 @@ def cross_encoder(
     return CrossEncoderResult(
         model_id=runner.model_id,
         scores=[scores[k] for k in keys],
-        cache_hits=sum(1 for key in keys if key not in todo) if hits else 0,
+        cache_hits=sum(1 for key in keys if key not in todo),
         computed=len(todo),
     )

@@ -109,6 +109,50 @@ def read_layout(source: Path) -> SentenceTransformerLayout:
     )
 
 
+def add_bundle_arguments(parser: argparse.ArgumentParser, source_help: str) -> None:
+    """The arguments every export subcommand takes: where from, where to, what to call it, which opset."""
+    parser.add_argument("--source", type=Path, required=True, help=source_help)
+    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create or replace")
+    parser.add_argument("--name", help="model name in the manifest (default: the --out folder name)")
+    parser.add_argument("--source-label", help="where the checkpoint came from, recorded in the manifest")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+
+
+def trace_to_onnx(
+    module: Any,
+    inputs: dict[str, Any],
+    onnx_path: Path,
+    opset: int,
+    output_name: str,
+    output_axes: dict[int, str],
+) -> dict[str, Any]:
+    """`torch.onnx.export` the way every bundle is exported (dynamic batch and sequence axes on the inputs,
+    constant folding, the TorchScript exporter); returns the versions to record in the manifest."""
+    import torch
+    import transformers
+
+    names = list(inputs)
+    axes = {0: "batch", 1: "sequence"}
+    with torch.no_grad():
+        torch.onnx.export(
+            module,
+            tuple(inputs.values()),
+            str(onnx_path),
+            input_names=names,
+            output_names=[output_name],
+            dynamic_axes={**{n: axes for n in names}, output_name: output_axes},
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    return {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "opset": opset,
+        "exporter": "torch.onnx.export(dynamo=False)",
+    }
+
+
 def _export_onnx(model_dir: Path, onnx_path: Path, opset: int) -> tuple[list[str], int, dict[str, Any]]:
     """Trace the transformer to ONNX; returns (input names, hidden size, versions used)."""
     import inspect
@@ -135,25 +179,10 @@ def _export_onnx(model_dir: Path, onnx_path: Path, opset: int) -> tuple[list[str
     # Batch 2 with unequal lengths so the traced graph cannot specialise on "no padding".
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]], dtype=torch.long)
     dummy = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
-    axes = {0: "batch", 1: "sequence"}
-    with torch.no_grad():
-        torch.onnx.export(
-            LastHiddenState(),
-            tuple(dummy[n] for n in names),
-            str(onnx_path),
-            input_names=names,
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={n: axes for n in [*names, OUTPUT_NAME]},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "opset": opset,
-        "exporter": "torch.onnx.export(dynamo=False)",
-    }
+    inputs = {n: dummy[n] for n in names}
+    versions = trace_to_onnx(
+        LastHiddenState(), inputs, onnx_path, opset, OUTPUT_NAME, {0: "batch", 1: "sequence"}
+    )
     return names, int(model.config.hidden_size), versions
 
 
@@ -275,11 +304,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     sub = parser.add_subparsers(dest="command", required=True)
     bi = sub.add_parser("bi-encoder", help="export a sentence-transformers folder")
-    bi.add_argument("--source", type=Path, required=True, help="sentence-transformers model folder")
-    bi.add_argument("--out", type=Path, required=True, help="bundle directory to create or replace")
-    bi.add_argument("--name", help="model name in the manifest (default: the --out folder name)")
-    bi.add_argument("--source-label", help="where the checkpoint came from, recorded in the manifest")
-    bi.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    add_bundle_arguments(bi, "sentence-transformers model folder")
     for command, module_name in KIND_MODULES.items():
         try:
             module = importlib.import_module(module_name)

@@ -69,9 +69,11 @@ from sieve_core.models.bundle import (
 )
 from sieve_core.models.export import (
     DEFAULT_OPSET,
+    add_bundle_arguments,
     check_in_fresh_process,
     move_into_place,
     staging_dir,
+    trace_to_onnx,
 )
 
 SETTINGS_FILE = "artifact.metadata"
@@ -253,26 +255,9 @@ def _export_onnx(
 
     graph = ColbertGraph().eval()
     ids, mask = (torch.tensor(rows, dtype=torch.long) for rows in dummy)
-    axes = {0: "batch", 1: "sequence"}
-    with torch.no_grad():
-        torch.onnx.export(
-            graph,
-            (ids, mask),
-            str(onnx_path),
-            input_names=["input_ids", "attention_mask"],
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={"input_ids": axes, "attention_mask": axes, OUTPUT_NAME: axes},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "opset": opset,
-        "exporter": "torch.onnx.export(dynamo=False)",
-        "graph": "encoder -> linear (no bias) -> L2 normalise",
-    }
+    inputs = {"input_ids": ids, "attention_mask": mask}
+    versions = trace_to_onnx(graph, inputs, onnx_path, opset, OUTPUT_NAME, {0: "batch", 1: "sequence"})
+    versions["graph"] = "encoder -> linear (no bias) -> L2 normalise"
     return int(weight.shape[0]), versions
 
 
@@ -398,11 +383,7 @@ def build_seeded_checkpoint(
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `colbert` export subcommand's arguments (export.py builds the command line)."""
-    parser.add_argument("--source", type=Path, required=True, help="colbert-ir checkpoint folder")
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create or replace")
-    parser.add_argument("--name", help="model name in the manifest (default: the --out folder name)")
-    parser.add_argument("--source-label", help="where the checkpoint came from, recorded in the manifest")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    add_bundle_arguments(parser, "colbert-ir checkpoint folder")
     overrides = parser.add_argument_group(f"overrides of {SETTINGS_FILE}")
     overrides.add_argument("--query-maxlen", type=int, help="query length incl. [CLS], [Q], [SEP], expansion")
     overrides.add_argument("--doc-maxlen", type=int, help="document length incl. [CLS], [D], [SEP]")

@@ -64,10 +64,11 @@ from sieve_core.models.bundle import (
     write_manifest,
 )
 from sieve_core.models.export import (
-    DEFAULT_OPSET,
+    add_bundle_arguments,
     check_in_fresh_process,
     move_into_place,
     staging_dir,
+    trace_to_onnx,
 )
 
 OUTPUT_NAME = "logits"
@@ -168,26 +169,9 @@ def _export_onnx(source: Path, onnx_path: Path, opset: int) -> tuple[list[str], 
     ids = torch.tensor([[101, 2054, 102, 1037, 3231, 102], [101, 7592, 102, 2088, 102, 0]], dtype=torch.long)
     types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]], dtype=torch.long)
     dummy = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": types}
-    axes = {0: "batch", 1: "sequence"}
-    with torch.no_grad():
-        torch.onnx.export(
-            Logits(),
-            tuple(dummy[n] for n in names),
-            str(onnx_path),
-            input_names=names,
-            output_names=[OUTPUT_NAME],
-            dynamic_axes={**{n: axes for n in names}, OUTPUT_NAME: {0: "batch"}},
-            opset_version=opset,
-            do_constant_folding=True,
-            dynamo=False,
-        )
-    versions = {
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "opset": opset,
-        "exporter": "torch.onnx.export(dynamo=False)",
-        "architecture": type(model).__name__,
-    }
+    inputs = {n: dummy[n] for n in names}
+    versions = trace_to_onnx(Logits(), inputs, onnx_path, opset, OUTPUT_NAME, {0: "batch"})
+    versions["architecture"] = type(model).__name__
     return names, int(model.config.num_labels), versions
 
 
@@ -340,13 +324,7 @@ def build_seeded_checkpoint(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--source", type=Path, required=True, help="BertForSequenceClassification checkpoint folder"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create or replace")
-    parser.add_argument("--name", help="model name in the manifest (default: the --out folder name)")
-    parser.add_argument("--source-label", help="where the checkpoint came from, recorded in the manifest")
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    add_bundle_arguments(parser, "BertForSequenceClassification checkpoint folder")
     parser.add_argument(
         "--max-length",
         type=int,
