@@ -453,6 +453,9 @@ class Engine:
         vector = self._query_vector(col, query.query)
         if query.filter:
             keys, scores, method, seen = self._filtered_search(col, vector, query, count, settings)
+        elif len(col.index) <= self.settings.full_scan_max:
+            keys, scores = col.index.search_all(vector, count)
+            method, seen = "exact", len(col.index)
         else:
             keys, scores = col.index.search(vector, count, settings.ef_search)
             method, seen = "hnsw", len(col.index)

@@ -171,6 +171,13 @@ class VectorIndex:
         top = top[np.argsort(-scores[top], kind="stable")]
         return keys[top], scores[top]
 
+    def search_all(self, query: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top `count` over every vector: for a small index a full scan costs less than a graph walk
+        and, unlike one, cannot miss a node that removals left poorly connected."""
+        with self._lock.read():
+            keys = np.asarray(self._index.keys, dtype=np.uint64)
+        return self.search_exact(query, keys, count)
+
     # -- snapshots -----------------------------------------------------------------------------
     def save(self, directory: Path, generation: int) -> Path:
         directory.mkdir(parents=True, exist_ok=True)

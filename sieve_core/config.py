@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="A filtered search whose filter matches at most this many documents "
         "scores them all exactly instead of walking the HNSW graph.",
     )
+    full_scan_max: int = Field(
+        1000,
+        ge=0,
+        description="A collection of at most this many documents is searched exactly (a full scan is "
+        "cheaper than an HNSW walk there, and exact).",
+    )
     snapshot_every_writes: int = Field(
         5_000, ge=1, description="Snapshot a collection's index after this many changed documents."
     )
