@@ -182,6 +182,54 @@ class Settings(BaseSettings):
         "(less if the deadline is nearer), then FAILED_PRECONDITION.",
     )
 
+    # Security: API keys, TLS on the gRPC port, TLS to Redis (the Redis password goes in SIEVE_REDIS_URL).
+    api_keys: SecretStr | None = Field(
+        None,
+        description="Comma-separated `KEY:ROLE` pairs, ROLE one of read, write, admin (each includes the "
+        "ones before it); clients send `authorization: Bearer KEY`. Unset (and no SIEVE_API_KEYS_FILE): "
+        "no authentication.",
+    )
+    api_keys_file: Path | None = Field(
+        None,
+        description="A file of `KEY:ROLE` lines (`#` comments), read at start-up, added to SIEVE_API_KEYS.",
+    )
+    tls_cert_file: Path | None = Field(
+        None, description="PEM certificate chain for the gRPC port; set with SIEVE_TLS_KEY_FILE to serve TLS."
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of SIEVE_TLS_CERT_FILE.")
+    tls_client_ca_file: Path | None = Field(
+        None, description="PEM CA bundle: when set, clients must present a certificate it signed (mTLS)."
+    )
+    redis_tls_ca_file: Path | None = Field(
+        None, description="CA bundle that verifies Redis's certificate (with a `rediss://` SIEVE_REDIS_URL)."
+    )
+    redis_tls_cert_file: Path | None = Field(
+        None, description="Client certificate for Redis servers that require one (`tls-auth-clients yes`)."
+    )
+    redis_tls_key_file: Path | None = Field(None, description="Private key of SIEVE_REDIS_TLS_CERT_FILE.")
+
+    # Load and operations.
+    max_inflight_requests: int = Field(
+        64,
+        ge=0,
+        description="Calls the server works on at once (health and reflection excepted); past it a call gets "
+        "RESOURCE_EXHAUSTED with a RetryInfo. 0: no limit.",
+    )
+    overload_retry_after_ms: int = Field(
+        100, ge=1, description="The retry delay RESOURCE_EXHAUSTED refusals suggest (google.rpc.RetryInfo)."
+    )
+    metrics_address: str = Field(
+        "127.0.0.1:9464",
+        description="host:port of the Prometheus metrics endpoint (`/metrics`); empty: no endpoint.",
+    )
+    shutdown_grace_s: float = Field(
+        10.0,
+        ge=0,
+        description="On SIGTERM/SIGINT, how long in-flight calls may finish before they are cancelled.",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="`json`: one JSON object per log line (with the request id), for log collectors."
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
 
     @field_validator("late_interaction_model", "cross_encoder_model", mode="before")
@@ -190,9 +238,11 @@ class Settings(BaseSettings):
         # `SIEVE_CROSS_ENCODER_MODEL=` (e.g. from compose's ${VAR:-}) means "none", not a bundle named "".
         return None if isinstance(value, str) and not value.strip() else value
 
-    @field_validator("grpc_address")
+    @field_validator("grpc_address", "metrics_address")
     @classmethod
-    def _has_port(cls, value: str) -> str:
+    def _has_port(cls, value: str, info: Any) -> str:
+        if info.field_name == "metrics_address" and not value.strip():
+            return ""
         host, sep, port = value.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise ValueError(f"expected host:port, got {value!r}")

@@ -35,7 +35,12 @@ def require_bundle() -> None:
 
 
 def make_settings(data_dir: Path, **overrides: object) -> Settings:
-    values: dict[str, object] = {"models_dir": MODELS_DIR, "grpc_address": "127.0.0.1:0", **overrides}
+    values: dict[str, object] = {
+        "models_dir": MODELS_DIR,
+        "grpc_address": "127.0.0.1:0",
+        "metrics_address": "",  # tests that want the endpoint ask for 127.0.0.1:0
+        **overrides,
+    }
     return load_settings({}, data_dir=data_dir, **values)
 
 
