@@ -6,7 +6,6 @@ import asyncio
 import json
 import logging
 import signal
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from server.jobs import JobManager
 from server.servicers import CollectionServicer, DocumentServicer, JobServicer, SearchServicer
 from sieve_core.config import Settings
 from sieve_core.errors import SieveError
+from sieve_core.logs import REQUEST_ID_METADATA, clean_request_id, configure_logging, request_id
 
 log = logging.getLogger("sieve.server")
 
@@ -61,6 +61,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             inner = handler.unary_unary or handler.stream_unary
 
             async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                _take_request_id(context)
                 await self._gate(gated, context)
                 try:
                     return await inner(request, context)
@@ -81,6 +82,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             streaming = handler.unary_stream
 
             async def guarded_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+                _take_request_id(context)
                 await self._gate(gated, context)
                 try:
                     async for response in streaming(request, context):
@@ -105,9 +107,23 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
             raise exc
         if isinstance(exc, SieveError):
             await context.abort(grpc.StatusCode[exc.code], exc.message)
-        incident = uuid.uuid4().hex[:12]
+        incident = request_id.get()
         log.error("unhandled error in %s (incident %s)", method, incident, exc_info=exc)
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error (incident {incident}); see server log")
+
+
+def _take_request_id(context: grpc.aio.ServicerContext) -> None:
+    """The call's request id (the client's `x-request-id`, or a new one): set for the handler's logs (each
+    call runs in its own task, so this does not leak into other calls) and sent back as trailing metadata
+    (aborts without their own trailers keep it)."""
+    sent = None
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_METADATA and isinstance(value, str):
+            sent = value
+            break
+    rid = clean_request_id(sent)
+    request_id.set(rid)
+    context.set_trailing_metadata(((REQUEST_ID_METADATA, rid),))
 
 
 class SieveServer:
@@ -170,15 +186,9 @@ class SieveServer:
         log.info("stopped")
 
 
-def configure_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True
-    )
-
-
 async def serve(settings: Settings, started: Callable[[SieveServer], Awaitable[None]] | None = None) -> None:
     """Run until SIGINT/SIGTERM, then shut down gracefully."""
-    configure_logging(settings)
+    configure_logging(settings.log_level, settings.log_format)
     log.info("settings: %s", json.dumps(settings.redacted(), sort_keys=True))
     server = SieveServer(settings)
     stop = asyncio.Event()
