@@ -8,6 +8,7 @@ single writer thread, so the server is the single writer of its collections and 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import shutil
@@ -118,8 +119,7 @@ class Engine:
         self.dispatcher = Dispatcher(settings)
         self._pool = ThreadPoolExecutor(settings.executor_threads, thread_name_prefix="sieve-work")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="sieve-write")
-        url = settings.redis_url.get_secret_value() if settings.redis_url else None
-        self.cache = ResultCache.from_url(url, ttl_s=settings.cache_ttl_s)
+        self.cache = ResultCache.from_settings(settings)
         self.cascade = Cascade(settings, self.dispatcher, self.cache, self._pool)
         self._collections: dict[str, _Collection] = {}
         self.server_defaults = SearchSettings(
@@ -159,7 +159,10 @@ class Engine:
                 self._snapshot(col, col.visible_generation)
 
     async def _run(self, executor: ThreadPoolExecutor, fn: Any, *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(executor, partial(fn, *args))
+        # run_in_executor does not carry contextvars into the thread: copy them, so that the request id
+        # reaches log lines written there and the tasks sent from there (Dispatcher.precompute_tokens).
+        call = partial(contextvars.copy_context().run, fn, *args)
+        return await asyncio.get_running_loop().run_in_executor(executor, call)
 
     def _collection_dir(self, row: CollectionRow) -> Path:
         return self.settings.data_dir / "collections" / str(row.id)

@@ -27,6 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 import redis
 
+from sieve_core import redis_conn
+from sieve_core.config import Settings
+
 log = logging.getLogger(__name__)
 
 KEY_VERSION = "v1"
@@ -74,11 +77,11 @@ class ResultCache:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_url(cls, url: str | None, *, ttl_s: int, timeout_s: float = 0.25) -> ResultCache:
-        if url is None:
-            return cls(None, ttl_s=ttl_s)
-        client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
-        return cls(client, ttl_s=ttl_s)
+    def from_settings(cls, settings: Settings, *, timeout_s: float = 0.25) -> ResultCache:
+        """A cache on SIEVE_REDIS_URL (password and TLS as configured), or a disabled one without it."""
+        if settings.redis_url is None:
+            return cls(None, ttl_s=settings.cache_ttl_s)
+        return cls(redis_conn.client(settings, timeout_s=timeout_s), ttl_s=settings.cache_ttl_s)
 
     @property
     def enabled(self) -> bool:

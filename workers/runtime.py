@@ -18,9 +18,9 @@ import threading
 import time
 from typing import Any
 
-import redis
 from celery.signals import worker_init, worker_process_init
 
+from sieve_core import redis_conn
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
 from sieve_core.late_interaction_service import TokenCache
@@ -144,10 +144,7 @@ def cache() -> TokenCache:
             settings = _require_settings()
             if settings.redis_url is None:
                 raise RuntimeError("SIEVE_REDIS_URL is not set")
-            client = redis.Redis.from_url(
-                settings.redis_url.get_secret_value(), socket_timeout=10, socket_connect_timeout=5
-            )
-            _cache = TokenCache(client)
+            _cache = TokenCache(redis_conn.client(settings, timeout_s=10, connect_timeout_s=5))
         return _cache
 
 
@@ -156,9 +153,7 @@ def scores_cache() -> ResultCache:
     global _scores
     with _lock:
         if _scores is None:
-            settings = _require_settings()
-            url = settings.redis_url.get_secret_value() if settings.redis_url else None
-            _scores = ResultCache.from_url(url, ttl_s=settings.cache_ttl_s, timeout_s=2.0)
+            _scores = ResultCache.from_settings(_require_settings(), timeout_s=2.0)
         return _scores
 
 

@@ -1,0 +1,142 @@
+"""The one place that turns Settings into Redis connections: redis-py clients and Celery's TLS options.
+
+The server (dispatcher, caches, job embedder), the workers (token and score caches, broker, result
+backend) and `sieve run` all connect through here, so a password in SIEVE_REDIS_URL and TLS
+(`rediss://` plus SIEVE_REDIS_TLS_CA_FILE / _CERT_FILE / _KEY_FILE) reach every connection alike:
+
+- `redis://:PASSWORD@host:6379/0` (or `redis://USER:PASSWORD@...` with Redis ACLs): the password is
+  part of the URL, which every site takes as it is; it is never logged (see `describe` and `scrub`).
+- `rediss://host:6380/0`: TLS. The server's certificate is always verified (`ssl_cert_reqs` required),
+  against SIEVE_REDIS_TLS_CA_FILE when set, else the system's CA store; a client certificate
+  (SIEVE_REDIS_TLS_CERT_FILE + _KEY_FILE) is presented when set, for `tls-auth-clients yes`. A URL that
+  carries its own `ssl_cert_reqs=...` query parameter keeps it, for the broker and backend too.
+
+TLS files with a plain `redis://` URL are refused rather than ignored: a deployment that meant TLS and
+got a cleartext connection would not notice otherwise.
+"""
+
+from __future__ import annotations
+
+import ssl
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import redis
+
+from sieve_core.config import Settings, redact_url
+
+_CERT_REQS = {
+    "required": ssl.CERT_REQUIRED,
+    "cert_required": ssl.CERT_REQUIRED,
+    "optional": ssl.CERT_OPTIONAL,
+    "cert_optional": ssl.CERT_OPTIONAL,
+    "none": ssl.CERT_NONE,
+    "cert_none": ssl.CERT_NONE,
+}
+
+
+_SETTING = {
+    "ssl_ca_certs": "SIEVE_REDIS_TLS_CA_FILE",
+    "ssl_certfile": "SIEVE_REDIS_TLS_CERT_FILE",
+    "ssl_keyfile": "SIEVE_REDIS_TLS_KEY_FILE",
+}
+
+
+class RedisConfigError(ValueError):
+    """SIEVE_REDIS_URL and the SIEVE_REDIS_TLS_* settings do not fit together."""
+
+
+def redis_url(settings: Settings) -> str:
+    """SIEVE_REDIS_URL in clear (with its password): for connecting only, never for a log line."""
+    if settings.redis_url is None:
+        raise RedisConfigError("SIEVE_REDIS_URL is not set")
+    return settings.redis_url.get_secret_value()
+
+
+def describe(settings: Settings) -> str:
+    """SIEVE_REDIS_URL with its password masked, for log lines and error messages."""
+    return "unset" if settings.redis_url is None else redact_url(settings.redis_url.get_secret_value())
+
+
+def scrub(text: str, settings: Settings) -> str:
+    """`text` (e.g. an exception message on its way into a response or a log) without the Redis password."""
+    if settings.redis_url is None:
+        return text
+    password = urlsplit(settings.redis_url.get_secret_value()).password
+    return text.replace(password, "***") if password else text
+
+
+def uses_tls(url: str) -> bool:
+    return urlsplit(url).scheme == "rediss"
+
+
+def ssl_options(settings: Settings, url: str | None = None) -> dict[str, Any]:
+    """The TLS keyword arguments for a connection to `url` (default SIEVE_REDIS_URL); {} for `redis://`.
+
+    The keys are those of redis-py's SSLConnection, which are also the keys that Celery documents for
+    `broker_use_ssl` and `redis_backend_use_ssl` with a Redis broker and result backend.
+    """
+    url = redis_url(settings) if url is None else url
+    files = {
+        "ssl_ca_certs": settings.redis_tls_ca_file,
+        "ssl_certfile": settings.redis_tls_cert_file,
+        "ssl_keyfile": settings.redis_tls_key_file,
+    }
+    if not uses_tls(url):
+        given = [_SETTING[key] for key, path in files.items() if path is not None]
+        if given:
+            raise RedisConfigError(
+                f"{', '.join(given)} set, but SIEVE_REDIS_URL ({redact_url(url)}) does not use TLS: "
+                "write it as rediss://HOST:PORT/DB"
+            )
+        return {}
+    if settings.redis_tls_key_file and not settings.redis_tls_cert_file:
+        raise RedisConfigError("SIEVE_REDIS_TLS_KEY_FILE is set without SIEVE_REDIS_TLS_CERT_FILE")
+    for key, path in files.items():
+        if path is not None and not path.is_file():
+            raise RedisConfigError(f"{_SETTING[key]}: {path} does not exist or is not a file")
+    options: dict[str, Any] = {key: str(path) for key, path in files.items() if path is not None}
+    options["ssl_cert_reqs"] = _cert_reqs_in(url)
+    return options
+
+
+def _cert_reqs_in(url: str) -> ssl.VerifyMode:
+    """`ssl_cert_reqs` from the URL's query string if it has one, else required (verify the server)."""
+    values = parse_qs(urlsplit(url).query).get("ssl_cert_reqs")
+    if not values:
+        return ssl.CERT_REQUIRED
+    mode = _CERT_REQS.get(values[-1].strip().lower())
+    if mode is None:
+        raise RedisConfigError(
+            f"ssl_cert_reqs={values[-1]!r} in SIEVE_REDIS_URL: expected required, optional or none"
+        )
+    return mode
+
+
+def client(
+    settings: Settings,
+    *,
+    timeout_s: float,
+    connect_timeout_s: float | None = None,
+    url: str | None = None,
+) -> redis.Redis:
+    """A redis-py client for SIEVE_REDIS_URL (or `url`, e.g. the local Redis `sieve run` starts), with the
+    password and TLS options applied and the caller's socket timeouts. Connects lazily, on first use."""
+    url = redis_url(settings) if url is None else url
+    return redis.Redis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s if connect_timeout_s is None else connect_timeout_s,
+        **ssl_options(settings, url),
+    )
+
+
+def celery_ssl_options(settings: Settings) -> dict[str, Any]:
+    """Celery settings for TLS to the Redis broker and result backend: `broker_use_ssl` and
+    `redis_backend_use_ssl`, both the same dict (ssl_cert_reqs, ssl_ca_certs, ssl_certfile, ssl_keyfile);
+    empty for a `redis://` URL. Without them Celery would refuse a `rediss://` result backend and kombu
+    would connect to the broker without verifying its certificate."""
+    options = ssl_options(settings)
+    if not options:
+        return {}
+    return {"broker_use_ssl": dict(options), "redis_backend_use_ssl": dict(options)}
