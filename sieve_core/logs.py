@@ -62,9 +62,10 @@ class JsonFormatter(logging.Formatter):
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"
 
 
-def configure_logging(level: str, fmt: str = "text") -> None:
-    """Set up the root logger of this process (server or worker) in the given format."""
-    handler = logging.StreamHandler()
+def configure_logging(level: str, fmt: str = "text", filename: str | None = None) -> None:
+    """Set up the root logger of this process (server or worker) in the given format, on stderr or
+    appended to `filename` (a worker's `--logfile`)."""
+    handler = logging.StreamHandler() if filename is None else logging.FileHandler(filename)
     handler.addFilter(_RequestIdFilter())
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
     root = logging.getLogger()
