@@ -142,6 +142,7 @@ class Client:
     collections: collections_pb2_grpc.CollectionServiceStub
     documents: documents_pb2_grpc.DocumentServiceStub
     search: search_pb2_grpc.SearchServiceStub
+    address: str = ""  # host:port the server listens on
 
     # -- writes that keep the model in step with what was acknowledged ---------------------------
     def upsert(self, model: Model, docs: dict[str, tuple[str, dict[str, str]]]) -> int:
@@ -203,6 +204,7 @@ def running_server(data_dir: Path, log: Path, **env: str) -> Iterator[Client]:
             collections_pb2_grpc.CollectionServiceStub(channel),
             documents_pb2_grpc.DocumentServiceStub(channel),
             search_pb2_grpc.SearchServiceStub(channel),
+            address,
         )
     finally:
         if channel is not None:
