@@ -22,16 +22,26 @@ SIEVE_DEFAULT_EF_SEARCH=256), f32 vectors:
 
 Figures: build time (both HNSW libraries build with the same thread count, --threads, default all cores),
 batch QPS over all queries with the same thread count, single-query latency p50/p99 (one thread, one
-query per call, as a server request does), recall@10 against the exact top 10, and bytes per vector
-(serialized index / vectors; usearch also reports its in-memory size). The usearch cos index of every
+query per call, as a server request does), recall@10 against the exact top 10, and bytes per vector:
+serialized index / vectors, and memory: the process's resident set growth over the build (the same
+measure for both libraries; usearch also reports its own `memory_usage`, which counts reserved capacity).
+Both libraries get the corpus in the same slices of about 5% (one `add` call each), so that a long
+build reports its progress and rate; the time is the sum of the slices. The usearch cos index of every
 synthetic corpus is saved in bench/.cache/ann/ for the corpus-scaling section.
+
+At 1M vectors (full mode) expect about an hour per HNSW build on 2 busy cores and about 10 GB of memory
+at the peak (corpus 1.5 GB, an index about 3 GB, its serialized copy); the usearch ip variant (another
+build, not what Sieve runs) is measured only up to --ip-up-to vectors (default 100k).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
+import os
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -54,6 +64,7 @@ EF_SEARCH = _DEFAULTS.default_ef_search
 K = 10
 GENERATOR = "mixture-v1"  # bump when `synthetic` changes: cached indexes are keyed by it
 CHUNK = 100_000
+BUILD_SLICES = 20  # progress reports per HNSW build
 
 
 # -- synthetic vectors ---------------------------------------------------------------------------------
@@ -163,6 +174,32 @@ def run_exact(
     }, truth
 
 
+def rss_bytes() -> int:
+    """The process's resident set now (not the peak): what an index that was just built occupies."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def sliced_add(name: str, n: int, add: Any) -> float:
+    """Calls add(start, stop) over [0, n) in BUILD_SLICES slices; logs progress, rate and the time left
+    (a 1M build takes most of an hour here). Returns the seconds spent inside add."""
+    step = max(10_000, -(-n // BUILD_SLICES))
+    spent = 0.0
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        t = time.perf_counter()
+        add(start, stop)
+        took = time.perf_counter() - t
+        spent += took
+        if n > step:
+            rate = (stop - start) / took  # the last slice's: insertion slows down as the graph grows
+            log(
+                f"  {name}: {stop:,}/{n:,} vectors ({100 * stop / n:.0f}%) in {spent / 60:.1f} min, now "
+                f"{rate:,.0f} vectors/s, at least {(n - stop) / rate / 60:.1f} min left"
+            )
+    return spent
+
+
 def build_usearch(corpus: np.ndarray, metric: MetricKind, threads: int) -> tuple[Index, float]:
     index = Index(
         ndim=corpus.shape[1],
@@ -172,9 +209,13 @@ def build_usearch(corpus: np.ndarray, metric: MetricKind, threads: int) -> tuple
         expansion_add=EF_CONSTRUCTION,
         expansion_search=EF_SEARCH,
     )
-    t = time.perf_counter()
-    index.add(np.arange(len(corpus), dtype=np.uint64), corpus, threads=threads)
-    return index, time.perf_counter() - t
+    keys = np.arange(len(corpus), dtype=np.uint64)
+    build_s = sliced_add(
+        f"usearch {metric.name.lower()}",
+        len(corpus),
+        lambda a, b: index.add(keys[a:b], corpus[a:b], threads=threads),
+    )
+    return index, build_s
 
 
 def run_usearch(
@@ -186,13 +227,16 @@ def run_usearch(
     latency_queries: int,
     save_to: Path | None,
 ) -> dict[str, Any]:
+    gc.collect()
+    rss = rss_bytes()
     index, build_s = build_usearch(corpus, metric, threads)
+    rss_growth = rss_bytes() - rss
     t = time.perf_counter()
     matches = index.search(queries, K, threads=threads)
     batch_s = time.perf_counter() - t
     found = np.asarray(matches.keys, dtype=np.int64)
     lat = _latency(lambda q: index.search(q, K, threads=1), queries, latency_queries)
-    serialized = len(bytes(index.save()))
+    serialized = int(index.serialized_length)  # not len(index.save()): a second copy in memory
     if save_to is not None:
         save_to.parent.mkdir(parents=True, exist_ok=True)
         tmp = save_to.with_suffix(".tmp")
@@ -204,6 +248,7 @@ def run_usearch(
         "latency": lat,
         "recall@10": recall(found, truth),
         "bytes_per_vector": serialized / len(corpus),
+        "rss_bytes_per_vector": rss_growth / len(corpus),
         "memory_bytes_per_vector": index.memory_usage / len(corpus),
     }
 
@@ -214,25 +259,31 @@ def run_faiss(
     import faiss
 
     faiss.omp_set_num_threads(threads)
+    gc.collect()
+    rss = rss_bytes()
     index = faiss.IndexHNSWFlat(corpus.shape[1], CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = EF_CONSTRUCTION
     index.hnsw.efSearch = EF_SEARCH
-    t = time.perf_counter()
-    index.add(corpus)
-    build_s = time.perf_counter() - t
+    build_s = sliced_add("faiss hnsw", len(corpus), lambda a, b: index.add(corpus[a:b]))
+    rss_growth = rss_bytes() - rss
     t = time.perf_counter()
     _, found = index.search(queries, K)
     batch_s = time.perf_counter() - t
     faiss.omp_set_num_threads(1)
     lat = _latency(lambda q: index.search(q[None], K), queries, latency_queries)
     faiss.omp_set_num_threads(threads)
-    serialized = int(faiss.serialize_index(index).nbytes)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # a file, not a second copy in memory
+        path = os.path.join(tmp, "index.faiss")
+        faiss.write_index(index, path)
+        serialized = os.path.getsize(path)
     return {
         "build_s": build_s,
         "qps": len(queries) / batch_s,
         "latency": lat,
         "recall@10": recall(found, truth),
         "bytes_per_vector": serialized / len(corpus),
+        "rss_bytes_per_vector": rss_growth / len(corpus),
     }
 
 
@@ -261,9 +312,11 @@ def compare(
     log(f"{name}: faiss hnsw build")
     systems["faiss_hnsw"] = run_faiss(corpus, queries, truth, threads, latency_queries)
     for system, r in systems.items():
+        rss = r.get("rss_bytes_per_vector")
         log(
             f"  {system:12s} build {r['build_s']:7.1f} s  QPS {r['qps']:9.0f}  p50 {r['latency']['p50_ms']:.3f} ms  "
-            f"recall@10 {r['recall@10']:.4f}  {r['bytes_per_vector']:.0f} B/vector"
+            f"recall@10 {r['recall@10']:.4f}  {r['bytes_per_vector']:.0f} B/vector serialized"
+            + (f", {rss:.0f} B/vector resident" if rss is not None else "")
         )
     return {
         "name": name,
@@ -315,6 +368,12 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="build and batch-search threads (0: all cores)"
     )
+    parser.add_argument(
+        "--ip-up-to",
+        type=int,
+        default=100_000,
+        help="measure the usearch ip variant (one more build) only on corpora up to this size (default 100k)",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     threads = args.threads or available_cores()
@@ -328,6 +387,8 @@ def main() -> int:
         argv += ["--sizes", *map(str, args.sizes)]
     if args.queries:
         argv += ["--queries", str(args.queries)]
+    if args.ip_up_to != 100_000:
+        argv += ["--ip-up-to", str(args.ip_up_to)]
 
     datasets: list[dict[str, Any]] = []
 
@@ -368,7 +429,8 @@ def main() -> int:
         log(f"generating {n:,} synthetic vectors")
         corpus = synthetic(n)
         queries = synthetic_queries(n, n_queries)
-        entry = compare(f"synthetic {n:,}", corpus, queries, threads, latency_queries, True, not args.quick)
+        ip = not args.quick and n <= args.ip_up_to
+        entry = compare(f"synthetic {n:,}", corpus, queries, threads, latency_queries, True, ip)
         entry["note"] = f"generator {GENERATOR}, seed 0"
         datasets.append(entry)
         del corpus
