@@ -1,0 +1,246 @@
+"""What operators rely on, against real servers: request ids, the in-flight limit and its RetryInfo,
+undecodable requests, Prometheus metrics, and graceful shutdown of a real `sieve serve` process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import grpc
+import pytest
+import pytest_asyncio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sieve import AsyncSieveClient, ResourceExhausted, RetryPolicy
+from sieve.errors import from_rpc_error
+from sieve.v1 import collections_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
+
+from server.interceptors import FrontDoor
+from sieve_core.logs import REQUEST_ID_METADATA, request_id
+from tests.conftest import Api, make_settings, start_api, stop_api
+
+pytestmark = pytest.mark.asyncio(loop_scope="session")
+
+LIMIT = 2
+
+
+def _trailer(metadata: object, key: str) -> object:
+    return dict(metadata or ()).get(key)  # type: ignore[call-overload]
+
+
+async def _until(predicate, what: str, within_s: float = 30.0) -> None:  # type: ignore[no-untyped-def]
+    # Generous: the machine is shared and loaded; these waits are for the server to reach a state, not timings.
+    deadline = time.monotonic() + within_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# -- the interceptor on a bare grpc.aio server (handlers that report what they see) ------------------
+
+
+class _Probe:
+    """A real grpc.aio server with only the FrontDoor interceptor and two test handlers."""
+
+    def __init__(self, front: FrontDoor) -> None:
+        self.front = front
+        self.server = grpc.aio.server(interceptors=[front])
+
+        async def rid(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            await asyncio.sleep(0)  # the id must survive an await inside the handler
+            return request_id.get().encode()
+
+        async def boom(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+            raise RuntimeError("kaboom")
+
+        self.server.add_generic_rpc_handlers(
+            (
+                grpc.method_handlers_generic_handler(
+                    "test.Probe",
+                    {
+                        "Rid": grpc.unary_unary_rpc_method_handler(rid),
+                        "Boom": grpc.unary_unary_rpc_method_handler(boom),
+                    },
+                ),
+            )
+        )
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def probe() -> AsyncIterator[tuple[_Probe, grpc.aio.Channel]]:
+    running = _Probe(FrontDoor(max_inflight=4, retry_after_ms=250))
+    await running.server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{running.port}")
+    yield running, channel
+    await channel.close()
+    await running.server.stop(0)
+
+
+async def test_request_id_reaches_the_handler_and_comes_back(probe, caplog) -> None:  # type: ignore[no-untyped-def]
+    running, channel = probe
+    running.front.ready = True
+    rid = channel.unary_unary("/test.Probe/Rid")
+
+    call = rid(b"", metadata=((REQUEST_ID_METADATA, "client-chosen-42"),))
+    assert await call == b"client-chosen-42"
+    assert _trailer(await call.trailing_metadata(), REQUEST_ID_METADATA) == "client-chosen-42"
+
+    # No id, an empty one, or one too long for a log line: the server makes one.
+    for sent in ((), ((REQUEST_ID_METADATA, "x" * 500),), ((REQUEST_ID_METADATA, ""),)):
+        call = rid(b"", metadata=sent)
+        seen = (await call).decode()
+        assert len(seen) == 16 and seen != "x" * 500
+        assert _trailer(await call.trailing_metadata(), REQUEST_ID_METADATA) == seen
+
+    # An unexpected error: INTERNAL naming the request id as the incident, the traceback logged with it.
+    boom = channel.unary_unary("/test.Probe/Boom")
+    with caplog.at_level(logging.ERROR, logger="sieve.server"), pytest.raises(grpc.aio.AioRpcError) as err:
+        await boom(b"", metadata=((REQUEST_ID_METADATA, "inc-7"),))
+    assert err.value.code() == grpc.StatusCode.INTERNAL
+    assert "incident inc-7" in err.value.details() and "kaboom" not in err.value.details()
+    assert _trailer(err.value.trailing_metadata(), REQUEST_ID_METADATA) == "inc-7"
+    assert any("inc-7" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+async def test_refused_while_starting_with_retry_info(probe) -> None:  # type: ignore[no-untyped-def]
+    running, channel = probe
+    running.front.ready = False
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await channel.unary_unary("/test.Probe/Rid")(b"", metadata=((REQUEST_ID_METADATA, "early"),))
+    error = from_rpc_error(err.value, "/test.Probe/Rid")
+    assert error.code == grpc.StatusCode.UNAVAILABLE and "server is starting" in error.message
+    assert error.retry_delay == pytest.approx(0.25)
+    assert _trailer(err.value.trailing_metadata(), REQUEST_ID_METADATA) == "early"
+
+
+# -- the in-flight limit and undecodable requests on a real Sieve server ----------------------------
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def small(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
+    """A server with room for LIMIT calls; Search with a future min_generation waits (up to 60 s) until
+    a write reaches it, which gives calls that stay in progress for as long as a test needs."""
+    settings = make_settings(
+        tmp_path_factory.mktemp("small"),
+        max_inflight_requests=LIMIT,
+        min_generation_wait_s=60,
+        overload_retry_after_ms=100,
+    )
+    running = await start_api(settings)
+    yield running
+    await stop_api(running)
+
+
+async def _collection(api: Api) -> tuple[str, int]:
+    name = f"ops-{uuid.uuid4().hex[:8]}"
+    await api.collections.CreateCollection(
+        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
+    )
+    written = await api.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name, documents=[documents_pb2.Document(id="a", text="a first document")]
+        )
+    )
+    return name, written.generation
+
+
+def _waiting_search(api: Api, name: str, generation: int) -> grpc.aio.UnaryUnaryCall:
+    request = search_pb2.SearchRequest(collection=name, query="first", min_generation=generation)
+    return api.search.Search(request, timeout=90)
+
+
+async def test_calls_past_the_limit_are_refused_with_retry_info(small: Api) -> None:
+    name, generation = await _collection(small)
+    front = small.server.front
+    waiting = [_waiting_search(small, name, generation + 1) for _ in range(LIMIT)]
+    await _until(lambda: front.calls.used == LIMIT, "both searches to be in progress")
+
+    for attempt in (
+        small.search.Search(search_pb2.SearchRequest(collection=name, query="x")),
+        small.collections.ListCollections(collections_pb2.ListCollectionsRequest()),
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await attempt
+        error = from_rpc_error(err.value, "/sieve.v1.SearchService/Search")
+        assert error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and f"limit of {LIMIT}" in error.message
+        assert error.retry_delay == pytest.approx(0.1)
+        assert _trailer(err.value.trailing_metadata(), REQUEST_ID_METADATA)
+
+    # Health is never limited, and WatchJob has its own pool: it gets its real answer.
+    health = health_pb2_grpc.HealthStub(small.channel)
+    assert (
+        await health.Check(health_pb2.HealthCheckRequest())
+    ).status == health_pb2.HealthCheckResponse.SERVING
+    watch = jobs_pb2_grpc.JobServiceStub(small.channel).WatchJob(jobs_pb2.WatchJobRequest(id="0" * 16))
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in watch:
+            pass
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # A cancelled call gives its slot back; the freed slot takes a write that releases the other search.
+    waiting[1].cancel()
+    await _until(lambda: front.calls.used == LIMIT - 1, "the cancelled call's slot to be released")
+    await small.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name, documents=[documents_pb2.Document(id="b", text="a second document")]
+        )
+    )
+    answered = await waiting[0]
+    assert answered.generation == generation + 1
+    await _until(lambda: front.calls.used == 0, "every slot to be free")
+
+
+async def test_python_client_retries_an_overload_refusal(small: Api) -> None:
+    name, generation = await _collection(small)
+    front = small.server.front
+    waiting = [_waiting_search(small, name, generation + 1) for _ in range(LIMIT)]
+    await _until(lambda: front.calls.used == LIMIT, "both searches to be in progress")
+    async with AsyncSieveClient(small.address, retry=RetryPolicy(max_attempts=1)) as client:
+        with pytest.raises(ResourceExhausted) as err:
+            await client.search(name, "first")
+        assert err.value.retry_delay == pytest.approx(0.1) and err.value.attempts == 1
+
+    refused_before = front.refused
+    # Plenty of attempts at the server's 100 ms: the client keeps trying until a slot frees.
+    async with AsyncSieveClient(small.address, retry=RetryPolicy(max_attempts=200)) as client:
+        searching = asyncio.create_task(client.search(name, "first", timeout=60))
+        await _until(lambda: front.refused >= refused_before + 2, "the client to be refused twice")
+        for call in waiting:
+            call.cancel()
+        answer = await searching
+    assert [h.id for h in answer.hits] == ["a"]
+
+
+async def test_undecodable_requests_are_invalid_argument(small: Api) -> None:
+    junk = b"\xff\xff\xff\xff"
+    md = ((REQUEST_ID_METADATA, "junk-1"),)
+    unary = small.channel.unary_unary("/sieve.v1.SearchService/Search")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await unary(junk, metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sieve.v1.SearchRequest" in err.value.details()
+    assert _trailer(err.value.trailing_metadata(), REQUEST_ID_METADATA) == "junk-1"
+
+    stream = small.channel.unary_stream("/sieve.v1.JobService/WatchJob")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async for _ in stream(junk, metadata=md):
+            pass
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield junk
+
+    upload = small.channel.stream_unary("/sieve.v1.JobService/UploadIndexJob")
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(chunks(), metadata=md)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sieve.v1.UploadIndexJobRequest" in err.value.details()
+
+    # The same path with valid bytes still works (an empty message is a valid ListCollectionsRequest).
+    listed = await small.channel.unary_unary("/sieve.v1.CollectionService/ListCollections")(b"")
+    assert isinstance(listed, bytes)
+    await _until(lambda: small.server.front.calls.used == 0, "every slot to be free")
