@@ -12,9 +12,14 @@ from pathlib import Path
 def _serve(args: argparse.Namespace) -> int:
     from server.app import serve
     from sieve_core.config import load_settings
+    from sieve_core.errors import SieveError
 
     overrides = {"grpc_address": args.address} if args.address else {}
-    asyncio.run(serve(load_settings(**overrides)))
+    try:
+        asyncio.run(serve(load_settings(**overrides)))
+    except SieveError as exc:  # a refusal to start, e.g. a read-only data directory: no traceback
+        print(f"sieve serve: {exc.message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -12,6 +12,7 @@ import contextvars
 import json
 import logging
 import shutil
+import sqlite3
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ from server.rerank import Dispatcher
 from server.store import CollectionRow, Store
 from sieve_core.cache import ResultCache, query_vector_key
 from sieve_core.config import Settings
-from sieve_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from sieve_core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, storage_error
 from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError
 from sieve_core.types import (
@@ -98,6 +99,7 @@ class _Collection:
     visible_generation: int = 0
     unsnapshotted_writes: int = 0
     last_snapshot: float = field(default_factory=time.monotonic)
+    snapshot_retry_at: float = 0.0  # after a failed snapshot (e.g. a full disk), not before this
 
 
 def _settings_to_json(s: SearchSettings) -> str:
@@ -164,6 +166,21 @@ class Engine:
         call = partial(contextvars.copy_context().run, fn, *args)
         return await asyncio.get_running_loop().run_in_executor(executor, call)
 
+    async def _write(self, fn: Any, *args: Any) -> Any:
+        """Run a write on the writer thread. A full or read-only data directory becomes a clear error
+        (RESOURCE_EXHAUSTED / FAILED_PRECONDITION, see sieve_core.errors.storage_error), not INTERNAL."""
+        return await self._run(self._writer, self._storage_guarded, fn, *args)
+
+    def _storage_guarded(self, fn: Any, *args: Any) -> Any:
+        try:
+            return fn(*args)
+        except (OSError, sqlite3.Error) as exc:
+            mapped = storage_error(exc, self.settings.data_dir)
+            if mapped is None:
+                raise
+            log.warning("write refused: %s (%s)", mapped.message, exc)
+            raise mapped from exc
+
     def _collection_dir(self, row: CollectionRow) -> Path:
         return self.settings.data_dir / "collections" / str(row.id)
 
@@ -217,11 +234,28 @@ class Engine:
         )
 
     def _snapshot(self, col: _Collection, generation: int) -> None:
-        col.index.save(col.directory, generation)
-        self.store.prune_tombstones(col.row.id, generation)
+        try:
+            col.index.save(col.directory, generation)
+        except Exception as exc:
+            # A snapshot only shortens the next start (the store holds every write): a full or read-only
+            # disk must fail neither the write that made it due nor a shutdown. Keep the previous one.
+            col.snapshot_retry_at = time.monotonic() + min(self.settings.snapshot_interval_s, 30.0)
+            log.warning(
+                "collection %r: index snapshot at generation %d failed, keeping the one at %d: %s",
+                col.row.name,
+                generation,
+                col.snapshot_generation,
+                exc,
+                exc_info=not isinstance(exc, OSError | RuntimeError),  # RuntimeError: usearch's I/O errors
+            )
+            return
         col.snapshot_generation = generation
         col.unsnapshotted_writes = 0
         col.last_snapshot = time.monotonic()
+        try:
+            self.store.prune_tombstones(col.row.id, generation)
+        except (OSError, sqlite3.Error) as exc:  # harmless: the next snapshot prunes them
+            log.warning("collection %r: tombstones not pruned: %s", col.row.name, exc)
 
     def _maybe_snapshot(self, col: _Collection, changed: int, generation: int) -> None:
         col.visible_generation = generation
@@ -230,7 +264,7 @@ class Engine:
             col.unsnapshotted_writes >= self.settings.snapshot_every_writes
             or time.monotonic() - col.last_snapshot >= self.settings.snapshot_interval_s
         )
-        if due:
+        if due and time.monotonic() >= col.snapshot_retry_at:
             self._snapshot(col, generation)
 
     def _get(self, name: str) -> _Collection:
@@ -260,7 +294,7 @@ class Engine:
         metric = validation.metric(spec.metric, self.settings)
         defaults = validation.search_settings(spec.defaults, self.settings, "defaults")
         model = spec.embedding_model or self.settings.default_embedding_model
-        return await self._run(self._writer, self._create, name, model, metric, defaults)
+        return await self._write(self._create, name, model, metric, defaults)
 
     def _create(self, name: str, model: str, metric: str, defaults: SearchSettings) -> CollectionInfo:
         if name in self._collections:
@@ -289,13 +323,14 @@ class Engine:
 
     async def delete_collection(self, name: str) -> None:
         self._get(name)
-        await self._run(self._writer, self._delete_collection, name)
+        await self._write(self._delete_collection, name)
 
     def _delete_collection(self, name: str) -> None:
-        col = self._collections.pop(name, None)
+        col = self._collections.get(name)
         if col is None:
             raise NotFound(f"collection {name!r} does not exist")
-        self.store.delete_collection(name)
+        self.store.delete_collection(name)  # first: if the disk refuses, the collection stays as it was
+        del self._collections[name]
         shutil.rmtree(col.directory, ignore_errors=True)
 
     # -- documents -------------------------------------------------------------------------------
@@ -306,7 +341,7 @@ class Engine:
         to_embed = [d for d in docs if d.id not in unchanged]
         vectors = await self._embed(col, to_embed)
         while True:
-            outcome = await self._run(self._writer, self._commit_upsert, col, docs, vectors)
+            outcome = await self._write(self._commit_upsert, col, docs, vectors)
             if not outcome.missing_vectors:
                 if col.defaults.late_interaction not in (StageMode.UNSPECIFIED, StageMode.OFF) and to_embed:
                     # The collection re-ranks by late interaction: have a worker cache the new texts' token
@@ -365,7 +400,7 @@ class Engine:
                 )
         vectors = dict(vectors)
         while True:
-            outcome = await self._run(self._writer, self._commit_upsert, col, docs, vectors)
+            outcome = await self._write(self._commit_upsert, col, docs, vectors)
             if not outcome.missing_vectors:
                 return WriteResult(outcome.generation, len(docs))
             missing = set(outcome.missing_vectors)
@@ -401,7 +436,7 @@ class Engine:
     async def delete_documents(self, name: str, ids: list[str]) -> WriteResult:
         col = self._get(name)
         validation.ids(ids, self.settings)
-        return await self._run(self._writer, self._commit_delete, col, ids)
+        return await self._write(self._commit_delete, col, ids)
 
     def _commit_delete(self, col: _Collection, ids: list[str]) -> WriteResult:
         if self._collections.get(col.row.name) is not col:

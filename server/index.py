@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 import numpy as np
@@ -181,14 +181,23 @@ class VectorIndex:
     # -- snapshots -----------------------------------------------------------------------------
     def save(self, directory: Path, generation: int) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
+        for stale in directory.glob(f".{_SNAPSHOT_PREFIX}*.tmp"):  # a save cut short by kill -9
+            stale.unlink(missing_ok=True)
         tmp = directory / f".{_SNAPSHOT_PREFIX}{generation:012d}.tmp"
-        with self._lock.read():
-            self._index.save(str(tmp))
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        # The name carries the content's digest: a snapshot damaged later is detected before it is loaded.
-        final = directory / f"{_SNAPSHOT_PREFIX}{generation:012d}-{_digest(tmp)}{_SNAPSHOT_SUFFIX}"
-        os.replace(tmp, final)
+        try:
+            with self._lock.read():
+                self._index.save(str(tmp))  # RuntimeError("Failed to serialize ...") on a full disk
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            # The name carries the content's digest: a snapshot damaged later is detected before it is loaded.
+            final = directory / f"{_SNAPSHOT_PREFIX}{generation:012d}-{_digest(tmp)}{_SNAPSHOT_SUFFIX}"
+            os.replace(tmp, final)
+        except BaseException:
+            # Never leave a partial file behind (on a full disk it would hold the space the next try needs);
+            # the previous snapshot is untouched until a new one is complete.
+            with suppress(OSError):  # e.g. a read-only file system, where nothing was written either
+                tmp.unlink(missing_ok=True)
+            raise
         _fsync_dir(directory)
         for old in snapshot_files(directory):
             if old != final:

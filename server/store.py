@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from sieve_core.contracts import content_hash
-from sieve_core.errors import AlreadyExists, NotFound
+from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound, is_read_only, storage_error
 from sieve_core.types import Condition, Document
 
 SCHEMA = """
@@ -117,7 +117,19 @@ _COLLECTION_COLUMNS = "id, name, embedding_model, embedding_model_id, metric, di
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            mapped = storage_error(exc, path.parent)
+            if mapped is None:
+                raise
+            raise mapped from exc
+        if is_read_only(path.parent):
+            # SQLite would fail with "unable to open database file"; serving read-only is not offered.
+            raise FailedPrecondition(
+                f"data directory {path.parent} is on a read-only file system: the server keeps its document"
+                " store there and needs to write it; mount it read-write or point SIEVE_DATA_DIR elsewhere"
+            )
         self._local = threading.local()
         self._write_lock = threading.Lock()
         with self._conn() as conn:
@@ -407,9 +419,22 @@ class _Transaction:
 
     def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
         try:
-            self.conn.execute("ROLLBACK" if exc_type is not None or self.rollback_on_exit else "COMMIT")
+            if exc_type is None and not self.rollback_on_exit:
+                try:
+                    self.conn.execute("COMMIT")
+                except BaseException:
+                    self._rollback()  # e.g. the disk filled up or went read-only while committing
+                    raise
+            else:
+                self._rollback()
         finally:
             self.lock.release()
+
+    def _rollback(self) -> None:
+        # After SQLITE_FULL or an I/O error SQLite may already have rolled the transaction back itself;
+        # a second ROLLBACK would fail and hide the error that matters.
+        if self.conn.in_transaction:
+            self.conn.execute("ROLLBACK")
 
 
 def _chunks(items: list, size: int) -> Iterator[list]:  # type: ignore[type-arg]
