@@ -108,9 +108,18 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_serving(address: str, timeout: float, proc: subprocess.Popen | None = None) -> None:  # type: ignore[type-arg]
+def wait_serving(
+    address: str,
+    timeout: float,
+    proc: subprocess.Popen | None = None,  # type: ignore[type-arg]
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Until the server's health check says SERVING (over TLS with `credentials`)."""
     deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
+    channel = (
+        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if proc is not None and proc.poll() is not None:
