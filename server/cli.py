@@ -79,8 +79,16 @@ def _health(args: argparse.Namespace) -> int:
     from sieve_core.config import load_settings
 
     address = args.address or load_settings().grpc_address
+    credentials = None
+    if args.tls or args.tls_ca or args.tls_cert:
+        import grpc
+
+        def read(path: Path | None) -> bytes | None:
+            return path.read_bytes() if path is not None else None
+
+        credentials = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
     try:
-        wait_serving(address, timeout=args.timeout)
+        wait_serving(address, timeout=args.timeout, credentials=credentials)
     except (TimeoutError, RuntimeError) as exc:
         print(f"sieve health: {exc}", file=sys.stderr)
         return 1
@@ -134,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     hc = sub.add_parser("health", help="exit 0 when the server at --address reports SERVING")
     hc.add_argument("--address", help="default: SIEVE_GRPC_ADDRESS")
     hc.add_argument("--timeout", type=float, default=5.0)
+    hc.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs (unless --tls-ca)")
+    hc.add_argument("--tls-ca", type=Path, help="PEM CA that signed the server's certificate (implies --tls)")
+    hc.add_argument("--tls-cert", type=Path, help="client certificate, for a server that requires one (mTLS)")
+    hc.add_argument("--tls-key", type=Path, help="private key of --tls-cert")
     hc.set_defaults(func=_health)
 
     models = sub.add_parser("models", help="prepare or export model bundles")
