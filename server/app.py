@@ -25,6 +25,7 @@ from sieve.v1 import (
 from server.engine import Engine
 from server.interceptors import FrontDoor
 from server.jobs import JobManager
+from server.security import load_keys, server_credentials
 from server.servicers import CollectionServicer, DocumentServicer, JobServicer, SearchServicer
 from sieve_core.config import Settings
 from sieve_core.logs import configure_logging
@@ -44,11 +45,16 @@ class SieveServer:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        # Checked before anything else is opened: a bad entry or file stops the start with its reason.
+        keys = load_keys(settings)
+        credentials = server_credentials(settings)
         self.engine = Engine(settings)
         self.jobs = JobManager(self.engine, settings)
         self.health = health.aio.HealthServicer()
         self.front = FrontDoor(
-            max_inflight=settings.max_inflight_requests, retry_after_ms=settings.overload_retry_after_ms
+            max_inflight=settings.max_inflight_requests,
+            retry_after_ms=settings.overload_retry_after_ms,
+            keys=keys,
         )
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -71,7 +77,18 @@ class SieveServer:
             ),
             self.server,
         )
-        self.port = self.server.add_insecure_port(settings.grpc_address)
+        if credentials is None:
+            self.port = self.server.add_insecure_port(settings.grpc_address)
+        else:
+            self.port = self.server.add_secure_port(settings.grpc_address, credentials)
+        self.tls = credentials is not None
+        log.info(
+            "API keys: %s; TLS: %s",
+            f"{len(keys)} configured" if keys is not None else "none (no authentication)",
+            ("on, client certificates required" if settings.tls_client_ca_file else "on")
+            if self.tls
+            else "off",
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {settings.grpc_address}")
 

@@ -2,8 +2,9 @@
 
 For each call, in this order: the request id (the client's `x-request-id`, or a new one) is set for the
 handler's logs and sent back as trailing metadata; then, except for health and reflection, the call is
-admitted or refused before any work: not ready / shutting down (UNAVAILABLE), too many calls in progress
-(RESOURCE_EXHAUSTED); both refusals carry a `google.rpc.RetryInfo`. A request whose bytes do not decode
+admitted or refused before any work: no or an unknown API key (UNAUTHENTICATED), a key whose role is too
+low (PERMISSION_DENIED), not ready / shutting down (UNAVAILABLE), too many calls in progress
+(RESOURCE_EXHAUSTED); the last two carry a `google.rpc.RetryInfo`. A request whose bytes do not decode
 as the method's message gets INVALID_ARGUMENT. Errors the handler raises become statuses here and nowhere
 else: a `SieveError` its own code and message, anything else INTERNAL with the request id as the incident
 id (the traceback goes to the log).
@@ -25,6 +26,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from server.security import KeyRing
 from sieve_core.errors import InvalidArgument, SieveError
 from sieve_core.logs import REQUEST_ID_METADATA, clean_request_id, request_id
 
@@ -129,12 +131,13 @@ def _take_request_id(context: grpc.aio.ServicerContext) -> str:
 class FrontDoor(grpc.aio.ServerInterceptor):
     """Request id, admission (readiness, shutdown, in-flight limit) and error mapping for every call."""
 
-    def __init__(self, *, max_inflight: int, retry_after_ms: int) -> None:
+    def __init__(self, *, max_inflight: int, retry_after_ms: int, keys: KeyRing | None = None) -> None:
         self.ready = False  # set once the engine has loaded; until then calls are refused
         self.stopping = False  # set on shutdown; from then on calls are refused
         self.calls = Slots(max_inflight)
         self.watches = Slots(max_inflight)
         self._retry_after_ms = retry_after_ms
+        self._keys = keys  # None: no authentication
         self.refused = 0  # calls refused for the in-flight limit (the metric reads it)
 
     async def drain(self, within_s: float) -> bool:
@@ -204,6 +207,11 @@ class FrontDoor(grpc.aio.ServerInterceptor):
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> Slots:
         """Refuse the call before any work, or take a slot for it (the caller releases it)."""
+        if self._keys is not None:
+            denial = self._keys.check(method, context.invocation_metadata())
+            if denial is not None:
+                log.info("%s refused: %s (peer %s)", method, denial.message, context.peer())
+                await context.abort(denial.code, denial.message)
         if not self.ready or self.stopping:
             await self._refuse(context, grpc.StatusCode.UNAVAILABLE, STOPPING if self.stopping else STARTING)
         slots = self.watches if method == WATCH_METHOD else self.calls
