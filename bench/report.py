@@ -81,6 +81,8 @@ def _rows() -> list[str]:
             )
         elif r.get("benchmark") == "rerank":
             rows.extend(_rerank_rows(r, cmd))
+        elif r.get("benchmark") == "load":
+            rows.extend(_load_rows(r, cmd))
         elif r.get("benchmark") in BENCH_KINDS:
             rows.extend(_bench_rows(r, cmd))
         elif "maxsim-int8" in r.get("ndcg@10", {}):
@@ -90,6 +92,39 @@ def _rows() -> list[str]:
                 f"re-ranked by MaxSim over MiniLM token vectors (zero-shot; fp32 / int8 / fp16 storage) | "
                 f"{n['bi-encoder']:.4f} -> {n['maxsim-fp32']:.4f} / {n['maxsim-int8']:.4f} / "
                 f"{n['maxsim-fp16']:.4f}; int8 {r['bytes_per_document']['int8'] / 1000:.0f} KB/doc | {cmd} |"
+            )
+    return rows
+
+
+def _load_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
+    """bench/load.py: the mixed load at the default limit, then (if run) the same load past a low limit."""
+    rows = []
+    for run in r["runs"]:
+        c, m, mem = run["config"], run["measured"], run["memory"]
+        s, u = m["search"], m["upsert"]
+        latency = (
+            f"`Search` {s['per_s']:.1f}/s, p50 {s['p50_ms']:.0f} / p95 {s['p95_ms']:.0f} / p99 {s['p99_ms']:.0f} ms; "
+            f"`UpsertDocuments` {u['per_s']:.1f}/s, p50 {u['p50_ms']:.0f} / p95 {u['p95_ms']:.0f} / p99 "
+            f"{u['p99_ms']:.0f} ms"
+        )
+        outcome = f"**{run['errors']} errors** in {run['calls']:,} calls"
+        if run["refused"] or run["limits"]["max_inflight_requests"] < c["clients"]:
+            delays = ", ".join(f"{k} ms" for k in run["retry_delays_ms"]) or "none"
+            outcome += f", {run['refused']:,} refused RESOURCE_EXHAUSTED, all with RetryInfo ({delays})"
+        if run is r["runs"][0]:
+            rows.append(
+                f"| load: {c['clients']} concurrent clients (a connection each, on the server's 2 cores), "
+                f"{c['search_share']:.0%} `Search` (retrieval, top 10 with texts) / {1 - c['search_share']:.0%} "
+                f"`UpsertDocuments` ({c['upsert_batch']} docs over a fixed {c['hot_ids']} ids), {m['seconds']:.0f} s "
+                f"after {c['warmup_s']:.0f} s warm-up, {run['corpus']} ({run['documents']} docs), in-flight limit "
+                f"{run['limits']['max_inflight_requests']}{_mode(r)} | {outcome}; {latency}; server RSS "
+                f"{mem['rss_first_mb']:.0f} -> {mem['rss_last_mb']:.0f} MB (first vs last 10 s, "
+                f"{mem['growth_mb']:+.1f} MB, slope {mem['slope_mb_per_min']:+.1f} MB/min) | {cmd} |"
+            )
+        else:
+            rows.append(
+                f"| backpressure: the same load at SIEVE_MAX_INFLIGHT_REQUESTS={run['limits']['max_inflight_requests']}, "
+                f"{m['seconds']:.0f} s (clients wait the RetryInfo delay){_mode(r)} | {outcome}; {latency} | {cmd} |"
             )
     return rows
 
