@@ -29,8 +29,10 @@ from typing import Any, Protocol
 import numpy as np
 from pydantic import ValidationError
 
+from sieve_core import redis_conn
 from sieve_core.config import Settings
 from sieve_core.contracts import EmbedRequest, EmbedResult
+from sieve_core.logs import REQUEST_ID_HEADER
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -132,14 +134,18 @@ class InProcessEmbedder:
 
 
 class WorkerEmbedder:
-    """Batches as `sieve.embed` tasks on the `embed` queue; results waited for in the job's own thread."""
+    """Batches as `sieve.embed` tasks on the `embed` queue; results waited for in the job's own thread.
+
+    A job runs outside any call, so its tasks carry `job-<job id>` as their request id: the worker's log
+    lines about a job's batches can be found by the job's id."""
 
     name = "workers"
 
     def __init__(
-        self, settings: Settings, model: str, want_tokens: bool, token_model: str | None, label: str
+        self, settings: Settings, model: str, want_tokens: bool, token_model: str | None, job_id: str
     ) -> None:
         self._settings = settings
+        self._request_id = f"job-{job_id}"
         # With want_tokens the worker also caches the texts' document token vectors: `token_model`'s (the
         # collection's late-interaction bundle), or with None the bi-encoder's own from the same encoder run.
         self._fields: dict[str, Any] = {
@@ -147,7 +153,7 @@ class WorkerEmbedder:
             "want_tokens": want_tokens,
             "token_model": token_model if want_tokens else None,
         }
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sieve-job-{label}")
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sieve-job-{job_id[:8]}")
         self._app: Any = None
         self._consumers: tuple[float, int] | None = None  # (checked at, embed-queue consumers)
         self._redis: Any = None
@@ -179,11 +185,16 @@ class WorkerEmbedder:
             pending.refused = f"the embed task refuses it: {first.get('msg', exc)}"[:300]
             return
         try:
-            pending.task = self._client().send_task(TASK_EMBED, args=[request.to_json()], retry=False)
+            pending.task = self._client().send_task(
+                TASK_EMBED,
+                args=[request.to_json()],
+                retry=False,
+                headers={REQUEST_ID_HEADER: self._request_id},
+            )
             pending.error = ""
         except Exception as exc:
             self._app = None  # a client that gave up on Redis stays broken: start afresh next time
-            pending.task, pending.error = None, f"cannot reach the broker: {type(exc).__name__}: {exc}"[:300]
+            pending.task, pending.error = None, f"cannot reach the broker: {self._describe(exc)}"
         pending.sent_at, pending.started_at = time.monotonic(), None
 
     def _forget(self, pending: Pending) -> None:
@@ -209,7 +220,7 @@ class WorkerEmbedder:
             except Exception as exc:
                 return self._unreachable(pending, exc)
         except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:300]
+            reason = self._describe(exc)
             try:
                 failed = task.state == "FAILURE"
             except Exception:
@@ -226,8 +237,12 @@ class WorkerEmbedder:
 
     def _unreachable(self, pending: Pending, exc: Exception) -> tuple[str, str]:
         self._app = None
-        pending.task, pending.error = None, f"cannot reach Redis: {type(exc).__name__}: {exc}"[:300]
+        pending.task, pending.error = None, f"cannot reach Redis: {self._describe(exc)}"
         return "unreachable", pending.error
+
+    def _describe(self, exc: BaseException) -> str:
+        """`Type: message` for the job's status and reason: short, never with the Redis password in it."""
+        return redis_conn.scrub(f"{type(exc).__name__}: {exc}", self._settings)[:300]
 
     def _resend(self, pending: Pending) -> None:
         self._forget(pending)
@@ -239,10 +254,7 @@ class WorkerEmbedder:
 
         try:
             if self._redis is None:
-                import redis
-
-                url = self._settings.redis_url.get_secret_value()  # type: ignore[union-attr]
-                self._redis = redis.Redis.from_url(url, socket_timeout=2, socket_connect_timeout=2)
+                self._redis = redis_conn.client(self._settings, timeout_s=2)
             # kombu keeps a queue's messages in a list named after it (and per priority step, if used).
             keys = [QUEUE_EMBED, *(f"{QUEUE_EMBED}\x06\x16{p}" for p in (3, 6, 9))]
             waiting = sum(self._redis.llen(k) for k in keys)

@@ -600,7 +600,7 @@ class JobManager:
     def _embedder(self, model: str, want_tokens: bool, token_model: str | None, job_id: str) -> Embedder:
         if self._settings.redis_url is None:
             return InProcessEmbedder(partial(self._engine.models.get, model), self._settings)
-        return WorkerEmbedder(self._settings, model, want_tokens, token_model, job_id[:8])
+        return WorkerEmbedder(self._settings, model, want_tokens, token_model, job_id)
 
     async def _finish(self, live: LiveJob, state: str, reason: str) -> None:
         live.finishing = True

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
+from sieve_core import redis_conn
 from sieve_core.config import Settings
 from sieve_core.contracts import (
     Candidate,
@@ -26,6 +27,7 @@ from sieve_core.contracts import (
     LateInteractionResult,
 )
 from sieve_core.errors import SieveError
+from sieve_core.logs import REQUEST_ID_HEADER, request_id
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -41,11 +43,8 @@ class Dispatcher:
         self._app = None
         self._redis = None
         if settings.redis_url is not None:
-            import redis
-
             self._app = self._new_app()
-            url = settings.redis_url.get_secret_value()
-            self._redis = redis.Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5)
+            self._redis = redis_conn.client(settings, timeout_s=0.5)
         # Errors a task itself raises (reported as they are); anything else is the connection's fault.
         self._task_errors: tuple[type[BaseException], ...] = (SieveError, ValueError)
         # Each waiting re-rank holds a thread until its result or its deadline.
@@ -75,7 +74,9 @@ class Dispatcher:
         if timeout_s <= 0.05:
             raise StageUnavailable("no time left before the deadline")
         loop = asyncio.get_running_loop()
-        waiting = loop.run_in_executor(self._waiters, partial(self._call, task, request, timeout_s))
+        # Read here, in the call's context: the executor thread does not inherit contextvars.
+        call = partial(self._call, task, request, timeout_s, request_id.get())
+        waiting = loop.run_in_executor(self._waiters, call)
         try:
             # The deadline holds even if a client library blocks longer than asked (the thread finishes later).
             payload = await asyncio.wait_for(waiting, timeout_s + 0.02)
@@ -83,20 +84,26 @@ class Dispatcher:
             raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
         return result_type.from_json(payload)  # type: ignore[attr-defined,no-any-return]
 
-    def _call(self, task: str, request: Any, timeout_s: float) -> dict:  # type: ignore[type-arg]
+    def _call(self, task: str, request: Any, timeout_s: float, rid: str) -> dict:  # type: ignore[type-arg]
         from celery.exceptions import TimeoutError as CeleryTimeout
 
         assert self._app is not None and self._redis is not None
         try:
             self._redis.ping()
         except Exception as exc:
-            raise StageUnavailable(f"cannot reach Redis: {type(exc).__name__}") from None
+            raise StageUnavailable(f"cannot reach Redis: {self._describe(exc)}") from None
         try:
             # retry=False: with Redis down, fail now rather than retry past the deadline.
-            result = self._app.send_task(task, args=[request.to_json()], expires=timeout_s, retry=False)
+            result = self._app.send_task(
+                task,
+                args=[request.to_json()],
+                expires=timeout_s,
+                retry=False,
+                headers={REQUEST_ID_HEADER: rid},
+            )
         except Exception as exc:
             self._app = self._new_app()  # a client that gave up on Redis stays broken: start afresh
-            raise StageUnavailable(f"cannot reach the broker: {type(exc).__name__}") from None
+            raise StageUnavailable(f"cannot reach the broker: {self._describe(exc)}") from None
         try:
             return result.get(timeout=timeout_s, propagate=True)  # type: ignore[no-any-return]
         except CeleryTimeout:
@@ -104,19 +111,31 @@ class Dispatcher:
         except Exception as exc:
             if not isinstance(exc, self._task_errors):
                 self._app = self._new_app()  # a connection-level failure: start afresh (see above)
-            raise StageUnavailable(f"the worker failed: {type(exc).__name__}: {exc}"[:300]) from None
+            raise StageUnavailable(f"the worker failed: {self._describe(exc)}") from None
+
+    def _describe(self, exc: BaseException) -> str:
+        """`Type: message` for a stage report: short, and never with the Redis password in it."""
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        return redis_conn.scrub(text, self._settings)[:300]
 
     def precompute_tokens(self, model: str, texts: list[str], token_model: str | None = None) -> None:
         """Ask an `embed` worker to cache these texts' document token vectors (from `token_model`, or the
         bi-encoder `model`'s own); fire and forget (a miss is recomputed at query time anyway). Runs in a
-        thread: it may touch the network."""
+        thread: it may touch the network. The task carries the request id of this thread's context (the
+        engine copies the call's context into its executor threads)."""
         if self._app is None or not texts:
             return
         from workers.celery_app import TASK_EMBED
 
         request = EmbedRequest(texts=texts, model=model, want_tokens=True, token_model=token_model)
         try:
-            self._app.send_task(TASK_EMBED, args=[request.to_json()], retry=False, ignore_result=True)
+            self._app.send_task(
+                TASK_EMBED,
+                args=[request.to_json()],
+                retry=False,
+                ignore_result=True,
+                headers={REQUEST_ID_HEADER: request_id.get()},
+            )
         except Exception as exc:  # the write is committed; only the warm-up of the cache is lost
             log.warning("could not queue token vectors for %d texts: %s", len(texts), type(exc).__name__)
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import redis
 
+from sieve_core import redis_conn
 from sieve_core.config import Settings, load_settings
 
 
@@ -32,9 +33,9 @@ class Child:
     proc: subprocess.Popen | None = None  # type: ignore[type-arg]
 
 
-def _wait_redis(url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:  # type: ignore[type-arg]
+def _wait_redis(settings: Settings, url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:  # type: ignore[type-arg]
     deadline = time.monotonic() + timeout
-    client = redis.Redis.from_url(url, socket_timeout=1, socket_connect_timeout=1)
+    client = redis_conn.client(settings, timeout_s=1, url=url)
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"redis-server exited with code {proc.returncode}")
@@ -79,7 +80,7 @@ def local_redis(settings: Settings) -> tuple[Child, str]:
     return Child("redis", argv), f"redis://127.0.0.1:{port}/0"
 
 
-def worker_argv(queue: str, concurrency: int) -> list[str]:
+def worker_argv(queue: str, concurrency: int, log_level: str = "INFO") -> list[str]:
     from workers.celery_app import QUEUES
 
     if queue not in QUEUES:
@@ -98,7 +99,7 @@ def worker_argv(queue: str, concurrency: int) -> list[str]:
         "-n",
         f"sieve-{queue}@%h",
         "--loglevel",
-        "INFO",
+        log_level,
     ]
 
 
@@ -133,6 +134,10 @@ def run(settings: Settings | None = None) -> int:
         nonlocal stopping
         stopping = True
 
+    try:  # Redis settings that cannot work stop `sieve run` before any child starts
+        redis_conn.ssl_options(settings, None if settings.redis_url else "redis://127.0.0.1/0")
+    except redis_conn.RedisConfigError as exc:
+        raise SystemExit(f"sieve run: {exc}") from None
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
@@ -141,14 +146,17 @@ def run(settings: Settings | None = None) -> int:
             # Own process group: a terminal's Ctrl-C reaches only this supervisor, which stops children in order.
             child.proc = subprocess.Popen(child.argv, stdout=subprocess.DEVNULL, start_new_session=True)
             children.append(child)
-            _wait_redis(url, child.proc)
+            _wait_redis(settings, url, child.proc)
             env["SIEVE_REDIS_URL"] = url
             print(f"sieve run: redis-server on {url} (data in {settings.data_dir / 'redis'})", flush=True)
+        else:
+            print(f"sieve run: using Redis at {redis_conn.describe(settings)}", flush=True)
         for queue in worker_queues(settings):
             # MaxSim is small matrix products: numpy's multi-threaded BLAS only adds contention (measured
             # by bench/rerank.py: 35 ms p50 with 1 BLAS thread vs 77 ms with 2 on a busy 2-core machine).
             worker_env = {"OPENBLAS_NUM_THREADS": "1", **env}
-            worker = Child(f"worker-{queue}", worker_argv(queue, settings.run_worker_concurrency), worker_env)
+            argv = worker_argv(queue, settings.run_worker_concurrency, settings.log_level)
+            worker = Child(f"worker-{queue}", argv, worker_env)
             worker.proc = subprocess.Popen(worker.argv, env=worker_env, start_new_session=True)
             children.append(worker)
             print(f"sieve run: Celery worker on queue {queue!r}", flush=True)

@@ -86,24 +86,63 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
 # -- a real redis-server and a real Celery worker (module-scoped, for worker and cascade tests) ----
 
 
-class RedisServer:
-    """A real redis-server on a loopback port, which a test can stop and start again on that port."""
+@dataclass
+class RedisTls:
+    """PEM files for a redis-server that speaks only TLS (tests/test_redis_security.py makes them)."""
 
-    def __init__(self, directory: Path, port: int | None = None) -> None:
+    ca: Path
+    cert: Path
+    key: Path
+    client_cert: Path | None = None  # given: the server requires clients to present a cert (mTLS)
+    client_key: Path | None = None
+
+
+class RedisServer:
+    """A real redis-server on a loopback port, which a test can stop and start again on that port.
+
+    With `password` it requires AUTH (the password is in `url`); with `tls` it listens only for TLS on
+    that port (`url` is rediss://)."""
+
+    def __init__(
+        self,
+        directory: Path,
+        port: int | None = None,
+        *,
+        password: str | None = None,
+        tls: RedisTls | None = None,
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
         self.binary = binary
         self.directory = directory
         self.port = port or free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.password = password
+        self.tls = tls
+        auth = f":{password}@" if password else ""
+        self.url = f"{'rediss' if tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def client(self) -> redis.Redis:
+        """A client that passes this server's password and TLS checks."""
+        kwargs: dict[str, object] = {"password": self.password}
+        if self.tls is not None:
+            kwargs.update(ssl=True, ssl_ca_certs=str(self.tls.ca))
+            if self.tls.client_cert is not None:
+                kwargs.update(ssl_certfile=str(self.tls.client_cert), ssl_keyfile=str(self.tls.client_key))
+        return redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1, **kwargs)  # type: ignore[arg-type]
 
     def start(self) -> None:
         argv = [self.binary, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.directory)]
         argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        if self.password:
+            argv += ["--requirepass", self.password]
+        if self.tls is not None:
+            argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert)]
+            argv += ["--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca)]
+            argv += ["--tls-auth-clients", "yes" if self.tls.client_cert else "no"]
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_timeout=1, socket_connect_timeout=1)
+        client = self.client()
         deadline = time.monotonic() + 10
         while True:
             try:
@@ -176,6 +215,7 @@ def start_worker(
     env.update(
         SIEVE_REDIS_URL=redis_url, SIEVE_MODELS_DIR=str(models_dir), SIEVE_DEFAULT_EMBEDDING_MODEL=MODEL
     )
+    env["OPENBLAS_NUM_THREADS"] = "1"  # as `sieve run` starts its workers
     env.update(extra_env or {})
     argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
     argv += ["-Q", queues, "-c", "1", "-P", "prefork", "--loglevel", "INFO"]

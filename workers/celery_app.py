@@ -23,16 +23,25 @@ and write only content-addressed cache entries.
 
 MaxSim runs on numpy's BLAS, which starts one thread per core in every pool process; with `-c` above 1
 start workers with OPENBLAS_NUM_THREADS=1 (see sieve_core/late_interaction.py for the measurements).
+
+Redis: the broker, the result backend and the workers' caches connect through sieve_core.redis_conn, so
+a password in SIEVE_REDIS_URL and TLS (`rediss://`, SIEVE_REDIS_TLS_*) apply to all of them alike.
+Logging: the worker takes over Celery's logging set-up (sieve_core.logs, SIEVE_LOG_FORMAT text or JSON);
+log lines about a task carry the request id the server sent with it (see workers/tasks.py).
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from celery import Celery
+from celery.signals import setup_logging
 from kombu import Exchange, Queue
 
+from sieve_core import redis_conn
 from sieve_core.config import Settings, load_settings
+from sieve_core.logs import configure_logging
 
 QUEUE_EMBED = "embed"
 QUEUE_COLBERT = "colbert"
@@ -77,10 +86,12 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "SIEVE_REDIS_URL is not set: the workers need the Redis that the server uses as its Celery "
             "broker (`sieve run` prints it; e.g. SIEVE_REDIS_URL=redis://127.0.0.1:6390/0)"
         )
-    url = settings.redis_url.get_secret_value()
+    url = redis_conn.redis_url(settings)
     return {
         "broker_url": url,
         "result_backend": url,
+        # TLS to the broker and the result backend (rediss://): the same options as every other client.
+        **redis_conn.celery_ssl_options(settings),
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -122,6 +133,21 @@ def create_app(settings: Settings | None = None) -> SieveCelery:
 
     workers.tasks.register(app)
     return app
+
+
+@setup_logging.connect
+def _setup_logging(loglevel: int | str | None = None, logfile: str | None = None, **_: Any) -> None:
+    """The worker logs like the server (sieve_core.logs: SIEVE_LOG_FORMAT text or JSON, each line with the
+    request id of the task it is about). A receiver of this signal replaces Celery's own logging set-up.
+
+    Level: SIEVE_LOG_LEVEL, or celery's `--loglevel` when that is more verbose. `--logfile` is honoured."""
+    settings = getattr(globals().get("app"), "settings", None) or load_settings()
+    level = logging.getLevelName(settings.log_level)
+    if isinstance(loglevel, str):
+        loglevel = logging.getLevelName(loglevel.upper())
+    if isinstance(loglevel, int) and loglevel:
+        level = min(level, loglevel)
+    configure_logging(logging.getLevelName(level), settings.log_format, filename=logfile or None)
 
 
 def __getattr__(name: str) -> SieveCelery:

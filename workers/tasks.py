@@ -2,19 +2,29 @@
 
 The logic lives in sieve_core.late_interaction_service, so the server can run it in-process as well.
 Both tasks are idempotent (they only write content-addressed cache entries), as redelivery requires.
+
+Request ids: the server puts the id of the call a task serves into the task's `sieve_request_id` header
+(an index job's batches carry `job-<job id>`). For the task's duration the worker sets
+sieve_core.logs.request_id from it (task_prerun / task_postrun), so every log line about the task,
+Celery's own included, carries it; each task ends with one INFO line: task, state, items, ms.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from contextvars import Token
 from typing import Any, TypeVar
 
-from celery import Celery
+from celery import Celery, Task
+from celery.signals import task_postrun, task_prerun
 from pydantic import BaseModel, ValidationError
 
 from sieve_core import late_interaction_service as service
 from sieve_core.contracts import CrossEncoderRequest, EmbedRequest, LateInteractionRequest
 from sieve_core.cross_encoder_service import cross_encoder as score_pairs
 from sieve_core.errors import InvalidArgument
+from sieve_core.logs import REQUEST_ID_HEADER, clean_request_id, request_id
 from workers import runtime
 from workers.celery_app import (
     MAX_WORKER_LOST_RETRIES,
@@ -25,6 +35,58 @@ from workers.celery_app import (
 )
 
 C = TypeVar("C", bound=BaseModel)
+log = logging.getLogger("sieve.worker.tasks")
+
+# task id -> (the request id's reset token, start time); a pool process runs one task at a time, but
+# keying by id keeps this right for thread pools too.
+_running: dict[str, tuple[Token[str], float]] = {}
+
+
+@task_prerun.connect
+def _enter_task(task_id: str = "", task: Task | None = None, **_: Any) -> None:
+    sent = task.request.get(REQUEST_ID_HEADER) if task is not None else None
+    # A task sent without the header (e.g. by hand) is logged under its Celery task id.
+    rid = clean_request_id(sent) if sent else task_id
+    _running[task_id] = (request_id.set(rid), time.perf_counter())
+
+
+@task_postrun.connect
+def _leave_task(
+    task_id: str = "",
+    task: Task | None = None,
+    args: tuple[Any, ...] | None = None,
+    state: str | None = None,
+    **_: Any,
+) -> None:
+    entered = _running.pop(task_id, None)
+    if entered is None:
+        return
+    token, started = entered
+    try:
+        ms = (time.perf_counter() - started) * 1000
+        name = getattr(task, "name", "?")
+        items = _items(args)
+        log.info(
+            "task %s %s: %d items in %.1f ms",
+            name,
+            state or "?",
+            items,
+            ms,
+            extra={"task": name, "task_id": task_id, "state": state, "items": items, "ms": round(ms, 1)},
+        )
+    finally:
+        request_id.reset(token)
+
+
+def _items(args: tuple[Any, ...] | None) -> int:
+    """How many texts (embed) or candidates (re-rank) the task's payload held."""
+    payload = args[0] if args else None
+    if not isinstance(payload, dict):
+        return 0
+    for key in ("texts", "candidates"):
+        if isinstance(payload.get(key), list):
+            return len(payload[key])
+    return 0
 
 
 def _parse(contract: type[C], payload: dict[str, Any]) -> C:
