@@ -25,6 +25,7 @@ from sieve.v1 import (
 from server.engine import Engine
 from server.interceptors import FrontDoor
 from server.jobs import JobManager
+from server.metrics import ServerMetrics
 from server.security import load_keys, server_credentials
 from server.servicers import CollectionServicer, DocumentServicer, JobServicer, SearchServicer
 from sieve_core.config import Settings
@@ -51,10 +52,12 @@ class SieveServer:
         self.engine = Engine(settings)
         self.jobs = JobManager(self.engine, settings)
         self.health = health.aio.HealthServicer()
+        self.metrics = ServerMetrics()  # always counted; served over HTTP only with SIEVE_METRICS_ADDRESS
         self.front = FrontDoor(
             max_inflight=settings.max_inflight_requests,
             retry_after_ms=settings.overload_retry_after_ms,
             keys=keys,
+            metrics=self.metrics,
         )
         options = [
             ("grpc.max_receive_message_length", settings.max_message_bytes),
@@ -100,6 +103,11 @@ class SieveServer:
     async def start(self) -> None:
         """Listen at once (health says NOT_SERVING), load the collections, then report SERVING."""
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        front = self.front
+        self.metrics.watch_state(
+            self.engine, self.jobs, asyncio.get_running_loop(), lambda: (front.calls.used, front.watches.used)
+        )
+        await asyncio.to_thread(self.metrics.serve, self.settings.metrics_address)
         await self.server.start()
         log.info("listening on %s (port %d); loading collections", self.settings.grpc_address, self.port)
         await self.engine.start()
@@ -125,6 +133,7 @@ class SieveServer:
             )
         await self.jobs.stop(self.settings.shutdown_grace_s)
         await self.server.stop(0.2)
+        await asyncio.to_thread(self.metrics.close)
         await self.engine.close()
         log.info("stopped")
 

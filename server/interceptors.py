@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ import grpc
 from google.protobuf import any_pb2, duration_pb2
 from google.rpc import error_details_pb2, status_pb2
 
+from server.metrics import ServerMetrics
 from server.security import KeyRing
 from sieve_core.errors import InvalidArgument, SieveError
 from sieve_core.logs import REQUEST_ID_METADATA, clean_request_id, request_id
@@ -35,6 +37,7 @@ log = logging.getLogger("sieve.server")
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 WATCH_METHOD = "/sieve.v1.JobService/WatchJob"
 DETAILS_TRAILER = "grpc-status-details-bin"
+SEARCH_METHOD = "/sieve.v1.SearchService/Search"
 STARTING = "server is starting; retry shortly"  # the Python client also recognises this text
 STOPPING = "the server is shutting down; retry shortly (on another replica, or after the restart)"
 OVERLOADED = "the server is at its limit of {limit} calls in progress; retry shortly"
@@ -131,14 +134,21 @@ def _take_request_id(context: grpc.aio.ServicerContext) -> str:
 class FrontDoor(grpc.aio.ServerInterceptor):
     """Request id, admission (readiness, shutdown, in-flight limit) and error mapping for every call."""
 
-    def __init__(self, *, max_inflight: int, retry_after_ms: int, keys: KeyRing | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_inflight: int,
+        retry_after_ms: int,
+        keys: KeyRing | None = None,
+        metrics: ServerMetrics | None = None,
+    ) -> None:
         self.ready = False  # set once the engine has loaded; until then calls are refused
         self.stopping = False  # set on shutdown; from then on calls are refused
         self.calls = Slots(max_inflight)
         self.watches = Slots(max_inflight)
         self._retry_after_ms = retry_after_ms
         self._keys = keys  # None: no authentication
-        self.refused = 0  # calls refused for the in-flight limit (the metric reads it)
+        self._metrics = metrics
 
     async def drain(self, within_s: float) -> bool:
         """Wait until the calls in progress (watches aside) have finished; False if some still run."""
@@ -156,9 +166,14 @@ class FrontDoor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             unary = handler.unary_unary
 
+            observe = self._metrics.observe_search if self._metrics and method == SEARCH_METHOD else None
+
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 async with call(method, context):
-                    return await unary(_decoded(request), context)
+                    response = await unary(_decoded(request), context)
+                    if observe is not None:
+                        observe(response)
+                    return response
 
             return grpc.unary_unary_rpc_method_handler(unary_unary, decode, serialize)
         if handler.stream_unary is not None:
@@ -194,16 +209,31 @@ class FrontDoor(grpc.aio.ServerInterceptor):
     @contextlib.asynccontextmanager
     async def _call(self, method: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
         _take_request_id(context)
+        started = time.perf_counter()
         slots = None
-        if not method.startswith(OPEN_PREFIXES):
-            slots = await self._admit(method, context)
+        code: grpc.StatusCode | None = grpc.StatusCode.OK
         try:
-            yield
-        except Exception as exc:
-            await self._abort(exc, method, context)
+            if not method.startswith(OPEN_PREFIXES):
+                slots = await self._admit(method, context)
+            try:
+                yield
+            except Exception as exc:
+                await self._abort(exc, method, context)
+            code = context.code() or code  # a handler may set a code and return
+        except grpc.aio.AbortError:
+            code = context.code()
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away, or its deadline passed
+            remaining = context.time_remaining()
+            expired = remaining is not None and remaining <= 0
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            raise
         finally:
             if slots is not None:
                 slots.release()
+            if self._metrics is not None:
+                name = code.name if code is not None else "UNKNOWN"
+                self._metrics.observe_call(method, name, time.perf_counter() - started)
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> Slots:
         """Refuse the call before any work, or take a slot for it (the caller releases it)."""
@@ -213,16 +243,22 @@ class FrontDoor(grpc.aio.ServerInterceptor):
                 log.info("%s refused: %s (peer %s)", method, denial.message, context.peer())
                 await context.abort(denial.code, denial.message)
         if not self.ready or self.stopping:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, STOPPING if self.stopping else STARTING)
+            reason = "shutting_down" if self.stopping else "starting"
+            await self._refuse(
+                context, grpc.StatusCode.UNAVAILABLE, STOPPING if self.stopping else STARTING, reason
+            )
         slots = self.watches if method == WATCH_METHOD else self.calls
         if not slots.take():
-            self.refused += 1
             await self._refuse(
-                context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED.format(limit=slots.limit)
+                context, grpc.StatusCode.RESOURCE_EXHAUSTED, OVERLOADED.format(limit=slots.limit), "overload"
             )
         return slots
 
-    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> None:
+    async def _refuse(
+        self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str
+    ) -> None:
+        if self._metrics is not None:
+            self._metrics.refused.labels(reason).inc()
         await context.abort(code, message, retry_info_trailers(code, message, self._retry_after_ms))
 
     @staticmethod

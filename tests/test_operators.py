@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
+import urllib.request
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
+import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from sieve import AsyncSieveClient, ResourceExhausted, RetryPolicy
 from sieve.errors import from_rpc_error
-from sieve.v1 import collections_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
 from server.interceptors import FrontDoor
 from sieve_core.logs import REQUEST_ID_METADATA, request_id
-from tests.conftest import Api, make_settings, start_api, stop_api
+from tests.conftest import Api, RedisServer, Worker, make_settings, start_api, stop_api
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -204,11 +209,16 @@ async def test_python_client_retries_an_overload_refusal(small: Api) -> None:
             await client.search(name, "first")
         assert err.value.retry_delay == pytest.approx(0.1) and err.value.attempts == 1
 
-    refused_before = front.refused
+    def refused() -> float:
+        return (
+            small.server.metrics.registry.get_sample_value("sieve_refused_total", {"reason": "overload"}) or 0
+        )
+
+    refused_before = refused()
     # Plenty of attempts at the server's 100 ms: the client keeps trying until a slot frees.
     async with AsyncSieveClient(small.address, retry=RetryPolicy(max_attempts=200)) as client:
         searching = asyncio.create_task(client.search(name, "first", timeout=60))
-        await _until(lambda: front.refused >= refused_before + 2, "the client to be refused twice")
+        await _until(lambda: refused() >= refused_before + 2, "the client to be refused twice")
         for call in waiting:
             call.cancel()
         answer = await searching
@@ -244,3 +254,108 @@ async def test_undecodable_requests_are_invalid_argument(small: Api) -> None:
     listed = await small.channel.unary_unary("/sieve.v1.CollectionService/ListCollections")(b"")
     assert isinstance(listed, bytes)
     await _until(lambda: small.server.front.calls.used == 0, "every slot to be free")
+
+
+# -- Prometheus metrics: a server with the endpoint, a real Redis and a real worker ------------------
+
+
+def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET /metrics over HTTP (from a thread: the scrape asks the server's event loop for state)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as answer:
+        text = answer.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def _value(samples: dict, name: str, **labels: str) -> float | None:  # type: ignore[type-arg]
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="session")
+async def metered(
+    tmp_path_factory: pytest.TempPathFactory, redis_url: str, worker: Worker
+) -> AsyncIterator[Api]:
+    settings = make_settings(
+        tmp_path_factory.mktemp("metered"), metrics_address="127.0.0.1:0", redis_url=redis_url
+    )
+    running = await start_api(settings)
+    yield running
+    await stop_api(running)
+
+
+async def test_metrics_endpoint(metered: Api, redis_server: RedisServer) -> None:
+    port = metered.server.metrics.port
+    assert port
+    name, _ = await _collection(metered)
+    late = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT)
+    no_model = common_pb2.SearchSettings(cross_encoder=common_pb2.STAGE_MODE_BEST_EFFORT)  # none configured
+    answers = []
+    for settings in (late, late, no_model):
+        request = search_pb2.SearchRequest(collection=name, query="first", settings=settings)
+        answers.append(await metered.search.Search(request, timeout=60))
+    # What the responses said, to compare with what the metrics counted.
+    assert answers[0].stages[1].method.startswith("worker") and answers[1].stages[1].method == "cache"
+    assert answers[2].stages[-1].status == search_pb2.STAGE_STATUS_DEGRADED
+    with pytest.raises(grpc.aio.AioRpcError):
+        await metered.collections.GetCollection(
+            collections_pb2.GetCollectionRequest(name="no-such-collection")
+        )
+    queue = redis.Redis.from_url(redis_server.url)
+    queue.lpush("cross_encoder", b"not a task")  # no worker reads this queue here
+
+    samples = await asyncio.to_thread(_scrape, port)
+    search = "sieve.v1.SearchService/Search"
+    assert _value(samples, "sieve_requests_total", method=search, code="OK") == 3
+    assert _value(samples, "sieve_request_seconds_count", method=search) == 3
+    get = "sieve.v1.CollectionService/GetCollection"
+    assert _value(samples, "sieve_requests_total", method=get, code="NOT_FOUND") == 1
+    assert _value(samples, "sieve_stage_results_total", stage="retrieve", status="COMPLETED") == 3
+    assert _value(samples, "sieve_stage_results_total", stage="late_interaction", status="COMPLETED") == 2
+    assert _value(samples, "sieve_stage_results_total", stage="cross_encoder", status="DEGRADED") == 1
+    assert _value(samples, "sieve_stage_seconds_count", stage="late_interaction") == 2
+    assert _value(samples, "sieve_stage_cache_lookups_total", stage="late_interaction", result="hit") == 1
+    assert _value(samples, "sieve_stage_cache_lookups_total", stage="late_interaction", result="miss") == 1
+    assert _value(samples, "sieve_degraded_searches_total") == 1
+    assert _value(samples, "sieve_inflight_requests") == 0
+    assert _value(samples, "sieve_collection_documents", collection=name) == 1
+    assert _value(samples, "sieve_jobs", state="running") == 0
+    assert _value(samples, "sieve_redis_up") == 1
+    assert _value(samples, "sieve_queue_depth", queue="cross_encoder") == 1
+    assert _value(samples, "sieve_queue_depth", queue="colbert") == 0  # the worker took its task
+    assert (_value(samples, "process_resident_memory_bytes") or 0) > 0
+    queue.delete("cross_encoder")
+
+    # Redis gone: the scrape still answers, says so, and leaves the queue depths out.
+    redis_server.stop()
+    try:
+        samples = await asyncio.to_thread(_scrape, port)
+        assert _value(samples, "sieve_redis_up") == 0
+        assert not [key for key in samples if key[0] == "sieve_queue_depth"]
+        assert _value(samples, "sieve_collection_documents", collection=name) == 1
+    finally:
+        redis_server.start()
+
+
+async def test_an_unusable_metrics_address_is_logged_and_serving_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        with caplog.at_level(logging.ERROR, logger="sieve.server"):
+            api = await start_api(make_settings(tmp_path, metrics_address=address))
+        try:
+            assert api.server.metrics.port is None
+            assert any(
+                r.levelno == logging.ERROR
+                and "SIEVE_METRICS_ADDRESS" in r.getMessage()
+                and address in r.getMessage()
+                for r in caplog.records
+            )
+            await api.collections.ListCollections(collections_pb2.ListCollectionsRequest())
+        finally:
+            await stop_api(api)
