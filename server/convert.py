@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from google.protobuf.timestamp_pb2 import Timestamp
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
 
+from server import validation
 from server.job_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, LineError
 from server.job_upload import UploadChunk
 from server.jobs import JobView
@@ -106,7 +107,9 @@ def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
     conditions = []
     for i, cond in enumerate(msg.filter.all):
         if cond.WhichOneof("match") is None:
-            raise InvalidArgument(f"filter.all[{i}] (key {cond.key!r}) has no match; set `equals`")
+            raise InvalidArgument(
+                f"filter.all[{i}] (key {validation.shown(cond.key)}) has no match; set `equals`"
+            )
         conditions.append(Condition(cond.key, cond.equals))
     return SearchQuery(
         collection=msg.collection,

@@ -66,8 +66,7 @@ class ModelRegistry:
             runner = self._runners.get(name)
             if runner is None:
                 path = self._settings.models_dir / name
-                if not name or "/" in name or name.startswith("."):
-                    raise InvalidArgument(f"invalid model name {name!r}")
+                validation.model_name(name, "embedding_model")
                 try:
                     runner = BiEncoderRunner(
                         path, intra_op_threads=self._settings.onnx_threads, spin=self._settings.onnx_spin
@@ -178,7 +177,7 @@ class Engine:
             mapped = storage_error(exc, self.settings.data_dir)
             if mapped is None:
                 raise
-            log.warning("write refused: %s (%s)", mapped.message, exc)
+            log.warning("write refused: %s", mapped.message)
             raise mapped from exc
 
     def _collection_dir(self, row: CollectionRow) -> Path:

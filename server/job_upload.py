@@ -78,7 +78,8 @@ async def spool_upload(
                 await check_collection(collection)
             elif chunk.collection and chunk.collection != collection:
                 raise InvalidArgument(
-                    f"the upload is for collection {collection!r}; a later message names {chunk.collection!r}"
+                    f"the upload is for collection {collection!r}; a later message names"
+                    f" {validation.shown(chunk.collection)}"
                 )
             data = chunk.jsonl
             if chunk.documents:

@@ -245,32 +245,37 @@ class JobManager:
         return await self._add(record)
 
     def _resolve_source(self, path: str) -> Path:
-        if not path:
-            raise InvalidArgument("path is empty: give the absolute path of a JSONL file on the server")
+        validation.job_path(path)
+        shown = validation.shown(path, 200)
         source = Path(path)
         if not source.is_absolute():
             raise InvalidArgument(
-                f"path {path!r} is not absolute; it is read by the server, not the client"
+                f"path {shown} is not absolute; it is read by the server, not the client"
                 " (to send a local file, upload it: UploadIndexJob, `sieve index --upload`)"
             )
-        if source.is_dir():
-            if not (source / "corpus.jsonl").is_file():
-                raise InvalidArgument(f"{path} is a directory without a corpus.jsonl")
-            source = source / "corpus.jsonl"
-        if not source.is_file():
-            raise InvalidArgument(
-                f"{path} is not a file on the server (to send a local file, upload it: UploadIndexJob,"
-                " `sieve index --upload`)"
-            )
-        real = source.resolve()
-        allowed = [Path(d.strip()).resolve() for d in self._settings.job_source_dirs.split(",") if d.strip()]
-        if allowed and not any(real.is_relative_to(d) for d in allowed):
-            raise InvalidArgument(f"{path} is outside the directories jobs may read (SIEVE_JOB_SOURCE_DIRS)")
         try:
+            if source.is_dir():
+                if not (source / "corpus.jsonl").is_file():
+                    raise InvalidArgument(f"{shown} is a directory without a corpus.jsonl")
+                source = source / "corpus.jsonl"
+            if not source.is_file():
+                raise InvalidArgument(
+                    f"{shown} is not a file on the server (to send a local file, upload it: UploadIndexJob,"
+                    " `sieve index --upload`)"
+                )
+            real = source.resolve()
+            allowed = [
+                Path(d.strip()).resolve() for d in self._settings.job_source_dirs.split(",") if d.strip()
+            ]
+            if allowed and not any(real.is_relative_to(d) for d in allowed):
+                raise InvalidArgument(
+                    f"{shown} is outside the directories jobs may read (SIEVE_JOB_SOURCE_DIRS)"
+                )
             with real.open("rb"):
                 pass
         except OSError as exc:
-            raise InvalidArgument(f"the server cannot read {path}: {exc.strerror}") from None
+            # e.g. a name too long for the file system, or a directory the server may not search
+            raise InvalidArgument(f"the server cannot read {shown}: {exc.strerror}") from None
         return real
 
     async def upload_job(self, chunks: AsyncIterator[UploadChunk]) -> JobView:

@@ -12,8 +12,19 @@ from sieve_core.config import Settings
 from sieve_core.errors import InvalidArgument
 from sieve_core.types import METRICS, Condition, Document, SearchQuery, SearchSettings
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
-_JOB_ID = re.compile(r"^[0-9a-f]{16}$")
+# Matched with fullmatch: `$` would also accept a trailing newline ("name\n").
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
+_JOB_ID = re.compile(r"[0-9a-f]{16}")
+_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+MAX_PATH_BYTES = 4096  # PATH_MAX on Linux
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """A client's value as an error message quotes it: repr (a NUL or a bidi control cannot hide in it), cut
+    to `limit` characters (the message travels in a gRPC trailer, which clients cap at 8-16 KB)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def _check_text(what: str, value: str) -> None:
@@ -29,15 +40,12 @@ def _check_text(what: str, value: str) -> None:
 def collection_name(name: str) -> str:
     if not name:
         raise InvalidArgument("collection name is empty")
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
-            f"invalid collection name {name[:80]!r}: use 1-64 letters, digits, '_', '-' or '.', "
+            f"invalid collection name {shown(name)}: use 1-64 letters, digits, '_', '-' or '.', "
             "starting with a letter or digit"
         )
     return name
-
-
-_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 def metric(value: str, settings: Settings) -> str:
@@ -66,11 +74,18 @@ def search_settings(s: SearchSettings, settings: Settings, where: str = "setting
             )
     for name in ("late_interaction_model", "cross_encoder_model"):
         value = getattr(s, name)
-        if value is not None and not _MODEL_NAME.match(value):
-            raise InvalidArgument(
-                f"{where}.{name} must be a bundle name (letters, digits, '.', '_', '-'; at most 128), got {value!r}"
-            )
+        if value is not None:
+            model_name(value, f"{where}.{name}")
     return s
+
+
+def model_name(value: str, where: str) -> str:
+    """A bundle name: a folder directly in the models directory."""
+    if not _MODEL_NAME.fullmatch(value):
+        raise InvalidArgument(
+            f"{where} must be a bundle name (letters, digits, '.', '_', '-'; at most 128), got {shown(value)}"
+        )
+    return value
 
 
 def documents(docs: Sequence[Document], settings: Settings) -> None:
@@ -108,7 +123,7 @@ def document(doc: Document, settings: Settings, where: str) -> None:
     for key, value in doc.metadata.items():
         if not key or len(key) > settings.max_metadata_key_chars:
             raise InvalidArgument(
-                f"{where} metadata key {key[:40]!r} must have 1-{settings.max_metadata_key_chars} characters"
+                f"{where} metadata key {shown(key, 40)} must have 1-{settings.max_metadata_key_chars} characters"
             )
         if len(value) > settings.max_metadata_value_chars:
             raise InvalidArgument(
@@ -181,9 +196,20 @@ def min_generation(value: int) -> int:
 def job_id(value: str) -> str:
     if not value:
         raise InvalidArgument("job id is empty")
-    if not _JOB_ID.match(value):
-        raise InvalidArgument(f"invalid job id {value[:80]!r}")
+    if not _JOB_ID.fullmatch(value):
+        raise InvalidArgument(f"invalid job id {shown(value)}")
     return value
+
+
+def job_path(path: str) -> str:
+    """The path of a job's source as the client wrote it (the file system has the last word on the rest)."""
+    if not path:
+        raise InvalidArgument("path is empty: give the absolute path of a JSONL file on the server")
+    _check_text("path", path)
+    size = len(path.encode("utf-8"))
+    if size > MAX_PATH_BYTES:
+        raise InvalidArgument(f"path has {size} bytes; the limit is {MAX_PATH_BYTES}")
+    return path
 
 
 def job_batch_size(value: int, settings: Settings) -> int:

@@ -259,3 +259,87 @@ async def test_oversized_message(tmp_path) -> None:  # type: ignore[no-untyped-d
         assert info.document_count == 0 and info.generation == 0
     finally:
         await stop_api(small)
+
+
+# -- found by tests/test_fuzz.py ------------------------------------------------------------------------
+def _jobs(api):  # type: ignore[no-untyped-def]
+    from sieve.v1 import jobs_pb2_grpc
+
+    return jobs_pb2_grpc.JobServiceStub(api.channel)
+
+
+@pytest.mark.parametrize(
+    "path, fragment",
+    [
+        # A name longer than the file system allows made is_dir() raise ENAMETOOLONG: INTERNAL.
+        ("/tmp/" + "x" * 300, "the server cannot read '/tmp/xxxx"),
+        ("/tmp/" + "x/" * 3000, "path has 6005 bytes; the limit is 4096"),
+        ("/tmp/a\x00b.jsonl", "path contains a NUL character"),
+        # The whole path was echoed: past ~16 KB the client got RESOURCE_EXHAUSTED "metadata size exceeds".
+        ("r" * 4000, "path 'rrrr"),
+    ],
+)
+async def test_unusable_job_paths(api, name, path, fragment) -> None:  # type: ignore[no-untyped-def]
+    from sieve.v1 import jobs_pb2
+
+    request = jobs_pb2.StartIndexJobRequest(collection=name, path=path)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await _jobs(api).StartIndexJob(request)
+    assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
+    assert fragment in err.value.details()
+    assert len(err.value.details()) < 400
+
+
+async def test_client_values_are_quoted_short_in_messages(api, name) -> None:  # type: ignore[no-untyped-def]
+    """A status message quotes at most ~80 characters of a client's value (it was the whole value)."""
+    from sieve.v1 import jobs_pb2
+
+    long = "m" * 20_000
+    calls = [
+        api.search.Search(_search(name, settings=common_pb2.SearchSettings(late_interaction_model=long))),
+        api.search.Search(_search(name, filter=common_pb2.Filter(all=[common_pb2.Condition(key=long)]))),
+        _jobs(api).UploadIndexJob(
+            iter(
+                [
+                    jobs_pb2.UploadIndexJobRequest(collection=name),
+                    jobs_pb2.UploadIndexJobRequest(collection=long),
+                ]
+            )
+        ),
+    ]
+    for call in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call
+        assert err.value.code() == Code.INVALID_ARGUMENT, err.value.details()
+        assert "(20000 characters)" in err.value.details()
+        assert len(err.value.details()) < 400
+
+
+@pytest.mark.parametrize("model", ["x" * 300, "a\x00b", "../models", "ok\n"])
+async def test_bad_embedding_model_names(api, model) -> None:  # type: ignore[no-untyped-def]
+    """A name too long for the file system was an INTERNAL error (ENAMETOOLONG); NUL reached the path."""
+    await _expect(
+        api.collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(
+                collection=collections_pb2.Collection(name="m3", embedding_model=model)
+            )
+        ),
+        Code.INVALID_ARGUMENT,
+        "embedding_model must be a bundle name",
+    )
+
+
+async def test_names_with_a_trailing_newline(api, name) -> None:  # type: ignore[no-untyped-def]
+    """`re.match(r"...$")` accepts "name\\n": such a collection could be created."""
+    await _expect(
+        api.collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name="newline\n"))
+        ),
+        Code.INVALID_ARGUMENT,
+        "invalid collection name 'newline\\n'",
+    )
+    await _expect(
+        api.search.Search(_search(name, settings=common_pb2.SearchSettings(cross_encoder_model="m\n"))),
+        Code.INVALID_ARGUMENT,
+        "settings.cross_encoder_model must be a bundle name",
+    )
