@@ -242,7 +242,7 @@ class WorkerEmbedder:
 
     def _describe(self, exc: BaseException) -> str:
         """`Type: message` for the job's status and reason: short, never with the Redis password in it."""
-        return redis_conn.scrub(f"{type(exc).__name__}: {exc}", self._settings)[:300]
+        return redis_conn.explain(exc, self._settings)
 
     def _resend(self, pending: Pending) -> None:
         self._forget(pending)

@@ -115,8 +115,7 @@ class Dispatcher:
 
     def _describe(self, exc: BaseException) -> str:
         """`Type: message` for a stage report: short, and never with the Redis password in it."""
-        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        return redis_conn.scrub(text, self._settings)[:300]
+        return redis_conn.explain(exc, self._settings)
 
     def precompute_tokens(self, model: str, texts: list[str], token_model: str | None = None) -> None:
         """Ask an `embed` worker to cache these texts' document token vectors (from `token_model`, or the

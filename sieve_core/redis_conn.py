@@ -66,6 +66,23 @@ def scrub(text: str, settings: Settings) -> str:
     return text.replace(password, "***") if password else text
 
 
+def explain(exc: BaseException, settings: Settings, limit: int = 300) -> str:
+    """`Type: message` of the Redis error behind `exc`, for a stage report or a job's reason: Celery and
+    kombu wrap it (e.g. "Retry limit exceeded ... result store"), which would hide that the password was
+    wrong or the certificate untrusted. Never with the password in it."""
+    found: BaseException | None = exc
+    seen: set[int] = set()
+    while found is not None and id(found) not in seen:
+        if isinstance(found, redis.RedisError):
+            exc = found
+            break
+        seen.add(id(found))
+        found = found.__cause__ or found.__context__
+    message = " ".join(str(exc).split())  # one line: Celery's messages span several
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return scrub(text, settings)[:limit]
+
+
 def uses_tls(url: str) -> bool:
     return urlsplit(url).scheme == "rediss"
 
