@@ -117,22 +117,28 @@ class SieveServer:
         log.info("serving")
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful shutdown: health NOT_SERVING and new calls refused (UNAVAILABLE with RetryInfo); calls in
-        progress get up to `grace` seconds (default SIEVE_SHUTDOWN_GRACE_S) to finish; then running jobs
-        pause at a checkpoint (they resume on the next start; this also ends WatchJob streams), the
-        listener closes (cancelling what is left) and the indexes are snapshotted.
+        """Graceful shutdown, in this order:
 
-        The drain comes before the jobs pause: pausing closes the job store, which GetJob or an
-        UploadIndexJob still in progress need."""
+        1. health NOT_SERVING, and new calls refused (UNAVAILABLE with a RetryInfo);
+        2. calls in progress get up to `grace` seconds (default SIEVE_SHUTDOWN_GRACE_S) to finish; jobs keep
+           running meanwhile, and WatchJob streams keep reporting them;
+        3. the listener closes, cancelling what is left (watchers see UNAVAILABLE and may watch again after
+           the restart);
+        4. running jobs pause at their next checkpoint (up to SIEVE_SHUTDOWN_GRACE_S again; they resume on
+           the next start);
+        5. the indexes are snapshotted.
+
+        Jobs pause after the drain, not before: pausing closes the job store, which GetJob, ListJobs or an
+        UploadIndexJob still in progress need.
+        """
         grace = self.settings.shutdown_grace_s if grace is None else grace
         self.front.stopping = True
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         if not await self.front.drain(grace):
-            log.warning(
-                "%d calls still in progress after %.1f s; cancelling them", self.front.calls.used, grace
-            )
-        await self.jobs.stop(self.settings.shutdown_grace_s)
+            left = self.front.calls.used
+            log.warning("calls still in progress after %.1f s: %d; cancelling them", grace, left)
         await self.server.stop(0.2)
+        await self.jobs.stop(self.settings.shutdown_grace_s)
         await asyncio.to_thread(self.metrics.close)
         await self.engine.close()
         log.info("stopped")

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
+import signal
 import socket
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import grpc
@@ -22,11 +24,11 @@ from sieve import AsyncSieveClient, ResourceExhausted, RetryPolicy
 from sieve.errors import from_rpc_error
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
+from server.evaluate import free_port
 from server.interceptors import FrontDoor
 from sieve_core.logs import REQUEST_ID_METADATA, request_id
 from tests.conftest import Api, RedisServer, Worker, make_settings, start_api, stop_api
-
-pytestmark = pytest.mark.asyncio(loop_scope="session")
+from tests.test_durability import running_server
 
 LIMIT = 2
 
@@ -359,3 +361,90 @@ async def test_an_unusable_metrics_address_is_logged_and_serving_goes_on(
             await api.collections.ListCollections(collections_pb2.ListCollectionsRequest())
         finally:
             await stop_api(api)
+
+
+# -- graceful shutdown of a real `sieve serve` process ------------------------------------------------
+
+GRACE_S = 3.0
+
+
+def _uploads(source: queue.Queue) -> Iterator[jobs_pb2.UploadIndexJobRequest]:  # type: ignore[type-arg]
+    """An UploadIndexJob request stream that stays open until the test puts None."""
+    while (request := source.get()) is not None:
+        yield request
+
+
+def _scrape_until(port: int, name: str, value: float, within_s: float = 60.0) -> None:
+    deadline = time.monotonic() + within_s
+    while _value(_scrape(port), name) != value:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} did not reach {value}")
+        time.sleep(0.05)
+
+
+def test_sigterm_refuses_new_calls_drains_running_ones_then_exits(tmp_path: Path) -> None:
+    """Two uploads are in progress at SIGTERM: one the client finishes afterwards (it must succeed), one the
+    client holds open (the server must give up on it after SIEVE_SHUTDOWN_GRACE_S and still exit 0)."""
+    metrics_port = free_port()
+    env = {"SIEVE_SHUTDOWN_GRACE_S": str(GRACE_S), "SIEVE_METRICS_ADDRESS": f"127.0.0.1:{metrics_port}"}
+    log = tmp_path / "server.log"
+    with running_server(tmp_path / "data", log, **env) as server:
+        server.collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name="drain")),
+            timeout=60,
+        )
+        channel = grpc.insecure_channel(server.address)
+        jobs = jobs_pb2_grpc.JobServiceStub(channel)
+        finishing: queue.Queue = queue.Queue()  # type: ignore[type-arg]
+        stuck: queue.Queue = queue.Queue()  # type: ignore[type-arg]
+        try:
+            finishing_call = jobs.UploadIndexJob.future(_uploads(finishing), timeout=120)
+            stuck_call = jobs.UploadIndexJob.future(_uploads(stuck), timeout=120)
+            for source, doc in ((finishing, "d1"), (stuck, "s1")):
+                source.put(
+                    jobs_pb2.UploadIndexJobRequest(
+                        collection="drain", documents=[documents_pb2.Document(id=doc, text=f"text of {doc}")]
+                    )
+                )
+            _scrape_until(metrics_port, "sieve_inflight_requests", 2)
+
+            signalled = time.monotonic()
+            server.proc.send_signal(signal.SIGTERM)
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 30
+            while health.Check(health_pb2.HealthCheckRequest(), timeout=10).status != (
+                health_pb2.HealthCheckResponse.NOT_SERVING
+            ):
+                assert time.monotonic() < deadline, "health did not go NOT_SERVING after SIGTERM"
+                time.sleep(0.02)
+
+            # A new call is refused before any work, with a RetryInfo.
+            with pytest.raises(grpc.RpcError) as err:
+                server.collections.ListCollections(collections_pb2.ListCollectionsRequest(), timeout=10)
+            refused = from_rpc_error(err.value, "/sieve.v1.CollectionService/ListCollections")
+            assert refused.code == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.message
+            assert refused.retry_delay == pytest.approx(0.1)
+
+            # The upload already in progress finishes normally.
+            finishing.put(
+                jobs_pb2.UploadIndexJobRequest(documents=[documents_pb2.Document(id="d2", text="more")])
+            )
+            finishing.put(None)
+            job = finishing_call.result(timeout=60).job
+            assert job.collection == "drain" and job.total == 2
+
+            # The held one keeps the server for the grace period, no longer: then it is cancelled.
+            code = server.proc.wait(timeout=GRACE_S + 60)  # generous: snapshots and a loaded machine
+            waited = time.monotonic() - signalled
+            assert code == 0, log.read_text(errors="replace")
+            assert waited >= GRACE_S - 0.1, "the server did not wait for the call still in progress"
+            with pytest.raises(grpc.RpcError) as err:
+                stuck_call.result(timeout=30)
+            assert err.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        finally:
+            stuck.put(None)
+            finishing.put(None)
+            channel.close()
+    text = log.read_text(errors="replace")
+    assert "calls still in progress after 3.0 s: 1; cancelling them" in text
+    assert text.index("cancelling them") < text.rindex("stopped")
