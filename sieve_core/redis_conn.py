@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ssl
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 
@@ -33,8 +33,6 @@ _CERT_REQS = {
     "none": ssl.CERT_NONE,
     "cert_none": ssl.CERT_NONE,
 }
-
-
 _SETTING = {
     "ssl_ca_certs": "SIEVE_REDIS_TLS_CA_FILE",
     "ssl_certfile": "SIEVE_REDIS_TLS_CERT_FILE",
@@ -63,7 +61,11 @@ def scrub(text: str, settings: Settings) -> str:
     if settings.redis_url is None:
         return text
     password = urlsplit(settings.redis_url.get_secret_value()).password
-    return text.replace(password, "***") if password else text
+    if not password:
+        return text
+    for form in {password, unquote(password)}:  # as written in the URL, and as sent to Redis
+        text = text.replace(form, "***")
+    return text
 
 
 def explain(exc: BaseException, settings: Settings, limit: int = 300) -> str:

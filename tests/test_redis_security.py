@@ -301,6 +301,8 @@ def test_the_password_is_masked(tmp_path: Path) -> None:
         redis_conn.scrub(f"error at redis://sieve:{PASSWORD}@host", settings)
         == "error at redis://sieve:***@host"
     )
+    encoded = _settings(tmp_path, redis_url="redis://:p%40ss@127.0.0.1:6379/0")  # the password is p@ss
+    assert redis_conn.scrub("sent p@ss, the URL has p%40ss", encoded) == "sent ***, the URL has ***"
 
 
 # -- a password-protected Redis --------------------------------------------------------------------------
