@@ -83,8 +83,18 @@ def storage_error(exc: BaseException, data_dir: Path) -> SieveError | None:
 
 
 def is_read_only(path: Path) -> bool:
-    """Whether `path` is on a file system mounted read-only."""
+    """Whether the directory `path` is on a file system that refuses writes as read-only."""
     try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return True
     except OSError:
         return False
+    # A file system the kernel stopped after an error (ext4's errors=remount-ro shows `emergency_ro`
+    # on Linux 6.x) still says read-write to statvfs: only a write tells. An unnamed temporary file
+    # leaves nothing behind; file systems without O_TMPFILE answer with another errno (not read-only).
+    try:
+        fd = os.open(path, getattr(os, "O_TMPFILE", 0) | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        return exc.errno == errno.EROFS
+    os.close(fd)
+    return False
