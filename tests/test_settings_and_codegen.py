@@ -105,7 +105,8 @@ def test_settings_logged_once_redacted(capfd: pytest.CaptureFixture[str], tmp_pa
 
     asyncio.run(app.serve(settings, started=stop_at_once))
     logged = capfd.readouterr().err
-    lines = [line for line in logged.splitlines() if "sieve.server: settings:" in line]
+    # Text format: "<time> INFO sieve.server [<request id>]: settings: {...}" (sieve_core.logs).
+    lines = [line for line in logged.splitlines() if " sieve.server [" in line and "]: settings: " in line]
     assert len(lines) == 1 and ":***@" in lines[0]
     assert "topsecret" not in logged
 
