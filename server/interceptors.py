@@ -231,9 +231,11 @@ class FrontDoor(grpc.aio.ServerInterceptor):
         finally:
             if slots is not None:
                 slots.release()
+            name = code.name if code is not None else "UNKNOWN"
+            took = time.perf_counter() - started
             if self._metrics is not None:
-                name = code.name if code is not None else "UNKNOWN"
-                self._metrics.observe_call(method, name, time.perf_counter() - started)
+                self._metrics.observe_call(method, name, took)
+            log.debug("%s %s %.1f ms", method, name, took * 1000)  # an access log at DEBUG
 
     async def _admit(self, method: str, context: grpc.aio.ServicerContext) -> Slots:
         """Refuse the call before any work, or take a slot for it (the caller releases it)."""
