@@ -2,7 +2,9 @@
 
 Ids, texts, metadata and vectors live here; the vector index is derived from it. Every write is one
 transaction committed with synchronous=FULL before it is acknowledged, so an acknowledged write
-survives `kill -9` (and a power cut, as far as the disk's fsync is honest).
+survives `kill -9` (and a power cut, as far as the disk's fsync is honest). A write the disk refuses
+(full, or remounted read-only after an error) is rolled back as a whole; the engine turns the error into
+the client's status with sieve_core.errors.storage_error. A read-only data directory at start is refused.
 
 Each stored version of a document gets a fresh integer `key` (the vector index's label), and a
 replaced or deleted key is recorded as a tombstone with the generation that retired it. An index
@@ -14,6 +16,7 @@ One writer (the server's write thread) and any number of reader threads, each wi
 
 from __future__ import annotations
 
+import errno
 import json
 import sqlite3
 import threading
@@ -25,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from sieve_core.contracts import content_hash
-from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound, is_read_only, storage_error
+from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound, is_read_only
 from sieve_core.types import Condition, Document
 
 SCHEMA = """
@@ -119,12 +122,12 @@ class Store:
         self.path = path
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            read_only = is_read_only(path.parent)
         except OSError as exc:
-            mapped = storage_error(exc, path.parent)
-            if mapped is None:
+            if exc.errno != errno.EROFS:
                 raise
-            raise mapped from exc
-        if is_read_only(path.parent):
+            read_only = True
+        if read_only:
             # SQLite would fail with "unable to open database file"; serving read-only is not offered.
             raise FailedPrecondition(
                 f"data directory {path.parent} is on a read-only file system: the server keeps its document"

@@ -731,7 +731,9 @@ async def test_redis_restart_server_cache_dispatch_worker_and_jobs_recover(
     """test_rerank_faults covers a re-rank across a Redis restart. Here: the server's cache, the token
     vectors a write asks a worker for, and an index job on the embed queue, all after Redis came back
     empty on the same port, with neither the server nor the worker restarted."""
-    api = await start_api(make_settings(tmp_path / "data", redis_url=redis_server.url))
+    # A generous re-rank budget: after the restart the worker recomputes every candidate's token vectors.
+    settings = make_settings(tmp_path / "data", redis_url=redis_server.url, rerank_timeout_s=30.0)
+    api = await start_api(settings)
     r = redis.Redis.from_url(redis_server.url, socket_timeout=2, socket_connect_timeout=2)
     tag = uuid.uuid4().hex[:8]
 
