@@ -84,6 +84,8 @@ class SieveServer:
             self.port = self.server.add_insecure_port(settings.grpc_address)
         else:
             self.port = self.server.add_secure_port(settings.grpc_address, credentials)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {settings.grpc_address}")
         self.tls = credentials is not None
         log.info(
             "API keys: %s; TLS: %s",
@@ -92,8 +94,6 @@ class SieveServer:
             if self.tls
             else "off",
         )
-        if self.port == 0:
-            raise OSError(f"cannot listen on {settings.grpc_address}")
 
     async def _set_health(self, status: int) -> None:
         await self.health.set("", status)

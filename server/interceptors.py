@@ -165,7 +165,6 @@ class FrontDoor(grpc.aio.ServerInterceptor):
 
         if handler.unary_unary is not None:
             unary = handler.unary_unary
-
             observe = self._metrics.observe_search if self._metrics and method == SEARCH_METHOD else None
 
             async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
