@@ -167,20 +167,13 @@ class Writer(threading.Thread):
                 self.ops.append(op)
                 try:
                     if op.kind == "upsert":
-                        request = documents_pb2.UpsertDocumentsRequest(
-                            collection=COLLECTION,
-                            documents=[
-                                documents_pb2.Document(id=i, text=t, metadata=m)
-                                for i, (t, m) in op.docs.items()
-                            ],
-                        )
-                        response = self.stub.UpsertDocuments(request, timeout=60)
+                        response = self.stub.UpsertDocuments(upsert_request(op.docs), timeout=60)
                         if response.upserted != len(op.docs):
                             self.problem = f"{op.tag}: upserted {response.upserted} of {len(op.docs)}"
                         self.mine.update({i: d for i, d in op.docs.items() if i in self.pool})
                     else:
-                        request = documents_pb2.DeleteDocumentsRequest(collection=COLLECTION, ids=op.deleted)
-                        response = self.stub.DeleteDocuments(request, timeout=60)
+                        delete = documents_pb2.DeleteDocumentsRequest(collection=COLLECTION, ids=op.deleted)
+                        response = self.stub.DeleteDocuments(delete, timeout=60)
                         if (response.deleted, response.not_found) != (len(op.deleted), 0):
                             self.problem = f"{op.tag}: deleted {response.deleted} of {op.deleted}"
                         for i in op.deleted:
