@@ -318,7 +318,16 @@ class Engine:
 
     async def list_collections(self) -> list[CollectionInfo]:
         cols = list(self._collections.values())
-        return await self._run(self._pool, lambda: [self._info(c) for c in cols])
+        return await self._run(self._pool, self._infos, cols)
+
+    def _infos(self, cols: list[_Collection]) -> list[CollectionInfo]:
+        out = []
+        for col in cols:
+            try:
+                out.append(self._info(col))
+            except NotFound:  # deleted since the list was taken: not an error of the listing
+                continue
+        return out
 
     async def delete_collection(self, name: str) -> None:
         self._get(name)
