@@ -1,7 +1,7 @@
 """ANN peers: usearch (Sieve's index) vs FAISS HNSW vs exact search, on identical vectors and queries.
 
     .venv/bin/python bench/ann.py [--beir ../shared/datasets/scifact] [--quick] [--sizes 100000 1000000]
-        [--queries 1000] [--threads N]
+        [--queries 1000] [--threads N] [--rounds 3] [--ip-up-to 100000]
 
 Data sets:
   - the BEIR corpus embedded by all-MiniLM-L6-v2 (bench/.cache/embeddings-<name>.npz, written by the service
@@ -20,18 +20,25 @@ SIEVE_DEFAULT_EF_SEARCH=256), f32 vectors:
                 level 0 has 2*M links, as usearch's does)
   exact         numpy float32 matmul (BLAS) + argpartition: the ground truth and the brute-force baseline
 
+Side by side: the machine is shared and its load changes by the minute, so the systems take turns
+rather than running one after the other. The HNSW indexes are built together, slice by slice (about 5% of
+the corpus per `add` call, the systems in turn, the first of each slice rotating); a build's time is the
+sum of its slices, and the progress and rate of each are logged (a 1M build takes most of an hour here).
+Batch search runs --rounds rounds over all queries, the systems in turn (QPS: the median round); the
+one-query latencies alternate system by system on each query. The paired ratios usearch cos / FAISS
+(median over slices, rounds or queries) are recorded beside the figures.
+
 Figures: build time (both HNSW libraries build with the same thread count, --threads, default all cores),
 batch QPS over all queries with the same thread count, single-query latency p50/p99 (one thread, one
 query per call, as a server request does), recall@10 against the exact top 10, and bytes per vector:
 serialized index / vectors, and memory: the process's resident set growth over the build (the same
-measure for both libraries; usearch also reports its own `memory_usage`, which counts reserved capacity).
-Both libraries get the corpus in the same slices of about 5% (one `add` call each), so that a long
-build reports its progress and rate; the time is the sum of the slices. The usearch cos index of every
+measure for both libraries; it reads low on small corpora, where freed memory is reused; usearch also
+reports its own `memory_usage`, which counts reserved capacity). The usearch cos index of every
 synthetic corpus is saved in bench/.cache/ann/ for the corpus-scaling section.
 
-At 1M vectors (full mode) expect about an hour per HNSW build on 2 busy cores and about 10 GB of memory
-at the peak (corpus 1.5 GB, an index about 3 GB, its serialized copy); the usearch ip variant (another
-build, not what Sieve runs) is measured only up to --ip-up-to vectors (default 100k).
+At 1M vectors (full mode) expect one to three hours on 2 busy cores and about 8 GB of memory at the
+peak (corpus 1.5 GB, two indexes of about 2 GB each, the exact search's blocks); the usearch ip variant
+(another build, not what Sieve runs) is measured only up to --ip-up-to vectors (default 100k).
 """
 
 from __future__ import annotations
@@ -133,20 +140,15 @@ def recall(found: np.ndarray, truth: np.ndarray) -> float:
     )
 
 
-def _latency(search_one: Any, queries: np.ndarray, count: int) -> dict[str, float]:
-    for q in queries[:5]:  # warm caches
-        search_one(q)
-    ms = []
-    for q in queries[:count]:
-        t = time.perf_counter()
-        search_one(q)
-        ms.append((time.perf_counter() - t) * 1000)
-    return percentiles(ms)
+def rss_bytes() -> int:
+    """The process's resident set now (not the peak): what an index that was just built occupies."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 @contextlib.contextmanager
-def _one_blas_thread() -> Iterator[None]:
-    """One query per call on one thread, like the HNSW latencies (BLAS threads only add hand-offs here)."""
+def _single_threaded() -> Iterator[None]:
+    """BLAS and OpenMP (FAISS) at one thread: one query per call on one thread, as a server request runs."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -156,135 +158,145 @@ def _one_blas_thread() -> Iterator[None]:
         yield
 
 
-def run_exact(
-    corpus: np.ndarray, queries: np.ndarray, latency_queries: int
-) -> tuple[dict[str, Any], np.ndarray]:
-    t = time.perf_counter()
-    truth = exact_topk(corpus, queries)
-    batch_s = time.perf_counter() - t
-    with _one_blas_thread():
-        lat = _latency(lambda q: exact_topk(corpus, q[None], block=1), queries, min(latency_queries, 100))
-    return {
-        "build_s": 0.0,
-        "qps": len(queries) / batch_s,
-        "latency": lat,
-        "recall@10": 1.0,
-        "bytes_per_vector": corpus.itemsize * corpus.shape[1],
-        "note": "float32 matrix; BLAS matmul + argpartition",
-    }, truth
+class System:
+    """One contender: built slice by slice, searched in batches and one query at a time."""
+
+    name = ""
+    hnsw = True
+
+    def __init__(self) -> None:
+        self.slices_s: list[float] = []
+        self.rss_growth = 0
+
+    def add(self, start: int, stop: int) -> None:
+        raise NotImplementedError
+
+    def batch(self, queries: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def one(self, query: np.ndarray) -> None:
+        raise NotImplementedError
+
+    def sizes(self, n: int) -> dict[str, Any]:
+        raise NotImplementedError
 
 
-def rss_bytes() -> int:
-    """The process's resident set now (not the peak): what an index that was just built occupies."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+class Exact(System):
+    name, hnsw = "exact", False
+
+    def __init__(self, corpus: np.ndarray) -> None:
+        super().__init__()
+        self.corpus = corpus
+
+    def batch(self, queries: np.ndarray) -> np.ndarray:
+        return exact_topk(self.corpus, queries)
+
+    def one(self, query: np.ndarray) -> None:
+        exact_topk(self.corpus, query[None], block=1)
+
+    def sizes(self, n: int) -> dict[str, Any]:
+        return {
+            "bytes_per_vector": self.corpus.itemsize * self.corpus.shape[1],
+            "note": "float32 matrix; BLAS matmul + argpartition",
+        }
 
 
-def sliced_add(name: str, n: int, add: Any) -> float:
-    """Calls add(start, stop) over [0, n) in BUILD_SLICES slices; logs progress, rate and the time left
-    (a 1M build takes most of an hour here). Returns the seconds spent inside add."""
+class Usearch(System):
+    def __init__(self, corpus: np.ndarray, metric: MetricKind, threads: int) -> None:
+        super().__init__()
+        self.name = f"usearch_{metric.name.lower()}"
+        self.corpus, self.threads = corpus, threads
+        self.keys = np.arange(len(corpus), dtype=np.uint64)
+        self.index = Index(
+            ndim=corpus.shape[1],
+            metric=metric,
+            dtype="f32",
+            connectivity=CONNECTIVITY,
+            expansion_add=EF_CONSTRUCTION,
+            expansion_search=EF_SEARCH,
+        )
+
+    def add(self, start: int, stop: int) -> None:
+        self.index.add(self.keys[start:stop], self.corpus[start:stop], threads=self.threads)
+
+    def batch(self, queries: np.ndarray) -> np.ndarray:
+        return np.asarray(self.index.search(queries, K, threads=self.threads).keys, dtype=np.int64)
+
+    def one(self, query: np.ndarray) -> None:
+        self.index.search(query, K, threads=1)
+
+    def sizes(self, n: int) -> dict[str, Any]:
+        return {
+            "bytes_per_vector": int(self.index.serialized_length) / n,  # not len(save()): a second copy
+            "memory_bytes_per_vector": self.index.memory_usage / n,
+        }
+
+
+class Faiss(System):
+    name = "faiss_hnsw"
+
+    def __init__(self, corpus: np.ndarray, threads: int) -> None:
+        import faiss
+
+        super().__init__()
+        self.faiss, self.corpus, self.threads = faiss, corpus, threads
+        faiss.omp_set_num_threads(threads)
+        self.index = faiss.IndexHNSWFlat(corpus.shape[1], CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+        self.index.hnsw.efConstruction = EF_CONSTRUCTION
+        self.index.hnsw.efSearch = EF_SEARCH
+
+    def add(self, start: int, stop: int) -> None:
+        self.faiss.omp_set_num_threads(self.threads)
+        self.index.add(self.corpus[start:stop])
+
+    def batch(self, queries: np.ndarray) -> np.ndarray:
+        self.faiss.omp_set_num_threads(self.threads)
+        return self.index.search(queries, K)[1]
+
+    def one(self, query: np.ndarray) -> None:
+        self.faiss.omp_set_num_threads(1)
+        self.index.search(query[None], K)
+
+    def sizes(self, n: int) -> dict[str, Any]:
+        CACHE.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # a file, not a second copy in memory
+            path = os.path.join(tmp, "index.faiss")
+            self.faiss.write_index(self.index, path)
+            return {"bytes_per_vector": os.path.getsize(path) / n}
+
+
+def build_interleaved(label: str, systems: list[System], n: int) -> None:
+    """Adds [0, n) to every HNSW system in BUILD_SLICES slices, the systems taking turns slice by slice (the
+    first of each slice rotating), so that a change in the machine's load hits them alike; logs progress
+    (a 1M build takes most of an hour here). Each system's time and resident-set growth is the sum over
+    its slices."""
     step = max(10_000, -(-n // BUILD_SLICES))
-    spent = 0.0
-    for start in range(0, n, step):
+    hnsw = [s for s in systems if s.hnsw]
+    for i, start in enumerate(range(0, n, step)):
         stop = min(n, start + step)
-        t = time.perf_counter()
-        add(start, stop)
-        took = time.perf_counter() - t
-        spent += took
+        for s in hnsw[i % len(hnsw) :] + hnsw[: i % len(hnsw)]:
+            rss = rss_bytes()
+            t = time.perf_counter()
+            s.add(start, stop)
+            s.slices_s.append(time.perf_counter() - t)
+            s.rss_growth += rss_bytes() - rss
         if n > step:
-            rate = (stop - start) / took  # the last slice's: insertion slows down as the graph grows
-            log(
-                f"  {name}: {stop:,}/{n:,} vectors ({100 * stop / n:.0f}%) in {spent / 60:.1f} min, now "
-                f"{rate:,.0f} vectors/s, at least {(n - stop) / rate / 60:.1f} min left"
+            done = ", ".join(
+                f"{s.name} {sum(s.slices_s) / 60:.1f} min ({(stop - start) / s.slices_s[-1]:,.0f}/s now)"
+                for s in hnsw
             )
-    return spent
+            log(f"  {label}: {stop:,}/{n:,} vectors ({100 * stop / n:.0f}%) built; {done}")
 
 
 def build_usearch(corpus: np.ndarray, metric: MetricKind, threads: int) -> tuple[Index, float]:
-    index = Index(
-        ndim=corpus.shape[1],
-        metric=metric,
-        dtype="f32",
-        connectivity=CONNECTIVITY,
-        expansion_add=EF_CONSTRUCTION,
-        expansion_search=EF_SEARCH,
-    )
-    keys = np.arange(len(corpus), dtype=np.uint64)
-    build_s = sliced_add(
-        f"usearch {metric.name.lower()}",
-        len(corpus),
-        lambda a, b: index.add(keys[a:b], corpus[a:b], threads=threads),
-    )
-    return index, build_s
+    """Sieve's index alone (bench/scaling.py, when bench/ann.py left none in the cache)."""
+    system = Usearch(corpus, metric, threads)
+    build_interleaved(system.name, [system], len(corpus))
+    return system.index, sum(system.slices_s)
 
 
-def run_usearch(
-    corpus: np.ndarray,
-    queries: np.ndarray,
-    truth: np.ndarray,
-    metric: MetricKind,
-    threads: int,
-    latency_queries: int,
-    save_to: Path | None,
-) -> dict[str, Any]:
-    gc.collect()
-    rss = rss_bytes()
-    index, build_s = build_usearch(corpus, metric, threads)
-    rss_growth = rss_bytes() - rss
-    t = time.perf_counter()
-    matches = index.search(queries, K, threads=threads)
-    batch_s = time.perf_counter() - t
-    found = np.asarray(matches.keys, dtype=np.int64)
-    lat = _latency(lambda q: index.search(q, K, threads=1), queries, latency_queries)
-    serialized = int(index.serialized_length)  # not len(index.save()): a second copy in memory
-    if save_to is not None:
-        save_to.parent.mkdir(parents=True, exist_ok=True)
-        tmp = save_to.with_suffix(".tmp")
-        index.save(str(tmp))
-        tmp.replace(save_to)
-    return {
-        "build_s": build_s,
-        "qps": len(queries) / batch_s,
-        "latency": lat,
-        "recall@10": recall(found, truth),
-        "bytes_per_vector": serialized / len(corpus),
-        "rss_bytes_per_vector": rss_growth / len(corpus),
-        "memory_bytes_per_vector": index.memory_usage / len(corpus),
-    }
-
-
-def run_faiss(
-    corpus: np.ndarray, queries: np.ndarray, truth: np.ndarray, threads: int, latency_queries: int
-) -> dict[str, Any]:
-    import faiss
-
-    faiss.omp_set_num_threads(threads)
-    gc.collect()
-    rss = rss_bytes()
-    index = faiss.IndexHNSWFlat(corpus.shape[1], CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efConstruction = EF_CONSTRUCTION
-    index.hnsw.efSearch = EF_SEARCH
-    build_s = sliced_add("faiss hnsw", len(corpus), lambda a, b: index.add(corpus[a:b]))
-    rss_growth = rss_bytes() - rss
-    t = time.perf_counter()
-    _, found = index.search(queries, K)
-    batch_s = time.perf_counter() - t
-    faiss.omp_set_num_threads(1)
-    lat = _latency(lambda q: index.search(q[None], K), queries, latency_queries)
-    faiss.omp_set_num_threads(threads)
-    CACHE.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:  # a file, not a second copy in memory
-        path = os.path.join(tmp, "index.faiss")
-        faiss.write_index(index, path)
-        serialized = os.path.getsize(path)
-    return {
-        "build_s": build_s,
-        "qps": len(queries) / batch_s,
-        "latency": lat,
-        "recall@10": recall(found, truth),
-        "bytes_per_vector": serialized / len(corpus),
-        "rss_bytes_per_vector": rss_growth / len(corpus),
-    }
+def _rotate(items: list[System], i: int) -> list[System]:
+    return items[i % len(items) :] + items[: i % len(items)]
 
 
 def compare(
@@ -293,37 +305,96 @@ def compare(
     queries: np.ndarray,
     threads: int,
     latency_queries: int,
+    rounds: int,
     save: bool,
     ip: bool = True,
 ) -> dict[str, Any]:
-    log(f"{name}: {len(corpus):,} x {corpus.shape[1]} vectors, {len(queries)} queries; exact")
-    systems: dict[str, Any] = {}
-    systems["exact"], truth = run_exact(corpus, queries, latency_queries)
-    log(f"{name}: usearch cos (Sieve's index) build")
-    save_to = usearch_cache_path(len(corpus)) if save else None
-    systems["usearch_cos"] = run_usearch(
-        corpus, queries, truth, MetricKind.Cos, threads, latency_queries, save_to
-    )
+    n = len(corpus)
+    log(f"{name}: {n:,} x {corpus.shape[1]} vectors, {len(queries)} queries; exact ground truth")
+    truth = exact_topk(corpus, queries)
+    gc.collect()
+    systems: list[System] = [Exact(corpus), Usearch(corpus, MetricKind.Cos, threads)]
     if ip:
-        log(f"{name}: usearch ip build")
-        systems["usearch_ip"] = run_usearch(
-            corpus, queries, truth, MetricKind.IP, threads, latency_queries, None
-        )
-    log(f"{name}: faiss hnsw build")
-    systems["faiss_hnsw"] = run_faiss(corpus, queries, truth, threads, latency_queries)
-    for system, r in systems.items():
+        systems.append(Usearch(corpus, MetricKind.IP, threads))
+    systems.append(Faiss(corpus, threads))
+    log(f"{name}: building {', '.join(s.name for s in systems if s.hnsw)}, slice by slice in turn")
+    build_interleaved(name, systems, n)
+
+    log(f"{name}: batch search, {rounds} rounds of {len(queries)} queries, systems in turn")
+    qps: dict[str, list[float]] = {s.name: [] for s in systems}
+    found: dict[str, np.ndarray] = {}
+    for r in range(rounds):
+        for s in _rotate(systems, r):
+            t = time.perf_counter()
+            keys = s.batch(queries)
+            qps[s.name].append(len(queries) / (time.perf_counter() - t))
+            found.setdefault(s.name, keys)
+
+    log(
+        f"{name}: one query per call, {latency_queries} queries (exact: {min(latency_queries, 100)}), in turn"
+    )
+    ms: dict[str, list[float]] = {s.name: [] for s in systems}
+    with _single_threaded():
+        for s in systems:  # warm caches
+            for q in queries[:5]:
+                s.one(q)
+        for i, q in enumerate(queries[:latency_queries]):
+            for s in _rotate(systems, i):
+                if s.hnsw or i < 100:  # exact at 1M is ~0.1 s a query on one thread
+                    t = time.perf_counter()
+                    s.one(q)
+                    ms[s.name].append((time.perf_counter() - t) * 1000)
+
+    results: dict[str, Any] = {}
+    for s in systems:
+        results[s.name] = {
+            "build_s": sum(s.slices_s),
+            "qps": float(np.median(qps[s.name])),
+            "qps_rounds": [round(x, 1) for x in qps[s.name]],
+            "latency": percentiles(ms[s.name]),
+            "recall@10": 1.0 if s.name == "exact" else recall(found[s.name], truth),
+            **s.sizes(n),
+        }
+        if s.hnsw:
+            results[s.name]["rss_bytes_per_vector"] = s.rss_growth / n
+    paired = _paired(systems, qps, ms)
+    if save:
+        path = usearch_cache_path(n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        next(s for s in systems if s.name == "usearch_cos").index.save(str(tmp))  # type: ignore[attr-defined]
+        tmp.replace(path)
+    for system, r in results.items():
         rss = r.get("rss_bytes_per_vector")
         log(
             f"  {system:12s} build {r['build_s']:7.1f} s  QPS {r['qps']:9.0f}  p50 {r['latency']['p50_ms']:.3f} ms  "
             f"recall@10 {r['recall@10']:.4f}  {r['bytes_per_vector']:.0f} B/vector serialized"
             + (f", {rss:.0f} B/vector resident" if rss is not None else "")
         )
+    log(f"  paired (usearch cos / faiss): {paired}")
     return {
         "name": name,
-        "vectors": len(corpus),
+        "vectors": n,
         "dims": int(corpus.shape[1]),
         "queries": len(queries),
-        "systems": systems,
+        "rounds": rounds,
+        "systems": results,
+        "paired": paired,
+    }
+
+
+def _paired(
+    systems: list[System], qps: dict[str, list[float]], ms: dict[str, list[float]]
+) -> dict[str, float]:
+    """usearch cos / FAISS, each from figures taken side by side: the median over build slices of the
+    per-slice time ratio, over rounds of the QPS ratio, over queries of the one-query latency ratio."""
+    by = {s.name: s for s in systems}
+    u, f = by["usearch_cos"], by["faiss_hnsw"]
+    return {
+        "build_time_usearch_cos_over_faiss": round(float(np.median(np.divide(u.slices_s, f.slices_s))), 3),
+        "qps_usearch_cos_over_faiss": round(float(np.median(np.divide(qps[u.name], qps[f.name]))), 3),
+        "latency_usearch_cos_over_faiss": round(float(np.median(np.divide(ms[u.name], ms[f.name]))), 3),
+        "qps_usearch_cos_over_exact": round(float(np.median(np.divide(qps[u.name], qps["exact"]))), 3),
     }
 
 
@@ -368,6 +439,7 @@ def main() -> int:
     parser.add_argument(
         "--threads", type=int, default=0, help="build and batch-search threads (0: all cores)"
     )
+    parser.add_argument("--rounds", type=int, help="batch-search rounds per system (default 3, quick 2)")
     parser.add_argument(
         "--ip-up-to",
         type=int,
@@ -380,6 +452,7 @@ def main() -> int:
     sizes = args.sizes or ([10_000] if args.quick else [100_000, 1_000_000])
     n_queries = args.queries or (300 if args.quick else 1000)
     latency_queries = 100 if args.quick else 500
+    rounds = args.rounds or (2 if args.quick else 3)
     argv = ["--quick"] if args.quick else []
     if args.beir:
         argv += ["--beir", str(args.beir)]
@@ -387,6 +460,8 @@ def main() -> int:
         argv += ["--sizes", *map(str, args.sizes)]
     if args.queries:
         argv += ["--queries", str(args.queries)]
+    if args.rounds:
+        argv += ["--rounds", str(args.rounds)]
     if args.ip_up_to != 100_000:
         argv += ["--ip-up-to", str(args.ip_up_to)]
 
@@ -403,6 +478,7 @@ def main() -> int:
                     "k": K,
                     "threads": threads,
                     "latency": "one query per call, one thread (usearch threads=1, faiss omp 1, BLAS 1 thread)",
+                    "side_by_side": "HNSW builds in turn slice by slice; batch rounds and one-query calls in turn",
                 },
                 "datasets": datasets,
             },
@@ -420,6 +496,7 @@ def main() -> int:
             queries,
             threads,
             latency_queries,
+            rounds,
             False,
         )
         entry["note"] = note
@@ -430,7 +507,7 @@ def main() -> int:
         corpus = synthetic(n)
         queries = synthetic_queries(n, n_queries)
         ip = not args.quick and n <= args.ip_up_to
-        entry = compare(f"synthetic {n:,}", corpus, queries, threads, latency_queries, True, ip)
+        entry = compare(f"synthetic {n:,}", corpus, queries, threads, latency_queries, rounds, True, ip)
         entry["note"] = f"generator {GENERATOR}, seed 0"
         datasets.append(entry)
         del corpus
