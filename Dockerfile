@@ -21,9 +21,9 @@ COPY workers workers
 RUN pip install --no-cache-dir ./clients/python ".[ops]" && useradd --system --home /data sieve \
  && mkdir -p /data && chown sieve /data
 COPY --from=models /models /models
-ENV SIEVE_MODELS_DIR=/models SIEVE_DATA_DIR=/data SIEVE_GRPC_ADDRESS=0.0.0.0:50051
+ENV SIEVE_MODELS_DIR=/models SIEVE_DATA_DIR=/data SIEVE_GRPC_ADDRESS=0.0.0.0:50051 SIEVE_METRICS_ADDRESS=0.0.0.0:9464
 USER sieve
-EXPOSE 50051
+EXPOSE 50051 9464
 VOLUME ["/data"]
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 CMD ["sieve", "health", "--address", "127.0.0.1:50051"]
 CMD ["sieve", "serve"]

@@ -144,6 +144,7 @@ def self_started_server(env: dict[str, str] | None = None, *, workers: bool = Fa
     with tempfile.TemporaryDirectory(prefix="sieve-eval-") as data_dir:
         address = f"127.0.0.1:{free_port()}"
         child_env = {**os.environ, **(env or {}), "SIEVE_GRPC_ADDRESS": address, "SIEVE_DATA_DIR": data_dir}
+        child_env["SIEVE_METRICS_ADDRESS"] = ""  # a throwaway server: no endpoint to clash with a running one
         command = "serve"
         if workers:
             command = "run"

@@ -181,6 +181,7 @@ def running_server(data_dir: Path, log: Path, **env: str) -> Iterator[Client]:
         SIEVE_GRPC_ADDRESS=address,
         SIEVE_MODELS_DIR=str(MODELS_DIR),
         SIEVE_LOG_LEVEL="INFO",
+        SIEVE_METRICS_ADDRESS="",
         **env,
     )
     with open(log, "ab") as log_file:

@@ -553,6 +553,7 @@ def _serve(
         SIEVE_GRPC_ADDRESS=address,
         SIEVE_MODELS_DIR=str(MODELS_DIR),
         SIEVE_REDIS_URL=redis_url,
+        SIEVE_METRICS_ADDRESS="",
     )
     with log.open("ab") as out:
         proc = subprocess.Popen(

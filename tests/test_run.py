@@ -34,6 +34,7 @@ def test_sieve_run_starts_redis_and_server_and_stops_on_ctrl_c(tmp_path) -> None
     env.update(
         SIEVE_DATA_DIR=str(tmp_path),
         SIEVE_GRPC_ADDRESS=f"127.0.0.1:{grpc_port}",
+        SIEVE_METRICS_ADDRESS="",
         SIEVE_LOCAL_REDIS_PORT=str(redis_port),
         SIEVE_MODELS_DIR=str(MODELS_DIR),
     )

@@ -44,6 +44,7 @@ export async function startServer(): Promise<LiveServer> {
     SIEVE_DATA_DIR: dataDir,
     SIEVE_MODELS_DIR: join(ROOT, "models"),
     SIEVE_LOG_LEVEL: "WARNING",
+    SIEVE_METRICS_ADDRESS: "",
   });
   let output = "";
   const proc: ChildProcess = spawn(PYTHON, ["-m", "server.cli", "serve"], { cwd: ROOT, env });
