@@ -38,7 +38,7 @@ import grpc
 import pytest
 from google.protobuf import message_factory
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
@@ -52,6 +52,8 @@ pytestmark = pytest.mark.skipif(
 )
 
 FUZZ_REQUESTS = int(os.environ.get("SIEVE_FUZZ_REQUESTS", "10000"))  # `make fuzz` sets it higher
+# Unset: hypothesis derandomized (the same calls on every run). A number: other calls, the same for that number.
+FUZZ_SEED = os.environ.get("SIEVE_FUZZ_SEED", "")
 BATCH = 4  # calls per hypothesis example, sent concurrently
 CALL_TIMEOUT_S = 60.0  # generous: a 1000-document upsert on a busy 2-core machine takes seconds
 WATCH_TIMEOUT_S = 3.0  # WatchJob of a running job streams until the job ends: a deadline is expected there
@@ -198,7 +200,6 @@ def target(redis_url: str, worker, tmp_path_factory: pytest.TempPathFactory) -> 
     paths = _write_sources(root / "sources")
     env = {
         "SIEVE_REDIS_URL": redis_url,
-        "SIEVE_METRICS_ADDRESS": "",
         "SIEVE_DEFAULT_EMBEDDING_MODEL": MODEL,
         "SIEVE_JOB_SOURCE_DIRS": str(root / "sources"),  # fuzzed paths never make the server read elsewhere
         "SIEVE_MIN_GENERATION_WAIT_S": "0.2",  # a fuzzed min_generation far ahead waits this long, not 2 s
@@ -428,11 +429,12 @@ def unhandled_errors_in_log(target: Target) -> list[str]:
 def run_generated(
     target: Target, examples: int, tally: Tally, pool: ThreadPoolExecutor, not_utf8: NotUtf8Messages
 ) -> None:
-    """`examples` hypothesis examples of BATCH concurrent calls each; the same calls every time (derandomized)."""
+    """`examples` hypothesis examples of BATCH concurrent calls each; the same calls on every call of this
+    function (derandomized, or from SIEVE_FUZZ_SEED), so both runs of the leak check send the same requests."""
 
     @settings(
         max_examples=examples,
-        derandomize=True,  # the same calls in CI, on every run, and in both runs of the leak check
+        derandomize=not FUZZ_SEED,
         database=None,  # no .hypothesis directory; a failure prints the falsifying calls
         deadline=None,
         suppress_health_check=[
@@ -454,6 +456,8 @@ def run_generated(
                 problems.append(f"{call!r}\n  -> {why}")
         assert not problems, "\n".join(problems)
 
+    if FUZZ_SEED:
+        fuzz = seed(int(FUZZ_SEED))(fuzz)
     fuzz()
 
 
@@ -472,7 +476,8 @@ def test_generated_requests(target: Target, not_utf8: NotUtf8Messages) -> None:
                 readings.append(rss_mb(pid))
     finally:
         elapsed = time.monotonic() - started
-        print(f"\n{tally.report('generated requests')}")
+        how = f"SIEVE_FUZZ_SEED={FUZZ_SEED}" if FUZZ_SEED else "derandomized"
+        print(f"\n{tally.report(f'generated requests ({how})')}")
         print(
             f"  took {elapsed:.1f} s ({tally.requests / max(elapsed, 1e-9):.0f} requests/s); server RSS MB: "
             f"start {readings[0]:.0f}, after warm-up run {readings[1] if len(readings) > 1 else math.nan:.0f}, "
