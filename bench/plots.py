@@ -2,7 +2,9 @@
 
     .venv/bin/python bench/plots.py
 
-Each plot is drawn only when its results exist; bench/report.py embeds whichever PNGs are there.
+Each plot is drawn only when its results exist; bench/report.py embeds whichever PNGs are there. A full
+run's result (bench/results/<name>.json) is preferred to a quick run's (bench/results/quick/<name>.json),
+and every title says which it shows.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+QUICK = RESULTS / "quick"  # quick-mode results (bench/run.py --quick)
 PLOTS = RESULTS / "plots"
 
 # Published SciFact nDCG@10 (../shared/REFERENCE.md) drawn beside the measured cascades.
@@ -33,13 +36,23 @@ PUBLISHED = {
 }
 
 
+def _read(path: Path) -> dict[str, Any]:
+    r = json.loads(path.read_text())
+    if path.parent == QUICK:
+        r.setdefault("mode", "quick")  # bench/rerank.py records no mode of its own
+    return r
+
+
 def load(name: str) -> dict[str, Any] | None:
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The full run's result where one exists, else the quick run's."""
+    for path in (RESULTS / f"{name}.json", QUICK / f"{name}.json"):
+        if path.is_file():
+            return _read(path)
+    return None
 
 
 def _title(r: dict[str, Any], what: str) -> str:
-    mode = " (quick mode)" if r.get("mode") == "quick" else ""
+    mode = {"quick": " (quick run)", "full": " (full run)"}.get(r.get("mode", ""), "")
     return f"{what}{mode}"
 
 
@@ -52,8 +65,10 @@ def _save(fig: Any, name: str) -> None:
 
 
 def quality() -> None:
-    for path in sorted(RESULTS.glob("quality-*.json")):
-        r = json.loads(path.read_text())
+    names = sorted({p.stem for p in (*RESULTS.glob("quality-*.json"), *QUICK.glob("quality-*.json"))})
+    for name in names:
+        r = load(name)
+        assert r is not None
         runs = r["runs"]
         fig, ax = plt.subplots(figsize=(8, 3.8))
         labels = [run["cascade"] for run in runs]
@@ -73,7 +88,7 @@ def quality() -> None:
             else f"\nsubset of {r['documents']} documents: not comparable with published figures"
         )
         ax.set_title(_title(r, f"{r['dataset']}: quality per cascade") + sub, fontsize=9)
-        _save(fig, path.stem)
+        _save(fig, name)
 
 
 def floor() -> None:
@@ -170,7 +185,10 @@ def corpus() -> None:
     ax2.set_ylabel("searches/s (top 10)")
     ax1.legend(fontsize=7)
     ax2.legend(fontsize=7)
-    fig.suptitle(_title(r, "VectorIndex (usearch HNSW, cosine) vs corpus size, synthetic 384-d"), fontsize=10)
+    fig.suptitle(
+        _title(r, "VectorIndex (usearch HNSW, cosine) in-process, no gRPC, vs corpus size, synthetic 384-d"),
+        fontsize=10,
+    )
     _save(fig, "scaling-corpus")
 
 
@@ -255,9 +273,7 @@ def peers() -> None:
         ax.bar_label(b, labels=[f"{v:.1f}" for v in vals.values()])
         ax.set_ylabel("pairs/s")
         ax.tick_params(axis="x", labelsize=7)
-        ax.set_title(
-            f"cross-encoder (seeded MiniLM), bench/rerank.py, {rr.get('queries')} queries", fontsize=9
-        )
+        ax.set_title(_title(rr, f"cross-encoder (seeded MiniLM), {rr.get('queries')} queries"), fontsize=9)
     if li is not None:
         ax = axes[0][k]
         threads = li.get("threads", "T")

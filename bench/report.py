@@ -1,6 +1,9 @@
 """Render the README's "Measured" table and bench/REPORT.md from bench/results/*.json (never typed by hand).
 
 .venv/bin/python bench/report.py          # rewrites the block between the markers in README.md, and REPORT.md
+
+Quick runs (bench/run.py --quick) write bench/results/quick/<name>.json; a full run's result of the same
+name is preferred, and every row of the `make bench` sections says which mode it shows.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+QUICK = RESULTS / "quick"  # bench/run.py --quick writes here: a quick run never replaces a full run's figures
 START, END = "<!-- results:start (bench/report.py) -->", "<!-- results:end -->"
 # Kinds written by the `make bench` sections (bench/run.py), rendered by _bench_rows.
 BENCH_KINDS = {
@@ -25,10 +29,26 @@ BENCH_KINDS = {
 }
 
 
+def _read(path: Path) -> dict:  # type: ignore[type-arg]
+    r = json.loads(path.read_text())
+    if path.parent == QUICK:
+        r.setdefault("mode", "quick")  # bench/rerank.py records no mode of its own
+    return r
+
+
+def _result_paths(pattern: str = "*.json") -> list[Path]:
+    """One file per result name: the full run's where it exists, else the quick run's."""
+    names = {p.name for p in (*RESULTS.glob(pattern), *QUICK.glob(pattern))}
+    return [RESULTS / n if (RESULTS / n).is_file() else QUICK / n for n in sorted(names)]
+
+
 def _rows() -> list[str]:
     rows = ["| what | figure | command |", "|---|---|---|"]
-    for path in sorted(RESULTS.glob("*.json")):
-        r = json.loads(path.read_text())
+    paths = _result_paths()
+    if (RESULTS / "run.json").is_file() and (QUICK / "run.json").is_file():
+        paths.append(QUICK / "run.json")  # both wall times: `make bench` and `make bench-quick`
+    for path in paths:
+        r = _read(path)
         cmd = f"`{r['command']}`"
         if r.get("benchmark") == "eval":
             anchor = (
@@ -226,7 +246,7 @@ ANN_NAMES = {
 
 
 def _mode(r: dict) -> str:  # type: ignore[type-arg]
-    return " [quick mode]" if r.get("mode") == "quick" else ""
+    return {"quick": " [quick run]", "full": " [full run]"}.get(r.get("mode", ""), "")
 
 
 def _whole_corpus(r: dict) -> bool:  # type: ignore[type-arg]
@@ -275,29 +295,21 @@ def _bench_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
             f"top 10 with documents, client on the same 2 cores{m} | {'; '.join(cells)} | {cmd} |"
         ]
     if kind == "scaling-corpus":
-        cells = [
-            f"{s['vectors']:,}: {s['top10']['p50_ms']:.2f} / {s['top10']['p99_ms']:.2f} ms, recall@10 "
-            f"{s['recall@10']:.3f}"
-            for s in r["sizes"]
-        ]
+        cells = []
+        for s in r["sizes"]:
+            qps = {t["threads"]: t["qps"] for t in s["threads"]}
+            most = max(qps)
+            cells.append(
+                f"{s['vectors']:,}: {s['top10']['p50_ms']:.2f} / {s['top10']['p99_ms']:.2f} ms, "
+                f"{qps[most]:,.0f} searches/s at {most} threads, recall@10 {s['recall@10']:.3f}"
+            )
         return [
-            f"| VectorIndex search p50 / p99 (top 10, one thread) vs corpus size, synthetic 384-d, in-process"
-            f"{m} | {'; '.join(cells)} | {cmd} |"
+            f"| index search vs corpus size, synthetic 384-d: p50 / p99 top 10 (one thread), throughput; the "
+            f"server's VectorIndex in-process, not through gRPC (the API takes texts, not vectors){m} | "
+            f"{'; '.join(cells)} | {cmd} |"
         ]
     if kind == "ann":
-        rows = []
-        for d in r["datasets"]:
-            sy = d["systems"]
-            cells = [
-                f"{name} {sy[name]['qps']:,.0f} QPS, recall {sy[name]['recall@10']:.3f}, build "
-                f"{sy[name]['build_s']:.1f} s, {sy[name]['bytes_per_vector']:.0f} B/vector"
-                for name in ("usearch_cos", "faiss_hnsw", "exact")
-            ]
-            rows.append(
-                f"| ANN peers on {d['name']} ({d['vectors']:,} vectors), same M/ef, same threads: usearch (Sieve) / "
-                f"FAISS HNSW / exact{m} | {'; '.join(cells)} | {cmd} |"
-            )
-        return rows
+        return [_ann_row(d, m, cmd) for d in r["datasets"]]
     if kind == "bi-encoder":
         t, lat = r["texts_per_s"], r["single_text_latency"]
         return [
@@ -322,9 +334,42 @@ def _bench_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
     return []
 
 
+def _ann_row(d: dict, m: str, cmd: str) -> str:  # type: ignore[type-arg]
+    """One README row per ANN data set: usearch cos (Sieve) / FAISS HNSW / exact, and the paired ratios."""
+    names = [x for x in ("usearch_cos", "faiss_hnsw", "exact") if x in d["systems"]]
+    sy = [d["systems"][x] for x in names]
+
+    def cell(label: str, values: list[str]) -> str:
+        return f"{label} {' / '.join(values)}"
+
+    cells = [
+        cell("build", [f"{v['build_s']:,.0f} s" if v["build_s"] else "-" for v in sy]),
+        cell("batch QPS", [f"{v['qps']:,.0f}" for v in sy]),
+        cell("1-query p50", [f"{v['latency']['p50_ms']:.2f} ms" for v in sy]),
+        cell("recall@10", [f"{v['recall@10']:.3f}" for v in sy]),
+        cell("serialized", [f"{v['bytes_per_vector']:.0f} B/vector" for v in sy]),
+    ]
+    if all("rss_bytes_per_vector" in v for v in sy[:2]) and d["vectors"] >= 100_000:
+        cells.append(cell("resident", [f"{v['rss_bytes_per_vector']:.0f}" for v in sy[:2]]) + " B/vector")
+    p = d.get("paired")
+    if p:
+        cells.append(
+            f"**usearch / FAISS, paired: build time x{p['build_time_usearch_cos_over_faiss']:.2f}, QPS "
+            f"x{p['qps_usearch_cos_over_faiss']:.2f}, 1-query latency x{p['latency_usearch_cos_over_faiss']:.2f}**"
+        )
+    side = "built and searched side by side (in turn)" if p else "one after the other"
+    return (
+        f"| ANN peers on {d['name']} ({d['vectors']:,} x {d['dims']}), same M/ef/threads, {side}: "
+        f"{' / '.join(ANN_NAMES[x].split(' (')[0] for x in names)}{m} | {'; '.join(cells)} | {cmd} |"
+    )
+
+
 def _load(name: str) -> dict | None:  # type: ignore[type-arg]
-    path = RESULTS / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    """The full run's result where one exists, else the quick run's."""
+    for path in (RESULTS / f"{name}.json", QUICK / f"{name}.json"):
+        if path.is_file():
+            return _read(path)
+    return None
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -352,11 +397,11 @@ def _source(r: dict) -> str:  # type: ignore[type-arg]
 
 def _section_quality() -> list[str]:
     out = ["## 1. Quality through gRPC", ""]
-    found = sorted(RESULTS.glob("quality-*.json"))
+    found = _result_paths("quality-*.json")
     if not found:
         return [*out, "_Not measured yet (`python bench/scaling.py service BEIR_DIR`)._", ""]
     for path in found:
-        r = json.loads(path.read_text())
+        r = _read(path)
         out += [
             f"**{r['dataset']}**: {r['corpus']}, {r['queries']} test queries. Indexed by an index job "
             f"({r['index_job_docs_per_s']:.1f} docs/s, token vectors cached in the same encoder pass), then every "
@@ -491,9 +536,16 @@ def _section_scaling() -> list[str]:
     r = _load("scaling-corpus")
     if r is None:
         return [*out, "_Not measured yet._", ""]
+    bi = _load("bi-encoder")
+    rate = f" (about {bi['texts_per_s']['onnx']:.0f} texts/s, section 4)" if bi else ""
     out += [
         f"{r['what']}. A query's embedding (section 2) costs the same at any corpus size, so a `Search` at size N "
         "costs about the section-2 figure plus the change in these index latencies.",
+        "",
+        "**Not through gRPC.** The API takes texts only: `UpsertDocuments` and index jobs embed each document's "
+        "text on the server, and `Search` embeds the query text, so synthetic vectors cannot be sent through it, "
+        f"and embedding 100k real texts on this machine{rate} would take hours. No vector API was added for the "
+        "benchmark: these figures are the server's own VectorIndex class, measured in-process.",
         "",
     ]
     threads = [t["threads"] for t in r["sizes"][0]["threads"]]
@@ -533,26 +585,40 @@ def _section_peers() -> list[str]:
         out += ["_Not measured yet._", ""]
     else:
         s = r["settings"]
+        side = s.get("side_by_side")
         out += [
             f"Same vectors and queries for all; M={s['connectivity']}, ef_construction={s['ef_construction']}, "
             f"ef_search={s['ef_search']}, top {s['k']}; builds and batch searches on {s['threads']} threads; "
-            f"latency: {s['latency']}. Recall@10 against the exact top 10.",
+            f"latency: {s['latency']}. Recall@10 against the exact top 10."
+            + (
+                f" Side by side: {side} (batch QPS: the median round), so that the shared machine's changing "
+                "load hits every system alike; the paired ratios are medians over slices, rounds and queries."
+                if side
+                else " The systems ran one after the other."
+            )
+            + " Resident B/vector: the process's resident-set growth over the build (shown from 100k vectors; "
+            "on small corpora freed memory is reused and it reads low); usearch's own `memory_usage` counts "
+            "reserved capacity too.",
             "",
         ]
         for d in r["datasets"]:
+            rounds = f", {d['rounds']} batch rounds" if "rounds" in d else ""
             out += [
-                f"**{d['name']}**: {d['vectors']:,} x {d['dims']}, {d['queries']} queries ({d.get('note', '')})",
+                f"**{d['name']}**: {d['vectors']:,} x {d['dims']}, {d['queries']} queries{rounds} "
+                f"({d.get('note', '')})",
                 "",
             ]
+            big = d["vectors"] >= 100_000
             rows = [
                 [
                     ANN_NAMES.get(k, k),
-                    f"{v['build_s']:.1f}",
+                    f"{v['build_s']:,.1f}",
                     f"{v['qps']:,.0f}",
                     f"{v['latency']['p50_ms']:.3f}",
                     f"{v['latency']['p99_ms']:.3f}",
                     f"{v['recall@10']:.4f}",
                     f"{v['bytes_per_vector']:.0f}",
+                    f"{v['rss_bytes_per_vector']:.0f}" if big and "rss_bytes_per_vector" in v else "-",
                     f"{v['memory_bytes_per_vector']:.0f}" if "memory_bytes_per_vector" in v else "-",
                 ]
                 for k, v in d["systems"].items()
@@ -566,10 +632,20 @@ def _section_peers() -> list[str]:
                     "1-query p99 ms",
                     "recall@10",
                     "serialized B/vector",
-                    "in-memory B/vector",
+                    "resident B/vector",
+                    "usearch memory_usage B/vector",
                 ],
                 rows,
             )
+            p = d.get("paired")
+            if p:
+                out += [
+                    "",
+                    f"Paired, usearch cos / FAISS: build time x{p['build_time_usearch_cos_over_faiss']:.2f}, batch "
+                    f"QPS x{p['qps_usearch_cos_over_faiss']:.2f}, one-query latency "
+                    f"x{p['latency_usearch_cos_over_faiss']:.2f}; usearch cos / exact batch QPS "
+                    f"x{p['qps_usearch_cos_over_exact']:.2f}.",
+                ]
             out.append("")
         out += [*_plot("ann", "ANN peers"), _source(r), ""]
     out += ["### Cross-encoder: ONNX fp32 / int8 vs sentence-transformers", ""]
@@ -689,7 +765,8 @@ def _section_peers() -> list[str]:
 
 
 def write_report() -> None:
-    run = _load("run")
+    runs = [_read(p) for p in (RESULTS / "run.json", QUICK / "run.json") if p.is_file()]
+    run = runs[0] if runs else None
     head = [
         "# Sieve benchmark report",
         "",
@@ -697,10 +774,12 @@ def write_report() -> None:
         "`make bench` (full) or `make bench-quick` (bounded: a corpus subset, 10k synthetic vectors, fewer queries) "
         "re-measures everything on this machine and rewrites this page. Every figure names the command that made it; "
         "each JSON records the machine and library versions. The machine is shared and noisy: compare figures of the "
-        "same run (ratios), not absolute times across runs.",
+        "same run (ratios), not absolute times across runs. A quick run writes bench/results/quick/ and never "
+        "replaces a full run's figures; each section shows the full run's where there is one, and its source "
+        "line says which mode it comes from.",
         "",
     ]
-    if run is not None:
+    for run in runs:
         steps = ", ".join(
             f"{s['section']} {s.get('seconds', 0):.0f} s ({s['status']})"
             for s in run["sections"]
@@ -708,7 +787,7 @@ def write_report() -> None:
         )
         m = run["machine"]
         head += [
-            f"Last complete `bench/run.py`: `{run['command']}`, {run['mode']} mode, {run['date'][:10]}, **{run['wall_s'] / 60:.1f} "
+            f"Last complete {run['mode']} `bench/run.py`: `{run['command']}`, {run['date'][:10]}, **{run['wall_s'] / 60:.1f} "
             f"minutes** wall time ({steps}). Machine: {m['cpus']} CPUs ({m.get('processor', '')}), "
             f"{m.get('memory_gb', '?')} GB, Python {m['python']}. A section re-measured since then by its own "
             "command says so in its source line (command, mode, date).",

@@ -4,7 +4,9 @@
 
 Each section is its own process (a crash or a leaked thread pool in one cannot skew the next) and writes
 its own bench/results/<name>.json with the machine, the library versions, the mode, its wall time and
-the exact command that reproduces it. Sections, in order:
+the exact command that reproduces it; a quick run writes bench/results/quick/<name>.json instead, so that
+it never replaces a full run's figures. bench/report.py and bench/plots.py take a full result where one
+exists, else the quick one, and label every row and plot with the mode it came from. Sections, in order:
 
     service   bench/scaling.py service BEIR: a real `sieve run` (server, Redis, embed + colbert workers);
               quality per cascade through gRPC Search, the physical floor (bare in-process work of each
@@ -50,6 +52,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
+QUICK_RESULTS = RESULTS / "quick"  # quick-mode results: never overwrite a full run's
 # Seeded models, embeddings and indexes that later runs reuse (gitignored). SIEVE_BENCH_CACHE points
 # elsewhere, e.g. an empty folder to time a run as on a clean machine.
 CACHE = Path(os.environ.get("SIEVE_BENCH_CACHE") or BENCH / ".cache").resolve()
@@ -128,7 +131,8 @@ def command_line(script: str, argv: list[str]) -> str:
 
 
 def write_result(name: str, payload: dict[str, Any], *, command: str, quick: bool, started: float) -> Path:
-    """bench/results/<name>.json with the command, mode, date, wall time and machine."""
+    """bench/results/<name>.json (quick: bench/results/quick/<name>.json) with the command, mode, date,
+    wall time and machine."""
     record = {
         "benchmark": payload.pop("benchmark", name),
         "command": command,
@@ -138,8 +142,9 @@ def write_result(name: str, payload: dict[str, Any], *, command: str, quick: boo
         **payload,
         "machine": machine_info(),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    directory = QUICK_RESULTS if quick else RESULTS
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, default=float) + "\n")
     os.replace(tmp, path)
@@ -229,6 +234,8 @@ def sections(quick: bool, beir: Path) -> list[tuple[str, list[str], float]]:
         rerank = ["bench/rerank.py", str(beir)]
         rerank += ["--queries", "2", "--candidates", "50", "--docs", "50"] if quick else ["--queries", "30"]
         rerank += ["--cache-dir", str(CACHE)]
+        if quick:  # it has no mode of its own: keep its quick figures apart from a full run's
+            rerank += ["--out", str(QUICK_RESULTS / "rerank.json")]
         out.append(("rerank", rerank, 300 if quick else 3 * hour))  # quick: what is left of the budget
     return out
 

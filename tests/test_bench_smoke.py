@@ -148,7 +148,27 @@ def _results() -> dict[str, dict]:  # type: ignore[type-arg]
                     "dims": 384,
                     "queries": 10,
                     "systems": {k: system for k in ("exact", "usearch_cos", "usearch_ip", "faiss_hnsw")},
-                }
+                },
+                {
+                    "name": "synthetic 100,000",
+                    "vectors": 100000,
+                    "dims": 384,
+                    "queries": 10,
+                    "rounds": 3,
+                    "systems": {
+                        "exact": system,
+                        **{
+                            k: {**system, "rss_bytes_per_vector": 1700.0}
+                            for k in ("usearch_cos", "faiss_hnsw")
+                        },
+                    },
+                    "paired": {
+                        "build_time_usearch_cos_over_faiss": 1.5,
+                        "qps_usearch_cos_over_faiss": 0.4,
+                        "latency_usearch_cos_over_faiss": 2.0,
+                        "qps_usearch_cos_over_exact": 3.0,
+                    },
+                },
             ],
         },
         "bi-encoder": {
@@ -190,13 +210,13 @@ def test_report_renders_every_kind(
     for name, r in _results().items():
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "QUICK", tmp_path / "quick")
     monkeypatch.setattr(report, "PLOTS", tmp_path / "plots")
     monkeypatch.setattr(report, "REPORT", tmp_path / "REPORT.md")
     monkeypatch.setattr(report, "ROOT", tmp_path)
     rows = report._rows()
-    assert sum("python bench/x.py" in row for row in rows) == len(
-        _results()
-    )  # a row per kind, naming its command
+    # A row per kind naming its command, and one per ANN data set (two here).
+    assert sum("python bench/x.py" in row for row in rows) == len(_results()) + 1
     report.write_report()
     text = (tmp_path / "REPORT.md").read_text()
     for heading in (
@@ -209,3 +229,62 @@ def test_report_renders_every_kind(
     ):
         assert heading in text
     assert "rerank.json is not recorded yet" in text  # the cross-encoder section, whose result is absent
+    assert "usearch / FAISS, paired: build time x1.50" in "\n".join(rows)
+
+
+def test_quick_results_never_replace_full_ones(
+    bench: dict[str, ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bench/run.py --quick writes results/quick/; the report prefers a full result of the same name, shows
+    a quick-only one labelled as such, and lists both make-bench wall times."""
+    run, report = bench["run"], bench["report"]
+    monkeypatch.setattr(run, "ROOT", tmp_path)
+    monkeypatch.setattr(run, "RESULTS", tmp_path)
+    monkeypatch.setattr(run, "QUICK_RESULTS", tmp_path / "quick")
+    results = _results()
+    for name in ("bi-encoder", "run"):
+        full = {
+            k: v
+            for k, v in results[name].items()
+            if k not in ("command", "mode", "date", "wall_s", "machine")
+        }
+        run.write_result(name, dict(full), command="python bench/full.py", quick=False, started=0.0)
+    for name in ("bi-encoder", "run", "late-interaction-peers"):
+        quick = {
+            k: v
+            for k, v in results[name].items()
+            if k not in ("command", "mode", "date", "wall_s", "machine")
+        }
+        run.write_result(name, dict(quick), command="python bench/quick.py", quick=True, started=0.0)
+    assert json.loads((tmp_path / "bi-encoder.json").read_text())["mode"] == "full"
+    assert json.loads((tmp_path / "quick" / "bi-encoder.json").read_text())["mode"] == "quick"
+
+    monkeypatch.setattr(report, "RESULTS", tmp_path)
+    monkeypatch.setattr(report, "QUICK", tmp_path / "quick")
+    monkeypatch.setattr(report, "PLOTS", tmp_path / "plots")
+    monkeypatch.setattr(report, "REPORT", tmp_path / "REPORT.md")
+    monkeypatch.setattr(report, "ROOT", tmp_path)
+    rows = report._rows()
+    bi = [r for r in rows if "bi-encoder all-MiniLM-L6-v2" in r]
+    assert len(bi) == 1 and "[full run]" in bi[0] and "bench/full.py" in bi[0]
+    late = [r for r in rows if "warm late interaction" in r]
+    assert len(late) == 1 and "[quick run]" in late[0]
+    assert any("`make bench` wall time" in r for r in rows)
+    assert any("`make bench-quick` wall time" in r for r in rows)
+    report.write_report()
+    text = (tmp_path / "REPORT.md").read_text()
+    assert "Last complete full" in text and "Last complete quick" in text
+
+
+def test_ann_compare_side_by_side(bench: dict[str, ModuleType]) -> None:
+    """The ANN comparison on a tiny corpus: every system measured, the paired ratios recorded."""
+    pytest.importorskip("faiss")
+    ann = bench["ann"]
+    corpus, queries = ann.synthetic(3000), ann.synthetic_queries(3000, 20)
+    entry = ann.compare("tiny", corpus, queries, 1, 10, 2, False, False)
+    assert set(entry["systems"]) == {"exact", "usearch_cos", "faiss_hnsw"}
+    for name, r in entry["systems"].items():
+        assert len(r["qps_rounds"]) == 2 and r["latency"]["samples"] == 10, name
+        assert 0.8 <= r["recall@10"] <= 1.0, name  # ef_search 256 over 3,000 vectors: nearly exact
+    assert entry["systems"]["usearch_cos"]["build_s"] > 0 and entry["systems"]["faiss_hnsw"]["build_s"] > 0
+    assert all(v > 0 for v in entry["paired"].values())
