@@ -27,7 +27,8 @@ documents up to 600) instead of the whole corpus, the synthetic corpora stop at 
 1M, and every section measures fewer queries. Each section also has a share of a 9-minute budget (a margin over
 what it took here on a busy machine; a section out of time is stopped, its services with it, what it measured
 so far is kept, and the report says so), so the run ends within 10 minutes however busy the machine is.
-`--prepare` builds the seeded cross-encoder and ColBERT checkpoints and bundles once (a minute or two;
+--beir must be a BEIR folder (by default ../shared/datasets/scifact, beside the repository): the run stops
+at once if it is not, rather than skip most sections. `--prepare` builds the seeded cross-encoder and ColBERT checkpoints and bundles once (a minute or two;
 `make bench-quick` runs it before the timed run, as `make models` exports the bi-encoder). Quick figures are marked as such in the report; quality
 on a subset is not comparable with published figures.
 """
@@ -285,7 +286,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     started = time.monotonic()
     if not (args.beir / "corpus.jsonl").is_file():
-        log(f"{args.beir} is not a BEIR folder: the sections that need one are skipped")
+        # Most sections need it: without it a run would "succeed" with half its report missing.
+        print(
+            f"error: {args.beir} ({args.beir.resolve()}) is not a BEIR folder (no corpus.jsonl). The data sets "
+            "live beside the repository in ../shared/datasets; from a checkout elsewhere pass --beir DIR.",
+            file=sys.stderr,
+        )
+        return 2
     if not (ROOT / "models" / MODEL / "manifest.json").is_file():
         print(f"error: models/{MODEL} is missing: run `make models`", file=sys.stderr)
         return 1
