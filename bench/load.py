@@ -88,7 +88,7 @@ class LoadConfig:
     label: str = "default limit"
     clients: int = 32
     duration_s: float = 60.0
-    warmup_s: float = 10.0
+    warmup_s: float = 20.0
     search_share: float = 0.8
     upsert_batch: int = 4
     hot_ids: int = 64
