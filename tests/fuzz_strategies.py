@@ -108,6 +108,15 @@ LONG_UNITS = ("x", "\u00e9", "\u0301", "\U0001f600", " ", "\x00", "a ")
 LONG_SIZES = (63, 64, 65, 127, 128, 129, 255, 256, 257, 2048, 2049, 4096, 4097, 65536, 65537, 300_000)
 
 
+# What a real name or id may come with by mistake (or on purpose): a newline, bidi and zero-width marks,
+# a combining mark that changes the last letter, a BOM, spaces, a NUL.
+AFFIXES = ("\n", "\r\n", " ", "\t", "\u200f", "\u202e", "\u200b", "\ufeff", "\u0301", "\x00", "\u00a0")
+
+
+def _around(value: bytes, affix: str, before: bool) -> bytes:
+    return affix.encode() + value if before else value + affix.encode()
+
+
 def odd_texts() -> Strategy[str]:
     return st.one_of(
         st.sampled_from(ODD_TEXTS),
@@ -370,6 +379,8 @@ class Builder:
                 else st.text(max_size=12).map(str.encode)
             )
             odd: Strategy[bytes] = odd_texts().map(lambda s: s.encode("utf-8"))
+            if hint.values is not None:  # a real value with something around it: "fz-seed\n", "d1\u0301"
+                odd = st.one_of(odd, st.builds(_around, valid, st.sampled_from(AFFIXES), st.booleans()))
             if f.type == t.TYPE_BYTES or self.hostile:
                 odd = st.one_of(odd, invalid_utf8())
             return _weighted(valid, odd, hint.odd if hint.values is not None else 0.5).map(
@@ -484,8 +495,13 @@ class Call:
     messages: tuple[bytes, ...]  # one, or several for a client-streaming RPC
     kind: str  # "generated", "hostile" or "raw"
 
-    def __repr__(self) -> str:  # what hypothesis prints for a failing example
+    def __repr__(self) -> str:
         return f"Call({self.rpc.name}, {self.kind}, {describe(self.rpc, self.messages)})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        """What hypothesis prints for a failing example (it would otherwise list the dataclass's fields,
+        megabytes of them for a long message)."""
+        printer.text(repr(self))
 
 
 def describe(rpc: Rpc, messages: tuple[bytes, ...], limit: int = 600) -> str:
