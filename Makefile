@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install node models redis protos check-protos lint eval eval-record bench-service bench-ingest bench-rerank bench-install bench bench-quick clean
+.PHONY: run test install node models redis protos check-protos lint eval eval-record fuzz bench-service bench-ingest bench-rerank bench-load bench-install bench bench-quick clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +72,14 @@ eval: models
 
 clean:
 	rm -rf $(VENV) $(MODELS_DIR) data .pytest_cache
+
+# Hostile input fuzzed against a live server with Redis and a worker (tests/test_fuzz.py), longer than the
+# run inside make test: FUZZ_REQUESTS calls in all, the same derandomized mix twice (the second run is the
+# memory-leak check), so 20000 = 10,000 distinct generated requests. FUZZ_SEED=N for another mix.
+FUZZ_REQUESTS ?= 20000
+FUZZ_SEED ?=
+fuzz: models redis
+	SIEVE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) SIEVE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s tests/test_fuzz.py
 
 # Quality on SciFact through the gRPC path (bi-encoder alone, then + late interaction on a worker),
 # recorded in bench/results/ and the README.
