@@ -181,9 +181,9 @@ def running_server(data_dir: Path, log: Path, **env: str) -> Iterator[Client]:
         SIEVE_GRPC_ADDRESS=address,
         SIEVE_MODELS_DIR=str(MODELS_DIR),
         SIEVE_LOG_LEVEL="INFO",
-        SIEVE_METRICS_ADDRESS="",
-        **env,
+        SIEVE_METRICS_ADDRESS="",  # no endpoint unless a test asks for one (no clash on the default port)
     )
+    child_env.update(env)
     with open(log, "ab") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve"],
