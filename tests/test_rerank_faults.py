@@ -22,7 +22,9 @@ import pytest
 import redis
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
 
-from tests.conftest import RedisServer, Worker, make_settings, start_api, stop_api
+from sieve_core.contracts import Candidate, LateInteractionRequest
+from tests.conftest import MODEL, RedisServer, Worker, make_settings, start_api, stop_api
+from workers.celery_app import TASK_LATE_INTERACTION, SieveCelery
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -105,6 +107,15 @@ async def _wait_task_started(redis_url: str, limit_s: float = 20.0) -> None:
     raise AssertionError("no task started on the worker")
 
 
+async def _wait_pool_ready(app: SieveCelery) -> None:
+    """Until a respawned pool process has warmed its runners and runs tasks again: a small task with no
+    expiry, waited for off the event loop (a re-rank sent with a 1.5 s expiry while the new process is
+    still loading its models would expire unstarted on a loaded machine)."""
+    request = LateInteractionRequest(query=QUERY, model=MODEL, candidates=[Candidate.of("warm-up text")])
+    result = app.send_task(TASK_LATE_INTERACTION, args=[request.to_json()])
+    await asyncio.to_thread(result.get, timeout=120)
+
+
 def _kill_pool(worker: Worker) -> None:
     pids = worker.pool_pids()
     assert pids, "the worker has no pool process"
@@ -142,7 +153,7 @@ async def test_worker_killed_mid_rerank_with_time_left_completes(
 
 
 async def test_worker_killed_mid_rerank_without_time_left_degrades_within_the_deadline(
-    worker: Worker, redis_url: str, tmp_path
+    worker: Worker, redis_url: str, client_app: SieveCelery, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
     api = await start_api(make_settings(tmp_path, redis_url=redis_url, rerank_timeout_s=1.5))
     try:
@@ -170,8 +181,8 @@ async def test_worker_killed_mid_rerank_without_time_left_degrades_within_the_de
             assert (
                 time.monotonic() - started < 4.0
             )  # the 1.5 s budget plus slack, well inside the 10 s deadline
-            # Let the retried task finish on the respawned process before the next round.
-            await asyncio.sleep(0.5)
+            # The next round needs a pool process that is up and warm again.
+            await _wait_pool_ready(client_app)
     finally:
         await stop_api(api)
 
