@@ -268,22 +268,30 @@ class RssSampler(threading.Thread):
 
 def flatness(samples: list[tuple[float, float]], start: float, end: float) -> dict[str, Any]:
     """RSS over [start, end]: medians of the first and last FLAT_WINDOW_S, growth between them, the slope
-    of a least-squares line (MB/min), and the samples themselves (seconds from `start`, MB)."""
+    of a least-squares line (MB/min), the same over the second half alone, and the samples themselves
+    (seconds from `start`, MB).
+
+    The second-half figures tell a step from a creep: onnxruntime's CPU arena keeps the largest footprint
+    that concurrent runs have needed, so the RSS can step up once when several long batches first meet
+    (seen here: +10 to +20 MB, a few tens of seconds in) and then stays put, which the whole-window growth
+    and slope count like a leak would."""
     window = [(t - start, mb) for t, mb in samples if start <= t <= end]
     span = end - start
-    first = [mb for t, mb in window if t < FLAT_WINDOW_S]
-    last = [mb for t, mb in window if t >= span - FLAT_WINDOW_S]
     out: dict[str, Any] = {"samples": len(window)}
-    if first and last:
-        out.update(
-            rss_first_mb=round(statistics.median(first), 1),
-            rss_last_mb=round(statistics.median(last), 1),
-        )
-        out["growth_mb"] = round(out["rss_last_mb"] - out["rss_first_mb"], 1)
-    if len(window) >= 3:
-        t, mb = np.array([w[0] for w in window]), np.array([w[1] for w in window])
-        out["slope_mb_per_min"] = round(float(np.polyfit(t, mb, 1)[0]) * 60, 2)
-        out["min_mb"], out["max_mb"] = round(float(mb.min()), 1), round(float(mb.max()), 1)
+    for prefix, lo in (("", 0.0), ("second_half_", span / 2)):
+        part = [(t, mb) for t, mb in window if t >= lo]
+        first = [mb for t, mb in part if t < lo + FLAT_WINDOW_S]
+        last = [mb for t, mb in part if t >= span - FLAT_WINDOW_S]
+        if first and last:
+            a, b = round(statistics.median(first), 1), round(statistics.median(last), 1)
+            if not prefix:
+                out.update(rss_first_mb=a, rss_last_mb=b)
+            out[f"{prefix}growth_mb"] = round(b - a, 1)
+        if len(part) >= 3:
+            t, mb = np.array([w[0] for w in part]), np.array([w[1] for w in part])
+            out[f"{prefix}slope_mb_per_min"] = round(float(np.polyfit(t, mb, 1)[0]) * 60, 2)
+            if not prefix:
+                out["min_mb"], out["max_mb"] = round(float(mb.min()), 1), round(float(mb.max()), 1)
     out["series"] = [[round(t, 1), round(mb, 1)] for t, mb in window]
     return out
 
@@ -525,7 +533,9 @@ def print_summary(runs: list[dict[str, Any]], console: Console | None = None) ->
         console.print(
             f"limit {r['limits']['max_inflight_requests']}: server RSS {mem.get('rss_first_mb', nan):.1f} MB (first "
             f"{FLAT_WINDOW_S:.0f} s) -> {mem.get('rss_last_mb', nan):.1f} MB (last {FLAT_WINDOW_S:.0f} s), growth "
-            f"{mem.get('growth_mb', nan):+.1f} MB, slope {mem.get('slope_mb_per_min', nan):+.2f} MB/min, peak "
+            f"{mem.get('growth_mb', nan):+.1f} MB, slope {mem.get('slope_mb_per_min', nan):+.2f} MB/min (second "
+            f"half {mem.get('second_half_growth_mb', nan):+.1f} MB, {mem.get('second_half_slope_mb_per_min', nan):+.2f} "
+            f"MB/min), peak "
             f"{mem['rss_peak_mb']:.1f} MB; errors {r['errors_by_status'] or 0}; RetryInfo delays (ms: count) "
             f"{r['retry_delays_ms'] or '-'}"
         )

@@ -132,6 +132,12 @@ def _load_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
             delays = ", ".join(f"{k} ms" for k in run["retry_delays_ms"]) or "none"
             outcome += f", {run['refused']:,} refused RESOURCE_EXHAUSTED, all with RetryInfo ({delays})"
         if run is r["runs"][0]:
+            half = ""
+            if "second_half_growth_mb" in mem:  # a one-time step (onnxruntime's arena) vs a creep
+                half = (
+                    f"; second half {mem['second_half_growth_mb']:+.1f} MB, "
+                    f"{mem['second_half_slope_mb_per_min']:+.1f} MB/min"
+                )
             rows.append(
                 f"| load: {c['clients']} concurrent clients (a connection each, on the server's 2 cores), "
                 f"{c['search_share']:.0%} `Search` (retrieval, top 10 with texts) / {1 - c['search_share']:.0%} "
@@ -139,7 +145,7 @@ def _load_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
                 f"after {c['warmup_s']:.0f} s warm-up, {run['corpus']} ({run['documents']} docs), in-flight limit "
                 f"{run['limits']['max_inflight_requests']}{_mode(r)} | {outcome}; {latency}; server RSS "
                 f"{mem['rss_first_mb']:.0f} -> {mem['rss_last_mb']:.0f} MB (first vs last 10 s, "
-                f"{mem['growth_mb']:+.1f} MB, slope {mem['slope_mb_per_min']:+.1f} MB/min) | {cmd} |"
+                f"{mem['growth_mb']:+.1f} MB, slope {mem['slope_mb_per_min']:+.1f} MB/min{half}) | {cmd} |"
             )
         else:
             rows.append(
