@@ -2,7 +2,7 @@
 backend, the worker's caches.
 
 Real redis-server processes (one with `--requirepass`, TLS-only ones with a CA and certificates made
-here with `cryptography`), a real Celery worker and an in-process gRPC server: a late-interaction search
+by tests/certs.py), a real Celery worker and an in-process gRPC server: a late-interaction search
 COMPLETED through the worker, then the same search answered from the cache. And what a wrong password,
 an untrusted server certificate or a missing client certificate give: the documented DEGRADED stage (or
 UNAVAILABLE when required) with a reason that says why and never shows the password. Plus the option
@@ -11,29 +11,23 @@ mapping of sieve_core.redis_conn itself.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import logging
 import shutil
 import ssl
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 import redis
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
 from sieve_core import redis_conn
 from sieve_core.config import Settings
+from tests.certs import Certs, make_certs
 from tests.conftest import (
     Api,
     RedisServer,
@@ -64,106 +58,9 @@ LATE = common_pb2.SearchSettings(
 
 
 # -- certificates -----------------------------------------------------------------------------------
-@dataclass
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-    other_ca: Path  # a CA that signed none of these
-
-
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-    )
-    return path
-
-
-def _write_cert(cert: x509.Certificate, path: Path) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _make_ca(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    usage = x509.KeyUsage(
-        digital_signature=True,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage, critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
-    return key, cert
-
-
-def _make_leaf(
-    ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, common_name: str, server: bool
-) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    purpose = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(common_name))
-        .issuer_name(ca.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
-    )
-    if server:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return key, builder.sign(ca_key, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    directory = tmp_path_factory.mktemp("certs")
-    ca_key, ca = _make_ca("Sieve test CA")
-    server_key, server_cert = _make_leaf(ca_key, ca, "redis.test", server=True)
-    client_key, client_cert = _make_leaf(ca_key, ca, "sieve-client", server=False)
-    _, other = _make_ca("Some other CA")
-    return Certs(
-        ca=_write_cert(ca, directory / "ca.pem"),
-        server_cert=_write_cert(server_cert, directory / "server.pem"),
-        server_key=_write_key(server_key, directory / "server.key"),
-        client_cert=_write_cert(client_cert, directory / "client.pem"),
-        client_key=_write_key(client_key, directory / "client.key"),
-        other_ca=_write_cert(other, directory / "other-ca.pem"),
-    )
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def _require_tls_redis() -> None:

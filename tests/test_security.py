@@ -2,13 +2,11 @@
 
 Keys are unique per run (uuid), so that finding one in a log line or an error message means a leak.
 Certificates (a CA, a server certificate for localhost and 127.0.0.1, a client certificate) are made at
-test time with `cryptography`.
+test time by tests/certs.py.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import logging
 import os
@@ -17,16 +15,11 @@ import subprocess
 import sys
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
 import pytest_asyncio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from sieve import AsyncSieveClient, PermissionDenied, RetryPolicy, Unauthenticated, Unavailable
@@ -35,6 +28,7 @@ from sieve.v1 import collections_pb2, documents_pb2, jobs_pb2, search_pb2
 from server.app import SERVICE_NAMES, SieveServer
 from server.evaluate import free_port
 from server.security import METHOD_ROLES, ConfigError, Role, load_keys, server_credentials
+from tests.certs import Certs, make_certs
 from tests.conftest import MODELS_DIR, ROOT, Api, make_settings, require_bundle, start_api, stop_api
 
 READ_KEY = f"read-{uuid.uuid4().hex}"
@@ -240,73 +234,9 @@ async def test_the_python_client_with_keys(guarded: Api, caplog: pytest.LogCaptu
 # -- TLS -------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class Certs:
-    ca: Path
-    server_cert: Path
-    server_key: Path
-    client_cert: Path
-    client_key: Path
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey, path: Path) -> Path:
-    fmt = serialization.PrivateFormat.PKCS8
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, fmt, serialization.NoEncryption()))
-    return path
-
-
-def _pem_cert(cert: x509.Certificate, path: Path) -> Path:
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    return path
-
-
-def _certificate(
-    subject: str,
-    key: ec.EllipticCurvePrivateKey,
-    issuer: tuple[x509.Name, ec.EllipticCurvePrivateKey] | None,
-    purpose: x509.ObjectIdentifier | None = None,
-) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
-    issuer_name, signer = issuer or (name, key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(issuer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=issuer is None, path_length=None), critical=True)
-    )
-    if purpose is not None:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([purpose]), critical=False)
-    if purpose == ExtendedKeyUsageOID.SERVER_AUTH:
-        names = [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-    return builder.sign(signer, hashes.SHA256())
-
-
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
-    out = tmp_path_factory.mktemp("certs")
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = _certificate("Sieve test CA", ca_key, None)
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    client_key = ec.generate_private_key(ec.SECP256R1())
-    issuer = (ca.subject, ca_key)
-    return Certs(
-        ca=_pem_cert(ca, out / "ca.pem"),
-        server_cert=_pem_cert(
-            _certificate("localhost", server_key, issuer, ExtendedKeyUsageOID.SERVER_AUTH), out / "server.pem"
-        ),
-        server_key=_pem_key(server_key, out / "server.key"),
-        client_cert=_pem_cert(
-            _certificate("sieve-client", client_key, issuer, ExtendedKeyUsageOID.CLIENT_AUTH),
-            out / "client.pem",
-        ),
-        client_key=_pem_key(client_key, out / "client.key"),
-    )
+    return make_certs(tmp_path_factory.mktemp("certs"))
 
 
 def test_tls_settings_that_cannot_work_stop_the_start(tmp_path: Path, certs: Certs) -> None:
