@@ -104,6 +104,14 @@ bench-rerank: models redis
 	$(PY) bench/rerank.py ../shared/datasets/scifact
 	$(PY) bench/report.py
 
+# Load and backpressure: 32 concurrent clients of mixed Search and UpsertDocuments for 60 s against a real
+# `sieve serve` (loopback only) at the default in-flight limit and at a low one; errors by status, latency,
+# the server's memory over time; recorded in bench/results/load.json and the README (never part of make test,
+# whose tests/test_load.py runs the same code and asserts on it).
+bench-load: models
+	$(PY) bench/load.py --beir ../shared/datasets/scifact
+	$(PY) bench/report.py
+
 # `make bench` / `make bench-quick`: every benchmark side by side with its peers (quality through gRPC,
 # each stage vs its bare work, scaling with concurrency and corpus size, usearch vs FAISS, ONNX vs
 # sentence-transformers, warm ColBERT vs colbert-ai), written to bench/results/ and summarised with plots
