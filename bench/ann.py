@@ -265,7 +265,7 @@ class Faiss(System):
             return {"bytes_per_vector": os.path.getsize(path) / n}
 
 
-def build_interleaved(label: str, systems: list[System], n: int) -> None:
+def build_interleaved(label: str, systems: list[System], n: int, load: list[float] | None = None) -> None:
     """Adds [0, n) to every HNSW system in BUILD_SLICES slices, the systems taking turns slice by slice (the
     first of each slice rotating), so that a change in the machine's load hits them alike; logs progress
     (a 1M build takes most of an hour here). Each system's time and resident-set growth is the sum over
@@ -280,6 +280,8 @@ def build_interleaved(label: str, systems: list[System], n: int) -> None:
             s.add(start, stop)
             s.slices_s.append(time.perf_counter() - t)
             s.rss_growth += rss_bytes() - rss
+        if load is not None:
+            load.append(os.getloadavg()[0])
         if n > step:
             done = ", ".join(
                 f"{s.name} {sum(s.slices_s) / 60:.1f} min ({(stop - start) / s.slices_s[-1]:,.0f}/s now)"
@@ -318,7 +320,8 @@ def compare(
         systems.append(Usearch(corpus, MetricKind.IP, threads))
     systems.append(Faiss(corpus, threads))
     log(f"{name}: building {', '.join(s.name for s in systems if s.hnsw)}, slice by slice in turn")
-    build_interleaved(name, systems, n)
+    load = [os.getloadavg()[0]]  # the shared machine's load while this data set was measured
+    build_interleaved(name, systems, n, load)
 
     log(f"{name}: batch search, {rounds} rounds of {len(queries)} queries, systems in turn")
     qps: dict[str, list[float]] = {s.name: [] for s in systems}
@@ -344,6 +347,7 @@ def compare(
                     t = time.perf_counter()
                     s.one(q)
                     ms[s.name].append((time.perf_counter() - t) * 1000)
+    load.append(os.getloadavg()[0])
 
     results: dict[str, Any] = {}
     for s in systems:
@@ -378,6 +382,7 @@ def compare(
         "dims": int(corpus.shape[1]),
         "queries": len(queries),
         "rounds": rounds,
+        "load_average_1min": {"min": min(load), "median": float(np.median(load)), "max": max(load)},
         "systems": results,
         "paired": paired,
     }

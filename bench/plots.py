@@ -235,7 +235,8 @@ def ann() -> None:
     fig.suptitle(
         _title(
             r,
-            f"ANN peers: M={s['connectivity']}, ef_construction={s['ef_construction']}, ef_search={s['ef_search']}",
+            f"ANN peers: M={s['connectivity']}, ef_construction={s['ef_construction']}, ef_search={s['ef_search']}"
+            "; the systems of a data set side by side, data sets at different times (and machine loads)",
         ),
         fontsize=10,
     )

@@ -340,6 +340,9 @@ def _bench_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
     return []
 
 
+ANN_SHORT = {"usearch_cos": "usearch cos (Sieve)", "faiss_hnsw": "FAISS HNSW", "exact": "exact"}
+
+
 def _ann_row(d: dict, m: str, cmd: str) -> str:  # type: ignore[type-arg]
     """One README row per ANN data set: usearch cos (Sieve) / FAISS HNSW / exact, and the paired ratios."""
     names = [x for x in ("usearch_cos", "faiss_hnsw", "exact") if x in d["systems"]]
@@ -366,7 +369,7 @@ def _ann_row(d: dict, m: str, cmd: str) -> str:  # type: ignore[type-arg]
     side = "built and searched side by side (in turn)" if p else "one after the other"
     return (
         f"| ANN peers on {d['name']} ({d['vectors']:,} x {d['dims']}), same M/ef/threads, {side}: "
-        f"{' / '.join(ANN_NAMES[x].split(' (')[0] for x in names)}{m} | {'; '.join(cells)} | {cmd} |"
+        f"{' / '.join(ANN_SHORT[x] for x in names)}{m} | {'; '.join(cells)} | {cmd} |"
     )
 
 
@@ -602,6 +605,8 @@ def _section_peers() -> list[str]:
                 if side
                 else " The systems ran one after the other."
             )
+            + " Data sets were measured one after the other, at whatever load the shared machine had then: compare "
+            "systems within a data set, not one data set's absolute figures with another's."
             + " Resident B/vector: the process's resident-set growth over the build (shown from 100k vectors; "
             "on small corpora freed memory is reused and it reads low); usearch's own `memory_usage` counts "
             "reserved capacity too.",
@@ -609,6 +614,9 @@ def _section_peers() -> list[str]:
         ]
         for d in r["datasets"]:
             rounds = f", {d['rounds']} batch rounds" if "rounds" in d else ""
+            load = d.get("load_average_1min")
+            if load:
+                rounds += f", load average {load['min']:.1f} to {load['max']:.1f} while measured"
             out += [
                 f"**{d['name']}**: {d['vectors']:,} x {d['dims']}, {d['queries']} queries{rounds} "
                 f"({d.get('note', '')})",
