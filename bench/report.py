@@ -605,6 +605,9 @@ def _section_peers() -> list[str]:
                 if side
                 else " The systems ran one after the other."
             )
+            + " The synthetic mixture is deliberately hard (1,000 vectors per cluster, spread in a 48-dimensional "
+            "subspace: many near-ties among the true neighbours), so its recall at a given ef_search is well below "
+            "what real embeddings get (SciFact above)."
             + " Data sets were measured one after the other, at whatever load the shared machine had then: compare "
             "systems within a data set, not one data set's absolute figures with another's."
             + " Resident B/vector: the process's resident-set growth over the build (shown from 100k vectors; "
