@@ -125,10 +125,14 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 
 bench-install: $(BENCH_STAMP)
 
+# The benchmarks' BEIR data set (the shared data sets live beside the repository; from a checkout
+# elsewhere: make bench-quick BEIR=/path/to/scifact).
+BEIR ?= ../shared/datasets/scifact
+
 bench: bench-install models redis
 	$(PY) bench/run.py --prepare
-	$(PY) bench/run.py --beir ../shared/datasets/scifact
+	$(PY) bench/run.py --beir $(BEIR)
 
 bench-quick: bench-install models redis
 	$(PY) bench/run.py --prepare
-	$(PY) bench/run.py --quick --beir ../shared/datasets/scifact
+	$(PY) bench/run.py --quick --beir $(BEIR)
