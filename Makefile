@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test install node models redis protos check-protos lint eval eval-record fuzz bench-service bench-ingest bench-rerank bench-load bench-install bench bench-quick clean
+.PHONY: run test test-fast install node models redis protos check-protos lint eval eval-record fuzz bench-service bench-ingest bench-rerank bench-load bench-install bench bench-quick clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,6 +63,10 @@ test: models redis check-protos lint node
 	$(PY) -m pytest -q -ra
 	cd $(NODE_DIR) && npm test
 
+# The quick layers only: unit tests and the gRPC tests on an in-process server (no Redis, no workers).
+test-fast: models node
+	$(PY) -m pytest -q -ra -m "unit or grpc"
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -73,13 +77,13 @@ eval: models
 clean:
 	rm -rf $(VENV) $(MODELS_DIR) data .pytest_cache
 
-# Hostile input fuzzed against a live server with Redis and a worker (tests/test_fuzz.py), longer than the
+# Hostile input fuzzed against a live server with Redis and a worker (tests/system/test_fuzz.py), longer than the
 # run inside make test: FUZZ_REQUESTS calls in all, the same derandomized mix twice (the second run is the
 # memory-leak check), so 20000 = 10,000 distinct generated requests. FUZZ_SEED=N for another mix.
 FUZZ_REQUESTS ?= 20000
 FUZZ_SEED ?=
 fuzz: models redis
-	SIEVE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) SIEVE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s tests/test_fuzz.py
+	SIEVE_FUZZ_REQUESTS=$(FUZZ_REQUESTS) SIEVE_FUZZ_SEED=$(FUZZ_SEED) $(PY) -m pytest -q -s tests/system/test_fuzz.py
 
 # Quality on SciFact through the gRPC path (bi-encoder alone, then + late interaction on a worker),
 # recorded in bench/results/ and the README.
@@ -107,7 +111,7 @@ bench-rerank: models redis
 # Load and backpressure: 32 concurrent clients of mixed Search and UpsertDocuments for 60 s against a real
 # `sieve serve` (loopback only) at the default in-flight limit and at a low one; errors by status, latency,
 # the server's memory over time; recorded in bench/results/load.json and the README (never part of make test,
-# whose tests/test_load.py runs the same code and asserts on it).
+# whose tests/system/test_load.py runs the same code and asserts on it).
 bench-load: models
 	$(PY) bench/load.py --beir ../shared/datasets/scifact
 	$(PY) bench/report.py

@@ -13,7 +13,7 @@ Data sets:
 
 Systems, all with Sieve's settings (SIEVE_HNSW_CONNECTIVITY=16, SIEVE_HNSW_EF_CONSTRUCTION=200,
 SIEVE_DEFAULT_EF_SEARCH=256), f32 vectors:
-  usearch cos   exactly what a collection builds (server/index.py: MetricKind.Cos)
+  usearch cos   exactly what a collection builds (server/storage/index.py: MetricKind.Cos)
   usearch ip    the same on inner product (the vectors are normalised, so the same ranking): shows what
                 the cosine metric costs; not what Sieve runs today
   faiss hnsw    IndexHNSWFlat(d, M=16, METRIC_INNER_PRODUCT), efConstruction 200, efSearch 256 (FAISS's
@@ -56,7 +56,7 @@ from typing import Any
 
 import numpy as np
 
-# onnxruntime before usearch: the other order segfaults here (see server/index.py).
+# onnxruntime before usearch: the other order segfaults here (see server/storage/index.py).
 import onnxruntime  # noqa: F401, I001
 from run import CACHE, available_cores, command_line, log, percentiles, write_result
 from usearch.index import Index, MetricKind  # noqa: I001

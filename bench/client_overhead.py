@@ -28,7 +28,7 @@ import numpy as np
 from sieve import SieveClient
 from sieve.v1 import search_pb2, search_pb2_grpc
 
-from server.evaluate import free_port, wait_serving
+from sieve_cli.evaluate import free_port, wait_serving
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = ROOT / "examples" / "data" / "notes.jsonl"
@@ -70,7 +70,7 @@ def _start(data_dir: str, address: str) -> subprocess.Popen:  # type: ignore[typ
         SIEVE_MODELS_DIR=str(ROOT / "models"),
         SIEVE_LOG_LEVEL="WARNING",
     )
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "sieve_cli.main", "serve"], env=env, cwd=ROOT)
     wait_serving(address, 120, proc)
     return proc
 

@@ -15,7 +15,7 @@ median of the per-part ratios job / bare.
 
 Quality: after its last part the 1-worker collection holds the whole corpus; it is searched with the test
 queries exactly as `sieve eval` does (top_k 100, bi-encoder retrieval, ids only) and scored with
-sieve_core.beir.evaluate; then `sieve eval`'s own code (server.evaluate.run_eval) indexes the corpus
+sieve_core.beir.evaluate; then `sieve eval`'s own code (sieve_cli.evaluate.run_eval) indexes the corpus
 through UpsertDocuments on the same server and scores it. The two nDCG@10 figures should be equal.
 """
 
@@ -48,7 +48,7 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from server.evaluate import EvalOptions, free_port, run_eval, wait_serving
+from sieve_cli.evaluate import EvalOptions, free_port, run_eval, wait_serving
 from sieve_core.beir import evaluate, load_beir
 from sieve_core.config import load_settings
 from sieve_core.models.bi_encoder import BiEncoderRunner
@@ -97,7 +97,7 @@ def _env(**extra: str) -> dict[str, str]:
 def server(data_dir: Path, redis_url: str) -> Iterator[str]:
     address = f"127.0.0.1:{free_port()}"
     env = _env(SIEVE_DATA_DIR=str(data_dir), SIEVE_GRPC_ADDRESS=address, SIEVE_REDIS_URL=redis_url)
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "sieve_cli.main", "serve"], env=env, cwd=ROOT)
     try:
         wait_serving(address, 120, proc)
         yield address

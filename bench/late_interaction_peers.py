@@ -21,7 +21,7 @@ the order of the sides, the timed span is everything a warm re-rank does from th
   colbert-ai      colbert-ai 0.2.22 in its own process: Checkpoint.queryFromText + colbert_score over the
                   candidates' precomputed padded float32 token matrices and their mask
   pylate          PyLate in its own process (only when SIEVE_PYLATE_PYTHON names a Python that has it, see
-                  tests/test_colbert.py): ColBERT.encode(is_query=True) + rank.rerank over its precomputed
+                  tests/integration/test_colbert.py): ColBERT.encode(is_query=True) + rank.rerank over its precomputed
                   document embeddings
 
 Peers are timed inside their processes (no IPC in their figures); torch threads = ONNX threads = T, and the
@@ -191,7 +191,7 @@ class Peer:
 def redis_server() -> Iterator[Any]:
     import redis
 
-    from server.evaluate import free_port
+    from sieve_cli.evaluate import free_port
 
     binary = shutil.which("redis-server")
     if binary is None:
@@ -310,7 +310,7 @@ def main() -> int:
             peers["pylate"] = Peer(pylate_python, "pylate", checkpoint, threads)
         else:
             log(
-                "PyLate skipped: SIEVE_PYLATE_PYTHON is not set (tests/test_colbert.py says how to build one)"
+                "PyLate skipped: SIEVE_PYLATE_PYTHON is not set (tests/integration/test_colbert.py says how to build one)"
             )
         for name, peer in peers.items():
             encode_s[name] = peer.ask(documents=texts)["seconds"]

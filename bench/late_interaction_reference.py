@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 
 import numpy as np
-import onnxruntime  # noqa: F401  # before usearch (server.index): importing usearch first segfaults here
+import onnxruntime  # noqa: F401  # before usearch (server.storage.index): importing usearch first segfaults here
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -49,7 +49,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from server.index import exact_scores
+from server.storage.index import exact_scores
 from sieve_core.beir import BeirDataset, evaluate, load_beir
 from sieve_core.late_interaction import (
     decode_packed,

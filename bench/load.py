@@ -67,7 +67,7 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from server.evaluate import free_port, wait_serving
+from sieve_cli.evaluate import free_port, wait_serving
 from sieve_core.config import load_settings
 
 DEFAULT_BEIR = ROOT.parent / "shared" / "datasets" / "scifact"
@@ -173,7 +173,7 @@ def sieve_serve(
     )
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"],
+            [sys.executable, "-m", "sieve_cli.main", "serve"],
             cwd=ROOT,
             env=env,
             stdout=out,

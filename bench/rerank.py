@@ -102,7 +102,7 @@ try:  # installed with the export extra; the 1-BLAS-thread variant is skipped wi
 except ImportError:  # pragma: no cover
     threadpool_limits = None  # type: ignore[assignment]
 
-from server.rerank import Dispatcher, StageUnavailable
+from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from sieve_core.beir import BeirDataset, load_beir
 from sieve_core.cache import pair_score_key
 from sieve_core.config import Settings, load_settings
@@ -114,15 +114,15 @@ from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.colbert import ColbertRunner
 from sieve_core.models.cross_encoder import CrossEncoderRunner
 from sieve_core.models.export import subprocess_env
-from workers.celery_app import (
+from sieve_core.tasking import (
     QUEUE_COLBERT,
     QUEUE_CROSS_ENCODER,
     TASK_CROSS_ENCODER,
     TASK_LATE_INTERACTION,
     TIME_LIMITS,
     SieveCelery,
-    create_app,
 )
+from workers.celery_app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "all-MiniLM-L6-v2"

@@ -12,7 +12,7 @@ re-ranking, as in production). Then, all through gRPC Search:
 
   quality      every test query once per cascade (`retrieve`, `late`: retrieve 100 > MaxSim over
                all-MiniLM-L6-v2's token vectors), top 100 ids, scored with nDCG@10, recall@100, MRR@10 as
-               `sieve eval` scores them (the same settings: server.evaluate.cascade_settings)
+               `sieve eval` scores them (the same settings: sieve_cli.evaluate.cascade_settings)
   concurrency  for each cascade and 1, 4, 16, 64 clients (asyncio, one channel, in this process), as many
                distinct queries as max(base, 4 x clients) (quick: max(30, clients)), top_k 10 with documents: latency p50/p99 as the
                client sees it and throughput (completed / wall time). The query-vector and stage-score
@@ -74,8 +74,8 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from server.evaluate import EvalOptions, cascade_settings, describe_cascade, free_port, wait_serving
-from server.index import VectorIndex, snapshot_files, snapshot_generation
+from server.storage.index import VectorIndex, snapshot_files, snapshot_generation
+from sieve_cli.evaluate import EvalOptions, cascade_settings, describe_cascade, free_port, wait_serving
 from sieve_core.beir import BeirDataset, evaluate, load_beir
 from sieve_core.config import load_settings
 
@@ -128,7 +128,7 @@ def service(data_dir: Path, redis_port: int, log_path: Path) -> Iterator[str]:
     )
     with log_path.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "run"],
+            [sys.executable, "-m", "sieve_cli.main", "run"],
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -34,8 +34,8 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from server.evaluate import free_port, wait_serving
-from server.index import VectorIndex
+from server.storage.index import VectorIndex
+from sieve_cli.evaluate import free_port, wait_serving
 from sieve_core.beir import load_beir
 from sieve_core.models.bi_encoder import BiEncoderRunner
 
@@ -52,7 +52,7 @@ def _start(data_dir: str, address: str) -> subprocess.Popen:  # type: ignore[typ
         "SIEVE_MODELS_DIR": str(ROOT / "models"),
         "SIEVE_LOG_LEVEL": "WARNING",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "serve"], env=env, cwd=ROOT)
+    proc = subprocess.Popen([sys.executable, "-m", "sieve_cli.main", "serve"], env=env, cwd=ROOT)
     wait_serving(address, 120, proc)
     return proc
 

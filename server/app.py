@@ -22,12 +22,12 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from server.engine import Engine
-from server.interceptors import FrontDoor
-from server.jobs import JobManager
-from server.metrics import ServerMetrics
-from server.security import load_keys, server_credentials
-from server.servicers import CollectionServicer, DocumentServicer, JobServicer, SearchServicer
+from server.core.engine import Engine
+from server.jobs.manager import JobManager
+from server.transport.interceptors import FrontDoor
+from server.transport.metrics import ServerMetrics
+from server.transport.security import load_keys, server_credentials
+from server.transport.servicers import CollectionServicer, DocumentServicer, JobServicer, SearchServicer
 from sieve_core.config import Settings
 from sieve_core.logs import configure_logging
 

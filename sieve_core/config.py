@@ -123,7 +123,7 @@ class Settings(BaseSettings):
     max_collections: int = Field(1000, ge=1, description="Collections one server holds.")
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted.")
 
-    # Index jobs (bulk loading, server/jobs.py) and read-your-writes.
+    # Index jobs (bulk loading, server/jobs/manager.py) and read-your-writes.
     job_batch_size: int = Field(
         64,
         ge=1,

@@ -19,14 +19,26 @@ import redis
 from sieve.v1 import collections_pb2_grpc, documents_pb2_grpc, search_pb2_grpc
 
 from server.app import SieveServer
-from server.evaluate import free_port
+from sieve_cli.evaluate import free_port
 from sieve_core.config import Settings, load_settings
-from workers.celery_app import QUEUE_COLBERT, QUEUE_EMBED, SieveCelery, create_app
+from sieve_core.tasking import QUEUE_COLBERT, QUEUE_EMBED, SieveCelery
+from workers.celery_app import create_app
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS_DIR = ROOT / "models"
 MODEL = "all-MiniLM-L6-v2"
 SCIFACT = ROOT.parent / "shared" / "datasets" / "scifact"
+
+
+LAYERS = ("unit", "grpc", "integration", "system")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its layer, the folder it lives in (tests/unit, tests/grpc, ...)."""
+    for item in items:
+        layer = Path(str(item.fspath)).parent.name
+        if layer in LAYERS:
+            item.add_marker(getattr(pytest.mark, layer))
 
 
 def require_bundle() -> None:
@@ -88,7 +100,7 @@ async def api(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
 
 @dataclass
 class RedisTls:
-    """PEM files for a redis-server that speaks only TLS (tests/test_redis_security.py makes them)."""
+    """PEM files for a redis-server that speaks only TLS (tests/integration/test_redis_security.py makes them)."""
 
     ca: Path
     cert: Path

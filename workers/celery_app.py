@@ -1,31 +1,13 @@
-"""The Celery app of the Sieve workers: Redis broker and result backend, one queue per model kind.
+"""The Celery app of the Sieve workers: the shared task contract (sieve_core.tasking) plus the task code.
 
 Start a worker (SIEVE_REDIS_URL and SIEVE_MODELS_DIR set, from the repository root):
 
-    celery -A workers.celery_app worker -Q colbert -c 1 --loglevel INFO
+    celery -A workers.celery_app worker -Q embed,colbert -c 1 --loglevel INFO
 
-Queues: `embed` (bi-encoder, bulk indexing and token blobs), `colbert` (late-interaction re-rank),
-`cross_encoder` (cross-encoder re-rank). A machine can
-run one worker per queue or one worker on several (`-Q embed,colbert`). Each pool process loads its
-ONNX sessions once, at start (see workers/runtime.py), with intra-op threads = cores // concurrency.
+Each pool process loads its ONNX sessions once, at start (see workers/runtime.py), with intra-op
+threads = cores // concurrency. Queues, task names, time limits and the Celery configuration are the
+contract in sieve_core/tasking.py, which the server uses to send tasks without importing this package.
 
-The server builds its own client app with `create_app(settings)` and sends tasks by name
-(`app.send_task(TASK_EMBED, args=[request.to_json()])`); routing sends each to its queue.
-
-Delivery: tasks are acknowledged after they finish (`acks_late`), each pool process reserves one
-message at a time (prefetch 1), and a task whose pool process dies (OOM kill, segfault) runs again on
-the next free process: it is re-sent at once with its retry count raised (`task_retry_on_worker_lost`),
-and after MAX_WORKER_LOST_RETRIES such losses it fails with WorkerLostError instead of killing process
-after process (a "poison" payload). Should the re-send itself fail, the message is put back on its queue
-(`task_reject_on_worker_lost`). If a whole worker host disappears, Redis redelivers its unacknowledged
-messages after the visibility timeout. Tasks must therefore be idempotent, which ours are: they compute,
-and write only content-addressed cache entries.
-
-MaxSim runs on numpy's BLAS, which starts one thread per core in every pool process; with `-c` above 1
-start workers with OPENBLAS_NUM_THREADS=1 (see sieve_core/late_interaction.py for the measurements).
-
-Redis: the broker, the result backend and the workers' caches connect through sieve_core.redis_conn, so
-a password in SIEVE_REDIS_URL and TLS (`rediss://`, SIEVE_REDIS_TLS_*) apply to all of them alike.
 Logging: the worker takes over Celery's logging set-up (sieve_core.logs, SIEVE_LOG_FORMAT text or JSON);
 log lines about a task carry the request id the server sent with it (see workers/tasks.py).
 """
@@ -35,103 +17,18 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from celery import Celery
 from celery.signals import setup_logging
-from kombu import Exchange, Queue
 
-from sieve_core import redis_conn
 from sieve_core.config import Settings, load_settings
 from sieve_core.logs import configure_logging
-
-QUEUE_EMBED = "embed"
-QUEUE_COLBERT = "colbert"
-QUEUE_CROSS_ENCODER = "cross_encoder"
-QUEUES = (QUEUE_EMBED, QUEUE_COLBERT, QUEUE_CROSS_ENCODER)
-
-TASK_EMBED = "sieve.embed"
-TASK_LATE_INTERACTION = "sieve.late_interaction"
-TASK_CROSS_ENCODER = "sieve.cross_encoder"
-
-# (soft, hard) time limits per task, seconds. The soft limit raises SoftTimeLimitExceeded in the task;
-# the hard one kills the pool process. A re-rank answers a search, whose deadline the server enforces
-# itself (and sends as `expires`); the limits here only stop runaway work, and must leave room for a
-# cold re-rank (up to MAX_CANDIDATES texts encoded) on a busy machine, whose token vectors are cached
-# for the next search even if this one has given up. An embed task is bulk work of up to 1000 texts.
-TIME_LIMITS: dict[str, tuple[int, int]] = {
-    TASK_EMBED: (240, 300),
-    TASK_LATE_INTERACTION: (90, 120),
-    TASK_CROSS_ENCODER: (90, 120),
-}
-ROUTES = {
-    TASK_EMBED: {"queue": QUEUE_EMBED},
-    TASK_LATE_INTERACTION: {"queue": QUEUE_COLBERT},
-    TASK_CROSS_ENCODER: {"queue": QUEUE_CROSS_ENCODER},
-}
-# An unacknowledged message is redelivered after this long. It must exceed the longest time a task can
-# hold its message (the hard limit, as prefetch is 1), or a slow but healthy task would run twice.
-MAX_WORKER_LOST_RETRIES = 2
-VISIBILITY_TIMEOUT_S = max(hard for _, hard in TIME_LIMITS.values()) + 60
-RESULT_EXPIRES_S = 3600
-
-
-class SieveCelery(Celery):
-    """A Celery app that keeps the Settings it was built from (workers read models_dir etc. there)."""
-
-    settings: Settings
-
-
-def celery_config(settings: Settings) -> dict[str, Any]:
-    if settings.redis_url is None:
-        raise RuntimeError(
-            "SIEVE_REDIS_URL is not set: the workers need the Redis that the server uses as its Celery "
-            "broker (`sieve run` prints it; e.g. SIEVE_REDIS_URL=redis://127.0.0.1:6390/0)"
-        )
-    url = redis_conn.redis_url(settings)
-    return {
-        "broker_url": url,
-        "result_backend": url,
-        # TLS to the broker and the result backend (rediss://): the same options as every other client.
-        **redis_conn.celery_ssl_options(settings),
-        "task_serializer": "json",
-        "result_serializer": "json",
-        "accept_content": ["json"],
-        "result_accept_content": ["json"],
-        # One direct exchange per queue: queues declared without one would all share the default
-        # exchange and routing key, and a message for one queue would be copied into the others.
-        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
-        "task_default_queue": QUEUE_EMBED,
-        "task_default_exchange": QUEUE_EMBED,
-        "task_default_routing_key": QUEUE_EMBED,
-        "task_routes": ROUTES,
-        "task_acks_late": True,
-        "task_reject_on_worker_lost": True,
-        "task_retry_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
-        # STARTED (with the pool process id) is stored when a task begins: the caller can tell queued
-        # from running, e.g. to report "no workers" rather than "too slow".
-        "task_track_started": True,
-        # Tasks declare their limits (TIME_LIMITS); these defaults catch any task that does not.
-        "task_soft_time_limit": 60,
-        "task_time_limit": 90,
-        "result_expires": RESULT_EXPIRES_S,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
-        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
-        "broker_connection_retry_on_startup": True,
-        "worker_send_task_events": False,
-        "timezone": "UTC",
-    }
+from sieve_core.tasking import SieveCelery, client_app
+from workers import tasks
 
 
 def create_app(settings: Settings | None = None) -> SieveCelery:
-    """The app for workers (tasks registered) and for clients that send tasks by name."""
-    settings = settings or load_settings()
-    app = SieveCelery("sieve", set_as_current=False)
-    app.config_from_object(celery_config(settings))
-    app.settings = settings
-    # Imported here: workers.tasks imports this module for its constants.
-    import workers.tasks
-
-    workers.tasks.register(app)
+    """The worker's app: the shared configuration with the task functions registered."""
+    app = client_app(settings)
+    tasks.register(app)
     return app
 
 

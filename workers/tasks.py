@@ -25,14 +25,14 @@ from sieve_core.contracts import CrossEncoderRequest, EmbedRequest, LateInteract
 from sieve_core.cross_encoder_service import cross_encoder as score_pairs
 from sieve_core.errors import InvalidArgument
 from sieve_core.logs import REQUEST_ID_HEADER, clean_request_id, request_id
-from workers import runtime
-from workers.celery_app import (
+from sieve_core.tasking import (
     MAX_WORKER_LOST_RETRIES,
     TASK_CROSS_ENCODER,
     TASK_EMBED,
     TASK_LATE_INTERACTION,
     TIME_LIMITS,
 )
+from workers import runtime
 
 C = TypeVar("C", bound=BaseModel)
 log = logging.getLogger("sieve.worker.tasks")

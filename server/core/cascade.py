@@ -1,0 +1,245 @@
+"""The re-ranking half of `Search`: late interaction to M candidates, then the cross-encoder to K.
+
+Each stage runs on a Celery worker (server/dispatch/dispatcher.py) and is cached in Redis under a key naming the
+stage's model (revision and serving settings), the collection and its generation, the query and the
+candidates' content (sieve_core/cache.py): a repeated search is answered from the cache without a
+worker, and any write to the collection moves its generation, so nothing stale is ever served.
+
+A stage that cannot finish keeps the previous stage's order and says why (DEGRADED); a stage the
+request marks REQUIRED fails the request instead: UNAVAILABLE when the workers could not answer,
+FAILED_PRECONDITION when no model is configured for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from functools import partial
+
+from server.dispatch.dispatcher import Dispatcher, StageUnavailable
+from sieve_core.cache import ResultCache, stage_scores_key
+from sieve_core.config import Settings
+from sieve_core.contracts import content_hash_hex
+from sieve_core.errors import FailedPrecondition, Unavailable
+from sieve_core.models.bundle import BundleError, BundleManifest, load_bundle_manifest
+from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageScore, StageStatus
+
+log = logging.getLogger(__name__)
+
+# Time kept back from the caller's deadline for building and sending the reply.
+REPLY_MARGIN_S = 0.1
+CROSS_ENCODER_EXPORT_HINT = (
+    "export one with `sieve models export cross-encoder --source CHECKPOINT_DIR --out {dir}/NAME` and set "
+    "SIEVE_CROSS_ENCODER_MODEL=NAME"
+)
+
+
+@dataclass(frozen=True)
+class StageModel:
+    name: str  # bundle name, as the worker task receives it
+    label: str  # what the stage report shows
+    cache_id: str  # BundleManifest.cache_id: revision + serving settings
+
+
+@dataclass
+class StagePlan:
+    """What the request, the collection and the server together ask of one re-ranking stage."""
+
+    stage: Stage
+    mode: StageMode
+    keep: int
+
+
+class Cascade:
+    def __init__(
+        self, settings: Settings, dispatcher: Dispatcher, cache: ResultCache, pool: Executor
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = dispatcher
+        self.cache = cache
+        self._pool = pool
+        self._manifests: dict[str, BundleManifest] = {}
+        self._lock = threading.Lock()
+
+    # -- models --------------------------------------------------------------------------------------
+    def _manifest(self, name: str) -> BundleManifest:
+        with self._lock:
+            found = self._manifests.get(name)
+        if found is None:
+            found = load_bundle_manifest(self.settings.models_dir / name)
+            with self._lock:
+                self._manifests[name] = found
+        return found
+
+    def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
+        """The stage's model: the named `colbert` bundle, or MaxSim over the bi-encoder's token vectors."""
+        if name is None:
+            manifest = self._manifest(embedding_model)
+            label = f"{manifest.model_id} (MaxSim over its token vectors, zero-shot)"
+            return StageModel(embedding_model, label, manifest.cache_id)
+        manifest = self._manifest(name)
+        if manifest.kind not in ("colbert", "bi_encoder"):
+            raise BundleError(f"model {name!r} is a {manifest.kind} bundle: it has no token vectors")
+        label = "ColBERT" if manifest.kind == "colbert" else "MaxSim over its token vectors, zero-shot"
+        return StageModel(name, f"{manifest.model_id} ({label})", manifest.cache_id)
+
+    def cross_encoder_model(self, name: str | None) -> StageModel:
+        """The named cross-encoder; FailedPrecondition naming the fix when there is none."""
+        hint = CROSS_ENCODER_EXPORT_HINT.format(dir=self.settings.models_dir)
+        if name is None:
+            raise FailedPrecondition(f"no cross_encoder model is configured on this server; {hint}")
+        try:
+            manifest = self._manifest(name)
+        except BundleError as exc:
+            raise FailedPrecondition(
+                f"cross_encoder model {name!r} is not available ({exc}); {hint}"
+            ) from None
+        if manifest.kind != "cross_encoder":
+            raise FailedPrecondition(f"model {name!r} is a {manifest.kind} bundle, not a cross_encoder")
+        return StageModel(name, manifest.model_id, manifest.cache_id)
+
+    def check_required(self, settings: SearchSettings, embedding_model: str) -> None:
+        """Refuse up front a request that demands a stage this server has no model for."""
+        if settings.cross_encoder == StageMode.REQUIRED:
+            self.cross_encoder_model(settings.cross_encoder_model)
+        if settings.late_interaction == StageMode.REQUIRED:
+            try:
+                self.late_interaction_model(settings.late_interaction_model, embedding_model)
+            except BundleError as exc:
+                raise FailedPrecondition(
+                    f"late_interaction model is not available ({exc}); export one with `sieve models export "
+                    f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
+                ) from None
+
+    # -- running -------------------------------------------------------------------------------------
+    async def rerank(
+        self,
+        *,
+        collection_id: int,
+        generation: int,
+        embedding_model: str,
+        query: str,
+        hits: list[Hit],
+        settings: SearchSettings,
+        top_k: int,
+        deadline: float | None,
+    ) -> tuple[list[Hit], list[StageReport]]:
+        """Runs the requested stages in order over `hits`; `deadline` is a time.monotonic() value."""
+        plans = [
+            StagePlan(
+                Stage.LATE_INTERACTION, settings.late_interaction, settings.late_interaction_keep or top_k
+            ),
+            StagePlan(Stage.CROSS_ENCODER, settings.cross_encoder, settings.cross_encoder_keep or top_k),
+        ]
+        reports: list[StageReport] = []
+        for plan in plans:
+            if plan.mode in (StageMode.OFF, StageMode.UNSPECIFIED):
+                reports.append(StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested"))
+                continue
+            hits, report = await self._stage(
+                plan,
+                settings,
+                collection_id,
+                generation,
+                embedding_model,
+                query,
+                hits,
+                max(plan.keep, top_k),
+                deadline,
+            )
+            if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
+                raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
+            reports.append(report)
+        return hits, reports
+
+    async def _stage(
+        self,
+        plan: StagePlan,
+        settings: SearchSettings,
+        collection_id: int,
+        generation: int,
+        embedding_model: str,
+        query: str,
+        hits: list[Hit],
+        keep: int,
+        deadline: float | None,
+    ) -> tuple[list[Hit], StageReport]:
+        started = time.perf_counter()
+
+        def report(
+            status: StageStatus, *, out: int, model: str = "", method: str = "", reason: str = ""
+        ) -> StageReport:
+            took = (time.perf_counter() - started) * 1000
+            return StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
+
+        try:
+            model = (
+                self.late_interaction_model(settings.late_interaction_model, embedding_model)
+                if plan.stage == Stage.LATE_INTERACTION
+                else self.cross_encoder_model(settings.cross_encoder_model)
+            )
+        except (FailedPrecondition, BundleError) as exc:
+            reason = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
+            return hits, report(
+                StageStatus.DEGRADED, out=len(hits), reason=f"{reason}; kept the previous order"
+            )
+        if not hits:
+            return hits, report(StageStatus.COMPLETED, out=0, model=model.label)
+        texts = [h.text for h in hits]
+        key = stage_scores_key(
+            plan.stage.name.lower(),
+            model.cache_id,
+            collection_id,
+            generation,
+            query,
+            [content_hash_hex(t) for t in texts],
+        )
+        loop = asyncio.get_running_loop()
+        scores = await loop.run_in_executor(self._pool, partial(self.cache.get_scores, key, len(hits)))
+        method = "cache"
+        if scores is None:
+            budget = self.settings.rerank_timeout_s
+            if deadline is not None:
+                budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
+            call: Callable[[str, str, list[str], float], Awaitable[object]] = (
+                self.dispatcher.late_interaction
+                if plan.stage == Stage.LATE_INTERACTION
+                else self.dispatcher.cross_encoder
+            )
+            try:
+                result = await call(model.name, query, texts, budget)
+            except StageUnavailable as exc:
+                return hits, report(
+                    StageStatus.DEGRADED,
+                    out=len(hits),
+                    model=model.label,
+                    method="worker",
+                    reason=f"{exc}; kept the previous order",
+                )
+            scores = list(result.scores)  # type: ignore[attr-defined]
+            method = _worker_method(result)
+            await loop.run_in_executor(self._pool, partial(self.cache.put_scores, key, scores))
+        ranked = _rank(hits, scores, plan.stage, keep)
+        return ranked, report(StageStatus.COMPLETED, out=len(ranked), model=model.label, method=method)
+
+
+def _worker_method(result: object) -> str:
+    if hasattr(result, "recomputed"):
+        return f"worker (token vectors: {result.cache_hits} cached, {result.recomputed} recomputed)"  # type: ignore[attr-defined]
+    return f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"  # type: ignore[attr-defined]
+
+
+def _rank(hits: list[Hit], scores: list[float], stage: Stage, keep: int) -> list[Hit]:
+    order = sorted(range(len(hits)), key=lambda i: -scores[i])[:keep]
+    ranked = []
+    for rank, i in enumerate(order):
+        hit = hits[i]
+        hit.score = scores[i]
+        hit.stage_scores.append(StageScore(stage, scores[i], rank))
+        ranked.append(hit)
+    return ranked

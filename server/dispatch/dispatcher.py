@@ -1,0 +1,152 @@
+"""Dispatch of re-ranking stages to the Celery workers, without blocking the event loop.
+
+The server sends a task with `expires` set from the request's remaining time, then waits for its
+result in a thread of a dedicated executor (never `AsyncResult.get()` on the loop). Anything that
+keeps the stage from finishing in time (no Redis configured, Redis down, no worker, a slow or killed
+worker) becomes a `StageUnavailable` with a reason the response reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from typing import Any, TypeVar
+
+from pydantic import BaseModel
+
+from sieve_core import redis_conn
+from sieve_core.config import Settings
+from sieve_core.contracts import (
+    Candidate,
+    CrossEncoderRequest,
+    CrossEncoderResult,
+    EmbedRequest,
+    LateInteractionRequest,
+    LateInteractionResult,
+)
+from sieve_core.errors import SieveError
+from sieve_core.logs import REQUEST_ID_HEADER, request_id
+
+log = logging.getLogger(__name__)
+R = TypeVar("R", bound=BaseModel)
+
+
+class StageUnavailable(Exception):
+    """A re-ranking stage could not finish; the message says why (it goes into the stage report)."""
+
+
+class Dispatcher:
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._app = None
+        self._redis = None
+        if settings.redis_url is not None:
+            self._app = self._new_app()
+            self._redis = redis_conn.client(settings, timeout_s=0.5)
+        # Errors a task itself raises (reported as they are); anything else is the connection's fault.
+        self._task_errors: tuple[type[BaseException], ...] = (SieveError, ValueError)
+        # Each waiting re-rank holds a thread until its result or its deadline.
+        self._waiters = ThreadPoolExecutor(64, thread_name_prefix="sieve-rerank-wait")
+
+    async def late_interaction(
+        self, model: str, query: str, texts: list[str], timeout_s: float
+    ) -> LateInteractionResult:
+        from sieve_core.tasking import TASK_LATE_INTERACTION
+
+        request = LateInteractionRequest(
+            query=query, model=model, candidates=[Candidate.of(t) for t in texts]
+        )
+        return await self._rerank(TASK_LATE_INTERACTION, request, LateInteractionResult, timeout_s)
+
+    async def cross_encoder(
+        self, model: str, query: str, texts: list[str], timeout_s: float
+    ) -> CrossEncoderResult:
+        from sieve_core.tasking import TASK_CROSS_ENCODER
+
+        request = CrossEncoderRequest(query=query, model=model, candidates=[Candidate.of(t) for t in texts])
+        return await self._rerank(TASK_CROSS_ENCODER, request, CrossEncoderResult, timeout_s)
+
+    async def _rerank(self, task: str, request: BaseModel, result_type: type[R], timeout_s: float) -> R:
+        if self._app is None:
+            raise StageUnavailable("no Redis is configured (SIEVE_REDIS_URL), so no re-ranking workers")
+        if timeout_s <= 0.05:
+            raise StageUnavailable("no time left before the deadline")
+        loop = asyncio.get_running_loop()
+        # Read here, in the call's context: the executor thread does not inherit contextvars.
+        call = partial(self._call, task, request, timeout_s, request_id.get())
+        waiting = loop.run_in_executor(self._waiters, call)
+        try:
+            # The deadline holds even if a client library blocks longer than asked (the thread finishes later).
+            payload = await asyncio.wait_for(waiting, timeout_s + 0.02)
+        except TimeoutError:
+            raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
+        return result_type.from_json(payload)  # type: ignore[attr-defined,no-any-return]
+
+    def _call(self, task: str, request: Any, timeout_s: float, rid: str) -> dict:  # type: ignore[type-arg]
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        assert self._app is not None and self._redis is not None
+        try:
+            self._redis.ping()
+        except Exception as exc:
+            raise StageUnavailable(f"cannot reach Redis: {self._describe(exc)}") from None
+        try:
+            # retry=False: with Redis down, fail now rather than retry past the deadline.
+            result = self._app.send_task(
+                task,
+                args=[request.to_json()],
+                expires=timeout_s,
+                retry=False,
+                headers={REQUEST_ID_HEADER: rid},
+            )
+        except Exception as exc:
+            self._app = self._new_app()  # a client that gave up on Redis stays broken: start afresh
+            raise StageUnavailable(f"cannot reach the broker: {self._describe(exc)}") from None
+        try:
+            return result.get(timeout=timeout_s, propagate=True)  # type: ignore[no-any-return]
+        except CeleryTimeout:
+            raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
+        except Exception as exc:
+            if not isinstance(exc, self._task_errors):
+                self._app = self._new_app()  # a connection-level failure: start afresh (see above)
+            raise StageUnavailable(f"the worker failed: {self._describe(exc)}") from None
+
+    def _describe(self, exc: BaseException) -> str:
+        """`Type: message` for a stage report: short, and never with the Redis password in it."""
+        return redis_conn.explain(exc, self._settings)
+
+    def precompute_tokens(self, model: str, texts: list[str], token_model: str | None = None) -> None:
+        """Ask an `embed` worker to cache these texts' document token vectors (from `token_model`, or the
+        bi-encoder `model`'s own); fire and forget (a miss is recomputed at query time anyway). Runs in a
+        thread: it may touch the network. The task carries the request id of this thread's context (the
+        engine copies the call's context into its executor threads)."""
+        if self._app is None or not texts:
+            return
+        from sieve_core.tasking import TASK_EMBED
+
+        request = EmbedRequest(texts=texts, model=model, want_tokens=True, token_model=token_model)
+        try:
+            self._app.send_task(
+                TASK_EMBED,
+                args=[request.to_json()],
+                retry=False,
+                ignore_result=True,
+                headers={REQUEST_ID_HEADER: request_id.get()},
+            )
+        except Exception as exc:  # the write is committed; only the warm-up of the cache is lost
+            log.warning("could not queue token vectors for %d texts: %s", len(texts), type(exc).__name__)
+
+    def _new_app(self):  # type: ignore[no-untyped-def]
+        from sieve_core.tasking import client_app as create_app
+
+        app = create_app(self._settings)
+        # The result backend retries a lost connection for about 20 s by default; a search cannot wait.
+        options = dict(app.conf.result_backend_transport_options or {})
+        options["retry_policy"] = {"max_retries": 1, "interval_start": 0, "interval_step": 0.1}
+        app.conf.result_backend_transport_options = options
+        return app
+
+    def close(self) -> None:
+        self._waiters.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,215 @@
+"""Protobuf messages <-> core types. The only module besides the servicers that knows sieve.v1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
+
+from server.core import validation
+from server.jobs.job_store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, LineError
+from server.jobs.manager import JobView
+from server.jobs.upload import UploadChunk
+from sieve_core.errors import InvalidArgument
+from sieve_core.types import (
+    CollectionInfo,
+    CollectionSpec,
+    Condition,
+    Document,
+    SearchQuery,
+    SearchResult,
+    SearchSettings,
+    StageMode,
+)
+
+_METRIC_TO_CORE = {
+    common_pb2.METRIC_UNSPECIFIED: "",
+    common_pb2.METRIC_COSINE: "cosine",
+    common_pb2.METRIC_INNER_PRODUCT: "ip",
+    common_pb2.METRIC_L2: "l2",
+}
+_METRIC_TO_PB = {v: k for k, v in _METRIC_TO_CORE.items() if v}
+
+
+def _opt(msg, name: str) -> int | None:  # type: ignore[no-untyped-def]
+    return getattr(msg, name) if msg.HasField(name) else None
+
+
+def _mode(value: int, where: str) -> StageMode:
+    try:
+        return StageMode(value)
+    except ValueError:
+        raise InvalidArgument(f"{where}: unknown stage mode {value}") from None
+
+
+def settings_from_pb(msg: common_pb2.SearchSettings) -> SearchSettings:
+    return SearchSettings(
+        retrieve_candidates=_opt(msg, "retrieve_candidates"),
+        ef_search=_opt(msg, "ef_search"),
+        late_interaction=_mode(msg.late_interaction, "late_interaction"),
+        late_interaction_keep=_opt(msg, "late_interaction_keep"),
+        cross_encoder=_mode(msg.cross_encoder, "cross_encoder"),
+        cross_encoder_keep=_opt(msg, "cross_encoder_keep"),
+        late_interaction_model=_opt(msg, "late_interaction_model"),
+        cross_encoder_model=_opt(msg, "cross_encoder_model"),
+    )
+
+
+def settings_to_pb(s: SearchSettings) -> common_pb2.SearchSettings:
+    msg = common_pb2.SearchSettings(
+        late_interaction=int(s.late_interaction), cross_encoder=int(s.cross_encoder)
+    )
+    optional = ("retrieve_candidates", "ef_search", "late_interaction_keep", "cross_encoder_keep")
+    for name in (*optional, "late_interaction_model", "cross_encoder_model"):
+        value = getattr(s, name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def collection_spec(msg: collections_pb2.Collection) -> CollectionSpec:
+    if msg.metric not in _METRIC_TO_CORE:
+        raise InvalidArgument(f"unknown metric {msg.metric}")
+    return CollectionSpec(
+        name=msg.name,
+        embedding_model=msg.embedding_model,
+        metric=_METRIC_TO_CORE[msg.metric],
+        defaults=settings_from_pb(msg.defaults),
+    )
+
+
+def collection_to_pb(info: CollectionInfo) -> collections_pb2.Collection:
+    created = Timestamp()
+    created.FromNanoseconds(int(info.created_at * 1e9))
+    return collections_pb2.Collection(
+        name=info.name,
+        embedding_model=info.embedding_model,
+        embedding_model_id=info.embedding_model_id,
+        metric=_METRIC_TO_PB[info.metric],
+        dimensions=info.dimensions,
+        defaults=settings_to_pb(info.defaults),
+        document_count=info.document_count,
+        generation=info.generation,
+        created_at=created,
+    )
+
+
+def documents_from_pb(docs) -> list[Document]:  # type: ignore[no-untyped-def]
+    return [Document(d.id, d.text, dict(d.metadata)) for d in docs]
+
+
+def document_to_pb(doc: Document) -> documents_pb2.Document:
+    return documents_pb2.Document(id=doc.id, text=doc.text, metadata=doc.metadata)
+
+
+def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
+    conditions = []
+    for i, cond in enumerate(msg.filter.all):
+        if cond.WhichOneof("match") is None:
+            raise InvalidArgument(
+                f"filter.all[{i}] (key {validation.shown(cond.key)}) has no match; set `equals`"
+            )
+        conditions.append(Condition(cond.key, cond.equals))
+    return SearchQuery(
+        collection=msg.collection,
+        query=msg.query,
+        top_k=msg.top_k,
+        filter=tuple(conditions),
+        settings=settings_from_pb(msg.settings),
+        omit_documents=msg.omit_documents,
+    )
+
+
+def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
+    return search_pb2.SearchResponse(
+        hits=[
+            search_pb2.Hit(
+                id=h.id,
+                score=h.score,
+                text=h.text,
+                metadata=h.metadata,
+                stage_scores=[
+                    search_pb2.StageScore(stage=int(s.stage), score=s.score, rank=s.rank)
+                    for s in h.stage_scores
+                ],
+            )
+            for h in result.hits
+        ],
+        stages=[
+            search_pb2.StageReport(
+                stage=int(r.stage),
+                status=int(r.status),
+                reason=r.reason,
+                candidates_in=r.candidates_in,
+                candidates_out=r.candidates_out,
+                took_ms=r.took_ms,
+                model_id=r.model_id,
+                method=r.method,
+            )
+            for r in result.stages
+        ],
+        generation=result.generation,
+        took_ms=result.took_ms,
+    )
+
+
+_JOB_STATE_TO_PB = {
+    QUEUED: jobs_pb2.JOB_STATE_QUEUED,
+    RUNNING: jobs_pb2.JOB_STATE_RUNNING,
+    SUCCEEDED: jobs_pb2.JOB_STATE_SUCCEEDED,
+    FAILED: jobs_pb2.JOB_STATE_FAILED,
+    CANCELLED: jobs_pb2.JOB_STATE_CANCELLED,
+}
+
+
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    if not seconds:
+        return None
+    stamp = Timestamp()
+    stamp.FromNanoseconds(int(seconds * 1e9))
+    return stamp
+
+
+def job_to_pb(view: JobView) -> jobs_pb2.Job:
+    r = view.record
+    job = jobs_pb2.Job(
+        id=r.id,
+        collection=r.collection,
+        state=_JOB_STATE_TO_PB[r.state],
+        source=r.source,
+        format=r.format,
+        batch_size=r.batch_size,
+        done=r.done,
+        failed=r.failed,
+        docs_per_second=view.docs_per_second,
+        generation=r.generation,
+        committed_through_line=r.next_line - 1,
+        reason=r.reason,
+        status=view.status,
+        waiting_for_workers=view.waiting_for_workers,
+        cancel_requested=r.cancel_requested,
+        batches_in_flight=view.batches_in_flight,
+        batch_retries=r.batch_retries,
+        resumes=r.resumes,
+        embedder=r.embedder,
+        created_at=_timestamp(r.created_at),
+        started_at=_timestamp(r.started_at),
+        finished_at=_timestamp(r.finished_at),
+    )
+    if r.total is not None:
+        job.total = r.total
+    if view.eta_seconds is not None:
+        job.eta_seconds = view.eta_seconds
+    return job
+
+
+def job_errors_to_pb(errors: list[LineError]) -> list[jobs_pb2.JobError]:
+    return [jobs_pb2.JobError(line=e.line, document_id=e.doc_id, reason=e.reason) for e in errors]
+
+
+async def upload_chunks(requests) -> AsyncIterator[UploadChunk]:  # type: ignore[no-untyped-def]
+    async for msg in requests:
+        yield UploadChunk(
+            msg.collection, msg.batch_size, msg.format, documents_from_pb(msg.documents), msg.jsonl
+        )

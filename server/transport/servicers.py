@@ -1,0 +1,122 @@
+"""Thin gRPC servicers: translate messages, call the engine. Errors are mapped by server.errors."""
+
+from __future__ import annotations
+
+import time
+
+from sieve.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    documents_pb2,
+    documents_pb2_grpc,
+    jobs_pb2,
+    jobs_pb2_grpc,
+    search_pb2_grpc,
+)
+
+from server.core import validation
+from server.core.engine import Engine
+from server.jobs.manager import JobManager
+from server.transport import convert
+
+
+class CollectionServicer(collections_pb2_grpc.CollectionServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def CreateCollection(self, request, context):  # type: ignore[no-untyped-def]
+        info = await self.engine.create_collection(convert.collection_spec(request.collection))
+        return collections_pb2.CreateCollectionResponse(collection=convert.collection_to_pb(info))
+
+    async def GetCollection(self, request, context):  # type: ignore[no-untyped-def]
+        info = await self.engine.get_collection(request.name)
+        return collections_pb2.GetCollectionResponse(collection=convert.collection_to_pb(info))
+
+    async def ListCollections(self, request, context):  # type: ignore[no-untyped-def]
+        infos = await self.engine.list_collections()
+        return collections_pb2.ListCollectionsResponse(
+            collections=[convert.collection_to_pb(i) for i in infos]
+        )
+
+    async def DeleteCollection(self, request, context):  # type: ignore[no-untyped-def]
+        await self.engine.delete_collection(request.name)
+        return collections_pb2.DeleteCollectionResponse()
+
+
+class DocumentServicer(documents_pb2_grpc.DocumentServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def UpsertDocuments(self, request, context):  # type: ignore[no-untyped-def]
+        result = await self.engine.upsert(request.collection, convert.documents_from_pb(request.documents))
+        return documents_pb2.UpsertDocumentsResponse(generation=result.generation, upserted=result.count)
+
+    async def GetDocuments(self, request, context):  # type: ignore[no-untyped-def]
+        docs, missing = await self.engine.get_documents(request.collection, list(request.ids))
+        return documents_pb2.GetDocumentsResponse(
+            documents=[convert.document_to_pb(d) for d in docs], missing_ids=missing
+        )
+
+    async def DeleteDocuments(self, request, context):  # type: ignore[no-untyped-def]
+        result = await self.engine.delete_documents(request.collection, list(request.ids))
+        return documents_pb2.DeleteDocumentsResponse(
+            generation=result.generation, deleted=result.count, not_found=result.not_found
+        )
+
+
+class SearchServicer(search_pb2_grpc.SearchServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def Search(self, request, context):  # type: ignore[no-untyped-def]
+        query = convert.search_query(request)
+        remaining = context.time_remaining()
+        if validation.min_generation(request.min_generation):
+            # Read your writes: wait (briefly, within the deadline) until the index shows that generation.
+            validation.search(query, self.engine.settings)  # a bad request fails at once, not after the wait
+            wait_s = self.engine.settings.min_generation_wait_s
+            if remaining is not None:
+                wait_s = min(wait_s, remaining - 0.05)
+            started = time.monotonic()
+            await self.engine.wait_for_generation(request.collection, request.min_generation, wait_s)
+            if remaining is not None:
+                remaining -= time.monotonic() - started
+        result = await self.engine.search(query, remaining)
+        return convert.search_result_to_pb(result)
+
+
+class JobServicer(jobs_pb2_grpc.JobServiceServicer):
+    def __init__(self, jobs: JobManager) -> None:
+        self.jobs = jobs
+
+    async def StartIndexJob(self, request, context):  # type: ignore[no-untyped-def]
+        view = await self.jobs.start_file_job(
+            request.collection, request.path, request.format, request.batch_size
+        )
+        return jobs_pb2.StartIndexJobResponse(job=convert.job_to_pb(view))
+
+    async def UploadIndexJob(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        view = await self.jobs.upload_job(convert.upload_chunks(request_iterator))
+        return jobs_pb2.UploadIndexJobResponse(job=convert.job_to_pb(view))
+
+    async def GetJob(self, request, context):  # type: ignore[no-untyped-def]
+        view, errors, next_after = await self.jobs.get(
+            request.id, request.errors_after_line, request.max_errors
+        )
+        return jobs_pb2.GetJobResponse(
+            job=convert.job_to_pb(view),
+            errors=convert.job_errors_to_pb(errors),
+            next_errors_after_line=next_after,
+        )
+
+    async def WatchJob(self, request, context):  # type: ignore[no-untyped-def]
+        async for view in self.jobs.watch(request.id, request.min_interval_ms):
+            yield jobs_pb2.WatchJobResponse(job=convert.job_to_pb(view))
+
+    async def CancelJob(self, request, context):  # type: ignore[no-untyped-def]
+        view = await self.jobs.cancel(request.id)
+        return jobs_pb2.CancelJobResponse(job=convert.job_to_pb(view))
+
+    async def ListJobs(self, request, context):  # type: ignore[no-untyped-def]
+        views = await self.jobs.list(request.collection, request.limit)
+        return jobs_pb2.ListJobsResponse(jobs=[convert.job_to_pb(v) for v in views])

@@ -1,0 +1,270 @@
+"""`sieve eval`: index a BEIR folder through UpsertDocuments and score it through Search, over gRPC.
+
+The corpus is indexed once; each cascade configuration asked for (`--cascade retrieve`, `--cascade
+late`, `--cascade late+cross`...) then runs every query and is reported on its own, so the
+configurations are compared on the same index in the same run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from sieve.v1 import (
+    collections_pb2,
+    collections_pb2_grpc,
+    common_pb2,
+    documents_pb2,
+    documents_pb2_grpc,
+    search_pb2,
+    search_pb2_grpc,
+)
+
+from sieve_core.beir import evaluate, load_beir
+
+
+@dataclass
+class EvalOptions:
+    folder: Path
+    address: str | None = None
+    split: str = "test"
+    top_k: int = 100
+    batch_size: int = 64
+    keep: bool = False
+    quiet: bool = False
+    # Cascade configurations, each a '+'-joined list of re-ranking stages after retrieval: "retrieve"
+    # (none), "late", "cross", "late+cross". Every stage is REQUIRED: one that cannot run fails eval.
+    cascades: tuple[str, ...] = ("retrieve",)
+    candidates: int = 100  # retrieved for re-ranking
+    late_keep: int = 100  # kept by late interaction (what the cross-encoder sees)
+    cross_keep: int = 100  # kept by the cross-encoder
+
+    def needs_workers(self) -> bool:
+        return any(parse_cascade(c) for c in self.cascades)
+
+
+STAGE_NAMES = {"late": "late_interaction", "cross": "cross_encoder"}
+
+
+def parse_cascade(spec: str) -> tuple[str, ...]:
+    """'late+cross' -> ('late', 'cross'); 'retrieve' -> (). Raises ValueError for anything else."""
+    stages = tuple(s.strip() for s in spec.split("+") if s.strip() != "retrieve")
+    unknown = [s for s in stages if s not in STAGE_NAMES]
+    if (
+        not spec.strip()
+        or unknown
+        or len(set(stages)) != len(stages)
+        or list(stages) != sorted(stages, key=list(STAGE_NAMES).index)
+    ):
+        raise ValueError(f"bad cascade {spec!r}: use 'retrieve', 'late', 'cross' or 'late+cross'")
+    return stages
+
+
+def describe_cascade(spec: str, opts: EvalOptions) -> str:
+    stages = parse_cascade(spec)
+    parts = [f"retrieve {opts.candidates if stages else opts.top_k}"]
+    if "late" in stages:
+        parts.append(f"late_interaction {max(opts.late_keep, opts.top_k)}")
+    if "cross" in stages:
+        parts.append(f"cross_encoder {max(opts.cross_keep, opts.top_k)}")
+    return " > ".join(parts)
+
+
+def cascade_settings(spec: str, opts: EvalOptions) -> common_pb2.SearchSettings:
+    stages = parse_cascade(spec)
+    required, off = common_pb2.STAGE_MODE_REQUIRED, common_pb2.STAGE_MODE_OFF
+    return common_pb2.SearchSettings(
+        retrieve_candidates=max(opts.candidates, opts.top_k),
+        late_interaction=required if "late" in stages else off,
+        late_interaction_keep=opts.late_keep,
+        cross_encoder=required if "cross" in stages else off,
+        cross_encoder_keep=opts.cross_keep,
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_serving(
+    address: str,
+    timeout: float,
+    proc: subprocess.Popen | None = None,  # type: ignore[type-arg]
+    credentials: grpc.ChannelCredentials | None = None,
+) -> None:
+    """Until the server's health check says SERVING (over TLS with `credentials`)."""
+    deadline = time.monotonic() + timeout
+    channel = (
+        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
+    )
+    with channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if proc is not None and proc.poll() is not None:
+                raise RuntimeError(f"server exited with code {proc.returncode} before serving")
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"server at {address} was not SERVING within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def self_started_server(env: dict[str, str] | None = None, *, workers: bool = False) -> Iterator[str]:
+    """A throwaway service on free loopback ports with a temporary data directory: `sieve serve`, or
+    with `workers` the whole `sieve run` (its own Redis, a `colbert` worker, and a `cross_encoder` one
+    when SIEVE_CROSS_ENCODER_MODEL is set)."""
+    with tempfile.TemporaryDirectory(prefix="sieve-eval-") as data_dir:
+        address = f"127.0.0.1:{free_port()}"
+        child_env = {**os.environ, **(env or {}), "SIEVE_GRPC_ADDRESS": address, "SIEVE_DATA_DIR": data_dir}
+        child_env["SIEVE_METRICS_ADDRESS"] = ""  # a throwaway server: no endpoint to clash with a running one
+        command = "serve"
+        if workers:
+            command = "run"
+            child_env.pop("SIEVE_REDIS_URL", None)
+            # embed: write-time token vectors (the eval collection enables late interaction by default).
+            child_env.update(SIEVE_LOCAL_REDIS_PORT=str(free_port()), SIEVE_RUN_WORKER_QUEUES="embed,colbert")
+            # Cold candidates are encoded by the worker on first sight; give the stage time for that.
+            child_env.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
+        # The children's output goes to stderr: stdout is for the result (one JSON object with --json).
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sieve_cli.main", command], env=child_env, stdout=sys.stderr
+        )
+        try:
+            wait_serving(address, timeout=120, proc=proc)
+            yield address
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _progress(quiet: bool) -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=quiet,
+        transient=False,
+    )
+
+
+def run_eval(opts: EvalOptions) -> dict[str, object]:
+    data = load_beir(opts.folder, opts.split)
+    if opts.address:
+        return _eval_on(opts.address, data, opts)
+    with self_started_server(workers=opts.needs_workers()) as address:
+        return _eval_on(address, data, opts)
+
+
+def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    name = f"eval-{data.name}-{uuid.uuid4().hex[:8]}"
+    options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+    with grpc.insecure_channel(address, options=options) as channel:
+        collections = collections_pb2_grpc.CollectionServiceStub(channel)
+        documents = documents_pb2_grpc.DocumentServiceStub(channel)
+        search = search_pb2_grpc.SearchServiceStub(channel)
+        # A cascade with late interaction: make it the collection's default, so that each upsert has a
+        # worker cache the documents' token vectors at write time, as a user's collection would.
+        late = any("late" in parse_cascade(spec) for spec in opts.cascades)
+        defaults = (
+            common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT) if late else None
+        )
+        collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(
+                collection=collections_pb2.Collection(name=name, defaults=defaults)
+            ),
+            timeout=60,
+        )
+        try:
+            ids = list(data.corpus)
+            started = time.perf_counter()
+            with _progress(opts.quiet) as bar:
+                task = bar.add_task("indexing", total=len(ids), rate="")
+                for i in range(0, len(ids), opts.batch_size):
+                    batch = [
+                        documents_pb2.Document(id=d, text=data.corpus[d])
+                        for d in ids[i : i + opts.batch_size]
+                    ]
+                    documents.UpsertDocuments(
+                        documents_pb2.UpsertDocumentsRequest(collection=name, documents=batch), timeout=600
+                    )
+                    done = i + len(batch)
+                    bar.update(
+                        task, completed=done, rate=f"{done / (time.perf_counter() - started):.1f} docs/s"
+                    )
+            index_s = time.perf_counter() - started
+            runs = [_search_all(search, name, data, spec, opts) for spec in opts.cascades]
+        finally:
+            if not opts.keep:
+                collections.DeleteCollection(collections_pb2.DeleteCollectionRequest(name=name), timeout=60)
+    return {
+        "dataset": data.name,
+        "split": opts.split,
+        "documents": len(data.corpus),
+        "queries": len(data.queries),
+        "index_docs_per_s": len(data.corpus) / index_s,
+        "collection": name if opts.keep else None,
+        "runs": runs,
+    }
+
+
+def _search_all(search, name: str, data, spec: str, opts: EvalOptions) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """Every query through one cascade configuration; its metrics and speed."""
+    settings = cascade_settings(spec, opts)
+    run: dict[str, list[str]] = {}
+    stage_ms: dict[str, list[float]] = {}
+    started = time.perf_counter()
+    with _progress(opts.quiet) as bar:
+        task = bar.add_task(f"searching ({spec})", total=len(data.queries), rate="")
+        for n, (qid, text) in enumerate(data.queries.items(), 1):
+            request = search_pb2.SearchRequest(
+                collection=name, query=text, top_k=opts.top_k, omit_documents=True, settings=settings
+            )
+            response = search.Search(request, timeout=120)
+            run[qid] = [hit.id for hit in response.hits]
+            for report in response.stages:
+                if report.status == search_pb2.STAGE_STATUS_COMPLETED:
+                    key = common_pb2.Stage.Name(report.stage).removeprefix("STAGE_").lower()
+                    stage_ms.setdefault(key, []).append(report.took_ms)
+            bar.update(task, completed=n, rate=f"{n / (time.perf_counter() - started):.1f} q/s")
+    search_s = time.perf_counter() - started
+    return {
+        "cascade": describe_cascade(spec, opts),
+        "spec": spec,
+        **evaluate(run, data.qrels),
+        "search_queries_per_s": len(data.queries) / search_s,
+        "stage_ms_p50": {k: statistics.median(v) for k, v in stage_ms.items()},
+    }

@@ -1,0 +1,321 @@
+"""Redis with a password and Redis over TLS, through every connection: server, Celery broker and result
+backend, the worker's caches.
+
+Real redis-server processes (one with `--requirepass`, TLS-only ones with a CA and certificates made
+by tests/certs.py), a real Celery worker and an in-process gRPC server: a late-interaction search
+COMPLETED through the worker, then the same search answered from the cache. And what a wrong password,
+an untrusted server certificate or a missing client certificate give: the documented DEGRADED stage (or
+UNAVAILABLE when required) with a reason that says why and never shows the password. Plus the option
+mapping of sieve_core.redis_conn itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import ssl
+import subprocess
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import redis
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
+
+from sieve_core import redis_conn
+from sieve_core.config import Settings
+from sieve_core.tasking import celery_config
+from tests.certs import Certs, make_certs
+from tests.conftest import (
+    Api,
+    RedisServer,
+    RedisTls,
+    Worker,
+    make_settings,
+    start_api,
+    start_worker,
+    stop_api,
+)
+from workers.celery_app import create_app
+
+aio = pytest.mark.asyncio(loop_scope="session")
+
+PASSWORD = f"pw-{uuid.uuid4().hex}"  # unique, so that finding it in a log or a message means a leak
+WRONG = f"wrong-{uuid.uuid4().hex}"
+DOCS = {
+    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
+    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
+    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
+    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
+    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
+}
+QUERY = "does aspirin prevent heart attacks"
+LATE = common_pb2.SearchSettings(
+    late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=5, late_interaction_keep=3
+)
+
+
+# -- certificates -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    return make_certs(tmp_path_factory.mktemp("certs"))
+
+
+def _require_tls_redis() -> None:
+    """Skip unless this redis-server was built with TLS (Debian's is)."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
+    # Built with TLS, it accepts --tls-port and then exits as it has nothing to listen on; without TLS
+    # support it refuses the directive as a config error.
+    out = subprocess.run(
+        [binary, "--port", "0", "--tls-port", "0"], capture_output=True, text=True, timeout=30
+    )
+    text = out.stdout + out.stderr
+    if "FATAL CONFIG" in text or "Bad directive" in text:
+        pytest.skip(f"this redis-server is built without TLS: {text.strip()[-300:]}")
+
+
+# -- helpers ------------------------------------------------------------------------------------------
+async def _collection(api: Api) -> str:
+    name = f"sec-{uuid.uuid4().hex[:8]}"
+    await api.collections.CreateCollection(
+        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
+    )
+    await api.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in DOCS.items()]
+        )
+    )
+    return name
+
+
+async def _search_completes_then_caches(api: Api) -> None:
+    """A late-interaction search COMPLETED by the worker, then the same search from the score cache."""
+    name = await _collection(api)
+    request = search_pb2.SearchRequest(
+        collection=name, query=f"{QUERY} {uuid.uuid4().hex[:6]}", top_k=3, settings=LATE
+    )
+    cold = await api.search.Search(request, timeout=60)
+    late = cold.stages[1]
+    assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
+    assert late.method.startswith("worker") and "5 recomputed" in late.method, late.method
+    assert cold.hits[0].id == "aspirin"
+    warm = await api.search.Search(request, timeout=60)
+    assert warm.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED
+    assert warm.stages[1].method == "cache", warm.stages[1]
+    assert [h.id for h in warm.hits] == [h.id for h in cold.hits]
+
+
+def _wait_for_task_line(worker: Worker) -> str:
+    """The worker's log once it has its end-of-task line for the re-rank (written just after the result
+    is stored, so it can trail the search's answer by a moment on a loaded machine: 30 s of slack)."""
+    deadline = time.monotonic() + 30
+    while True:
+        text = worker.log.read_text(errors="replace")
+        if "task sieve.late_interaction SUCCESS" in text or time.monotonic() > deadline:
+            return text
+        time.sleep(0.1)
+
+
+async def _degraded_reason(settings: Settings) -> str:
+    """The late-interaction stage's reason on a server with these settings, which must degrade it."""
+    api = await start_api(settings)
+    try:
+        name = await _collection(api)
+        response = await api.search.Search(
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=30
+        )
+        late = response.stages[1]
+        assert late.status == search_pb2.STAGE_STATUS_DEGRADED, late
+        assert response.hits[0].id == "aspirin"  # retrieval's order kept
+        return late.reason
+    finally:
+        await stop_api(api)
+
+
+# -- sieve_core.redis_conn: the options every site gets ------------------------------------------------
+def _settings(tmp_path: Path, **values: Any) -> Settings:
+    return make_settings(tmp_path, **values)
+
+
+def test_plain_url_gets_no_tls_options_and_tls_files_need_rediss(tmp_path: Path, certs: Certs) -> None:
+    plain = _settings(tmp_path, redis_url=f"redis://:{PASSWORD}@127.0.0.1:6379/0")
+    assert redis_conn.ssl_options(plain) == {} and redis_conn.celery_ssl_options(plain) == {}
+    assert "broker_use_ssl" not in celery_config(plain)
+    mistaken = _settings(tmp_path, redis_url="redis://127.0.0.1:6379/0", redis_tls_ca_file=certs.ca)
+    with pytest.raises(redis_conn.RedisConfigError, match="SIEVE_REDIS_TLS_CA_FILE.*rediss://"):
+        redis_conn.client(mistaken, timeout_s=1)
+    with pytest.raises(redis_conn.RedisConfigError):
+        celery_config(mistaken)
+
+
+def test_rediss_options_for_redis_py_and_celery(tmp_path: Path, certs: Certs) -> None:
+    settings = _settings(
+        tmp_path,
+        redis_url=f"rediss://:{PASSWORD}@127.0.0.1:6380/0",
+        redis_tls_ca_file=certs.ca,
+        redis_tls_cert_file=certs.client_cert,
+        redis_tls_key_file=certs.client_key,
+    )
+    expected = {
+        "ssl_cert_reqs": ssl.CERT_REQUIRED,
+        "ssl_ca_certs": str(certs.ca),
+        "ssl_certfile": str(certs.client_cert),
+        "ssl_keyfile": str(certs.client_key),
+    }
+    assert redis_conn.ssl_options(settings) == expected
+    config = celery_config(settings)
+    # The keys Celery documents for a Redis broker and result backend over TLS.
+    assert config["broker_use_ssl"] == config["redis_backend_use_ssl"] == expected
+    pool_kwargs = redis_conn.client(settings, timeout_s=0.5).connection_pool.connection_kwargs
+    assert pool_kwargs["ssl_ca_certs"] == str(certs.ca) and pool_kwargs["password"] == PASSWORD
+    assert pool_kwargs["socket_timeout"] == 0.5
+
+    # No CA file: the system's CA store, still verified. The URL's own ssl_cert_reqs wins everywhere.
+    system = _settings(tmp_path, redis_url="rediss://127.0.0.1:6380/0")
+    assert redis_conn.ssl_options(system) == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+    relaxed = _settings(tmp_path, redis_url="rediss://127.0.0.1:6380/0?ssl_cert_reqs=none")
+    assert celery_config(relaxed)["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_NONE}
+
+    with pytest.raises(redis_conn.RedisConfigError, match="SIEVE_REDIS_TLS_CERT_FILE"):
+        redis_conn.ssl_options(
+            _settings(tmp_path, redis_url="rediss://h:1/0", redis_tls_key_file=certs.client_key)
+        )
+    with pytest.raises(redis_conn.RedisConfigError, match="does not exist"):
+        redis_conn.ssl_options(
+            _settings(tmp_path, redis_url="rediss://h:1/0", redis_tls_ca_file=tmp_path / "missing.pem")
+        )
+
+
+def test_the_password_is_masked(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, redis_url=f"redis://sieve:{PASSWORD}@127.0.0.1:6379/0")
+    assert redis_conn.describe(settings) == "redis://sieve:***@127.0.0.1:6379/0"
+    assert PASSWORD not in str(settings.redacted()) and PASSWORD not in repr(settings)
+    assert (
+        redis_conn.scrub(f"error at redis://sieve:{PASSWORD}@host", settings)
+        == "error at redis://sieve:***@host"
+    )
+    encoded = _settings(tmp_path, redis_url="redis://:p%40ss@127.0.0.1:6379/0")  # the password is p@ss
+    assert redis_conn.scrub("sent p@ss, the URL has p%40ss", encoded) == "sent ***, the URL has ***"
+
+
+# -- a password-protected Redis --------------------------------------------------------------------------
+@aio
+async def test_password_through_server_and_worker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", password=PASSWORD)
+    server.start()
+    try:
+        with pytest.raises(redis.AuthenticationError):  # it really requires the password
+            redis.Redis(port=server.port, socket_timeout=2).ping()
+        settings = make_settings(tmp_path / "data", redis_url=server.url)
+        worker = start_worker(server.url, create_app(settings), tmp_path / "worker.log", name="password")
+        try:
+            api = await start_api(settings)
+            try:
+                await _search_completes_then_caches(api)
+            finally:
+                await stop_api(api)
+            worker_log = _wait_for_task_line(worker)
+        finally:
+            worker.kill()
+        assert "task sieve.late_interaction SUCCESS: 5 items" in worker_log, worker_log[-2000:]
+        assert "Connected to redis://:**@" in worker_log  # Celery masks it in its banner and lines
+        assert PASSWORD not in worker_log
+
+        # A wrong password: the stage degrades, saying why, and neither password shows.
+        wrong_url = server.url.replace(PASSWORD, WRONG)
+        reason = await _degraded_reason(make_settings(tmp_path / "wrong", redis_url=wrong_url))
+        assert "cannot reach Redis" in reason and "AuthenticationError" in reason, reason
+        assert WRONG not in reason and PASSWORD not in reason
+
+        # Required: UNAVAILABLE. An index job: fails once Redis stayed unusable for its timeout.
+        wrong = make_settings(tmp_path / "wrong2", redis_url=wrong_url, job_worker_timeout_s=1.0)
+        api = await start_api(wrong)
+        try:
+            name = await _collection(api)
+            required = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_REQUIRED)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await api.search.Search(
+                    search_pb2.SearchRequest(collection=name, query=QUERY, settings=required), timeout=30
+                )
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "AuthenticationError" in err.value.details() and WRONG not in err.value.details()
+
+            path = tmp_path / "docs.jsonl"
+            path.write_text('{"id": "x", "text": "a document"}\n')
+            jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
+            job = (
+                await jobs.StartIndexJob(jobs_pb2.StartIndexJobRequest(collection=name, path=str(path)))
+            ).job
+            final = [m.job async for m in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=60)][-1]
+            assert final.state == jobs_pb2.JOB_STATE_FAILED, final
+            assert "Redis was unreachable" in final.reason and "AuthenticationError" in final.reason, (
+                final.reason
+            )
+            assert WRONG not in final.reason
+        finally:
+            await stop_api(api)
+    finally:
+        server.stop()
+    for secret in (PASSWORD, WRONG):
+        assert secret not in caplog.text  # nothing the server (or its Celery client) logged shows it
+
+
+# -- Redis over TLS -------------------------------------------------------------------------------------
+@aio
+@pytest.mark.parametrize("mutual", [False, True], ids=["server-cert", "client-cert"])
+async def test_tls_through_server_and_worker(mutual: bool, certs: Certs, tmp_path: Path) -> None:
+    _require_tls_redis()
+    tls = RedisTls(
+        ca=certs.ca,
+        cert=certs.server_cert,
+        key=certs.server_key,
+        client_cert=certs.client_cert if mutual else None,
+        client_key=certs.client_key if mutual else None,
+    )
+    (tmp_path / "redis").mkdir()
+    server = RedisServer(tmp_path / "redis", tls=tls)
+    server.start()
+    try:
+        with pytest.raises(redis.ConnectionError):  # TLS only: a plain connection gets nowhere
+            redis.Redis(port=server.port, socket_timeout=2, socket_connect_timeout=2).ping()
+        files: dict[str, Path] = {"redis_tls_ca_file": certs.ca}
+        if mutual:
+            files.update(redis_tls_cert_file=certs.client_cert, redis_tls_key_file=certs.client_key)
+        settings = make_settings(tmp_path / "data", redis_url=server.url, **files)
+        env = {f"SIEVE_{key.upper()}": str(path) for key, path in files.items()}
+        worker = start_worker(
+            server.url, create_app(settings), tmp_path / "worker.log", extra_env=env, name="tls"
+        )
+        try:
+            api = await start_api(settings)
+            try:
+                await _search_completes_then_caches(api)
+            finally:
+                await stop_api(api)
+            worker_log = _wait_for_task_line(worker)
+        finally:
+            worker.kill()
+        assert "task sieve.late_interaction SUCCESS: 5 items" in worker_log, worker_log[-2000:]
+        assert "Connected to rediss://" in worker_log
+
+        if mutual:  # no client certificate: the server refuses the handshake
+            without = {"redis_tls_ca_file": certs.ca}
+            reason = await _degraded_reason(
+                make_settings(tmp_path / "nocert", redis_url=server.url, **without)
+            )
+            assert "cannot reach Redis" in reason, reason
+        else:  # a CA that did not sign the server's certificate: verification fails
+            untrusted = {"redis_tls_ca_file": certs.other_ca}
+            reason = await _degraded_reason(
+                make_settings(tmp_path / "other", redis_url=server.url, **untrusted)
+            )
+            assert "cannot reach Redis" in reason and "CERTIFICATE_VERIFY_FAILED" in reason, reason
+    finally:
+        server.stop()

@@ -1,0 +1,317 @@
+"""Unit tests of the vector index (server/storage/index.py): HNSW recall, exact search, snapshots, the RW lock."""
+
+from __future__ import annotations
+
+import re
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from server.storage.index import RWLock, VectorIndex, snapshot_files, snapshot_generation
+from sieve_core.config import Settings
+
+DIMS = 384
+METRICS = ("cosine", "ip", "l2")
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def _default_index(dims: int = DIMS, metric: str = "cosine") -> VectorIndex:
+    s = Settings()
+    return VectorIndex(
+        dims,
+        metric,
+        connectivity=s.hnsw_connectivity,
+        ef_construction=s.hnsw_ef_construction,
+        ef_search=s.default_ef_search,
+    )
+
+
+def _brute_force_cosine(data: np.ndarray, queries: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the exact top k by cosine similarity, row per query."""
+    sims = _unit(queries).astype(np.float64) @ _unit(data).astype(np.float64).T
+    return np.argsort(-sims, axis=1, kind="stable")[:, :k]
+
+
+def _recall_at_10(data: np.ndarray, queries: np.ndarray) -> float:
+    index = _default_index(data.shape[1])
+    keys = np.arange(len(data), dtype=np.uint64)
+    index.add(keys, data)
+    assert len(index) == len(data)
+    truth = _brute_force_cosine(data, queries, 10)
+    found = 0
+    for q, expected in zip(queries, truth, strict=True):
+        got, scores = index.search(q, 10)
+        assert len(got) == 10
+        assert np.all(np.diff(scores) <= 1e-6), "hits are not best first"
+        found += len(set(got.tolist()) & set(expected.tolist()))
+    return found / (10 * len(queries))
+
+
+def _clustered(n: int, n_queries: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Embedding-like data: 50 topics, point = topic centre + noise, L2-normalised; queries = noisy copies."""
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((50, DIMS)))
+    labels = rng.integers(0, 50, n)
+    # Noise of about the centre's norm: same-topic points have cosine ~0.5, like related sentences.
+    data = _unit(centres[labels] + rng.standard_normal((n, DIMS)) / np.sqrt(DIMS))
+    picks = rng.choice(n, n_queries, replace=False)
+    queries = _unit(data[picks] + 0.7 * rng.standard_normal((n_queries, DIMS)) / np.sqrt(DIMS))
+    return data, queries
+
+
+def test_hnsw_recall_at_10_on_clustered_embeddings_with_default_settings() -> None:
+    data, queries = _clustered(4000, 200, seed=1234)
+    recall = _recall_at_10(data, queries)
+    print(f"\nHNSW recall@10 (clustered, 4000 x {DIMS}, default settings): {recall:.4f}")
+    assert recall >= 0.99
+
+
+def test_hnsw_recall_on_uniform_random_vectors_is_reported() -> None:
+    """For information only: uniform random 384-d vectors are the worst case for any graph index."""
+    rng = np.random.default_rng(99)
+    data = _unit(rng.standard_normal((4000, DIMS)))
+    queries = _unit(rng.standard_normal((200, DIMS)))
+    recall = _recall_at_10(data, queries)
+    print(f"\nHNSW recall@10 (uniform random, 4000 x {DIMS}, default settings): {recall:.4f}")
+    assert 0.0 < recall <= 1.0
+
+
+def _brute_force(metric: str, data: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """Higher-is-better scores in float64: cosine similarity, inner product, negated squared L2."""
+    d = data.astype(np.float64)
+    qq = q.astype(np.float64)
+    if metric == "cosine":
+        return (d @ qq) / (np.linalg.norm(d, axis=1) * np.linalg.norm(qq))
+    if metric == "ip":
+        return d @ qq
+    return -np.sum((d - qq) ** 2, axis=1)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_exact_equals_numpy_brute_force(metric: str) -> None:
+    rng = np.random.default_rng(7)
+    n, dims = 600, 48
+    data = (rng.standard_normal((n, dims)) * rng.uniform(0.2, 3.0, (n, 1))).astype(np.float32)  # varied norms
+    keys = np.arange(1000, 1000 + n, dtype=np.uint64)
+    index = VectorIndex(dims, metric)
+    index.add(keys, data)
+
+    for _ in range(10):
+        q = rng.standard_normal(dims).astype(np.float32)
+        subset = np.sort(rng.choice(n, 250, replace=False))
+        got_keys, got_scores = index.search_exact(q, keys[subset], 25)
+        expected = _brute_force(metric, data[subset], q)
+        order = np.argsort(-expected, kind="stable")[:25]
+        assert got_keys.tolist() == keys[subset][order].tolist()
+        np.testing.assert_allclose(got_scores, expected[order], rtol=1e-5, atol=1e-5)
+        assert got_keys.dtype == np.uint64
+
+    # count larger than the candidate set: all of them, best first; empty inputs give empty results.
+    got_keys, got_scores = index.search_exact(q, keys[:5], 50)
+    assert sorted(got_keys.tolist()) == keys[:5].tolist()
+    assert np.all(np.diff(got_scores) <= 0)
+    assert index.search_exact(q, np.zeros(0, dtype=np.uint64), 10)[0].size == 0
+    assert index.search_exact(q, keys, 0)[0].size == 0
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_search_scores_are_higher_is_better_and_consistent_with_search_exact(metric: str) -> None:
+    rng = np.random.default_rng(11)
+    n, dims = 800, 32
+    data = (rng.standard_normal((n, dims)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
+    keys = np.arange(1, n + 1, dtype=np.uint64)
+    index = VectorIndex(dims, metric)
+    index.add(keys, data)
+    overlap = 0
+    for _ in range(20):
+        q = rng.standard_normal(dims).astype(np.float32)
+        hnsw_keys, hnsw_scores = index.search(q, 10)
+        assert len(hnsw_keys) == 10
+        assert np.all(np.diff(hnsw_scores) <= 1e-5), "search is not best first"
+        # The same keys scored exactly: same numbers, so both paths use one score convention.
+        by_key = dict(zip(*index.search_exact(q, hnsw_keys, 10), strict=True))
+        np.testing.assert_allclose([by_key[k] for k in hnsw_keys], hnsw_scores, rtol=1e-4, atol=1e-4)
+        # And they are the brute-force scores of those vectors.
+        np.testing.assert_allclose(
+            hnsw_scores, _brute_force(metric, data[hnsw_keys.astype(np.int64) - 1], q), rtol=1e-4, atol=1e-4
+        )
+        exact_keys, exact_scores = index.search_exact(q, keys, 10)
+        assert hnsw_scores[0] <= exact_scores[0] + 1e-4  # exact is the ceiling
+        overlap += len(set(hnsw_keys.tolist()) & set(exact_keys.tolist()))
+    assert overlap / 200 >= 0.9
+
+
+def test_add_replaces_a_present_key_and_remove_ignores_absent_keys() -> None:
+    index = VectorIndex(8, "cosine")
+    rng = np.random.default_rng(3)
+    v1, v2 = rng.standard_normal((2, 8)).astype(np.float32)
+    index.add(np.array([5, 6], dtype=np.uint64), np.stack([v1, v1]))
+    index.add(np.array([5], dtype=np.uint64), v2[None, :])  # as when catching up a snapshot
+    assert len(index) == 2
+    keys, scores = index.search_exact(v2, np.array([5], dtype=np.uint64), 1)
+    assert keys.tolist() == [5] and scores[0] == pytest.approx(1.0, abs=1e-5)
+    index.remove(np.array([6, 999], dtype=np.uint64))
+    assert len(index) == 1
+    assert index.search(v1, 10)[0].tolist() == [5]
+    index.remove(np.array([5], dtype=np.uint64))
+    assert len(index) == 0
+    assert index.search(v1, 10)[0].size == 0
+
+
+def test_save_and_load_latest_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(5)
+    data = _unit(rng.standard_normal((1500, 64)))
+    keys = rng.choice(10**9, 1500, replace=False).astype(np.uint64)
+    index = VectorIndex(64, "cosine", ef_search=64)
+    index.add(keys, data)
+    index.remove(keys[:100])
+    path = index.save(tmp_path, 42)
+    assert re.fullmatch(r"index-000000000042-[0-9a-f]{16}\.usearch", path.name), path.name
+    assert snapshot_generation(path) == 42
+    assert snapshot_files(tmp_path) == [path]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+    loaded = VectorIndex.load_latest(tmp_path, 64, "cosine", ef_search=64)
+    assert loaded is not None
+    restored, generation = loaded
+    assert generation == 42
+    assert len(restored) == len(index) == 1400
+    assert restored.default_ef == 64
+    for q in _unit(rng.standard_normal((20, 64))):
+        a_keys, a_scores = index.search(q, 10)
+        b_keys, b_scores = restored.search(q, 10)
+        assert a_keys.tolist() == b_keys.tolist()
+        np.testing.assert_allclose(a_scores, b_scores, rtol=0, atol=1e-6)
+        assert not set(b_keys.tolist()) & set(keys[:100].tolist())
+    # The restored index keeps working: adds and exact search.
+    restored.add(keys[:1], data[:1])
+    assert restored.search_exact(data[0], keys[:1], 1)[1][0] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_save_removes_older_snapshots(tmp_path: Path) -> None:
+    index = VectorIndex(8, "l2")
+    vectors = np.random.default_rng(1).standard_normal((10, 8)).astype(np.float32)
+    index.add(np.arange(1, 11, dtype=np.uint64), vectors)
+    for generation in (1, 2, 10, 3):  # the last save is what is kept, even at a lower generation
+        index.save(tmp_path, generation)
+    assert [snapshot_generation(p) for p in snapshot_files(tmp_path)] == [3]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [p.name for p in snapshot_files(tmp_path)]
+
+
+def test_corrupt_newest_snapshot_falls_back_to_older_or_none(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    dims = 16
+    old = VectorIndex(dims, "cosine")
+    old.add(np.arange(1, 51, dtype=np.uint64), rng.standard_normal((50, dims)).astype(np.float32))
+    old_path = old.save(tmp_path, 3)
+    old_bytes = old_path.read_bytes()
+    new = VectorIndex(dims, "cosine")
+    new.add(np.arange(1, 81, dtype=np.uint64), rng.standard_normal((80, dims)).astype(np.float32))
+    new_path = new.save(tmp_path, 7)
+    assert not old_path.exists()
+    old_path.write_bytes(old_bytes)  # as if the older snapshot were still there
+
+    intact = VectorIndex.load_latest(tmp_path, dims, "cosine")
+    assert intact is not None and intact[1] == 7 and len(intact[0]) == 80
+
+    new_bytes = new_path.read_bytes()
+    new_path.write_bytes(new_bytes[: len(new_bytes) // 2])  # torn write
+    loaded = VectorIndex.load_latest(tmp_path, dims, "cosine")
+    assert loaded is not None
+    assert loaded[1] == 3 and len(loaded[0]) == 50
+
+    new_path.write_bytes(b"not a usearch file" * 10)  # garbage
+    loaded = VectorIndex.load_latest(tmp_path, dims, "cosine")
+    assert loaded is not None and loaded[1] == 3
+
+    old_path.write_bytes(b"")  # both unusable: rebuild from the store
+    assert VectorIndex.load_latest(tmp_path, dims, "cosine") is None
+
+
+def test_snapshot_with_other_dimensions_is_ignored(tmp_path: Path) -> None:
+    index = VectorIndex(8, "cosine")
+    index.add(np.arange(1, 4, dtype=np.uint64), np.eye(3, 8, dtype=np.float32))
+    index.save(tmp_path, 1)
+    assert VectorIndex.load_latest(tmp_path, 16, "cosine") is None
+    assert VectorIndex.load_latest(tmp_path / "missing", 8, "cosine") is None
+
+
+def test_rwlock_writer_excludes_readers_and_readers_share() -> None:
+    lock = RWLock()
+    events: list[str] = []
+
+    # Readers share: a second reader gets in while the first holds the lock.
+    first_in, second_in = threading.Event(), threading.Event()
+
+    def second_reader() -> None:
+        with lock.read():
+            second_in.set()
+
+    with lock.read():
+        first_in.set()
+        t = threading.Thread(target=second_reader)
+        t.start()
+        assert second_in.wait(2.0), "a reader was blocked by another reader"
+    t.join(2.0)
+
+    # A writer excludes readers until it leaves.
+    reader_in = threading.Event()
+
+    def reader() -> None:
+        with lock.read():
+            events.append("reader")
+            reader_in.set()
+
+    with lock.write():
+        t = threading.Thread(target=reader)
+        t.start()
+        assert not reader_in.wait(0.2), "a reader got in while a writer held the lock"
+        events.append("writer done")
+    assert reader_in.wait(2.0)
+    t.join(2.0)
+    assert events == ["writer done", "reader"]
+
+    # A writer waits for the readers inside to leave.
+    writer_in = threading.Event()
+
+    def writer() -> None:
+        with lock.write():
+            writer_in.set()
+
+    with lock.read():
+        t = threading.Thread(target=writer)
+        t.start()
+        assert not writer_in.wait(0.2), "a writer got in while a reader held the lock"
+    assert writer_in.wait(2.0)
+    t.join(2.0)
+
+
+def test_search_exact_skips_keys_not_yet_in_the_index() -> None:
+    # The store commits before the index is updated: a filter can name keys the index has not got yet.
+    index = VectorIndex(4, "cosine")
+    index.add(np.array([1, 3], dtype=np.uint64), np.eye(4, dtype=np.float32)[:2])
+    keys, scores = index.search_exact(np.eye(4, dtype=np.float32)[0], np.array([1, 2, 3], dtype=np.uint64), 5)
+    assert keys.tolist() == [1, 3] and scores[0] == pytest.approx(1.0)
+    keys, _ = index.search_exact(np.eye(4, dtype=np.float32)[0], np.array([2], dtype=np.uint64), 5)
+    assert keys.tolist() == []
+
+
+def test_snapshot_damaged_in_the_middle_is_rejected_by_its_checksum(tmp_path: Path) -> None:
+    # usearch itself loads a file with overwritten bytes in the middle without complaint.
+    index = VectorIndex(16, "cosine")
+    vectors = np.random.default_rng(3).standard_normal((200, 16)).astype(np.float32)
+    index.add(np.arange(1, 201, dtype=np.uint64), vectors)
+    older = index.save(tmp_path / "a", 1)
+    newest = index.save(tmp_path / "b", 2)
+    data = bytearray(newest.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(64)
+    newest.write_bytes(bytes(data))
+    assert VectorIndex.load_latest(tmp_path / "b", 16, "cosine") is None
+    loaded = VectorIndex.load_latest(older.parent, 16, "cosine")
+    assert loaded is not None and loaded[1] == 1
