@@ -289,12 +289,12 @@ def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Se
     }
     values.update(overrides)
     # Build from the explicit mapping only, so an injected environment really replaces os.environ.
-    return _SettingsFromMapping(**values)
+    return _SettingsFromMapping.model_validate(values)
 
 
 class _SettingsFromMapping(Settings):
     """Settings that take values only from constructor arguments (no process environment)."""
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):  # type: ignore[override]
+    def settings_customise_sources(cls, settings_cls, init_settings, *args, **kwargs):
         return (init_settings,)

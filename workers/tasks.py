@@ -93,7 +93,7 @@ def _parse(contract: type[C], payload: dict[str, Any]) -> C:
     # A plain SieveError crosses the result backend as JSON and is rebuilt by the caller; a pydantic
     # ValidationError would not be.
     try:
-        return contract.from_json(payload)  # type: ignore[attr-defined,no-any-return]
+        return contract.from_json(payload)
     except ValidationError as exc:
         raise InvalidArgument(f"bad {contract.__name__}: {exc}") from None
 
