@@ -75,7 +75,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _health(args: argparse.Namespace) -> int:
-    from sieve_cli.evaluate import wait_serving
+    from sieve_cli.stack import wait_serving
     from sieve_core.config import load_settings
 
     address = args.address or load_settings().grpc_address

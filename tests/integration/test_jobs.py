@@ -34,7 +34,7 @@ from sieve.v1 import (
     search_pb2,
 )
 
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli.stack import free_port, wait_serving
 from sieve_core.contracts import content_hash_hex
 from tests.conftest import MODEL, MODELS_DIR, ROOT, Api, Worker, make_settings, start_api, stop_api
 

@@ -25,7 +25,7 @@ from sieve.errors import from_rpc_error
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
 from server.transport.interceptors import FrontDoor
-from sieve_cli.evaluate import free_port
+from sieve_cli.stack import free_port
 from sieve_core.logs import REQUEST_ID_METADATA, request_id
 from tests.conftest import Api, RedisServer, Worker, make_settings, start_api, stop_api
 from tests.system.test_durability import running_server

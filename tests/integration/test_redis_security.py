@@ -25,6 +25,7 @@ import pytest
 import redis
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
+from sieve_cli.stack import RedisTls
 from sieve_core import redis_conn
 from sieve_core.config import Settings
 from sieve_core.tasking import celery_config
@@ -32,7 +33,6 @@ from tests.certs import Certs, make_certs
 from tests.conftest import (
     Api,
     RedisServer,
-    RedisTls,
     Worker,
     make_settings,
     start_api,

@@ -13,7 +13,7 @@ import time
 import pytest
 import redis
 
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli.stack import free_port, wait_serving
 from sieve_core.config import load_settings
 from tests.conftest import MODELS_DIR, ROOT, require_bundle
 from workers.celery_app import create_app
