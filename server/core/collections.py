@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,42 +23,10 @@ from sieve_core.config import Settings
 from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound
 from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError
+from sieve_core.models.registry import ModelKindError, ModelRegistry
 from sieve_core.types import CollectionInfo, CollectionSpec, SearchSettings, StageMode
 
 log = logging.getLogger(__name__)
-
-
-class ModelRegistry:
-    """Bi-encoder runners by bundle name, each loaded once and shared by every collection using it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._runners: dict[str, BiEncoderRunner] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> BiEncoderRunner:
-        with self._lock:
-            runner = self._runners.get(name)
-            if runner is None:
-                path = self._settings.models_dir / name
-                validation.model_name(name, "embedding_model")
-                try:
-                    runner = BiEncoderRunner(
-                        path, intra_op_threads=self._settings.onnx_threads, spin=self._settings.onnx_spin
-                    )
-                except BundleError as exc:
-                    raise FailedPrecondition(
-                        f"embedding model {name!r} is not available on this server ({exc}); export it into "
-                        f"{self._settings.models_dir}/ with `sieve models export bi-encoder --source DIR "
-                        f"--out {path}` (the default model: `make models`)"
-                    ) from None
-                if runner.manifest.kind != "bi_encoder":
-                    raise FailedPrecondition(
-                        f"model {name!r} is a {runner.manifest.kind} model, not a bi-encoder"
-                    )
-                runner.warmup()
-                self._runners[name] = runner
-            return runner
 
 
 @dataclass
@@ -149,6 +116,20 @@ class Collections:
     def is_current(self, col: Collection) -> bool:
         return self._by_name.get(col.row.name) is col
 
+    def embedding_runner(self, name: str) -> BiEncoderRunner:
+        """The process's bi-encoder runner of a bundle; FAILED_PRECONDITION saying how to get it if there is none."""
+        try:
+            return self._models.bi_encoder(name)
+        except ModelKindError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        except BundleError as exc:
+            path = self._models.models_dir / name
+            raise FailedPrecondition(
+                f"embedding model {name!r} is not available on this server ({exc}); export it into "
+                f"{self._models.models_dir}/ with `sieve models export bi-encoder --source DIR "
+                f"--out {path}` (the default model: `make models`)"
+            ) from None
+
     def token_vectors(self, col: Collection) -> TokenVectors:
         return token_vectors(col.defaults, self.defaults)
 
@@ -171,8 +152,10 @@ class Collections:
         name = validation.collection_name(spec.name)
         metric = validation.metric(spec.metric, self._settings)
         defaults = validation.search_settings(spec.defaults, self._settings, "defaults")
-        model = spec.embedding_model or self._settings.default_embedding_model
-        return await self._run.write(self._create, name, model, metric, defaults)  # type: ignore[no-any-return]
+        model = validation.model_name(
+            spec.embedding_model or self._settings.default_embedding_model, "embedding_model"
+        )
+        return await self._run.write(self._create, name, model, metric, defaults)
 
     def _create(self, name: str, model: str, metric: str, defaults: SearchSettings) -> CollectionInfo:
         if name in self._by_name:
@@ -181,7 +164,7 @@ class Collections:
             raise FailedPrecondition(
                 f"this server already holds the maximum of {self._settings.max_collections} collections"
             )
-        runner = self._models.get(model)
+        runner = self.embedding_runner(model)
         row = self._store.create_collection(
             name, model, runner.model_id, metric, runner.dims, _settings_to_json(defaults)
         )
@@ -193,10 +176,10 @@ class Collections:
 
     async def describe(self, name: str) -> CollectionInfo:
         col = self.get(name)
-        return await self._run.read(self.info, col)  # type: ignore[no-any-return]
+        return await self._run.read(self.info, col)
 
     async def list_infos(self) -> list[CollectionInfo]:
-        return await self._run.read(self._infos, list(self._by_name.values()))  # type: ignore[no-any-return]
+        return await self._run.read(self._infos, list(self._by_name.values()))
 
     def _infos(self, cols: list[Collection]) -> list[CollectionInfo]:
         out = []
@@ -221,7 +204,7 @@ class Collections:
     def open(self) -> None:
         """Load the default model and every collection's index (caught up from the store). Blocking."""
         try:
-            self._models.get(self._settings.default_embedding_model)
+            self.embedding_runner(self._settings.default_embedding_model)
         except FailedPrecondition:
             log.warning("default embedding model %r is not available", self._settings.default_embedding_model)
         for row in self._store.list_collections():
@@ -231,7 +214,7 @@ class Collections:
         return self._settings.data_dir / "collections" / str(row.id)
 
     def _load(self, row: CollectionRow) -> Collection:
-        runner = self._models.get(row.embedding_model)
+        runner = self.embedding_runner(row.embedding_model)
         directory = self._directory(row)
         started = time.monotonic()
         loaded = VectorIndex.load_latest(

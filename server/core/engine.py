@@ -18,7 +18,7 @@ import numpy as np
 
 from server.core import validation
 from server.core.cascade import Cascade
-from server.core.collections import Collections, ModelRegistry
+from server.core.collections import Collections
 from server.core.executors import Executors
 from server.core.indexing import IndexTarget
 from server.core.retrieval import Retrieval
@@ -27,6 +27,7 @@ from server.dispatch.dispatcher import Dispatcher
 from server.storage.store import Store
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
+from sieve_core.models.registry import ModelRegistry
 from sieve_core.types import CollectionInfo, CollectionSpec, Document, SearchQuery, SearchResult, WriteResult
 
 
@@ -34,14 +35,17 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.data_dir / "sieve.db")
-        self.models = ModelRegistry(settings)
+        # The process's one model registry: the collections' bi-encoders, the re-rankers' manifests.
+        self.models = ModelRegistry(
+            settings.models_dir, intra_op_threads=settings.onnx_threads, spin=settings.onnx_spin
+        )
         self.dispatcher = Dispatcher(settings)
         self.cache = ResultCache.from_settings(settings)
         self._run = Executors(settings)
         self.collections = Collections(settings, self.store, self.models, self._run)
         self.writes = Writes(settings, self.store, self.collections, self._run, self.dispatcher)
         self.retrieval = Retrieval(settings, self.store, self.collections, self.cache, self._run)
-        self.cascade = Cascade(settings, self.dispatcher, self.cache, self._run.pool)
+        self.cascade = Cascade(settings, self.models, self.dispatcher, self.cache, self._run.pool)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -133,4 +137,4 @@ class Engine:
         return self.store.unchanged_ids(self.collections.get(collection).row.id, docs)
 
     def embed(self, model: str, texts: list[str]) -> np.ndarray:
-        return self.models.get(model).embed(texts, self.settings.embed_batch_size)
+        return self.collections.embedding_runner(model).embed(texts, self.settings.embed_batch_size)

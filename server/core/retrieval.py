@@ -46,7 +46,7 @@ class Retrieval:
         self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
     ) -> tuple[list[Hit], StageReport, int]:
         """The `count` nearest documents, the stage's report, and the generation the index showed."""
-        return await self._run.read(self._retrieve, col, query, count, settings, with_text)  # type: ignore[no-any-return]
+        return await self._run.read(self._retrieve, col, query, count, settings, with_text)
 
     def _retrieve(
         self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
