@@ -102,7 +102,7 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
     """EmbedRequest -> EmbedResult: vectors, and with want_tokens the texts' token blobs cached."""
     request = _parse(EmbedRequest, payload)
     cache = runtime.cache() if request.want_tokens else None
-    token_runner = runtime.runner(request.token_model) if request.token_model else None
+    token_runner = runtime.token_runner(request.token_model) if request.token_model else None
     result = service.embed(
         runtime.bi_encoder(request.model),
         cache,
@@ -116,9 +116,7 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
 def late_interaction(payload: dict[str, Any]) -> dict[str, Any]:
     """LateInteractionRequest -> LateInteractionResult: MaxSim scores from cached token blobs."""
     request = _parse(LateInteractionRequest, payload)
-    found = runtime.runner(request.model)
-    if found.manifest.kind not in ("bi_encoder", "colbert"):
-        raise InvalidArgument(f"model {request.model!r} is a {found.manifest.kind} bundle: no token vectors")
+    found = runtime.token_runner(request.model)
     result = service.late_interaction(found, runtime.cache(), request, batch_size=runtime.embed_batch_size())
     return result.to_json()
 
@@ -126,11 +124,7 @@ def late_interaction(payload: dict[str, Any]) -> dict[str, Any]:
 def cross_encoder(payload: dict[str, Any]) -> dict[str, Any]:
     """CrossEncoderRequest -> CrossEncoderResult: one score per (query, candidate), cached per pair."""
     request = _parse(CrossEncoderRequest, payload)
-    found = runtime.runner(request.model)
-    if found.manifest.kind != "cross_encoder":
-        raise InvalidArgument(
-            f"model {request.model!r} is a {found.manifest.kind} bundle, not a cross-encoder"
-        )
+    found = runtime.cross_encoder(request.model)
     result = score_pairs(
         found, runtime.scores_cache(), request, batch_size=runtime.cross_encoder_batch_size()
     )

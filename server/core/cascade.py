@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
@@ -26,7 +25,8 @@ from sieve_core.cache import ResultCache, stage_scores_key
 from sieve_core.config import Settings
 from sieve_core.contracts import content_hash_hex
 from sieve_core.errors import FailedPrecondition, Unavailable
-from sieve_core.models.bundle import BundleError, BundleManifest, load_bundle_manifest
+from sieve_core.models.bundle import BundleError
+from sieve_core.models.registry import PAIR_SCORES, TOKEN_VECTORS, ModelKindError, ModelRegistry
 from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageScore, StageStatus
 
 log = logging.getLogger(__name__)
@@ -48,43 +48,39 @@ class StageModel:
 
 @dataclass
 class StagePlan:
-    """What the request, the collection and the server together ask of one re-ranking stage."""
+    """What the request, the collection and the server together ask of one re-ranking stage, with its
+    model resolved once per request (`unavailable` says why there is none: the stage degrades)."""
 
     stage: Stage
     mode: StageMode
     keep: int
+    model: StageModel | None = None
+    unavailable: str = ""
 
 
 class Cascade:
     def __init__(
-        self, settings: Settings, dispatcher: Dispatcher, cache: ResultCache, pool: Executor
+        self,
+        settings: Settings,
+        models: ModelRegistry,
+        dispatcher: Dispatcher,
+        cache: ResultCache,
+        pool: Executor,
     ) -> None:
         self.settings = settings
+        self.models = models  # only manifests are read here: the workers run the re-rankers
         self.dispatcher = dispatcher
         self.cache = cache
         self._pool = pool
-        self._manifests: dict[str, BundleManifest] = {}
-        self._lock = threading.Lock()
 
     # -- models --------------------------------------------------------------------------------------
-    def _manifest(self, name: str) -> BundleManifest:
-        with self._lock:
-            found = self._manifests.get(name)
-        if found is None:
-            found = load_bundle_manifest(self.settings.models_dir / name)
-            with self._lock:
-                self._manifests[name] = found
-        return found
-
     def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
         """The stage's model: the named `colbert` bundle, or MaxSim over the bi-encoder's token vectors."""
         if name is None:
-            manifest = self._manifest(embedding_model)
+            manifest = self.models.manifest(embedding_model)
             label = f"{manifest.model_id} (MaxSim over its token vectors, zero-shot)"
             return StageModel(embedding_model, label, manifest.cache_id)
-        manifest = self._manifest(name)
-        if manifest.kind not in ("colbert", "bi_encoder"):
-            raise BundleError(f"model {name!r} is a {manifest.kind} bundle: it has no token vectors")
+        manifest = self.models.manifest(name, TOKEN_VECTORS)
         label = "ColBERT" if manifest.kind == "colbert" else "MaxSim over its token vectors, zero-shot"
         return StageModel(name, f"{manifest.model_id} ({label})", manifest.cache_id)
 
@@ -94,63 +90,67 @@ class Cascade:
         if name is None:
             raise FailedPrecondition(f"no cross_encoder model is configured on this server; {hint}")
         try:
-            manifest = self._manifest(name)
+            manifest = self.models.manifest(name, PAIR_SCORES)
+        except ModelKindError as exc:
+            raise FailedPrecondition(str(exc)) from None
         except BundleError as exc:
             raise FailedPrecondition(
                 f"cross_encoder model {name!r} is not available ({exc}); {hint}"
             ) from None
-        if manifest.kind != "cross_encoder":
-            raise FailedPrecondition(f"model {name!r} is a {manifest.kind} bundle, not a cross_encoder")
         return StageModel(name, manifest.model_id, manifest.cache_id)
 
-    def check_required(self, settings: SearchSettings, embedding_model: str) -> None:
-        """Refuse up front a request that demands a stage this server has no model for."""
-        if settings.cross_encoder == StageMode.REQUIRED:
-            self.cross_encoder_model(settings.cross_encoder_model)
-        if settings.late_interaction == StageMode.REQUIRED:
-            try:
-                self.late_interaction_model(settings.late_interaction_model, embedding_model)
-            except BundleError as exc:
-                raise FailedPrecondition(
-                    f"late_interaction model is not available ({exc}); export one with `sieve models export "
-                    f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
-                ) from None
-
-    # -- running -------------------------------------------------------------------------------------
-    async def rerank(
-        self,
-        *,
-        collection_id: int,
-        generation: int,
-        embedding_model: str,
-        query: str,
-        hits: list[Hit],
-        settings: SearchSettings,
-        top_k: int,
-        deadline: float | None,
-    ) -> tuple[list[Hit], list[StageReport]]:
-        """Runs the requested stages in order over `hits`; `deadline` is a time.monotonic() value."""
+    def plan(self, settings: SearchSettings, embedding_model: str, top_k: int) -> list[StagePlan]:
+        """The stages a search runs, their models resolved once. A REQUIRED stage this server has no model
+        for fails the request here, before any work (FAILED_PRECONDITION); a BEST_EFFORT one degrades."""
         plans = [
             StagePlan(
                 Stage.LATE_INTERACTION, settings.late_interaction, settings.late_interaction_keep or top_k
             ),
             StagePlan(Stage.CROSS_ENCODER, settings.cross_encoder, settings.cross_encoder_keep or top_k),
         ]
+        for plan in plans:
+            if not plan.mode.enabled:
+                continue
+            try:
+                plan.model = (
+                    self.late_interaction_model(settings.late_interaction_model, embedding_model)
+                    if plan.stage == Stage.LATE_INTERACTION
+                    else self.cross_encoder_model(settings.cross_encoder_model)
+                )
+            except (FailedPrecondition, BundleError) as exc:
+                if plan.mode == StageMode.REQUIRED:
+                    raise self._no_model(exc) from None
+                plan.unavailable = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
+        return plans
+
+    def _no_model(self, exc: FailedPrecondition | BundleError) -> FailedPrecondition:
+        if isinstance(exc, FailedPrecondition):
+            return exc
+        return FailedPrecondition(
+            f"late_interaction model is not available ({exc}); export one with `sieve models export "
+            f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
+        )
+
+    # -- running -------------------------------------------------------------------------------------
+    async def rerank(
+        self,
+        plans: list[StagePlan],
+        *,
+        collection_id: int,
+        generation: int,
+        query: str,
+        hits: list[Hit],
+        top_k: int,
+        deadline: float | None,
+    ) -> tuple[list[Hit], list[StageReport]]:
+        """Runs the planned stages in order over `hits`; `deadline` is a time.monotonic() value."""
         reports: list[StageReport] = []
         for plan in plans:
-            if plan.mode in (StageMode.OFF, StageMode.UNSPECIFIED):
+            if not plan.mode.enabled:
                 reports.append(StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested"))
                 continue
             hits, report = await self._stage(
-                plan,
-                settings,
-                collection_id,
-                generation,
-                embedding_model,
-                query,
-                hits,
-                max(plan.keep, top_k),
-                deadline,
+                plan, collection_id, generation, query, hits, max(plan.keep, top_k), deadline
             )
             if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
                 raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
@@ -160,10 +160,8 @@ class Cascade:
     async def _stage(
         self,
         plan: StagePlan,
-        settings: SearchSettings,
         collection_id: int,
         generation: int,
-        embedding_model: str,
         query: str,
         hits: list[Hit],
         keep: int,
@@ -177,16 +175,10 @@ class Cascade:
             took = (time.perf_counter() - started) * 1000
             return StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
 
-        try:
-            model = (
-                self.late_interaction_model(settings.late_interaction_model, embedding_model)
-                if plan.stage == Stage.LATE_INTERACTION
-                else self.cross_encoder_model(settings.cross_encoder_model)
-            )
-        except (FailedPrecondition, BundleError) as exc:
-            reason = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
+        model = plan.model
+        if model is None:
             return hits, report(
-                StageStatus.DEGRADED, out=len(hits), reason=f"{reason}; kept the previous order"
+                StageStatus.DEGRADED, out=len(hits), reason=f"{plan.unavailable}; kept the previous order"
             )
         if not hits:
             return hits, report(StageStatus.COMPLETED, out=0, model=model.label)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -137,6 +138,16 @@ class Dispatcher:
             )
         except Exception as exc:  # the write is committed; only the warm-up of the cache is lost
             log.warning("could not queue token vectors for %d texts: %s", len(texts), type(exc).__name__)
+
+    def queue_lengths(self, queues: Sequence[str]) -> list[int] | None:
+        """Tasks waiting in each queue (Redis LLEN, one round trip, 0.5 s socket timeout); None when no
+        Redis is configured. Raises what the Redis client raises (unreachable, timed out, auth)."""
+        if self._redis is None:
+            return None
+        pipe = self._redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return [int(n) for n in pipe.execute()]
 
     def _new_app(self):  # type: ignore[no-untyped-def]
         from sieve_core.tasking import client_app as create_app

@@ -78,25 +78,39 @@ class Pending:
     attempts: int = 0
 
 
+class Embedder(Protocol):
+    """Embeds a job's batches: one of the two below."""
+
+    name: str
+
+    async def submit(self, ids: list[str], texts: list[str]) -> Pending: ...
+
+    async def result(self, pending: Pending, job: JobHooks) -> dict[str, Any]: ...
+
+    async def discard(self, pendings: list[Pending]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class InProcessEmbedder:
     """No Redis configured: embed on the server, in one thread of the job's own (search keeps its pool)."""
 
     name = "in-process"
 
-    def __init__(self, runner: Callable[[], Any], settings: Settings) -> None:
-        self._runner = runner
+    def __init__(self, embed: Callable[[list[str]], np.ndarray], settings: Settings) -> None:
+        self._embed_texts = embed  # blocking: the server's own runner of the collection's model
         self._settings = settings
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sieve-job-embed")
         self._closed = threading.Event()
 
     def _embed(self, texts: list[str]) -> np.ndarray:
         # One ONNX run at a time, so that a stopping job (or server) waits for one run, not a whole batch.
-        runner, step = self._runner(), self._settings.embed_batch_size
+        step = self._settings.embed_batch_size
         parts = []
         for i in range(0, len(texts), step):
             if self._closed.is_set():
                 raise Stopped
-            parts.append(runner.embed(texts[i : i + step], step))
+            parts.append(self._embed_texts(texts[i : i + step]))
         return np.concatenate(parts)
 
     async def submit(self, ids: list[str], texts: list[str]) -> Pending:

@@ -1,0 +1,138 @@
+"""Document writes: embed off the loop, commit on the single writer thread, then update the index.
+
+A write is durable once the store has committed it, and visible to searches once the writer thread has
+applied it to the collection's index (`Collection.visible_generation`); `wait_for_generation` lets a
+search wait for its own writes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+
+from server.core import validation
+from server.core.collections import Collection, Collections
+from server.core.executors import Executors
+from server.dispatch.dispatcher import Dispatcher
+from server.storage.store import Store, UpsertOutcome
+from sieve_core.config import Settings
+from sieve_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from sieve_core.types import Document, WriteResult
+
+
+class Writes:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        collections: Collections,
+        run: Executors,
+        dispatcher: Dispatcher,
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._collections = collections
+        self._run = run
+        self._dispatcher = dispatcher
+
+    async def upsert(self, name: str, docs: list[Document]) -> WriteResult:
+        col = self._collections.get(name)
+        validation.documents(docs, self._settings)
+        unchanged = await self._run.read(self._store.unchanged_ids, col.row.id, docs)
+        to_embed = [d for d in docs if d.id not in unchanged]
+        generation = await self._commit(col, docs, await self._embed(col, to_embed))
+        tokens = self._collections.token_vectors(col)
+        if tokens.wanted and to_embed:
+            texts = [d.text for d in to_embed]
+            await self._run.read(
+                self._dispatcher.precompute_tokens, col.row.embedding_model, texts, tokens.model
+            )
+        return WriteResult(generation, len(docs))
+
+    async def upsert_embedded(
+        self, name: str, docs: list[Document], vectors: dict[str, np.ndarray]
+    ) -> WriteResult:
+        """Commit documents whose vectors were computed elsewhere (an index job's embedding workers).
+
+        The same atomic write as `upsert`, on the single writer thread, idempotent by id. The documents
+        were validated where they came from (an index job's source reader checks every line and keeps one
+        per id), so only the vectors are checked here. `vectors` must hold a vector for every document
+        whose text is new or changed; one that is missing because a concurrent write changed the stored
+        text meanwhile is embedded here. No token vectors are queued: the worker that computed the vectors
+        cached them in the same encoder pass when asked to.
+        """
+        col = self._collections.get(name)
+        for doc_id, vector in vectors.items():
+            if np.shape(vector) != (col.row.dims,):
+                raise InvalidArgument(
+                    f"vector for {doc_id!r} has shape {np.shape(vector)}; the collection needs ({col.row.dims},)"
+                )
+        generation = await self._commit(col, docs, dict(vectors))
+        return WriteResult(generation, len(docs))
+
+    async def _commit(self, col: Collection, docs: list[Document], vectors: dict[str, np.ndarray]) -> int:
+        """Commit on the writer thread; returns the write's generation."""
+        while True:
+            outcome = await self._run.write(self._commit_upsert, col, docs, vectors)
+            if not outcome.missing_vectors:
+                return outcome.generation
+            # A concurrent write changed some texts after we looked: embed those too and try again.
+            missing = set(outcome.missing_vectors)
+            vectors.update(await self._embed(col, [d for d in docs if d.id in missing]))
+
+    async def _embed(self, col: Collection, docs: list[Document]) -> dict[str, np.ndarray]:
+        if not docs:
+            return {}
+        matrix = await self._run.read(
+            col.runner.embed, [d.text for d in docs], self._settings.embed_batch_size
+        )
+        return {d.id: matrix[i] for i, d in enumerate(docs)}
+
+    def _commit_upsert(
+        self, col: Collection, docs: list[Document], vectors: dict[str, np.ndarray]
+    ) -> UpsertOutcome:
+        self._collections.check_current(col)
+        outcome = self._store.upsert(col.row.id, docs, vectors)
+        if outcome.missing_vectors:
+            return outcome
+        # The store has committed: the write is durable. Now make it visible in the index.
+        col.index.remove(np.array(outcome.removed, dtype=np.uint64))
+        if outcome.added:
+            keys = np.array([k for k, _ in outcome.added], dtype=np.uint64)
+            col.index.add(keys, np.stack([v for _, v in outcome.added]))
+        self._collections.published(col, len(docs), outcome.generation)
+        return outcome
+
+    async def delete_documents(self, name: str, ids: list[str]) -> WriteResult:
+        col = self._collections.get(name)
+        validation.ids(ids, self._settings)
+        return await self._run.write(self._commit_delete, col, ids)
+
+    def _commit_delete(self, col: Collection, ids: list[str]) -> WriteResult:
+        self._collections.check_current(col)
+        generation, keys = self._store.delete(col.row.id, ids)
+        col.index.remove(np.array(keys, dtype=np.uint64))
+        self._collections.published(col, len(keys), generation)
+        unique = len(dict.fromkeys(ids))
+        return WriteResult(generation, len(keys), unique - len(keys))
+
+    async def wait_for_generation(self, col: Collection, generation: int, timeout_s: float) -> int:
+        """Read your writes: wait until the collection's index shows `generation`, for at most `timeout_s`,
+        then FAILED_PRECONDITION. Returns the generation the index shows."""
+        deadline = time.monotonic() + max(0.0, timeout_s)
+        delay = 0.002
+        while col.visible_generation < generation:
+            if not self._collections.is_current(col):
+                raise NotFound(f"collection {col.row.name!r} was deleted")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise FailedPrecondition(
+                    f"collection {col.row.name!r} is at generation {col.visible_generation}, below the "
+                    f"requested min_generation {generation}; retry later"
+                )
+            # The writer thread publishes visible_generation; a short poll costs nothing next to a write.
+            await asyncio.sleep(min(delay, left))
+            delay = min(delay * 2, 0.05)
+        return col.visible_generation
