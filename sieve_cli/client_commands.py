@@ -40,11 +40,7 @@ def register(sub: Any) -> None:
     csub = col.add_subparsers(dest="collections_command", required=True)
     create = csub.add_parser("create", help="create a collection")
     create.add_argument("name")
-    create.add_argument("--model", default="", help="bi-encoder bundle (default: the server's)")
-    create.add_argument("--metric", choices=("cosine", "ip", "l2"), help="default: the server's (cosine)")
-    create.add_argument("--late", choices=MODES, help="default late-interaction mode for searches")
-    create.add_argument("--cross", choices=MODES, help="default cross-encoder mode for searches")
-    create.add_argument("--candidates", type=int, help="default candidates retrieved for re-ranking")
+    create_options(create)
     parsers = [create]
     for verb, text in (("list", "all collections"), ("get", "one collection"), ("delete", "delete one")):
         p = csub.add_parser(verb, help=text)
@@ -100,6 +96,34 @@ def register(sub: Any) -> None:
         p.add_argument("--json", action="store_true", help="print proto3 JSON")
 
 
+def create_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """A new collection's model, metric and stage defaults (`collections create`, `index --create`)."""
+    parser.add_argument("--model", default="", help=f"{prefix}bi-encoder bundle (default: the server's)")
+    parser.add_argument(
+        "--metric", choices=("cosine", "ip", "l2"), help=f"{prefix}metric (default: the server's, cosine)"
+    )
+    parser.add_argument(
+        "--late",
+        choices=MODES,
+        help=f"{prefix}late-interaction mode of searches that do not say (default off)",
+    )
+    parser.add_argument(
+        "--cross", choices=MODES, help=f"{prefix}cross-encoder mode of searches that do not say (default off)"
+    )
+    parser.add_argument("--candidates", type=int, help=f"{prefix}candidates retrieved for re-ranking")
+
+
+def stage_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    if args.late:
+        defaults["late_interaction"] = args.late
+    if args.cross:
+        defaults["cross_encoder"] = args.cross
+    if args.candidates:
+        defaults["retrieve_candidates"] = args.candidates
+    return defaults
+
+
 # -- plumbing -------------------------------------------------------------------------------------
 def _address(args: argparse.Namespace) -> str:
     if args.address:
@@ -151,15 +175,12 @@ def _collections(args: argparse.Namespace) -> int:
 def _collections_on(client: SieveClient, args: argparse.Namespace) -> int:
     command = args.collections_command
     if command == "create":
-        defaults: dict[str, Any] = {}
-        if args.late:
-            defaults["late_interaction"] = args.late
-        if args.cross:
-            defaults["cross_encoder"] = args.cross
-        if args.candidates:
-            defaults["retrieve_candidates"] = args.candidates
         created = client.create_collection(
-            args.name, embedding_model=args.model, metric=args.metric, defaults=defaults, timeout=args.timeout
+            args.name,
+            embedding_model=args.model,
+            metric=args.metric,
+            defaults=stage_defaults(args),
+            timeout=args.timeout,
         )
         _show_collections([created], args.json, one=True)
     elif command == "list":

@@ -11,14 +11,27 @@ from pathlib import Path
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import serve
+    from sieve_cli.ports import busy_message, first_busy
     from sieve_core.config import load_settings
     from sieve_core.errors import SieveError
 
     overrides = {"grpc_address": args.address} if args.address else {}
+    settings = load_settings(**overrides)
+    setting = "--address" if args.address else "SIEVE_GRPC_ADDRESS"
+    # Checked before anything loads: a second stack on this machine gets one line, not a traceback.
+    busy = first_busy("sieve serve", [("the gRPC server", settings.grpc_address, setting)])
+    if busy:
+        print(busy, file=sys.stderr)
+        return 1
     try:
-        asyncio.run(serve(load_settings(**overrides)))
+        asyncio.run(serve(settings))
     except SieveError as exc:  # a refusal to start, e.g. a read-only data directory: no traceback
         print(f"sieve serve: {exc.message}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # grpc's bind failure (the port was taken after the check above)
+        if "Failed to bind" not in str(exc):
+            raise
+        print(busy_message("sieve serve", "the gRPC server", settings.grpc_address, setting), file=sys.stderr)
         return 1
     return 0
 

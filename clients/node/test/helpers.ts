@@ -31,7 +31,7 @@ export interface LiveServer {
   log(): string;
 }
 
-/** `python -m server.cli serve` on a free port, waited for until health says SERVING. */
+/** `python -m sieve_cli.main serve` on a free port, waited for until health says SERVING. */
 export async function startServer(): Promise<LiveServer> {
   if (!existsSync(PYTHON)) throw new Error(`${PYTHON} is missing: run \`make install\` in ${ROOT}`);
   const address = `127.0.0.1:${await freePort()}`;
@@ -47,7 +47,7 @@ export async function startServer(): Promise<LiveServer> {
     SIEVE_METRICS_ADDRESS: "",
   });
   let output = "";
-  const proc: ChildProcess = spawn(PYTHON, ["-m", "server.cli", "serve"], { cwd: ROOT, env });
+  const proc: ChildProcess = spawn(PYTHON, ["-m", "sieve_cli.main", "serve"], { cwd: ROOT, env });
   proc.stdout?.on("data", (d) => (output += d));
   proc.stderr?.on("data", (d) => (output += d));
   const stop = async () => {
@@ -59,7 +59,7 @@ export async function startServer(): Promise<LiveServer> {
     rmSync(dataDir, { recursive: true, force: true });
   };
   try {
-    await promisify(execFile)(PYTHON, ["-m", "server.cli", "health", "--address", address, "--timeout", "120"], {
+    await promisify(execFile)(PYTHON, ["-m", "sieve_cli.main", "health", "--address", address, "--timeout", "120"], {
       cwd: ROOT,
       env,
     });

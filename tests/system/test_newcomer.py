@@ -1,0 +1,237 @@
+"""A newcomer's first hour, against real processes (issue 16, items 1-6 and 10).
+
+- Item 1: a `sieve run` stack outlives its workers and its Redis. Every Celery process of the stack is
+  killed at once (parents and pool processes, SIGKILL): a Search with late interaction answers within its
+  deadline marked DEGRADED, the supervisor starts the workers again (logged, counted in /metrics), and the
+  same server (same pid) completes the stage again. Then Redis is killed, likewise. Then the server is
+  killed: that, and only that, stops the unit, and nothing outlives it.
+- Item 2: a busy port gives one line naming the port and the setting, for `sieve serve` and `sieve run`.
+- Item 3: `sieve docs upsert` with bad lines says which line and why, with no traceback (exit code 2).
+- Item 4: the Python and TypeScript clients refuse the same bad documents with the same class and message.
+- Item 5: `sieve eval --json` prints exactly one JSON document on stdout, `ndcg@10` at its top level.
+- Item 6: `sieve index --create --late best_effort` creates the collection with that stage default.
+- Item 10: clients/node's own tests pass after a plain `npm ci` in a copy of it (no examples installed).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import sieve
+
+from sieve_cli.evaluate import free_port, wait_serving
+from tests.conftest import MODELS_DIR, ROOT, require_bundle
+
+pytestmark = pytest.mark.slow
+NOTES = ROOT / "examples" / "data" / "notes.jsonl"
+CLI = [sys.executable, "-m", "sieve_cli.main"]
+SEARCH_DEADLINE_S = 8.0  # the client's deadline for each Search; the stage gives up after 2 s (the default)
+BACK_WITHIN_S = 120.0  # restart backoff + a worker's start and model load on a loaded 2-core machine
+
+
+def _env(**values: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "clients" / "python")])
+    env.update(values)
+    return env
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _descendants(pid: int) -> dict[int, str]:
+    """pid -> command line of every process below `pid` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    commands: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: dict[int, str] = {}
+    todo = list(children.get(pid, []))
+    while todo:
+        child = todo.pop()
+        found[child] = commands.get(child, "")
+        todo += children.get(child, [])
+    return found
+
+
+@dataclass
+class Stack:
+    proc: subprocess.Popen[str]
+    address: str
+    grpc_port: int
+    redis_port: int
+    metrics_port: int
+    log: Path
+
+    def processes(self, needle: str) -> list[int]:
+        return [pid for pid, cmd in _descendants(self.proc.pid).items() if needle in cmd]
+
+    def server_pid(self) -> int:
+        [pid] = [p for p, cmd in _descendants(self.proc.pid).items() if "sieve_cli.main serve" in cmd]
+        return pid
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as page:
+            return str(page.read().decode())
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Stack]:
+    require_bundle()
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
+    grpc_port, redis_port, metrics_port = free_port(), free_port(), free_port()
+    env = _env(
+        SIEVE_DATA_DIR=str(tmp_path / "data"),
+        SIEVE_GRPC_ADDRESS=f"127.0.0.1:{grpc_port}",
+        SIEVE_METRICS_ADDRESS=f"127.0.0.1:{metrics_port}",
+        SIEVE_LOCAL_REDIS_PORT=str(redis_port),
+        SIEVE_MODELS_DIR=str(MODELS_DIR),
+    )
+    log = tmp_path / "run.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen(
+            [*CLI, "run"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True
+        )
+    running = Stack(proc, f"127.0.0.1:{grpc_port}", grpc_port, redis_port, metrics_port, log)
+    try:
+        wait_serving(running.address, timeout=120, proc=proc)
+        yield running
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                for pid in _descendants(proc.pid):
+                    os.kill(pid, signal.SIGKILL)
+                proc.kill()
+                proc.wait()
+
+
+def _late_search(client: sieve.SieveClient, collection: str, query: str) -> tuple[int, float]:
+    """The late-interaction stage's status of one Search, and how long the call took."""
+    started = time.monotonic()
+    response = client.search(
+        collection, query, top_k=3, late_interaction="best_effort", timeout=SEARCH_DEADLINE_S
+    )
+    took = time.monotonic() - started
+    [late] = [s for s in response.stages if s.stage == sieve.Stage.STAGE_LATE_INTERACTION]
+    return late.status, took
+
+
+def _until_completed(client: sieve.SieveClient, collection: str, tag: str) -> int:
+    """Searches (a new query each time: no cached scores) until late interaction completes; their count."""
+    deadline = time.monotonic() + BACK_WITHIN_S
+    for n in range(1, 10_000):
+        status, took = _late_search(client, collection, f"{tag} query {n}: which animal hunts at night")
+        assert took < SEARCH_DEADLINE_S, f"a Search took {took:.1f} s, past its deadline"
+        if status == sieve.StageStatus.STAGE_STATUS_COMPLETED:
+            return n
+        assert time.monotonic() < deadline, f"late interaction did not complete again within {BACK_WITHIN_S}s"
+        time.sleep(1.0)
+    raise AssertionError("unreachable")
+
+
+def _restarts(stack: Stack) -> dict[str, float]:
+    found = re.findall(r'^sieve_run_restarts_total\{child="([^"]+)"\} (\S+)$', stack.metrics(), re.M)
+    return {name: float(value) for name, value in found}
+
+
+# == item 1 (and 6): the stack stays up ==============================================================
+def test_stack_outlives_every_celery_process_and_redis_then_stops_with_the_server(stack: Stack) -> None:
+    collection = "newcomer"
+    # Item 6: the collection is created by `sieve index --create` with late interaction on by default.
+    index = subprocess.run(
+        [*CLI, "index", str(NOTES), "--collection", collection, "--create", "--late", "best_effort"]
+        + ["--address", stack.address, "--json"],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert index.returncode == 0, index.stderr
+    with sieve.SieveClient(stack.address) as client:
+        defaults = client.get_collection(collection).defaults
+        assert defaults.late_interaction == sieve.StageMode.STAGE_MODE_BEST_EFFORT
+        _until_completed(client, collection, "warm")
+        server_pid = stack.server_pid()
+
+        celery = stack.processes("celery")
+        assert len(celery) >= 4, f"expected 2 workers with a pool process each: {celery}"
+        for pid in celery:  # all at once: parents and pool processes
+            os.kill(pid, signal.SIGKILL)
+        status, took = _late_search(client, collection, "with every worker dead: which animal purrs")
+        assert status == sieve.StageStatus.STAGE_STATUS_DEGRADED
+        assert took < SEARCH_DEADLINE_S
+        _until_completed(client, collection, "after workers")
+        assert stack.server_pid() == server_pid, "the server was restarted"
+        assert stack.proc.poll() is None
+        assert _restarts(stack).get("worker-colbert", 0) >= 1 and _restarts(stack).get("worker-embed", 0) >= 1
+        assert "worker-colbert exited with code -9; restarting it in" in stack.log.read_text()
+
+        # Redis likewise: killed, searches degrade within their deadline, then complete again.
+        [redis_pid] = stack.processes("redis-server")
+        os.kill(redis_pid, signal.SIGKILL)
+        status, took = _late_search(client, collection, "with Redis dead: which animal barks")
+        assert status == sieve.StageStatus.STAGE_STATUS_DEGRADED and took < SEARCH_DEADLINE_S
+        _until_completed(client, collection, "after redis")
+        assert stack.server_pid() == server_pid
+        assert _restarts(stack).get("redis", 0) >= 1
+
+        # The server's death, and only that, stops the unit; nothing outlives it.
+        os.kill(server_pid, signal.SIGKILL)
+        assert stack.proc.wait(60) == 1
+    log = stack.log.read_text()
+    assert "server exited with code -9; stopping everything" in log
+    assert not _descendants(stack.proc.pid)
+    assert not any(_port_open(p) for p in (stack.grpc_port, stack.redis_port, stack.metrics_port))
+
+
+# == item 2: a busy port ===============================================================================
+@pytest.mark.parametrize(
+    ("command", "setting"),
+    [("serve", "SIEVE_GRPC_ADDRESS"), ("run", "SIEVE_GRPC_ADDRESS"), ("run", "SIEVE_LOCAL_REDIS_PORT")],
+)
+def test_a_busy_port_gives_one_line_naming_it_and_its_setting(
+    tmp_path: Path, command: str, setting: str
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = _env(
+            SIEVE_DATA_DIR=str(tmp_path),
+            SIEVE_MODELS_DIR=str(MODELS_DIR),
+            SIEVE_METRICS_ADDRESS="",
+            SIEVE_GRPC_ADDRESS=f"127.0.0.1:{port if setting == 'SIEVE_GRPC_ADDRESS' else free_port()}",
+            SIEVE_LOCAL_REDIS_PORT=str(port if setting == "SIEVE_LOCAL_REDIS_PORT" else free_port()),
+        )
+        done = subprocess.run([*CLI, command], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    assert len(lines) == 1, lines
+    assert f"port {port} is already in use" in lines[0] and setting in lines[0]
