@@ -182,8 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 the server refused or failed (status and message on stderr), or a job failed;
+    2 bad usage or input the command can check itself (a missing file, a bad flag); 3 done, but some
+    lines were refused (`sieve index`, `sieve docs upsert`: each listed with its line number and reason);
+    130 detached or interrupted (a job keeps running on the server)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except OSError as exc:  # a file the user named that cannot be read: say so, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"sieve {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

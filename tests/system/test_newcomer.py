@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -235,3 +236,142 @@ def test_a_busy_port_gives_one_line_naming_it_and_its_setting(
     lines = (done.stdout + done.stderr).strip().splitlines()
     assert len(lines) == 1, lines
     assert f"port {port} is already in use" in lines[0] and setting in lines[0]
+
+
+# == items 3 and 4: bad documents, the same verdicts everywhere =======================================
+BAD_DOCUMENTS = [
+    {"text": "no id"},
+    {"id": "d", "text": "a year as a number", "metadata": {"year": 2020}},
+    {"id": True, "text": "a boolean id"},
+    {"id": "t", "text": 3},
+    {"id": "m"},
+]
+REASONS = [
+    'missing id ("id")',
+    '"metadata" must be an object with string values',
+    'id ("id") must be a string or an integer',
+    '"text" must be a string',
+    'missing "text"',
+]
+
+
+def test_sieve_docs_upsert_lists_bad_lines_as_sieve_index_does(
+    stack_free_server: str, tmp_path: Path
+) -> None:
+    lines = [json.dumps({"id": "good", "text": "a good line"})] + [json.dumps(d) for d in BAD_DOCUMENTS]
+    lines.append("not json")
+    path = tmp_path / "docs.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    with sieve.SieveClient(stack_free_server) as client:
+        client.create_collection("bad-lines")
+    run = subprocess.run(
+        [*CLI, "docs", "upsert", "bad-lines", str(path), "--address", stack_free_server],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 3, run.stderr  # done with bad lines, as `sieve index`
+    assert "Traceback" not in run.stderr
+    expected = [f"line {n}: {reason}" for n, reason in enumerate(REASONS, 2)]
+    expected.append(f"line {len(lines)}: invalid JSON: Expecting value at column 1")
+    said = [line.split(f"{path}: ", 1)[1] for line in run.stderr.strip().splitlines()]
+    assert said == expected
+    assert "upserted 1 documents" in run.stdout
+    # `sieve index` (the server reading the same file) gives the same reasons for the same lines.
+    index = subprocess.run(
+        [*CLI, "index", str(path), "--collection", "bad-lines", "--address", stack_free_server],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert index.returncode == 3, index.stderr
+    for n, reason in enumerate(REASONS, 2):
+        assert re.search(rf"line {n}( \(id '[^']*'\))?: {re.escape(reason)}", index.stdout), index.stdout
+    missing = subprocess.run(
+        [
+            *CLI,
+            "docs",
+            "upsert",
+            "bad-lines",
+            str(tmp_path / "nowhere.jsonl"),
+            "--address",
+            stack_free_server,
+        ],
+        cwd=ROOT,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr and "is not a file" in missing.stderr
+
+
+PY_CHECK = """
+import json, sys, sieve
+client = sieve.SieveClient("127.0.0.1:1")
+for doc in json.load(sys.stdin):
+    try:
+        client.upsert_documents("c", [{"id": "ok", "text": "fine"}, doc])
+        print("accepted")
+    except sieve.SieveError as exc:
+        print(exc.code.name, exc.message)
+"""
+NODE_CHECK = """
+const { SieveClient, InvalidArgumentError } = require(process.argv[1]);
+const client = new SieveClient("127.0.0.1:1");
+(async () => {
+  const docs = JSON.parse(require("fs").readFileSync(0, "utf8"));
+  for (const doc of docs) {
+    try {
+      await client.upsertDocuments("c", [{ id: "ok", text: "fine" }, doc]);
+      console.log("accepted");
+    } catch (err) {
+      if (!(err instanceof InvalidArgumentError)) throw err;
+      console.log(`${err.codeName} ${err.message}`);
+    }
+  }
+  client.close();
+})();
+"""
+
+
+def test_python_and_typescript_clients_refuse_bad_documents_alike() -> None:
+    node = shutil.which("node")
+    if node is None:
+        pytest.fail("node is not installed (the README's set-up installs Node.js)")
+    built = ROOT / "clients" / "node" / "dist" / "src" / "index.js"
+    if not built.is_file():
+        subprocess.run(["npm", "run", "--silent", "build"], cwd=ROOT / "clients" / "node", check=True)
+    docs = json.dumps(BAD_DOCUMENTS)
+    py = subprocess.run(
+        [sys.executable, "-c", PY_CHECK], input=docs, env=_env(), capture_output=True, text=True
+    )
+    js = subprocess.run([node, "-e", NODE_CHECK, str(built)], input=docs, capture_output=True, text=True)
+    assert py.returncode == 0 and js.returncode == 0, py.stderr + js.stderr
+    expected = [f"INVALID_ARGUMENT documents[1]: {reason}" for reason in REASONS]
+    assert py.stdout.splitlines() == expected
+    assert js.stdout.splitlines() == expected
+
+
+@pytest.fixture(scope="module")
+def stack_free_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A plain `sieve serve` (no Redis, no workers) for the CLI's own checks."""
+    require_bundle()
+    address = f"127.0.0.1:{free_port()}"
+    env = _env(
+        SIEVE_DATA_DIR=str(tmp_path_factory.mktemp("serve")),
+        SIEVE_GRPC_ADDRESS=address,
+        SIEVE_METRICS_ADDRESS="",
+        SIEVE_MODELS_DIR=str(MODELS_DIR),
+    )
+    proc = subprocess.Popen([*CLI, "serve"], cwd=ROOT, env=env, stderr=subprocess.DEVNULL)
+    try:
+        wait_serving(address, timeout=120, proc=proc)
+        yield address
+    finally:
+        proc.terminate()
+        proc.wait(30)
