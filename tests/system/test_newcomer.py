@@ -375,3 +375,34 @@ def stack_free_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+# == item 5: `sieve eval --json` keeps its contract ====================================================
+def test_sieve_eval_json_is_one_document_with_flat_metrics_and_the_stack_logs_on_stderr(
+    tmp_path: Path,
+) -> None:
+    from tests.integration.test_eval import _write_beir
+
+    require_bundle()
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    _write_beir(tmp_path / "tiny")
+    argv = [*CLI, "eval", str(tmp_path / "tiny"), "--json", "--late-interaction", "--cascade", "retrieve"]
+    done = subprocess.run(
+        argv,
+        cwd=ROOT,
+        env=_env(SIEVE_MODELS_DIR=str(MODELS_DIR)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)  # one JSON document and nothing else (json.loads refuses trailing data)
+    first, second = report["runs"]  # in the order asked: --cascade retrieve, then --late-interaction
+    assert report["cascade"] == first["cascade"] == "retrieve 100"
+    for key in ("ndcg@10", "recall@100", "mrr@10"):
+        assert report[key] == first[key]
+    assert second["cascade"] == "retrieve 100 > late_interaction 100"
+    # The self-started stack (Redis, workers, server) said what it started, on stderr only.
+    assert "sieve run: redis-server on" in done.stderr
+    assert "sieve run: Celery worker on queue 'colbert'" in done.stderr
