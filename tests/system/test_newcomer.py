@@ -208,6 +208,9 @@ def test_stack_outlives_every_celery_process_and_redis_then_stops_with_the_serve
         assert stack.proc.wait(60) == 1
     log = stack.log.read_text()
     assert "server exited with code -9; stopping everything" in log
+    # Item 8: task results are not logged (the index run's embed tasks return kilobytes of vectors).
+    succeeded = [line for line in log.splitlines() if "] succeeded in " in line]
+    assert succeeded and all(line.endswith("characters, not logged>") for line in succeeded), succeeded[:3]
     assert not _descendants(stack.proc.pid)
     assert not any(_port_open(p) for p in (stack.grpc_port, stack.redis_port, stack.metrics_port))
 
