@@ -409,3 +409,29 @@ def test_sieve_eval_json_is_one_document_with_flat_metrics_and_the_stack_logs_on
     # The self-started stack (Redis, workers, server) said what it started, on stderr only.
     assert "sieve run: redis-server on" in done.stderr
     assert "sieve run: Celery worker on queue 'colbert'" in done.stderr
+
+
+# == item 10: the TypeScript package's own tests after a plain `npm ci` ================================
+def test_node_package_tests_pass_after_a_plain_npm_ci(tmp_path: Path) -> None:
+    npm = shutil.which("npm")
+    if npm is None:
+        pytest.fail("npm is not installed (the README's set-up installs Node.js and npm)")
+    require_bundle()
+    # A copy of clients/node as a clone has it (no node_modules, no dist) and no examples/node install.
+    package = tmp_path / "node"
+    shutil.copytree(ROOT / "clients" / "node", package, ignore=shutil.ignore_patterns("node_modules", "dist"))
+    ci = subprocess.run(
+        [npm, "ci", "--no-audit", "--no-fund"], cwd=package, capture_output=True, text=True, timeout=600
+    )
+    assert ci.returncode == 0, ci.stderr[-3000:]
+    # The tests start this repository's Python server (SIEVE_ROOT: the repository, as the copy is elsewhere).
+    test = subprocess.run(
+        [npm, "test"],
+        cwd=package,
+        env=_env(SIEVE_ROOT=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert test.returncode == 0, test.stdout[-4000:] + test.stderr[-2000:]
+    assert re.search(r"^# fail 0$", test.stdout, re.M) and re.search(r"^# pass [1-9]", test.stdout, re.M)

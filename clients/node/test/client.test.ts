@@ -150,8 +150,12 @@ describe("against a live server", () => {
   test("the examples run as they are", async () => {
     // The examples import "sieve-client", a file: dependency that `npm install` in examples/node links to
     // this package. Make that link in a scratch folder, so this package's tests need only its own `npm ci`.
-    const examples = mkdtempSync(join(tmpdir(), "sieve-examples-"));
-    mkdirSync(join(examples, "node_modules"));
+    // The scratch folder mirrors examples/ (the walkthrough reads ../data/notes.jsonl).
+    const scratch = mkdtempSync(join(tmpdir(), "sieve-examples-"));
+    const examples = join(scratch, "node");
+    mkdirSync(join(examples, "node_modules"), { recursive: true });
+    mkdirSync(join(scratch, "data"));
+    copyFileSync(NOTES, join(scratch, "data", "notes.jsonl"));
     symlinkSync(resolve(__dirname, "..", ".."), join(examples, "node_modules", "sieve-client"), "dir");
     for (const script of ["quickstart.mjs", "walkthrough.mjs"]) {
       copyFileSync(join(ROOT, "examples", "node", script), join(examples, script));

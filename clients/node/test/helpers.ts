@@ -9,7 +9,8 @@ import { promisify } from "node:util";
 import { BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Metadata, type status as Status } from "@grpc/grpc-js";
 
-export const ROOT = resolve(__dirname, "..", "..", "..", "..");
+// The repository (its Python server, models and examples); SIEVE_ROOT when this package is tested from a copy.
+export const ROOT = process.env.SIEVE_ROOT ?? resolve(__dirname, "..", "..", "..", "..");
 export const NOTES = join(ROOT, "examples", "data", "notes.jsonl");
 const PYTHON = process.env.SIEVE_PYTHON ?? join(ROOT, ".venv", "bin", "python");
 
