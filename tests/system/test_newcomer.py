@@ -435,3 +435,24 @@ def test_node_package_tests_pass_after_a_plain_npm_ci(tmp_path: Path) -> None:
     )
     assert test.returncode == 0, test.stdout[-4000:] + test.stderr[-2000:]
     assert re.search(r"^# fail 0$", test.stdout, re.M) and re.search(r"^# pass [1-9]", test.stdout, re.M)
+
+
+# == item 7: the README's Python client example runs as written ========================================
+def test_the_readme_python_example_runs_against_a_live_server(stack_free_server: str) -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    [example] = [b for b in re.findall(r"^```python\n(.*?)^```", readme, re.M | re.S) if "SieveClient(" in b]
+    assert '"127.0.0.1:50051"' in example
+    code = example.replace('"127.0.0.1:50051"', repr(stack_free_server))
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^2 \S+ ", run.stdout, re.M), (
+        run.stdout
+    )  # the quark document answers "particle physics"
+    # The job's last update: JOB_STATE_SUCCEEDED (enums print as numbers, as the README says) with every
+    # line of examples/data/notes.jsonl done.
+    lines = sum(1 for line in NOTES.read_text().splitlines() if line.strip())
+    assert run.stdout.splitlines()[-1] == f"{int(sieve.JobState.JOB_STATE_SUCCEEDED)} {lines} {lines}", (
+        run.stdout
+    )
