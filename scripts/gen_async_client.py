@@ -145,8 +145,12 @@ def _format(code: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--check", action="store_true", help="exit 1 if aio.py differs from what is generated")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--check", action="store_true", help="exit 1 if aio.py differs from what is generated"
+    )
     args = parser.parse_args(argv)
     code = generate()
     if not args.check:
@@ -157,7 +161,10 @@ def main(argv: list[str] | None = None) -> int:
     if current == code:
         return 0
     diff = difflib.unified_diff(
-        current.splitlines(keepends=True), code.splitlines(keepends=True), "aio.py (committed)", "aio.py (generated)"
+        current.splitlines(keepends=True),
+        code.splitlines(keepends=True),
+        "aio.py (committed)",
+        "aio.py (generated)",
     )
     sys.stderr.write("".join(diff))
     sys.stderr.write("clients/python/sieve/aio.py is stale: run `python scripts/gen_async_client.py`\n")

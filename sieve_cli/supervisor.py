@@ -185,7 +185,7 @@ class Supervisor:
             child.backoff_s = BACKOFF_FIRST_S
         child.restart_at = now + child.backoff_s
         say(
-            f"{child.name} exited with code {code}; restarting it in {child.backoff_s:.0f}s "
+            f"{child.name} exited with code {code}; restarting it in {child.backoff_s:g}s "
             f"(restart {child.restarts + 1}); the server keeps serving meanwhile (degraded)"
         )
         child.backoff_s = min(child.backoff_s * 2, BACKOFF_MAX_S)

@@ -109,3 +109,41 @@ def test_worker_queues_add_cross_encoder_when_a_model_is_configured() -> None:
     assert worker_queues(load_settings({})) == ["embed", "colbert"]
     with_model = load_settings({"SIEVE_CROSS_ENCODER_MODEL": "ms-marco-MiniLM-L-6-v2"})
     assert worker_queues(with_model) == ["embed", "colbert", "cross_encoder"]
+
+
+def test_supervisor_restarts_a_dying_child_with_doubling_backoff_and_stops_on_the_server(
+    tmp_path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """The restart policy of `sieve run` on real (tiny) processes: a child that keeps dying is started
+    again after 0.1, 0.2, 0.4 s...; each restart is counted in the state file the metrics read; the
+    server child's death ends the loop with exit code 1."""
+    import json as _json
+
+    from sieve_cli import supervisor
+
+    monkeypatch.setattr(supervisor, "BACKOFF_MAX_S", 0.4)
+    dying = supervisor.Child("worker-x", [sys.executable, "-c", "raise SystemExit(3)"], backoff_s=0.1)
+    server = supervisor.Child(
+        "server", [sys.executable, "-c", "import time; time.sleep(3)"], restartable=False
+    )
+    state = supervisor.StateFile(tmp_path / "state.json")
+    unit = supervisor.Supervisor([dying, server], state)
+    dying.start()
+    server.start()
+    starts = [time.monotonic()]
+    code = None
+    while code is None:
+        before = dying.restarts
+        code = unit.check()
+        if dying.restarts > before:
+            starts.append(time.monotonic())
+        time.sleep(0.01)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert code == 1 and dying.restarts >= 4
+    # Each gap is the backoff (plus the child's own short life): doubling from 0.1, capped at 0.4 s.
+    assert 0.1 <= gaps[0] < 0.4 and gaps[1] >= 0.2 and all(0.4 <= g < 1.5 for g in gaps[2:])
+    recorded = _json.loads(state.path.read_text())["children"]
+    assert recorded == {"worker-x": {"restarts": dying.restarts, "up": dying.up()}}
+    err = capsys.readouterr().err
+    assert "worker-x exited with code 3; restarting it in" in err
+    assert "server exited with code 0; stopping everything" in err
