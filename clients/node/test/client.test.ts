@@ -25,6 +25,7 @@ import {
   AlreadyExistsError,
   API_KEY_HEADER,
   DeadlineExceededError,
+  type DocumentInput,
   FailedPreconditionError,
   InvalidArgumentError,
   isRetryable,
@@ -242,6 +243,28 @@ describe("against fake servers", () => {
     fake = await startFake();
   });
   after(() => fake.server.forceShutdown());
+
+  test("bad documents are refused before any call, as the Python client refuses them", async () => {
+    const client = new SieveClient(fake.address);
+    const bad: [unknown, string][] = [
+      [{ text: "no id" }, 'missing id ("id")'],
+      [{ id: "d", text: "x", metadata: { year: 2020 } }, '"metadata" must be an object with string values'],
+      [{ id: true, text: "x" }, 'id ("id") must be a string or an integer'],
+      [{ id: "t", text: 3 }, '"text" must be a string'],
+      [{ id: "m" }, 'missing "text"'],
+    ];
+    for (const [doc, reason] of bad) {
+      await assert.rejects(
+        client.upsertDocuments("c", [{ id: "ok", text: "fine" }, doc as DocumentInput]),
+        (err: unknown) => {
+          assert.ok(err instanceof InvalidArgumentError);
+          assert.equal(err.message, `documents[1]: ${reason}`);
+          return true;
+        },
+      );
+    }
+    client.close();
+  });
 
   test("every call has a deadline", async () => {
     const client = new SieveClient(fake.address);
