@@ -1,7 +1,7 @@
 # The Sieve image, for the server, the Celery workers and Flower. The model is exported at build time in a
 # separate stage, so the runtime image needs neither torch nor transformers (serving needs onnxruntime +
 # tokenizers only).
-# Sizes (from the installed packages on the development machine; Docker cannot run there): the export stage
+# Sizes (`python scripts/package_sizes.py` on the development machine; Docker cannot run there): the export stage
 # installs about 1.8 GB of packages (torch CPU 0.76 GB, then pyarrow, scipy, transformers) and is thrown
 # away; the runtime image is python:3.11-slim (~0.13 GB) + about 0.32 GB of packages + the 87 MB model.
 # torch comes from PyTorch's CPU index: PyPI's default Linux wheel pulls several GB of CUDA libraries that a
