@@ -242,7 +242,7 @@ def previous_build(documents: int) -> dict | None:
     earlier = json.loads(path.read_text())
     if earlier.get("documents_stored") != documents or "build" not in earlier:
         return None
-    return {**earlier["build"], "recorded": earlier.get("date"), "command": earlier.get("command")}
+    return {"recorded": earlier.get("date"), "command": earlier.get("command"), **earlier["build"]}
 
 
 def main() -> int:
