@@ -41,7 +41,7 @@ from typing import Any, Protocol
 
 from server.core import validation
 from server.core.engine import Engine
-from server.jobs.embed import EmbedFailed, InProcessEmbedder, Pending, Stopped, WorkerEmbedder
+from server.jobs.embed import Embedded, EmbedFailed, InProcessEmbedder, Pending, Stopped, WorkerEmbedder
 from server.jobs.job_store import (
     CANCELLED,
     FAILED,
@@ -64,7 +64,7 @@ from sieve_core.errors import (
     SieveError,
     Unavailable,
 )
-from sieve_core.types import StageMode
+from sieve_core.token_format import TokenFormat
 
 log = logging.getLogger(__name__)
 
@@ -469,11 +469,10 @@ class JobManager:
             raise FailedPrecondition(f"the source {record.source} no longer exists on the server")
         if await self._on(self._files, file_identity, source) != (record.file_size, record.file_mtime_ns):
             raise FailedPrecondition(f"the source {record.source} changed since the job started")
-        # As UpsertDocuments does: a collection that re-ranks by late interaction gets its token vectors
-        # cached at write time, by the worker that embeds the batch (its late-interaction bundle's, if any).
-        want_tokens = info.defaults.late_interaction not in (StageMode.UNSPECIFIED, StageMode.OFF)
-        token_model = info.defaults.over(self._engine.server_defaults).late_interaction_model
-        embedder = self._embedder(info.embedding_model, want_tokens, token_model, record.id)
+        # As UpsertDocuments does: a collection that stores token vectors gets them with its documents,
+        # from the worker that embeds the batch (the same encoder pass, or its ColBERT bundle's).
+        token_format, token_model = self._engine.token_plan(record.collection)
+        embedder = self._embedder(info.embedding_model, token_format, token_model, record.id)
         record.state, record.embedder = RUNNING, embedder.name
         record.started_at = record.started_at or now()
         await self._save(record)
@@ -585,10 +584,12 @@ class JobManager:
             bad.update(part_bad)
         return vectors, bad
 
-    async def _commit(self, live: LiveJob, batch: Batch, vectors: dict[str, Any]) -> None:
+    async def _commit(self, live: LiveJob, batch: Batch, embedded: dict[str, Embedded]) -> None:
         record = live.record
         if batch.docs:
-            result = await self._engine.upsert_embedded(record.collection, batch.docs, vectors)
+            vectors = {i: e.vector for i, e in embedded.items()}
+            tokens = {i: e.tokens for i, e in embedded.items() if e.tokens is not None}
+            result = await self._engine.upsert_embedded(record.collection, batch.docs, vectors, tokens)
             record.generation = result.generation
         record.done += batch.valid_lines
         record.failed += len(batch.errors)
@@ -602,10 +603,14 @@ class JobManager:
         await self._save(record, batch.errors)
         live.progressed()
 
-    def _embedder(self, model: str, want_tokens: bool, token_model: str | None, job_id: str) -> Embedder:
+    def _embedder(
+        self, model: str, token_format: TokenFormat | None, token_model: str | None, job_id: str
+    ) -> Embedder:
         if self._settings.redis_url is None:
-            return InProcessEmbedder(partial(self._engine.models.get, model), self._settings)
-        return WorkerEmbedder(self._settings, model, want_tokens, token_model, job_id)
+            # Zero-shot token vectors from the same run; a ColBERT bundle's stay pending for the backfill.
+            fmt = token_format if token_model is None else None
+            return InProcessEmbedder(partial(self._engine.models.get, model), self._settings, fmt)
+        return WorkerEmbedder(self._settings, model, token_format, token_model, job_id)
 
     async def _finish(self, live: LiveJob, state: str, reason: str) -> None:
         live.finishing = True
