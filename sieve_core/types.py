@@ -22,6 +22,11 @@ class StageMode(enum.IntEnum):
     BEST_EFFORT = 2
     REQUIRED = 3
 
+    @property
+    def enabled(self) -> bool:
+        """The stage runs: BEST_EFFORT or REQUIRED (UNSPECIFIED left after every default is applied is OFF)."""
+        return self in (StageMode.BEST_EFFORT, StageMode.REQUIRED)
+
 
 class StageStatus(enum.IntEnum):
     """Values match sieve.v1.StageStatus."""
@@ -128,6 +133,7 @@ class SearchQuery:
     filter: tuple[Condition, ...] = ()
     settings: SearchSettings = field(default_factory=SearchSettings)
     omit_documents: bool = False
+    min_generation: int = 0  # read your writes: wait until the index shows this generation
 
 
 @dataclass

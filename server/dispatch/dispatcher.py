@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any, TypeVar
@@ -127,6 +128,16 @@ class Dispatcher:
     def _describe(self, exc: BaseException) -> str:
         """`Type: message` for a stage report: short, and never with the Redis password in it."""
         return redis_conn.explain(exc, self._settings)
+
+    def queue_lengths(self, queues: Sequence[str]) -> list[int] | None:
+        """Tasks waiting in each queue (Redis LLEN, one round trip, 0.5 s socket timeout); None when no
+        Redis is configured. Raises what the Redis client raises (unreachable, timed out, auth)."""
+        if self._redis is None:
+            return None
+        pipe = self._redis.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue)
+        return [int(n) for n in pipe.execute()]
 
     def _new_app(self):  # type: ignore[no-untyped-def]
         from sieve_core.tasking import client_app as create_app

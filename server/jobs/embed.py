@@ -33,7 +33,6 @@ from pydantic import ValidationError
 from sieve_core import redis_conn
 from sieve_core.config import Settings
 from sieve_core.contracts import EmbedRequest, EmbedResult, TokenFormatSpec
-from sieve_core.late_interaction_service import encode_documents
 from sieve_core.logs import REQUEST_ID_HEADER
 from sieve_core.token_format import TokenFormat
 
@@ -94,6 +93,20 @@ class Pending:
     attempts: int = 0
 
 
+class Embedder(Protocol):
+    """Embeds a job's batches: one of the two below."""
+
+    name: str
+
+    async def submit(self, ids: list[str], texts: list[str]) -> Pending: ...
+
+    async def result(self, pending: Pending, job: JobHooks) -> dict[str, Embedded]: ...
+
+    async def discard(self, pendings: list[Pending]) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class InProcessEmbedder:
     """No Redis configured: embed on the server, in one thread of the job's own (search keeps its pool).
 
@@ -103,22 +116,25 @@ class InProcessEmbedder:
     name = "in-process"
 
     def __init__(
-        self, runner: Callable[[], Any], settings: Settings, token_format: TokenFormat | None = None
+        self,
+        embed: Callable[[list[str]], tuple[np.ndarray, list[bytes] | None]],
+        settings: Settings,
     ) -> None:
-        self._runner = runner
+        # Blocking: the server's own runner of the collection's model; with the collection's token format
+        # (zero-shot) it returns the token vectors of the same run too.
+        self._embed_texts = embed
         self._settings = settings
-        self._token_format = token_format
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sieve-job-embed")
         self._closed = threading.Event()
 
     def _embed(self, ids: list[str], texts: list[str]) -> dict[str, Embedded]:
         # One ONNX run at a time, so that a stopping job (or server) waits for one run, not a whole batch.
-        runner, step = self._runner(), self._settings.embed_batch_size
+        step = self._settings.embed_batch_size
         out: dict[str, Embedded] = {}
         for i in range(0, len(texts), step):
             if self._closed.is_set():
                 raise Stopped
-            vectors, blobs = encode_documents(runner, texts[i : i + step], self._token_format, step)
+            vectors, blobs = self._embed_texts(texts[i : i + step])
             out.update(_embedded(ids[i : i + step], vectors, blobs))
         return out
 

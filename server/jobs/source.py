@@ -178,3 +178,35 @@ def file_identity(path: Path) -> tuple[int, int]:
     """(size, mtime_ns): a resumed job checks that its source is the file it started on."""
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def resolve_source(path: str, settings: Settings) -> Path:
+    """The file a job reads: absolute, readable, inside SIEVE_JOB_SOURCE_DIRS (a BEIR folder: its corpus.jsonl)."""
+    validation.job_path(path)
+    shown = validation.shown(path, 200)
+    source = Path(path)
+    if not source.is_absolute():
+        raise InvalidArgument(
+            f"path {shown} is not absolute; it is read by the server, not the client"
+            " (to send a local file, upload it: UploadIndexJob, `sieve index --upload`)"
+        )
+    try:
+        if source.is_dir():
+            if not (source / "corpus.jsonl").is_file():
+                raise InvalidArgument(f"{shown} is a directory without a corpus.jsonl")
+            source = source / "corpus.jsonl"
+        if not source.is_file():
+            raise InvalidArgument(
+                f"{shown} is not a file on the server (to send a local file, upload it: UploadIndexJob,"
+                " `sieve index --upload`)"
+            )
+        real = source.resolve()
+        allowed = [Path(d.strip()).resolve() for d in settings.job_source_dirs.split(",") if d.strip()]
+        if allowed and not any(real.is_relative_to(d) for d in allowed):
+            raise InvalidArgument(f"{shown} is outside the directories jobs may read (SIEVE_JOB_SOURCE_DIRS)")
+        with real.open("rb"):
+            pass
+    except OSError as exc:
+        # e.g. a name too long for the file system, or a directory the server may not search
+        raise InvalidArgument(f"the server cannot read {shown}: {exc.strerror}") from None
+    return real

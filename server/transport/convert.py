@@ -138,6 +138,7 @@ def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
         filter=tuple(conditions),
         settings=settings_from_pb(msg.settings),
         omit_documents=msg.omit_documents,
+        min_generation=msg.min_generation,
     )
 
 

@@ -217,9 +217,6 @@ class _StateCollector(Collector):
         return asyncio.run_coroutine_threadsafe(make(), self._loop).result(SCRAPE_WAIT_S)
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
-        client = getattr(self._engine.dispatcher, "_redis", None)  # read-only use of the dispatcher's client
-        if client is None:
-            return  # no Redis configured: no queues to report
         from sieve_core.tasking import QUEUES
 
         up = GaugeMetricFamily("sieve_redis_up", "1 if Redis answered this scrape's queue-length query.")
@@ -229,15 +226,14 @@ class _StateCollector(Collector):
             labels=["queue"],
         )
         try:
-            pipe = client.pipeline(transaction=False)
-            for queue in QUEUES:
-                pipe.llen(queue)
-            lengths = pipe.execute()
+            lengths = self._engine.dispatcher.queue_lengths(QUEUES)
         except Exception as exc:  # unreachable, timed out, auth: say so, do not fail the scrape
             log.debug("metrics: cannot read queue lengths: %s", type(exc).__name__)
             up.add_metric([], 0)
             yield up
             return
+        if lengths is None:
+            return  # no Redis configured: no queues to report
         up.add_metric([], 1)
         for queue, length in zip(QUEUES, lengths, strict=True):
             depth.add_metric([queue], int(length))
