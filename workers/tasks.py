@@ -86,14 +86,15 @@ def _leave_task(
 
 
 def _items(args: tuple[Any, ...] | None) -> int:
-    """How many texts (embed) or candidates (re-rank) the task's payload held."""
+    """How many texts (embed, document tokens) or candidates (re-rank) the task's payload held; 1 for a
+    query's token vectors."""
     payload = args[0] if args else None
     if not isinstance(payload, dict):
         return 0
     for key in ("texts", "candidates"):
         if isinstance(payload.get(key), list):
             return len(payload[key])
-    return 0
+    return 1 if isinstance(payload.get("query"), str) else 0  # a query-encoding task
 
 
 def _parse(contract: type[C], payload: dict[str, Any]) -> C:

@@ -32,6 +32,7 @@ from sieve_core.cache import ResultCache, query_tokens_key
 from sieve_core.config import Settings
 from sieve_core.errors import FailedPrecondition, InvalidArgument
 from sieve_core.late_interaction import maxsim_blobs
+from sieve_core.logs import request_id
 from sieve_core.models.bundle import BundleManifest
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, check_blob, prepare_query
 from sieve_core.types import (
@@ -324,6 +325,8 @@ class TokenBackfill:
             if not docs:
                 continue
             texts = [d.text for d in docs]
+            # Outside any call: the tasks (and the workers' log lines) carry the collection's name.
+            request_id.set(f"tokens-{target.name}")
             if self.settings.redis_url is None:
                 blobs = await self._run(self._compute_locally, target.plan, texts)
             else:
