@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -128,9 +128,10 @@ class AsyncSieveClient:
         embedding_model: str = "",
         metric: MetricArg = None,
         defaults: SettingsArg = None,
+        token_storage: Mapping[str, int] | None = None,
         timeout: float | None = None,
     ) -> collections_pb2.Collection:
-        request = _build.create_collection(name, embedding_model, metric, defaults)
+        request = _build.create_collection(name, embedding_model, metric, defaults, token_storage)
         response = await self._unary(
             "CollectionService/CreateCollection", self._collections.CreateCollection, request, timeout
         )
