@@ -30,7 +30,7 @@ from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from server.storage.store import CollectionRow, Store
 from sieve_core.cache import ResultCache, query_tokens_key
 from sieve_core.config import Settings
-from sieve_core.errors import FailedPrecondition, InvalidArgument
+from sieve_core.errors import InvalidArgument, NotFound
 from sieve_core.late_interaction import maxsim_blobs
 from sieve_core.logs import request_id
 from sieve_core.models.bundle import BundleManifest
@@ -231,13 +231,6 @@ def _rank(hits: list[Hit], scores: dict[int, float], keep: int) -> list[Hit]:
     return ranked
 
 
-def refuse_or_degrade(mode: StageMode, reason: str) -> str:
-    """REQUIRED: FailedPrecondition now; else the reason a DEGRADED report gives."""
-    if mode == StageMode.REQUIRED:
-        raise FailedPrecondition(reason)
-    return f"{reason}; kept the previous order"
-
-
 # -- backfill ------------------------------------------------------------------------------------------
 
 
@@ -315,7 +308,10 @@ class TokenBackfill:
         """One batch for each collection with pending documents. True if any was stored."""
         busy = False
         for target in self._targets():
-            row = await self._run(self.store.get_collection, target.name)
+            try:
+                row = await self._run(self.store.get_collection, target.name)
+            except NotFound:  # deleted since the list was taken
+                continue
             if self._reported.get(target.name) != row.tokens_pending and row.tokens_pending:
                 log.info("collection %r: %d documents pending token vectors", target.name, row.tokens_pending)
             self._reported[target.name] = row.tokens_pending
