@@ -10,8 +10,9 @@ import numpy as np
 from server.core import validation
 from server.core.collections import Collection, Collections
 from server.core.executors import Executors
+from server.core.tokens import QueryTokens
 from server.storage.store import Store
-from sieve_core.cache import ResultCache, query_vector_key
+from sieve_core.cache import ResultCache, query_tokens_key, query_vector_key
 from sieve_core.config import Settings
 from sieve_core.types import (
     Document,
@@ -43,17 +44,35 @@ class Retrieval:
         return docs, [i for i in ids if i not in found]
 
     async def retrieve(
-        self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
-    ) -> tuple[list[Hit], StageReport, int]:
-        """The `count` nearest documents, the stage's report, and the generation the index showed."""
-        return await self._run.read(self._retrieve, col, query, count, settings, with_text)
+        self,
+        col: Collection,
+        query: SearchQuery,
+        count: int,
+        settings: SearchSettings,
+        with_text: bool,
+        query_tokens: bool = False,
+    ) -> tuple[list[Hit], StageReport, int, QueryTokens | None]:
+        """The `count` nearest documents, the stage's report, the generation the index showed, and with
+        `query_tokens` the query's token vectors from the same encoder pass as its vector (zero-shot late
+        interaction needs no second query encoding)."""
+        return await self._run.read(self._retrieve, col, query, count, settings, with_text, query_tokens)
 
     def _retrieve(
-        self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
-    ) -> tuple[list[Hit], StageReport, int]:
+        self,
+        col: Collection,
+        query: SearchQuery,
+        count: int,
+        settings: SearchSettings,
+        with_text: bool,
+        query_tokens: bool,
+    ) -> tuple[list[Hit], StageReport, int, QueryTokens | None]:
         started = time.perf_counter()
         generation = col.visible_generation  # every write up to here is in the index
-        vector = self._query_vector(col, query.query)
+        tokens = None
+        if query_tokens:
+            vector, tokens = self._query_encoding(col, query.query)
+        else:
+            vector = self._query_vector(col, query.query)
         if query.filter:
             keys, scores, method, seen = self._filtered_search(col, vector, query, count, settings)
         elif len(col.index) <= self._settings.full_scan_max:
@@ -72,7 +91,7 @@ class Retrieval:
             model_id=col.runner.model_id,
             method=method,
         )
-        return hits, report, generation
+        return hits, report, generation, tokens
 
     def _hits(self, col: Collection, keys: np.ndarray, scores: np.ndarray, with_text: bool) -> list[Hit]:
         docs = self._store.documents_by_keys(col.row.id, keys.tolist(), with_text=with_text)
@@ -82,7 +101,14 @@ class Retrieval:
             if doc is None:  # removed between the index search and the lookup
                 continue
             hits.append(
-                Hit(doc.doc_id, score, doc.text, doc.metadata, [StageScore(Stage.RETRIEVE, score, len(hits))])
+                Hit(
+                    doc.doc_id,
+                    score,
+                    doc.text,
+                    doc.metadata,
+                    [StageScore(Stage.RETRIEVE, score, len(hits))],
+                    key=key,
+                )
             )
         return hits
 
@@ -94,6 +120,18 @@ class Retrieval:
             vector = col.runner.embed([text])[0]
             self._cache.put_vector(key, vector)
         return vector
+
+    def _query_encoding(self, col: Collection, text: str) -> tuple[np.ndarray, QueryTokens]:
+        """The query's vector and token vectors from ONE encoder pass, cached together in Redis (the
+        vector is row 0 of the cached matrix)."""
+        key = query_tokens_key(col.runner.manifest.cache_id, text)
+        cached = self._cache.get_matrix(key, col.runner.dims)
+        if cached is not None and len(cached) >= 2:
+            return cached[0], QueryTokens(cached[1:], "cache")
+        vectors, rows = col.runner.encode([text], tokens=True)
+        assert rows is not None
+        self._cache.put_matrix(key, np.vstack([vectors[:1], rows[0]]))
+        return vectors[0], QueryTokens(rows[0], "encoder pass")
 
     def _filtered_search(
         self, col: Collection, vector: np.ndarray, query: SearchQuery, count: int, settings: SearchSettings
