@@ -71,7 +71,8 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from sieve_cli.evaluate import EvalOptions, cascade_settings, free_port, wait_serving
+from sieve_cli.evaluate import EvalOptions, cascade_settings
+from sieve_cli.stack import free_port, wait_serving
 from sieve_core.beir import BeirDataset, evaluate, load_beir
 
 LATE, PLAIN = "li-bench-late", "li-bench-plain"

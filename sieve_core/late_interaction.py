@@ -4,7 +4,7 @@ The second search stage re-ranks the first stage's candidates with
 
     score(q, d) = sum over query tokens i of  max over document tokens j of  q_i . d_j
 
-where the document side is computed once, at write time, and cached as a compact blob (see
+where the document side is computed once, at write time, and stored as a compact blob (see
 `encode_tokens`), so a warm re-rank costs one query encoding plus one matrix product.
 
 Blob format (little-endian), version 1:
@@ -54,12 +54,11 @@ OpenBLAS went to 14-16 ms medians with p90s up to ~100 ms, while one BLAS thread
 
 There is no checksum: computing one over ~90 KB per candidate would cost more than MaxSim itself. The
 header is checked strictly (magic, version, format, flags, sizes, exact length), which catches the
-failures a cache realistically produces: truncation, a foreign value under the key, an old format.
+failures a store or cache realistically produces: truncation, a foreign value, an old format.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -68,7 +67,7 @@ from typing import Protocol
 import numpy as np
 
 MAGIC = b"SVTK"
-CODEC_VERSION = 1  # what plain rows are written as (and what cache keys name)
+CODEC_VERSION = 1  # what plain rows are written as
 CODEC_VERSION_SHAPED = 2  # pooled and/or projected rows: bytes 14-15 say how (see the module doc)
 _READABLE_VERSIONS = (CODEC_VERSION, CODEC_VERSION_SHAPED)
 FORMATS: dict[str, int] = {"fp16": 1, "int8": 2}
@@ -368,7 +367,7 @@ def maxsim_blobs(
     *,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> np.ndarray:
-    """MaxSim straight from cached blobs, the warm re-rank path: same scores as
+    """MaxSim straight from stored blobs, the re-rank path: same scores as
     `maxsim_packed(q, decode_packed(blobs))` to float rounding, at about the cost of MaxSim alone.
 
     int8 rows are only cast: the per-token scale multiplies the (tokens, q) similarities instead of the
@@ -394,11 +393,11 @@ def maxsim_blobs(
     return _maxsim_chunked(q, [i.n_tokens for i in infos], fill, chunk_tokens)
 
 
-# -- scoring and cache keys -----------------------------------------------------------------------------
+# -- scoring ---------------------------------------------------------------------------------------------
 
 
 class LateInteractionScorer:
-    """Scores candidates for a query text against cached document token vectors.
+    """Scores candidates for a query text against document token vectors (a reference for tests and benches).
 
     Thread-safe if the runner is (BiEncoderRunner is): it holds nothing but the runner.
     """
@@ -411,7 +410,7 @@ class LateInteractionScorer:
         return self.runner.token_vectors([query])[0]
 
     def document_blobs(self, texts: Sequence[str], fmt: str = "int8", batch_size: int = 32) -> list[bytes]:
-        """Write path (a worker): texts -> cacheable blobs, one per text, in order."""
+        """Texts -> plain (unpooled) blobs, one per text, in order."""
         return [encode_tokens(m, fmt) for m in self.runner.token_vectors(texts, batch_size)]
 
     def score(self, query: str | np.ndarray, docs: Sequence[np.ndarray] | PackedTokens) -> np.ndarray:
@@ -421,27 +420,6 @@ class LateInteractionScorer:
         return maxsim_packed(q, packed)
 
     def score_blobs(self, query: str | np.ndarray, blobs: Sequence[bytes]) -> np.ndarray:
-        """MaxSim against cached blobs (the warm path: one query encoding, then `maxsim_blobs`)."""
+        """MaxSim against blobs (one query encoding, then `maxsim_blobs`)."""
         q = self.query_tokens(query) if isinstance(query, str) else query
         return maxsim_blobs(q, blobs)
-
-
-_MODEL_ID = re.compile(r"^[^\s:@]+@[^\s:@]+$")
-_HEX = re.compile(r"^[0-9a-f]{32,128}$")
-
-
-def token_cache_key(model_id: str, content_hash_hex: str, fmt: str) -> str:
-    """Redis key of one document's token blob: `sieve:tok:v<codec>:<fmt>:<model id@revision>:<hash>`.
-
-    Token vectors depend only on the model (weights, tokenizer, max length: pass an id that changes with
-    any of them, e.g. BundleManifest.model_id), the text and the codec, so the key is content-addressed:
-    the same text in two collections, or across collection generations, shares one entry.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown token format {fmt!r}; expected one of {sorted(FORMATS)}")
-    if not _MODEL_ID.match(model_id):
-        raise ValueError(f"model id {model_id!r} must be 'name@revision' without spaces or ':'")
-    digest = content_hash_hex.lower()
-    if not _HEX.match(digest):
-        raise ValueError(f"content hash {content_hash_hex!r} must be 32-128 hex digits")
-    return f"sieve:tok:v{CODEC_VERSION}:{fmt}:{model_id}:{digest}"

@@ -22,6 +22,11 @@ class StageMode(enum.IntEnum):
     BEST_EFFORT = 2
     REQUIRED = 3
 
+    @property
+    def enabled(self) -> bool:
+        """The stage runs: BEST_EFFORT or REQUIRED (UNSPECIFIED left after every default is applied is OFF)."""
+        return self in (StageMode.BEST_EFFORT, StageMode.REQUIRED)
+
 
 class StageStatus(enum.IntEnum):
     """Values match sieve.v1.StageStatus."""
@@ -50,7 +55,7 @@ class SearchSettings:
     def over(self, base: SearchSettings) -> SearchSettings:
         """These settings, with unset fields taken from `base`."""
 
-        def pick(mine, theirs, unset=None):  # type: ignore[no-untyped-def]
+        def pick(mine, theirs, unset=None):
             return theirs if mine == unset else mine
 
         return SearchSettings(
@@ -66,11 +71,31 @@ class SearchSettings:
 
 
 @dataclass(frozen=True)
+class TokenStorageSpec:
+    """A collection's token-vector options at creation (0: the server default / none)."""
+
+    pool_factor: int = 0
+    projection_dims: int = 0
+
+
+@dataclass(frozen=True)
+class TokenStorageInfo:
+    """How a collection stores token vectors, and how many documents still wait for theirs."""
+
+    pool_factor: int
+    projection_dims: int
+    description: str  # e.g. "int8, pool 4"
+    model_id: str  # the model whose token vectors are stored
+    pending: int
+
+
+@dataclass(frozen=True)
 class CollectionSpec:
     name: str
     embedding_model: str = ""
     metric: str = ""
     defaults: SearchSettings = field(default_factory=SearchSettings)
+    token_storage: TokenStorageSpec | None = None  # given: store token vectors in this format
 
 
 @dataclass(frozen=True)
@@ -84,6 +109,7 @@ class CollectionInfo:
     document_count: int
     generation: int
     created_at: float
+    token_storage: TokenStorageInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +133,7 @@ class SearchQuery:
     filter: tuple[Condition, ...] = ()
     settings: SearchSettings = field(default_factory=SearchSettings)
     omit_documents: bool = False
+    min_generation: int = 0  # read your writes: wait until the index shows this generation
 
 
 @dataclass
@@ -123,6 +150,7 @@ class Hit:
     text: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     stage_scores: list[StageScore] = field(default_factory=list)
+    key: int = 0  # the stored version's key (its token vectors are filed under it); not sent to clients
 
 
 @dataclass
@@ -135,6 +163,12 @@ class StageReport:
     took_ms: float = 0.0
     model_id: str = ""
     method: str = ""
+    # Late interaction, for metrics: where the documents' token vectors came from ("store"), the bytes
+    # read, how many candidates had none yet (pending), and where the query's came from.
+    token_source: str = ""
+    token_bytes: int = 0
+    tokens_pending: int = 0
+    query_token_source: str = ""
 
 
 @dataclass

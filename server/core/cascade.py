@@ -1,32 +1,35 @@
 """The re-ranking half of `Search`: late interaction to M candidates, then the cross-encoder to K.
 
-Each stage runs on a Celery worker (server/dispatch/dispatcher.py) and is cached in Redis under a key naming the
-stage's model (revision and serving settings), the collection and its generation, the query and the
-candidates' content (sieve_core/cache.py): a repeated search is answered from the cache without a
-worker, and any write to the collection moves its generation, so nothing stale is ever served.
+Late interaction scores MaxSim here, in the server's executor, from the token vectors stored with the
+collection's documents (server/core/tokens.py): the query's token vectors come from the retrieval's own
+encoder pass (zero-shot) or, for a ColBERT bundle, from a small query-encoding task on a worker. The
+cross-encoder runs on a Celery worker (server/dispatch/dispatcher.py) and is cached in Redis under a key
+naming its model (revision and serving settings), the collection and its generation, the query and the
+candidates' content (sieve_core/cache.py): a repeated search is answered from the cache without a worker,
+and any write to the collection moves its generation, so nothing stale is ever served.
 
 A stage that cannot finish keeps the previous stage's order and says why (DEGRADED); a stage the
 request marks REQUIRED fails the request instead: UNAVAILABLE when the workers could not answer,
-FAILED_PRECONDITION when no model is configured for it.
+FAILED_PRECONDITION when no model is configured for it (or the collection stores no token vectors).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
+from server.core.tokens import ENABLE_HINT, QueryTokens, TokenPlan, TokenStage
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
 from sieve_core.config import Settings
 from sieve_core.contracts import content_hash_hex
 from sieve_core.errors import FailedPrecondition, Unavailable
-from sieve_core.models.bundle import BundleError, BundleManifest, load_bundle_manifest
+from sieve_core.models.bundle import BundleError
+from sieve_core.models.registry import PAIR_SCORES, TOKEN_VECTORS, ModelKindError, ModelRegistry
 from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageScore, StageStatus
 
 log = logging.getLogger(__name__)
@@ -48,43 +51,42 @@ class StageModel:
 
 @dataclass
 class StagePlan:
-    """What the request, the collection and the server together ask of one re-ranking stage."""
+    """What the request, the collection and the server together ask of one re-ranking stage, with its
+    model resolved once per request (`unavailable` says why there is none: the stage degrades)."""
 
     stage: Stage
     mode: StageMode
     keep: int
+    model: StageModel | None = None
+    unavailable: str = ""
+    tokens: TokenPlan | None = None  # late interaction: how the collection stores its token vectors
 
 
 class Cascade:
     def __init__(
-        self, settings: Settings, dispatcher: Dispatcher, cache: ResultCache, pool: Executor
+        self,
+        settings: Settings,
+        models: ModelRegistry,
+        dispatcher: Dispatcher,
+        cache: ResultCache,
+        pool: Executor,
+        token_stage: TokenStage,
     ) -> None:
         self.settings = settings
+        self.models = models  # only manifests are read here: the workers run the re-rankers
         self.dispatcher = dispatcher
         self.cache = cache
         self._pool = pool
-        self._manifests: dict[str, BundleManifest] = {}
-        self._lock = threading.Lock()
+        self.token_stage = token_stage
 
     # -- models --------------------------------------------------------------------------------------
-    def _manifest(self, name: str) -> BundleManifest:
-        with self._lock:
-            found = self._manifests.get(name)
-        if found is None:
-            found = load_bundle_manifest(self.settings.models_dir / name)
-            with self._lock:
-                self._manifests[name] = found
-        return found
-
     def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
         """The stage's model: the named `colbert` bundle, or MaxSim over the bi-encoder's token vectors."""
         if name is None:
-            manifest = self._manifest(embedding_model)
+            manifest = self.models.manifest(embedding_model)
             label = f"{manifest.model_id} (MaxSim over its token vectors, zero-shot)"
             return StageModel(embedding_model, label, manifest.cache_id)
-        manifest = self._manifest(name)
-        if manifest.kind not in ("colbert", "bi_encoder"):
-            raise BundleError(f"model {name!r} is a {manifest.kind} bundle: it has no token vectors")
+        manifest = self.models.manifest(name, TOKEN_VECTORS)
         label = "ColBERT" if manifest.kind == "colbert" else "MaxSim over its token vectors, zero-shot"
         return StageModel(name, f"{manifest.model_id} ({label})", manifest.cache_id)
 
@@ -94,76 +96,158 @@ class Cascade:
         if name is None:
             raise FailedPrecondition(f"no cross_encoder model is configured on this server; {hint}")
         try:
-            manifest = self._manifest(name)
+            manifest = self.models.manifest(name, PAIR_SCORES)
+        except ModelKindError as exc:
+            raise FailedPrecondition(str(exc)) from None
         except BundleError as exc:
             raise FailedPrecondition(
                 f"cross_encoder model {name!r} is not available ({exc}); {hint}"
             ) from None
-        if manifest.kind != "cross_encoder":
-            raise FailedPrecondition(f"model {name!r} is a {manifest.kind} bundle, not a cross_encoder")
         return StageModel(name, manifest.model_id, manifest.cache_id)
 
-    def check_required(self, settings: SearchSettings, embedding_model: str) -> None:
-        """Refuse up front a request that demands a stage this server has no model for."""
-        if settings.cross_encoder == StageMode.REQUIRED:
-            self.cross_encoder_model(settings.cross_encoder_model)
-        if settings.late_interaction == StageMode.REQUIRED:
-            try:
-                self.late_interaction_model(settings.late_interaction_model, embedding_model)
-            except BundleError as exc:
-                raise FailedPrecondition(
-                    f"late_interaction model is not available ({exc}); export one with `sieve models export "
-                    f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
-                ) from None
-
-    # -- running -------------------------------------------------------------------------------------
-    async def rerank(
+    def plan(
         self,
-        *,
-        collection_id: int,
-        generation: int,
-        embedding_model: str,
-        query: str,
-        hits: list[Hit],
         settings: SearchSettings,
+        embedding_model: str,
         top_k: int,
-        deadline: float | None,
-    ) -> tuple[list[Hit], list[StageReport]]:
-        """Runs the requested stages in order over `hits`; `deadline` is a time.monotonic() value."""
+        *,
+        collection: str = "",
+        tokens: TokenPlan | None = None,
+    ) -> list[StagePlan]:
+        """The stages a search runs, their models resolved once. A REQUIRED stage this server has no model
+        for (or, late interaction, a collection that stores no token vectors of it) fails the request here,
+        before any work (FAILED_PRECONDITION); a BEST_EFFORT one degrades."""
         plans = [
             StagePlan(
                 Stage.LATE_INTERACTION, settings.late_interaction, settings.late_interaction_keep or top_k
             ),
             StagePlan(Stage.CROSS_ENCODER, settings.cross_encoder, settings.cross_encoder_keep or top_k),
         ]
+        for plan in plans:
+            if not plan.mode.enabled:
+                continue
+            if plan.stage == Stage.LATE_INTERACTION:
+                self._plan_tokens(plan, settings, embedding_model, collection, tokens)
+                continue
+            try:
+                plan.model = (
+                    self.late_interaction_model(settings.late_interaction_model, embedding_model)
+                    if plan.stage == Stage.LATE_INTERACTION
+                    else self.cross_encoder_model(settings.cross_encoder_model)
+                )
+            except (FailedPrecondition, BundleError) as exc:
+                if plan.mode == StageMode.REQUIRED:
+                    raise self._no_model(exc) from None
+                plan.unavailable = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
+        return plans
+
+    def _plan_tokens(
+        self,
+        plan: StagePlan,
+        settings: SearchSettings,
+        embedding_model: str,
+        collection: str,
+        tokens: TokenPlan | None,
+    ) -> None:
+        """Late interaction runs from the collection's stored token vectors: they must exist, and be the
+        asked-for model's."""
+        asked = settings.late_interaction_model or embedding_model
+        if tokens is None:
+            unavailable = f"collection {collection!r} stores no token vectors; {ENABLE_HINT}"
+        elif asked != tokens.model:
+            unavailable = (
+                f"collection {collection!r} stores the token vectors of {tokens.model!r}, not of {asked!r}; "
+                f"ask for late_interaction_model {tokens.model!r} (or leave it unset)"
+            )
+        else:
+            plan.model = StageModel(tokens.model, tokens.label, tokens.cache_id)
+            plan.tokens = tokens
+            return
+        if plan.mode == StageMode.REQUIRED:
+            raise FailedPrecondition(unavailable)
+        plan.unavailable = unavailable
+
+    def _no_model(self, exc: FailedPrecondition | BundleError) -> FailedPrecondition:
+        if isinstance(exc, FailedPrecondition):
+            return exc
+        return FailedPrecondition(
+            f"late_interaction model is not available ({exc}); export one with `sieve models export "
+            f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
+        )
+
+    # -- running -------------------------------------------------------------------------------------
+    async def rerank(
+        self,
+        plans: list[StagePlan],
+        *,
+        collection_id: int,
+        generation: int,
+        query: str,
+        hits: list[Hit],
+        top_k: int,
+        deadline: float | None,
+        query_tokens: QueryTokens | None = None,
+    ) -> tuple[list[Hit], list[StageReport]]:
+        """Runs the planned stages in order over `hits`; `deadline` is a time.monotonic() value.
+        `query_tokens`: the query's token vectors from the retrieval's encoder pass (zero-shot)."""
         reports: list[StageReport] = []
         for plan in plans:
-            if plan.mode in (StageMode.OFF, StageMode.UNSPECIFIED):
+            if not plan.mode.enabled:
                 reports.append(StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested"))
                 continue
-            hits, report = await self._stage(
-                plan,
-                settings,
-                collection_id,
-                generation,
-                embedding_model,
-                query,
-                hits,
-                max(plan.keep, top_k),
-                deadline,
-            )
+            keep = max(plan.keep, top_k)
+            if plan.stage == Stage.LATE_INTERACTION:
+                hits, report = await self._late_interaction(
+                    plan, collection_id, query, hits, keep, deadline, query_tokens
+                )
+            else:
+                hits, report = await self._stage(plan, collection_id, generation, query, hits, keep, deadline)
             if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
                 raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
             reports.append(report)
         return hits, reports
 
+    async def _late_interaction(
+        self,
+        plan: StagePlan,
+        collection_id: int,
+        query: str,
+        hits: list[Hit],
+        keep: int,
+        deadline: float | None,
+        query_tokens: QueryTokens | None,
+    ) -> tuple[list[Hit], StageReport]:
+        started = time.perf_counter()
+        tokens, model = plan.tokens, plan.model
+        if tokens is None or model is None:
+            reason = f"{plan.unavailable}; kept the previous order"
+            return hits, StageReport(plan.stage, StageStatus.DEGRADED, reason, len(hits), len(hits))
+        if not hits:
+            return hits, StageReport(plan.stage, StageStatus.COMPLETED, model_id=model.label)
+        if query_tokens is None:  # a ColBERT bundle: its query encoder runs on a worker
+            try:
+                query_tokens = await self.token_stage.query_tokens(tokens, query, self._budget(deadline))
+            except StageUnavailable as exc:
+                took = (time.perf_counter() - started) * 1000
+                reason = f"{exc}; kept the previous order"
+                report = StageReport(plan.stage, StageStatus.DEGRADED, reason, len(hits), len(hits), took)
+                report.model_id, report.method = model.label, "query tokens: worker"
+                return hits, report
+        ranked, report = await self.token_stage.score(collection_id, tokens, query_tokens, hits, keep)
+        report.took_ms = (time.perf_counter() - started) * 1000
+        return ranked, report
+
+    def _budget(self, deadline: float | None) -> float:
+        budget = self.settings.rerank_timeout_s
+        if deadline is not None:
+            budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
+        return budget
+
     async def _stage(
         self,
         plan: StagePlan,
-        settings: SearchSettings,
         collection_id: int,
         generation: int,
-        embedding_model: str,
         query: str,
         hits: list[Hit],
         keep: int,
@@ -177,16 +261,10 @@ class Cascade:
             took = (time.perf_counter() - started) * 1000
             return StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
 
-        try:
-            model = (
-                self.late_interaction_model(settings.late_interaction_model, embedding_model)
-                if plan.stage == Stage.LATE_INTERACTION
-                else self.cross_encoder_model(settings.cross_encoder_model)
-            )
-        except (FailedPrecondition, BundleError) as exc:
-            reason = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
+        model = plan.model
+        if model is None:
             return hits, report(
-                StageStatus.DEGRADED, out=len(hits), reason=f"{reason}; kept the previous order"
+                StageStatus.DEGRADED, out=len(hits), reason=f"{plan.unavailable}; kept the previous order"
             )
         if not hits:
             return hits, report(StageStatus.COMPLETED, out=0, model=model.label)
@@ -203,16 +281,8 @@ class Cascade:
         scores = await loop.run_in_executor(self._pool, partial(self.cache.get_scores, key, len(hits)))
         method = "cache"
         if scores is None:
-            budget = self.settings.rerank_timeout_s
-            if deadline is not None:
-                budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
-            call: Callable[[str, str, list[str], float], Awaitable[object]] = (
-                self.dispatcher.late_interaction
-                if plan.stage == Stage.LATE_INTERACTION
-                else self.dispatcher.cross_encoder
-            )
             try:
-                result = await call(model.name, query, texts, budget)
+                result = await self.dispatcher.cross_encoder(model.name, query, texts, self._budget(deadline))
             except StageUnavailable as exc:
                 return hits, report(
                     StageStatus.DEGRADED,
@@ -221,17 +291,11 @@ class Cascade:
                     method="worker",
                     reason=f"{exc}; kept the previous order",
                 )
-            scores = list(result.scores)  # type: ignore[attr-defined]
-            method = _worker_method(result)
+            scores = list(result.scores)
+            method = f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"
             await loop.run_in_executor(self._pool, partial(self.cache.put_scores, key, scores))
         ranked = _rank(hits, scores, plan.stage, keep)
         return ranked, report(StageStatus.COMPLETED, out=len(ranked), model=model.label, method=method)
-
-
-def _worker_method(result: object) -> str:
-    if hasattr(result, "recomputed"):
-        return f"worker (token vectors: {result.cache_hits} cached, {result.recomputed} recomputed)"  # type: ignore[attr-defined]
-    return f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"  # type: ignore[attr-defined]
 
 
 def _rank(hits: list[Hit], scores: list[float], stage: Stage, keep: int) -> list[Hit]:

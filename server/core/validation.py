@@ -170,7 +170,7 @@ def conditions(conds: Sequence[Condition], settings: Settings) -> None:
 
 
 def search(query: SearchQuery, settings: Settings) -> int:
-    """Validate a search; returns the effective top_k."""
+    """Validate a search request, all of it (Engine.search calls this once); returns the effective top_k."""
     collection_name(query.collection)
     if not query.query.strip():
         raise InvalidArgument("query is empty")
@@ -184,6 +184,7 @@ def search(query: SearchQuery, settings: Settings) -> int:
         raise InvalidArgument(f"top_k must be between 1 and {settings.max_top_k}, got {query.top_k}")
     conditions(query.filter, settings)
     search_settings(query.settings, settings)
+    min_generation(query.min_generation)
     return top_k
 
 

@@ -63,6 +63,8 @@ def parse_line(raw: bytes, fmt: int, settings: Settings, where: str) -> Document
         raise BadLine("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadLine(f"not a JSON object (a {type(obj).__name__})")
+    metadata: dict[str, str]
+    doc_text: object
     beir = fmt == FORMAT_BEIR or (fmt == FORMAT_AUTO and "_id" in obj)
     id_key = "_id" if beir else "id"
     doc_id = _doc_id(obj, id_key)
@@ -88,7 +90,7 @@ def parse_line(raw: bytes, fmt: int, settings: Settings, where: str) -> Document
     return doc
 
 
-def _doc_id(obj: dict, key: str) -> str:  # type: ignore[type-arg]
+def _doc_id(obj: dict, key: str) -> str:
     value = obj.get(key)
     if value is None:
         raise BadLine(f'missing id ("{key}")')
@@ -178,3 +180,35 @@ def file_identity(path: Path) -> tuple[int, int]:
     """(size, mtime_ns): a resumed job checks that its source is the file it started on."""
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns
+
+
+def resolve_source(path: str, settings: Settings) -> Path:
+    """The file a job reads: absolute, readable, inside SIEVE_JOB_SOURCE_DIRS (a BEIR folder: its corpus.jsonl)."""
+    validation.job_path(path)
+    shown = validation.shown(path, 200)
+    source = Path(path)
+    if not source.is_absolute():
+        raise InvalidArgument(
+            f"path {shown} is not absolute; it is read by the server, not the client"
+            " (to send a local file, upload it: UploadIndexJob, `sieve index --upload`)"
+        )
+    try:
+        if source.is_dir():
+            if not (source / "corpus.jsonl").is_file():
+                raise InvalidArgument(f"{shown} is a directory without a corpus.jsonl")
+            source = source / "corpus.jsonl"
+        if not source.is_file():
+            raise InvalidArgument(
+                f"{shown} is not a file on the server (to send a local file, upload it: UploadIndexJob,"
+                " `sieve index --upload`)"
+            )
+        real = source.resolve()
+        allowed = [Path(d.strip()).resolve() for d in settings.job_source_dirs.split(",") if d.strip()]
+        if allowed and not any(real.is_relative_to(d) for d in allowed):
+            raise InvalidArgument(f"{shown} is outside the directories jobs may read (SIEVE_JOB_SOURCE_DIRS)")
+        with real.open("rb"):
+            pass
+    except OSError as exc:
+        # e.g. a name too long for the file system, or a directory the server may not search
+        raise InvalidArgument(f"the server cannot read {shown}: {exc.strerror}") from None
+    return real

@@ -21,6 +21,8 @@ from sieve_core.types import (
     SearchResult,
     SearchSettings,
     StageMode,
+    TokenStorageInfo,
+    TokenStorageSpec,
 )
 
 _METRIC_TO_CORE = {
@@ -76,6 +78,11 @@ def collection_spec(msg: collections_pb2.Collection) -> CollectionSpec:
         embedding_model=msg.embedding_model,
         metric=_METRIC_TO_CORE[msg.metric],
         defaults=settings_from_pb(msg.defaults),
+        token_storage=(
+            TokenStorageSpec(msg.token_storage.pool_factor, msg.token_storage.projection_dims)
+            if msg.HasField("token_storage")
+            else None
+        ),
     )
 
 
@@ -92,6 +99,19 @@ def collection_to_pb(info: CollectionInfo) -> collections_pb2.Collection:
         document_count=info.document_count,
         generation=info.generation,
         created_at=created,
+        token_storage=_token_storage_to_pb(info.token_storage),
+    )
+
+
+def _token_storage_to_pb(info: TokenStorageInfo | None) -> collections_pb2.TokenStorage | None:
+    if info is None:
+        return None
+    return collections_pb2.TokenStorage(
+        pool_factor=info.pool_factor,
+        projection_dims=info.projection_dims,
+        description=info.description,
+        model_id=info.model_id,
+        pending=info.pending,
     )
 
 
@@ -118,6 +138,7 @@ def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
         filter=tuple(conditions),
         settings=settings_from_pb(msg.settings),
         omit_documents=msg.omit_documents,
+        min_generation=msg.min_generation,
     )
 
 
@@ -146,6 +167,10 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
                 took_ms=r.took_ms,
                 model_id=r.model_id,
                 method=r.method,
+                token_source=r.token_source,
+                token_bytes=r.token_bytes,
+                tokens_pending=r.tokens_pending,
+                query_token_source=r.query_token_source,
             )
             for r in result.stages
         ],

@@ -11,9 +11,11 @@ scrape (and sets `sieve_redis_up` to 0) rather than holding it up.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -24,7 +26,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sieve.v1 import common_pb2, search_pb2
 
@@ -49,9 +51,11 @@ def _enum_label(enum: Any, value: int, prefix: str) -> str:
 class ServerMetrics:
     """The server's metrics; `observe_*` are called on the event loop (cheap: counters only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_state_file: Path | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if run_state_file is not None:  # started by `sieve run`: its children's restarts
+            r.register(_RunStateCollector(run_state_file))
         self.requests = Counter(
             "sieve_requests", "Calls answered, by method and status code.", ["method", "code"], registry=r
         )
@@ -95,6 +99,26 @@ class ServerMetrics:
             ["stage", "result"],
             registry=r,
         )
+        self.token_reads = Counter(
+            "sieve_late_interaction_token_vectors",
+            "Candidates' token vectors used by late interaction, by source: store (read from the collection's "
+            "store) or pending (none stored yet; ranked after the scored candidates).",
+            ["source"],
+            registry=r,
+        )
+        self.token_bytes = Counter(
+            "sieve_late_interaction_token_bytes",
+            "Bytes of document token vectors late interaction read, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.query_tokens = Counter(
+            "sieve_late_interaction_query_tokens",
+            "Where late-interaction searches got the query's token vectors: encoder pass (the same pass as the "
+            "retrieval vector), cache (Redis) or worker (a ColBERT bundle's query encoder).",
+            ["source"],
+            registry=r,
+        )
         self.degraded = Counter(
             "sieve_degraded_searches", "Searches answered with at least one DEGRADED stage.", registry=r
         )
@@ -119,7 +143,14 @@ class ServerMetrics:
                 continue
             self.stage_seconds.labels(stage).observe(report.took_ms / 1000)
             degraded = degraded or report.status == search_pb2.STAGE_STATUS_DEGRADED
-            if (
+            if report.token_source:  # late interaction from stored token vectors
+                scored = report.candidates_in - report.tokens_pending
+                self.token_reads.labels(report.token_source).inc(scored)
+                self.token_reads.labels("pending").inc(report.tokens_pending)
+                self.token_bytes.labels(report.token_source).inc(report.token_bytes)
+                if report.query_token_source:
+                    self.query_tokens.labels(report.query_token_source).inc()
+            elif (
                 report.stage != common_pb2.STAGE_RETRIEVE and report.method
             ):  # re-ranking: "cache", or "worker (...)" after a miss
                 self.stage_cache.labels(stage, "hit" if report.method == "cache" else "miss").inc()
@@ -168,6 +199,36 @@ class ServerMetrics:
             self._thread = None
 
 
+class _RunStateCollector(Collector):
+    """What `sieve run` records about the workers and Redis it supervises (sieve_cli/supervisor.py)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            children = json.loads(self._path.read_text())["children"]
+        except (OSError, ValueError, KeyError) as exc:  # not written yet, or a supervisor of another shape
+            log.debug("metrics: cannot read %s: %s", self._path, type(exc).__name__)
+            return
+        restarts = CounterMetricFamily(
+            "sieve_run_restarts",
+            "Times `sieve run` started a dead child (a worker, the local Redis) again.",
+            labels=["child"],
+        )
+        up = GaugeMetricFamily(
+            "sieve_run_child_up", "1 if the child of `sieve run` is running.", labels=["child"]
+        )
+        for name, child in sorted(children.items()):
+            restarts.add_metric([name], int(child.get("restarts", 0)))
+            up.add_metric([name], 1 if child.get("up") else 0)
+        yield restarts
+        yield up
+
+
 class _StateCollector(Collector):
     """Queue depths (Redis LLEN per Celery queue), collection sizes and jobs, read at scrape time."""
 
@@ -190,9 +251,6 @@ class _StateCollector(Collector):
         return asyncio.run_coroutine_threadsafe(make(), self._loop).result(SCRAPE_WAIT_S)
 
     def _queues(self) -> Iterator[GaugeMetricFamily]:
-        client = getattr(self._engine.dispatcher, "_redis", None)  # read-only use of the dispatcher's client
-        if client is None:
-            return  # no Redis configured: no queues to report
         from sieve_core.tasking import QUEUES
 
         up = GaugeMetricFamily("sieve_redis_up", "1 if Redis answered this scrape's queue-length query.")
@@ -202,15 +260,14 @@ class _StateCollector(Collector):
             labels=["queue"],
         )
         try:
-            pipe = client.pipeline(transaction=False)
-            for queue in QUEUES:
-                pipe.llen(queue)
-            lengths = pipe.execute()
+            lengths = self._engine.dispatcher.queue_lengths(QUEUES)
         except Exception as exc:  # unreachable, timed out, auth: say so, do not fail the scrape
             log.debug("metrics: cannot read queue lengths: %s", type(exc).__name__)
             up.add_metric([], 0)
             yield up
             return
+        if lengths is None:
+            return  # no Redis configured: no queues to report
         up.add_metric([], 1)
         for queue, length in zip(QUEUES, lengths, strict=True):
             depth.add_metric([queue], int(length))
@@ -233,11 +290,19 @@ class _StateCollector(Collector):
             "Each collection's generation (moves on with every write).",
             labels=["collection"],
         )
+        pending = GaugeMetricFamily(
+            "sieve_collection_tokens_pending",
+            "Documents whose late-interaction token vectors are not stored yet (collections that store them).",
+            labels=["collection"],
+        )
         for info in infos:
             docs.add_metric([info.name], info.document_count)
             generation.add_metric([info.name], info.generation)
+            if info.token_storage is not None:
+                pending.add_metric([info.name], info.token_storage.pending)
         yield docs
         yield generation
+        yield pending
 
     def _job_states(self) -> Iterator[GaugeMetricFamily]:
         try:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -14,7 +12,6 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from server.core import validation
 from server.core.engine import Engine
 from server.jobs.manager import JobManager
 from server.transport import convert
@@ -69,19 +66,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.engine = engine
 
     async def Search(self, request, context):  # type: ignore[no-untyped-def]
-        query = convert.search_query(request)
-        remaining = context.time_remaining()
-        if validation.min_generation(request.min_generation):
-            # Read your writes: wait (briefly, within the deadline) until the index shows that generation.
-            validation.search(query, self.engine.settings)  # a bad request fails at once, not after the wait
-            wait_s = self.engine.settings.min_generation_wait_s
-            if remaining is not None:
-                wait_s = min(wait_s, remaining - 0.05)
-            started = time.monotonic()
-            await self.engine.wait_for_generation(request.collection, request.min_generation, wait_s)
-            if remaining is not None:
-                remaining -= time.monotonic() - started
-        result = await self.engine.search(query, remaining)
+        # Validated once, by the engine (min_generation and the wait for it included).
+        result = await self.engine.search(convert.search_query(request), context.time_remaining())
         return convert.search_result_to_pb(result)
 
 
