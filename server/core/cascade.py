@@ -19,10 +19,12 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
+from server.core.budget import BUDGET_REPLY_MARGIN_MS, MIN_CROSS_ENCODER, BudgetPlan, StageCosts
 from server.core.tokens import ENABLE_HINT, QueryTokens, TokenPlan, TokenStage
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
@@ -60,6 +62,7 @@ class StagePlan:
     model: StageModel | None = None
     unavailable: str = ""
     tokens: TokenPlan | None = None  # late interaction: how the collection stores its token vectors
+    budget: BudgetPlan | None = None  # a request with a latency budget: what the planner gave the stage
 
 
 class Cascade:
@@ -76,6 +79,7 @@ class Cascade:
         self.cache = cache
         self._pool = pool
         self.token_stage = token_stage
+        self.costs = StageCosts()  # measured stage costs, for latency budgets
         self._manifests: dict[str, BundleManifest] = {}
         self._lock = threading.Lock()
 
@@ -186,8 +190,58 @@ class Cascade:
             f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
         )
 
+    # -- budgets -------------------------------------------------------------------------------------
+    def plan_budget(self, plans: list[StagePlan], budget_ms: float, retrieve_n: int) -> str:
+        """Plans the stages against a latency budget before the search starts (server/core/budget.py);
+        returns the retrieval's part of the plan (its report's `plan`)."""
+        retrieve = self.costs.model(Stage.RETRIEVE)
+        left = budget_ms - BUDGET_REPLY_MARGIN_MS - retrieve.estimate(retrieve_n)
+        head = f"budget {budget_ms:.0f} ms; retrieval {retrieve.describe()}"
+        n_in = retrieve_n
+        for plan in plans:
+            if not plan.mode.enabled:
+                continue
+            cost = self._cost(plan)
+            if plan.mode == StageMode.REQUIRED:
+                left -= cost.estimate(n_in)
+                plan.budget = BudgetPlan(note=f"REQUIRED: not cut by the budget ({cost.describe()})")
+            elif plan.stage == Stage.LATE_INTERACTION:
+                estimate = cost.estimate(n_in)
+                note = f"{max(left, 0):.0f} ms left, {n_in} candidates need {estimate:.1f} ms ({cost.describe()})"
+                if estimate > left:
+                    plan.budget = BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
+                    continue  # it passes its input on unchanged
+                left -= estimate
+                plan.budget = BudgetPlan(note=note)
+            else:
+                plan.budget = self._fit_cross_encoder(cost, left, n_in)
+                left -= cost.estimate(plan.budget.cut_to or n_in)
+            if plan.budget and not plan.budget.skip:
+                n_in = min(n_in, plan.keep) if plan.stage == Stage.LATE_INTERACTION else n_in
+        return head
+
+    def _cost(self, plan: StagePlan):  # type: ignore[no-untyped-def]
+        key = plan.model.name if plan.model is not None and plan.stage == Stage.CROSS_ENCODER else ""
+        return self.costs.model(plan.stage, key)
+
+    @staticmethod
+    def _fit_cross_encoder(cost, left_ms: float, n_in: int) -> BudgetPlan:  # type: ignore[no-untyped-def]
+        fit = min(cost.fits(left_ms), n_in)
+        note = f"{max(left_ms, 0):.0f} ms left: {fit} of {n_in} candidates fit ({cost.describe()})"
+        if fit < min(MIN_CROSS_ENCODER, n_in):
+            return BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
+        return BudgetPlan(note=note, cut_to=fit if fit < n_in else 0)
+
+    def observe(self, plan: StagePlan, report: StageReport) -> None:
+        """Feeds the stage cost model from a stage that really ran (cache hits cost nothing to learn)."""
+        if report.status == StageStatus.SKIPPED or not report.candidates_in or report.method == "cache":
+            return
+        ran = report.status == StageStatus.COMPLETED or "answered within" in report.reason
+        if ran and report.took_ms > 0:
+            self._cost(plan).observe(report.candidates_in, report.took_ms)
+
     # -- running -------------------------------------------------------------------------------------
-    async def rerank(
+    async def run(
         self,
         plans: list[StagePlan],
         *,
@@ -197,26 +251,38 @@ class Cascade:
         hits: list[Hit],
         top_k: int,
         deadline: float | None,
+        budget_deadline: float | None = None,
         query_tokens: QueryTokens | None = None,
-    ) -> tuple[list[Hit], list[StageReport]]:
-        """Runs the planned stages in order over `hits`; `deadline` is a time.monotonic() value.
-        `query_tokens`: the query's token vectors from the retrieval's encoder pass (zero-shot)."""
-        reports: list[StageReport] = []
+    ) -> AsyncIterator[tuple[StagePlan, list[Hit], StageReport]]:
+        """Runs the planned stages in order over `hits`, yielding each one's ranking and report as it
+        finishes (skipped ones too). `deadline` (the call's) and `budget_deadline` (the request's latency
+        budget) are time.monotonic() values. `query_tokens`: the query's token vectors from the retrieval's
+        encoder pass (zero-shot)."""
         for plan in plans:
             if not plan.mode.enabled:
-                reports.append(StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested"))
+                yield plan, hits, StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested")
                 continue
+            given = hits
             keep = max(plan.keep, top_k)
-            if plan.stage == Stage.LATE_INTERACTION:
+            if plan.budget is not None and plan.budget.skip:
+                report = StageReport(plan.stage, StageStatus.DEGRADED, plan.budget.skip, len(hits), len(hits))
+            elif plan.stage == Stage.LATE_INTERACTION:
                 hits, report = await self._late_interaction(
                     plan, collection_id, query, hits, keep, deadline, query_tokens
                 )
             else:
-                hits, report = await self._stage(plan, collection_id, generation, query, hits, keep, deadline)
+                hits, report = await self._stage(
+                    plan, collection_id, generation, query, hits, keep, deadline, budget_deadline
+                )
             if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
                 raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
-            reports.append(report)
-        return hits, reports
+            if plan.budget is not None and not report.plan:
+                report.plan = plan.budget.note
+            self.observe(plan, report)
+            before, after = [h.id for h in given[:top_k]], [h.id for h in hits[:top_k]]
+            report.top_k_changed = report.status == StageStatus.COMPLETED and before != after
+            report.top_k_new = len(set(after) - set(before)) if report.top_k_changed else 0
+            yield plan, hits, report
 
     async def _late_interaction(
         self,
@@ -248,10 +314,12 @@ class Cascade:
         report.took_ms = (time.perf_counter() - started) * 1000
         return ranked, report
 
-    def _budget(self, deadline: float | None) -> float:
+    def _budget(self, deadline: float | None, budget_deadline: float | None = None) -> float:
         budget = self.settings.rerank_timeout_s
         if deadline is not None:
             budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
+        if budget_deadline is not None:
+            budget = min(budget, budget_deadline - time.monotonic() - BUDGET_REPLY_MARGIN_MS / 1000)
         return budget
 
     async def _stage(
@@ -263,22 +331,37 @@ class Cascade:
         hits: list[Hit],
         keep: int,
         deadline: float | None,
+        budget_deadline: float | None = None,
     ) -> tuple[list[Hit], StageReport]:
         started = time.perf_counter()
+        given = hits
+        cut_from = 0
 
         def report(
             status: StageStatus, *, out: int, model: str = "", method: str = "", reason: str = ""
         ) -> StageReport:
             took = (time.perf_counter() - started) * 1000
-            return StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
+            made = StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
+            made.candidates_cut_from, made.plan = cut_from, note
+            return made
 
         model = plan.model
+        note = plan.budget.note if plan.budget is not None else ""
         if model is None:
             return hits, report(
                 StageStatus.DEGRADED, out=len(hits), reason=f"{plan.unavailable}; kept the previous order"
             )
         if not hits:
             return hits, report(StageStatus.COMPLETED, out=0, model=model.label)
+        if budget_deadline is not None and plan.mode != StageMode.REQUIRED:
+            # Planned again from the time really left: the stages before may have run faster or slower.
+            left_ms = (budget_deadline - time.monotonic()) * 1000 - BUDGET_REPLY_MARGIN_MS
+            again = self._fit_cross_encoder(self._cost(plan), left_ms, len(hits))
+            note = f"{note}; at start: {again.note}" if note else again.note
+            if again.skip:
+                return hits, report(StageStatus.DEGRADED, out=len(hits), model=model.label, reason=again.skip)
+            if again.cut_to:
+                cut_from, hits = len(hits), hits[: again.cut_to]
         texts = [h.text for h in hits]
         key = stage_scores_key(
             plan.stage.name.lower(),
@@ -292,20 +375,23 @@ class Cascade:
         scores = await loop.run_in_executor(self._pool, partial(self.cache.get_scores, key, len(hits)))
         method = "cache"
         if scores is None:
+            timeout_s = self._budget(deadline, budget_deadline)
             try:
-                result = await self.dispatcher.cross_encoder(model.name, query, texts, self._budget(deadline))
+                result = await self.dispatcher.cross_encoder(model.name, query, texts, timeout_s)
             except StageUnavailable as exc:
-                return hits, report(
+                cut = " (cut by the latency budget)" if budget_deadline is not None else ""
+                return given, report(
                     StageStatus.DEGRADED,
-                    out=len(hits),
+                    out=len(given),
                     model=model.label,
                     method="worker",
-                    reason=f"{exc}; kept the previous order",
+                    reason=f"{exc}{cut}; kept the previous order",
                 )
             scores = list(result.scores)
             method = f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"
             await loop.run_in_executor(self._pool, partial(self.cache.put_scores, key, scores))
-        ranked = _rank(hits, scores, plan.stage, keep)
+        # Candidates the budget left out follow the scored ones, in the previous stage's order.
+        ranked = (_rank(hits, scores, plan.stage, keep) + given[len(hits) :])[:keep]
         return ranked, report(StageStatus.COMPLETED, out=len(ranked), model=model.label, method=method)
 
 

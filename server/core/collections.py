@@ -28,7 +28,14 @@ from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError, BundleManifest, load_bundle_manifest
 from sieve_core.models.load import load_runner
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many
-from sieve_core.types import CollectionInfo, CollectionSpec, SearchSettings, StageMode, TokenStorageSpec
+from sieve_core.types import (
+    CollectionInfo,
+    CollectionSpec,
+    SearchSettings,
+    SearchTier,
+    StageMode,
+    TokenStorageSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ class ModelRegistry:
             with self._lock:
                 runner = self._token_runners.setdefault(plan.model, runner)
         rows = runner.document_token_vectors(texts, self._settings.embed_batch_size)
-        return compress_many(rows, plan.fmt)
+        return compress_many(rows, plan.fmt, runner.document_token_offsets(texts))
 
 
 @dataclass
@@ -131,6 +138,7 @@ def _settings_from_json(text: str) -> SearchSettings:
     raw = json.loads(text)
     for mode in ("late_interaction", "cross_encoder"):
         raw[mode] = StageMode(raw.get(mode, 0))
+    raw["tier"] = SearchTier(raw.get("tier", 0))  # collections made before tiers have none
     return SearchSettings(**raw)
 
 

@@ -110,7 +110,8 @@ async def test_upsert_stores_token_vectors_from_the_same_encoder_pass(api) -> No
     stored = _stored(api, name)
     assert sorted(stored) == sorted(DOCS)
     _, rows = runner.encode(list(DOCS.values()), api.server.settings.embed_batch_size, tokens=True)
-    expected = dict(zip(DOCS, compress_many(rows, DEFAULT_TOKEN_FORMAT), strict=True))  # type: ignore[arg-type]
+    offsets = runner.token_offsets(list(DOCS.values()))  # stored with the rows (evidence spans)
+    expected = dict(zip(DOCS, compress_many(rows, DEFAULT_TOKEN_FORMAT, offsets), strict=True))  # type: ignore[arg-type]
     assert stored == expected
     for blob in stored.values():
         info = read_header(blob)
