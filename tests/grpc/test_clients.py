@@ -80,6 +80,10 @@ def _sync_walk(address: str, name: str, source: Path) -> dict[str, object]:
         assert response.stages[0].stage == sieve.Stage.STAGE_RETRIEVE
         assert response.hits[0].stage_scores[0].score == pytest.approx(response.hits[0].score)
         out["late"] = client.search(name, "a cat", late_interaction="best_effort", top_k=2)
+        stream = list(client.search_stream(name, "a cat", top_k=2, tier="fast"))
+        assert [m.final for m in stream] == [False] * (len(stream) - 1) + [True]
+        assert stream[0].stage == sieve.Stage.STAGE_RETRIEVE and stream[-1].result.hits
+        assert stream[0].result.stages[0].plan.startswith("budget 25 ms")  # the fast tier's budget
 
         deleted = client.delete_documents(name, ["cat", "nope"])
         assert (deleted.deleted, deleted.not_found) == (1, 1)
@@ -155,6 +159,29 @@ async def test_async_client_every_rpc(api: Api) -> None:
 
 
 @aio
+async def test_async_client_streams_a_search_with_evidence(api: Api) -> None:
+    name = _name()
+    async with AsyncSieveClient(api.address) as client:
+        await client.create_collection(name, defaults={"late_interaction": "best_effort"})
+        await client.upsert_documents(name, _docs())
+        messages = [m async for m in client.search_stream(name, "subatomic particles", top_k=3)]
+        assert [m.stage for m in messages] == [
+            sieve.Stage.STAGE_RETRIEVE,
+            sieve.Stage.STAGE_LATE_INTERACTION,
+        ]
+        final = messages[-1]
+        assert final.final and not final.deadline_reached
+        searched = await client.search(name, "subatomic particles", top_k=3)
+        assert [(h.id, h.score, list(h.evidence)) for h in final.result.hits] == [
+            (h.id, h.score, list(h.evidence)) for h in searched.hits
+        ]
+        for hit in searched.hits:
+            assert hit.evidence  # Python str indices are code points: slicing needs no conversion
+            assert all(0 <= s.start < s.end <= len(hit.text) for s in hit.evidence)
+        await client.delete_collection(name)
+
+
+@aio
 async def test_errors_carry_status_and_message(api: Api) -> None:
     async with AsyncSieveClient(api.address) as client:
         name = _name()
@@ -170,6 +197,8 @@ async def test_errors_carry_status_and_message(api: Api) -> None:
             await client.search(name, "x", cross_encoder="required")
         with pytest.raises(ValueError, match="stage mode"):
             await client.search(name, "x", late_interaction="sometimes")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="search tier"):
+            await client.search(name, "x", tier="fastest")  # type: ignore[arg-type]
         await client.delete_collection(name)
 
 

@@ -32,6 +32,7 @@ from sieve._build import (
     MetricArg,
     SettingsArg,
     StageModeArg,
+    TierArg,
     UploadSource,
 )
 from sieve._channel import DEFAULT_ADDRESS, Timeouts
@@ -202,6 +203,8 @@ class AsyncSieveClient:
         late_interaction_keep: int | None = None,
         cross_encoder: StageModeArg = None,
         cross_encoder_keep: int | None = None,
+        latency_budget_ms: int | None = None,
+        tier: TierArg = None,
         omit_documents: bool = False,
         min_generation: int = 0,
         timeout: float | None = None,
@@ -219,11 +222,77 @@ class AsyncSieveClient:
                 late_interaction_keep=late_interaction_keep,
                 cross_encoder=cross_encoder,
                 cross_encoder_keep=cross_encoder_keep,
+                latency_budget_ms=latency_budget_ms,
+                tier=tier,
             ),
             omit_documents=omit_documents,
             min_generation=min_generation,
         )
         return await self._unary("SearchService/Search", self._search.Search, request, timeout)
+
+    async def search_stream(
+        self,
+        collection: str,
+        query: str,
+        *,
+        top_k: int = 0,
+        filter: FilterArg = None,
+        settings: SettingsArg = None,
+        retrieve_candidates: int | None = None,
+        ef_search: int | None = None,
+        late_interaction: StageModeArg = None,
+        late_interaction_keep: int | None = None,
+        cross_encoder: StageModeArg = None,
+        cross_encoder_keep: int | None = None,
+        latency_budget_ms: int | None = None,
+        tier: TierArg = None,
+        omit_documents: bool = False,
+        min_generation: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[search_pb2.SearchStreamResponse]:
+        """As `SieveClient.search_stream`: an async iterator of the stages' rankings, the last final."""
+        request = _build.search(
+            collection,
+            query,
+            top_k=top_k,
+            filter=filter,
+            settings=_build.search_settings(
+                settings,
+                retrieve_candidates=retrieve_candidates,
+                ef_search=ef_search,
+                late_interaction=late_interaction,
+                late_interaction_keep=late_interaction_keep,
+                cross_encoder=cross_encoder,
+                cross_encoder_keep=cross_encoder_keep,
+                latency_budget_ms=latency_budget_ms,
+                tier=tier,
+            ),
+            omit_documents=omit_documents,
+            min_generation=min_generation,
+        )
+        method = "SearchService/SearchStream"
+        deadline = time.monotonic() + (self.timeouts.default if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            received = False
+            call = self._search.SearchStream(
+                request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata
+            )
+            try:
+                async for message in call:
+                    received = True
+                    yield message
+                return
+            except grpc.aio.AioRpcError as exc:
+                error = from_rpc_error(exc, P + method, attempt)
+                wait = None if received else retry_wait(self.retry, error, attempt, deadline)
+                if wait is None:
+                    raise error from exc
+                log.info("retrying %s in %.2fs (attempt %d): %s", method, wait, attempt + 1, error)
+                await asyncio.sleep(wait)
+            finally:
+                call.cancel()
 
     # -- jobs -------------------------------------------------------------------------------------
     async def start_index_job(
