@@ -531,6 +531,47 @@ async def test_cli_client_commands(api: Api, tmp_path: Path) -> None:
     assert (await run("collections", "delete", name))[0] == 0
 
 
+@aio
+async def test_cli_streams_and_highlights_evidence(api: Api) -> None:
+    name = _name()
+    sieve_cmd = [sys.executable, "-m", "sieve_cli.main"]
+    addr = ["--address", api.address]
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        return await _run(*sieve_cmd, *args, *addr)
+
+    assert (await run("collections", "create", name, "--late", "best_effort"))[0] == 0
+    assert (await run("docs", "upsert", name, str(NOTES)))[0] == 0
+    code, out, err = await run("search", "light and energy", "--collection", name, "-k", "3", "--stream")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "retrieve" in lines[0] and "late_interaction" in lines[1] and "final" in lines[1], out
+    assert "evidence" in out and "photon" in out
+    code, out, err = await run("search", "light", "--collection", name, "--tier", "fast", "--json")
+    assert code == 0 and json.loads(out)["stages"][0]["plan"].startswith("budget 25 ms"), err
+    assert (await run("collections", "delete", name))[0] == 0
+
+
+def test_cli_highlights_the_evidence_spans() -> None:
+    from rich.console import Console
+
+    from sieve_cli.client_commands import EVIDENCE_STYLE, show_search
+
+    text = "🌞 Sunlight is energy: a photon carries light energy."
+    hit = search_pb2.Hit(id="photon", score=1.0, text=text)
+    for word in ("photon", "light energy"):
+        start = text.index(word)  # Python str indices are the code points the server sends
+        hit.evidence.add(start=start, end=start + len(word), score=0.5)
+    console = Console(record=True, force_terminal=True, width=200, color_system="truecolor")
+    show_search(search_pb2.SearchResponse(hits=[hit]), 1.0, console)
+    styled = {
+        seg.text
+        for seg in console._record_buffer
+        if seg.style and seg.style == console.get_style(EVIDENCE_STYLE)
+    }
+    assert {"photon", "light energy"} <= styled, styled
+
+
 # -- generated code of both clients matches the protos ---------------------------------------------
 def test_python_generated_code_matches_protos() -> None:
     result = subprocess.run(
