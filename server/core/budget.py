@@ -64,6 +64,7 @@ class CostModel:
         self._lock = threading.Lock()
         for n in (1, 50):
             self.observe(n, fixed_ms + per_candidate_ms * n)
+        self._sq = 0.0  # the prior is a line: it has no spread (a first point alone fits a proportion)
 
     def observe(self, n: int, took_ms: float) -> None:
         with self._lock:

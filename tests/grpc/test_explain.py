@@ -150,3 +150,34 @@ async def test_reports_say_whether_a_stage_changed_the_top_k(api, collection) ->
     late = messages[-1].result.stages[1]
     assert late.top_k_changed == (before != after)
     assert late.top_k_new == len(set(after) - set(before))
+
+
+async def test_top_k_counters_count_what_the_reports_say(api, collection) -> None:  # type: ignore[no-untyped-def]
+    metrics = api.server.metrics
+
+    def value(name: str, **labels: str) -> float:
+        return metrics.registry.get_sample_value(f"{name}_total", labels) or 0.0
+
+    def counts() -> tuple[float, float, float]:
+        stage = "late_interaction"
+        return (
+            value("sieve_stage_top_k", stage=stage, outcome="changed"),
+            value("sieve_stage_top_k", stage=stage, outcome="unchanged"),
+            value("sieve_stage_top_k_new", stage=stage),
+        )
+
+    before = counts()
+    changed = new = 0
+    for query in QUERIES:
+        # All six documents: late interaction reorders some of retrieval's ranking for these queries.
+        request = search_pb2.SearchRequest(collection=collection, query=query, top_k=6, settings=LATE)
+        late = (await api.search.Search(request)).stages[1]
+        changed += late.top_k_changed
+        new += late.top_k_new
+        # A streamed search counts once, by its final message.
+        [m async for m in api.search.SearchStream(request)]
+    after = counts()
+    assert after[0] - before[0] == 2 * changed
+    assert after[1] - before[1] == 2 * (len(QUERIES) - changed)
+    assert after[2] - before[2] == 2 * new
+    assert changed > 0
