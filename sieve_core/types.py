@@ -175,6 +175,7 @@ class Hit:
     stage_scores: list[StageScore] = field(default_factory=list)
     key: int = 0  # the stored version's key (its token vectors are filed under it); not sent to clients
     evidence: list[Span] = field(default_factory=list)
+    loaded: bool = True  # text and metadata read (retrieval reads them only for the hits likely sent)
     # Late interaction's argmax for this hit with its stored blob, kept until the hit is sent (evidence is
     # worked out only for the hits a reply carries); not sent to clients.
     matches: tuple[bytes, Any] | None = field(default=None, repr=False, compare=False)

@@ -22,6 +22,11 @@ from dataclasses import dataclass, replace
 from sieve_core.types import SearchSettings, SearchTier, Stage
 
 MIN_CROSS_ENCODER = 2  # fewer candidates than this cannot change an order: skip the stage instead
+# A stage measured fewer times than this is tried on MIN_CROSS_ENCODER candidates when the estimate says
+# none fit but PROBE_MIN_MS are left: else a server whose prior is too pessimistic would never run (and so
+# never measure) it under a budget. The call is cut at the budget like any other.
+PROBE_OBSERVATIONS = 5
+PROBE_MIN_MS = 10.0
 # Kept back from the budget for building and sending the reply (measured ~1-2 ms for 10 hits with texts).
 BUDGET_REPLY_MARGIN_MS = 3.0
 
@@ -62,9 +67,11 @@ class CostModel:
         self._s = [0.0] * 5  # sum w, w x, w y, w x^2, w x y
         self._sq = 0.0  # decayed sum of w * squared residual
         self._lock = threading.Lock()
+        self.observed = 0
         for n in (1, 50):
             self.observe(n, fixed_ms + per_candidate_ms * n)
         self._sq = 0.0  # the prior is a line: it has no spread (a first point alone fits a proportion)
+        self.observed = 0  # real observations (the prior's two are not counted)
 
     def observe(self, n: int, took_ms: float) -> None:
         with self._lock:
@@ -75,6 +82,7 @@ class CostModel:
             w, x, y = 1.0, float(n), float(took_ms)
             for i, value in enumerate((w, w * x, w * y, w * x * x, w * x * y)):
                 self._s[i] += value
+            self.observed += 1
 
     def _fit(self) -> tuple[float, float]:
         sw, sx, sy, sxx, sxy = self._s

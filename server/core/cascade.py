@@ -19,12 +19,19 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
-from server.core.budget import BUDGET_REPLY_MARGIN_MS, MIN_CROSS_ENCODER, BudgetPlan, StageCosts
+from server.core.budget import (
+    BUDGET_REPLY_MARGIN_MS,
+    MIN_CROSS_ENCODER,
+    PROBE_MIN_MS,
+    PROBE_OBSERVATIONS,
+    BudgetPlan,
+    StageCosts,
+)
 from server.core.tokens import ENABLE_HINT, QueryTokens, TokenPlan, TokenStage
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
@@ -73,12 +80,14 @@ class Cascade:
         cache: ResultCache,
         pool: Executor,
         token_stage: TokenStage,
+        load: Callable[[int, list[Hit]], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.dispatcher = dispatcher
         self.cache = cache
         self._pool = pool
         self.token_stage = token_stage
+        self._load = load  # fills in the texts of hits retrieved without them (the cross-encoder reads them)
         self.costs = StageCosts()  # measured stage costs, for latency budgets
         self._manifests: dict[str, BundleManifest] = {}
         self._lock = threading.Lock()
@@ -229,6 +238,11 @@ class Cascade:
         fit = min(cost.fits(left_ms), n_in)
         note = f"{max(left_ms, 0):.0f} ms left: {fit} of {n_in} candidates fit ({cost.describe()})"
         if fit < min(MIN_CROSS_ENCODER, n_in):
+            if cost.observed < PROBE_OBSERVATIONS and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
+                probe = (
+                    f"{note}; probing {MIN_CROSS_ENCODER} (only {cost.observed} measurements of this stage)"
+                )
+                return BudgetPlan(note=probe, cut_to=MIN_CROSS_ENCODER)
             return BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
         return BudgetPlan(note=note, cut_to=fit if fit < n_in else 0)
 
@@ -362,6 +376,8 @@ class Cascade:
                 return hits, report(StageStatus.DEGRADED, out=len(hits), model=model.label, reason=again.skip)
             if again.cut_to:
                 cut_from, hits = len(hits), hits[: again.cut_to]
+        if self._load is not None:
+            await self._load(collection_id, hits)
         texts = [h.text for h in hits]
         key = stage_scores_key(
             plan.stage.name.lower(),

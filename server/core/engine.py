@@ -70,7 +70,9 @@ class Engine:
         self.writes = Writes(settings, self.store, self.collections, self._run, self.backfill.wake)
         self.retrieval = Retrieval(settings, self.store, self.collections, self.cache, self._run)
         token_stage = TokenStage(settings, self.store, self.dispatcher, self.cache, self._run.read)
-        self.cascade = Cascade(settings, self.dispatcher, self.cache, self._run.pool, token_stage)
+        self.cascade = Cascade(
+            settings, self.dispatcher, self.cache, self._run.pool, token_stage, self.retrieval.load
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -157,15 +159,13 @@ class Engine:
         if settings.latency_budget_ms is not None:
             budget_deadline = begun + settings.latency_budget_ms / 1000
             budget_note = self.cascade.plan_budget(plans, settings.latency_budget_ms, candidates)
-        # The cross-encoder needs the candidates' texts even if the reply omits them; late interaction
-        # reads token vectors by key and needs none.
-        fetch_texts = not query.omit_documents or any(
-            p.mode.enabled and p.stage == Stage.CROSS_ENCODER for p in plans
-        )
+        # Texts are read for the hits the first reply sends; the cross-encoder reads its candidates' (and a
+        # later reply those it sends) when it needs them. Late interaction reads token vectors by key.
+        text_for = 0 if query.omit_documents else top_k
         # Zero-shot late interaction: the query's token vectors come from the retrieval's encoder pass.
         query_tokens = any(p.tokens is not None and p.tokens.zero_shot for p in plans)
         hits, report, generation, tokens = await self.retrieval.retrieve(
-            col, query, candidates, settings, fetch_texts, query_tokens
+            col, query, candidates, settings, text_for, query_tokens
         )
         report.plan = budget_note
         self.cascade.costs.observe(Stage.RETRIEVE, "", candidates, report.took_ms)
@@ -177,7 +177,7 @@ class Engine:
             reports += skipped
         if progress or last < 0:
             yield await self._update(
-                query, hits, top_k, reports, generation, started, Stage.RETRIEVE, last < 0
+                col.row.id, query, hits, top_k, reports, generation, started, Stage.RETRIEVE, last < 0
             )
         if last < 0:
             return
@@ -204,10 +204,13 @@ class Engine:
             if not (progress or final):
                 continue
             cut = final and any(_cut_by_time(r) for r in reports)
-            yield await self._update(query, hits, top_k, reports, generation, started, plan.stage, final, cut)
+            yield await self._update(
+                col.row.id, query, hits, top_k, reports, generation, started, plan.stage, final, cut
+            )
 
     async def _update(
         self,
+        collection_id: int,
         query: SearchQuery,
         hits: list[Hit],
         top_k: int,
@@ -220,6 +223,8 @@ class Engine:
     ) -> SearchUpdate:
         """The ranking so far as a reply: copies of the top hits (later stages go on changing theirs),
         their evidence spans worked out (in the executor: a few blobs' span sections decoded)."""
+        if not query.omit_documents:
+            await self.retrieval.load(collection_id, hits[:top_k])
         sent = [replace(h, stage_scores=list(h.stage_scores)) for h in hits[:top_k]]
         if any(h.matches is not None and not h.evidence for h in sent):
             await self._run.read(_resolve_evidence, sent)

@@ -94,3 +94,19 @@ def test_a_generous_budget_cuts_nothing() -> None:
     plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
     cascade.plan_budget(plans, 400.0, 100)
     assert all(p.budget is not None and not p.budget.skip and not p.budget.cut_to for p in plans)
+
+
+def test_an_unmeasured_cross_encoder_is_probed_not_skipped_forever() -> None:
+    cascade = _cascade()
+    slow = cascade.costs.model(Stage.CROSS_ENCODER, "ce")
+    for _ in range(3):  # a pessimistic start: 30 ms fixed
+        slow.observe(10, 30.0 + 10)
+    plans = _plans(StageMode.OFF, StageMode.BEST_EFFORT)
+    cascade.plan_budget(plans, 40.0, 100)
+    cross = plans[1].budget
+    assert cross is not None and not cross.skip and cross.cut_to == MIN_CROSS_ENCODER
+    assert "probing" in cross.note
+    for _ in range(5):  # measured enough: the estimate decides again
+        slow.observe(10, 40.0)
+    cascade.plan_budget(plans, 40.0, 100)
+    assert plans[1].budget is not None and plans[1].budget.skip
