@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 from dataclasses import dataclass, replace
 
 from sieve_core.types import SearchSettings, SearchTier, Stage
@@ -27,6 +28,13 @@ MIN_CROSS_ENCODER = 2  # fewer candidates than this cannot change an order: skip
 # never measure) it under a budget. The call is cut at the budget like any other.
 PROBE_OBSERVATIONS = 5
 PROBE_MIN_MS = 10.0
+# ...and also when it has not been measured for this long (its cost may have fallen since: a worker that
+# was loading its model, a queue that has drained), so a stage skipped by its estimate is not skipped forever.
+PROBE_INTERVAL_S = 5.0
+# An observation counts for at most this many times the current cautious estimate: a first call that loads
+# a model (seconds) must not make a stage look unaffordable for the next hundred searches; a real rise in
+# cost still shows within a few observations (x3 each).
+OUTLIER_FACTOR = 3.0
 # Kept back from the budget for building and sending the reply (measured ~1-2 ms for 10 hits with texts).
 BUDGET_REPLY_MARGIN_MS = 3.0
 
@@ -68,6 +76,7 @@ class CostModel:
         self._sq = 0.0  # decayed sum of w * squared residual
         self._lock = threading.Lock()
         self.observed = 0
+        self.last_observed = 0.0
         for n in (1, 50):
             self.observe(n, fixed_ms + per_candidate_ms * n)
         self._sq = 0.0  # the prior is a line: it has no spread (a first point alone fits a proportion)
@@ -75,6 +84,9 @@ class CostModel:
 
     def observe(self, n: int, took_ms: float) -> None:
         with self._lock:
+            if self.observed:
+                took_ms = min(took_ms, OUTLIER_FACTOR * (self._predict(n) + self._spread()))
+            self.last_observed = time.monotonic()
             residual = took_ms - self._predict(n) if self._s[0] else 0.0
             d = self._decay
             self._s = [v * d for v in self._s]
@@ -100,8 +112,15 @@ class CostModel:
         """(fixed ms, ms per candidate, the residuals' standard deviation in ms)."""
         with self._lock:
             fixed, per = self._fit()
-            spread = math.sqrt(self._sq / max(self._s[0], 1e-9))
+            spread = self._spread()
         return fixed, per, spread
+
+    def _spread(self) -> float:
+        return math.sqrt(self._sq / max(self._s[0], 1e-9))
+
+    def probe_due(self) -> bool:
+        """Too few measurements to trust, or none for a while (see PROBE_*)."""
+        return self.observed < PROBE_OBSERVATIONS or time.monotonic() - self.last_observed > PROBE_INTERVAL_S
 
     def estimate(self, n: int) -> float:
         """A cautious estimate for n candidates: the fit plus one standard deviation."""

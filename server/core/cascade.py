@@ -28,7 +28,6 @@ from server.core.budget import (
     BUDGET_REPLY_MARGIN_MS,
     MIN_CROSS_ENCODER,
     PROBE_MIN_MS,
-    PROBE_OBSERVATIONS,
     BudgetPlan,
     StageCosts,
 )
@@ -238,10 +237,8 @@ class Cascade:
         fit = min(cost.fits(left_ms), n_in)
         note = f"{max(left_ms, 0):.0f} ms left: {fit} of {n_in} candidates fit ({cost.describe()})"
         if fit < min(MIN_CROSS_ENCODER, n_in):
-            if cost.observed < PROBE_OBSERVATIONS and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
-                probe = (
-                    f"{note}; probing {MIN_CROSS_ENCODER} (only {cost.observed} measurements of this stage)"
-                )
+            if cost.probe_due() and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
+                probe = f"{note}; probing with {MIN_CROSS_ENCODER} (the estimate is old or rests on few measurements)"
                 return BudgetPlan(note=probe, cut_to=MIN_CROSS_ENCODER)
             return BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
         return BudgetPlan(note=note, cut_to=fit if fit < n_in else 0)

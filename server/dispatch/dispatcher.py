@@ -96,7 +96,8 @@ class Dispatcher:
         waiting = loop.run_in_executor(self._waiters, call)
         try:
             # The deadline holds even if a client library blocks longer than asked (the thread finishes later).
-            payload = await asyncio.wait_for(waiting, timeout_s + 0.02)
+            # The slack is a tenth of the timeout (at most 20 ms): a 20 ms latency budget must not overrun by 20 ms.
+            payload = await asyncio.wait_for(waiting, timeout_s + min(0.02, timeout_s / 10))
         except TimeoutError:
             raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
         return result_type.from_json(payload)  # type: ignore[attr-defined,no-any-return]

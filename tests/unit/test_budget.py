@@ -110,3 +110,15 @@ def test_an_unmeasured_cross_encoder_is_probed_not_skipped_forever() -> None:
         slow.observe(10, 40.0)
     cascade.plan_budget(plans, 40.0, 100)
     assert plans[1].budget is not None and plans[1].budget.skip
+
+
+def test_one_slow_call_does_not_make_a_stage_unaffordable() -> None:
+    model = CostModel(fixed_ms=10.0, per_candidate_ms=1.0)
+    for n in (2, 10, 20) * 10:
+        model.observe(n, 10.0 + n)
+    before = model.estimate(10)
+    model.observe(10, 2000.0)  # e.g. the first call loads the model
+    assert model.estimate(10) < 4 * before
+    for n in (2, 10, 20) * 10:
+        model.observe(n, 10.0 + n)
+    assert model.estimate(10) < 1.5 * before
