@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/explain.py bytes  [--beir DIR] [--limit-docs N]
     .venv/bin/python bench/explain.py service [--beir DIR] [--limit-docs N] [--limit-queries N] [--budget-ms 40]
+        [--client aio|sync]
 
 bytes    in-process, no server: SciFact documents (a seeded sample of N, default all) through
          BiEncoderRunner -> compress in the default format, with and without the evidence spans section
@@ -29,6 +30,7 @@ A missed target prints MISSED with its figure; the targets are the issue's.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import os
 import random
@@ -214,37 +216,80 @@ def _ranking(response: search_pb2.SearchResponse) -> list[tuple[str, float, tupl
     return [(h.id, h.score, tuple((s.start, s.end, s.score) for s in h.evidence)) for h in response.hits]
 
 
-def stream_section(stub: search_pb2_grpc.SearchServiceStub, queries: list[str]) -> dict[str, Any]:
+def stream_section(address: str, queries: list[str], client: str) -> dict[str, Any]:
+    """Times with the asyncio gRPC client (as sieve.AsyncSieveClient and the TypeScript client stream) or
+    the blocking one (`--client sync`: its streaming iterator hands messages over from a thread)."""
     retrieve_ms, first_ms, final_ms, search_ms, mismatches, messages = [], [], [], [], [], []
     server_retrieve_ms, server_first_ms = [], []  # the server's took_ms: transport and client apart
-    for n, query in enumerate(queries):
 
-        def retrieve(query: str = query) -> None:
-            started = time.perf_counter()
-            answer = stub.Search(_request(query, RETRIEVE), timeout=30)
-            retrieve_ms.append((time.perf_counter() - started) * 1000)
-            server_retrieve_ms.append(answer.took_ms)
+    def record_stream(got: list[Any], answer: search_pb2.SearchResponse, query: str) -> None:
+        messages.append(len(got))
+        if not got[-1].final or _ranking(got[-1].result) != _ranking(answer):
+            mismatches.append(query)
 
-        def stream(query: str = query) -> None:
-            started = time.perf_counter()
-            got = []
-            for message in stub.SearchStream(_request(query, LATE), timeout=30):
-                if not got:
-                    first_ms.append((time.perf_counter() - started) * 1000)
-                    server_first_ms.append(message.result.took_ms)
-                got.append(message)
-            final_ms.append((time.perf_counter() - started) * 1000)
-            messages.append(len(got))
-            started = time.perf_counter()
-            answer = stub.Search(_request(query, LATE), timeout=30)
-            search_ms.append((time.perf_counter() - started) * 1000)
-            if not got[-1].final or _ranking(got[-1].result) != _ranking(answer):
-                mismatches.append(query)
+    async def run_aio() -> None:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            for n, query in enumerate(queries):
 
-        for step in (retrieve, stream) if n % 2 == 0 else (stream, retrieve):
-            step()
+                async def retrieve(query: str = query) -> None:
+                    started = time.perf_counter()
+                    answer = await stub.Search(_request(query, RETRIEVE), timeout=30)
+                    retrieve_ms.append((time.perf_counter() - started) * 1000)
+                    server_retrieve_ms.append(answer.took_ms)
+
+                async def stream(query: str = query) -> None:
+                    started = time.perf_counter()
+                    got: list[Any] = []
+                    async for message in stub.SearchStream(_request(query, LATE), timeout=30):
+                        if not got:
+                            first_ms.append((time.perf_counter() - started) * 1000)
+                            server_first_ms.append(message.result.took_ms)
+                        got.append(message)
+                    final_ms.append((time.perf_counter() - started) * 1000)
+                    started = time.perf_counter()
+                    answer = await stub.Search(_request(query, LATE), timeout=30)
+                    search_ms.append((time.perf_counter() - started) * 1000)
+                    record_stream(got, answer, query)
+
+                for step in (retrieve, stream) if n % 2 == 0 else (stream, retrieve):
+                    await step()
+
+    def run_sync() -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = search_pb2_grpc.SearchServiceStub(channel)
+            for n, query in enumerate(queries):
+
+                def retrieve(query: str = query) -> None:
+                    started = time.perf_counter()
+                    answer = stub.Search(_request(query, RETRIEVE), timeout=30)
+                    retrieve_ms.append((time.perf_counter() - started) * 1000)
+                    server_retrieve_ms.append(answer.took_ms)
+
+                def stream(query: str = query) -> None:
+                    started = time.perf_counter()
+                    got = []
+                    for message in stub.SearchStream(_request(query, LATE), timeout=30):
+                        if not got:
+                            first_ms.append((time.perf_counter() - started) * 1000)
+                            server_first_ms.append(message.result.took_ms)
+                        got.append(message)
+                    final_ms.append((time.perf_counter() - started) * 1000)
+                    started = time.perf_counter()
+                    answer = stub.Search(_request(query, LATE), timeout=30)
+                    search_ms.append((time.perf_counter() - started) * 1000)
+                    record_stream(got, answer, query)
+
+                for step in (retrieve, stream) if n % 2 == 0 else (stream, retrieve):
+                    step()
+
+    if client == "aio":
+        asyncio.run(run_aio())
+    else:
+        run_sync()
     result = {
         "queries": len(queries),
+        "client": client,
         "retrieve_only": percentiles(retrieve_ms),
         "stream_first_message": percentiles(first_ms),
         "stream_final_message": percentiles(final_ms),
@@ -342,7 +387,7 @@ def budget_section(
 
 
 def service_section(
-    beir: Path, limit_docs: int | None, limit_queries: int | None, budget_ms: int, warmup: int
+    beir: Path, limit_docs: int | None, limit_queries: int | None, budget_ms: int, warmup: int, client: str
 ) -> dict[str, Any]:
     data = load_beir(beir)
     corpus = data.corpus
@@ -368,7 +413,7 @@ def service_section(
                 stub.Search(_request(query, LATE), timeout=60)
                 stub.Search(_request(query, CASCADE), timeout=60)
             log(f"stream: {len(queries)} queries")
-            stream = stream_section(stub, queries)
+            stream = stream_section(address, queries, client)
             log(f"budget {budget_ms} ms: {len(warm)} warm-up + {len(budgeted)} queries")
             budget = budget_section(stub, warm, budgeted, budget_ms)
     return {
@@ -391,13 +436,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit-queries", type=int)
     parser.add_argument("--budget-ms", type=int, default=40)
     parser.add_argument("--warmup", type=int, default=40, help="train queries run first (budget section)")
+    parser.add_argument(
+        "--client", choices=("aio", "sync"), default="aio", help="gRPC client for the stream timings"
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     quick = bool(args.limit_docs or args.limit_queries)
     if args.section == "bytes":
         payload = bytes_section(args.beir, args.limit_docs)
     else:
-        payload = service_section(args.beir, args.limit_docs, args.limit_queries, args.budget_ms, args.warmup)
+        payload = service_section(
+            args.beir, args.limit_docs, args.limit_queries, args.budget_ms, args.warmup, args.client
+        )
     payload["loadavg_end"] = list(os.getloadavg())
     write_result(
         f"explain-{args.section}",

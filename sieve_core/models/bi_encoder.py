@@ -120,7 +120,7 @@ class BiEncoderRunner:
             out.append(np.array([offsets[i] for i in keep], dtype=np.int64).reshape(-1, 2))
         return out
 
-    def document_token_offsets(self, texts: Sequence[str]) -> list[np.ndarray] | None:
+    def document_token_offsets(self, texts: Sequence[str]) -> list[np.ndarray]:
         return self.token_offsets(texts)
 
     # The late-interaction interface (ColbertRunner has the same two methods): a bi-encoder encodes
