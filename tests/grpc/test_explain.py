@@ -181,3 +181,24 @@ async def test_top_k_counters_count_what_the_reports_say(api, collection) -> Non
     assert after[1] - before[1] == 2 * (len(QUERIES) - changed)
     assert after[2] - before[2] == 2 * new
     assert changed > 0
+
+
+async def test_search_stream_errors_are_statuses(api, collection) -> None:  # type: ignore[no-untyped-def]
+    import grpc
+
+    cases = [
+        (search_pb2.SearchRequest(collection=collection, query="x", top_k=100_000), "INVALID_ARGUMENT"),
+        (search_pb2.SearchRequest(collection="no-such-collection", query="x"), "NOT_FOUND"),
+        (
+            search_pb2.SearchRequest(
+                collection=collection,
+                query="x",
+                settings=common_pb2.SearchSettings(cross_encoder=common_pb2.STAGE_MODE_REQUIRED),
+            ),
+            "FAILED_PRECONDITION",
+        ),
+    ]
+    for request, code in cases:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            [m async for m in api.search.SearchStream(request)]
+        assert raised.value.code().name == code, raised.value.details()
