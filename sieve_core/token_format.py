@@ -200,7 +200,9 @@ def compress(
         offsets = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
         if len(offsets) != len(rows):
             raise ValueError(f"{len(offsets)} token spans for {len(rows)} token rows")
-        row_spans = [[(int(a), int(b)) for a, b in offsets[group]] for group in members]
+        # Special tokens ([CLS], [SEP], ColBERT's [D]) stand for no text: (0, 0) spans are left out, and
+        # a row's members are stored in text order (a cluster's token order is not always text order).
+        row_spans = [sorted((int(a), int(b)) for a, b in offsets[group] if b > a) for group in members]
     return encode_tokens(
         shaped,
         fmt.codec,

@@ -63,7 +63,9 @@ def test_spans_round_trip_and_leave_the_rows_alone(runner: BiEncoderRunner, fmt:
     np.testing.assert_array_equal(decode_tokens(with_spans), decode_tokens(plain))
     spans = decode_spans(with_spans)
     _, members = pool_tokens_with_members(rows, fmt.pool_factor)
-    assert spans == [[tuple(offsets[i]) for i in group] for group in members]
+    assert spans == [
+        sorted(tuple(offsets[i]) for i in group if offsets[i][1] > offsets[i][0]) for group in members
+    ]
     assert decode_spans(with_spans, [2, 0]) == [spans[2], spans[0]]
     # Older blobs (versions 1 and 2) are still read, and have no spans.
     assert decode_spans(plain) == [[] for _ in range(read_header(plain).n_tokens)]
@@ -120,3 +122,15 @@ def test_a_blob_without_spans_gives_no_evidence(runner: BiEncoderRunner) -> None
     best: list[BestMatches | None] = [None]
     maxsim_blobs(runner.token_vectors(["vitamin"])[0], [blob], best=best)
     assert best[0] is not None and evidence_spans(blob, best[0]) == []
+
+
+def test_special_tokens_without_text_are_left_out_of_the_spans() -> None:
+    # ColBERT documents keep [CLS], [D] and [SEP] rows, whose offsets are (0, 0); pooling may put them
+    # in a cluster with real tokens, after them in token order.
+    rows = np.eye(6, 8, dtype=np.float32)
+    rows[5] = rows[4]  # [SEP] pools with token 4, whose text starts later: (12, 15) then (0, 0)
+    offsets = np.array([[0, 0], [0, 3], [4, 7], [8, 11], [12, 15], [0, 0]])
+    blob = compress(rows, TokenFormat(pool_factor=2), offsets)
+    spans = decode_spans(blob)
+    assert [s for row in spans for s in row] and all(b > a for row in spans for a, b in row)
+    assert sorted(s for row in spans for s in row) == [(0, 3), (4, 7), (8, 11), (12, 15)]
