@@ -14,9 +14,7 @@ import argparse
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +26,7 @@ import numpy as np
 from sieve import SieveClient
 from sieve.v1 import search_pb2, search_pb2_grpc
 
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli import stack
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTES = ROOT / "examples" / "data" / "notes.jsonl"
@@ -62,19 +60,6 @@ QUERIES = [
 ]
 
 
-def _start(data_dir: str, address: str) -> subprocess.Popen:  # type: ignore[type-arg]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_DATA_DIR=data_dir,
-        SIEVE_GRPC_ADDRESS=address,
-        SIEVE_MODELS_DIR=str(ROOT / "models"),
-        SIEVE_LOG_LEVEL="WARNING",
-    )
-    proc = subprocess.Popen([sys.executable, "-m", "sieve_cli.main", "serve"], env=env, cwd=ROOT)
-    wait_serving(address, 120, proc)
-    return proc
-
-
 def _documents(total: int) -> list[dict[str, object]]:
     docs: list[dict[str, object]] = [json.loads(line) for line in NOTES.read_text().splitlines()]
     for i in range(total - len(docs)):
@@ -99,42 +84,40 @@ def main() -> int:
 
     facade_ms: list[float] = []
     raw_ms: list[float] = []
-    with tempfile.TemporaryDirectory(prefix="sieve-bench-") as data_dir:
-        address = f"127.0.0.1:{free_port()}"
-        proc = _start(data_dir, address)
-        try:
-            with grpc.insecure_channel(address) as channel:
-                client = SieveClient(address, channel=channel)
-                client.create_collection("overhead")
-                client.upsert_documents("overhead", _documents(args.documents))
-                stub = search_pb2_grpc.SearchServiceStub(channel)
+    with (
+        tempfile.TemporaryDirectory(prefix="sieve-bench-") as data_dir,
+        stack.sieve_process(
+            "serve", data_dir=Path(data_dir), settings={"SIEVE_LOG_LEVEL": "WARNING"}
+        ) as served,
+        grpc.insecure_channel(served.address) as channel,
+    ):
+        address = served.address
+        client = SieveClient(address, channel=channel)
+        client.create_collection("overhead")
+        client.upsert_documents("overhead", _documents(args.documents))
+        stub = search_pb2_grpc.SearchServiceStub(channel)
 
-                def facade(query: str) -> float:
-                    t = time.perf_counter()
-                    client.search("overhead", query, top_k=10)
-                    return (time.perf_counter() - t) * 1000
+        def facade(query: str) -> float:
+            t = time.perf_counter()
+            client.search("overhead", query, top_k=10)
+            return (time.perf_counter() - t) * 1000
 
-                def raw(query: str) -> float:
-                    t = time.perf_counter()
-                    stub.Search(
-                        search_pb2.SearchRequest(collection="overhead", query=query, top_k=10), timeout=10
-                    )
-                    return (time.perf_counter() - t) * 1000
+        def raw(query: str) -> float:
+            t = time.perf_counter()
+            stub.Search(search_pb2.SearchRequest(collection="overhead", query=query, top_k=10), timeout=10)
+            return (time.perf_counter() - t) * 1000
 
-                for i in range(args.warmup):
-                    facade(QUERIES[i % len(QUERIES)])
-                    raw(QUERIES[i % len(QUERIES)])
-                for i in range(args.calls):
-                    query = QUERIES[i % len(QUERIES)]
-                    if i % 2:
-                        raw_ms.append(raw(query))
-                        facade_ms.append(facade(query))
-                    else:
-                        facade_ms.append(facade(query))
-                        raw_ms.append(raw(query))
-        finally:
-            proc.send_signal(signal.SIGINT)
-            proc.wait(60)
+        for i in range(args.warmup):
+            facade(QUERIES[i % len(QUERIES)])
+            raw(QUERIES[i % len(QUERIES)])
+        for i in range(args.calls):
+            query = QUERIES[i % len(QUERIES)]
+            if i % 2:
+                raw_ms.append(raw(query))
+                facade_ms.append(facade(query))
+            else:
+                facade_ms.append(facade(query))
+                raw_ms.append(raw(query))
 
     added = [f - r for f, r in zip(facade_ms, raw_ms, strict=True)]
     result = {

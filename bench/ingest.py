@@ -25,10 +25,8 @@ import argparse
 import json
 import os
 import platform
-import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,7 +36,6 @@ from importlib import metadata
 from pathlib import Path
 
 import grpc
-import redis
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -48,7 +45,8 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from sieve_cli.evaluate import EvalOptions, free_port, run_eval, wait_serving
+from sieve_cli import stack
+from sieve_cli.evaluate import EvalOptions, run_eval
 from sieve_core.beir import evaluate, load_beir
 from sieve_core.config import load_settings
 from sieve_core.models.bi_encoder import BiEncoderRunner
@@ -63,77 +61,31 @@ def log(message: str) -> None:
 
 @contextmanager
 def redis_server(directory: Path) -> Iterator[str]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (scripts/ensure_redis.sh installs it)")
-    port = free_port()
-    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
-    proc = subprocess.Popen([*argv, "--save", "", "--appendonly", "no"], stdout=subprocess.DEVNULL)
-    url = f"redis://127.0.0.1:{port}/0"
     try:
-        client = redis.Redis.from_url(url, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.RedisError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise SystemExit("redis-server did not start") from None
-                time.sleep(0.05)
-        yield url
-    finally:
-        proc.kill()
-        proc.wait()
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(SIEVE_MODELS_DIR=str(ROOT / "models"), SIEVE_LOG_LEVEL="WARNING", **extra)
-    return env
+        with stack.RedisProcess(directory) as redis_process:
+            yield redis_process.url
+    except stack.RedisUnavailable as exc:
+        raise SystemExit(str(exc)) from None
 
 
 @contextmanager
 def server(data_dir: Path, redis_url: str) -> Iterator[str]:
-    address = f"127.0.0.1:{free_port()}"
-    env = _env(SIEVE_DATA_DIR=str(data_dir), SIEVE_GRPC_ADDRESS=address, SIEVE_REDIS_URL=redis_url)
-    proc = subprocess.Popen([sys.executable, "-m", "sieve_cli.main", "serve"], env=env, cwd=ROOT)
-    try:
-        wait_serving(address, 120, proc)
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
+    settings = {"SIEVE_REDIS_URL": redis_url, "SIEVE_LOG_LEVEL": "WARNING"}
+    with stack.sieve_process("serve", data_dir=data_dir, settings=settings) as served:
+        yield served.address
 
 
 @contextmanager
 def worker(redis_url: str, processes: int, log_path: Path) -> Iterator[None]:
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "embed"]
-    argv += ["-c", str(processes), "-n", f"bench-{processes}@%h", "--loglevel", "INFO"]
-    argv += ["--without-gossip", "--without-mingle", "--without-heartbeat"]
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            env=_env(SIEVE_REDIS_URL=redis_url),
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    settings = {"SIEVE_LOG_LEVEL": "WARNING"}
     try:
-        deadline = time.monotonic() + 120
-        while log_path.read_text(errors="replace").count("warm in") < processes:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"the worker did not start:\n{log_path.read_text(errors='replace')[-3000:]}")
-            time.sleep(0.2)
+        running = stack.start_worker(
+            redis_url, log_path, queues="embed", concurrency=processes, settings=settings, name="bench"
+        )
+    except RuntimeError as exc:
+        raise SystemExit(f"the worker did not start: {exc}") from None
+    with running:
         yield
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 def bare_rate(runner: BiEncoderRunner, texts: list[str], batch: int, per_run: int) -> float:

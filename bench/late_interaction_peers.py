@@ -191,7 +191,7 @@ class Peer:
 def redis_server() -> Iterator[Any]:
     import redis
 
-    from sieve_cli.evaluate import free_port
+    from sieve_cli.stack import free_port
 
     binary = shutil.which("redis-server")
     if binary is None:

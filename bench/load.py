@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import os
 import random
 import signal
 import statistics
@@ -67,7 +66,7 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli import stack
 from sieve_core.config import load_settings
 
 DEFAULT_BEIR = ROOT.parent / "shared" / "datasets" / "scifact"
@@ -159,41 +158,15 @@ def beir_corpus(folder: Path, documents: int) -> Corpus:
 def sieve_serve(
     data_dir: Path, log_path: Path, settings: dict[str, str]
 ) -> Iterator[tuple[str, subprocess.Popen]]:  # type: ignore[type-arg]
-    """`sieve serve` on a free loopback port with only the given SIEVE_ settings (besides paths and a quiet
-    log); stopped with SIGTERM on exit (SIGKILL if it does not stop within 60 s)."""
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_DATA_DIR=str(data_dir),
-        SIEVE_GRPC_ADDRESS=address,
-        SIEVE_MODELS_DIR=str(ROOT / "models"),
-        SIEVE_LOG_LEVEL="WARNING",
-        SIEVE_METRICS_ADDRESS="",
-        **settings,
-    )
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sieve_cli.main", "serve"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        try:
-            wait_serving(address, 180, proc)
-        except (RuntimeError, TimeoutError):
-            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        yield address, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """`sieve serve` (sieve_cli.stack) with only the given SIEVE_ settings besides paths and a quiet log."""
+    with stack.sieve_process(
+        "serve",
+        data_dir=data_dir,
+        settings={"SIEVE_LOG_LEVEL": "WARNING", **settings},
+        log=log_path,
+        timeout_s=180,
+    ) as served:
+        yield served.address, served.proc
 
 
 def _upsert_batches(channel: grpc.Channel, ids: list[str], texts: list[str]) -> None:

@@ -44,12 +44,10 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import random
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -75,7 +73,9 @@ from sieve.v1 import (
 )
 
 from server.storage.index import VectorIndex, snapshot_files, snapshot_generation
-from sieve_cli.evaluate import EvalOptions, cascade_settings, describe_cascade, free_port, wait_serving
+from sieve_cli import stack
+from sieve_cli.evaluate import EvalOptions, cascade_settings, describe_cascade
+from sieve_cli.stack import free_port
 from sieve_core.beir import BeirDataset, evaluate, load_beir
 from sieve_core.config import load_settings
 
@@ -113,41 +113,18 @@ def write_corpus(beir: Path, ids: set[str], out: Path) -> None:
 
 @contextlib.contextmanager
 def service(data_dir: Path, redis_port: int, log_path: Path) -> Iterator[str]:
-    """`sieve run` (Redis, embed and colbert workers, server) on free ports; stopped on exit."""
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_DATA_DIR=str(data_dir),
-        SIEVE_GRPC_ADDRESS=address,
-        SIEVE_MODELS_DIR=str(ROOT / "models"),
-        SIEVE_LOCAL_REDIS_PORT=str(redis_port),
-        SIEVE_RUN_WORKER_QUEUES="embed,colbert",
-        SIEVE_RERANK_TIMEOUT_S=str(RERANK_TIMEOUT_S),
-        SIEVE_SNAPSHOT_INTERVAL_S="2",  # a snapshot soon after the job, for the bare-work baseline
-        SIEVE_LOG_LEVEL="WARNING",
-    )
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sieve_cli.main", "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        try:
-            wait_serving(address, 180, proc)
-        except (RuntimeError, TimeoutError):
-            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)  # the supervisor stops server, workers, then Redis
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """`sieve run` (Redis, embed and colbert workers, server) on free ports (sieve_cli.stack); stopped on exit."""
+    settings = {
+        "SIEVE_LOCAL_REDIS_PORT": str(redis_port),
+        "SIEVE_RUN_WORKER_QUEUES": "embed,colbert",
+        "SIEVE_RERANK_TIMEOUT_S": str(RERANK_TIMEOUT_S),
+        "SIEVE_SNAPSHOT_INTERVAL_S": "2",  # a snapshot soon after the job, for the bare-work baseline
+        "SIEVE_LOG_LEVEL": "WARNING",
+    }
+    with stack.sieve_process(
+        "run", data_dir=data_dir, settings=settings, log=log_path, timeout_s=180
+    ) as served:
+        yield served.address
 
 
 def index_corpus(channel: grpc.Channel, source: Path, documents: int) -> jobs_pb2.Job:

@@ -11,12 +11,11 @@ process) alternate, so machine noise hits both alike. The ratio of medians is th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from sieve.v1 import (
 )
 
 from server.storage.index import VectorIndex
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli import stack
 from sieve_core.beir import load_beir
 from sieve_core.models.bi_encoder import BiEncoderRunner
 
@@ -44,17 +43,9 @@ ROOT = Path(__file__).resolve().parent.parent
 BATCH = 64
 
 
-def _start(data_dir: str, address: str) -> subprocess.Popen:  # type: ignore[type-arg]
-    env = {
-        **os.environ,
-        "SIEVE_DATA_DIR": data_dir,
-        "SIEVE_GRPC_ADDRESS": address,
-        "SIEVE_MODELS_DIR": str(ROOT / "models"),
-        "SIEVE_LOG_LEVEL": "WARNING",
-    }
-    proc = subprocess.Popen([sys.executable, "-m", "sieve_cli.main", "serve"], env=env, cwd=ROOT)
-    wait_serving(address, 120, proc)
-    return proc
+def _serve(data_dir: str) -> contextlib.AbstractContextManager[stack.SieveProcess]:
+    """`sieve serve` on the data directory, stopped gracefully (SIGTERM writes the index snapshot)."""
+    return stack.sieve_process("serve", data_dir=Path(data_dir), settings={"SIEVE_LOG_LEVEL": "WARNING"})
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -78,35 +69,28 @@ def main() -> int:
     queries = list(data.queries.values())
 
     with tempfile.TemporaryDirectory(prefix="sieve-bench-") as data_dir:
-        address = f"127.0.0.1:{free_port()}"
-        proc = _start(data_dir, address)
-        try:
-            with grpc.insecure_channel(address) as ch:
-                collections_pb2_grpc.CollectionServiceStub(ch).CreateCollection(
-                    collections_pb2.CreateCollectionRequest(
-                        collection=collections_pb2.Collection(name="bench")
-                    )
+        with _serve(data_dir) as served, grpc.insecure_channel(served.address) as ch:
+            collections_pb2_grpc.CollectionServiceStub(ch).CreateCollection(
+                collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name="bench"))
+            )
+            docs = documents_pb2_grpc.DocumentServiceStub(ch)
+            batch_times: list[tuple[int, float]] = []
+            for i in range(0, len(ids), BATCH):
+                chunk = ids[i : i + BATCH]
+                t = time.perf_counter()
+                docs.UpsertDocuments(
+                    documents_pb2.UpsertDocumentsRequest(
+                        collection="bench",
+                        documents=[documents_pb2.Document(id=d, text=data.corpus[d]) for d in chunk],
+                    ),
+                    timeout=600,
                 )
-                docs = documents_pb2_grpc.DocumentServiceStub(ch)
-                batch_times: list[tuple[int, float]] = []
-                for i in range(0, len(ids), BATCH):
-                    chunk = ids[i : i + BATCH]
-                    t = time.perf_counter()
-                    docs.UpsertDocuments(
-                        documents_pb2.UpsertDocumentsRequest(
-                            collection="bench",
-                            documents=[documents_pb2.Document(id=d, text=data.corpus[d]) for d in chunk],
-                        ),
-                        timeout=600,
-                    )
-                    batch_times.append((len(chunk), time.perf_counter() - t))
-                    print(f"\rindexed {i + len(chunk)}/{len(ids)}", end="", file=sys.stderr)
-                print(file=sys.stderr)
-        finally:
-            proc.send_signal(signal.SIGTERM)  # graceful stop writes the index snapshot used below
-            proc.wait(60)
-        proc = _start(data_dir, address)
-        try:
+                batch_times.append((len(chunk), time.perf_counter() - t))
+                print(f"\rindexed {i + len(chunk)}/{len(ids)}", end="", file=sys.stderr)
+            print(file=sys.stderr)
+        # The graceful stop above wrote the index snapshot used below.
+        with _serve(data_dir) as served:
+            address = served.address
             runner = BiEncoderRunner(ROOT / "models" / "all-MiniLM-L6-v2")
             runner.warmup()
             n_bare = 0
@@ -145,9 +129,6 @@ def main() -> int:
                         t = time.perf_counter()
                         index.search(runner.embed([q])[0], 10)
                         bare_ms.append((time.perf_counter() - t) * 1000)
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(60)
 
     upsert_rate = n_bare / upserted_bare
     bare_rate = n_bare / bare_embed_s

@@ -1,6 +1,13 @@
-"""Reading token vectors from the store: 100 SciFact-sized blobs by key, as a late-interaction search does.
+"""The server's token-vector costs: reading 100 SciFact-sized blobs by key from the store (as a
+late-interaction search does), and what storing token vectors adds to a write's encoder pass.
 
     .venv/bin/python bench/token_store.py [--docs 20000] [--bytes 23000 90000] [--reads 200] [--out FILE]
+    .venv/bin/python bench/token_store.py --write-cost ../shared/datasets/scifact [--texts 256] [--rounds 5]
+
+--write-cost: the first `--texts` SciFact documents (title + text), embedded the way UpsertDocuments does
+(batches of 32, one BLAS thread as in the server), in interleaved rounds: vectors only (`encode`), then
+vectors and token vectors from the same pass (`encode(tokens=True)`) plus compression to the default format
+(int8, pool 4). Prints docs/s of each, their ratio (the issue asks >= 0.9), and the compression's share.
 
 Builds a throw-away store (server/storage/store.py, the server's SQLite file: WAL, synchronous=FULL) in a
 temporary folder with `--docs` documents, each with a random token blob of each `--bytes` size (23 KB:
@@ -59,6 +66,40 @@ def measure(docs: int, blob_bytes: int, reads: int, batch: int = 100) -> dict[st
     }
 
 
+def write_cost(folder: Path, texts_n: int, rounds: int) -> dict[str, float]:
+    from threadpoolctl import threadpool_limits
+
+    from sieve_core.beir import load_beir
+    from sieve_core.models.bi_encoder import BiEncoderRunner
+    from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many
+
+    threadpool_limits(limits=1, user_api="blas")
+    texts = list(load_beir(folder).corpus.values())[:texts_n]
+    runner = BiEncoderRunner(Path(__file__).resolve().parent.parent / "models" / "all-MiniLM-L6-v2")
+    runner.warmup()
+    plain, tokens, compress_s = [], [], []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        runner.encode(texts, 32)
+        plain.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        _, rows = runner.encode(texts, 32, tokens=True)
+        packed = time.perf_counter()
+        compress_many(rows, DEFAULT_TOKEN_FORMAT)  # type: ignore[arg-type]
+        tokens.append(time.perf_counter() - started)
+        compress_s.append(time.perf_counter() - packed)
+    plain_rate = len(texts) / statistics.median(plain)
+    token_rate = len(texts) / statistics.median(tokens)
+    return {
+        "texts": len(texts),
+        "rounds": rounds,
+        "plain_docs_per_s": round(plain_rate, 1),
+        "with_tokens_docs_per_s": round(token_rate, 1),
+        "ratio": round(token_rate / plain_rate, 3),
+        "compress_ms_per_doc": round(statistics.median(compress_s) / len(texts) * 1000, 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -67,7 +108,20 @@ def main() -> None:
     parser.add_argument("--bytes", type=int, nargs="+", default=[23_000, 90_000])
     parser.add_argument("--reads", type=int, default=200)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--write-cost", type=Path, default=None, metavar="BEIR_FOLDER")
+    parser.add_argument("--texts", type=int, default=256)
+    parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
+    if args.write_cost is not None:
+        cost = write_cost(args.write_cost, args.texts, args.rounds)
+        print(
+            f"{cost['texts']} SciFact texts: vectors only {cost['plain_docs_per_s']} docs/s, with token vectors "
+            f"(same pass + int8 pool 4) {cost['with_tokens_docs_per_s']} docs/s: x{cost['ratio']} "
+            f"(compression {cost['compress_ms_per_doc']} ms/doc)"
+        )
+        if args.out:
+            args.out.write_text(json.dumps({"token_write_cost": cost}, indent=2) + "\n")
+        return
     results = [measure(args.docs, size, args.reads) for size in args.bytes]
     for r in results:
         print(

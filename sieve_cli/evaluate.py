@@ -3,16 +3,16 @@
 The corpus is indexed once; each cascade configuration asked for (`--cascade retrieve`, `--cascade
 late`, `--cascade late+cross`...) then runs every query and is reported on its own, so the
 configurations are compared on the same index in the same run.
+
+`sieve eval --json` prints exactly one JSON document on stdout: the data set, the first configuration's
+metrics at the top level (`ndcg@10`, `recall@100`, `mrr@10`, `cascade`, `search_queries_per_s`) and every
+configuration in `runs`. A self-started server or stack writes its logs to stderr only.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,6 +39,8 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
+from sieve_cli import stack
+from sieve_cli.stack import free_port
 from sieve_core.beir import evaluate, load_beir
 
 
@@ -102,70 +103,33 @@ def cascade_settings(spec: str, opts: EvalOptions) -> common_pb2.SearchSettings:
     )
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_serving(
-    address: str,
-    timeout: float,
-    proc: subprocess.Popen | None = None,  # type: ignore[type-arg]
-    credentials: grpc.ChannelCredentials | None = None,
-) -> None:
-    """Until the server's health check says SERVING (over TLS with `credentials`)."""
-    deadline = time.monotonic() + timeout
-    channel = (
-        grpc.insecure_channel(address) if credentials is None else grpc.secure_channel(address, credentials)
-    )
-    with channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if proc is not None and proc.poll() is not None:
-                raise RuntimeError(f"server exited with code {proc.returncode} before serving")
-            try:
-                if (
-                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
-                    == health_pb2.HealthCheckResponse.SERVING
-                ):
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.2)
-    raise TimeoutError(f"server at {address} was not SERVING within {timeout:.0f}s")
-
-
 @contextlib.contextmanager
 def self_started_server(env: dict[str, str] | None = None, *, workers: bool = False) -> Iterator[str]:
     """A throwaway service on free loopback ports with a temporary data directory: `sieve serve`, or
-    with `workers` the whole `sieve run` (its own Redis, a `colbert` worker, and a `cross_encoder` one
-    when SIEVE_CROSS_ENCODER_MODEL is set)."""
-    with tempfile.TemporaryDirectory(prefix="sieve-eval-") as data_dir:
-        address = f"127.0.0.1:{free_port()}"
-        child_env = {**os.environ, **(env or {}), "SIEVE_GRPC_ADDRESS": address, "SIEVE_DATA_DIR": data_dir}
-        child_env["SIEVE_METRICS_ADDRESS"] = ""  # a throwaway server: no endpoint to clash with a running one
-        command = "serve"
-        if workers:
-            command = "run"
-            child_env.pop("SIEVE_REDIS_URL", None)
-            # embed: write-time token vectors (the eval collection enables late interaction by default).
-            child_env.update(SIEVE_LOCAL_REDIS_PORT=str(free_port()), SIEVE_RUN_WORKER_QUEUES="embed,colbert")
-            # Cold candidates are encoded by the worker on first sight; give the stage time for that.
-            child_env.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
-        # The children's output goes to stderr: stdout is for the result (one JSON object with --json).
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sieve_cli.main", command], env=child_env, stdout=sys.stderr
-        )
-        try:
-            wait_serving(address, timeout=120, proc=proc)
-            yield address
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    with `workers` the whole `sieve run` (its own Redis, an `embed`+`colbert` worker, and a `cross_encoder`
+    one when SIEVE_CROSS_ENCODER_MODEL is set). Its output goes to stderr: stdout is for the result."""
+    settings = dict(env or {})
+    command = "serve"
+    if workers:
+        command = "run"
+        # embed: write-time token vectors (the eval collection enables late interaction by default).
+        settings.update(SIEVE_LOCAL_REDIS_PORT=str(free_port()), SIEVE_RUN_WORKER_QUEUES="embed,colbert")
+        # Cold candidates are encoded by the worker on first sight; give the stage time for that.
+        settings.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
+    # The caller's SIEVE_* settings apply (models directory, cross-encoder...); a self-started `sieve run`
+    # brings its own Redis, so an outer SIEVE_REDIS_URL must not leak into it.
+    with (
+        tempfile.TemporaryDirectory(prefix="sieve-eval-") as data_dir,
+        stack.sieve_process(
+            command,
+            data_dir=Path(data_dir),
+            settings=settings,
+            inherit_env=True,
+            unset=("SIEVE_REDIS_URL",) if workers else (),
+            timeout_s=120,
+        ) as served,
+    ):
+        yield served.address
 
 
 def _progress(quiet: bool) -> Progress:
@@ -230,6 +194,7 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         finally:
             if not opts.keep:
                 collections.DeleteCollection(collections_pb2.DeleteCollectionRequest(name=name), timeout=60)
+    first = {k: v for k, v in runs[0].items() if k not in ("spec", "stage_ms_p50")}
     return {
         "dataset": data.name,
         "split": opts.split,
@@ -237,6 +202,9 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         "queries": len(data.queries),
         "index_docs_per_s": len(data.corpus) / index_s,
         "collection": name if opts.keep else None,
+        # The first configuration's metrics at the top level too (`ndcg@10`, ...): the flat keys of the
+        # original contract, which scripts read; `runs` has every configuration.
+        **first,
         "runs": runs,
     }
 

@@ -18,7 +18,7 @@ class BeirDataset:
     qrels: dict[str, dict[str, int]]  # query id -> doc id -> relevance
 
 
-def _jsonl(path: Path) -> Iterator[dict]:  # type: ignore[type-arg]
+def _jsonl(path: Path) -> Iterator[dict]:
     with path.open(encoding="utf-8") as fh:
         for line in fh:
             if line.strip():

@@ -67,7 +67,7 @@ class SearchSettings:
     def over(self, base: SearchSettings) -> SearchSettings:
         """These settings, with unset fields taken from `base`."""
 
-        def pick(mine, theirs, unset=None):  # type: ignore[no-untyped-def]
+        def pick(mine, theirs, unset=None):
             return theirs if mine == unset else mine
 
         return SearchSettings(

@@ -15,25 +15,29 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.signals import worker_init, worker_process_init
 
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
+from sieve_core.errors import InvalidArgument
+from sieve_core.models.registry import ModelKindError, ModelRegistry
 
-# Workers import no usearch, so the import order that segfaults in the server (usearch before
-# onnxruntime) cannot arise here.
-from sieve_core.models.bi_encoder import BiEncoderRunner
-from sieve_core.models.load import load_runner
+if TYPE_CHECKING:
+    from sieve_core.models.base import Runner
+    from sieve_core.models.bi_encoder import BiEncoderRunner
+    from sieve_core.models.colbert import ColbertRunner
+    from sieve_core.models.cross_encoder import CrossEncoderRunner
 
 log = logging.getLogger("sieve.worker")
+R = TypeVar("R")
 
 _settings: Settings | None = None
 _concurrency = 1
 _queues: set[str] = set()  # the queues this worker consumes (from -Q), empty if unknown
-_runners: dict[str, Any] = {}
+_models: ModelRegistry | None = None  # this process's, built after the fork
 _scores: ResultCache | None = None
 _lock = threading.Lock()
 
@@ -89,8 +93,8 @@ def _models_for(settings: Settings, queues: set[str]) -> list[str]:
 
 def configure(settings: Settings, concurrency: int = 1) -> None:
     """For pools without worker_init (and tests): the settings to build runners from."""
-    global _settings, _concurrency
-    _settings, _concurrency = settings, concurrency
+    global _settings, _concurrency, _models
+    _settings, _concurrency, _models = settings, concurrency, None
 
 
 def _require_settings() -> Settings:
@@ -104,29 +108,48 @@ def _require_settings() -> Settings:
     return _settings
 
 
-def runner(model: str) -> Any:
-    """This process's runner for a bundle name (of any kind), built and warmed on first use."""
+def models() -> ModelRegistry:
+    """This process's model registry (sieve_core.models.registry), with sessions sized for the pool."""
+    global _models
     with _lock:
-        found = _runners.get(model)
-        if found is not None:
-            return found
-        settings = _require_settings()
-        threads = intra_op_threads(settings, _concurrency)
-        started = time.perf_counter()
-        built = load_runner(settings.models_dir / model, intra_op_threads=threads, spin=settings.onnx_spin)
-        built.warmup()
-        _runners[model] = built
-        log.info(
-            "pid %d: loaded %s (%s) with %d intra-op threads (%d cores, concurrency %d), warm in %.2fs",
-            os.getpid(),
-            model,
-            built.model_id,
-            threads,
-            available_cores(),
-            _concurrency,
-            time.perf_counter() - started,
-        )
-        return built
+        if _models is None:
+            settings = _require_settings()
+            threads = intra_op_threads(settings, _concurrency)
+            log.info(
+                "pid %d: ONNX sessions get %d intra-op threads (%d cores, concurrency %d)",
+                os.getpid(),
+                threads,
+                available_cores(),
+                _concurrency,
+            )
+            _models = ModelRegistry(settings.models_dir, intra_op_threads=threads, spin=settings.onnx_spin)
+        return _models
+
+
+def runner(model: str) -> Runner:
+    """This process's runner for a bundle name (of any kind), built and warmed on first use."""
+    return models().get(model)
+
+
+def _of_kind(get: Callable[[str], R], model: str) -> R:
+    # A task naming a bundle of the wrong kind is a bad request: InvalidArgument crosses the result
+    # backend as itself (a SieveError), with the registry's message.
+    try:
+        return get(model)
+    except ModelKindError as exc:
+        raise InvalidArgument(str(exc)) from None
+
+
+def bi_encoder(model: str) -> BiEncoderRunner:
+    return _of_kind(models().bi_encoder, model)
+
+
+def token_runner(model: str) -> BiEncoderRunner | ColbertRunner:
+    return _of_kind(models().token_runner, model)
+
+
+def cross_encoder(model: str) -> CrossEncoderRunner:
+    return _of_kind(models().cross_encoder, model)
 
 
 def scores_cache() -> ResultCache:
@@ -136,13 +159,6 @@ def scores_cache() -> ResultCache:
         if _scores is None:
             _scores = ResultCache.from_settings(_require_settings(), timeout_s=2.0)
         return _scores
-
-
-def bi_encoder(model: str) -> BiEncoderRunner:
-    found = runner(model)
-    if not isinstance(found, BiEncoderRunner):
-        raise ValueError(f"model {model!r} is a {found.manifest.kind} bundle, not a bi-encoder")
-    return found
 
 
 def embed_batch_size() -> int:

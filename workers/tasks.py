@@ -86,21 +86,22 @@ def _leave_task(
 
 
 def _items(args: tuple[Any, ...] | None) -> int:
-    """How many texts (embed) or candidates (re-rank) the task's payload held."""
+    """How many texts (embed, document tokens) or candidates (re-rank) the task's payload held; 1 for a
+    query's token vectors."""
     payload = args[0] if args else None
     if not isinstance(payload, dict):
         return 0
     for key in ("texts", "candidates"):
         if isinstance(payload.get(key), list):
             return len(payload[key])
-    return 0
+    return 1 if isinstance(payload.get("query"), str) else 0  # a query-encoding task
 
 
 def _parse(contract: type[C], payload: dict[str, Any]) -> C:
     # A plain SieveError crosses the result backend as JSON and is rebuilt by the caller; a pydantic
     # ValidationError would not be.
     try:
-        return contract.from_json(payload)  # type: ignore[attr-defined,no-any-return]
+        return contract.from_json(payload)
     except ValidationError as exc:
         raise InvalidArgument(f"bad {contract.__name__}: {exc}") from None
 
@@ -109,7 +110,7 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
     """EmbedRequest -> EmbedResult: vectors, and with a token format the texts' compressed token vectors
     (the bi-encoder's own from the same encoder run, or a ColBERT bundle's)."""
     request = _parse(EmbedRequest, payload)
-    token_runner = _token_runner(request.token_model) if request.token_model else None
+    token_runner = runtime.token_runner(request.token_model) if request.token_model else None
     result = service.embed(
         runtime.bi_encoder(request.model),
         request,
@@ -123,7 +124,7 @@ def document_tokens(payload: dict[str, Any]) -> dict[str, Any]:
     """DocumentTokensRequest -> DocumentTokensResult: pending documents' token vectors, compressed."""
     request = _parse(DocumentTokensRequest, payload)
     result = service.document_tokens(
-        _token_runner(request.model), request, batch_size=runtime.embed_batch_size()
+        runtime.token_runner(request.model), request, batch_size=runtime.embed_batch_size()
     )
     return result.to_json()
 
@@ -131,24 +132,13 @@ def document_tokens(payload: dict[str, Any]) -> dict[str, Any]:
 def query_tokens(payload: dict[str, Any]) -> dict[str, Any]:
     """QueryTokensRequest -> QueryTokensResult: one query's token vectors (the server runs MaxSim)."""
     request = _parse(QueryTokensRequest, payload)
-    return service.query_tokens(_token_runner(request.model), request).to_json()
-
-
-def _token_runner(model: str) -> Any:
-    found = runtime.runner(model)
-    if found.manifest.kind not in ("bi_encoder", "colbert"):
-        raise InvalidArgument(f"model {model!r} is a {found.manifest.kind} bundle: no token vectors")
-    return found
+    return service.query_tokens(runtime.token_runner(request.model), request).to_json()
 
 
 def cross_encoder(payload: dict[str, Any]) -> dict[str, Any]:
     """CrossEncoderRequest -> CrossEncoderResult: one score per (query, candidate), cached per pair."""
     request = _parse(CrossEncoderRequest, payload)
-    found = runtime.runner(request.model)
-    if found.manifest.kind != "cross_encoder":
-        raise InvalidArgument(
-            f"model {request.model!r} is a {found.manifest.kind} bundle, not a cross-encoder"
-        )
+    found = runtime.cross_encoder(request.model)
     result = score_pairs(
         found, runtime.scores_cache(), request, batch_size=runtime.cross_encoder_batch_size()
     )

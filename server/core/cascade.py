@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
@@ -37,7 +36,8 @@ from sieve_core.cache import ResultCache, stage_scores_key
 from sieve_core.config import Settings
 from sieve_core.contracts import content_hash_hex
 from sieve_core.errors import FailedPrecondition, Unavailable
-from sieve_core.models.bundle import BundleError, BundleManifest, load_bundle_manifest
+from sieve_core.models.bundle import BundleError
+from sieve_core.models.registry import PAIR_SCORES, TOKEN_VECTORS, ModelKindError, ModelRegistry
 from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageScore, StageStatus
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Cascade:
     def __init__(
         self,
         settings: Settings,
+        models: ModelRegistry,
         dispatcher: Dispatcher,
         cache: ResultCache,
         pool: Executor,
@@ -82,34 +83,22 @@ class Cascade:
         load: Callable[[int, list[Hit]], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
+        self.models = models  # only manifests are read here: the workers run the re-rankers
         self.dispatcher = dispatcher
         self.cache = cache
         self._pool = pool
         self.token_stage = token_stage
         self._load = load  # fills in the texts of hits retrieved without them (the cross-encoder reads them)
         self.costs = StageCosts()  # measured stage costs, for latency budgets
-        self._manifests: dict[str, BundleManifest] = {}
-        self._lock = threading.Lock()
 
     # -- models --------------------------------------------------------------------------------------
-    def _manifest(self, name: str) -> BundleManifest:
-        with self._lock:
-            found = self._manifests.get(name)
-        if found is None:
-            found = load_bundle_manifest(self.settings.models_dir / name)
-            with self._lock:
-                self._manifests[name] = found
-        return found
-
     def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
         """The stage's model: the named `colbert` bundle, or MaxSim over the bi-encoder's token vectors."""
         if name is None:
-            manifest = self._manifest(embedding_model)
+            manifest = self.models.manifest(embedding_model)
             label = f"{manifest.model_id} (MaxSim over its token vectors, zero-shot)"
             return StageModel(embedding_model, label, manifest.cache_id)
-        manifest = self._manifest(name)
-        if manifest.kind not in ("colbert", "bi_encoder"):
-            raise BundleError(f"model {name!r} is a {manifest.kind} bundle: it has no token vectors")
+        manifest = self.models.manifest(name, TOKEN_VECTORS)
         label = "ColBERT" if manifest.kind == "colbert" else "MaxSim over its token vectors, zero-shot"
         return StageModel(name, f"{manifest.model_id} ({label})", manifest.cache_id)
 
@@ -119,13 +108,13 @@ class Cascade:
         if name is None:
             raise FailedPrecondition(f"no cross_encoder model is configured on this server; {hint}")
         try:
-            manifest = self._manifest(name)
+            manifest = self.models.manifest(name, PAIR_SCORES)
+        except ModelKindError as exc:
+            raise FailedPrecondition(str(exc)) from None
         except BundleError as exc:
             raise FailedPrecondition(
                 f"cross_encoder model {name!r} is not available ({exc}); {hint}"
             ) from None
-        if manifest.kind != "cross_encoder":
-            raise FailedPrecondition(f"model {name!r} is a {manifest.kind} bundle, not a cross_encoder")
         return StageModel(name, manifest.model_id, manifest.cache_id)
 
     def plan(

@@ -11,11 +11,9 @@ import json
 import logging
 import shutil
 import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
 from server.core import validation
 from server.core.executors import Executors
@@ -25,8 +23,8 @@ from server.storage.store import CollectionRow, Store
 from sieve_core.config import Settings
 from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound
 from sieve_core.models.bi_encoder import BiEncoderRunner
-from sieve_core.models.bundle import BundleError, BundleManifest, load_bundle_manifest
-from sieve_core.models.load import load_runner
+from sieve_core.models.bundle import BundleError, BundleManifest
+from sieve_core.models.registry import TOKEN_VECTORS, ModelKindError, ModelRegistry
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many
 from sieve_core.types import (
     CollectionInfo,
@@ -38,58 +36,6 @@ from sieve_core.types import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class ModelRegistry:
-    """Bi-encoder runners by bundle name, each loaded once and shared by every collection using it."""
-
-    def __init__(self, settings: Settings) -> None:
-        self._settings = settings
-        self._runners: dict[str, BiEncoderRunner] = {}
-        self._token_runners: dict[str, Any] = {}  # late-interaction runners (bi-encoder or ColBERT)
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> BiEncoderRunner:
-        with self._lock:
-            runner = self._runners.get(name)
-            if runner is None:
-                path = self._settings.models_dir / name
-                validation.model_name(name, "embedding_model")
-                try:
-                    runner = BiEncoderRunner(
-                        path, intra_op_threads=self._settings.onnx_threads, spin=self._settings.onnx_spin
-                    )
-                except BundleError as exc:
-                    raise FailedPrecondition(
-                        f"embedding model {name!r} is not available on this server ({exc}); export it into "
-                        f"{self._settings.models_dir}/ with `sieve models export bi-encoder --source DIR "
-                        f"--out {path}` (the default model: `make models`)"
-                    ) from None
-                if runner.manifest.kind != "bi_encoder":
-                    raise FailedPrecondition(
-                        f"model {name!r} is a {runner.manifest.kind} model, not a bi-encoder"
-                    )
-                runner.warmup()
-                self._runners[name] = runner
-            return runner
-
-    def token_blobs(self, plan: TokenPlan, texts: list[str]) -> list[bytes]:
-        """Documents' compressed token vectors computed here (no Redis, so no workers: the backfill of
-        pending documents). A ColBERT bundle is loaded on first use and kept."""
-        with self._lock:
-            runner = self._token_runners.get(plan.model)
-        if runner is None:
-            if plan.zero_shot:
-                runner = self.get(plan.model)
-            else:
-                path = self._settings.models_dir / plan.model
-                runner = load_runner(
-                    path, intra_op_threads=self._settings.onnx_threads, spin=self._settings.onnx_spin
-                )
-            with self._lock:
-                runner = self._token_runners.setdefault(plan.model, runner)
-        rows = runner.document_token_vectors(texts, self._settings.embed_batch_size)
-        return compress_many(rows, plan.fmt, runner.document_token_offsets(texts))
 
 
 @dataclass
@@ -173,6 +119,27 @@ class Collections:
     def is_current(self, col: Collection) -> bool:
         return self._by_name.get(col.row.name) is col
 
+    def embedding_runner(self, name: str) -> BiEncoderRunner:
+        """The process's bi-encoder runner of a bundle; FAILED_PRECONDITION saying how to get it if there is none."""
+        try:
+            return self._models.bi_encoder(name)
+        except ModelKindError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        except BundleError as exc:
+            path = self._models.models_dir / name
+            raise FailedPrecondition(
+                f"embedding model {name!r} is not available on this server ({exc}); export it into "
+                f"{self._models.models_dir}/ with `sieve models export bi-encoder --source DIR "
+                f"--out {path}` (the default model: `make models`)"
+            ) from None
+
+    def token_blobs(self, plan: TokenPlan, texts: list[str]) -> list[bytes]:
+        """Documents' compressed token vectors computed in this process (no Redis, so no workers: the
+        backfill of pending documents), with the registry's runner of the plan's model."""
+        runner = self._models.token_runner(plan.model)
+        rows = runner.document_token_vectors(texts, self._settings.embed_batch_size)
+        return compress_many(rows, plan.fmt, runner.document_token_offsets(texts))
+
     def info(self, col: Collection) -> CollectionInfo:
         row = self._store.get_collection(col.row.name)
         return CollectionInfo(
@@ -214,23 +181,24 @@ class Collections:
     def _token_manifest(self, name: str) -> BundleManifest:
         validation.model_name(name, "late_interaction_model")
         try:
-            manifest = load_bundle_manifest(self._settings.models_dir / name)
+            return self._models.manifest(name, TOKEN_VECTORS)
+        except ModelKindError as exc:
+            raise FailedPrecondition(str(exc)) from None
         except BundleError as exc:
             raise FailedPrecondition(
                 f"late_interaction model {name!r} is not available ({exc}); export one with `sieve models "
                 f"export colbert --source CHECKPOINT_DIR --out {self._settings.models_dir}/NAME`"
             ) from None
-        if manifest.kind not in ("colbert", "bi_encoder"):
-            raise FailedPrecondition(f"model {name!r} is a {manifest.kind} bundle: it has no token vectors")
-        return manifest
 
     # -- the API -----------------------------------------------------------------------------------
     async def create(self, spec: CollectionSpec) -> CollectionInfo:
         name = validation.collection_name(spec.name)
         metric = validation.metric(spec.metric, self._settings)
         defaults = validation.search_settings(spec.defaults, self._settings, "defaults")
-        model = spec.embedding_model or self._settings.default_embedding_model
-        return await self._run.write(self._create, name, model, metric, defaults, spec.token_storage)  # type: ignore[no-any-return]
+        model = validation.model_name(
+            spec.embedding_model or self._settings.default_embedding_model, "embedding_model"
+        )
+        return await self._run.write(self._create, name, model, metric, defaults, spec.token_storage)
 
     def _create(
         self,
@@ -246,7 +214,7 @@ class Collections:
             raise FailedPrecondition(
                 f"this server already holds the maximum of {self._settings.max_collections} collections"
             )
-        runner = self._models.get(model)
+        runner = self.embedding_runner(model)
         fmt_json, token_model_id = None, None
         if token_storage is not None or defaults.late_interaction.enabled:
             tokens_by = token_model(defaults, self.defaults, model)
@@ -273,10 +241,10 @@ class Collections:
 
     async def describe(self, name: str) -> CollectionInfo:
         col = self.get(name)
-        return await self._run.read(self.info, col)  # type: ignore[no-any-return]
+        return await self._run.read(self.info, col)
 
     async def list_infos(self) -> list[CollectionInfo]:
-        return await self._run.read(self._infos, list(self._by_name.values()))  # type: ignore[no-any-return]
+        return await self._run.read(self._infos, list(self._by_name.values()))
 
     def _infos(self, cols: list[Collection]) -> list[CollectionInfo]:
         out = []
@@ -301,7 +269,7 @@ class Collections:
     def open(self) -> None:
         """Load the default model and every collection's index (caught up from the store). Blocking."""
         try:
-            self._models.get(self._settings.default_embedding_model)
+            self.embedding_runner(self._settings.default_embedding_model)
         except FailedPrecondition:
             log.warning("default embedding model %r is not available", self._settings.default_embedding_model)
         for row in self._store.list_collections():
@@ -311,7 +279,7 @@ class Collections:
         return self._settings.data_dir / "collections" / str(row.id)
 
     def _load(self, row: CollectionRow) -> Collection:
-        runner = self._models.get(row.embedding_model)
+        runner = self.embedding_runner(row.embedding_model)
         directory = self._directory(row)
         started = time.monotonic()
         loaded = VectorIndex.load_latest(

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 import numpy as np
 
 from server.core.cascade import Cascade
-from server.core.collections import Collections, ModelRegistry
+from server.core.collections import Collections
 from server.core.executors import Executors
 from server.core.indexing import IndexTarget
 from server.core.retrieval import Retrieval
@@ -32,6 +32,7 @@ from server.storage.store import Store
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
 from sieve_core.late_interaction_service import encode_documents
+from sieve_core.models.registry import ModelRegistry
 from sieve_core.types import (
     CollectionInfo,
     CollectionSpec,
@@ -47,7 +48,10 @@ class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.store = Store(settings.data_dir / "sieve.db")
-        self.models = ModelRegistry(settings)
+        # The process's one model registry: the collections' bi-encoders, the re-rankers' manifests.
+        self.models = ModelRegistry(
+            settings.models_dir, intra_op_threads=settings.onnx_threads, spin=settings.onnx_spin
+        )
         self.dispatcher = Dispatcher(settings)
         self.cache = ResultCache.from_settings(settings)
         self._run = Executors(settings)
@@ -57,7 +61,7 @@ class Engine:
             self.store,
             self.dispatcher,
             self.collections.with_pending_tokens,
-            self.models.token_blobs,
+            self.collections.token_blobs,
             self._run.read,
             self._run.write,
         )
@@ -65,7 +69,13 @@ class Engine:
         self.retrieval = Retrieval(settings, self.store, self.collections, self.cache, self._run)
         token_stage = TokenStage(settings, self.store, self.dispatcher, self.cache, self._run.read)
         self.cascade = Cascade(
-            settings, self.dispatcher, self.cache, self._run.pool, token_stage, self.retrieval.load
+            settings,
+            self.models,
+            self.dispatcher,
+            self.cache,
+            self._run.pool,
+            token_stage,
+            self.retrieval.load,
         )
         self.searches = Searches(
             settings, self.collections, self.writes, self.retrieval, self.cascade, self._run
@@ -136,7 +146,8 @@ class Engine:
         return IndexTarget(info, col.tokens.fmt, None if col.tokens.zero_shot else col.tokens.model)
 
     def unchanged_ids(self, collection: str, docs: list[Document]) -> set[str]:
-        return self.store.unchanged_ids(self.collections.get(collection).row.id, docs)
+        # `collection` is a job's, validated when the job started: look it up, do not check it again.
+        return self.store.unchanged_ids(self.collections.find(collection).row.id, docs)
 
     def embed(self, collection: str, texts: list[str]) -> tuple[np.ndarray, list[bytes] | None]:
         col = self.collections.get(collection)

@@ -57,7 +57,7 @@ class Retrieval:
         interaction needs no second query encoding). Only the first `text_for` hits come with their text
         and metadata (the others are `loaded` later, if a stage or the reply needs them: late interaction
         reads token vectors by key, so 100 candidates' texts need not be read for the 10 sent)."""
-        return await self._run.read(self._retrieve, col, query, count, settings, text_for, query_tokens)  # type: ignore[no-any-return]
+        return await self._run.read(self._retrieve, col, query, count, settings, text_for, query_tokens)
 
     async def load(self, collection_id: int, hits: list[Hit]) -> None:
         """Fills in the text and metadata of the hits that were retrieved without them."""

@@ -30,8 +30,9 @@ from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from server.storage.store import CollectionRow, Store
 from sieve_core.cache import ResultCache, query_tokens_key
 from sieve_core.config import Settings
-from sieve_core.errors import FailedPrecondition, InvalidArgument
+from sieve_core.errors import InvalidArgument, NotFound
 from sieve_core.late_interaction import BestMatches, maxsim_blobs
+from sieve_core.logs import request_id
 from sieve_core.models.bundle import BundleManifest
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, check_blob, prepare_query
 from sieve_core.types import (
@@ -239,13 +240,6 @@ def _rank(hits: list[Hit], scores: dict[int, float], keep: int) -> list[Hit]:
     return ranked
 
 
-def refuse_or_degrade(mode: StageMode, reason: str) -> str:
-    """REQUIRED: FailedPrecondition now; else the reason a DEGRADED report gives."""
-    if mode == StageMode.REQUIRED:
-        raise FailedPrecondition(reason)
-    return f"{reason}; kept the previous order"
-
-
 # -- backfill ------------------------------------------------------------------------------------------
 
 
@@ -323,7 +317,10 @@ class TokenBackfill:
         """One batch for each collection with pending documents. True if any was stored."""
         busy = False
         for target in self._targets():
-            row = await self._run(self.store.get_collection, target.name)
+            try:
+                row = await self._run(self.store.get_collection, target.name)
+            except NotFound:  # deleted since the list was taken
+                continue
             if self._reported.get(target.name) != row.tokens_pending and row.tokens_pending:
                 log.info("collection %r: %d documents pending token vectors", target.name, row.tokens_pending)
             self._reported[target.name] = row.tokens_pending
@@ -333,6 +330,8 @@ class TokenBackfill:
             if not docs:
                 continue
             texts = [d.text for d in docs]
+            # Outside any call: the tasks (and the workers' log lines) carry the collection's name.
+            request_id.set(f"tokens-{target.name}")
             if self.settings.redis_url is None:
                 blobs = await self._run(self._compute_locally, target.plan, texts)
             else:

@@ -97,7 +97,7 @@ class Writes:
         while True:
             outcome = await self._run.write(self._commit_upsert, col, docs, vectors, tokens)
             if not outcome.missing_vectors:
-                return outcome.generation  # type: ignore[no-any-return]
+                return outcome.generation
             # A concurrent write changed some texts after we looked: embed those too and try again.
             missing = set(outcome.missing_vectors)
             more_vectors, more_tokens = await self._embed(col, [d for d in docs if d.id in missing])
@@ -157,7 +157,7 @@ class Writes:
     async def delete_documents(self, name: str, ids: list[str]) -> WriteResult:
         col = self._collections.get(name)
         validation.ids(ids, self._settings)
-        return await self._run.write(self._commit_delete, col, ids)  # type: ignore[no-any-return]
+        return await self._run.write(self._commit_delete, col, ids)
 
     def _commit_delete(self, col: Collection, ids: list[str]) -> WriteResult:
         self._collections.check_current(col)

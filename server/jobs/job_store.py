@@ -12,8 +12,10 @@ holds up, the store's write lock. One thread uses it (the job manager's executor
 
 from __future__ import annotations
 
+import builtins
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -128,14 +130,14 @@ class JobStore:
         ).fetchall()
         return [_record(r) for r in rows]
 
-    def unfinished(self) -> list[JobRecord]:
+    def unfinished(self) -> builtins.list[JobRecord]:
         rows = self._conn.execute(
             f"SELECT {', '.join(_COLUMNS)} FROM jobs WHERE state IN (?, ?) ORDER BY created_at, id",
             (QUEUED, RUNNING),
         ).fetchall()
         return [_record(r) for r in rows]
 
-    def save(self, job: JobRecord, errors: list[LineError] = ()) -> None:  # type: ignore[assignment]
+    def save(self, job: JobRecord, errors: Sequence[LineError] = ()) -> None:
         """Write the whole row, and the batch's bad lines, in one transaction."""
         columns = [c for c in _COLUMNS if c != "id"]
         self._conn.execute("BEGIN IMMEDIATE")
@@ -153,7 +155,7 @@ class JobStore:
             raise
         self._conn.execute("COMMIT")
 
-    def errors(self, job_id: str, after_line: int, limit: int) -> list[LineError]:
+    def errors(self, job_id: str, after_line: int, limit: int) -> builtins.list[LineError]:
         rows = self._conn.execute(
             "SELECT line, doc_id, reason FROM job_errors WHERE job_id = ? AND line > ? ORDER BY line LIMIT ?",
             (job_id, after_line, limit),
@@ -161,7 +163,7 @@ class JobStore:
         return [LineError(*r) for r in rows]
 
 
-def _record(row: tuple) -> JobRecord:  # type: ignore[type-arg]
+def _record(row: tuple) -> JobRecord:
     job = JobRecord(*row)
     job.upload = bool(job.upload)
     job.cancel_requested = bool(job.cancel_requested)

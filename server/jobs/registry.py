@@ -47,13 +47,13 @@ class JobRegistry:
         return live
 
     async def unfinished(self) -> list[JobRecord]:
-        return await self._on_db(self._db.unfinished)  # type: ignore[no-any-return]
+        return await self._on_db(self._db.unfinished)
 
     async def record(self, job_id: str) -> JobRecord:
         record = await self._on_db(self._db.get, job_id)
         if record is None:
             raise NotFound(f"job {job_id!r} does not exist")
-        return record  # type: ignore[no-any-return]
+        return record
 
     async def view(self, job_id: str) -> JobView:
         """The job now: live if it is queued or running, else as it ended (NotFound if there is none)."""
@@ -61,7 +61,7 @@ class JobRegistry:
         return live.view() if live is not None else finished_view(await self.record(job_id))
 
     async def errors(self, job_id: str, after_line: int, limit: int) -> list[LineError]:
-        return await self._on_db(self._db.errors, job_id, after_line, limit)  # type: ignore[no-any-return]
+        return await self._on_db(self._db.errors, job_id, after_line, limit)
 
     async def views(self, collection: str, limit: int) -> list[JobView]:
         out = []

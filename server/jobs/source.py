@@ -63,6 +63,8 @@ def parse_line(raw: bytes, fmt: int, settings: Settings, where: str) -> Document
         raise BadLine("invalid JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise BadLine(f"not a JSON object (a {type(obj).__name__})")
+    metadata: dict[str, str]
+    doc_text: object
     beir = fmt == FORMAT_BEIR or (fmt == FORMAT_AUTO and "_id" in obj)
     id_key = "_id" if beir else "id"
     doc_id = _doc_id(obj, id_key)
@@ -88,7 +90,7 @@ def parse_line(raw: bytes, fmt: int, settings: Settings, where: str) -> Document
     return doc
 
 
-def _doc_id(obj: dict, key: str) -> str:  # type: ignore[type-arg]
+def _doc_id(obj: dict, key: str) -> str:
     value = obj.get(key)
     if value is None:
         raise BadLine(f'missing id ("{key}")')

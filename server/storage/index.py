@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -109,7 +110,7 @@ class VectorIndex:
             expansion_add=ef_construction,
             expansion_search=ef_search,
         )
-        self._index.expansion_search = ef_search
+        self._index.expansion_search = ef_search  # type: ignore[misc]  # usearch has a setter; its stub hides it
         self._lock = RWLock()
 
     def __len__(self) -> int:
@@ -138,11 +139,11 @@ class VectorIndex:
         if ef is not None and ef != self.default_ef:
             # usearch's Python API sets ef on the index, not per call: change it alone, then restore.
             with self._lock.write():
-                self._index.expansion_search = ef
+                self._index.expansion_search = ef  # type: ignore[misc]  # (see __init__)
                 try:
                     matches = self._index.search(query, count)
                 finally:
-                    self._index.expansion_search = self.default_ef
+                    self._index.expansion_search = self.default_ef  # type: ignore[misc]
         else:
             with self._lock.read():
                 matches = self._index.search(query, count)
@@ -155,7 +156,7 @@ class VectorIndex:
         if len(keys) == 0 or count <= 0:
             return np.zeros(0, dtype=np.uint64), np.zeros(0)
         with self._lock.read():
-            found = self._index.get(keys)
+            found: Any = self._index.get(keys)  # an array, or a tuple with None for absent keys
         if isinstance(found, np.ndarray):
             vectors = found.astype(np.float32, copy=False).reshape(len(keys), self.dims)
         else:

@@ -156,7 +156,7 @@ class FrontDoor(grpc.aio.ServerInterceptor):
         """Wait until the calls in progress (watches aside) have finished; False if some still run."""
         return await self.calls.drained(within_s)
 
-    async def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
+    async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return None

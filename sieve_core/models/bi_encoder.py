@@ -12,10 +12,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Encoding
 
-from sieve_core.models.bundle import MODEL_FILE, TOKENIZER_FILE, BundleError, load_bundle_manifest
-from sieve_core.models.onnx_common import ENCODING_FIELDS, make_session, make_tokenizer
+from sieve_core.models.base import OnnxRunner
+from sieve_core.models.bundle import TOKENIZER_FILE, BundleError
+from sieve_core.models.onnx_common import (
+    ENCODING_FIELDS,
+    check_feedable,
+    length_batches,
+    make_tokenizer,
+    pad_encodings,
+)
 
 # Same epsilons as sentence-transformers' Pooling (clamp of the token count) and torch's F.normalize.
 _MASK_EPS = 1e-9
@@ -29,38 +35,25 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, _NORM_EPS)
 
 
-class BiEncoderRunner:
+class BiEncoderRunner(OnnxRunner):
     """Embeds texts with a `bi_encoder` bundle (see bundle.py for the directory layout)."""
+
+    KIND = "bi_encoder"
 
     def __init__(
         self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0, spin: bool = False
     ) -> None:
-        bundle = Path(bundle_dir)
-        self.manifest = load_bundle_manifest(bundle)
-        if self.manifest.kind != "bi_encoder" or self.manifest.pooling != "mean":
+        super().__init__(bundle_dir, intra_op_threads=intra_op_threads, spin=spin)
+        tokenizer_path = Path(bundle_dir) / TOKENIZER_FILE
+        self._tokenizer, self._pad_id = make_tokenizer(tokenizer_path, self.manifest.max_length)
+
+    def _check_manifest(self, bundle: Path) -> None:
+        if self.manifest.kind != self.KIND or self.manifest.pooling != "mean":
             raise BundleError(
                 f"model bundle {bundle}: BiEncoderRunner serves kind 'bi_encoder' with "
                 f"mean pooling, got {self.manifest.kind!r} / {self.manifest.pooling!r}"
             )
-        unknown = sorted(set(self.manifest.input_names) - set(ENCODING_FIELDS))
-        if unknown:
-            raise BundleError(f"model bundle {bundle}: cannot feed inputs {unknown}")
-        self.model_id = self.manifest.model_id
-        self.dims = self.manifest.dims
-        self._session = make_session(bundle / MODEL_FILE, intra_op_threads, spin)
-        self._check_graph(bundle)
-        self._tokenizer, self._pad_id = make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
-
-    def _check_graph(self, bundle: Path) -> None:
-        # A manifest that disagrees with its graph would fail on the first request; fail at load instead.
-        graph_inputs = {i.name for i in self._session.get_inputs()}
-        graph_outputs = {o.name for o in self._session.get_outputs()}
-        if graph_inputs != set(self.manifest.input_names) or self.manifest.output_name not in graph_outputs:
-            raise BundleError(
-                f"model bundle {bundle}: manifest inputs/output {self.manifest.input_names}/"
-                f"{self.manifest.output_name!r} do not match the graph's "
-                f"{sorted(graph_inputs)}/{sorted(graph_outputs)}"
-            )
+        check_feedable(bundle, self.manifest.input_names)
 
     # -- public API -----------------------------------------------------------------------------------
 
@@ -142,33 +135,13 @@ class BiEncoderRunner:
     def _batches(
         self, texts: Sequence[str], batch_size: int, *, keep_special_mask: bool = False
     ) -> Iterator[Batch]:
-        """Yields (positions in the caller's list, padded feeds), texts grouped by token length.
-
-        Sorting by length means each batch pads to a length close to all of its members, which
-        matters with BERT's quadratic attention and a mix of short queries and long abstracts.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not texts:
-            return
-        encodings = self._tokenizer.encode_batch(list(texts))
-        by_length = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(by_length), batch_size):
-            order = by_length[start : start + batch_size]
-            yield order, self._pad([encodings[i] for i in order], keep_special_mask)
-
-    def _pad(self, encodings: list[Encoding], keep_special_mask: bool) -> dict[str, np.ndarray]:
-        width = max(len(e.ids) for e in encodings)
+        """Yields (positions in the caller's list, padded feeds), texts grouped by token length."""
+        encodings = self._tokenizer.encode_batch(list(texts)) if texts else []
         fields = dict(ENCODING_FIELDS)
         if keep_special_mask:
             fields["special_tokens_mask"] = "special_tokens_mask"
-        arrays = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in fields}
-        arrays["input_ids"].fill(self._pad_id)
-        for row, encoding in enumerate(encodings):
-            for name, attr in fields.items():
-                values = getattr(encoding, attr)
-                arrays[name][row, : len(values)] = values
-        return arrays
+        for order in length_batches(encodings, batch_size):
+            yield order, pad_encodings([encodings[i] for i in order], fields, self._pad_id)
 
     def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         inputs = {name: feeds[name] for name in self.manifest.input_names}

@@ -89,7 +89,8 @@ def _check_types(data: dict[str, Any], path: Path) -> None:
         # bool is an int subclass; a `true` where a count belongs is still a broken manifest.
         value = data.get(key)
         if key in data and (not isinstance(value, typ) or (typ is int and isinstance(value, bool))):
-            raise _fail(path, f"manifest field {key!r} should be {typ.__name__}, got {value!r}")
+            expected_name = typ.__name__ if isinstance(typ, type) else " or ".join(t.__name__ for t in typ)
+            raise _fail(path, f"manifest field {key!r} should be {expected_name}, got {value!r}")
     if not all(isinstance(n, str) for n in data.get("input_names", [])):
         raise _fail(path, "manifest field 'input_names' should be a list of strings")
 
@@ -130,7 +131,7 @@ def load_bundle_manifest(path: str | os.PathLike[str]) -> BundleManifest:
     """Read and validate `<path>/manifest.json`; also checks the model and tokenizer files exist."""
     bundle = Path(path)
     if not bundle.is_dir():
-        raise _fail(bundle, "directory not found (run `python -m sieve_core.models.prepare`?)")
+        raise _fail(bundle, "directory not found")
     for required in (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE):
         if not (bundle / required).is_file():
             raise _fail(bundle, f"{required} is missing; the bundle is incomplete, re-export it")

@@ -34,14 +34,9 @@ from typing import Any
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 
-from sieve_core.models.bundle import (
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    BundleError,
-    BundleManifest,
-    load_bundle_manifest,
-)
-from sieve_core.models.onnx_common import make_session, make_tokenizer
+from sieve_core.models.base import OnnxRunner
+from sieve_core.models.bundle import TOKENIZER_FILE, BundleError, BundleManifest
+from sieve_core.models.onnx_common import length_batches, make_tokenizer
 
 KIND = "colbert"
 INPUT_NAMES = ("input_ids", "attention_mask")
@@ -133,24 +128,16 @@ class _Side:
     skip_ids: np.ndarray  # token ids never output
 
 
-class ColbertRunner:
+class ColbertRunner(OnnxRunner):
     """Query and document token vectors from a `colbert` bundle (see bundle.py for the directory layout)."""
+
+    KIND = KIND
 
     def __init__(
         self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0, spin: bool = False
     ) -> None:
+        super().__init__(bundle_dir, intra_op_threads=intra_op_threads, spin=spin)
         bundle = Path(bundle_dir)
-        self.manifest = load_bundle_manifest(bundle)
-        if self.manifest.kind != KIND or not self.manifest.normalize:
-            raise BundleError(
-                f"model bundle {bundle}: ColbertRunner serves kind {KIND!r} with normalised vectors, "
-                f"got {self.manifest.kind!r} (normalize={self.manifest.normalize})"
-            )
-        self.options = ColbertOptions.from_manifest(self.manifest, bundle)
-        self.model_id = self.manifest.model_id
-        self.dims = self.manifest.dims
-        self._session = make_session(bundle / MODEL_FILE, intra_op_threads, spin)
-        self._check_graph(bundle)
         opts = self.options
         # Each side truncates to its length minus one: the marker is inserted after tokenization,
         # exactly as both reference libraries do (max_length - 1, then insert after [CLS]).
@@ -176,6 +163,14 @@ class ColbertRunner:
             keep_fill=False,
             skip_ids=np.array(sorted(opts.skiplist_ids), dtype=np.int64),
         )
+
+    def _check_manifest(self, bundle: Path) -> None:
+        if self.manifest.kind != KIND or not self.manifest.normalize:
+            raise BundleError(
+                f"model bundle {bundle}: ColbertRunner serves kind {KIND!r} with normalised vectors, "
+                f"got {self.manifest.kind!r} (normalize={self.manifest.normalize})"
+            )
+        self.options = ColbertOptions.from_manifest(self.manifest, bundle)
 
     def _check_graph(self, bundle: Path) -> None:
         graph_inputs = {i.name for i in self._session.get_inputs()}
@@ -259,17 +254,10 @@ class ColbertRunner:
     # -- internals ------------------------------------------------------------------------------------
 
     def _encode(self, texts: Sequence[str], batch_size: int, side: _Side) -> list[np.ndarray]:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         out: list[np.ndarray] = [np.empty((0, self.dims), dtype=np.float32)] * len(texts)
-        if not texts:
-            return out
-        encodings = side.tokenizer.encode_batch(list(texts))
-        # Grouped by length so each batch pads to about its members' length (queries with expansion
-        # all have the same width anyway).
-        by_length = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(by_length), batch_size):
-            order = by_length[start : start + batch_size]
+        encodings = side.tokenizer.encode_batch(list(texts)) if texts else []
+        # Grouped by length (queries with expansion all have the same width anyway).
+        for order in length_batches(encodings, batch_size):
             ids, attention, keep = self._feeds([encodings[i] for i in order], side)
             (vectors,) = self._session.run(
                 [self.manifest.output_name], {"input_ids": ids, "attention_mask": attention}

@@ -19,16 +19,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Encoding
 
-from sieve_core.models.bundle import (
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    BundleError,
-    BundleManifest,
-    load_bundle_manifest,
+from sieve_core.models.base import OnnxRunner
+from sieve_core.models.bundle import TOKENIZER_FILE, BundleError, BundleManifest
+from sieve_core.models.onnx_common import (
+    ENCODING_FIELDS,
+    check_feedable,
+    length_batches,
+    make_tokenizer,
+    pad_encodings,
 )
-from sieve_core.models.onnx_common import ENCODING_FIELDS, make_session, make_tokenizer
 
 KIND = "cross_encoder"
 ACTIVATIONS = frozenset({"sigmoid", "identity"})
@@ -76,37 +76,29 @@ def _read_options(bundle: Path, options: dict[str, object]) -> tuple[str, int | 
     return str(activation), max_batch
 
 
-class CrossEncoderRunner:
+class CrossEncoderRunner(OnnxRunner):
     """Scores (query, document) pairs with a `cross_encoder` bundle (see bundle.py for the layout)."""
+
+    KIND = KIND
 
     def __init__(
         self, bundle_dir: str | os.PathLike[str], *, intra_op_threads: int = 0, spin: bool = False
     ) -> None:
-        bundle = Path(bundle_dir)
-        self.manifest = load_bundle_manifest(bundle)
-        _check_kind(bundle, self.manifest)
-        self.activation, self._max_batch = _read_options(bundle, self.manifest.options)
-        unknown = sorted(set(self.manifest.input_names) - set(ENCODING_FIELDS))
-        if unknown:
-            raise BundleError(f"model bundle {bundle}: cannot feed inputs {unknown}")
-        self.model_id = self.manifest.model_id
-        self._session = make_session(bundle / MODEL_FILE, intra_op_threads, spin)
-        self._check_graph(bundle)
+        super().__init__(bundle_dir, intra_op_threads=intra_op_threads, spin=spin)
         # The bi-encoder's tokenizer set-up is the one wanted here: truncation to max_length with the
         # tokenizers default strategy, 'longest_first', which is what transformers (and so
         # sentence-transformers) applies to a pair: it trims the longer side first.
-        self._tokenizer, self._pad_id = make_tokenizer(bundle / TOKENIZER_FILE, self.manifest.max_length)
+        tokenizer_path = Path(bundle_dir) / TOKENIZER_FILE
+        self._tokenizer, self._pad_id = make_tokenizer(tokenizer_path, self.manifest.max_length)
+
+    def _check_manifest(self, bundle: Path) -> None:
+        _check_kind(bundle, self.manifest)
+        self.activation, self._max_batch = _read_options(bundle, self.manifest.options)
+        check_feedable(bundle, self.manifest.input_names)
 
     def _check_graph(self, bundle: Path) -> None:
-        # A manifest that disagrees with its graph would fail on the first request; fail at load instead.
-        graph_inputs = {i.name for i in self._session.get_inputs()}
-        outputs = {o.name: o for o in self._session.get_outputs()}
-        output = outputs.get(self.manifest.output_name)
-        if graph_inputs != set(self.manifest.input_names) or output is None:
-            raise BundleError(
-                f"model bundle {bundle}: manifest inputs/output {self.manifest.input_names}/"
-                f"{self.manifest.output_name!r} do not match the graph's {sorted(graph_inputs)}/{sorted(outputs)}"
-            )
+        super()._check_graph(bundle)
+        output = next(o for o in self._session.get_outputs() if o.name == self.manifest.output_name)
         if len(output.shape) != 2 or output.shape[1] not in (1, "1"):
             raise BundleError(
                 f"model bundle {bundle}: output {output.name!r} has shape {output.shape}, not (batch, 1)"
@@ -148,32 +140,13 @@ class CrossEncoderRunner:
     def _batches(
         self, pairs: Sequence[Pair], batch_size: int
     ) -> Iterator[tuple[list[int], dict[str, np.ndarray]]]:
-        """Yields (positions in the caller's list, padded feeds), pairs grouped by token length.
-
-        Sorting by length keeps padding, and so wasted quadratic attention, small when a re-rank mixes
-        short snippets with long abstracts.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not pairs:
-            return
+        """Yields (positions in the caller's list, padded feeds), pairs grouped by token length (a re-rank
+        mixes short snippets with long abstracts: little padding, little wasted attention)."""
         batch_size = min(batch_size, self._max_batch or batch_size)
         # Tuples, not lists: tokenizers reads a 2-tuple as a (sequence, pair) input.
-        encodings = self._tokenizer.encode_batch([(q, d) for q, d in pairs])
-        by_length = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(by_length), batch_size):
-            order = by_length[start : start + batch_size]
-            yield order, self._pad([encodings[i] for i in order])
-
-    def _pad(self, encodings: list[Encoding]) -> dict[str, np.ndarray]:
-        width = max(len(e.ids) for e in encodings)
-        arrays = {name: np.zeros((len(encodings), width), dtype=np.int64) for name in ENCODING_FIELDS}
-        arrays["input_ids"].fill(self._pad_id)
-        for row, encoding in enumerate(encodings):
-            for name, attr in ENCODING_FIELDS.items():
-                values = getattr(encoding, attr)
-                arrays[name][row, : len(values)] = values
-        return arrays
+        encodings = self._tokenizer.encode_batch([(q, d) for q, d in pairs]) if pairs else []
+        for order in length_batches(encodings, batch_size):
+            yield order, pad_encodings([encodings[i] for i in order], ENCODING_FIELDS, self._pad_id)
 
 
 _CHECK_QUERY = "does a cross-encoder read query and document together?"

@@ -166,7 +166,9 @@ def _tokenizer_options(source: Path, out: Path, settings: ColbertSettings) -> di
         token_id = tokenizer.convert_tokens_to_ids(marker)
         if token_id is None or token_id == tokenizer.unk_token_id:
             raise BundleError(f"{source}: marker {marker!r} is not a token of this vocabulary")
-        marker_ids[marker] = int(token_id)
+        if not isinstance(token_id, int):
+            raise BundleError(f"{source}: marker {marker!r} maps to several tokens")
+        marker_ids[marker] = token_id
     skip: set[int] = set()
     if settings.skip_punctuation:
         # colbert-ai's rule: the first token id of each string.punctuation symbol encoded alone.

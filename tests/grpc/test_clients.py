@@ -32,7 +32,7 @@ from sieve.retry import is_retryable, next_wait
 from sieve.v1 import collections_pb2, collections_pb2_grpc, search_pb2, search_pb2_grpc
 
 from server.app import SieveServer
-from sieve_cli.evaluate import free_port
+from sieve_cli.stack import free_port
 from tests.conftest import ROOT, Api, make_settings
 
 aio = pytest.mark.asyncio(loop_scope="session")

@@ -241,3 +241,18 @@ async def test_stage_reports_feed_the_metrics(api) -> None:  # type: ignore[no-u
     assert value("sieve_late_interaction_token_vectors", "store") - before[0] == 6
     assert value("sieve_late_interaction_token_bytes", "store") - before[1] == late.token_bytes > 0
     assert np.isfinite(late.took_ms)
+
+
+async def test_the_python_client_chooses_the_token_format(api) -> None:  # type: ignore[no-untyped-def]
+    from sieve import AsyncSieveClient
+
+    async with AsyncSieveClient(api.address) as client:
+        name = f"li-{uuid.uuid4().hex[:8]}"
+        created = await client.create_collection(
+            name, token_storage={"pool_factor": 2, "projection_dims": 128}
+        )
+        assert created.token_storage.description == "int8, pool 2, projection 128"
+        default = await client.create_collection(f"{name}-d", token_storage={})
+        assert default.token_storage.description == "int8, pool 4"
+        plain = await client.create_collection(f"{name}-p")
+        assert not plain.HasField("token_storage")

@@ -27,7 +27,7 @@ from sieve.v1 import collections_pb2, documents_pb2, jobs_pb2, search_pb2
 
 from server.app import SERVICE_NAMES, SieveServer
 from server.transport.security import METHOD_ROLES, ConfigError, Role, load_keys, server_credentials
-from sieve_cli.evaluate import free_port
+from sieve_cli.stack import free_port
 from tests.certs import Certs, make_certs
 from tests.conftest import MODELS_DIR, ROOT, Api, make_settings, require_bundle, start_api, stop_api
 

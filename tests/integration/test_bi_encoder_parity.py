@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError, load_bundle_manifest
@@ -118,7 +119,14 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> tuple[np.ndarray, lis
 
 
 def test_texts_cover_truncation() -> None:
-    assert len(TEXTS) >= 36
+    """The parity texts include some longer than the model's max length (so truncation is compared) and
+    some far shorter (so padding inside a batch is compared)."""
+    tokenizer = Tokenizer.from_file(str(BUNDLE / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(TEXTS)]
+    assert max(lengths) > MAX_LENGTH, lengths
+    assert min(lengths) < MAX_LENGTH // 4, lengths
 
 
 def test_embed_matches_sentence_transformers(

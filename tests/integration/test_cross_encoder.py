@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
 from sieve_core.models.bundle import BundleError, load_bundle_manifest
 from sieve_core.models.cross_encoder import CrossEncoderRunner
@@ -171,7 +172,14 @@ def _spearman(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_pairs_cover_truncation(artifacts: Artifacts) -> None:
+    """Some pairs are longer than max_length (truncation is compared), some far shorter (padding)."""
     assert len(PAIRS) >= 30 and len(set(PAIRS)) == len(PAIRS)
+    tokenizer = Tokenizer.from_file(str(artifacts.fp32 / "tokenizer.json"))
+    tokenizer.no_truncation()
+    tokenizer.no_padding()
+    lengths = [len(tokenizer.encode(query, doc).ids) for query, doc in PAIRS]
+    assert max(lengths) > MAX_LENGTH, lengths
+    assert min(lengths) < MAX_LENGTH // 4, lengths
     assert artifacts.reference["max_seq_length"] == MAX_LENGTH
     assert artifacts.reference["activation"] == "Sigmoid()"
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from sieve.v1 import (
 )
 
 from server.storage.index import VectorIndex, snapshot_files, snapshot_generation
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli import stack
 
 REPO = Path(__file__).resolve().parents[2]
 MODELS_DIR = REPO / "models"
@@ -173,46 +172,27 @@ class Client:
 
 @contextmanager
 def running_server(data_dir: Path, log: Path, **env: str) -> Iterator[Client]:
-    """A `sieve serve` child process, SERVING, killed (if still alive) on the way out."""
-    address = f"127.0.0.1:{free_port()}"
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    child_env.update(
-        SIEVE_DATA_DIR=str(data_dir),
-        SIEVE_GRPC_ADDRESS=address,
-        SIEVE_MODELS_DIR=str(MODELS_DIR),
-        SIEVE_LOG_LEVEL="INFO",
-        SIEVE_METRICS_ADDRESS="",  # no endpoint unless a test asks for one (no clash on the default port)
-    )
-    child_env.update(env)
-    with open(log, "ab") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sieve_cli.main", "serve"],
-            env=child_env,
-            cwd=REPO,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-        )
-    channel = None
-    try:
-        try:
-            wait_serving(address, timeout=60, proc=proc)
-        except (RuntimeError, TimeoutError) as exc:
-            raise AssertionError(f"{exc}\n--- server log ---\n{log.read_text(errors='replace')}") from None
-        channel = grpc.insecure_channel(address)
+    """A `sieve serve` child process (sieve_cli.stack), SERVING, killed (if still alive) on the way out."""
+    with (
+        stack.sieve_process(
+            "serve",
+            data_dir=data_dir,
+            settings=env,
+            log=log,
+            models_dir=MODELS_DIR,
+            timeout_s=60,
+            stop="kill",
+        ) as served,
+        grpc.insecure_channel(served.address) as channel,
+    ):
         yield Client(
-            proc,
+            served.proc,
             log,
             collections_pb2_grpc.CollectionServiceStub(channel),
             documents_pb2_grpc.DocumentServiceStub(channel),
             search_pb2_grpc.SearchServiceStub(channel),
-            address,
+            served.address,
         )
-    finally:
-        if channel is not None:
-            channel.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
 
 
 def kill_9(client: Client) -> None:

@@ -40,7 +40,7 @@ def test_tiers_fill_only_what_the_settings_leave_unset() -> None:
 
 def _cascade() -> Cascade:
     # The planner reads only the cost model: no dispatcher, cache, pool or token stage needed.
-    return Cascade(None, None, None, None, None)  # type: ignore[arg-type]
+    return Cascade(None, None, None, None, None, None)  # type: ignore[arg-type]
 
 
 def _plans(li: StageMode, ce: StageMode, keep: int = 30) -> list[StagePlan]:

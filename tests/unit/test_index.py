@@ -71,14 +71,15 @@ def test_hnsw_recall_at_10_on_clustered_embeddings_with_default_settings() -> No
     assert recall >= 0.99
 
 
-def test_hnsw_recall_on_uniform_random_vectors_is_reported() -> None:
-    """For information only: uniform random 384-d vectors are the worst case for any graph index."""
+def test_hnsw_recall_on_uniform_random_vectors_stays_above_0_9() -> None:
+    """Uniform random 384-d vectors are the worst case for a graph index (no clusters to follow); with the
+    default settings recall@10 measured 0.9585 here. Below 0.9 the defaults (M, ef) have regressed."""
     rng = np.random.default_rng(99)
     data = _unit(rng.standard_normal((4000, DIMS)))
     queries = _unit(rng.standard_normal((200, DIMS)))
     recall = _recall_at_10(data, queries)
     print(f"\nHNSW recall@10 (uniform random, 4000 x {DIMS}, default settings): {recall:.4f}")
-    assert 0.0 < recall <= 1.0
+    assert recall >= 0.9
 
 
 def _brute_force(metric: str, data: np.ndarray, q: np.ndarray) -> np.ndarray:
