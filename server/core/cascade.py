@@ -222,11 +222,12 @@ class Cascade:
         return self.costs.model(plan.stage, key)
 
     @staticmethod
-    def _fit_cross_encoder(cost, left_ms: float, n_in: int) -> BudgetPlan:  # type: ignore[no-untyped-def]
+    def _fit_cross_encoder(cost, left_ms: float, n_in: int, probe: bool = True) -> BudgetPlan:  # type: ignore[no-untyped-def]
+        """As many candidates as fit in `left_ms` (late interaction's too, at its start)."""
         fit = min(cost.fits(left_ms), n_in)
         note = f"{max(left_ms, 0):.0f} ms left: {fit} of {n_in} candidates fit ({cost.describe()})"
         if fit < min(MIN_CROSS_ENCODER, n_in):
-            if cost.probe_due() and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
+            if probe and cost.probe_due() and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
                 probe = f"{note}; probing with {MIN_CROSS_ENCODER} (the estimate is old or rests on few measurements)"
                 return BudgetPlan(note=probe, cut_to=MIN_CROSS_ENCODER)
             return BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
@@ -267,8 +268,8 @@ class Cascade:
             if plan.budget is not None and plan.budget.skip:
                 report = StageReport(plan.stage, StageStatus.DEGRADED, plan.budget.skip, len(hits), len(hits))
             elif plan.stage == Stage.LATE_INTERACTION:
-                hits, report = await self._late_interaction(
-                    plan, collection_id, query, hits, keep, deadline, query_tokens
+                hits, report = await self._late_interaction_in_time(
+                    plan, collection_id, query, hits, keep, deadline, budget_deadline, query_tokens
                 )
             else:
                 hits, report = await self._stage(
@@ -283,6 +284,43 @@ class Cascade:
             report.top_k_changed = report.status == StageStatus.COMPLETED and before != after
             report.top_k_new = len(set(after) - set(before)) if report.top_k_changed else 0
             yield plan, hits, report
+
+    async def _late_interaction_in_time(
+        self,
+        plan: StagePlan,
+        collection_id: int,
+        query: str,
+        hits: list[Hit],
+        keep: int,
+        deadline: float | None,
+        budget_deadline: float | None,
+        query_tokens: QueryTokens | None,
+    ) -> tuple[list[Hit], StageReport]:
+        """Late interaction, planned again from the time really left when it starts (MaxSim runs in the
+        executor and cannot be stopped midway, so a slow retrieval must leave it less to do): skipped,
+        or scoring only the first candidates that fit, the others following in the previous order."""
+        again = self._at_start(plan, budget_deadline, len(hits))
+        if again is not None and again.skip:
+            return hits, StageReport(plan.stage, StageStatus.DEGRADED, again.skip, len(hits), len(hits))
+        scored = hits[: again.cut_to] if again is not None and again.cut_to else hits
+        ranked, report = await self._late_interaction(
+            plan, collection_id, query, scored, keep, deadline, query_tokens
+        )
+        if again is not None:
+            report.plan = f"{plan.budget.note}; at start: {again.note}" if plan.budget else again.note
+        if len(scored) < len(hits) and report.status == StageStatus.COMPLETED:
+            ranked = (ranked + hits[len(scored) :])[:keep]
+            report.candidates_cut_from, report.candidates_out = len(hits), len(ranked)
+        return ranked, report
+
+    def _at_start(self, plan: StagePlan, budget_deadline: float | None, n_in: int) -> BudgetPlan | None:
+        """A BEST_EFFORT stage's plan from the time left now (None: no budget, or a REQUIRED stage)."""
+        if budget_deadline is None or plan.mode == StageMode.REQUIRED:
+            return None
+        left_ms = (budget_deadline - time.monotonic()) * 1000 - BUDGET_REPLY_MARGIN_MS
+        return self._fit_cross_encoder(
+            self._cost(plan), left_ms, n_in, probe=plan.stage == Stage.CROSS_ENCODER
+        )
 
     async def _late_interaction(
         self,
@@ -353,10 +391,9 @@ class Cascade:
             )
         if not hits:
             return hits, report(StageStatus.COMPLETED, out=0, model=model.label)
-        if budget_deadline is not None and plan.mode != StageMode.REQUIRED:
+        again = self._at_start(plan, budget_deadline, len(hits))
+        if again is not None:
             # Planned again from the time really left: the stages before may have run faster or slower.
-            left_ms = (budget_deadline - time.monotonic()) * 1000 - BUDGET_REPLY_MARGIN_MS
-            again = self._fit_cross_encoder(self._cost(plan), left_ms, len(hits))
             note = f"{note}; at start: {again.note}" if note else again.note
             if again.skip:
                 return hits, report(StageStatus.DEGRADED, out=len(hits), model=model.label, reason=again.skip)

@@ -72,6 +72,8 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
 
     async def SearchStream(self, request, context):  # type: ignore[no-untyped-def]
         query = convert.search_query(request)
+        # Headers now, while the search runs: the first ranking then goes out as one DATA frame.
+        await context.send_initial_metadata(())
         async for update in self.engine.search_stream(query, context.time_remaining()):
             yield convert.search_update_to_pb(update)
 
