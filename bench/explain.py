@@ -56,7 +56,7 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli.stack import free_port, wait_serving
 from sieve_core.beir import load_beir
 
 MODEL = "all-MiniLM-L6-v2"
