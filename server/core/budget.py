@@ -19,8 +19,12 @@ import math
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
-from sieve_core.types import SearchSettings, SearchTier, Stage
+from sieve_core.types import SearchSettings, SearchTier, Stage, StageMode, StageReport, StageStatus
+
+if TYPE_CHECKING:  # the cascade's plans (server/core/cascade.py imports this module)
+    from server.core.cascade import StagePlan
 
 MIN_CROSS_ENCODER = 2  # fewer candidates than this cannot change an order: skip the stage instead
 # A stage measured fewer times than this is tried on MIN_CROSS_ENCODER candidates when the estimate says
@@ -174,3 +178,63 @@ class BudgetPlan:
     note: str = ""  # the report's `plan`
     skip: str = ""  # non-empty: the stage does not run, for this reason
     cut_to: int = 0  # > 0: the stage scores only this many candidates
+
+
+class BudgetPlanner:
+    """Plans a search's stages against its latency budget, from the stage costs it has measured."""
+
+    def __init__(self) -> None:
+        self.costs = StageCosts()
+
+    def plan(self, plans: list[StagePlan], budget_ms: float, retrieve_n: int) -> str:
+        """Plans the stages against a latency budget before the search starts (server/core/budget.py);
+        returns the retrieval's part of the plan (its report's `plan`)."""
+        retrieve = self.costs.model(Stage.RETRIEVE)
+        left = budget_ms - BUDGET_REPLY_MARGIN_MS - retrieve.estimate(retrieve_n)
+        head = f"budget {budget_ms:.0f} ms; retrieval {retrieve.describe()}"
+        n_in = retrieve_n
+        for plan in plans:
+            if not plan.mode.enabled:
+                continue
+            cost = self.cost(plan)
+            if plan.mode == StageMode.REQUIRED:
+                left -= cost.estimate(n_in)
+                plan.budget = BudgetPlan(note=f"REQUIRED: not cut by the budget ({cost.describe()})")
+            elif plan.stage == Stage.LATE_INTERACTION:
+                estimate = cost.estimate(n_in)
+                note = f"{max(left, 0):.0f} ms left, {n_in} candidates need {estimate:.1f} ms ({cost.describe()})"
+                if estimate > left:
+                    plan.budget = BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
+                    continue  # it passes its input on unchanged
+                left -= estimate
+                plan.budget = BudgetPlan(note=note)
+            else:
+                plan.budget = self.fit(cost, left, n_in)
+                left -= cost.estimate(plan.budget.cut_to or n_in)
+            if plan.budget and not plan.budget.skip:
+                n_in = min(n_in, plan.keep) if plan.stage == Stage.LATE_INTERACTION else n_in
+        return head
+
+    def cost(self, plan: StagePlan) -> CostModel:
+        key = plan.model.name if plan.model is not None and plan.stage == Stage.CROSS_ENCODER else ""
+        return self.costs.model(plan.stage, key)
+
+    @staticmethod
+    def fit(cost: CostModel, left_ms: float, n_in: int, probe: bool = True) -> BudgetPlan:
+        """As many candidates as fit in `left_ms` (late interaction's too, at its start)."""
+        fit = min(cost.fits(left_ms), n_in)
+        note = f"{max(left_ms, 0):.0f} ms left: {fit} of {n_in} candidates fit ({cost.describe()})"
+        if fit < min(MIN_CROSS_ENCODER, n_in):
+            if probe and cost.probe_due() and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
+                probing = f"{note}; probing with {MIN_CROSS_ENCODER} (the estimate is old or rests on few measurements)"
+                return BudgetPlan(note=probing, cut_to=MIN_CROSS_ENCODER)
+            return BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
+        return BudgetPlan(note=note, cut_to=fit if fit < n_in else 0)
+
+    def observe(self, plan: StagePlan, report: StageReport) -> None:
+        """Feeds the stage cost model from a stage that really ran (cache hits cost nothing to learn)."""
+        if report.status == StageStatus.SKIPPED or not report.candidates_in or report.method == "cache":
+            return
+        ran = report.status == StageStatus.COMPLETED or "answered within" in report.reason
+        if ran and report.took_ms > 0:
+            self.cost(plan).observe(report.candidates_in, report.took_ms)

@@ -23,13 +23,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
-from server.core.budget import (
-    BUDGET_REPLY_MARGIN_MS,
-    MIN_CROSS_ENCODER,
-    PROBE_MIN_MS,
-    BudgetPlan,
-    StageCosts,
-)
+from server.core.budget import BUDGET_REPLY_MARGIN_MS, BudgetPlan, BudgetPlanner
 from server.core.tokens import ENABLE_HINT, QueryTokens, TokenPlan, TokenStage
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
@@ -89,7 +83,7 @@ class Cascade:
         self._pool = pool
         self.token_stage = token_stage
         self._load = load  # fills in the texts of hits retrieved without them (the cross-encoder reads them)
-        self.costs = StageCosts()  # measured stage costs, for latency budgets
+        self.budget = BudgetPlanner()  # latency budgets: measured stage costs, plans
 
     # -- models --------------------------------------------------------------------------------------
     def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
@@ -187,60 +181,6 @@ class Cascade:
             f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
         )
 
-    # -- budgets -------------------------------------------------------------------------------------
-    def plan_budget(self, plans: list[StagePlan], budget_ms: float, retrieve_n: int) -> str:
-        """Plans the stages against a latency budget before the search starts (server/core/budget.py);
-        returns the retrieval's part of the plan (its report's `plan`)."""
-        retrieve = self.costs.model(Stage.RETRIEVE)
-        left = budget_ms - BUDGET_REPLY_MARGIN_MS - retrieve.estimate(retrieve_n)
-        head = f"budget {budget_ms:.0f} ms; retrieval {retrieve.describe()}"
-        n_in = retrieve_n
-        for plan in plans:
-            if not plan.mode.enabled:
-                continue
-            cost = self._cost(plan)
-            if plan.mode == StageMode.REQUIRED:
-                left -= cost.estimate(n_in)
-                plan.budget = BudgetPlan(note=f"REQUIRED: not cut by the budget ({cost.describe()})")
-            elif plan.stage == Stage.LATE_INTERACTION:
-                estimate = cost.estimate(n_in)
-                note = f"{max(left, 0):.0f} ms left, {n_in} candidates need {estimate:.1f} ms ({cost.describe()})"
-                if estimate > left:
-                    plan.budget = BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
-                    continue  # it passes its input on unchanged
-                left -= estimate
-                plan.budget = BudgetPlan(note=note)
-            else:
-                plan.budget = self._fit_cross_encoder(cost, left, n_in)
-                left -= cost.estimate(plan.budget.cut_to or n_in)
-            if plan.budget and not plan.budget.skip:
-                n_in = min(n_in, plan.keep) if plan.stage == Stage.LATE_INTERACTION else n_in
-        return head
-
-    def _cost(self, plan: StagePlan):  # type: ignore[no-untyped-def]
-        key = plan.model.name if plan.model is not None and plan.stage == Stage.CROSS_ENCODER else ""
-        return self.costs.model(plan.stage, key)
-
-    @staticmethod
-    def _fit_cross_encoder(cost, left_ms: float, n_in: int, probe: bool = True) -> BudgetPlan:  # type: ignore[no-untyped-def]
-        """As many candidates as fit in `left_ms` (late interaction's too, at its start)."""
-        fit = min(cost.fits(left_ms), n_in)
-        note = f"{max(left_ms, 0):.0f} ms left: {fit} of {n_in} candidates fit ({cost.describe()})"
-        if fit < min(MIN_CROSS_ENCODER, n_in):
-            if probe and cost.probe_due() and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
-                probe = f"{note}; probing with {MIN_CROSS_ENCODER} (the estimate is old or rests on few measurements)"
-                return BudgetPlan(note=probe, cut_to=MIN_CROSS_ENCODER)
-            return BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
-        return BudgetPlan(note=note, cut_to=fit if fit < n_in else 0)
-
-    def observe(self, plan: StagePlan, report: StageReport) -> None:
-        """Feeds the stage cost model from a stage that really ran (cache hits cost nothing to learn)."""
-        if report.status == StageStatus.SKIPPED or not report.candidates_in or report.method == "cache":
-            return
-        ran = report.status == StageStatus.COMPLETED or "answered within" in report.reason
-        if ran and report.took_ms > 0:
-            self._cost(plan).observe(report.candidates_in, report.took_ms)
-
     # -- running -------------------------------------------------------------------------------------
     async def run(
         self,
@@ -279,7 +219,7 @@ class Cascade:
                 raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
             if plan.budget is not None and not report.plan:
                 report.plan = plan.budget.note
-            self.observe(plan, report)
+            self.budget.observe(plan, report)
             before, after = [h.id for h in given[:top_k]], [h.id for h in hits[:top_k]]
             report.top_k_changed = report.status == StageStatus.COMPLETED and before != after
             report.top_k_new = len(set(after) - set(before)) if report.top_k_changed else 0
@@ -318,9 +258,7 @@ class Cascade:
         if budget_deadline is None or plan.mode == StageMode.REQUIRED:
             return None
         left_ms = (budget_deadline - time.monotonic()) * 1000 - BUDGET_REPLY_MARGIN_MS
-        return self._fit_cross_encoder(
-            self._cost(plan), left_ms, n_in, probe=plan.stage == Stage.CROSS_ENCODER
-        )
+        return self.budget.fit(self.budget.cost(plan), left_ms, n_in, probe=plan.stage == Stage.CROSS_ENCODER)
 
     async def _late_interaction(
         self,

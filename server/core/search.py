@@ -90,7 +90,7 @@ class Searches:
             p.col, query, p.candidates, p.settings, text_for, query_tokens
         )
         report.plan = p.budget_note
-        self.cascade.costs.observe(Stage.RETRIEVE, "", p.candidates, report.took_ms)
+        self.cascade.budget.costs.observe(Stage.RETRIEVE, "", p.candidates, report.took_ms)
         reports = [report]
         # A stage's update goes out as it finishes; OFF stages report SKIPPED, with the next update.
         last = max((i for i, plan in enumerate(p.plans) if plan.mode.enabled), default=-1)
@@ -149,7 +149,7 @@ class Searches:
         planned = _Planned(query, top_k, col, settings, plans, candidates, started, deadline, None)
         if settings.latency_budget_ms is not None:
             planned.budget_deadline = begun + settings.latency_budget_ms / 1000
-            planned.budget_note = self.cascade.plan_budget(plans, settings.latency_budget_ms, candidates)
+            planned.budget_note = self.cascade.budget.plan(plans, settings.latency_budget_ms, candidates)
         return planned
 
     async def _update(

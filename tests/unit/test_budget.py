@@ -52,17 +52,17 @@ def _plans(li: StageMode, ce: StageMode, keep: int = 30) -> list[StagePlan]:
 
 def _teach(cascade: Cascade, retrieve: float, li: tuple[float, float], ce: tuple[float, float]) -> None:
     for n in (10, 50, 100):
-        cascade.costs.observe(Stage.RETRIEVE, "", n, retrieve)
-        cascade.costs.observe(Stage.LATE_INTERACTION, "", n, li[0] + li[1] * n)
+        cascade.budget.costs.observe(Stage.RETRIEVE, "", n, retrieve)
+        cascade.budget.costs.observe(Stage.LATE_INTERACTION, "", n, li[0] + li[1] * n)
         for _ in range(20):
-            cascade.costs.observe(Stage.CROSS_ENCODER, "ce", n // 5, ce[0] + ce[1] * (n // 5))
+            cascade.budget.costs.observe(Stage.CROSS_ENCODER, "ce", n // 5, ce[0] + ce[1] * (n // 5))
 
 
 def test_the_cross_encoder_gets_what_fits_and_says_so() -> None:
     cascade = _cascade()
     _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
     plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
-    head = cascade.plan_budget(plans, 40.0, 100)
+    head = cascade.budget.plan(plans, 40.0, 100)
     assert head.startswith("budget 40 ms")
     late, cross = (p.budget for p in plans)
     assert late is not None and not late.skip
@@ -77,13 +77,13 @@ def test_stages_that_cannot_fit_are_skipped_and_required_ones_never() -> None:
     cascade = _cascade()
     _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
     plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
-    cascade.plan_budget(plans, 12.0, 100)
+    cascade.budget.plan(plans, 12.0, 100)
     late, cross = (p.budget for p in plans)
     assert late is not None and late.skip.startswith("skipped by the latency budget")
     assert cross is not None and cross.skip.startswith("skipped by the latency budget")
     assert "0 of 100 candidates fit" in cross.note or cross.cut_to < MIN_CROSS_ENCODER
     required = _plans(StageMode.REQUIRED, StageMode.REQUIRED)
-    cascade.plan_budget(required, 12.0, 100)
+    cascade.budget.plan(required, 12.0, 100)
     assert all(p.budget is not None and not p.budget.skip and not p.budget.cut_to for p in required)
     assert all("REQUIRED" in p.budget.note for p in required if p.budget is not None)
 
@@ -92,23 +92,23 @@ def test_a_generous_budget_cuts_nothing() -> None:
     cascade = _cascade()
     _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
     plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
-    cascade.plan_budget(plans, 400.0, 100)
+    cascade.budget.plan(plans, 400.0, 100)
     assert all(p.budget is not None and not p.budget.skip and not p.budget.cut_to for p in plans)
 
 
 def test_an_unmeasured_cross_encoder_is_probed_not_skipped_forever() -> None:
     cascade = _cascade()
-    slow = cascade.costs.model(Stage.CROSS_ENCODER, "ce")
+    slow = cascade.budget.costs.model(Stage.CROSS_ENCODER, "ce")
     for _ in range(3):  # a pessimistic start: 30 ms fixed
         slow.observe(10, 30.0 + 10)
     plans = _plans(StageMode.OFF, StageMode.BEST_EFFORT)
-    cascade.plan_budget(plans, 40.0, 100)
+    cascade.budget.plan(plans, 40.0, 100)
     cross = plans[1].budget
     assert cross is not None and not cross.skip and cross.cut_to == MIN_CROSS_ENCODER
     assert "probing" in cross.note
     for _ in range(5):  # measured enough: the estimate decides again
         slow.observe(10, 40.0)
-    cascade.plan_budget(plans, 40.0, 100)
+    cascade.budget.plan(plans, 40.0, 100)
     assert plans[1].budget is not None and plans[1].budget.skip
 
 
