@@ -301,7 +301,10 @@ async def test_a_collection_from_before_token_storage_is_backfilled_at_start(tmp
         stored = _stored(server, name)
         assert sorted(stored) == sorted(DOCS)
         runner = server.server.engine.models.get(MODEL)
-        expected = compress_many(runner.token_vectors([DOCS[i] for i in sorted(DOCS)]), DEFAULT_TOKEN_FORMAT)
+        texts = [DOCS[i] for i in sorted(DOCS)]
+        expected = compress_many(
+            runner.token_vectors(texts), DEFAULT_TOKEN_FORMAT, runner.token_offsets(texts)
+        )
         for doc_id, blob in zip(sorted(DOCS), expected, strict=True):
             assert read_header(stored[doc_id]) == read_header(blob)
             np.testing.assert_allclose(
