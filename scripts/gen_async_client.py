@@ -63,6 +63,7 @@ from sieve._build import (
     MetricArg,
     SettingsArg,
     StageModeArg,
+    TierArg,
     UploadSource,
 )
 from sieve._channel import DEFAULT_ADDRESS, Timeouts

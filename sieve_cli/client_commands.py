@@ -6,6 +6,7 @@ client facade (`sieve.SieveClient`) only.
     sieve docs upsert COLLECTION FILE.jsonl      (Sieve lines: {"id", "text", "metadata"}; '-' for stdin)
     sieve docs get COLLECTION ID... | delete COLLECTION ID...
     sieve search QUERY --collection NAME [--top-k K] [--filter KEY=VALUE]... [--late [MODE]] [--cross [MODE]]
+                 [--budget MS | --tier fast|balanced|best] [--stream]
                  [--candidates N] [--late-keep N] [--cross-keep N] [--min-generation G] [--json]
 
 Every command takes --address (default SIEVE_GRPC_ADDRESS), --api-key, --tls/--ca-cert, --timeout and
@@ -30,6 +31,7 @@ import sieve
 from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 from sieve import SieveClient, SieveError
 from sieve._build import parse_document
 
@@ -87,6 +89,13 @@ def register(sub: Any) -> None:
         "--min-generation", type=int, default=0, help="read your writes: wait for this generation"
     )
     se.add_argument("--omit-documents", action="store_true", help="ids and scores only")
+    se.add_argument(
+        "--budget", type=int, metavar="MS", help="latency budget: the server plans its stages to fit"
+    )
+    se.add_argument("--tier", choices=("fast", "balanced", "best"), help="a named budget with depths")
+    se.add_argument(
+        "--stream", action="store_true", help="SearchStream: print each stage's ranking as it arrives"
+    )
     se.set_defaults(func=_search)
     parsers.append(se)
 
@@ -320,9 +329,7 @@ def _search(args: argparse.Namespace) -> int:
 
 def _search_on(client: SieveClient, args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    response = client.search(
-        args.collection,
-        args.query,
+    request: dict[str, Any] = dict(
         top_k=args.top_k,
         filter=args.filters or None,
         retrieve_candidates=args.candidates,
@@ -331,16 +338,76 @@ def _search_on(client: SieveClient, args: argparse.Namespace) -> int:
         late_interaction_keep=args.late_keep,
         cross_encoder=args.cross,
         cross_encoder_keep=args.cross_keep,
+        latency_budget_ms=args.budget,
+        tier=args.tier,
         omit_documents=args.omit_documents,
         min_generation=args.min_generation,
         timeout=args.timeout,
     )
+    if args.stream:
+        return _stream_on(client, args, request, started)
+    response = client.search(args.collection, args.query, **request)
     round_trip_ms = (time.perf_counter() - started) * 1000
     if args.json:
         _print_json({**_as_dict(response), "round_trip_ms": round_trip_ms})
     else:
         show_search(response, round_trip_ms)
     return 0
+
+
+def _stream_on(client: SieveClient, args: argparse.Namespace, request: dict[str, Any], started: float) -> int:
+    """One line per message as it arrives (stage, time since the call, ids), then the final tables."""
+    console = _console()
+    final = None
+    for message in client.search_stream(args.collection, args.query, **request):
+        at_ms = (time.perf_counter() - started) * 1000
+        if args.json:
+            _print_json({**_as_dict(message), "received_ms": at_ms})
+        else:
+            ids = " ".join(h.id for h in message.result.hits)
+            flag = (
+                " final" + (" (deadline reached)" if message.deadline_reached else "")
+                if message.final
+                else ""
+            )
+            console.print(f"{at_ms:8.2f} ms  {_name(sieve.Stage, message.stage, 'STAGE_'):<17}{flag}: {ids}")
+        final = message
+    if final is not None and not args.json:
+        show_search(final.result, (time.perf_counter() - started) * 1000, console)
+    return 0
+
+
+EVIDENCE_STYLE = "bold yellow"
+SNIPPET_CONTEXT = 30  # characters of text shown around each evidence span
+
+
+def highlighted(text: str, spans: Any) -> Text:
+    """The text with its evidence spans styled (offsets are code points: Python str indices)."""
+    out = Text(text.replace("\n", " "))
+    for span in spans:
+        out.stylize(EVIDENCE_STYLE, span.start, span.end)
+    return out
+
+
+def snippet(text: str, spans: Any, context: int = SNIPPET_CONTEXT) -> Text:
+    """The evidence spans with some text around each, windows that touch merged, gaps shown as '…'."""
+    windows: list[list[int]] = []
+    for span in spans:
+        lo, hi = max(0, span.start - context), min(len(text), span.end + context)
+        if windows and lo <= windows[-1][1]:
+            windows[-1][1] = max(windows[-1][1], hi)
+        else:
+            windows.append([lo, hi])
+    out = Text()
+    for lo, hi in windows:
+        out.append("…" if lo > 0 else "")
+        piece = highlighted(
+            text[lo:hi], [type(s)(start=s.start - lo, end=s.end - lo) for s in spans if lo <= s.start < hi]
+        )
+        out.append_text(piece)
+    if windows and windows[-1][1] < len(text):
+        out.append("…")
+    return out
 
 
 def show_search(response: sieve.SearchResponse, round_trip_ms: float, console: Console | None = None) -> None:
@@ -358,8 +425,13 @@ def show_search(response: sieve.SearchResponse, round_trip_ms: float, console: C
     for rank, hit in enumerate(response.hits, 1):
         by_stage = {s.stage: s for s in hit.stage_scores}
         cells = [f"{by_stage[s].score:.4f} (#{by_stage[s].rank + 1})" if s in by_stage else "-" for s in ran]
-        hits.add_row(str(rank), hit.id, f"{hit.score:.4f}", *cells, hit.text.replace("\n", " "))
+        hits.add_row(str(rank), hit.id, f"{hit.score:.4f}", *cells, highlighted(hit.text, hit.evidence))
     console.print(hits)
+    with_evidence = [(rank, h) for rank, h in enumerate(response.hits, 1) if h.evidence and h.text]
+    if with_evidence:
+        console.print(f"evidence (late interaction's best matches, [{EVIDENCE_STYLE}]highlighted[/])")
+        for rank, hit in with_evidence:
+            console.print(Text(f"{rank:>3} {hit.id}: ").append_text(snippet(hit.text, hit.evidence)))
 
     stages = Table(title="stages", title_justify="left")
     for column in ("stage", "status", "in", "out", "ms", "method"):
@@ -375,7 +447,17 @@ def show_search(response: sieve.SearchResponse, round_trip_ms: float, console: C
             str(s.candidates_out),
             f"{s.took_ms:.2f}",
             s.method or "-",
-            "\n".join(x for x in (s.model_id, s.reason and f"[{style}]{s.reason}[/]") if x) or "-",
+            "\n".join(
+                x
+                for x in (
+                    s.model_id,
+                    s.reason and f"[{style}]{s.reason}[/]",
+                    s.plan and f"plan: {s.plan}",
+                    s.candidates_cut_from and f"cut from {s.candidates_cut_from} candidates by the budget",
+                )
+                if x
+            )
+            or "-",
         )
     console.print(stages)
     console.print(

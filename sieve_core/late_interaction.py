@@ -55,6 +55,14 @@ OpenBLAS went to 14-16 ms medians with p90s up to ~100 ms, while one BLAS thread
 There is no checksum: computing one over ~90 KB per candidate would cost more than MaxSim itself. The
 header is checked strictly (magic, version, format, flags, sizes, exact length), which catches the
 failures a store or cache realistically produces: truncation, a foreign value, an old format.
+
+Version 3 (issue 15: evidence spans) is version 2 followed by a spans section that says which parts of the
+document's text each stored row stands for: after the rows, a uint32 byte count L, then L bytes. For each
+stored row in order: a varint m (its member tokens: 1 unpooled, the cluster's size when pooled), then per
+member, in text order, two varints: its start minus the previous member's start in the same row (the
+first: minus 0) and its length, both in Unicode code points of the document's text (the tokenizer's
+offsets: a Python str's indices). About 2.5 bytes per original token: ~600 bytes per SciFact abstract,
+2-3 % of a pooled int8 blob. Versions 1 and 2 (no spans) are still read; their hits carry no evidence.
 """
 
 from __future__ import annotations
@@ -69,7 +77,9 @@ import numpy as np
 MAGIC = b"SVTK"
 CODEC_VERSION = 1  # what plain rows are written as
 CODEC_VERSION_SHAPED = 2  # pooled and/or projected rows: bytes 14-15 say how (see the module doc)
-_READABLE_VERSIONS = (CODEC_VERSION, CODEC_VERSION_SHAPED)
+CODEC_VERSION_SPANS = 3  # version 2 + the rows' text spans after the payload (see the module doc)
+_READABLE_VERSIONS = (CODEC_VERSION, CODEC_VERSION_SHAPED, CODEC_VERSION_SPANS)
+_SPANS_LENGTH = struct.Struct("<I")
 FORMATS: dict[str, int] = {"fp16": 1, "int8": 2}
 _FORMAT_NAMES = {code: name for name, code in FORMATS.items()}
 _HEADER = struct.Struct("<4sBBHIHH")
@@ -104,13 +114,21 @@ def bytes_per_token(fmt: str, dims: int) -> int:
 
 
 def encode_tokens(
-    matrix: np.ndarray, fmt: str = "int8", *, pool_factor: int = 1, projection_seed: int | None = None
+    matrix: np.ndarray,
+    fmt: str = "int8",
+    *,
+    pool_factor: int = 1,
+    projection_seed: int | None = None,
+    spans: Sequence[Sequence[tuple[int, int]]] | None = None,
 ) -> bytes:
     """One document's token matrix (n_tokens, dims) -> a self-describing blob (see the module doc).
 
     `pool_factor` and `projection_seed` only label the rows (sieve_core.token_format made them); with
-    their defaults the blob is version 1, as before.
+    their defaults the blob is version 1, as before. `spans`: per row, the (start, end) code-point
+    offsets of the text it stands for (version 3).
     """
+    if spans is not None and len(spans) != len(matrix):
+        raise ValueError(f"{len(spans)} rows of spans for {len(matrix)} token rows")
     if not 1 <= pool_factor <= 0xFF:
         raise ValueError(f"pool factor {pool_factor} out of range 1..255")
     if projection_seed is not None and not 0 <= projection_seed <= 0xFF:
@@ -129,15 +147,17 @@ def encode_tokens(
     norms = np.linalg.norm(x, axis=1)
     unit = n > 0 and bool(np.all(np.abs(norms - 1.0) <= _UNIT_NORM_TOLERANCE))
     flags = FLAG_UNIT_NORM if unit else 0
-    if pool_factor == 1 and projection_seed is None:
+    if pool_factor == 1 and projection_seed is None and spans is None:
         header = _HEADER.pack(MAGIC, CODEC_VERSION, FORMATS[fmt], flags, n, dims, 0)
     else:
         if projection_seed is not None:
             flags |= FLAG_PROJECTED
         shape = pool_factor | ((projection_seed or 0) << 8)  # little-endian: byte 14, then byte 15
-        header = _HEADER.pack(MAGIC, CODEC_VERSION_SHAPED, FORMATS[fmt], flags, n, dims, shape)
+        version = CODEC_VERSION_SHAPED if spans is None else CODEC_VERSION_SPANS
+        header = _HEADER.pack(MAGIC, version, FORMATS[fmt], flags, n, dims, shape)
+    tail = b"" if spans is None else _encode_spans(spans)
     if fmt == "fp16":
-        return header + np.ascontiguousarray(x, dtype="<f2").tobytes()
+        return header + np.ascontiguousarray(x, dtype="<f2").tobytes() + tail
     peak = np.abs(x).max(axis=1) if n else np.zeros(0, dtype=np.float32)
     safe_peak = np.where(peak > 0, peak, 1.0).astype(np.float32)
     codes = np.rint(x * (127.0 / safe_peak)[:, None]).clip(-127, 127).astype(np.int8)
@@ -146,7 +166,66 @@ def encode_tokens(
         scales = 1.0 / np.maximum(code_norms, _NORM_EPS)
     else:
         scales = peak / 127.0
-    return header + np.ascontiguousarray(scales, dtype="<f4").tobytes() + codes.tobytes()
+    return header + np.ascontiguousarray(scales, dtype="<f4").tobytes() + codes.tobytes() + tail
+
+
+def _varint(value: int, out: bytearray) -> None:
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _encode_spans(spans: Sequence[Sequence[tuple[int, int]]]) -> bytes:
+    body = bytearray()
+    for members in spans:
+        _varint(len(members), body)
+        previous = 0
+        for start, end in members:
+            if start < previous or end < start:
+                raise ValueError(f"token span ({start}, {end}) is out of order in its row")
+            _varint(start - previous, body)
+            _varint(end - start, body)
+            previous = start
+    return _SPANS_LENGTH.pack(len(body)) + bytes(body)
+
+
+def decode_spans(
+    blob: bytes | bytearray | memoryview, rows: Sequence[int] | None = None
+) -> list[list[tuple[int, int]]]:
+    """The (start, end) code-point spans each stored row stands for ([] per row for a blob without
+    spans). With `rows`, only those rows' spans are kept (the others are skipped over), in `rows` order."""
+    info = read_header(blob)
+    if not info.spans_bytes:
+        return [[] for _ in (range(info.n_tokens) if rows is None else rows)]
+    data = memoryview(blob)[len(blob) - info.spans_bytes + _SPANS_LENGTH.size :]
+    wanted = None if rows is None else set(rows)
+    found: dict[int, list[tuple[int, int]]] = {}
+    pos = 0
+
+    def read() -> int:
+        nonlocal pos
+        value, shift = 0, 0
+        while True:
+            byte = data[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+            shift += 7
+
+    last = info.n_tokens if wanted is None else max(wanted, default=-1) + 1
+    for row in range(min(last, info.n_tokens)):
+        count = read()
+        members: list[tuple[int, int]] = []
+        start = 0
+        for _ in range(count):
+            start += read()
+            members.append((start, start + read()))
+        if wanted is None or row in wanted:
+            found[row] = members
+    order = range(info.n_tokens) if rows is None else rows
+    return [found.get(r, []) for r in order]
 
 
 @dataclass(frozen=True)
@@ -155,8 +234,9 @@ class TokenBlobInfo:
     n_tokens: int
     dims: int
     unit_norm: bool
-    pool_factor: int = 1  # version 2 blobs; 1 for version 1
+    pool_factor: int = 1  # version 2 and 3 blobs; 1 for version 1
     projection_seed: int | None = None  # None = not projected
+    spans_bytes: int = 0  # version 3: size of the spans section (its length prefix included)
 
 
 def read_header(blob: bytes | bytearray | memoryview) -> TokenBlobInfo:
@@ -186,12 +266,21 @@ def read_header(blob: bytes | bytearray | memoryview) -> TokenBlobInfo:
         raise ValueError("token blob header is corrupt: dims is 0")
     fmt = _FORMAT_NAMES[fmt_code]
     expected = HEADER_BYTES + n * bytes_per_token(fmt, dims)
+    spans_bytes = 0
+    if version == CODEC_VERSION_SPANS:
+        if len(blob) < expected + _SPANS_LENGTH.size:
+            raise ValueError(f"token blob truncated: {len(blob)} bytes, rows and a spans length need more")
+        (body,) = _SPANS_LENGTH.unpack_from(blob, expected)
+        spans_bytes = _SPANS_LENGTH.size + body
+        expected += spans_bytes
     if len(blob) != expected:
         raise ValueError(
             f"token blob {'truncated' if len(blob) < expected else 'has trailing bytes'}: {len(blob)} bytes, "
             f"header says {n} x {dims} {fmt} = {expected} bytes"
         )
-    return TokenBlobInfo(fmt, n, dims, bool(flags & FLAG_UNIT_NORM), pool_factor, projection_seed)
+    return TokenBlobInfo(
+        fmt, n, dims, bool(flags & FLAG_UNIT_NORM), pool_factor, projection_seed, spans_bytes
+    )
 
 
 def _decode_into(blob: bytes | bytearray | memoryview, info: TokenBlobInfo, out: np.ndarray) -> None:
@@ -288,7 +377,22 @@ CHUNK_TOKENS = 2048
 _Fill = Callable[[int, np.ndarray, np.ndarray], None]
 
 
-def _maxsim_chunked(q: np.ndarray, lengths: Sequence[int], fill: _Fill, chunk_tokens: int) -> np.ndarray:
+@dataclass(frozen=True)
+class BestMatches:
+    """MaxSim's argmax for one document: for each query token, the stored row that scored best and its
+    similarity (what the score sums). Empty arrays for a document with no rows."""
+
+    rows: np.ndarray  # (query tokens,) int
+    sims: np.ndarray  # (query tokens,) float32
+
+
+def _maxsim_chunked(
+    q: np.ndarray,
+    lengths: Sequence[int],
+    fill: _Fill,
+    chunk_tokens: int,
+    best: list[BestMatches | None] | None = None,
+) -> np.ndarray:
     """The kernel behind `maxsim` and `maxsim_blobs`: documents are copied (or decoded) a chunk at a time
     into one reused buffer, then one GEMM and one segmented max per chunk.
 
@@ -309,10 +413,17 @@ def _maxsim_chunked(q: np.ndarray, lengths: Sequence[int], fill: _Fill, chunk_to
     starts: list[int] = []
     used = 0
 
+    columns = np.arange(len(q))
+
     def flush() -> None:
         sims = buffer[:used] @ qt  # (tokens, q): each document's rows are one contiguous segment
         sims *= row_scales[:used, None]
         scores[members] = np.maximum.reduceat(sims, starts, axis=0).sum(axis=1)
+        if best is not None:  # the argmax behind each max (evidence spans): ~3 us per document
+            for k, start in zip(members, starts, strict=True):
+                segment = sims[start : start + lengths[k]]
+                rows = segment.argmax(axis=0)
+                best[k] = BestMatches(rows, segment[rows, columns])
 
     for k, n in enumerate(lengths):
         if n == 0:
@@ -366,12 +477,14 @@ def maxsim_blobs(
     blobs: Sequence[bytes | bytearray | memoryview],
     *,
     chunk_tokens: int = CHUNK_TOKENS,
+    best: list[BestMatches | None] | None = None,
 ) -> np.ndarray:
     """MaxSim straight from stored blobs, the re-rank path: same scores as
     `maxsim_packed(q, decode_packed(blobs))` to float rounding, at about the cost of MaxSim alone.
 
     int8 rows are only cast: the per-token scale multiplies the (tokens, q) similarities instead of the
     (tokens, dims) rows. Raises ValueError on any bad blob before doing any arithmetic.
+    `best`: a list of len(blobs) Nones, filled with each document's `BestMatches` (None: no rows).
     """
     q = np.asarray(query_tokens, dtype=np.float32)
     infos = [read_header(b) for b in blobs]
@@ -390,7 +503,7 @@ def maxsim_blobs(
             _decode_into(blob, info, rows)
             scales.fill(1.0)
 
-    return _maxsim_chunked(q, [i.n_tokens for i in infos], fill, chunk_tokens)
+    return _maxsim_chunked(q, [i.n_tokens for i in infos], fill, chunk_tokens, best)
 
 
 # -- scoring ---------------------------------------------------------------------------------------------

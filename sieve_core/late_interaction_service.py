@@ -41,6 +41,10 @@ class TokenRunner(Protocol):
 
     def document_token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]: ...
 
+    # The documents' token offsets (code points), one per row of document_token_vectors: stored with the
+    # rows so that search can say which words matched (evidence spans).
+    def document_token_offsets(self, texts: Sequence[str]) -> list[np.ndarray]: ...
+
 
 class EmbedRunner(TokenRunner, Protocol):
     """A bi-encoder: sentence vectors, and token vectors from the same encoder run."""
@@ -58,7 +62,7 @@ def encode_documents(
         return runner.encode(texts, batch_size)[0], None
     vectors, rows = runner.encode(texts, batch_size, tokens=True)
     assert rows is not None
-    return vectors, compress_many(rows, fmt)
+    return vectors, compress_many(rows, fmt, runner.document_token_offsets(texts))
 
 
 def embed(
@@ -78,7 +82,8 @@ def embed(
         vectors, blobs = encode_documents(runner, request.texts, fmt, batch_size)
         return EmbedResult.build(runner.model_id, vectors, blobs, runner.model_id)
     vectors = runner.encode(request.texts, batch_size)[0]
-    blobs = compress_many(token_runner.document_token_vectors(request.texts, batch_size), fmt)
+    rows = token_runner.document_token_vectors(request.texts, batch_size)
+    blobs = compress_many(rows, fmt, token_runner.document_token_offsets(request.texts))
     return EmbedResult.build(runner.model_id, vectors, blobs, token_runner.model_id)
 
 
@@ -87,7 +92,8 @@ def document_tokens(
 ) -> DocumentTokensResult:
     """Pending documents' token vectors, compressed in their collection's format."""
     rows = runner.document_token_vectors(request.texts, batch_size)
-    blobs = compress_many(rows, request.token_format.format())
+    offsets = runner.document_token_offsets(request.texts)
+    blobs = compress_many(rows, request.token_format.format(), offsets)
     return DocumentTokensResult(model_id=runner.model_id, token_blobs_b64=encode_blobs(blobs))
 
 

@@ -95,18 +95,26 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 
 def pool_tokens(rows: np.ndarray, factor: int) -> np.ndarray:
+    """Ward clustering of one document's rows into ceil(n / factor) re-normalised means (see
+    `pool_tokens_with_members`)."""
+    return pool_tokens_with_members(rows, factor)[0]
+
+
+def pool_tokens_with_members(rows: np.ndarray, factor: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Ward clustering of one document's rows into ceil(n / factor) clusters -> re-normalised means.
 
     The tree is cut after exactly n - k merges (a union-find over the linkage's first rows), which is
     what `fcluster(Z, k, "maxclust")` returns except when merge heights tie, where fcluster may give
     fewer than k clusters: so the stored size depends only on n. Clusters come out ordered by their first
-    token, so the result is deterministic (Ward linkage itself is).
+    token, so the result is deterministic (Ward linkage itself is). Also returns, per pooled row, the
+    indices of its member tokens in increasing order (evidence spans are stored per member).
     """
     x = np.asarray(rows, dtype=np.float32)
     n = len(x)
     k = math.ceil(n / factor)
     if factor == 1 or k >= n:
-        return x  # nothing merged: the rows as given (so factor 1 is exactly the plain codec)
+        # nothing merged: the rows as given (so factor 1 is exactly the plain codec)
+        return x, [np.array([i]) for i in range(n)]
     merges = linkage(_pairwise_distances(x), method="ward")  # (n - 1, 4): cluster ids a, b, height, size
     parent = list(range(2 * n - 1))
 
@@ -124,7 +132,9 @@ def pool_tokens(rows: np.ndarray, factor: int) -> np.ndarray:
     grouped = labels[members]
     starts = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]])
     sums = np.add.reduceat(x[members], starts, axis=0)  # ~5x faster than np.add.at
-    return _normalize(sums[np.argsort(members[starts])])  # clusters ordered by their first token
+    order = np.argsort(members[starts])  # clusters ordered by their first token
+    groups = np.split(members, starts[1:])
+    return _normalize(sums[order]), [groups[i] for i in order]
 
 
 @lru_cache(maxsize=8)
@@ -164,24 +174,52 @@ def _project(rows: np.ndarray, fmt: TokenFormat) -> np.ndarray:
 
 def shape_rows(rows: np.ndarray, fmt: TokenFormat) -> np.ndarray:
     """One document's rows as they will be stored, before the codec: pooled, then projected (float32)."""
+    return _shape(rows, fmt)[0]
+
+
+def _shape(rows: np.ndarray, fmt: TokenFormat) -> tuple[np.ndarray, list[np.ndarray]]:
     x = np.asarray(rows, dtype=np.float32)
     if x.ndim != 2:
         raise ValueError(f"token rows must be 2-D (n_tokens, dims), got shape {x.shape}")
-    return _project(pool_tokens(x, fmt.pool_factor), fmt)
+    pooled, members = pool_tokens_with_members(x, fmt.pool_factor)
+    return _project(pooled, fmt), members
 
 
-def compress(rows: np.ndarray, fmt: TokenFormat = DEFAULT_TOKEN_FORMAT) -> bytes:
-    """One document's L2-normalised token rows (n, dims) -> pooled, projected, re-normalised, encoded blob."""
+def compress(
+    rows: np.ndarray, fmt: TokenFormat = DEFAULT_TOKEN_FORMAT, spans: np.ndarray | None = None
+) -> bytes:
+    """One document's L2-normalised token rows (n, dims) -> pooled, projected, re-normalised, encoded blob.
+
+    `spans`: the tokens' (start, end) offsets in Unicode code points of the document's text, (n, 2), one
+    per row of `rows` (`BiEncoderRunner.token_offsets`); given, the blob records for each stored row the
+    spans of the tokens it stands for (codec version 3), from which search reports evidence.
+    """
+    shaped, members = _shape(rows, fmt)
+    row_spans = None
+    if spans is not None:
+        offsets = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+        if len(offsets) != len(rows):
+            raise ValueError(f"{len(offsets)} token spans for {len(rows)} token rows")
+        # Special tokens ([CLS], [SEP], ColBERT's [D]) stand for no text: (0, 0) spans are left out, and
+        # a row's members are stored in text order (a cluster's token order is not always text order).
+        row_spans = [sorted((int(a), int(b)) for a, b in offsets[group] if b > a) for group in members]
     return encode_tokens(
-        shape_rows(rows, fmt),
+        shaped,
         fmt.codec,
         pool_factor=fmt.pool_factor,
         projection_seed=fmt.projection_seed if fmt.projection_dims else None,
+        spans=row_spans,
     )
 
 
-def compress_many(rows: Sequence[np.ndarray], fmt: TokenFormat = DEFAULT_TOKEN_FORMAT) -> list[bytes]:
-    return [compress(r, fmt) for r in rows]
+def compress_many(
+    rows: Sequence[np.ndarray],
+    fmt: TokenFormat = DEFAULT_TOKEN_FORMAT,
+    spans: Sequence[np.ndarray] | None = None,
+) -> list[bytes]:
+    if spans is None:
+        return [compress(r, fmt) for r in rows]
+    return [compress(r, fmt, s) for r, s in zip(rows, spans, strict=True)]
 
 
 def prepare_query(rows: np.ndarray, fmt: TokenFormat = DEFAULT_TOKEN_FORMAT) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
 
 class Stage(enum.IntEnum):
@@ -36,6 +37,15 @@ class StageStatus(enum.IntEnum):
     SKIPPED = 3
 
 
+class SearchTier(enum.IntEnum):
+    """Values match sieve.v1.SearchTier: named latency budgets with depths (server/core/budget.py)."""
+
+    UNSPECIFIED = 0
+    FAST = 1
+    BALANCED = 2
+    BEST = 3
+
+
 METRICS = ("cosine", "ip", "l2")
 
 
@@ -51,6 +61,8 @@ class SearchSettings:
     cross_encoder_keep: int | None = None
     late_interaction_model: str | None = None
     cross_encoder_model: str | None = None
+    latency_budget_ms: int | None = None
+    tier: SearchTier = SearchTier.UNSPECIFIED
 
     def over(self, base: SearchSettings) -> SearchSettings:
         """These settings, with unset fields taken from `base`."""
@@ -67,6 +79,8 @@ class SearchSettings:
             cross_encoder_keep=pick(self.cross_encoder_keep, base.cross_encoder_keep),
             late_interaction_model=pick(self.late_interaction_model, base.late_interaction_model),
             cross_encoder_model=pick(self.cross_encoder_model, base.cross_encoder_model),
+            latency_budget_ms=pick(self.latency_budget_ms, base.latency_budget_ms),
+            tier=pick(self.tier, base.tier, SearchTier.UNSPECIFIED),
         )
 
 
@@ -143,6 +157,15 @@ class StageScore:
     rank: int
 
 
+@dataclass(frozen=True)
+class Span:
+    """Part of a hit's text that matched: [start, end) in Unicode code points of the text."""
+
+    start: int
+    end: int
+    score: float
+
+
 @dataclass
 class Hit:
     id: str
@@ -151,6 +174,11 @@ class Hit:
     metadata: dict[str, str] = field(default_factory=dict)
     stage_scores: list[StageScore] = field(default_factory=list)
     key: int = 0  # the stored version's key (its token vectors are filed under it); not sent to clients
+    evidence: list[Span] = field(default_factory=list)
+    loaded: bool = True  # text and metadata read (retrieval reads them only for the hits likely sent)
+    # Late interaction's argmax for this hit with its stored blob, kept until the hit is sent (evidence is
+    # worked out only for the hits a reply carries); not sent to clients.
+    matches: tuple[bytes, Any] | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -169,6 +197,13 @@ class StageReport:
     token_bytes: int = 0
     tokens_pending: int = 0
     query_token_source: str = ""
+    # Latency budget: the planner's decision for this stage, and how many candidates it would have
+    # scored when the budget cut them (0: not cut).
+    plan: str = ""
+    candidates_cut_from: int = 0
+    # Re-ranking stages: the top k (ids in order) differs from the input's; how many are new in it.
+    top_k_changed: bool = False
+    top_k_new: int = 0
 
 
 @dataclass
@@ -177,6 +212,16 @@ class SearchResult:
     stages: list[StageReport]
     generation: int
     took_ms: float
+
+
+@dataclass
+class SearchUpdate:
+    """One message of a streamed search: the ranking after `stage`, the reports so far."""
+
+    result: SearchResult
+    stage: Stage
+    final: bool
+    deadline_reached: bool = False
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ finds the document that shares the query's words: deterministic, instant, no mod
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -70,3 +71,9 @@ class FakeBiEncoder:
         return rows
 
     query_token_vectors = document_token_vectors
+
+    def document_token_offsets(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Each word's (start, end) in the text: the fake's tokens are its words (see `encode`)."""
+        return [
+            np.array([m.span() for m in re.finditer(r"\S+", t)], dtype=np.int64).reshape(-1, 2) for t in texts
+        ]

@@ -18,10 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
+from server.core.budget import BUDGET_REPLY_MARGIN_MS, BudgetPlan, BudgetPlanner
 from server.core.tokens import ENABLE_HINT, QueryTokens, TokenPlan, TokenStage
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
@@ -60,6 +62,7 @@ class StagePlan:
     model: StageModel | None = None
     unavailable: str = ""
     tokens: TokenPlan | None = None  # late interaction: how the collection stores its token vectors
+    budget: BudgetPlan | None = None  # a request with a latency budget: what the planner gave the stage
 
 
 class Cascade:
@@ -71,6 +74,7 @@ class Cascade:
         cache: ResultCache,
         pool: Executor,
         token_stage: TokenStage,
+        load: Callable[[int, list[Hit]], Awaitable[None]] | None = None,
     ) -> None:
         self.settings = settings
         self.models = models  # only manifests are read here: the workers run the re-rankers
@@ -78,6 +82,8 @@ class Cascade:
         self.cache = cache
         self._pool = pool
         self.token_stage = token_stage
+        self._load = load  # fills in the texts of hits retrieved without them (the cross-encoder reads them)
+        self.budget = BudgetPlanner()  # latency budgets: measured stage costs, plans
 
     # -- models --------------------------------------------------------------------------------------
     def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
@@ -176,7 +182,7 @@ class Cascade:
         )
 
     # -- running -------------------------------------------------------------------------------------
-    async def rerank(
+    async def run(
         self,
         plans: list[StagePlan],
         *,
@@ -186,26 +192,73 @@ class Cascade:
         hits: list[Hit],
         top_k: int,
         deadline: float | None,
+        budget_deadline: float | None = None,
         query_tokens: QueryTokens | None = None,
-    ) -> tuple[list[Hit], list[StageReport]]:
-        """Runs the planned stages in order over `hits`; `deadline` is a time.monotonic() value.
-        `query_tokens`: the query's token vectors from the retrieval's encoder pass (zero-shot)."""
-        reports: list[StageReport] = []
+    ) -> AsyncIterator[tuple[StagePlan, list[Hit], StageReport]]:
+        """Runs the planned stages in order over `hits`, yielding each one's ranking and report as it
+        finishes (skipped ones too). `deadline` (the call's) and `budget_deadline` (the request's latency
+        budget) are time.monotonic() values. `query_tokens`: the query's token vectors from the retrieval's
+        encoder pass (zero-shot)."""
         for plan in plans:
             if not plan.mode.enabled:
-                reports.append(StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested"))
+                yield plan, hits, StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested")
                 continue
+            given = hits
             keep = max(plan.keep, top_k)
-            if plan.stage == Stage.LATE_INTERACTION:
-                hits, report = await self._late_interaction(
-                    plan, collection_id, query, hits, keep, deadline, query_tokens
+            if plan.budget is not None and plan.budget.skip:
+                report = StageReport(plan.stage, StageStatus.DEGRADED, plan.budget.skip, len(hits), len(hits))
+            elif plan.stage == Stage.LATE_INTERACTION:
+                hits, report = await self._late_interaction_in_time(
+                    plan, collection_id, query, hits, keep, deadline, budget_deadline, query_tokens
                 )
             else:
-                hits, report = await self._stage(plan, collection_id, generation, query, hits, keep, deadline)
+                hits, report = await self._stage(
+                    plan, collection_id, generation, query, hits, keep, deadline, budget_deadline
+                )
             if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
                 raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
-            reports.append(report)
-        return hits, reports
+            if plan.budget is not None and not report.plan:
+                report.plan = plan.budget.note
+            self.budget.observe(plan, report)
+            before, after = [h.id for h in given[:top_k]], [h.id for h in hits[:top_k]]
+            report.top_k_changed = report.status == StageStatus.COMPLETED and before != after
+            report.top_k_new = len(set(after) - set(before)) if report.top_k_changed else 0
+            yield plan, hits, report
+
+    async def _late_interaction_in_time(
+        self,
+        plan: StagePlan,
+        collection_id: int,
+        query: str,
+        hits: list[Hit],
+        keep: int,
+        deadline: float | None,
+        budget_deadline: float | None,
+        query_tokens: QueryTokens | None,
+    ) -> tuple[list[Hit], StageReport]:
+        """Late interaction, planned again from the time really left when it starts (MaxSim runs in the
+        executor and cannot be stopped midway, so a slow retrieval must leave it less to do): skipped,
+        or scoring only the first candidates that fit, the others following in the previous order."""
+        again = self._at_start(plan, budget_deadline, len(hits))
+        if again is not None and again.skip:
+            return hits, StageReport(plan.stage, StageStatus.DEGRADED, again.skip, len(hits), len(hits))
+        scored = hits[: again.cut_to] if again is not None and again.cut_to else hits
+        ranked, report = await self._late_interaction(
+            plan, collection_id, query, scored, keep, deadline, query_tokens
+        )
+        if again is not None:
+            report.plan = f"{plan.budget.note}; at start: {again.note}" if plan.budget else again.note
+        if len(scored) < len(hits) and report.status == StageStatus.COMPLETED:
+            ranked = (ranked + hits[len(scored) :])[:keep]
+            report.candidates_cut_from, report.candidates_out = len(hits), len(ranked)
+        return ranked, report
+
+    def _at_start(self, plan: StagePlan, budget_deadline: float | None, n_in: int) -> BudgetPlan | None:
+        """A BEST_EFFORT stage's plan from the time left now (None: no budget, or a REQUIRED stage)."""
+        if budget_deadline is None or plan.mode == StageMode.REQUIRED:
+            return None
+        left_ms = (budget_deadline - time.monotonic()) * 1000 - BUDGET_REPLY_MARGIN_MS
+        return self.budget.fit(self.budget.cost(plan), left_ms, n_in, probe=plan.stage == Stage.CROSS_ENCODER)
 
     async def _late_interaction(
         self,
@@ -237,10 +290,12 @@ class Cascade:
         report.took_ms = (time.perf_counter() - started) * 1000
         return ranked, report
 
-    def _budget(self, deadline: float | None) -> float:
+    def _budget(self, deadline: float | None, budget_deadline: float | None = None) -> float:
         budget = self.settings.rerank_timeout_s
         if deadline is not None:
             budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
+        if budget_deadline is not None:
+            budget = min(budget, budget_deadline - time.monotonic() - BUDGET_REPLY_MARGIN_MS / 1000)
         return budget
 
     async def _stage(
@@ -252,22 +307,38 @@ class Cascade:
         hits: list[Hit],
         keep: int,
         deadline: float | None,
+        budget_deadline: float | None = None,
     ) -> tuple[list[Hit], StageReport]:
         started = time.perf_counter()
+        given = hits
+        cut_from = 0
 
         def report(
             status: StageStatus, *, out: int, model: str = "", method: str = "", reason: str = ""
         ) -> StageReport:
             took = (time.perf_counter() - started) * 1000
-            return StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
+            made = StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
+            made.candidates_cut_from, made.plan = cut_from, note
+            return made
 
         model = plan.model
+        note = plan.budget.note if plan.budget is not None else ""
         if model is None:
             return hits, report(
                 StageStatus.DEGRADED, out=len(hits), reason=f"{plan.unavailable}; kept the previous order"
             )
         if not hits:
             return hits, report(StageStatus.COMPLETED, out=0, model=model.label)
+        again = self._at_start(plan, budget_deadline, len(hits))
+        if again is not None:
+            # Planned again from the time really left: the stages before may have run faster or slower.
+            note = f"{note}; at start: {again.note}" if note else again.note
+            if again.skip:
+                return hits, report(StageStatus.DEGRADED, out=len(hits), model=model.label, reason=again.skip)
+            if again.cut_to:
+                cut_from, hits = len(hits), hits[: again.cut_to]
+        if self._load is not None:
+            await self._load(collection_id, hits)
         texts = [h.text for h in hits]
         key = stage_scores_key(
             plan.stage.name.lower(),
@@ -281,20 +352,23 @@ class Cascade:
         scores = await loop.run_in_executor(self._pool, partial(self.cache.get_scores, key, len(hits)))
         method = "cache"
         if scores is None:
+            timeout_s = self._budget(deadline, budget_deadline)
             try:
-                result = await self.dispatcher.cross_encoder(model.name, query, texts, self._budget(deadline))
+                result = await self.dispatcher.cross_encoder(model.name, query, texts, timeout_s)
             except StageUnavailable as exc:
-                return hits, report(
+                cut = " (cut by the latency budget)" if budget_deadline is not None else ""
+                return given, report(
                     StageStatus.DEGRADED,
-                    out=len(hits),
+                    out=len(given),
                     model=model.label,
                     method="worker",
-                    reason=f"{exc}; kept the previous order",
+                    reason=f"{exc}{cut}; kept the previous order",
                 )
             scores = list(result.scores)
             method = f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"
             await loop.run_in_executor(self._pool, partial(self.cache.put_scores, key, scores))
-        ranked = _rank(hits, scores, plan.stage, keep)
+        # Candidates the budget left out follow the scored ones, in the previous stage's order.
+        ranked = (_rank(hits, scores, plan.stage, keep) + given[len(hits) :])[:keep]
         return ranked, report(StageStatus.COMPLETED, out=len(ranked), model=model.label, method=method)
 
 

@@ -26,7 +26,14 @@ from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError, BundleManifest
 from sieve_core.models.registry import TOKEN_VECTORS, ModelKindError, ModelRegistry
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many
-from sieve_core.types import CollectionInfo, CollectionSpec, SearchSettings, StageMode, TokenStorageSpec
+from sieve_core.types import (
+    CollectionInfo,
+    CollectionSpec,
+    SearchSettings,
+    SearchTier,
+    StageMode,
+    TokenStorageSpec,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +84,7 @@ def _settings_from_json(text: str) -> SearchSettings:
     raw = json.loads(text)
     for mode in ("late_interaction", "cross_encoder"):
         raw[mode] = StageMode(raw.get(mode, 0))
+    raw["tier"] = SearchTier(raw.get("tier", 0))  # collections made before tiers have none
     return SearchSettings(**raw)
 
 
@@ -130,7 +138,7 @@ class Collections:
         backfill of pending documents), with the registry's runner of the plan's model."""
         runner = self._models.token_runner(plan.model)
         rows = runner.document_token_vectors(texts, self._settings.embed_batch_size)
-        return compress_many(rows, plan.fmt)
+        return compress_many(rows, plan.fmt, runner.document_token_offsets(texts))
 
     def info(self, col: Collection) -> CollectionInfo:
         row = self._store.get_collection(col.row.name)

@@ -3,7 +3,9 @@
 - collections.py: the collections, their indexes (loaded, caught up, snapshotted) and models;
 - writes.py: document writes on the single writer thread;
 - retrieval.py: the query vector and the index search (the first stage of a search), reads by id;
+- search.py: a search as a sequence of updates (Search: the last; SearchStream: each), budgets planned;
 - cascade.py: the re-ranking stages: late interaction here (tokens.py), the cross-encoder on the workers;
+- budget.py: latency budgets: tiers, measured stage costs, the plan;
 - tokens.py: stored token vectors: formats, the late-interaction stage, the backfill of pending ones;
 - validation.py: every request's arguments, checked once, here or in the part that serves the request.
 
@@ -13,16 +15,16 @@ work (ONNX, usearch, SQLite) runs in executors (executors.py), so the event loop
 
 from __future__ import annotations
 
-import time
+from collections.abc import AsyncIterator
 
 import numpy as np
 
-from server.core import validation
 from server.core.cascade import Cascade
 from server.core.collections import Collections
 from server.core.executors import Executors
 from server.core.indexing import IndexTarget
 from server.core.retrieval import Retrieval
+from server.core.search import Searches
 from server.core.tokens import TokenBackfill, TokenStage
 from server.core.writes import Writes
 from server.dispatch.dispatcher import Dispatcher
@@ -37,7 +39,7 @@ from sieve_core.types import (
     Document,
     SearchQuery,
     SearchResult,
-    Stage,
+    SearchUpdate,
     WriteResult,
 )
 
@@ -67,7 +69,16 @@ class Engine:
         self.retrieval = Retrieval(settings, self.store, self.collections, self.cache, self._run)
         token_stage = TokenStage(settings, self.store, self.dispatcher, self.cache, self._run.read)
         self.cascade = Cascade(
-            settings, self.models, self.dispatcher, self.cache, self._run.pool, token_stage
+            settings,
+            self.models,
+            self.dispatcher,
+            self.cache,
+            self._run.pool,
+            token_stage,
+            self.retrieval.load,
+        )
+        self.searches = Searches(
+            settings, self.collections, self.writes, self.retrieval, self.cascade, self._run
         )
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -115,54 +126,16 @@ class Engine:
     async def delete_documents(self, name: str, ids: list[str]) -> WriteResult:
         return await self.writes.delete_documents(name, ids)
 
-    # -- search ----------------------------------------------------------------------------------
+    # -- search (server/core/search.py) -------------------------------------------------------------
     async def search(self, query: SearchQuery, timeout_s: float | None = None) -> SearchResult:
-        """Wait for `min_generation` if asked, retrieve, then re-rank as the settings ask. `timeout_s`:
-        time left before the caller's deadline."""
-        started = time.perf_counter()
-        deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        # The request is checked here once, in full, before any wait or work: arguments, then the models
-        # its REQUIRED stages need (the cascade's plan).
-        top_k = validation.search(query, self.settings)
-        col = self.collections.find(query.collection)
-        settings = query.settings.over(col.defaults).over(self.collections.defaults)
-        plans = self.cascade.plan(
-            settings, col.row.embedding_model, top_k, collection=col.row.name, tokens=col.tokens
-        )
-        if query.min_generation:
-            wait_s = self.settings.min_generation_wait_s
-            if deadline is not None:
-                wait_s = min(wait_s, deadline - time.monotonic() - 0.05)
-            waiting = time.perf_counter()
-            await self.writes.wait_for_generation(col, query.min_generation, wait_s)
-            started += time.perf_counter() - waiting  # took_ms is the search's time, without the wait
-        reranking = any(p.mode.enabled for p in plans)
-        candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k
-        # The cross-encoder needs the candidates' texts even if the reply omits them; late interaction
-        # reads token vectors by key and needs none.
-        fetch_texts = not query.omit_documents or any(
-            p.mode.enabled and p.stage == Stage.CROSS_ENCODER for p in plans
-        )
-        # Zero-shot late interaction: the query's token vectors come from the retrieval's encoder pass.
-        query_tokens = any(p.tokens is not None and p.tokens.zero_shot for p in plans)
-        hits, report, generation, tokens = await self.retrieval.retrieve(
-            col, query, candidates, settings, fetch_texts, query_tokens
-        )
-        hits, reranked = await self.cascade.rerank(
-            plans,
-            collection_id=col.row.id,
-            generation=generation,
-            query=query.query,
-            hits=hits,
-            top_k=top_k,
-            deadline=deadline,
-            query_tokens=tokens,
-        )
-        hits = hits[:top_k]
-        if query.omit_documents:
-            for hit in hits:
-                hit.text, hit.metadata = "", {}
-        return SearchResult(hits, [report, *reranked], generation, (time.perf_counter() - started) * 1000)
+        """The search's final answer. `timeout_s`: time left before the caller's deadline."""
+        return await self.searches.search(query, timeout_s)
+
+    def search_stream(
+        self, query: SearchQuery, timeout_s: float | None = None
+    ) -> AsyncIterator[SearchUpdate]:
+        """The search's ranking after each stage that runs, the last update final (= `search`)."""
+        return self.searches.stream(query, timeout_s)
 
     # -- for index jobs (server.core.indexing.IndexingEngine) --------------------------------------
     async def index_target(self, name: str) -> IndexTarget:

@@ -49,13 +49,29 @@ class Retrieval:
         query: SearchQuery,
         count: int,
         settings: SearchSettings,
-        with_text: bool,
+        text_for: int,
         query_tokens: bool = False,
     ) -> tuple[list[Hit], StageReport, int, QueryTokens | None]:
         """The `count` nearest documents, the stage's report, the generation the index showed, and with
         `query_tokens` the query's token vectors from the same encoder pass as its vector (zero-shot late
-        interaction needs no second query encoding)."""
-        return await self._run.read(self._retrieve, col, query, count, settings, with_text, query_tokens)
+        interaction needs no second query encoding). Only the first `text_for` hits come with their text
+        and metadata (the others are `loaded` later, if a stage or the reply needs them: late interaction
+        reads token vectors by key, so 100 candidates' texts need not be read for the 10 sent)."""
+        return await self._run.read(self._retrieve, col, query, count, settings, text_for, query_tokens)
+
+    async def load(self, collection_id: int, hits: list[Hit]) -> None:
+        """Fills in the text and metadata of the hits that were retrieved without them."""
+        missing = [h for h in hits if not h.loaded]
+        if missing:
+            await self._run.read(self._load, collection_id, missing)
+
+    def _load(self, collection_id: int, hits: list[Hit]) -> None:
+        docs = self._store.documents_by_keys(collection_id, [h.key for h in hits], with_text=True)
+        for hit in hits:
+            doc = docs.get(hit.key)
+            if doc is not None:  # else replaced or deleted since the search began: it keeps no text
+                hit.text, hit.metadata = doc.text, doc.metadata
+            hit.loaded = True
 
     def _retrieve(
         self,
@@ -63,7 +79,7 @@ class Retrieval:
         query: SearchQuery,
         count: int,
         settings: SearchSettings,
-        with_text: bool,
+        text_for: int,
         query_tokens: bool,
     ) -> tuple[list[Hit], StageReport, int, QueryTokens | None]:
         started = time.perf_counter()
@@ -81,7 +97,7 @@ class Retrieval:
         else:
             keys, scores = col.index.search(vector, count, settings.ef_search)
             method, seen = "hnsw", len(col.index)
-        hits = self._hits(col, keys, scores, with_text)
+        hits = self._hits(col, keys, scores, text_for)
         report = StageReport(
             Stage.RETRIEVE,
             StageStatus.COMPLETED,
@@ -93,8 +109,11 @@ class Retrieval:
         )
         return hits, report, generation, tokens
 
-    def _hits(self, col: Collection, keys: np.ndarray, scores: np.ndarray, with_text: bool) -> list[Hit]:
-        docs = self._store.documents_by_keys(col.row.id, keys.tolist(), with_text=with_text)
+    def _hits(self, col: Collection, keys: np.ndarray, scores: np.ndarray, text_for: int) -> list[Hit]:
+        found = keys.tolist()
+        docs = self._store.documents_by_keys(col.row.id, found[:text_for], with_text=True) if text_for else {}
+        loaded = set(docs)
+        docs.update(self._store.documents_by_keys(col.row.id, found[text_for:], with_text=False))
         hits: list[Hit] = []
         for key, score in zip(keys.tolist(), scores.tolist(), strict=True):
             doc = docs.get(key)
@@ -108,6 +127,7 @@ class Retrieval:
                     doc.metadata,
                     [StageScore(Stage.RETRIEVE, score, len(hits))],
                     key=key,
+                    loaded=key in loaded,
                 )
             )
         return hits

@@ -31,7 +31,7 @@ from server.storage.store import CollectionRow, Store
 from sieve_core.cache import ResultCache, query_tokens_key
 from sieve_core.config import Settings
 from sieve_core.errors import InvalidArgument, NotFound
-from sieve_core.late_interaction import maxsim_blobs
+from sieve_core.late_interaction import BestMatches, maxsim_blobs
 from sieve_core.logs import request_id
 from sieve_core.models.bundle import BundleManifest
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, check_blob, prepare_query
@@ -174,8 +174,12 @@ class TokenStage:
         self, collection_id: int, plan: TokenPlan, query: QueryTokens, hits: list[Hit], keep: int
     ) -> tuple[list[Hit], StageReport]:
         started = time.perf_counter()
-        scores, pending, nbytes = await self._run(self._maxsim, collection_id, plan, query.rows, hits)
+        scores, pending, nbytes, matches = await self._run(
+            self._maxsim, collection_id, plan, query.rows, hits
+        )
         ranked = _rank(hits, scores, keep)
+        for hit in ranked:
+            hit.matches = matches.get(hit.key)
         method = f"store: {len(hits) - len(pending)} docs, {_mb(nbytes)}, {plan.fmt.describe()}"
         if pending:
             method += f"; {len(pending)} pending (ranked after the scored ones)"
@@ -204,15 +208,20 @@ class TokenStage:
 
     def _maxsim(
         self, collection_id: int, plan: TokenPlan, rows: np.ndarray, hits: Sequence[Hit]
-    ) -> tuple[dict[int, float], list[int], int]:
-        """In the executor: read the candidates' blobs by key, MaxSim straight from them."""
+    ) -> tuple[dict[int, float], list[int], int, dict[int, tuple[bytes, BestMatches]]]:
+        """In the executor: read the candidates' blobs by key, MaxSim straight from them, keeping the
+        argmax (which stored row each query token matched) with each blob for the evidence spans."""
         blobs = self.store.token_blobs(collection_id, [h.key for h in hits])
         found = [h.key for h in hits if h.key in blobs]
         pending = [h.key for h in hits if h.key not in blobs]
         q = prepare_query(rows, plan.fmt)
-        values = maxsim_blobs(q, [blobs[k] for k in found]) if found else np.zeros(0, dtype=np.float32)
+        best: list[BestMatches | None] = [None] * len(found)
+        values = (
+            maxsim_blobs(q, [blobs[k] for k in found], best=best) if found else np.zeros(0, dtype=np.float32)
+        )
         nbytes = sum(len(blobs[k]) for k in found)
-        return dict(zip(found, values.tolist(), strict=True)), pending, nbytes
+        matches = {k: (blobs[k], b) for k, b in zip(found, best, strict=True) if b is not None}
+        return dict(zip(found, values.tolist(), strict=True)), pending, nbytes, matches
 
 
 def _mb(n: int) -> str:

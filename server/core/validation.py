@@ -76,6 +76,10 @@ def search_settings(s: SearchSettings, settings: Settings, where: str = "setting
         value = getattr(s, name)
         if value is not None:
             model_name(value, f"{where}.{name}")
+    if s.latency_budget_ms is not None and not 1 <= s.latency_budget_ms <= 600_000:
+        raise InvalidArgument(
+            f"{where}.latency_budget_ms must be between 1 and 600000 (10 minutes), got {s.latency_budget_ms}"
+        )
     return s
 
 

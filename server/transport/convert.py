@@ -20,6 +20,8 @@ from sieve_core.types import (
     SearchQuery,
     SearchResult,
     SearchSettings,
+    SearchTier,
+    SearchUpdate,
     StageMode,
     TokenStorageInfo,
     TokenStorageSpec,
@@ -55,14 +57,29 @@ def settings_from_pb(msg: common_pb2.SearchSettings) -> SearchSettings:
         cross_encoder_keep=_opt(msg, "cross_encoder_keep"),
         late_interaction_model=_opt(msg, "late_interaction_model"),
         cross_encoder_model=_opt(msg, "cross_encoder_model"),
+        latency_budget_ms=_opt(msg, "latency_budget_ms"),
+        tier=_tier(msg.tier),
     )
+
+
+def _tier(value: int) -> SearchTier:
+    try:
+        return SearchTier(value)
+    except ValueError:
+        raise InvalidArgument(f"tier: unknown search tier {value}") from None
 
 
 def settings_to_pb(s: SearchSettings) -> common_pb2.SearchSettings:
     msg = common_pb2.SearchSettings(
-        late_interaction=int(s.late_interaction), cross_encoder=int(s.cross_encoder)
+        late_interaction=int(s.late_interaction), cross_encoder=int(s.cross_encoder), tier=int(s.tier)
     )
-    optional = ("retrieve_candidates", "ef_search", "late_interaction_keep", "cross_encoder_keep")
+    optional = (
+        "retrieve_candidates",
+        "ef_search",
+        "late_interaction_keep",
+        "cross_encoder_keep",
+        "latency_budget_ms",
+    )
     for name in (*optional, "late_interaction_model", "cross_encoder_model"):
         value = getattr(s, name)
         if value is not None:
@@ -142,6 +159,15 @@ def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
     )
 
 
+def search_update_to_pb(update: SearchUpdate) -> search_pb2.SearchStreamResponse:
+    return search_pb2.SearchStreamResponse(
+        result=search_result_to_pb(update.result),
+        stage=int(update.stage),
+        final=update.final,
+        deadline_reached=update.deadline_reached,
+    )
+
+
 def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
     return search_pb2.SearchResponse(
         hits=[
@@ -154,6 +180,7 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
                     search_pb2.StageScore(stage=int(s.stage), score=s.score, rank=s.rank)
                     for s in h.stage_scores
                 ],
+                evidence=[search_pb2.Span(start=e.start, end=e.end, score=e.score) for e in h.evidence],
             )
             for h in result.hits
         ],
@@ -171,6 +198,10 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
                 token_bytes=r.token_bytes,
                 tokens_pending=r.tokens_pending,
                 query_token_source=r.query_token_source,
+                plan=r.plan,
+                candidates_cut_from=r.candidates_cut_from,
+                top_k_changed=r.top_k_changed,
+                top_k_new=r.top_k_new,
             )
             for r in result.stages
         ],

@@ -9,7 +9,8 @@ as the method's message gets INVALID_ARGUMENT. Errors the handler raises become 
 else: a `SieveError` its own code and message, anything else INTERNAL with the request id as the incident
 id (the traceback goes to the log).
 
-WatchJob streams do not take one of the `max_inflight_requests` slots: a watch is mostly idle and may last
+SearchStream takes a slot like Search (it is as short, and does the same work). WatchJob streams do not
+take one of the `max_inflight_requests` slots: a watch is mostly idle and may last
 as long as its job, so counting it would let a few watchers starve every other call. Watches have their
 own pool of the same size instead, so they cannot grow without bound either.
 """
@@ -38,6 +39,7 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 WATCH_METHOD = "/sieve.v1.JobService/WatchJob"
 DETAILS_TRAILER = "grpc-status-details-bin"
 SEARCH_METHOD = "/sieve.v1.SearchService/Search"
+SEARCH_STREAM_METHOD = "/sieve.v1.SearchService/SearchStream"
 STARTING = "server is starting; retry shortly"  # the Python client also recognises this text
 STOPPING = "the server is shutting down; retry shortly (on another replica, or after the restart)"
 OVERLOADED = "the server is at its limit of {limit} calls in progress; retry shortly"
@@ -185,10 +187,14 @@ class FrontDoor(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(stream_unary, decode, serialize)
         if handler.unary_stream is not None:
             produce = handler.unary_stream
+            # A streamed search counts in the stage metrics once, by its final message (= Search's reply).
+            final = self._metrics.observe_search if self._metrics and method == SEARCH_STREAM_METHOD else None
 
             async def unary_stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
                 async with call(method, context):
                     async for response in produce(_decoded(request), context):
+                        if final is not None and response.final:
+                            final(response.result)
                         yield response
 
             return grpc.unary_stream_rpc_method_handler(unary_stream, decode, serialize)

@@ -119,6 +119,20 @@ class ServerMetrics:
             ["source"],
             registry=r,
         )
+        self.top_k = Counter(
+            "sieve_stage_top_k",
+            "Re-ranking stages that ran to completion, by whether they changed the top k they were given: "
+            "changed (ids or their order differ) or unchanged. changed / (changed + unchanged) per stage "
+            "says how often a stage earns its cost.",
+            ["stage", "outcome"],
+            registry=r,
+        )
+        self.top_k_new = Counter(
+            "sieve_stage_top_k_new",
+            "Hits that entered a re-ranking stage's top k from below it (summed over searches).",
+            ["stage"],
+            registry=r,
+        )
         self.degraded = Counter(
             "sieve_degraded_searches", "Searches answered with at least one DEGRADED stage.", registry=r
         )
@@ -143,6 +157,12 @@ class ServerMetrics:
                 continue
             self.stage_seconds.labels(stage).observe(report.took_ms / 1000)
             degraded = degraded or report.status == search_pb2.STAGE_STATUS_DEGRADED
+            if (
+                report.stage != common_pb2.STAGE_RETRIEVE
+                and report.status == search_pb2.STAGE_STATUS_COMPLETED
+            ):
+                self.top_k.labels(stage, "changed" if report.top_k_changed else "unchanged").inc()
+                self.top_k_new.labels(stage).inc(report.top_k_new)
             if report.token_source:  # late interaction from stored token vectors
                 scored = report.candidates_in - report.tokens_pending
                 self.token_reads.labels(report.token_source).inc(scored)

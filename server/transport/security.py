@@ -54,7 +54,7 @@ METHOD_ROLES: dict[str, Role] = {
     **_methods("CollectionService", Role.ADMIN, "CreateCollection", "DeleteCollection"),
     **_methods("DocumentService", Role.READ, "GetDocuments"),
     **_methods("DocumentService", Role.WRITE, "UpsertDocuments", "DeleteDocuments"),
-    **_methods("SearchService", Role.READ, "Search"),
+    **_methods("SearchService", Role.READ, "Search", "SearchStream"),
     **_methods("JobService", Role.READ, "GetJob", "WatchJob", "ListJobs"),
     **_methods("JobService", Role.WRITE, "StartIndexJob", "UploadIndexJob", "CancelJob"),
 }

@@ -70,6 +70,13 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         result = await self.engine.search(convert.search_query(request), context.time_remaining())
         return convert.search_result_to_pb(result)
 
+    async def SearchStream(self, request, context):  # type: ignore[no-untyped-def]
+        query = convert.search_query(request)
+        # Headers now, while the search runs: the first ranking then goes out as one DATA frame.
+        await context.send_initial_metadata(())
+        async for update in self.engine.search_stream(query, context.time_remaining()):
+            yield convert.search_update_to_pb(update)
+
 
 class JobServicer(jobs_pb2_grpc.JobServiceServicer):
     def __init__(self, jobs: JobManager) -> None:

@@ -232,6 +232,18 @@ class ColbertRunner(OnnxRunner):
         `max_length` in all, [SEP], without padding and skip-list (punctuation) tokens."""
         return self._encode(texts, batch_size, self._document)
 
+    def document_token_offsets(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """Per document, the (start, end) code-point offsets of the rows `document_token_vectors` returns,
+        one per row ((0, 0) for [CLS], [D] and [SEP], which stand for no text)."""
+        out = []
+        for encoding in self._document.tokenizer.encode_batch(list(texts)):
+            _, _, keep = self._feeds([encoding], self._document)
+            # Row 0 is [CLS], row 1 the inserted marker, row p >= 2 the encoding's token p - 1.
+            offsets = [(0, 0), (0, 0), *encoding.offsets[1:]]
+            rows = [offsets[p] for p in np.flatnonzero(keep[0]) if p < len(offsets)]
+            out.append(np.array(rows, dtype=np.int64).reshape(-1, 2))
+        return out
+
     def warmup(self) -> None:
         """Run the graph once per side so the first real request does not pay ORT's lazy allocations."""
         query = self.query_token_vectors(["warm up the query encoder"])[0]

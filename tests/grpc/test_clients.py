@@ -80,6 +80,10 @@ def _sync_walk(address: str, name: str, source: Path) -> dict[str, object]:
         assert response.stages[0].stage == sieve.Stage.STAGE_RETRIEVE
         assert response.hits[0].stage_scores[0].score == pytest.approx(response.hits[0].score)
         out["late"] = client.search(name, "a cat", late_interaction="best_effort", top_k=2)
+        stream = list(client.search_stream(name, "a cat", top_k=2, tier="fast"))
+        assert [m.final for m in stream] == [False] * (len(stream) - 1) + [True]
+        assert stream[0].stage == sieve.Stage.STAGE_RETRIEVE and stream[-1].result.hits
+        assert stream[0].result.stages[0].plan.startswith("budget 25 ms")  # the fast tier's budget
 
         deleted = client.delete_documents(name, ["cat", "nope"])
         assert (deleted.deleted, deleted.not_found) == (1, 1)
@@ -155,6 +159,29 @@ async def test_async_client_every_rpc(api: Api) -> None:
 
 
 @aio
+async def test_async_client_streams_a_search_with_evidence(api: Api) -> None:
+    name = _name()
+    async with AsyncSieveClient(api.address) as client:
+        await client.create_collection(name, defaults={"late_interaction": "best_effort"})
+        await client.upsert_documents(name, _docs())
+        messages = [m async for m in client.search_stream(name, "subatomic particles", top_k=3)]
+        assert [m.stage for m in messages] == [
+            sieve.Stage.STAGE_RETRIEVE,
+            sieve.Stage.STAGE_LATE_INTERACTION,
+        ]
+        final = messages[-1]
+        assert final.final and not final.deadline_reached
+        searched = await client.search(name, "subatomic particles", top_k=3)
+        assert [(h.id, h.score, list(h.evidence)) for h in final.result.hits] == [
+            (h.id, h.score, list(h.evidence)) for h in searched.hits
+        ]
+        for hit in searched.hits:
+            assert hit.evidence  # Python str indices are code points: slicing needs no conversion
+            assert all(0 <= s.start < s.end <= len(hit.text) for s in hit.evidence)
+        await client.delete_collection(name)
+
+
+@aio
 async def test_errors_carry_status_and_message(api: Api) -> None:
     async with AsyncSieveClient(api.address) as client:
         name = _name()
@@ -170,6 +197,8 @@ async def test_errors_carry_status_and_message(api: Api) -> None:
             await client.search(name, "x", cross_encoder="required")
         with pytest.raises(ValueError, match="stage mode"):
             await client.search(name, "x", late_interaction="sometimes")  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="search tier"):
+            await client.search(name, "x", tier="fastest")  # type: ignore[arg-type]
         await client.delete_collection(name)
 
 
@@ -500,6 +529,47 @@ async def test_cli_client_commands(api: Api, tmp_path: Path) -> None:
     code, _, err = await run("search", "x", "--collection", "no-such-collection")
     assert code == 1 and "NOT_FOUND" in err
     assert (await run("collections", "delete", name))[0] == 0
+
+
+@aio
+async def test_cli_streams_and_highlights_evidence(api: Api) -> None:
+    name = _name()
+    sieve_cmd = [sys.executable, "-m", "sieve_cli.main"]
+    addr = ["--address", api.address]
+
+    async def run(*args: str) -> tuple[int, str, str]:
+        return await _run(*sieve_cmd, *args, *addr)
+
+    assert (await run("collections", "create", name, "--late", "best_effort"))[0] == 0
+    assert (await run("docs", "upsert", name, str(NOTES)))[0] == 0
+    code, out, err = await run("search", "light and energy", "--collection", name, "-k", "3", "--stream")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert "retrieve" in lines[0] and "late_interaction" in lines[1] and "final" in lines[1], out
+    assert "evidence" in out and "photon" in out
+    code, out, err = await run("search", "light", "--collection", name, "--tier", "fast", "--json")
+    assert code == 0 and json.loads(out)["stages"][0]["plan"].startswith("budget 25 ms"), err
+    assert (await run("collections", "delete", name))[0] == 0
+
+
+def test_cli_highlights_the_evidence_spans() -> None:
+    from rich.console import Console
+
+    from sieve_cli.client_commands import EVIDENCE_STYLE, show_search
+
+    text = "🌞 Sunlight is energy: a photon carries light energy."
+    hit = search_pb2.Hit(id="photon", score=1.0, text=text)
+    for word in ("photon", "light energy"):
+        start = text.index(word)  # Python str indices are the code points the server sends
+        hit.evidence.add(start=start, end=start + len(word), score=0.5)
+    console = Console(record=True, force_terminal=True, width=200, color_system="truecolor")
+    show_search(search_pb2.SearchResponse(hits=[hit]), 1.0, console)
+    styled = {
+        seg.text
+        for seg in console._record_buffer
+        if seg.style and seg.style == console.get_style(EVIDENCE_STYLE)
+    }
+    assert {"photon", "light energy"} <= styled, styled
 
 
 # -- generated code of both clients matches the protos ---------------------------------------------

@@ -110,7 +110,8 @@ async def test_upsert_stores_token_vectors_from_the_same_encoder_pass(api) -> No
     stored = _stored(api, name)
     assert sorted(stored) == sorted(DOCS)
     _, rows = runner.encode(list(DOCS.values()), api.server.settings.embed_batch_size, tokens=True)
-    expected = dict(zip(DOCS, compress_many(rows, DEFAULT_TOKEN_FORMAT), strict=True))  # type: ignore[arg-type]
+    offsets = runner.token_offsets(list(DOCS.values()))  # stored with the rows (evidence spans)
+    expected = dict(zip(DOCS, compress_many(rows, DEFAULT_TOKEN_FORMAT, offsets), strict=True))  # type: ignore[arg-type]
     assert stored == expected
     for blob in stored.values():
         info = read_header(blob)
@@ -300,7 +301,10 @@ async def test_a_collection_from_before_token_storage_is_backfilled_at_start(tmp
         stored = _stored(server, name)
         assert sorted(stored) == sorted(DOCS)
         runner = server.server.engine.models.get(MODEL)
-        expected = compress_many(runner.token_vectors([DOCS[i] for i in sorted(DOCS)]), DEFAULT_TOKEN_FORMAT)
+        texts = [DOCS[i] for i in sorted(DOCS)]
+        expected = compress_many(
+            runner.token_vectors(texts), DEFAULT_TOKEN_FORMAT, runner.token_offsets(texts)
+        )
         for doc_id, blob in zip(sorted(DOCS), expected, strict=True):
             assert read_header(stored[doc_id]) == read_header(blob)
             np.testing.assert_allclose(

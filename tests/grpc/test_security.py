@@ -62,6 +62,7 @@ def test_every_sieve_method_has_a_role() -> None:
             "ListCollections",
             "GetDocuments",
             "Search",
+            "SearchStream",
             "GetJob",
             "WatchJob",
             "ListJobs",

@@ -189,7 +189,10 @@ async def test_an_index_job_stores_the_token_vectors_of_its_workers_encoder_pass
         blobs = store.token_blobs(cid, [d.key for d in docs.values()])
         runner = api.server.engine.models.get(MODEL)
         for doc_id, doc in docs.items():
-            mine = compress(runner.token_vectors([texts[doc_id]])[0], DEFAULT_TOKEN_FORMAT)
+            text = texts[doc_id]
+            mine = compress(
+                runner.token_vectors([text])[0], DEFAULT_TOKEN_FORMAT, runner.token_offsets([text])[0]
+            )
             theirs = blobs[doc.key]  # computed by the worker process: equal within float noise
             assert read_header(theirs) == read_header(mine)
             np.testing.assert_allclose(decode_tokens(theirs), decode_tokens(mine), atol=2e-2)

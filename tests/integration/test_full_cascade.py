@@ -186,7 +186,9 @@ async def test_retrieve_colbert_cross_encoder(
         np.testing.assert_allclose([h.score for h in resp.hits], expected_ce, atol=1e-5)
         colbert = ColbertRunner(models.directory / COLBERT)
         query_tokens = prepare_query(colbert.query_token_vectors([QUERY])[0], DEFAULT_TOKEN_FORMAT)
-        blobs = compress_many(colbert.document_token_vectors(texts), DEFAULT_TOKEN_FORMAT)
+        blobs = compress_many(
+            colbert.document_token_vectors(texts), DEFAULT_TOKEN_FORMAT, colbert.document_token_offsets(texts)
+        )
         expected_li = maxsim_blobs(query_tokens, blobs)
         # Computed in other processes (the worker's ONNX runs): equal within float noise.
         np.testing.assert_allclose([h.stage_scores[1].score for h in resp.hits], expected_li, rtol=0.01)

@@ -122,6 +122,9 @@ class _CountingRunner:
         self.passes += 1
         return self._runner.document_token_vectors(texts, batch_size)
 
+    def document_token_offsets(self, texts):  # type: ignore[no-untyped-def]
+        return self._runner.document_token_offsets(texts)  # tokenization only: no encoder pass
+
 
 def test_embed_makes_vectors_and_token_blobs_in_one_encoder_pass(runner: BiEncoderRunner) -> None:
     counting = _CountingRunner(runner)
@@ -132,7 +135,7 @@ def test_embed_makes_vectors_and_token_blobs_in_one_encoder_pass(runner: BiEncod
     assert result.token_model_id == runner.model_id
     vectors, rows = runner.encode(DOCS, tokens=True)
     np.testing.assert_array_equal(result.vectors(), vectors)
-    assert result.token_blobs() == compress_many(rows, fmt)  # type: ignore[arg-type]
+    assert result.token_blobs() == compress_many(rows, fmt, runner.token_offsets(DOCS))  # type: ignore[arg-type]
     # Without a format: one pass, no token vectors.
     counting.passes = 0
     plain = service.embed(counting, EmbedRequest(texts=DOCS, model=MODEL))  # type: ignore[arg-type]
@@ -150,7 +153,10 @@ def test_embed_task_returns_vectors_and_token_blobs(
     assert _cosine_rows(vectors, runner.embed(DOCS)).min() >= 0.9999
     blobs = result.token_blobs()
     for text, blob in zip(DOCS, blobs, strict=True):
-        _same_blob(blob, compress(runner.token_vectors([text])[0], DEFAULT_TOKEN_FORMAT))
+        _same_blob(
+            blob,
+            compress(runner.token_vectors([text])[0], DEFAULT_TOKEN_FORMAT, runner.token_offsets([text])[0]),
+        )
     # A bad payload comes back as the core's InvalidArgument, rebuilt from JSON on the caller's side.
     with pytest.raises(InvalidArgument, match="EmbedRequest"):
         _call(client_app, TASK_EMBED, {"texts": [], "model": MODEL})
@@ -163,7 +169,10 @@ def test_document_and_query_token_tasks(
     result = DocumentTokensResult.from_json(_call(client_app, TASK_DOCUMENT_TOKENS, request.to_json()))
     assert result.model_id == runner.model_id
     for text, blob in zip(DOCS, result.token_blobs(), strict=True):
-        _same_blob(blob, compress(runner.token_vectors([text])[0], DEFAULT_TOKEN_FORMAT))
+        _same_blob(
+            blob,
+            compress(runner.token_vectors([text])[0], DEFAULT_TOKEN_FORMAT, runner.token_offsets([text])[0]),
+        )
     query = QueryTokensResult.from_json(
         _call(client_app, TASK_QUERY_TOKENS, QueryTokensRequest(query=QUERY, model=MODEL).to_json())
     )

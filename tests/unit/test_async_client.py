@@ -33,8 +33,9 @@ def test_both_clients_have_the_same_methods_and_parameters() -> None:
     sync, aio = methods(SieveClient), methods(AsyncSieveClient)
     assert sync == aio
     coroutines = {n for n, fn in vars(AsyncSieveClient).items() if inspect.iscoroutinefunction(fn)}
-    assert coroutines == set(aio) - {"__init__", "watch_job"}
+    assert coroutines == set(aio) - {"__init__", "watch_job", "search_stream"}
     assert inspect.isasyncgenfunction(AsyncSieveClient.watch_job)
+    assert inspect.isasyncgenfunction(AsyncSieveClient.search_stream)
 
 
 def test_the_async_client_catches_aio_errors() -> None:

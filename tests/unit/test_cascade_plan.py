@@ -20,7 +20,7 @@ from sieve_core.cache import ResultCache
 from sieve_core.errors import FailedPrecondition
 from sieve_core.models.registry import ModelRegistry
 from sieve_core.token_format import TokenFormat
-from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageStatus
+from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageStatus
 from tests.conftest import make_settings
 from tests.unit.test_model_registry import fake_bundle
 
@@ -115,9 +115,18 @@ def test_a_best_effort_stage_without_its_model_degrades_and_keeps_the_order(casc
     plans = cascade.plan(_settings(late_interaction=BEST, late_interaction_model="missing"), "bi", 2)
     assert plans[0].model is None and "stores no token vectors" in plans[0].unavailable
     hits = [Hit("a", 0.9), Hit("b", 0.8), Hit("c", 0.7)]
-    ranked, reports = asyncio.run(
-        cascade.rerank(plans, collection_id=1, generation=1, query="q", hits=hits, top_k=2, deadline=None)
-    )
+
+    async def run() -> tuple[list[Hit], list[StageReport]]:
+        reports, ranked = [], hits
+        stages = cascade.run(
+            plans, collection_id=1, generation=1, query="q", hits=hits, top_k=2, deadline=None
+        )
+        async for _, after, report in stages:
+            ranked = after  # each stage's ranking; the last one's is the answer
+            reports.append(report)
+        return ranked, reports
+
+    ranked, reports = asyncio.run(run())
     assert [h.id for h in ranked] == ["a", "b", "c"]
     assert [(r.stage, r.status) for r in reports] == [
         (Stage.LATE_INTERACTION, StageStatus.DEGRADED),

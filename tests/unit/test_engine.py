@@ -26,6 +26,7 @@ from sieve_core.types import (
     SearchSettings,
     StageMode,
     StageStatus,
+    TokenStorageSpec,
 )
 from tests.conftest import make_settings
 from tests.fakes import FakeBiEncoder
@@ -141,3 +142,24 @@ async def test_a_job_runs_in_process_through_the_narrow_interface(engine: Engine
     assert [d.id for d in found] == ["owl", "tea", "ship"] and missing == ["nope"]
     result = await engine.search(SearchQuery("c", "ship harbour", top_k=1, min_generation=record.generation))
     assert [h.id for h in result.hits] == ["ship"]
+
+
+async def test_a_streamed_search_ends_with_the_search_and_its_evidence(engine: Engine) -> None:
+    late = SearchSettings(late_interaction=StageMode.BEST_EFFORT)
+    # Unpooled, so that each stored row is one word (pooled rows stand for clusters of words).
+    await engine.create_collection(
+        CollectionSpec("late", defaults=late, token_storage=TokenStorageSpec(pool_factor=1))
+    )
+    await engine.upsert("late", DOCS)
+    query = SearchQuery("late", "owl at night", top_k=2)
+    updates = [u async for u in engine.search_stream(query)]
+    assert [(u.stage.name, u.final) for u in updates] == [("RETRIEVE", False), ("LATE_INTERACTION", True)]
+    assert not updates[0].result.hits[0].evidence  # retrieval finds no evidence
+    answer = await engine.search(query)
+    final = updates[-1].result
+    assert [(h.id, h.score, h.evidence) for h in final.hits] == [
+        (h.id, h.score, h.evidence) for h in answer.hits
+    ]
+    top = answer.hits[0]
+    # The fake's tokens are words: "owl", then "at night" (adjacent words, one span).
+    assert top.id == "owl" and [top.text[s.start : s.end] for s in top.evidence] == ["owl", "at night"]

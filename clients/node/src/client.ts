@@ -4,6 +4,8 @@
 //   await client.createCollection("notes");
 //   await client.upsertDocuments("notes", [{ id: "1", text: "The cat sat on the mat." }]);
 //   const { hits } = await client.search("notes", "a cat", { lateInteraction: "best_effort" });
+//   // hit.evidence: the matched parts of hit.text, as JavaScript string indices (converted from the
+//   // server's Unicode code points): hit.text.slice(span.start, span.end).
 //
 // Every call has a deadline (Timeouts: 10 s by default, 120 s for writes, 24 h for streams; `timeoutMs`
 // per call), is retried on UNAVAILABLE / RESOURCE_EXHAUSTED where that is safe (see retry.ts), and
@@ -22,7 +24,7 @@ import {
 import { fromServiceError, InvalidArgumentError, SieveError } from "./errors";
 import { DEFAULT_RETRY, isRetryable, nextWaitMs, type RetryPolicy } from "./retry";
 import { type Collection, CollectionServiceClient, CreateCollectionRequest } from "./gen/sieve/v1/collections";
-import { Filter, Metric, SearchSettings, StageMode } from "./gen/sieve/v1/common";
+import { Filter, Metric, SearchSettings, SearchTier, StageMode } from "./gen/sieve/v1/common";
 import {
   type DeleteDocumentsResponse,
   Document,
@@ -43,7 +45,13 @@ import {
   WatchJobRequest,
   type WatchJobResponse,
 } from "./gen/sieve/v1/jobs";
-import { SearchRequest, type SearchResponse, SearchServiceClient } from "./gen/sieve/v1/search";
+import {
+  SearchRequest,
+  type SearchResponse,
+  SearchServiceClient,
+  type SearchStreamResponse,
+  type Span,
+} from "./gen/sieve/v1/search";
 
 /** Sent with every call when the client has an API key: `authorization: Bearer <key>`. */
 export const API_KEY_HEADER = "authorization";
@@ -85,6 +93,7 @@ export interface CallOpts {
 export type StageModeArg = "off" | "best_effort" | "required" | StageMode;
 export type MetricArg = "cosine" | "ip" | "l2" | Metric;
 export type FormatArg = "auto" | "sieve" | "beir" | SourceFormat;
+export type TierArg = "fast" | "balanced" | "best" | SearchTier;
 export interface DocumentInput {
   id: string;
   text: string;
@@ -97,6 +106,10 @@ export interface SettingsInput {
   lateInteractionKeep?: number;
   crossEncoder?: StageModeArg;
   crossEncoderKeep?: number;
+  /** A latency budget for the whole search (ms): the server plans its stages to fit (see StageReport.plan). */
+  latencyBudgetMs?: number;
+  /** A named budget with depths: "fast" (25 ms), "balanced" (60 ms), "best" (400 ms). */
+  tier?: TierArg;
 }
 
 export interface CreateCollectionOptions extends CallOpts {
@@ -132,6 +145,11 @@ const STAGE_MODES: Record<string, StageMode> = {
   "best-effort": StageMode.STAGE_MODE_BEST_EFFORT,
   required: StageMode.STAGE_MODE_REQUIRED,
 };
+const TIERS: Record<string, SearchTier> = {
+  fast: SearchTier.SEARCH_TIER_FAST,
+  balanced: SearchTier.SEARCH_TIER_BALANCED,
+  best: SearchTier.SEARCH_TIER_BEST,
+};
 const METRICS: Record<string, Metric> = {
   cosine: Metric.METRIC_COSINE,
   ip: Metric.METRIC_INNER_PRODUCT,
@@ -159,6 +177,54 @@ function settings(input: SettingsInput | undefined): SearchSettings {
     lateInteractionKeep: s.lateInteractionKeep,
     crossEncoder: s.crossEncoder === undefined ? undefined : lookup(STAGE_MODES, s.crossEncoder, "stage mode"),
     crossEncoderKeep: s.crossEncoderKeep,
+    latencyBudgetMs: s.latencyBudgetMs,
+    tier: s.tier === undefined ? undefined : lookup(TIERS, s.tier, "search tier"),
+  });
+}
+
+/** Evidence spans with JavaScript string indices: the server sends offsets in Unicode code points (as
+ * Python indexes a str); a JavaScript string indexes UTF-16 code units, so every character outside the
+ * Basic Multilingual Plane (emoji, many CJK extensions) before a span shifts it by one. The result's
+ * `text.slice(span.start, span.end)` is the matched text. */
+export function spansToStringIndices(text: string, spans: Span[]): Span[] {
+  if (spans.length === 0) return spans;
+  const wanted = new Set(spans.flatMap((s) => [s.start, s.end]));
+  const at = new Map<number, number>();
+  let point = 0;
+  let unit = 0;
+  for (const ch of text) {
+    if (wanted.has(point)) at.set(point, unit);
+    point += 1;
+    unit += ch.length;
+  }
+  at.set(point, unit); // the end of the text
+  return spans.map((s) => ({ ...s, start: at.get(s.start) ?? unit, end: at.get(s.end) ?? unit }));
+}
+
+/** Converts every hit's evidence to string indices, in place (hits without text keep code points). */
+function withStringIndices(response: SearchResponse): SearchResponse {
+  for (const hit of response.hits) {
+    if (hit.text) hit.evidence = spansToStringIndices(hit.text, hit.evidence);
+  }
+  return response;
+}
+
+function searchRequest(collection: string, query: string, options: SearchOptions): SearchRequest {
+  let filter: Filter | undefined;
+  if (options.filter !== undefined) {
+    filter =
+      "all" in options.filter && Array.isArray(options.filter.all)
+        ? (options.filter as Filter)
+        : { all: Object.entries(options.filter as Record<string, string>).map(([key, equals]) => ({ key, equals })) };
+  }
+  return SearchRequest.fromPartial({
+    collection,
+    query,
+    topK: options.topK ?? 0,
+    filter,
+    settings: settings(options),
+    omitDocuments: options.omitDocuments ?? false,
+    minGeneration: options.minGeneration ?? 0,
   });
 }
 
@@ -347,24 +413,36 @@ export class SieveClient {
    * A best-effort stage that cannot run is reported DEGRADED (with a reason) in `stages`; a required one
    * rejects with UnavailableError (no worker) or FailedPreconditionError (no model). */
   async search(collection: string, query: string, options: SearchOptions = {}): Promise<SearchResponse> {
-    let filter: Filter | undefined;
-    if (options.filter !== undefined) {
-      filter =
-        "all" in options.filter && Array.isArray(options.filter.all)
-          ? (options.filter as Filter)
-          : { all: Object.entries(options.filter as Record<string, string>).map(([key, equals]) => ({ key, equals })) };
-    }
-    const request = SearchRequest.fromPartial({
-      collection,
-      query,
-      topK: options.topK ?? 0,
-      filter,
-      settings: settings(options),
-      omitDocuments: options.omitDocuments ?? false,
-      minGeneration: options.minGeneration ?? 0,
-    });
+    const request = searchRequest(collection, query, options);
     const s = this.searches;
-    return this.unary("SearchService/Search", s.search.bind(s), request, options.timeoutMs);
+    return withStringIndices(await this.unary("SearchService/Search", s.search.bind(s), request, options.timeoutMs));
+  }
+
+  /** The same search as it improves: the first stage's ranking as soon as it exists, then each later
+   * stage's (`message.stage`, `message.result`); the last message has `final` set and its result is what
+   * `search` returns (`deadlineReached`: time ran out and the last ranking stands). Evidence offsets are
+   * converted to string indices as in `search`. Retried only before the first message. */
+  async *searchStream(collection: string, query: string, options: SearchOptions = {}): AsyncGenerator<SearchStreamResponse> {
+    const method = "SearchService/SearchStream";
+    const deadline = this.deadline(options.timeoutMs, this.timeouts.default);
+    const request = searchRequest(collection, query, options);
+    for (let attempt = 1; ; attempt++) {
+      const call = this.searches.searchStream(request, this.metadata, { deadline: new Date(Math.max(deadline, Date.now())) });
+      let received = false;
+      try {
+        for await (const message of call as AsyncIterable<SearchStreamResponse>) {
+          received = true;
+          if (message.result) withStringIndices(message.result);
+          yield message;
+        }
+        return;
+      } catch (err) {
+        const error = fromServiceError(err as ServiceError, method, attempt);
+        if (received || !(await this.retryWait(error, attempt, deadline))) throw error;
+      } finally {
+        call.cancel();
+      }
+    }
   }
 
   // -- jobs -------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ export {
   Metric,
   metricToJSON,
   SearchSettings,
+  SearchTier,
   Stage,
   StageMode,
   stageModeToJSON,
@@ -35,6 +36,8 @@ export {
 export {
   Hit,
   SearchResponse,
+  SearchStreamResponse,
+  Span,
   StageReport,
   StageScore,
   StageStatus,

@@ -40,6 +40,7 @@ const IDEMPOTENT = new Set([
   "DocumentService/GetDocuments",
   "DocumentService/DeleteDocuments",
   "SearchService/Search",
+  "SearchService/SearchStream", // a read; retried only before its first message
   "JobService/GetJob",
   "JobService/WatchJob",
   "JobService/CancelJob",

@@ -34,6 +34,7 @@ import {
   ResourceExhaustedError,
   SieveClient,
   SieveError,
+  spansToStringIndices,
   Stage,
   StageStatus,
   UnavailableError,
@@ -57,6 +58,28 @@ describe("against a live server", () => {
   after(async () => {
     client?.close();
     await server?.stop();
+  });
+
+  test("searchStream and evidence as JavaScript string indices", async () => {
+    const name = unique();
+    await client.createCollection(name, { defaults: { lateInteraction: "best_effort" } });
+    // Characters outside the BMP before the words: code points and UTF-16 indices differ by one each.
+    await client.upsertDocuments(name, [
+      { id: "owl", text: "🦉🌙 The owl hunts small mice at night." },
+      { id: "cat", text: "The cat sat on the warm mat." },
+    ]);
+    const messages = [];
+    for await (const m of client.searchStream(name, "owl hunting mice", { topK: 2 })) messages.push(m);
+    assert.deepEqual(messages.map((m) => m.stage), [Stage.STAGE_RETRIEVE, Stage.STAGE_LATE_INTERACTION]);
+    assert.deepEqual(messages.map((m) => m.final), [false, true]);
+    const searched = await client.search(name, "owl hunting mice", { topK: 2 });
+    const final = messages[1].result!;
+    assert.deepEqual(final.hits.map((h) => [h.id, h.evidence]), searched.hits.map((h) => [h.id, h.evidence]));
+    const owl = searched.hits.find((h) => h.id === "owl")!;
+    const matched = owl.evidence.map((s) => owl.text.slice(s.start, s.end).toLowerCase());
+    assert.ok(matched.some((t) => t.includes("owl")), JSON.stringify(matched));
+    assert.ok(matched.every((t) => t.trim().length > 0 && !t.includes("\ud83e")), JSON.stringify(matched));
+    await client.deleteCollection(name);
   });
 
   test("every RPC", async () => {
@@ -236,6 +259,20 @@ const refuse =
     });
     return true;
   };
+
+test("spansToStringIndices converts code points to UTF-16 indices", () => {
+  const text = "😀 café 𝔘nicode and ascii";
+  // Code points: "café" is [2, 6), "𝔘nicode" [7, 14), "ascii" [19, 24).
+  const spans = [
+    { start: 2, end: 6, score: 1 },
+    { start: 7, end: 14, score: 0.5 },
+    { start: 19, end: 24, score: 0.1 },
+  ];
+  const converted = spansToStringIndices(text, spans);
+  assert.deepEqual(converted.map((s) => text.slice(s.start, s.end)), ["café", "𝔘nicode", "ascii"]);
+  assert.deepEqual(converted.map((s) => s.score), [1, 0.5, 0.1]);
+  assert.deepEqual(spansToStringIndices("plain", []), []);
+});
 
 describe("against fake servers", () => {
   let fake: Fake;

@@ -26,10 +26,18 @@ from sieve.errors import (
 )
 from sieve.retry import RetryPolicy
 from sieve.v1.collections_pb2 import Collection
-from sieve.v1.common_pb2 import Filter, Metric, SearchSettings, Stage, StageMode
+from sieve.v1.common_pb2 import Filter, Metric, SearchSettings, SearchTier, Stage, StageMode
 from sieve.v1.documents_pb2 import Document
 from sieve.v1.jobs_pb2 import Job, JobState, SourceFormat
-from sieve.v1.search_pb2 import Hit, SearchResponse, StageReport, StageScore, StageStatus
+from sieve.v1.search_pb2 import (
+    Hit,
+    SearchResponse,
+    SearchStreamResponse,
+    Span,
+    StageReport,
+    StageScore,
+    StageStatus,
+)
 
 FINAL_JOB_STATES = frozenset(
     {JobState.JOB_STATE_SUCCEEDED, JobState.JOB_STATE_FAILED, JobState.JOB_STATE_CANCELLED}
@@ -57,9 +65,12 @@ __all__ = [
     "RetryPolicy",
     "SearchResponse",
     "SearchSettings",
+    "SearchStreamResponse",
+    "SearchTier",
     "SieveClient",
     "SieveError",
     "SourceFormat",
+    "Span",
     "Stage",
     "StageMode",
     "StageReport",

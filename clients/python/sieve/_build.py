@@ -17,6 +17,7 @@ FormatArg: TypeAlias = Literal["auto", "sieve", "beir"] | jobs_pb2.SourceFormat 
 DocumentArg: TypeAlias = documents_pb2.Document | Mapping[str, Any]
 FilterArg: TypeAlias = Mapping[str, str] | common_pb2.Filter | None
 SettingsArg: TypeAlias = common_pb2.SearchSettings | Mapping[str, Any] | None
+TierArg: TypeAlias = Literal["fast", "balanced", "best"] | common_pb2.SearchTier | int | None
 # A JSONL file (path), JSONL bytes in chunks, or documents.
 UploadSource: TypeAlias = str | Path | Iterable[bytes] | Iterable[DocumentArg]
 
@@ -25,6 +26,11 @@ _STAGE_MODES = {
     "best_effort": common_pb2.STAGE_MODE_BEST_EFFORT,
     "best-effort": common_pb2.STAGE_MODE_BEST_EFFORT,
     "required": common_pb2.STAGE_MODE_REQUIRED,
+}
+_TIERS = {
+    "fast": common_pb2.SEARCH_TIER_FAST,
+    "balanced": common_pb2.SEARCH_TIER_BALANCED,
+    "best": common_pb2.SEARCH_TIER_BEST,
 }
 _METRICS = {
     "cosine": common_pb2.METRIC_COSINE,
@@ -50,6 +56,10 @@ def _lookup(table: Mapping[str, int], value: str | int, what: str) -> int:
 
 def stage_mode(value: StageModeArg) -> int:
     return common_pb2.STAGE_MODE_UNSPECIFIED if value is None else _lookup(_STAGE_MODES, value, "stage mode")
+
+
+def search_tier(value: TierArg) -> int:
+    return common_pb2.SEARCH_TIER_UNSPECIFIED if value is None else _lookup(_TIERS, value, "search tier")
 
 
 def source_format(value: FormatArg) -> int:
@@ -99,6 +109,8 @@ def search_settings(
     late_interaction_keep: int | None = None,
     cross_encoder: StageModeArg = None,
     cross_encoder_keep: int | None = None,
+    latency_budget_ms: int | None = None,
+    tier: TierArg = None,
 ) -> common_pb2.SearchSettings:
     """`base` (a message or a dict of its fields), with the keyword arguments that are not None on top."""
     settings = common_pb2.SearchSettings()
@@ -109,12 +121,15 @@ def search_settings(
         for key in ("late_interaction", "cross_encoder"):
             if key in base:
                 base[key] = stage_mode(base[key])
+        if "tier" in base:
+            base["tier"] = search_tier(base["tier"])
         settings = common_pb2.SearchSettings(**base)
     for key, value in (
         ("retrieve_candidates", retrieve_candidates),
         ("ef_search", ef_search),
         ("late_interaction_keep", late_interaction_keep),
         ("cross_encoder_keep", cross_encoder_keep),
+        ("latency_budget_ms", latency_budget_ms),
     ):
         if value is not None:
             setattr(settings, key, value)
@@ -122,6 +137,8 @@ def search_settings(
         settings.late_interaction = stage_mode(late_interaction)  # type: ignore[assignment]
     if cross_encoder is not None:
         settings.cross_encoder = stage_mode(cross_encoder)  # type: ignore[assignment]
+    if tier is not None:
+        settings.tier = search_tier(tier)  # type: ignore[assignment]
     return settings
 
 

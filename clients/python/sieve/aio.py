@@ -33,6 +33,7 @@ from sieve._build import (
     MetricArg,
     SettingsArg,
     StageModeArg,
+    TierArg,
     UploadSource,
 )
 from sieve._channel import DEFAULT_ADDRESS, Timeouts
@@ -215,15 +216,20 @@ class AsyncSieveClient:
         late_interaction_keep: int | None = None,
         cross_encoder: StageModeArg = None,
         cross_encoder_keep: int | None = None,
+        latency_budget_ms: int | None = None,
+        tier: TierArg = None,
         omit_documents: bool = False,
         min_generation: int = 0,
         timeout: float | None = None,
     ) -> search_pb2.SearchResponse:
         """Search a collection. `filter`: {"key": "value", ...} (all must hold) or a `Filter`. Stage modes
         are "off", "best_effort" or "required" (None: the collection default). The response has `hits`
-        (each with `stage_scores`) and one `StageReport` per stage in `stages`: a best-effort stage that
-        could not run is reported DEGRADED with a `reason`; a required one raises `Unavailable`
-        (no worker) or `FailedPrecondition` (no model)."""
+        (each with `stage_scores`, and with late interaction `evidence`: the spans of `hit.text` that
+        matched, in code points, so `hit.text[span.start:span.end]` in Python) and one `StageReport` per
+        stage in `stages`: a best-effort stage that could not run is reported DEGRADED with a `reason`; a
+        required one raises `Unavailable` (no worker) or `FailedPrecondition` (no model).
+        `latency_budget_ms` / `tier` ("fast", "balanced", "best"): the server plans the stages to fit and
+        says what it cut or skipped in each report's `plan` and `reason`."""
         request = _build.search(
             collection,
             query,
@@ -237,11 +243,80 @@ class AsyncSieveClient:
                 late_interaction_keep=late_interaction_keep,
                 cross_encoder=cross_encoder,
                 cross_encoder_keep=cross_encoder_keep,
+                latency_budget_ms=latency_budget_ms,
+                tier=tier,
             ),
             omit_documents=omit_documents,
             min_generation=min_generation,
         )
         return await self._unary("SearchService/Search", self._search.Search, request, timeout)
+
+    async def search_stream(
+        self,
+        collection: str,
+        query: str,
+        *,
+        top_k: int = 0,
+        filter: FilterArg = None,
+        settings: SettingsArg = None,
+        retrieve_candidates: int | None = None,
+        ef_search: int | None = None,
+        late_interaction: StageModeArg = None,
+        late_interaction_keep: int | None = None,
+        cross_encoder: StageModeArg = None,
+        cross_encoder_keep: int | None = None,
+        latency_budget_ms: int | None = None,
+        tier: TierArg = None,
+        omit_documents: bool = False,
+        min_generation: int = 0,
+        timeout: float | None = None,
+    ) -> AsyncIterator[search_pb2.SearchStreamResponse]:
+        """The same search as `search`, as it improves: yields the first stage's ranking as soon as it
+        exists, then each later stage's (`message.stage`, `message.result`), the last with `final` set;
+        its `result` is what `search` returns. `deadline_reached` on the final message: time ran out and
+        the last ranking stands. Not retried once a message has arrived (a search is cheap to ask again)."""
+        request = _build.search(
+            collection,
+            query,
+            top_k=top_k,
+            filter=filter,
+            settings=_build.search_settings(
+                settings,
+                retrieve_candidates=retrieve_candidates,
+                ef_search=ef_search,
+                late_interaction=late_interaction,
+                late_interaction_keep=late_interaction_keep,
+                cross_encoder=cross_encoder,
+                cross_encoder_keep=cross_encoder_keep,
+                latency_budget_ms=latency_budget_ms,
+                tier=tier,
+            ),
+            omit_documents=omit_documents,
+            min_generation=min_generation,
+        )
+        method = "SearchService/SearchStream"
+        deadline = time.monotonic() + (self.timeouts.default if timeout is None else timeout)
+        attempt = 0
+        while True:
+            attempt += 1
+            received = False
+            call = self._search.SearchStream(
+                request, timeout=max(deadline - time.monotonic(), 0.0), metadata=self._metadata
+            )
+            try:
+                async for message in call:
+                    received = True
+                    yield message
+                return
+            except grpc.RpcError as exc:
+                error = from_rpc_error(exc, P + method, attempt)
+                wait = None if received else retry_wait(self.retry, error, attempt, deadline)
+                if wait is None:
+                    raise error from exc
+                log.info("retrying %s in %.2fs (attempt %d): %s", method, wait, attempt + 1, error)
+                await asyncio.sleep(wait)
+            finally:
+                call.cancel()
 
     # -- jobs -------------------------------------------------------------------------------------
     async def start_index_job(

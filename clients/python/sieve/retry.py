@@ -43,6 +43,7 @@ IDEMPOTENT = frozenset(
         "DocumentService/GetDocuments",
         "DocumentService/DeleteDocuments",
         "SearchService/Search",
+        "SearchService/SearchStream",  # a read; retried only before its first message
         "JobService/GetJob",
         "JobService/WatchJob",
         "JobService/CancelJob",

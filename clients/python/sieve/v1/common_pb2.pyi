@@ -28,6 +28,13 @@ class StageMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_MODE_OFF: _ClassVar[StageMode]
     STAGE_MODE_BEST_EFFORT: _ClassVar[StageMode]
     STAGE_MODE_REQUIRED: _ClassVar[StageMode]
+
+class SearchTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    SEARCH_TIER_UNSPECIFIED: _ClassVar[SearchTier]
+    SEARCH_TIER_FAST: _ClassVar[SearchTier]
+    SEARCH_TIER_BALANCED: _ClassVar[SearchTier]
+    SEARCH_TIER_BEST: _ClassVar[SearchTier]
 METRIC_UNSPECIFIED: Metric
 METRIC_COSINE: Metric
 METRIC_INNER_PRODUCT: Metric
@@ -40,6 +47,10 @@ STAGE_MODE_UNSPECIFIED: StageMode
 STAGE_MODE_OFF: StageMode
 STAGE_MODE_BEST_EFFORT: StageMode
 STAGE_MODE_REQUIRED: StageMode
+SEARCH_TIER_UNSPECIFIED: SearchTier
+SEARCH_TIER_FAST: SearchTier
+SEARCH_TIER_BALANCED: SearchTier
+SEARCH_TIER_BEST: SearchTier
 
 class Filter(_message.Message):
     __slots__ = ("all",)
@@ -56,7 +67,7 @@ class Condition(_message.Message):
     def __init__(self, key: _Optional[str] = ..., equals: _Optional[str] = ...) -> None: ...
 
 class SearchSettings(_message.Message):
-    __slots__ = ("retrieve_candidates", "ef_search", "late_interaction", "late_interaction_keep", "cross_encoder", "cross_encoder_keep", "late_interaction_model", "cross_encoder_model")
+    __slots__ = ("retrieve_candidates", "ef_search", "late_interaction", "late_interaction_keep", "cross_encoder", "cross_encoder_keep", "late_interaction_model", "cross_encoder_model", "latency_budget_ms", "tier")
     RETRIEVE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     LATE_INTERACTION_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +76,8 @@ class SearchSettings(_message.Message):
     CROSS_ENCODER_KEEP_FIELD_NUMBER: _ClassVar[int]
     LATE_INTERACTION_MODEL_FIELD_NUMBER: _ClassVar[int]
     CROSS_ENCODER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     retrieve_candidates: int
     ef_search: int
     late_interaction: StageMode
@@ -73,4 +86,6 @@ class SearchSettings(_message.Message):
     cross_encoder_keep: int
     late_interaction_model: str
     cross_encoder_model: str
-    def __init__(self, retrieve_candidates: _Optional[int] = ..., ef_search: _Optional[int] = ..., late_interaction: _Optional[_Union[StageMode, str]] = ..., late_interaction_keep: _Optional[int] = ..., cross_encoder: _Optional[_Union[StageMode, str]] = ..., cross_encoder_keep: _Optional[int] = ..., late_interaction_model: _Optional[str] = ..., cross_encoder_model: _Optional[str] = ...) -> None: ...
+    latency_budget_ms: int
+    tier: SearchTier
+    def __init__(self, retrieve_candidates: _Optional[int] = ..., ef_search: _Optional[int] = ..., late_interaction: _Optional[_Union[StageMode, str]] = ..., late_interaction_keep: _Optional[int] = ..., cross_encoder: _Optional[_Union[StageMode, str]] = ..., cross_encoder_keep: _Optional[int] = ..., late_interaction_model: _Optional[str] = ..., cross_encoder_model: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., tier: _Optional[_Union[SearchTier, str]] = ...) -> None: ...

@@ -20,6 +20,18 @@ STAGE_STATUS_COMPLETED: StageStatus
 STAGE_STATUS_DEGRADED: StageStatus
 STAGE_STATUS_SKIPPED: StageStatus
 
+class SearchStreamResponse(_message.Message):
+    __slots__ = ("result", "stage", "final", "deadline_reached")
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_REACHED_FIELD_NUMBER: _ClassVar[int]
+    result: SearchResponse
+    stage: _common_pb2.Stage
+    final: bool
+    deadline_reached: bool
+    def __init__(self, result: _Optional[_Union[SearchResponse, _Mapping]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., final: _Optional[bool] = ..., deadline_reached: _Optional[bool] = ...) -> None: ...
+
 class SearchRequest(_message.Message):
     __slots__ = ("collection", "query", "top_k", "filter", "settings", "omit_documents", "min_generation")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
@@ -51,7 +63,7 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[Hit, _Mapping]]] = ..., stages: _Optional[_Iterable[_Union[StageReport, _Mapping]]] = ..., generation: _Optional[int] = ..., took_ms: _Optional[float] = ...) -> None: ...
 
 class Hit(_message.Message):
-    __slots__ = ("id", "score", "text", "metadata", "stage_scores")
+    __slots__ = ("id", "score", "text", "metadata", "stage_scores", "evidence")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -64,12 +76,24 @@ class Hit(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     METADATA_FIELD_NUMBER: _ClassVar[int]
     STAGE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    EVIDENCE_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     text: str
     metadata: _containers.ScalarMap[str, str]
     stage_scores: _containers.RepeatedCompositeFieldContainer[StageScore]
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., stage_scores: _Optional[_Iterable[_Union[StageScore, _Mapping]]] = ...) -> None: ...
+    evidence: _containers.RepeatedCompositeFieldContainer[Span]
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., text: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., stage_scores: _Optional[_Iterable[_Union[StageScore, _Mapping]]] = ..., evidence: _Optional[_Iterable[_Union[Span, _Mapping]]] = ...) -> None: ...
+
+class Span(_message.Message):
+    __slots__ = ("start", "end", "score")
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    start: int
+    end: int
+    score: float
+    def __init__(self, start: _Optional[int] = ..., end: _Optional[int] = ..., score: _Optional[float] = ...) -> None: ...
 
 class StageScore(_message.Message):
     __slots__ = ("stage", "score", "rank")
@@ -82,7 +106,7 @@ class StageScore(_message.Message):
     def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StageReport(_message.Message):
-    __slots__ = ("stage", "status", "reason", "candidates_in", "candidates_out", "took_ms", "model_id", "method", "token_source", "token_bytes", "tokens_pending", "query_token_source")
+    __slots__ = ("stage", "status", "reason", "candidates_in", "candidates_out", "took_ms", "model_id", "method", "token_source", "token_bytes", "tokens_pending", "query_token_source", "plan", "candidates_cut_from", "top_k_changed", "top_k_new")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -95,6 +119,10 @@ class StageReport(_message.Message):
     TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PENDING_FIELD_NUMBER: _ClassVar[int]
     QUERY_TOKEN_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_CUT_FROM_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_CHANGED_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_NEW_FIELD_NUMBER: _ClassVar[int]
     stage: _common_pb2.Stage
     status: StageStatus
     reason: str
@@ -107,4 +135,8 @@ class StageReport(_message.Message):
     token_bytes: int
     tokens_pending: int
     query_token_source: str
-    def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., status: _Optional[_Union[StageStatus, str]] = ..., reason: _Optional[str] = ..., candidates_in: _Optional[int] = ..., candidates_out: _Optional[int] = ..., took_ms: _Optional[float] = ..., model_id: _Optional[str] = ..., method: _Optional[str] = ..., token_source: _Optional[str] = ..., token_bytes: _Optional[int] = ..., tokens_pending: _Optional[int] = ..., query_token_source: _Optional[str] = ...) -> None: ...
+    plan: str
+    candidates_cut_from: int
+    top_k_changed: bool
+    top_k_new: int
+    def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., status: _Optional[_Union[StageStatus, str]] = ..., reason: _Optional[str] = ..., candidates_in: _Optional[int] = ..., candidates_out: _Optional[int] = ..., took_ms: _Optional[float] = ..., model_id: _Optional[str] = ..., method: _Optional[str] = ..., token_source: _Optional[str] = ..., token_bytes: _Optional[int] = ..., tokens_pending: _Optional[int] = ..., query_token_source: _Optional[str] = ..., plan: _Optional[str] = ..., candidates_cut_from: _Optional[int] = ..., top_k_changed: _Optional[bool] = ..., top_k_new: _Optional[int] = ...) -> None: ...

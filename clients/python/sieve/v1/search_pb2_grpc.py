@@ -40,6 +40,11 @@ class SearchServiceStub:
                 request_serializer=sieve_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
                 response_deserializer=sieve_dot_v1_dot_search__pb2.SearchResponse.FromString,
                 _registered_method=True)
+        self.SearchStream = channel.unary_stream(
+                '/sieve.v1.SearchService/SearchStream',
+                request_serializer=sieve_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
+                response_deserializer=sieve_dot_v1_dot_search__pb2.SearchStreamResponse.FromString,
+                _registered_method=True)
 
 
 class SearchServiceServicer:
@@ -51,6 +56,15 @@ class SearchServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SearchStream(self, request, context):
+        """The same search, streamed as it improves: the first stage's ranking as soon as it exists, then each
+        later stage's ranking (or its DEGRADED report) as that stage finishes; the last message has
+        `final` set and its `result` equals what Search returns for the same request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SearchServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +72,11 @@ def add_SearchServiceServicer_to_server(servicer, server):
                     servicer.Search,
                     request_deserializer=sieve_dot_v1_dot_search__pb2.SearchRequest.FromString,
                     response_serializer=sieve_dot_v1_dot_search__pb2.SearchResponse.SerializeToString,
+            ),
+            'SearchStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.SearchStream,
+                    request_deserializer=sieve_dot_v1_dot_search__pb2.SearchRequest.FromString,
+                    response_serializer=sieve_dot_v1_dot_search__pb2.SearchStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +106,33 @@ class SearchService:
             '/sieve.v1.SearchService/Search',
             sieve_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
             sieve_dot_v1_dot_search__pb2.SearchResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/sieve.v1.SearchService/SearchStream',
+            sieve_dot_v1_dot_search__pb2.SearchRequest.SerializeToString,
+            sieve_dot_v1_dot_search__pb2.SearchStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -160,6 +160,55 @@ export function stageModeToJSON(object: StageMode): string {
   }
 }
 
+/** Named trade-offs of latency against depth. */
+export enum SearchTier {
+  SEARCH_TIER_UNSPECIFIED = 0,
+  /** SEARCH_TIER_FAST - 25 ms budget, 50 candidates, 20 to the cross-encoder */
+  SEARCH_TIER_FAST = 1,
+  /** SEARCH_TIER_BALANCED - 60 ms budget, 100 candidates, 30 to the cross-encoder */
+  SEARCH_TIER_BALANCED = 2,
+  /** SEARCH_TIER_BEST - 400 ms budget, 200 candidates, 50 to the cross-encoder */
+  SEARCH_TIER_BEST = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function searchTierFromJSON(object: any): SearchTier {
+  switch (object) {
+    case 0:
+    case "SEARCH_TIER_UNSPECIFIED":
+      return SearchTier.SEARCH_TIER_UNSPECIFIED;
+    case 1:
+    case "SEARCH_TIER_FAST":
+      return SearchTier.SEARCH_TIER_FAST;
+    case 2:
+    case "SEARCH_TIER_BALANCED":
+      return SearchTier.SEARCH_TIER_BALANCED;
+    case 3:
+    case "SEARCH_TIER_BEST":
+      return SearchTier.SEARCH_TIER_BEST;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return SearchTier.UNRECOGNIZED;
+  }
+}
+
+export function searchTierToJSON(object: SearchTier): string {
+  switch (object) {
+    case SearchTier.SEARCH_TIER_UNSPECIFIED:
+      return "SEARCH_TIER_UNSPECIFIED";
+    case SearchTier.SEARCH_TIER_FAST:
+      return "SEARCH_TIER_FAST";
+    case SearchTier.SEARCH_TIER_BALANCED:
+      return "SEARCH_TIER_BALANCED";
+    case SearchTier.SEARCH_TIER_BEST:
+      return "SEARCH_TIER_BEST";
+    case SearchTier.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** A metadata filter: every condition must hold (logical AND). */
 export interface Filter {
   all: Condition[];
@@ -201,7 +250,24 @@ export interface SearchSettings {
    * late interaction falls back to MaxSim over the bi-encoder's own token vectors).
    */
   lateInteractionModel?: string | undefined;
-  crossEncoderModel?: string | undefined;
+  crossEncoderModel?:
+    | string
+    | undefined;
+  /**
+   * A latency budget for the whole search, in milliseconds: the cascade plans against it before it
+   * starts (from the stage costs this server has measured): it shrinks the cross-encoder's candidates
+   * to what fits and skips a BEST_EFFORT stage that cannot fit, reporting its plan in the stage reports;
+   * a stage still running at the budget is cut (DEGRADED, previous order kept). REQUIRED stages are
+   * never cut or skipped by the budget (only the call's deadline stops them).
+   */
+  latencyBudgetMs?:
+    | number
+    | undefined;
+  /**
+   * A named tier: a budget and depths (retrieve_candidates, late_interaction_keep) that fill whatever
+   * the same settings leave unset. See SearchTier.
+   */
+  tier: SearchTier;
 }
 
 function createBaseFilter(): Filter {
@@ -366,6 +432,8 @@ function createBaseSearchSettings(): SearchSettings {
     crossEncoderKeep: undefined,
     lateInteractionModel: undefined,
     crossEncoderModel: undefined,
+    latencyBudgetMs: undefined,
+    tier: 0,
   };
 }
 
@@ -394,6 +462,12 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     }
     if (message.crossEncoderModel !== undefined) {
       writer.uint32(66).string(message.crossEncoderModel);
+    }
+    if (message.latencyBudgetMs !== undefined) {
+      writer.uint32(128).int32(message.latencyBudgetMs);
+    }
+    if (message.tier !== 0) {
+      writer.uint32(136).int32(message.tier);
     }
     return writer;
   },
@@ -475,6 +549,22 @@ export const SearchSettings: MessageFns<SearchSettings> = {
             message.crossEncoderModel = reader.string();
             continue;
           }
+          case 16: {
+            if (tag !== 128) {
+              break;
+            }
+
+            message.latencyBudgetMs = reader.int32();
+            continue;
+          }
+          case 17: {
+            if (tag !== 136) {
+              break;
+            }
+
+            message.tier = reader.int32() as any;
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -529,6 +619,12 @@ export const SearchSettings: MessageFns<SearchSettings> = {
         : isSet(object.cross_encoder_model)
         ? globalThis.String(object.cross_encoder_model)
         : undefined,
+      latencyBudgetMs: isSet(object.latencyBudgetMs)
+        ? globalThis.Number(object.latencyBudgetMs)
+        : isSet(object.latency_budget_ms)
+        ? globalThis.Number(object.latency_budget_ms)
+        : undefined,
+      tier: isSet(object.tier) ? searchTierFromJSON(object.tier) : 0,
     };
   },
 
@@ -558,6 +654,12 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     if (message.crossEncoderModel !== undefined) {
       obj.crossEncoderModel = message.crossEncoderModel;
     }
+    if (message.latencyBudgetMs !== undefined) {
+      obj.latencyBudgetMs = Math.round(message.latencyBudgetMs);
+    }
+    if (message.tier !== 0) {
+      obj.tier = searchTierToJSON(message.tier);
+    }
     return obj;
   },
 
@@ -574,6 +676,8 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     message.crossEncoderKeep = object.crossEncoderKeep ?? undefined;
     message.lateInteractionModel = object.lateInteractionModel ?? undefined;
     message.crossEncoderModel = object.crossEncoderModel ?? undefined;
+    message.latencyBudgetMs = object.latencyBudgetMs ?? undefined;
+    message.tier = object.tier ?? 0;
     return message;
   },
 };

@@ -11,7 +11,9 @@ import {
   type ChannelCredentials,
   Client,
   type ClientOptions,
+  type ClientReadableStream,
   type ClientUnaryCall,
+  type handleServerStreamingCall,
   type handleUnaryCall,
   makeGenericClientConstructor,
   type Metadata,
@@ -73,6 +75,25 @@ export function stageStatusToJSON(object: StageStatus): string {
   }
 }
 
+export interface SearchStreamResponse {
+  /**
+   * The ranking after `stage`: the top hits as Search would return them had the search stopped here,
+   * with the reports of the stages that ran so far (on the final message: every stage's, as Search).
+   */
+  result:
+    | SearchResponse
+    | undefined;
+  /** The stage whose ranking this is. */
+  stage: Stage;
+  /** The last message of the stream. */
+  final: boolean;
+  /**
+   * Set on the final message when time (the call's deadline or the request's latency budget) ran out
+   * before every stage finished: the last ranking sent stands, and the cut stage's report says why.
+   */
+  deadlineReached: boolean;
+}
+
 export interface SearchRequest {
   collection: string;
   /** The query text. Must not be empty. */
@@ -115,11 +136,25 @@ export interface Hit {
   metadata: { [key: string]: string };
   /** Every stage's score for this hit, in cascade order. */
   stageScores: StageScore[];
+  /**
+   * The parts of `text` that matched the query (late interaction: the document tokens MaxSim picked for
+   * the query's tokens, adjacent tokens merged), at most a handful, in text order. Empty when the hit
+   * was not scored by late interaction or its token vectors were stored without offsets.
+   */
+  evidence: Span[];
 }
 
 export interface Hit_MetadataEntry {
   key: string;
   value: string;
+}
+
+/** A part of a hit's text: [start, end) in Unicode code points (not UTF-8 bytes, not UTF-16 units). */
+export interface Span {
+  start: number;
+  end: number;
+  /** How much this part contributed: the sum of the similarities of the query tokens that matched it. */
+  score: number;
 }
 
 export interface StageScore {
@@ -156,7 +191,143 @@ export interface StageReport {
   tokenBytes: number;
   tokensPending: number;
   queryTokenSource: string;
+  /**
+   * Latency budget (a request with latency_budget_ms or a tier): what the planner gave this stage and
+   * why, e.g. "budget 40 ms, 27 ms left: 12 of 30 candidates fit (est. 9.1 ms + 1.4 ms each)".
+   */
+  plan: string;
+  /** The budget cut the stage's candidates: how many it would have scored (0: not cut). */
+  candidatesCutFrom: number;
+  /**
+   * Re-ranking stages: whether the stage's top k (ids, in order) differs from the top k it was given,
+   * and how many of its top k were not in the given top k (what a stage earns for its cost).
+   */
+  topKChanged: boolean;
+  topKNew: number;
 }
+
+function createBaseSearchStreamResponse(): SearchStreamResponse {
+  return { result: undefined, stage: 0, final: false, deadlineReached: false };
+}
+
+export const SearchStreamResponse: MessageFns<SearchStreamResponse> = {
+  encode(message: SearchStreamResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.result !== undefined) {
+      SearchResponse.encode(message.result, writer.uint32(10).fork()).join();
+    }
+    if (message.stage !== 0) {
+      writer.uint32(16).int32(message.stage);
+    }
+    if (message.final !== false) {
+      writer.uint32(24).bool(message.final);
+    }
+    if (message.deadlineReached !== false) {
+      writer.uint32(32).bool(message.deadlineReached);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): SearchStreamResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSearchStreamResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.result = SearchResponse.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.stage = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.final = reader.bool();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.deadlineReached = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): SearchStreamResponse {
+    return {
+      result: isSet(object.result) ? SearchResponse.fromJSON(object.result) : undefined,
+      stage: isSet(object.stage) ? stageFromJSON(object.stage) : 0,
+      final: isSet(object.final) ? globalThis.Boolean(object.final) : false,
+      deadlineReached: isSet(object.deadlineReached)
+        ? globalThis.Boolean(object.deadlineReached)
+        : isSet(object.deadline_reached)
+        ? globalThis.Boolean(object.deadline_reached)
+        : false,
+    };
+  },
+
+  toJSON(message: SearchStreamResponse): unknown {
+    const obj: any = {};
+    if (message.result !== undefined) {
+      obj.result = SearchResponse.toJSON(message.result);
+    }
+    if (message.stage !== 0) {
+      obj.stage = stageToJSON(message.stage);
+    }
+    if (message.final !== false) {
+      obj.final = message.final;
+    }
+    if (message.deadlineReached !== false) {
+      obj.deadlineReached = message.deadlineReached;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<SearchStreamResponse>, I>>(base?: I): SearchStreamResponse {
+    return SearchStreamResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<SearchStreamResponse>, I>>(object: I): SearchStreamResponse {
+    const message = createBaseSearchStreamResponse();
+    message.result = (object.result !== undefined && object.result !== null)
+      ? SearchResponse.fromPartial(object.result)
+      : undefined;
+    message.stage = object.stage ?? 0;
+    message.final = object.final ?? false;
+    message.deadlineReached = object.deadlineReached ?? false;
+    return message;
+  },
+};
 
 function createBaseSearchRequest(): SearchRequest {
   return {
@@ -469,7 +640,7 @@ export const SearchResponse: MessageFns<SearchResponse> = {
 };
 
 function createBaseHit(): Hit {
-  return { id: "", score: 0, text: "", metadata: {}, stageScores: [] };
+  return { id: "", score: 0, text: "", metadata: {}, stageScores: [], evidence: [] };
 }
 
 export const Hit: MessageFns<Hit> = {
@@ -488,6 +659,9 @@ export const Hit: MessageFns<Hit> = {
     });
     for (const v of message.stageScores) {
       StageScore.encode(v!, writer.uint32(42).fork()).join();
+    }
+    for (const v of message.evidence) {
+      Span.encode(v!, writer.uint32(130).fork()).join();
     }
     return writer;
   },
@@ -548,6 +722,14 @@ export const Hit: MessageFns<Hit> = {
             message.stageScores.push(StageScore.decode(reader, reader.uint32()));
             continue;
           }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.evidence.push(Span.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -584,6 +766,7 @@ export const Hit: MessageFns<Hit> = {
         : globalThis.Array.isArray(object?.stage_scores)
         ? object.stage_scores.map((e: any) => StageScore.fromJSON(e))
         : [],
+      evidence: globalThis.Array.isArray(object?.evidence) ? object.evidence.map((e: any) => Span.fromJSON(e)) : [],
     };
   },
 
@@ -610,6 +793,9 @@ export const Hit: MessageFns<Hit> = {
     if (message.stageScores?.length) {
       obj.stageScores = message.stageScores.map((e) => StageScore.toJSON(e));
     }
+    if (message.evidence?.length) {
+      obj.evidence = message.evidence.map((e) => Span.toJSON(e));
+    }
     return obj;
   },
 
@@ -631,6 +817,7 @@ export const Hit: MessageFns<Hit> = {
       {},
     );
     message.stageScores = object.stageScores?.map((e) => StageScore.fromPartial(e)) || [];
+    message.evidence = object.evidence?.map((e) => Span.fromPartial(e)) || [];
     return message;
   },
 };
@@ -716,6 +903,107 @@ export const Hit_MetadataEntry: MessageFns<Hit_MetadataEntry> = {
     const message = createBaseHit_MetadataEntry();
     message.key = object.key ?? "";
     message.value = object.value ?? "";
+    return message;
+  },
+};
+
+function createBaseSpan(): Span {
+  return { start: 0, end: 0, score: 0 };
+}
+
+export const Span: MessageFns<Span> = {
+  encode(message: Span, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.start !== 0) {
+      writer.uint32(8).int32(message.start);
+    }
+    if (message.end !== 0) {
+      writer.uint32(16).int32(message.end);
+    }
+    if (message.score !== 0) {
+      writer.uint32(25).double(message.score);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Span {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseSpan();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.start = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.end = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 25) {
+              break;
+            }
+
+            message.score = reader.double();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Span {
+    return {
+      start: isSet(object.start) ? globalThis.Number(object.start) : 0,
+      end: isSet(object.end) ? globalThis.Number(object.end) : 0,
+      score: isSet(object.score) ? globalThis.Number(object.score) : 0,
+    };
+  },
+
+  toJSON(message: Span): unknown {
+    const obj: any = {};
+    if (message.start !== 0) {
+      obj.start = Math.round(message.start);
+    }
+    if (message.end !== 0) {
+      obj.end = Math.round(message.end);
+    }
+    if (message.score !== 0) {
+      obj.score = floatToJson(message.score);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Span>, I>>(base?: I): Span {
+    return Span.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Span>, I>>(object: I): Span {
+    const message = createBaseSpan();
+    message.start = object.start ?? 0;
+    message.end = object.end ?? 0;
+    message.score = object.score ?? 0;
     return message;
   },
 };
@@ -835,6 +1123,10 @@ function createBaseStageReport(): StageReport {
     tokenBytes: 0,
     tokensPending: 0,
     queryTokenSource: "",
+    plan: "",
+    candidatesCutFrom: 0,
+    topKChanged: false,
+    topKNew: 0,
   };
 }
 
@@ -875,6 +1167,18 @@ export const StageReport: MessageFns<StageReport> = {
     }
     if (message.queryTokenSource !== "") {
       writer.uint32(98).string(message.queryTokenSource);
+    }
+    if (message.plan !== "") {
+      writer.uint32(162).string(message.plan);
+    }
+    if (message.candidatesCutFrom !== 0) {
+      writer.uint32(168).int32(message.candidatesCutFrom);
+    }
+    if (message.topKChanged !== false) {
+      writer.uint32(176).bool(message.topKChanged);
+    }
+    if (message.topKNew !== 0) {
+      writer.uint32(184).int32(message.topKNew);
     }
     return writer;
   },
@@ -988,6 +1292,38 @@ export const StageReport: MessageFns<StageReport> = {
             message.queryTokenSource = reader.string();
             continue;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.plan = reader.string();
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.candidatesCutFrom = reader.int32();
+            continue;
+          }
+          case 22: {
+            if (tag !== 176) {
+              break;
+            }
+
+            message.topKChanged = reader.bool();
+            continue;
+          }
+          case 23: {
+            if (tag !== 184) {
+              break;
+            }
+
+            message.topKNew = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1046,6 +1382,22 @@ export const StageReport: MessageFns<StageReport> = {
         : isSet(object.query_token_source)
         ? globalThis.String(object.query_token_source)
         : "",
+      plan: isSet(object.plan) ? globalThis.String(object.plan) : "",
+      candidatesCutFrom: isSet(object.candidatesCutFrom)
+        ? globalThis.Number(object.candidatesCutFrom)
+        : isSet(object.candidates_cut_from)
+        ? globalThis.Number(object.candidates_cut_from)
+        : 0,
+      topKChanged: isSet(object.topKChanged)
+        ? globalThis.Boolean(object.topKChanged)
+        : isSet(object.top_k_changed)
+        ? globalThis.Boolean(object.top_k_changed)
+        : false,
+      topKNew: isSet(object.topKNew)
+        ? globalThis.Number(object.topKNew)
+        : isSet(object.top_k_new)
+        ? globalThis.Number(object.top_k_new)
+        : 0,
     };
   },
 
@@ -1087,6 +1439,18 @@ export const StageReport: MessageFns<StageReport> = {
     if (message.queryTokenSource !== "") {
       obj.queryTokenSource = message.queryTokenSource;
     }
+    if (message.plan !== "") {
+      obj.plan = message.plan;
+    }
+    if (message.candidatesCutFrom !== 0) {
+      obj.candidatesCutFrom = Math.round(message.candidatesCutFrom);
+    }
+    if (message.topKChanged !== false) {
+      obj.topKChanged = message.topKChanged;
+    }
+    if (message.topKNew !== 0) {
+      obj.topKNew = Math.round(message.topKNew);
+    }
     return obj;
   },
 
@@ -1107,6 +1471,10 @@ export const StageReport: MessageFns<StageReport> = {
     message.tokenBytes = object.tokenBytes ?? 0;
     message.tokensPending = object.tokensPending ?? 0;
     message.queryTokenSource = object.queryTokenSource ?? "";
+    message.plan = object.plan ?? "";
+    message.candidatesCutFrom = object.candidatesCutFrom ?? 0;
+    message.topKChanged = object.topKChanged ?? false;
+    message.topKNew = object.topKNew ?? 0;
     return message;
   },
 };
@@ -1122,10 +1490,31 @@ export const SearchServiceService = {
     responseSerialize: (value: SearchResponse): Buffer => Buffer.from(SearchResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): SearchResponse => SearchResponse.decode(value),
   },
+  /**
+   * The same search, streamed as it improves: the first stage's ranking as soon as it exists, then each
+   * later stage's ranking (or its DEGRADED report) as that stage finishes; the last message has
+   * `final` set and its `result` equals what Search returns for the same request.
+   */
+  searchStream: {
+    path: "/sieve.v1.SearchService/SearchStream" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: SearchRequest): Buffer => Buffer.from(SearchRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): SearchRequest => SearchRequest.decode(value),
+    responseSerialize: (value: SearchStreamResponse): Buffer =>
+      Buffer.from(SearchStreamResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): SearchStreamResponse => SearchStreamResponse.decode(value),
+  },
 } as const;
 
 export interface SearchServiceServer extends UntypedServiceImplementation {
   search: handleUnaryCall<SearchRequest, SearchResponse>;
+  /**
+   * The same search, streamed as it improves: the first stage's ranking as soon as it exists, then each
+   * later stage's ranking (or its DEGRADED report) as that stage finishes; the last message has
+   * `final` set and its `result` equals what Search returns for the same request.
+   */
+  searchStream: handleServerStreamingCall<SearchRequest, SearchStreamResponse>;
 }
 
 export interface SearchServiceClient extends Client {
@@ -1144,6 +1533,17 @@ export interface SearchServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: SearchResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * The same search, streamed as it improves: the first stage's ranking as soon as it exists, then each
+   * later stage's ranking (or its DEGRADED report) as that stage finishes; the last message has
+   * `final` set and its `result` equals what Search returns for the same request.
+   */
+  searchStream(request: SearchRequest, options?: Partial<CallOptions>): ClientReadableStream<SearchStreamResponse>;
+  searchStream(
+    request: SearchRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<SearchStreamResponse>;
 }
 
 export const SearchServiceClient = makeGenericClientConstructor(

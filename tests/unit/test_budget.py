@@ -1,0 +1,124 @@
+"""Latency budgets: the stage cost model, tiers, and the plan made before a search starts (no processes:
+the planner only reads the cost model)."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from server.core.budget import MIN_CROSS_ENCODER, TIERS, CostModel, expand_tier
+from server.core.cascade import Cascade, StageModel, StagePlan
+from sieve_core.types import SearchSettings, SearchTier, Stage, StageMode
+
+
+def test_the_cost_model_learns_fixed_and_per_candidate_costs() -> None:
+    model = CostModel(fixed_ms=1.0, per_candidate_ms=0.01)  # a wrong prior
+    noise = random.Random(0)
+    for _ in range(200):
+        n = noise.randint(2, 40)
+        model.observe(n, 10.0 + 1.5 * n + noise.uniform(-0.5, 0.5))
+    fixed, per, spread = model.fit()
+    assert fixed == pytest.approx(10.0, abs=1.0) and per == pytest.approx(1.5, abs=0.1)
+    assert 0 < spread < 1.0
+    # Cautious: the estimate is above the fit; `fits` inverts it.
+    assert model.estimate(20) > 10.0 + 1.5 * 20
+    n = model.fits(40.0)
+    assert model.estimate(n) <= 40.0 < model.estimate(n + 1)
+    assert model.fits(5.0) == 0
+
+
+def test_tiers_fill_only_what_the_settings_leave_unset() -> None:
+    mine = SearchSettings(tier=SearchTier.FAST, retrieve_candidates=7)
+    expanded = expand_tier(mine)
+    fast = TIERS[SearchTier.FAST]
+    assert expanded.latency_budget_ms == fast.budget_ms
+    assert expanded.retrieve_candidates == 7
+    assert expanded.late_interaction_keep == fast.late_interaction_keep
+    assert expand_tier(SearchSettings()) == SearchSettings()
+
+
+def _cascade() -> Cascade:
+    # The planner reads only the cost model: no dispatcher, cache, pool or token stage needed.
+    return Cascade(None, None, None, None, None, None)  # type: ignore[arg-type]
+
+
+def _plans(li: StageMode, ce: StageMode, keep: int = 30) -> list[StagePlan]:
+    return [
+        StagePlan(Stage.LATE_INTERACTION, li, keep, model=StageModel("bi", "bi", "x")),
+        StagePlan(Stage.CROSS_ENCODER, ce, 10, model=StageModel("ce", "ce", "y")),
+    ]
+
+
+def _teach(cascade: Cascade, retrieve: float, li: tuple[float, float], ce: tuple[float, float]) -> None:
+    for n in (10, 50, 100):
+        cascade.budget.costs.observe(Stage.RETRIEVE, "", n, retrieve)
+        cascade.budget.costs.observe(Stage.LATE_INTERACTION, "", n, li[0] + li[1] * n)
+        for _ in range(20):
+            cascade.budget.costs.observe(Stage.CROSS_ENCODER, "ce", n // 5, ce[0] + ce[1] * (n // 5))
+
+
+def test_the_cross_encoder_gets_what_fits_and_says_so() -> None:
+    cascade = _cascade()
+    _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
+    plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
+    head = cascade.budget.plan(plans, 40.0, 100)
+    assert head.startswith("budget 40 ms")
+    late, cross = (p.budget for p in plans)
+    assert late is not None and not late.skip
+    assert cross is not None and not cross.skip
+    # 40 - 3 (reply) - 8 (retrieval) - 6 (late interaction), less the estimates' spread: ~19-23 ms left,
+    # so 10 ms + 1 ms per pair leaves room for about 7-13 of the 30 candidates.
+    assert 5 <= cross.cut_to <= 13, cross
+    assert "of 30 candidates fit" in cross.note
+
+
+def test_stages_that_cannot_fit_are_skipped_and_required_ones_never() -> None:
+    cascade = _cascade()
+    _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
+    plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
+    cascade.budget.plan(plans, 12.0, 100)
+    late, cross = (p.budget for p in plans)
+    assert late is not None and late.skip.startswith("skipped by the latency budget")
+    assert cross is not None and cross.skip.startswith("skipped by the latency budget")
+    assert "0 of 100 candidates fit" in cross.note or cross.cut_to < MIN_CROSS_ENCODER
+    required = _plans(StageMode.REQUIRED, StageMode.REQUIRED)
+    cascade.budget.plan(required, 12.0, 100)
+    assert all(p.budget is not None and not p.budget.skip and not p.budget.cut_to for p in required)
+    assert all("REQUIRED" in p.budget.note for p in required if p.budget is not None)
+
+
+def test_a_generous_budget_cuts_nothing() -> None:
+    cascade = _cascade()
+    _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
+    plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
+    cascade.budget.plan(plans, 400.0, 100)
+    assert all(p.budget is not None and not p.budget.skip and not p.budget.cut_to for p in plans)
+
+
+def test_an_unmeasured_cross_encoder_is_probed_not_skipped_forever() -> None:
+    cascade = _cascade()
+    slow = cascade.budget.costs.model(Stage.CROSS_ENCODER, "ce")
+    for _ in range(3):  # a pessimistic start: 30 ms fixed
+        slow.observe(10, 30.0 + 10)
+    plans = _plans(StageMode.OFF, StageMode.BEST_EFFORT)
+    cascade.budget.plan(plans, 40.0, 100)
+    cross = plans[1].budget
+    assert cross is not None and not cross.skip and cross.cut_to == MIN_CROSS_ENCODER
+    assert "probing" in cross.note
+    for _ in range(5):  # measured enough: the estimate decides again
+        slow.observe(10, 40.0)
+    cascade.budget.plan(plans, 40.0, 100)
+    assert plans[1].budget is not None and plans[1].budget.skip
+
+
+def test_one_slow_call_does_not_make_a_stage_unaffordable() -> None:
+    model = CostModel(fixed_ms=10.0, per_candidate_ms=1.0)
+    for n in (2, 10, 20) * 10:
+        model.observe(n, 10.0 + n)
+    before = model.estimate(10)
+    model.observe(10, 2000.0)  # e.g. the first call loads the model
+    assert model.estimate(10) < 4 * before
+    for n in (2, 10, 20) * 10:
+        model.observe(n, 10.0 + n)
+    assert model.estimate(10) < 1.5 * before

@@ -1,0 +1,136 @@
+"""Evidence spans: token offsets stored with the token vectors (SVTK version 3), read back per row, and
+turned into a hit's spans from MaxSim's argmax. Real tokenizer and encoder (all-MiniLM-L6-v2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sieve_core.evidence import MAX_SPANS, evidence_spans
+from sieve_core.late_interaction import (
+    BestMatches,
+    decode_spans,
+    decode_tokens,
+    encode_tokens,
+    maxsim_blobs,
+    read_header,
+)
+from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_format import TokenFormat, compress, pool_tokens_with_members
+from tests.conftest import MODEL, MODELS_DIR, require_bundle
+
+# Code points outside the BMP and accents before the words, so UTF-8 bytes, UTF-16 units and code points
+# all differ.
+TEXT = "😀 Café naïve: Vitamin D deficiency is associated with an increased risk of bone fractures. 🦴"
+
+
+@pytest.fixture(scope="module")
+def runner() -> BiEncoderRunner:
+    require_bundle()
+    return BiEncoderRunner(MODELS_DIR / MODEL)
+
+
+def test_offsets_are_code_points_one_per_token_row(runner: BiEncoderRunner) -> None:
+    rows = runner.token_vectors([TEXT])[0]
+    offsets = runner.token_offsets([TEXT])[0]
+    assert offsets.shape == (len(rows), 2)
+    pieces = [TEXT[a:b] for a, b in offsets]
+    assert "Vitamin" in pieces and "fractures" in pieces
+    # Code points, not UTF-8 bytes: the emoji (an [UNK] token) is one character, so "Café" starts at 2.
+    assert pieces[:2] == ["😀", "Café"] and tuple(offsets[1]) == (2, 6)
+
+
+@pytest.mark.parametrize("pool", [1, 2, 4])
+def test_every_token_is_in_exactly_one_row(runner: BiEncoderRunner, pool: int) -> None:
+    rows = runner.token_vectors([TEXT])[0]
+    pooled, members = pool_tokens_with_members(rows, pool)
+    assert len(members) == len(pooled)
+    flat = np.sort(np.concatenate(members))
+    np.testing.assert_array_equal(flat, np.arange(len(rows)))
+    # Each pooled row is its members' re-normalised mean.
+    for row, group in zip(pooled, members, strict=True):
+        mean = rows[group].sum(axis=0)
+        np.testing.assert_allclose(row, mean / np.linalg.norm(mean), atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", [TokenFormat(pool_factor=1), TokenFormat(), TokenFormat(projection_dims=128)])
+def test_spans_round_trip_and_leave_the_rows_alone(runner: BiEncoderRunner, fmt: TokenFormat) -> None:
+    rows = runner.token_vectors([TEXT])[0]
+    offsets = runner.token_offsets([TEXT])[0]
+    plain, with_spans = compress(rows, fmt), compress(rows, fmt, offsets)
+    info = read_header(with_spans)
+    assert with_spans[4] == 3 and info.spans_bytes == len(with_spans) - len(plain)
+    np.testing.assert_array_equal(decode_tokens(with_spans), decode_tokens(plain))
+    spans = decode_spans(with_spans)
+    _, members = pool_tokens_with_members(rows, fmt.pool_factor)
+    assert spans == [
+        sorted(tuple(offsets[i]) for i in group if offsets[i][1] > offsets[i][0]) for group in members
+    ]
+    assert decode_spans(with_spans, [2, 0]) == [spans[2], spans[0]]
+    # Older blobs (versions 1 and 2) are still read, and have no spans.
+    assert decode_spans(plain) == [[] for _ in range(read_header(plain).n_tokens)]
+
+
+def test_a_corrupt_spans_section_is_refused(runner: BiEncoderRunner) -> None:
+    rows = runner.token_vectors([TEXT])[0]
+    blob = compress(rows, TokenFormat(), runner.token_offsets([TEXT])[0])
+    with pytest.raises(ValueError, match="trailing|truncated"):
+        read_header(blob[:-1])
+    with pytest.raises(ValueError, match="trailing"):
+        read_header(blob + b"\0")
+    with pytest.raises(ValueError, match="rows of spans"):
+        encode_tokens(rows[:3], spans=[[(0, 1)]])
+
+
+def test_argmax_matches_the_scores(runner: BiEncoderRunner) -> None:
+    texts = [TEXT, "The mitochondria is the powerhouse of the cell.", ""]
+    blobs = [
+        compress(r, TokenFormat(), o)
+        for r, o in zip(runner.token_vectors(texts), runner.token_offsets(texts), strict=True)
+    ]
+    q = runner.token_vectors(["vitamin d and bone fractures"])[0]
+    best: list[BestMatches | None] = [None] * len(blobs)
+    scores = maxsim_blobs(q, blobs, best=best)
+    assert best[2] is None and scores[2] == 0.0  # an empty text has no rows
+    for blob, found, score in zip(blobs[:2], best[:2], scores[:2], strict=True):
+        assert found is not None
+        sims = q @ decode_tokens(blob).T
+        np.testing.assert_array_equal(found.rows, sims.argmax(axis=1))
+        assert found.sims.sum() == pytest.approx(score, rel=1e-4)
+
+
+def test_evidence_lies_in_the_text_and_covers_the_query_words(runner: BiEncoderRunner) -> None:
+    blob = compress(
+        runner.token_vectors([TEXT])[0], TokenFormat(pool_factor=1), runner.token_offsets([TEXT])[0]
+    )
+    q = runner.token_vectors(["vitamin deficiency fractures"])[0]
+    best: list[BestMatches | None] = [None]
+    maxsim_blobs(q, [blob], best=best)
+    assert best[0] is not None
+    spans = evidence_spans(blob, best[0])
+    assert 0 < len(spans) <= MAX_SPANS
+    assert all(0 <= s.start < s.end <= len(TEXT) for s in spans)
+    assert [s.start for s in spans] == sorted(s.start for s in spans)
+    shown = " ".join(TEXT[s.start : s.end].lower() for s in spans)
+    assert "vitamin" in shown and "fractures" in shown
+    # Adjacent matched tokens are one span: "Vitamin D deficiency" is not three.
+    assert not any(b.start - a.end <= 1 for a, b in zip(spans, spans[1:], strict=False))
+
+
+def test_a_blob_without_spans_gives_no_evidence(runner: BiEncoderRunner) -> None:
+    blob = compress(runner.token_vectors([TEXT])[0], TokenFormat())
+    best: list[BestMatches | None] = [None]
+    maxsim_blobs(runner.token_vectors(["vitamin"])[0], [blob], best=best)
+    assert best[0] is not None and evidence_spans(blob, best[0]) == []
+
+
+def test_special_tokens_without_text_are_left_out_of_the_spans() -> None:
+    # ColBERT documents keep [CLS], [D] and [SEP] rows, whose offsets are (0, 0); pooling may put them
+    # in a cluster with real tokens, after them in token order.
+    rows = np.eye(6, 8, dtype=np.float32)
+    rows[5] = rows[4]  # [SEP] pools with token 4, whose text starts later: (12, 15) then (0, 0)
+    offsets = np.array([[0, 0], [0, 3], [4, 7], [8, 11], [12, 15], [0, 0]])
+    blob = compress(rows, TokenFormat(pool_factor=2), offsets)
+    spans = decode_spans(blob)
+    assert [s for row in spans for s in row] and all(b > a for row in spans for a, b in row)
+    assert sorted(s for row in spans for s in row) == [(0, 3), (4, 7), (8, 11), (12, 15)]
