@@ -192,7 +192,7 @@ def _rerank_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
         li = (
             "late interaction warm (MiniLM zero-shot MaxSim as the server runs it: the query's encoder pass, "
             f"the blobs from the SQLite store, {r['late_interaction']['token_format']}) / pending (what "
-            "100 documents without token vectors cost: encode + compress, sieve.document_tokens' work)"
+            f"{n} documents without token vectors cost: encode + compress, sieve.document_tokens' work)"
         )
         other, other_label, other_ratio = "li_pending", "pending", ratios["li_pending_over_li_warm_p50"]
         li_stage, li_label = "li_pending", "pending documents' token vectors (sieve.document_tokens)"
