@@ -15,7 +15,7 @@ the server stores them with the documents (server/storage/store.py `tokens`). Th
                `sieve eval` scores them (the same settings: sieve_cli.evaluate.cascade_settings)
   concurrency  for each cascade and 1, 4, 16, 64 clients (asyncio, one channel, in this process), as many
                distinct queries as max(base, 4 x clients) (quick: max(30, clients)), top_k 10 with documents: latency p50/p99 as the
-               client sees it and throughput (completed / wall time). The query-vector and stage-score
+               client sees it and throughput (completed / wall time). The query-vector, query-token and stage-score
                caches are flushed before every pass, so every request embeds its query and re-ranks
                (token vectors are stored with the documents: that is the steady state)
   floor        per query, alternating in one loop: Search `retrieve` (top 10) and its bare work in this
@@ -160,9 +160,11 @@ def index_corpus(channel: grpc.Channel, source: Path, documents: int) -> jobs_pb
 
 
 def flush_caches(client: redis.Redis) -> int:
-    """Delete cached query vectors and stage scores (token vectors stay: the warm steady state)."""
+    """Delete cached query vectors, query token rows and stage scores (documents' token vectors live in
+    the server's store, not in Redis). Without sieve:qtok a late-interaction Search would take its query's
+    vector and token rows from the cache and skip the encoder pass its bare twin pays for."""
     n = 0
-    for pattern in ("sieve:qvec:*", "sieve:scores:*"):
+    for pattern in ("sieve:qvec:*", "sieve:qtok:*", "sieve:scores:*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         for start in range(0, len(keys), 500):
             n += int(client.delete(*keys[start : start + 500]))
@@ -349,6 +351,8 @@ def floor(
     data_dir: Path,
     qids: list[str],
 ) -> dict[str, Any]:
+    from threadpoolctl import threadpool_limits
+
     from sieve_core.late_interaction import maxsim_blobs
     from sieve_core.models.bi_encoder import BiEncoderRunner
     from sieve_core.token_format import prepare_query
@@ -356,6 +360,8 @@ def floor(
     runner = BiEncoderRunner(ROOT / "models" / MODEL)  # the server's threads: one per core
     runner.warmup()
     conn, cid, fmt = server_tokens(data_dir)
+    # numpy's BLAS on one thread, as in the server's executor threads (server/core/executors.py)
+    blas = threadpool_limits(limits=1, user_api="blas")
     t: dict[str, list[float]] = {
         k: []
         for k in (
@@ -430,6 +436,7 @@ def floor(
             t["late_bare_retrieve100"].append((t1 - t0) * 1000)
             t["late_bare_stage"].append((t2 - t1) * 1000)
             t["late_bare"].append((t2 - t0) * 1000)
+    blas.restore_original_limits()
     p50 = {k: statistics.median(v) for k, v in t.items()}
     return {
         "queries": len(qids),
