@@ -15,9 +15,13 @@ encodes the union of the candidates once, untimed per query (the document side i
 the point of late interaction), and reports its document encoding rate. Then, per query, alternating
 the order of the sides, the timed span is everything a warm re-rank does from the query text:
 
-  sieve (Redis)   sieve_core.late_interaction_service.late_interaction(): query encoding (ONNX), 100 int8
-                  token blobs read from a local Redis, MaxSim: the function the colbert worker runs
-  sieve (memory)  the same without Redis: query encoding + MaxSim over the int8 blobs held in memory
+  sieve (store)   what the server does for a ColBERT collection (server/core/tokens.py): query encoding
+                  (ONNX; in the server a colbert worker's sieve.query_tokens, here in-process, no round
+                  trip), the 100 candidates' int8 blobs (unpooled: pool_factor 1, the rows the peers
+                  score) read by key from a store of the server's kind (server/storage/store.py, a
+                  temporary SQLite file), prepare_query + maxsim_blobs; `sieve_store_pool4`: the same with
+                  the default format (int8, pool 4: about a quarter of the rows; timed, not in agreement)
+  sieve (memory)  query encoding + MaxSim over the unpooled int8 blobs held in memory
   colbert-ai      colbert-ai 0.2.22 in its own process: Checkpoint.queryFromText + colbert_score over the
                   candidates' precomputed padded float32 token matrices and their mask
   pylate          PyLate in its own process (only when SIEVE_PYLATE_PYTHON names a Python that has it, see
@@ -38,7 +42,6 @@ import importlib.util
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -188,45 +191,37 @@ class Peer:
 
 
 @contextlib.contextmanager
-def redis_server() -> Iterator[Any]:
-    import redis
+def token_store(
+    blobs: dict[str, dict[str, bytes]], formats: dict[str, Any]
+) -> Iterator[tuple[Any, dict[str, int], dict[str, dict[str, int]]]]:
+    """A throw-away store of the server's kind (server/storage/store.py: SQLite, WAL, synchronous=FULL),
+    one collection per stored format, each document's blob in its `tokens` table, written with the
+    document as UpsertDocuments writes it. Yields the store, each collection's id and document keys."""
+    from server.storage.store import Store
+    from sieve_core.types import Document
 
-    from sieve_cli.stack import free_port
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit("redis-server is not installed (make redis installs it)")
-    port = free_port()
     with tempfile.TemporaryDirectory(prefix="sieve-bench-li-") as tmp:
-        argv = [
-            binary,
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--dir",
-            tmp,
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        store = Store(Path(tmp) / "sieve.db")
         try:
-            client = redis.Redis(port=port, socket_timeout=30)
-            deadline = time.monotonic() + 15
-            while True:
-                try:
-                    client.ping()
-                    break
-                except redis.RedisError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise SystemExit("redis-server did not start") from None
-                    time.sleep(0.05)
-            yield client
+            ids: dict[str, int] = {}
+            keys: dict[str, dict[str, int]] = {}
+            vector = np.zeros(4, dtype=np.float32)
+            for name, by_doc in blobs.items():
+                fmt = json.dumps(formats[name].to_json())
+                cid = store.create_collection(
+                    name, COLBERT_NAME, COLBERT_NAME, "cosine", 4, "{}", fmt, "m"
+                ).id
+                docs = [Document(d, "") for d in by_doc]
+                for at in range(0, len(docs), 500):
+                    chunk = docs[at : at + 500]
+                    store.upsert(
+                        cid, chunk, {d.id: vector for d in chunk}, {d.id: by_doc[d.id] for d in chunk}
+                    )
+                stored = store.documents_by_keys(cid, range(1, len(docs) + 1), with_text=False).values()
+                ids[name], keys[name] = cid, {d.doc_id: d.key for d in stored}
+            yield store, ids, keys
         finally:
-            proc.terminate()
-            proc.wait(10)
+            store.close()
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -257,10 +252,9 @@ def main() -> int:
     from run import CACHE, available_cores, build_seeded, command_line, log, percentiles, write_result
 
     from sieve_core.beir import load_beir
-    from sieve_core.contracts import Candidate, LateInteractionRequest
-    from sieve_core.late_interaction import encode_tokens, maxsim_blobs
-    from sieve_core.late_interaction_service import TokenCache, late_interaction, token_key
+    from sieve_core.late_interaction import maxsim_blobs
     from sieve_core.models.colbert import ColbertRunner
+    from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, compress_many, prepare_query
 
     if args.beir is None or not (args.beir / "corpus.jsonl").is_file():
         print(f"skipped: {args.beir} is not a BEIR folder", file=sys.stderr)
@@ -292,9 +286,11 @@ def main() -> int:
     runner.warmup()
     t = time.perf_counter()
     matrices = runner.document_token_vectors(texts, BATCH)
+    # int8 unpooled (pool_factor 1, a collection option): the same rows the peers score, so agreement
+    # measures the implementations; and the default format (int8, pool 4), what a new collection stores.
+    formats = {"pool1": TokenFormat(pool_factor=1), "pool4": DEFAULT_TOKEN_FORMAT}
     blobs = {
-        token_key(runner, Candidate.of(x).content_hash, "int8"): encode_tokens(m, "int8")
-        for x, m in zip(texts, matrices, strict=True)
+        name: dict(zip(union, compress_many(matrices, fmt), strict=True)) for name, fmt in formats.items()
     }
     encode_s = {"sieve": time.perf_counter() - t}
     log(f"  sieve encoded {len(texts)} documents in {encode_s['sieve']:.1f} s")
@@ -321,28 +317,30 @@ def main() -> int:
         # pool, called back to back, degrades far more than onnxruntime's, and 1 thread is its best case.
         runner1 = ColbertRunner(bundle, intra_op_threads=1)
         runner1.warmup()
-        names = ["sieve_redis", "sieve_memory", *peers, "sieve_memory_1t", *(f"{p}_1t" for p in peers)]
+        names = [
+            "sieve_store",
+            "sieve_store_pool4",
+            "sieve_memory",
+            *peers,
+            "sieve_memory_1t",
+            *(f"{p}_1t" for p in peers),
+        ]
         ms: dict[str, list[float]] = {name: [] for name in names}
         agreement: dict[str, list[tuple[float, int]]] = {p: [] for p in peers}
-        with redis_server() as client:
-            cache = TokenCache(client)
-            items = list(blobs.items())
-            for start in range(0, len(items), 64):
-                cache.put_many(dict(items[start : start + 64]))
+        with token_store(blobs, formats) as (store, cids, doc_keys):
 
-            def sieve_redis(query: str, docs: list[str]) -> list[float]:
-                request = LateInteractionRequest(
-                    query=query, model=COLBERT_NAME, candidates=[Candidate.of(data.corpus[d]) for d in docs]
-                )
-                result = late_interaction(runner, cache, request, batch_size=BATCH)
-                if result.recomputed:
-                    raise AssertionError(f"warm stage recomputed {result.recomputed} documents")
-                return result.scores
+            def sieve_store(query: str, docs: list[str], name: str = "pool1") -> list[float]:
+                # the server: query token rows (a colbert worker's sieve.query_tokens, here in-process),
+                # the candidates' blobs by key from the store, prepare_query + maxsim_blobs
+                q = runner.query_token_vectors([query])[0]
+                wanted = [doc_keys[name][d] for d in docs]
+                found = store.token_blobs(cids[name], wanted)
+                q = prepare_query(q, formats[name])
+                return [float(s) for s in maxsim_blobs(q, [found[k] for k in wanted])]
 
             def sieve_memory(query: str, docs: list[str], one_thread: bool = False) -> list[float]:
                 q = (runner1 if one_thread else runner).query_token_vectors([query])[0]
-                keys = [token_key(runner, Candidate.of(data.corpus[d]).content_hash, "int8") for d in docs]
-                return [float(s) for s in maxsim_blobs(q, [blobs[k] for k in keys])]
+                return [float(s) for s in maxsim_blobs(q, [blobs["pool1"][d] for d in docs])]
 
             sides = list(ms)
             for warm in (True, False):
@@ -359,8 +357,10 @@ def main() -> int:
                             seconds, scores[side] = answer["seconds"], answer["scores"]
                         else:
                             t = time.perf_counter()
-                            if side == "sieve_redis":
-                                scores[side] = sieve_redis(query, docs)
+                            if side == "sieve_store":
+                                scores[side] = sieve_store(query, docs)
+                            elif side == "sieve_store_pool4":
+                                scores[side] = sieve_store(query, docs, "pool4")
                             else:
                                 scores[side] = sieve_memory(query, docs, side.endswith("_1t"))
                             seconds = time.perf_counter() - t
@@ -370,8 +370,8 @@ def main() -> int:
                         for p in peers:
                             agreement[p].append(
                                 (
-                                    spearman(scores["sieve_redis"], scores[p]),
-                                    top_overlap(scores["sieve_redis"], scores[p]),
+                                    spearman(scores["sieve_store"], scores[p]),
+                                    top_overlap(scores["sieve_store"], scores[p]),
                                 )
                             )
                     if not warm:

@@ -7,23 +7,24 @@
 Celery `embed` worker and a `colbert` worker, one pool process each, the server), all on this machine
 with the client. The BEIR corpus (with --quick: every judged document plus the first documents up to
 --docs, default 600) is indexed by an index job into a collection whose default enables late
-interaction, so the embed worker caches every document's token vectors in the same encoder pass (warm
-re-ranking, as in production). Then, all through gRPC Search:
+interaction, so the embed worker returns every document's token vectors from the same encoder pass and
+the server stores them with the documents (server/storage/store.py `tokens`). Then, all through gRPC Search:
 
   quality      every test query once per cascade (`retrieve`, `late`: retrieve 100 > MaxSim over
                all-MiniLM-L6-v2's token vectors), top 100 ids, scored with nDCG@10, recall@100, MRR@10 as
                `sieve eval` scores them (the same settings: sieve_cli.evaluate.cascade_settings)
   concurrency  for each cascade and 1, 4, 16, 64 clients (asyncio, one channel, in this process), as many
                distinct queries as max(base, 4 x clients) (quick: max(30, clients)), top_k 10 with documents: latency p50/p99 as the
-               client sees it and throughput (completed / wall time). The query-vector and stage-score
+               client sees it and throughput (completed / wall time). The query-vector, query-token and stage-score
                caches are flushed before every pass, so every request embeds its query and re-ranks
-               (token vectors stay cached: that is the warm steady state)
+               (token vectors are stored with the documents: that is the steady state)
   floor        per query, alternating in one loop: Search `retrieve` (top 10) and its bare work in this
                process (ONNX query embedding + usearch search on the server's own index snapshot), then
                Search `late` (retrieve 100 > late interaction > top 10) and its bare work (embedding +
-               search of 100 + the late-interaction stage function the worker runs, against the same
-               Redis). The difference is what the service adds: gRPC, protobuf, the asyncio server and its
-               executor, the document store, Celery dispatch, Redis round trips, (de)serialisation.
+               search of 100 + the late-interaction stage's work: the candidates' blobs read from the
+               server's own sieve.db, read-only, and maxsim_blobs). The difference is what the service
+               adds: gRPC, protobuf, the asyncio server and its executor, the document store, Redis round
+               trips (query cache), (de)serialisation.
 
 The document vectors (from the server's index snapshot), the test query vectors and the retrieve run's
 candidates are left in bench/.cache for bench/ann.py and bench/late_interaction_peers.py.
@@ -47,6 +48,7 @@ import json
 import random
 import shutil
 import signal
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -158,9 +160,11 @@ def index_corpus(channel: grpc.Channel, source: Path, documents: int) -> jobs_pb
 
 
 def flush_caches(client: redis.Redis) -> int:
-    """Delete cached query vectors and stage scores (token vectors stay: the warm steady state)."""
+    """Delete cached query vectors, query token rows and stage scores (documents' token vectors live in
+    the server's store, not in Redis). Without sieve:qtok a late-interaction Search would take its query's
+    vector and token rows from the cache and skip the encoder pass its bare twin pays for."""
     n = 0
-    for pattern in ("sieve:qvec:*", "sieve:scores:*"):
+    for pattern in ("sieve:qvec:*", "sieve:qtok:*", "sieve:scores:*"):
         keys = list(client.scan_iter(match=pattern, count=1000))
         for start in range(0, len(keys), 500):
             n += int(client.delete(*keys[start : start + 500]))
@@ -326,21 +330,38 @@ def load_snapshot(data_dir: Path, generation: int, ef_search: int) -> tuple[Vect
         time.sleep(0.5)
 
 
+def server_tokens(data_dir: Path) -> tuple[sqlite3.Connection, int, Any]:
+    """A read-only connection to the server's store (WAL: readers never block its writer), the
+    collection's id and its token format, so the bare late-interaction work reads the very blobs the
+    server's stage reads."""
+    from sieve_core.token_format import TokenFormat
+
+    conn = sqlite3.connect(f"file:{data_dir / 'sieve.db'}?mode=ro", uri=True, check_same_thread=False)
+    cid, fmt = conn.execute(
+        "SELECT id, token_format FROM collections WHERE name = ?", (COLLECTION,)
+    ).fetchone()
+    return conn, int(cid), TokenFormat.from_json(json.loads(fmt))
+
+
 def floor(
     address: str,
     cache_client: redis.Redis,
     data: BeirDataset,
     index: VectorIndex,
-    candidates: dict[str, list[str]],
+    data_dir: Path,
     qids: list[str],
 ) -> dict[str, Any]:
-    from sieve_core.contracts import Candidate, LateInteractionRequest
-    from sieve_core.late_interaction_service import TokenCache, late_interaction
+    from threadpoolctl import threadpool_limits
+
+    from sieve_core.late_interaction import maxsim_blobs
     from sieve_core.models.bi_encoder import BiEncoderRunner
+    from sieve_core.token_format import prepare_query
 
     runner = BiEncoderRunner(ROOT / "models" / MODEL)  # the server's threads: one per core
     runner.warmup()
-    tokens = TokenCache(cache_client)
+    conn, cid, fmt = server_tokens(data_dir)
+    # numpy's BLAS on one thread, as in the server's executor threads (server/core/executors.py)
+    blas = threadpool_limits(limits=1, user_api="blas")
     t: dict[str, list[float]] = {
         k: []
         for k in (
@@ -358,8 +379,8 @@ def floor(
             "late_bare_stage",
         )
     }
-    recomputed = 0
-    with grpc.insecure_channel(address) as channel:
+    pending = 0
+    with contextlib.closing(conn), grpc.insecure_channel(address) as channel:
         search = search_pb2_grpc.SearchServiceStub(channel)
 
         def grpc_search(text: str, spec: str) -> search_pb2.SearchResponse:
@@ -393,26 +414,35 @@ def floor(
                     t["late_stage_retrieve"].append(report.took_ms)
                 elif report.stage == common_pb2.STAGE_LATE_INTERACTION:
                     t["late_stage_late"].append(report.took_ms)
-            texts = [data.corpus[d] for d in candidates[qid][:100]]
             t0 = time.perf_counter()
-            vector = runner.embed([text])[0]
-            index.search(vector, 100)
+            # zero-shot, as the server: one encoder pass gives the query vector and its token rows
+            vectors, rows = runner.encode([text], 32, tokens=True)
+            assert rows is not None
+            keys, _ = index.search(vectors[0], 100)
             t1 = time.perf_counter()
-            request = LateInteractionRequest(
-                query=text, model=MODEL, candidates=[Candidate.of(x) for x in texts]
+            # the stage (server/core/tokens.py TokenStage._maxsim): blobs by key, MaxSim from them
+            wanted = [int(k) for k in keys]
+            marks = ",".join("?" * len(wanted))
+            blobs = dict(
+                conn.execute(
+                    f"SELECT key, blob FROM tokens WHERE collection_id = ? AND key IN ({marks})",
+                    (cid, *wanted),
+                ).fetchall()
             )
-            result = late_interaction(runner, tokens, request)
+            found = [blobs[k] for k in wanted if k in blobs]
+            maxsim_blobs(prepare_query(rows[0], fmt), found)
             t2 = time.perf_counter()
-            recomputed += result.recomputed
+            pending += len(wanted) - len(found)
             t["late_bare_retrieve100"].append((t1 - t0) * 1000)
             t["late_bare_stage"].append((t2 - t1) * 1000)
             t["late_bare"].append((t2 - t0) * 1000)
+    blas.restore_original_limits()
     p50 = {k: statistics.median(v) for k, v in t.items()}
     return {
         "queries": len(qids),
         "p50_ms": {k: round(v, 3) for k, v in p50.items()},
         "p99_ms": {k: round(float(np.percentile(v, 99)), 3) for k, v in t.items()},
-        "bare_late_interaction_recomputed": recomputed,
+        "bare_late_interaction_pending": pending,
         "overhead_share_p50": {
             "retrieve_request": round(1 - p50["retrieve_bare"] / p50["retrieve_client"], 3),
             "retrieve_stage_in_server": round(1 - p50["retrieve_bare"] / p50["retrieve_stage"], 3),
@@ -425,9 +455,11 @@ def floor(
             "retrieve_stage": "the retrieve stage's took_ms (embedding + index search)",
             "retrieve_bare": "in this process: ONNX query embedding + usearch search (top 10) on the snapshot",
             "late_client": "gRPC Search, retrieve 100 > late interaction (REQUIRED) > top 10 with documents",
-            "late_stage_late": "the late-interaction stage's took_ms (Celery dispatch, worker, Redis, result)",
-            "late_bare": "in this process: embedding + search (top 100) + late_interaction() (query token "
-            "encoding, 100 int8 blobs from the same Redis, MaxSim), the function the worker runs",
+            "late_stage_late": "the late-interaction stage's took_ms (in the server: blobs from its store, "
+            "MaxSim in its executor)",
+            "late_bare": "in this process: one encoder pass (query vector + token rows) + search (top 100) + "
+            "the stage's work: the 100 blobs read by key from the server's own sieve.db (read-only) and "
+            "prepare_query + maxsim_blobs, as server/core/tokens.py does",
         },
     }
 
@@ -518,7 +550,7 @@ def run_service(args: argparse.Namespace) -> int:
                         "benchmark": "quality",
                         "model": MODEL,
                         "index_job_docs_per_s": job.done / index_s,
-                        "index_note": "index job (embed worker), token vectors cached in the same encoder pass",
+                        "index_note": "index job (embed worker), token vectors from the same encoder pass, stored with the documents",
                         "runs": runs,
                         "quality_queries": len(judged.queries),
                     },
@@ -529,7 +561,7 @@ def run_service(args: argparse.Namespace) -> int:
             save_vectors(beir.name, snapshot, data, retrieved, corpus_note)
             log(f"floor: {n_floor} queries, Search vs bare in-process work, alternating")
             qids = random.Random(1).sample(sorted(retrieved), min(n_floor, len(retrieved)))
-            floor_result = floor(address, cache, data, index, retrieved, qids)
+            floor_result = floor(address, cache, data, index, tmp_dir / "data", qids)
             f = floor_result["p50_ms"]
             log(
                 f"  retrieve: Search {f['retrieve_client']:.2f} ms vs bare {f['retrieve_bare']:.2f} ms; "
