@@ -396,6 +396,34 @@ class Store:
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dims)
             yield IndexChanges(keys, vectors, np.zeros(0, dtype=np.uint64))
 
+    def text_changes_since(
+        self, collection_id: int, generation: int, batch: int = 5_000
+    ) -> Iterator[TextChanges]:
+        """What to apply to a full-text index at `generation`, in batches (removals first)."""
+        conn = self._conn()
+        removed = [
+            r[0]
+            for r in conn.execute(
+                "SELECT key FROM tombstones WHERE collection_id = ? AND generation > ?",
+                (collection_id, generation),
+            )
+        ]
+        yield TextChanges([], removed)
+        cursor = conn.execute(
+            "SELECT key, text FROM documents WHERE collection_id = ? AND generation > ? ORDER BY key",
+            (collection_id, generation),
+        )
+        while rows := cursor.fetchmany(batch):
+            yield TextChanges([(int(k), t) for k, t in rows], [])
+
+
+@dataclass(frozen=True)
+class TextChanges:
+    """What a full-text index at some generation must apply to reach the store's state (a batch of it)."""
+
+    added: list[tuple[int, str]]  # (key, text)
+    removed: list[int]
+
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT under the store's write lock; ROLLBACK on an exception."""
