@@ -218,7 +218,11 @@ class Collections:
         directory = self._directory(row)
         started = time.monotonic()
         loaded = VectorIndex.load_latest(
-            directory, row.dims, row.metric, ef_search=self._settings.default_ef_search
+            directory,
+            row.dims,
+            row.metric,
+            ef_search=self._settings.default_ef_search,
+            storage=self._settings.index_storage,
         )
         index, snap_gen = loaded if loaded is not None else (self._new_index(row), 0)
         applied = 0
@@ -257,6 +261,7 @@ class Collections:
             connectivity=self._settings.hnsw_connectivity,
             ef_construction=self._settings.hnsw_ef_construction,
             ef_search=self._settings.default_ef_search,
+            storage=self._settings.index_storage,
         )
 
     # -- snapshots (writer thread) -----------------------------------------------------------------
