@@ -65,11 +65,11 @@ def _eval(args: argparse.Namespace) -> int:
         f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries,"
         f" indexed at {result['index_docs_per_s']:.1f} docs/s"
     )
-    print(f"  {'cascade':<48} {'nDCG@10':>8} {'R@100':>7} {'MRR@10':>7} {'q/s':>7}")
+    print(f"  {'cascade':<48} {'nDCG@10':>8} {'R@100':>7} {'MRR@10':>7} {'q/s':>7} {'p50 ms':>7}")
     for run in result["runs"]:  # type: ignore[attr-defined]
         print(
             f"  {run['cascade']:<48} {run['ndcg@10']:>8.4f} {run['recall@100']:>7.4f} "
-            f"{run['mrr@10']:>7.4f} {run['search_queries_per_s']:>7.1f}"
+            f"{run['mrr@10']:>7.4f} {run['search_queries_per_s']:>7.1f} {run['search_ms']['p50']:>7.1f}"
         )
     return 0
 
