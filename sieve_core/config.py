@@ -73,6 +73,12 @@ class Settings(BaseSettings):
     )
     hnsw_ef_construction: int = Field(200, ge=8, le=4096, description="HNSW ef at insertion time.")
     default_ef_search: int = Field(256, ge=1, le=4096, description="HNSW ef at search time.")
+    default_rrf_k: int = Field(
+        60,
+        ge=1,
+        le=100_000,
+        description="Reciprocal rank fusion's k for hybrid retrieval (requests may set it).",
+    )
     exact_filter_max: int = Field(
         20_000,
         ge=0,

@@ -9,9 +9,36 @@ from dataclasses import dataclass, field
 class Stage(enum.IntEnum):
     """Cascade stages, in order. Values match sieve.v1.Stage."""
 
-    RETRIEVE = 1
+    RETRIEVE = 1  # dense retrieval (the bi-encoder's vector and the vector index)
     LATE_INTERACTION = 2
     CROSS_ENCODER = 3
+    LEXICAL = 4  # BM25 over the full-text index (lexical or hybrid retrieval)
+    FUSION = 5  # the dense and lexical lists fused (hybrid retrieval)
+
+
+class RetrievalMode(enum.IntEnum):
+    """Values match sieve.v1.Retrieval; 0 means 'use the default'."""
+
+    UNSPECIFIED = 0
+    DENSE = 1
+    LEXICAL = 2
+    HYBRID = 3
+
+    @property
+    def dense(self) -> bool:
+        return self in (RetrievalMode.DENSE, RetrievalMode.HYBRID)
+
+    @property
+    def lexical(self) -> bool:
+        return self in (RetrievalMode.LEXICAL, RetrievalMode.HYBRID)
+
+
+class FusionMethod(enum.IntEnum):
+    """Values match sieve.v1.Fusion; 0 means 'use the default'."""
+
+    UNSPECIFIED = 0
+    RRF = 1
+    WEIGHTED = 2
 
 
 class StageMode(enum.IntEnum):
@@ -51,6 +78,10 @@ class SearchSettings:
     cross_encoder_keep: int | None = None
     late_interaction_model: str | None = None
     cross_encoder_model: str | None = None
+    retrieval: RetrievalMode = RetrievalMode.UNSPECIFIED
+    fusion: FusionMethod = FusionMethod.UNSPECIFIED
+    rrf_k: int | None = None
+    dense_weight: float | None = None
 
     def over(self, base: SearchSettings) -> SearchSettings:
         """These settings, with unset fields taken from `base`."""
@@ -67,6 +98,10 @@ class SearchSettings:
             cross_encoder_keep=pick(self.cross_encoder_keep, base.cross_encoder_keep),
             late_interaction_model=pick(self.late_interaction_model, base.late_interaction_model),
             cross_encoder_model=pick(self.cross_encoder_model, base.cross_encoder_model),
+            retrieval=pick(self.retrieval, base.retrieval, RetrievalMode.UNSPECIFIED),
+            fusion=pick(self.fusion, base.fusion, FusionMethod.UNSPECIFIED),
+            rrf_k=pick(self.rrf_k, base.rrf_k),
+            dense_weight=pick(self.dense_weight, base.dense_weight),
         )
 
 
@@ -113,6 +148,7 @@ class SearchQuery:
     settings: SearchSettings = field(default_factory=SearchSettings)
     omit_documents: bool = False
     min_generation: int = 0  # read your writes: wait until the index shows this generation
+    query_vector: tuple[float, ...] = ()  # search by this vector instead of the query's embedding
 
 
 @dataclass

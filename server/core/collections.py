@@ -24,7 +24,14 @@ from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound
 from sieve_core.models.bi_encoder import BiEncoderRunner
 from sieve_core.models.bundle import BundleError
 from sieve_core.models.registry import ModelKindError, ModelRegistry
-from sieve_core.types import CollectionInfo, CollectionSpec, SearchSettings, StageMode
+from sieve_core.types import (
+    CollectionInfo,
+    CollectionSpec,
+    FusionMethod,
+    RetrievalMode,
+    SearchSettings,
+    StageMode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +70,10 @@ def server_defaults(settings: Settings) -> SearchSettings:
         cross_encoder_keep=settings.default_top_k,
         late_interaction_model=settings.late_interaction_model,
         cross_encoder_model=settings.cross_encoder_model,
+        retrieval=RetrievalMode.DENSE,
+        fusion=FusionMethod.RRF,
+        rrf_k=settings.default_rrf_k,
+        dense_weight=0.5,
     )
 
 
@@ -75,13 +86,18 @@ def token_vectors(defaults: SearchSettings, base: SearchSettings) -> TokenVector
 
 
 def _settings_to_json(s: SearchSettings) -> str:
-    return json.dumps({k: v if v is None or isinstance(v, str) else int(v) for k, v in asdict(s).items()})
+    # Enums as their ints; dense_weight stays a float.
+    return json.dumps(
+        {k: v if v is None or isinstance(v, str | float) else int(v) for k, v in asdict(s).items()}
+    )
 
 
 def _settings_from_json(text: str) -> SearchSettings:
     raw = json.loads(text)
     for mode in ("late_interaction", "cross_encoder"):
         raw[mode] = StageMode(raw.get(mode, 0))
+    raw["retrieval"] = RetrievalMode(raw.get("retrieval", 0))  # absent in collections made before hybrid
+    raw["fusion"] = FusionMethod(raw.get("fusion", 0))
     return SearchSettings(**raw)
 
 

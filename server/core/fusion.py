@@ -9,18 +9,11 @@ caller lean on one side when it knows which one its queries need.
 
 from __future__ import annotations
 
-import enum
 from dataclasses import dataclass
 
 import numpy as np
 
-
-class FusionMethod(enum.IntEnum):
-    """Values match sieve.v1.Fusion; 0 means 'use the default'."""
-
-    UNSPECIFIED = 0
-    RRF = 1
-    WEIGHTED = 2
+from sieve_core.types import FusionMethod
 
 
 @dataclass(frozen=True)

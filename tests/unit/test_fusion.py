@@ -7,7 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from server.core.fusion import FusionMethod, Ranked, fuse
+from server.core.fusion import Ranked, fuse
+from sieve_core.types import FusionMethod
 
 
 def _ranked(keys: list[int], scores: list[float]) -> Ranked:
