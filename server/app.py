@@ -52,7 +52,8 @@ class SieveServer:
         self.engine = Engine(settings)
         self.jobs = JobManager(self.engine, settings)
         self.health = health.aio.HealthServicer()
-        self.metrics = ServerMetrics()  # always counted; served over HTTP only with SIEVE_METRICS_ADDRESS
+        # Always counted; served over HTTP only with SIEVE_METRICS_ADDRESS.
+        self.metrics = ServerMetrics(run_state_file=settings.run_state_file)
         self.front = FrontDoor(
             max_inflight=settings.max_inflight_requests,
             retry_after_ms=settings.overload_retry_after_ms,

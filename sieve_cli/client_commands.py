@@ -10,7 +10,8 @@ client facade (`sieve.SieveClient`) only.
 
 Every command takes --address (default SIEVE_GRPC_ADDRESS), --api-key, --tls/--ca-cert, --timeout and
 --json (the messages as proto3 JSON, for scripts). Exit codes: 0 done, 1 the server refused (the status
-and message go to stderr), 2 bad usage.
+and message go to stderr), 2 bad usage, 3 `docs upsert` done but with bad lines (each listed on stderr
+with its line number and reason, the words `sieve index` uses; the good lines are upserted).
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.table import Table
 from sieve import SieveClient, SieveError
+from sieve._build import parse_document
 
 MODES = ("off", "best_effort", "required")
+EXIT_BAD_LINES = 3  # as `sieve index`: done, but some lines were refused (listed on stderr)
 
 
 def register(sub: Any) -> None:
@@ -40,11 +43,7 @@ def register(sub: Any) -> None:
     csub = col.add_subparsers(dest="collections_command", required=True)
     create = csub.add_parser("create", help="create a collection")
     create.add_argument("name")
-    create.add_argument("--model", default="", help="bi-encoder bundle (default: the server's)")
-    create.add_argument("--metric", choices=("cosine", "ip", "l2"), help="default: the server's (cosine)")
-    create.add_argument("--late", choices=MODES, help="default late-interaction mode for searches")
-    create.add_argument("--cross", choices=MODES, help="default cross-encoder mode for searches")
-    create.add_argument("--candidates", type=int, help="default candidates retrieved for re-ranking")
+    create_options(create)
     parsers = [create]
     for verb, text in (("list", "all collections"), ("get", "one collection"), ("delete", "delete one")):
         p = csub.add_parser(verb, help=text)
@@ -100,6 +99,34 @@ def register(sub: Any) -> None:
         p.add_argument("--json", action="store_true", help="print proto3 JSON")
 
 
+def create_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """A new collection's model, metric and stage defaults (`collections create`, `index --create`)."""
+    parser.add_argument("--model", default="", help=f"{prefix}bi-encoder bundle (default: the server's)")
+    parser.add_argument(
+        "--metric", choices=("cosine", "ip", "l2"), help=f"{prefix}metric (default: the server's, cosine)"
+    )
+    parser.add_argument(
+        "--late",
+        choices=MODES,
+        help=f"{prefix}late-interaction mode of searches that do not say (default off)",
+    )
+    parser.add_argument(
+        "--cross", choices=MODES, help=f"{prefix}cross-encoder mode of searches that do not say (default off)"
+    )
+    parser.add_argument("--candidates", type=int, help=f"{prefix}candidates retrieved for re-ranking")
+
+
+def stage_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    if args.late:
+        defaults["late_interaction"] = args.late
+    if args.cross:
+        defaults["cross_encoder"] = args.cross
+    if args.candidates:
+        defaults["retrieve_candidates"] = args.candidates
+    return defaults
+
+
 # -- plumbing -------------------------------------------------------------------------------------
 def _address(args: argparse.Namespace) -> str:
     if args.address:
@@ -151,15 +178,12 @@ def _collections(args: argparse.Namespace) -> int:
 def _collections_on(client: SieveClient, args: argparse.Namespace) -> int:
     command = args.collections_command
     if command == "create":
-        defaults: dict[str, Any] = {}
-        if args.late:
-            defaults["late_interaction"] = args.late
-        if args.cross:
-            defaults["cross_encoder"] = args.cross
-        if args.candidates:
-            defaults["retrieve_candidates"] = args.candidates
         created = client.create_collection(
-            args.name, embedding_model=args.model, metric=args.metric, defaults=defaults, timeout=args.timeout
+            args.name,
+            embedding_model=args.model,
+            metric=args.metric,
+            defaults=stage_defaults(args),
+            timeout=args.timeout,
         )
         _show_collections([created], args.json, one=True)
     elif command == "list":
@@ -203,38 +227,62 @@ def _docs(args: argparse.Namespace) -> int:
     return _guarded(_docs_on, args)
 
 
-def _read_lines(path: str) -> Iterator[dict[str, Any]]:
-    with contextlib.nullcontext(sys.stdin) if path == "-" else Path(path).open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, 1):
-            if line.strip():
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SystemExit(f"sieve docs upsert: {path}:{number}: not JSON ({exc})") from None
+def _read_lines(path: str) -> Iterator[tuple[int, sieve.Document | str]]:
+    """(line number, document) for each good line, (line number, reason) for each bad one: the checks and
+    words of `sieve index` (the server's), so one file gets the same verdicts either way."""
+    with contextlib.nullcontext(sys.stdin.buffer) if path == "-" else Path(path).open("rb") as stream:
+        for number, raw in enumerate(stream, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                yield number, f"not valid UTF-8 (byte {exc.start + 1})"
+                continue
+            try:
+                yield number, parse_document(json.loads(line))
+            except json.JSONDecodeError as exc:
+                yield number, f"invalid JSON: {exc.msg} at column {exc.colno}"
+            except ValueError as exc:
+                yield number, str(exc)
+
+
+def _upsert(client: SieveClient, args: argparse.Namespace) -> int:
+    """Good lines are upserted in batches; bad ones are listed (and skipped), as `sieve index` does."""
+    if args.file != "-" and not Path(args.file).is_file():
+        print(f"sieve docs upsert: {args.file} is not a file", file=sys.stderr)
+        return 2
+    batch: list[sieve.Document] = []
+    total, generation, bad = 0, 0, 0
+
+    def flush() -> None:
+        nonlocal total, generation
+        if batch:
+            written = client.upsert_documents(args.collection, batch, timeout=args.timeout)
+            total, generation = total + written.upserted, written.generation
+            batch.clear()
+
+    for number, doc in _read_lines(args.file):
+        if isinstance(doc, str):
+            bad += 1
+            print(f"sieve docs upsert: {args.file}: line {number}: {doc}", file=sys.stderr)
+            continue
+        batch.append(doc)
+        if len(batch) >= args.batch_size:
+            flush()
+    flush()
+    if args.json:
+        _print_json({"upserted": total, "generation": generation, "bad_lines": bad})
+    else:
+        skipped = f"; {bad} bad lines skipped" if bad else ""
+        print(f"upserted {total} documents into {args.collection!r} (generation {generation}){skipped}")
+    return EXIT_BAD_LINES if bad else 0
 
 
 def _docs_on(client: SieveClient, args: argparse.Namespace) -> int:
     command = args.docs_command
     if command == "upsert":
-        batch: list[dict[str, Any]] = []
-        total, generation = 0, 0
-
-        def flush() -> None:
-            nonlocal total, generation
-            if batch:
-                written = client.upsert_documents(args.collection, batch, timeout=args.timeout)
-                total, generation = total + written.upserted, written.generation
-                batch.clear()
-
-        for doc in _read_lines(args.file):
-            batch.append(doc)
-            if len(batch) >= args.batch_size:
-                flush()
-        flush()
-        if args.json:
-            _print_json({"upserted": total, "generation": generation})
-        else:
-            print(f"upserted {total} documents into {args.collection!r} (generation {generation})")
+        return _upsert(client, args)
     elif command == "get":
         got = client.get_documents(args.collection, args.ids, timeout=args.timeout)
         if args.json:

@@ -4,6 +4,10 @@ The corpus is indexed once; each cascade configuration asked for (`--cascade ret
 late`, `--cascade late+cross`, `--cascade lexical`, `--cascade hybrid`, `--cascade hybrid+late`...) then
 runs every query and is reported on its own, so the configurations are compared on the same index in the
 same run; they take turns query by query, so that their latencies are comparable too.
+
+`sieve eval --json` prints exactly one JSON document on stdout: the data set, the first configuration's
+metrics at the top level (`ndcg@10`, `recall@100`, `mrr@10`, `cascade`, `search_queries_per_s`) and every
+configuration in `runs`. A self-started server or stack writes its logs to stderr only.
 """
 
 from __future__ import annotations
@@ -226,6 +230,7 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         finally:
             if not opts.keep:
                 collections.DeleteCollection(collections_pb2.DeleteCollectionRequest(name=name), timeout=60)
+    first = {k: v for k, v in runs[0].items() if k not in ("spec", "stage_ms_p50")}
     return {
         "dataset": data.name,
         "split": opts.split,
@@ -233,6 +238,9 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         "queries": len(data.queries),
         "index_docs_per_s": len(data.corpus) / index_s,
         "collection": name if opts.keep else None,
+        # The first configuration's metrics at the top level too (`ndcg@10`, ...): the flat keys of the
+        # original contract, which scripts read; `runs` has every configuration.
+        **first,
         "runs": runs,
     }
 

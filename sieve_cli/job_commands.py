@@ -1,7 +1,8 @@
 """`sieve index` and `sieve jobs`: bulk indexing jobs from the command line, with a live progress bar,
 through the Python client facade (`sieve.SieveClient`) only.
 
-    sieve index FILE --collection NAME [--create] [--upload] [--format auto|sieve|beir] [--batch-size N]
+    sieve index FILE --collection NAME [--create [--late MODE] [--cross MODE] [--candidates N]
+                [--model M] [--metric cosine|ip|l2]] [--upload] [--format auto|sieve|beir] [--batch-size N]
     sieve jobs list [--collection NAME] | show ID [--errors N] | watch ID | cancel ID
 
 `sieve index` starts a job and follows it until it ends; Ctrl-C detaches (the job keeps running on the
@@ -28,6 +29,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sieve import FINAL_JOB_STATES, SieveClient, SieveError
+
+from sieve_cli.client_commands import create_options, stage_defaults
 
 FORMATS = ("auto", "beir", "sieve")
 SUCCEEDED = sieve.JobState.JOB_STATE_SUCCEEDED
@@ -60,6 +63,7 @@ def register(sub: Any) -> None:
         "--upload", action="store_true", help="send the file's bytes (the server cannot read it)"
     )
     idx.add_argument("--create", action="store_true", help="create the collection if it does not exist")
+    create_options(idx, "with --create: ")
     idx.add_argument("--detach", action="store_true", help="print the job id and return at once")
     idx.set_defaults(func=_index)
 
@@ -170,7 +174,19 @@ def _create_collection(client: SieveClient, name: str, args: argparse.Namespace)
     try:
         client.get_collection(name, timeout=_timeout(args, _T_GET))
     except sieve.NotFound:
-        client.create_collection(name, timeout=_timeout(args, _T_CHANGE))
+        client.create_collection(
+            name,
+            embedding_model=args.model,
+            metric=args.metric,
+            defaults=stage_defaults(args),
+            timeout=_timeout(args, _T_CHANGE),
+        )
+        return
+    if any((args.model, args.metric, stage_defaults(args))):
+        print(
+            f"sieve index: collection {name!r} exists: its model, metric and stage defaults stay as they are",
+            file=sys.stderr,
+        )
 
 
 def _upload_chunks(path: Path, quiet: bool) -> Iterator[bytes]:

@@ -11,14 +11,27 @@ from pathlib import Path
 
 def _serve(args: argparse.Namespace) -> int:
     from server.app import serve
+    from sieve_cli.ports import busy_message, first_busy
     from sieve_core.config import load_settings
     from sieve_core.errors import SieveError
 
     overrides = {"grpc_address": args.address} if args.address else {}
+    settings = load_settings(**overrides)
+    setting = "--address" if args.address else "SIEVE_GRPC_ADDRESS"
+    # Checked before anything loads: a second stack on this machine gets one line, not a traceback.
+    busy = first_busy("sieve serve", [("the gRPC server", settings.grpc_address, setting)])
+    if busy:
+        print(busy, file=sys.stderr)
+        return 1
     try:
-        asyncio.run(serve(load_settings(**overrides)))
+        asyncio.run(serve(settings))
     except SieveError as exc:  # a refusal to start, e.g. a read-only data directory: no traceback
         print(f"sieve serve: {exc.message}", file=sys.stderr)
+        return 1
+    except RuntimeError as exc:  # grpc's bind failure (the port was taken after the check above)
+        if "Failed to bind" not in str(exc):
+            raise
+        print(busy_message("sieve serve", "the gRPC server", settings.grpc_address, setting), file=sys.stderr)
         return 1
     return 0
 
@@ -169,8 +182,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit codes: 0 done; 1 the server refused or failed (status and message on stderr), or a job failed;
+    2 bad usage or input the command can check itself (a missing file, a bad flag); 3 done, but some
+    lines were refused (`sieve index`, `sieve docs upsert`: each listed with its line number and reason);
+    130 detached or interrupted (a job keeps running on the server)."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except OSError as exc:  # a file the user named that cannot be read: say so, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"sieve {args.command}: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

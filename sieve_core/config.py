@@ -38,6 +38,12 @@ class Settings(BaseSettings):
         "SIEVE_CROSS_ENCODER_MODEL is set).",
     )
     run_worker_concurrency: int = Field(1, ge=1, description="Pool processes per worker `sieve run` starts.")
+    run_state_file: Path | None = Field(
+        None,
+        description="Where `sieve run` records its children's restarts for the server's metrics "
+        "(`sieve_run_restarts_total`); `sieve run` sets it for the server it starts (default: "
+        "DATA_DIR/run/state.json). Unset for a bare `sieve serve`: no such series.",
+    )
 
     # Models and collections.
     default_embedding_model: str = Field(

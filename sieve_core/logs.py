@@ -73,3 +73,50 @@ def configure_logging(level: str, fmt: str = "text", filename: str | None = None
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level)
+
+
+class _QuietCelery(logging.Filter):
+    """Celery's log records, made short where they are noise, on the loggers themselves (so every handler,
+    pytest's too, gets the short form):
+
+    - `Task ...[id] succeeded in 0.31s: <result>`: the result is a base64 vector payload of kilobytes per
+      task; its length is logged instead.
+    - `Connection to Redis lost: Retry (0/1)` and `... The Celery application must be restarted.` from the
+      result backend of a client that waits for results: handled, not fatal. The server's dispatcher
+      reports the stage degraded and builds a fresh Celery client for the next task (server/dispatch), so
+      these become one WARNING line each, without a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if (
+            record.name == "celery.app.trace"
+            and isinstance(record.args, dict)
+            and "return_value" in record.args
+        ):
+            size = len(str(record.args["return_value"]))
+            record.args = {**record.args, "return_value": f"<result of {size} characters, not logged>"}
+            if isinstance(getattr(record, "data", None), dict):  # Celery's extra=, which JSON logs print
+                record.data = record.args
+        elif record.name in ("celery.backends.redis", "celery.backends.asynchronous") and (
+            "Connection to Redis lost" in str(record.msg) or "must be restarted" in str(record.msg)
+        ):
+            lost = "Connection to Redis lost" in str(record.msg)
+            record.msg = (
+                "the Celery result store lost its Redis connection; retrying"
+                if lost
+                else "the Celery result store could not reconnect to Redis; the next task gets a fresh client"
+            )
+            record.args = ()
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_QUIET = _QuietCelery()
+
+
+def quiet_celery_logs() -> None:
+    """Install the filter above on Celery's loggers (idempotent; called wherever a Celery app is built)."""
+    for name in ("celery.app.trace", "celery.backends.redis", "celery.backends.asynchronous"):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)

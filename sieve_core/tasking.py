@@ -31,6 +31,7 @@ from kombu import Exchange, Queue
 
 from sieve_core import redis_conn
 from sieve_core.config import Settings, load_settings
+from sieve_core.logs import quiet_celery_logs
 
 QUEUE_EMBED = "embed"
 QUEUE_COLBERT = "colbert"
@@ -114,6 +115,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
 def client_app(settings: Settings | None = None) -> SieveCelery:
     """An app that sends tasks by name (the server's side): configured, no task functions registered."""
     settings = settings or load_settings()
+    quiet_celery_logs()  # no task results at INFO, no tracebacks for handled Redis outages
     app = SieveCelery("sieve", set_as_current=False)
     app.config_from_object(celery_config(settings))
     app.settings = settings

@@ -129,12 +129,13 @@ class Engine:
     # -- for index jobs (server.core.indexing.IndexingEngine) --------------------------------------
     async def index_target(self, name: str) -> IndexTarget:
         col = self.collections.get(name)
-        info = await self.collections.describe(name)
+        info = await self._run.read(self.collections.info, col)
         tokens = self.collections.token_vectors(col)
         return IndexTarget(info, tokens.wanted, tokens.model)
 
     def unchanged_ids(self, collection: str, docs: list[Document]) -> set[str]:
-        return self.store.unchanged_ids(self.collections.get(collection).row.id, docs)
+        # `collection` is a job's, validated when the job started: look it up, do not check it again.
+        return self.store.unchanged_ids(self.collections.find(collection).row.id, docs)
 
     def embed(self, model: str, texts: list[str]) -> np.ndarray:
         return self.collections.embedding_runner(model).embed(texts, self.settings.embed_batch_size)

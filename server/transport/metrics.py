@@ -11,9 +11,11 @@ scrape (and sets `sieve_redis_up` to 0) rather than holding it up.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
@@ -24,7 +26,7 @@ from prometheus_client import (
     ProcessCollector,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from sieve.v1 import common_pb2, search_pb2
 
@@ -49,9 +51,11 @@ def _enum_label(enum: Any, value: int, prefix: str) -> str:
 class ServerMetrics:
     """The server's metrics; `observe_*` are called on the event loop (cheap: counters only)."""
 
-    def __init__(self) -> None:
+    def __init__(self, run_state_file: Path | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        if run_state_file is not None:  # started by `sieve run`: its children's restarts
+            r.register(_RunStateCollector(run_state_file))
         self.requests = Counter(
             "sieve_requests", "Calls answered, by method and status code.", ["method", "code"], registry=r
         )
@@ -166,6 +170,36 @@ class ServerMetrics:
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+
+class _RunStateCollector(Collector):
+    """What `sieve run` records about the workers and Redis it supervises (sieve_cli/supervisor.py)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        try:
+            children = json.loads(self._path.read_text())["children"]
+        except (OSError, ValueError, KeyError) as exc:  # not written yet, or a supervisor of another shape
+            log.debug("metrics: cannot read %s: %s", self._path, type(exc).__name__)
+            return
+        restarts = CounterMetricFamily(
+            "sieve_run_restarts",
+            "Times `sieve run` started a dead child (a worker, the local Redis) again.",
+            labels=["child"],
+        )
+        up = GaugeMetricFamily(
+            "sieve_run_child_up", "1 if the child of `sieve run` is running.", labels=["child"]
+        )
+        for name, child in sorted(children.items()):
+            restarts.add_metric([name], int(child.get("restarts", 0)))
+            up.add_metric([name], 1 if child.get("up") else 0)
+        yield restarts
+        yield up
 
 
 class _StateCollector(Collector):

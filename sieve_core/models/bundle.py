@@ -131,7 +131,7 @@ def load_bundle_manifest(path: str | os.PathLike[str]) -> BundleManifest:
     """Read and validate `<path>/manifest.json`; also checks the model and tokenizer files exist."""
     bundle = Path(path)
     if not bundle.is_dir():
-        raise _fail(bundle, "directory not found (run `python -m sieve_core.models.prepare`?)")
+        raise _fail(bundle, "directory not found")
     for required in (MANIFEST_FILE, MODEL_FILE, TOKENIZER_FILE):
         if not (bundle / required).is_file():
             raise _fail(bundle, f"{required} is missing; the bundle is incomplete, re-export it")

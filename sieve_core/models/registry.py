@@ -129,6 +129,13 @@ class ModelRegistry:
                 )
         return found
 
+    def add(self, name: str, runner: Runner) -> None:
+        """Serve a runner built elsewhere under `name` (a test's fake runner); warmed up here like any other."""
+        runner.warmup()
+        with self._load_lock, self._manifest_lock:
+            self._runners[name] = runner
+            self._manifests[name] = runner.manifest
+
     def bi_encoder(self, name: str) -> BiEncoderRunner:
         return self.get(name, EMBEDDING)  # type: ignore[return-value]
 

@@ -84,6 +84,7 @@ def test_sieve_eval_json_on_a_self_started_server(tmp_path: Path) -> None:
     require_bundle()
     _write_beir(tmp_path / "tiny")
     env = {"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin:/bin", "SIEVE_MODELS_DIR": str(ROOT / "models")}
+    env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'clients' / 'python'}"  # this tree's code (a worktree shares .venv)
     result = subprocess.run(
         [sys.executable, "-m", "sieve_cli.main", "eval", str(tmp_path / "tiny"), "--json"],
         cwd=ROOT,
@@ -93,11 +94,16 @@ def test_sieve_eval_json_on_a_self_started_server(tmp_path: Path) -> None:
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    report = json.loads(result.stdout)  # exactly one JSON document on stdout, nothing else
     assert report["documents"] == 46 and report["queries"] == 6
     (run,) = report["runs"]
     assert run["cascade"] == "retrieve 100"
     assert run["ndcg@10"] >= 0.9 and run["recall@100"] == 1.0 and run["mrr@10"] >= 0.9
+    # The original contract's flat keys: the first configuration's metrics at the top level too.
+    assert {k: report[k] for k in ("ndcg@10", "recall@100", "mrr@10", "cascade")} == {
+        k: run[k] for k in ("ndcg@10", "recall@100", "mrr@10", "cascade")
+    }
+    assert "listening on" in result.stderr  # the self-started server's log went to stderr
 
 
 def test_sieve_eval_with_late_interaction_on_a_self_started_service(tmp_path: Path) -> None:
@@ -106,6 +112,7 @@ def test_sieve_eval_with_late_interaction_on_a_self_started_service(tmp_path: Pa
         pytest.skip("redis-server is not installed (make test installs it)")
     _write_beir(tmp_path / "tiny")
     env = {"PATH": str(ROOT / ".venv" / "bin") + ":/usr/bin:/bin", "SIEVE_MODELS_DIR": str(ROOT / "models")}
+    env["PYTHONPATH"] = f"{ROOT}:{ROOT / 'clients' / 'python'}"  # this tree's code (a worktree shares .venv)
     argv = [
         sys.executable,
         "-m",

@@ -73,12 +73,13 @@ def test_sieve_run_starts_redis_and_server_and_stops_on_ctrl_c(tmp_path) -> None
             proc.wait()
 
 
-def test_sieve_run_stops_everything_when_a_child_dies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_sieve_run_starts_nothing_when_the_grpc_port_is_taken(tmp_path) -> None:  # type: ignore[no-untyped-def]
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     redis_port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "SIEVE_REDIS_URL"}
-    # A port that is already taken: the server cannot listen and exits, so the supervisor must stop Redis.
+    # A port that is already taken: one line says so before any child starts (no Redis left behind). The
+    # server's death in a running stack, which stops the unit, is in tests/system/test_newcomer.py.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -97,7 +98,8 @@ def test_sieve_run_stops_everything_when_a_child_dies(tmp_path) -> None:  # type
             timeout=120,
         )
     assert proc.returncode == 1
-    assert "server exited with code" in proc.stderr
+    assert "is already in use" in proc.stderr and "SIEVE_GRPC_ADDRESS" in proc.stderr
+    assert "Traceback" not in proc.stderr
     assert not _port_open(redis_port)
 
 
@@ -107,3 +109,41 @@ def test_worker_queues_add_cross_encoder_when_a_model_is_configured() -> None:
     assert worker_queues(load_settings({})) == ["embed", "colbert"]
     with_model = load_settings({"SIEVE_CROSS_ENCODER_MODEL": "ms-marco-MiniLM-L-6-v2"})
     assert worker_queues(with_model) == ["embed", "colbert", "cross_encoder"]
+
+
+def test_supervisor_restarts_a_dying_child_with_doubling_backoff_and_stops_on_the_server(
+    tmp_path, monkeypatch, capsys
+) -> None:  # type: ignore[no-untyped-def]
+    """The restart policy of `sieve run` on real (tiny) processes: a child that keeps dying is started
+    again after 0.1, 0.2, 0.4 s...; each restart is counted in the state file the metrics read; the
+    server child's death ends the loop with exit code 1."""
+    import json as _json
+
+    from sieve_cli import supervisor
+
+    monkeypatch.setattr(supervisor, "BACKOFF_MAX_S", 0.4)
+    dying = supervisor.Child("worker-x", [sys.executable, "-c", "raise SystemExit(3)"], backoff_s=0.1)
+    server = supervisor.Child(
+        "server", [sys.executable, "-c", "import time; time.sleep(3)"], restartable=False
+    )
+    state = supervisor.StateFile(tmp_path / "state.json")
+    unit = supervisor.Supervisor([dying, server], state)
+    dying.start()
+    server.start()
+    starts = [time.monotonic()]
+    code = None
+    while code is None:
+        before = dying.restarts
+        code = unit.check()
+        if dying.restarts > before:
+            starts.append(time.monotonic())
+        time.sleep(0.01)
+    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    assert code == 1 and dying.restarts >= 4
+    # Each gap is the backoff (plus the child's own short life): doubling from 0.1, capped at 0.4 s.
+    assert 0.1 <= gaps[0] < 0.4 and gaps[1] >= 0.2 and all(0.4 <= g < 1.5 for g in gaps[2:])
+    recorded = _json.loads(state.path.read_text())["children"]
+    assert recorded == {"worker-x": {"restarts": dying.restarts, "up": dying.up()}}
+    err = capsys.readouterr().err
+    assert "worker-x exited with code 3; restarting it in" in err
+    assert "server exited with code 0; stopping everything" in err

@@ -14,12 +14,20 @@ from tests.conftest import ROOT
 yaml = pytest.importorskip("yaml")
 
 
-def _compose() -> dict:  # type: ignore[type-arg]
-    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+OVERRIDE = "docker-compose.cross-encoder.yml"
+
+
+def _compose(name: str = "docker-compose.yml") -> dict:  # type: ignore[type-arg]
+    return yaml.safe_load((ROOT / name).read_text())
+
+
+def _all_services() -> list[tuple[str, dict]]:  # type: ignore[type-arg]
+    """Every service definition of both compose files (the override's `server` only adds to the base's)."""
+    return [(n, s) for f in ("docker-compose.yml", OVERRIDE) for n, s in _compose(f)["services"].items()]
 
 
 def test_every_sieve_setting_in_compose_is_real() -> None:
-    for name, service in _compose()["services"].items():
+    for name, service in _all_services():
         for key in service.get("environment", {}):
             if key.startswith("SIEVE_"):
                 assert key[len("SIEVE_") :].lower() in Settings.model_fields, f"{name}: unknown setting {key}"
@@ -65,7 +73,7 @@ def test_celery_services_use_real_queues_and_commands() -> None:
 
     from sieve_core.tasking import QUEUES
 
-    services = _compose()["services"]
+    services = dict(_all_services())
     celery_commands = [s["command"] for s in services.values() if s.get("command", [None])[0] == "celery"]
     assert len(celery_commands) >= 3
     queues_served = set()
@@ -87,19 +95,50 @@ def test_celery_services_use_real_queues_and_commands() -> None:
         )
         assert out.returncode == 0, (argv, out.stderr[-1500:])
     assert {"embed", "colbert"} <= queues_served
-    for name, service in services.items():
-        if name != "redis":
-            assert service.get("build") == ".", f"{name} does not run the project image"
+    for name, service in _all_services():
+        if name not in ("redis", "server") or "command" in service:
+            assert name == "redis" or service.get("build") == ".", f"{name} does not run the project image"
 
 
-def test_cross_encoder_service_mounts_the_model_it_names() -> None:
-    services = _compose()["services"]
-    worker = services["worker-cross-encoder"]
-    assert worker["profiles"] == ["cross-encoder"] and "cross_encoder" in worker["command"]
-    for service in (worker, services["server"]):
-        assert service["environment"]["SIEVE_CROSS_ENCODER_MODEL"] == "${SIEVE_CROSS_ENCODER_MODEL:-}"
-        name = "${SIEVE_CROSS_ENCODER_MODEL:-none}"
+def test_cross_encoder_override_mounts_the_model_it_names_and_the_base_mounts_nothing() -> None:
+    base = _compose()["services"]
+    assert all("./models" not in str(s.get("volumes", [])) for s in base.values()), "the base mounts ./models"
+    assert "worker-cross-encoder" not in base
+    override = _compose(OVERRIDE)["services"]
+    worker = override["worker-cross-encoder"]
+    assert "cross_encoder" in worker["command"]
+    for service in (worker, override["server"]):
+        assert service["environment"]["SIEVE_CROSS_ENCODER_MODEL"].startswith("${SIEVE_CROSS_ENCODER_MODEL")
+        name = "${SIEVE_CROSS_ENCODER_MODEL}"
         assert f"./models/{name}:/models/{name}:ro" in service["volumes"]
     from sieve_core.config import load_settings
 
     assert load_settings({"SIEVE_CROSS_ENCODER_MODEL": ""}).cross_encoder_model is None
+
+
+def test_compose_is_safe_by_default() -> None:
+    """Issue 16 item 9: loopback-only ports unless PUBLISH_HOST says otherwise, API keys required, Redis
+    unpublished, Flower only in its profile and only with basic auth, the image's torch CPU-only."""
+    services = _compose()["services"]
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("${PUBLISH_HOST:-127.0.0.1}:"), (
+                f"{name} publishes {port} on every interface"
+            )
+    assert "ports" not in services["redis"]
+    keys = services["server"]["environment"]["SIEVE_API_KEYS"]
+    assert keys.startswith("${SIEVE_API_KEYS:?"), (
+        "API keys must be required (compose refuses to start without)"
+    )
+    flower = services["flower"]
+    assert flower["profiles"] == ["flower"]
+    script = flower["command"][-1]
+    assert 'test -n "$$FLOWER_BASIC_AUTH" ||' in script and "exit 1" in script
+    assert '--basic-auth="$$FLOWER_BASIC_AUTH"' in script
+    from flower.options import options  # the option the command passes exists in this Flower
+
+    assert "basic_auth" in options
+    docker = (ROOT / "Dockerfile").read_text()
+    assert "--index-url https://download.pytorch.org/whl/cpu torch==" in docker
+    pinned = re.search(r'"torch==([^"]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pinned and f"torch=={pinned.group(1)}" in docker, "the Dockerfile's torch differs from the pin"

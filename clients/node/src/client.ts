@@ -17,8 +17,9 @@ import {
   credentials as grpcCredentials,
   Metadata,
   type ServiceError,
+  status as Status,
 } from "@grpc/grpc-js";
-import { fromServiceError, SieveError } from "./errors";
+import { fromServiceError, InvalidArgumentError, SieveError } from "./errors";
 import { DEFAULT_RETRY, isRetryable, nextWaitMs, type RetryPolicy } from "./retry";
 import { type Collection, CollectionServiceClient, CreateCollectionRequest } from "./gen/sieve/v1/collections";
 import { Filter, Metric, SearchSettings, StageMode } from "./gen/sieve/v1/common";
@@ -158,8 +159,31 @@ function settings(input: SettingsInput | undefined): SearchSettings {
   });
 }
 
-function toDocument(d: DocumentInput | Document): Document {
-  return Document.fromPartial({ id: d.id, text: d.text, metadata: d.metadata ?? {} });
+/** A Document from the caller's object, checked as the server checks a JSONL line (the same reasons, in
+ * the same words as the Python client's `_build.document`): bad input rejects with InvalidArgumentError
+ * naming documents[index], before any call is made. */
+function toDocument(d: DocumentInput | Document, index = 0): Document {
+  const bad = (reason: string) =>
+    new InvalidArgumentError(`documents[${index}]: ${reason}`, { code: Status.INVALID_ARGUMENT });
+  if (d === null || typeof d !== "object" || Array.isArray(d)) throw bad("not a JSON object");
+  const input = d as unknown as Record<string, unknown>;
+  const id = input.id;
+  if (id === undefined || id === null) throw bad('missing id ("id")');
+  if (!(typeof id === "string" || (typeof id === "number" && Number.isInteger(id)))) {
+    throw bad('id ("id") must be a string or an integer');
+  }
+  const text = input.text;
+  if (text === undefined || text === null) throw bad('missing "text"');
+  if (typeof text !== "string") throw bad('"text" must be a string');
+  const metadata = input.metadata ?? {};
+  if (
+    typeof metadata !== "object" ||
+    Array.isArray(metadata) ||
+    !Object.values(metadata as object).every((v) => typeof v === "string")
+  ) {
+    throw bad('"metadata" must be an object with string values');
+  }
+  return Document.fromPartial({ id: String(id), text, metadata: metadata as Record<string, string> });
 }
 
 function read(value: Buffer | string | undefined): Buffer | null {
@@ -294,7 +318,7 @@ export class SieveClient {
     options: CallOpts = {},
   ): Promise<UpsertDocumentsResponse> {
     const d = this.documents;
-    const request = { collection, documents: [...documents].map(toDocument) };
+    const request = { collection, documents: [...documents].map((doc, i) => toDocument(doc, i)) };
     return this.unary("DocumentService/UpsertDocuments", d.upsertDocuments.bind(d), request, options.timeoutMs, this.timeouts.write);
   }
 
@@ -384,12 +408,13 @@ export class SieveClient {
           }
         } else {
           let group: Document[] = [];
+          let index = 0;
           for await (const item of source) {
             if (item instanceof Uint8Array) {
               await send(UploadIndexJobRequest.fromPartial({ jsonl: Buffer.from(item.buffer, item.byteOffset, item.byteLength) }));
               continue;
             }
-            group.push(toDocument(item));
+            group.push(toDocument(item, index++));
             if (group.length >= 500) {
               await send(UploadIndexJobRequest.fromPartial({ documents: group }));
               group = [];

@@ -3,9 +3,9 @@
 // retried, a server that starts late, TLS and the API key).
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { copyFileSync, existsSync, mkdtempSync, readFileSync } from "node:fs";
+import { copyFileSync, mkdirSync, mkdtempSync, readFileSync, symlinkSync } from "node:fs";
 import { tmpdir } from "node:os";
-import { join } from "node:path";
+import { join, resolve } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
 import {
@@ -25,6 +25,7 @@ import {
   AlreadyExistsError,
   API_KEY_HEADER,
   DeadlineExceededError,
+  type DocumentInput,
   FailedPreconditionError,
   InvalidArgumentError,
   isRetryable,
@@ -148,9 +149,17 @@ describe("against a live server", () => {
   });
 
   test("the examples run as they are", async () => {
-    const examples = join(ROOT, "examples", "node");
-    if (!existsSync(join(examples, "node_modules", "sieve-client"))) {
-      assert.fail("examples/node has no node_modules: run `make node` (or `npm install` in examples/node)");
+    // The examples import "sieve-client", a file: dependency that `npm install` in examples/node links to
+    // this package. Make that link in a scratch folder, so this package's tests need only its own `npm ci`.
+    // The scratch folder mirrors examples/ (the walkthrough reads ../data/notes.jsonl).
+    const scratch = mkdtempSync(join(tmpdir(), "sieve-examples-"));
+    const examples = join(scratch, "node");
+    mkdirSync(join(examples, "node_modules"), { recursive: true });
+    mkdirSync(join(scratch, "data"));
+    copyFileSync(NOTES, join(scratch, "data", "notes.jsonl"));
+    symlinkSync(resolve(__dirname, "..", ".."), join(examples, "node_modules", "sieve-client"), "dir");
+    for (const script of ["quickstart.mjs", "walkthrough.mjs"]) {
+      copyFileSync(join(ROOT, "examples", "node", script), join(examples, script));
     }
     for (const script of ["quickstart.mjs", "walkthrough.mjs"]) {
       const { stdout } = await promisify(execFile)(
@@ -234,6 +243,28 @@ describe("against fake servers", () => {
     fake = await startFake();
   });
   after(() => fake.server.forceShutdown());
+
+  test("bad documents are refused before any call, as the Python client refuses them", async () => {
+    const client = new SieveClient(fake.address);
+    const bad: [unknown, string][] = [
+      [{ text: "no id" }, 'missing id ("id")'],
+      [{ id: "d", text: "x", metadata: { year: 2020 } }, '"metadata" must be an object with string values'],
+      [{ id: true, text: "x" }, 'id ("id") must be a string or an integer'],
+      [{ id: "t", text: 3 }, '"text" must be a string'],
+      [{ id: "m" }, 'missing "text"'],
+    ];
+    for (const [doc, reason] of bad) {
+      await assert.rejects(
+        client.upsertDocuments("c", [{ id: "ok", text: "fine" }, doc as DocumentInput]),
+        (err: unknown) => {
+          assert.ok(err instanceof InvalidArgumentError);
+          assert.equal(err.message, `documents[1]: ${reason}`);
+          return true;
+        },
+      );
+    }
+    client.close();
+  });
 
   test("every call has a deadline", async () => {
     const client = new SieveClient(fake.address);

@@ -9,7 +9,8 @@ import { promisify } from "node:util";
 import { BinaryWriter } from "@bufbuild/protobuf/wire";
 import { Metadata, type status as Status } from "@grpc/grpc-js";
 
-export const ROOT = resolve(__dirname, "..", "..", "..", "..");
+// The repository (its Python server, models and examples); SIEVE_ROOT when this package is tested from a copy.
+export const ROOT = process.env.SIEVE_ROOT ?? resolve(__dirname, "..", "..", "..", "..");
 export const NOTES = join(ROOT, "examples", "data", "notes.jsonl");
 const PYTHON = process.env.SIEVE_PYTHON ?? join(ROOT, ".venv", "bin", "python");
 
@@ -31,7 +32,7 @@ export interface LiveServer {
   log(): string;
 }
 
-/** `python -m server.cli serve` on a free port, waited for until health says SERVING. */
+/** `python -m sieve_cli.main serve` on a free port, waited for until health says SERVING. */
 export async function startServer(): Promise<LiveServer> {
   if (!existsSync(PYTHON)) throw new Error(`${PYTHON} is missing: run \`make install\` in ${ROOT}`);
   const address = `127.0.0.1:${await freePort()}`;
@@ -47,7 +48,7 @@ export async function startServer(): Promise<LiveServer> {
     SIEVE_METRICS_ADDRESS: "",
   });
   let output = "";
-  const proc: ChildProcess = spawn(PYTHON, ["-m", "server.cli", "serve"], { cwd: ROOT, env });
+  const proc: ChildProcess = spawn(PYTHON, ["-m", "sieve_cli.main", "serve"], { cwd: ROOT, env });
   proc.stdout?.on("data", (d) => (output += d));
   proc.stderr?.on("data", (d) => (output += d));
   const stop = async () => {
@@ -59,7 +60,7 @@ export async function startServer(): Promise<LiveServer> {
     rmSync(dataDir, { recursive: true, force: true });
   };
   try {
-    await promisify(execFile)(PYTHON, ["-m", "server.cli", "health", "--address", address, "--timeout", "120"], {
+    await promisify(execFile)(PYTHON, ["-m", "sieve_cli.main", "health", "--address", address, "--timeout", "120"], {
       cwd: ROOT,
       env,
     });

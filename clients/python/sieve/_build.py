@@ -6,6 +6,9 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
+import grpc
+
+from sieve.errors import InvalidArgument
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
 
 StageModeArg: TypeAlias = Literal["off", "best_effort", "required"] | common_pb2.StageMode | int | None
@@ -53,12 +56,38 @@ def source_format(value: FormatArg) -> int:
     return _lookup(_FORMATS, value, "source format")
 
 
-def document(value: DocumentArg) -> documents_pb2.Document:
+def parse_document(value: DocumentArg) -> documents_pb2.Document:
+    """A Document message from a message or a {"id", "text", "metadata"} mapping, checked as the server
+    checks a JSONL line, with the same reasons in the same words (and as the TypeScript client's
+    `toDocument`). Raises ValueError(reason)."""
     if isinstance(value, documents_pb2.Document):
         return value
-    return documents_pb2.Document(
-        id=str(value["id"]), text=str(value["text"]), metadata=dict(value.get("metadata") or {})
-    )
+    if not isinstance(value, Mapping):
+        raise ValueError("not a JSON object")
+    doc_id = value.get("id")
+    if doc_id is None:
+        raise ValueError('missing id ("id")')
+    if isinstance(doc_id, bool) or not isinstance(doc_id, str | int):
+        raise ValueError('id ("id") must be a string or an integer')
+    text = value.get("text")
+    if text is None:
+        raise ValueError('missing "text"')
+    if not isinstance(text, str):
+        raise ValueError('"text" must be a string')
+    metadata = value.get("metadata") or {}
+    if not isinstance(metadata, Mapping) or not all(isinstance(v, str) for v in metadata.values()):
+        raise ValueError('"metadata" must be an object with string values')
+    return documents_pb2.Document(id=str(doc_id), text=text, metadata=dict(metadata))
+
+
+def document(value: DocumentArg, index: int = 0) -> documents_pb2.Document:
+    """`parse_document`, its refusal raised as `sieve.InvalidArgument` naming documents[index], before any
+    call is made."""
+    try:
+        return parse_document(value)
+    except ValueError as exc:
+        message = f"documents[{index}]: {exc}"
+        raise InvalidArgument(message, code=grpc.StatusCode.INVALID_ARGUMENT) from None
 
 
 def search_settings(
@@ -111,7 +140,7 @@ def create_collection(
 
 def upsert(collection: str, documents: Iterable[DocumentArg]) -> documents_pb2.UpsertDocumentsRequest:
     return documents_pb2.UpsertDocumentsRequest(
-        collection=collection, documents=[document(d) for d in documents]
+        collection=collection, documents=[document(d, i) for i, d in enumerate(documents)]
     )
 
 
@@ -162,11 +191,13 @@ def upload_messages(
                 yield jobs_pb2.UploadIndexJobRequest(jsonl=chunk)
         return
     group: list[documents_pb2.Document] = []
+    index = 0  # of the documents only, as the TypeScript client counts them
     for item in source:
         if isinstance(item, bytes | bytearray | memoryview):
             yield jobs_pb2.UploadIndexJobRequest(jsonl=bytes(item))
             continue
-        group.append(document(item))
+        group.append(document(item, index))
+        index += 1
         if len(group) >= documents_per_message:
             yield jobs_pb2.UploadIndexJobRequest(documents=group)
             group = []

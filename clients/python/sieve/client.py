@@ -11,7 +11,11 @@
 Every call has a deadline (`Timeouts`: 10 s by default, 120 s for writes, 24 h for streams; `timeout=`
 per call), is retried on UNAVAILABLE / RESOURCE_EXHAUSTED where that is safe (see `sieve.retry`), and
 raises a `sieve.SieveError` subclass on failure. Results are the generated sieve.v1 messages.
-The asyncio twin with the same methods is `sieve.AsyncSieveClient`.
+
+The asyncio twin with the same methods is `sieve.AsyncSieveClient` (sieve/aio.py), generated from this
+class by scripts/gen_async_client.py, so the two cannot drift: edit this file, then run that script
+(`--check`, run by the tests, fails when aio.py is stale). Write the class so the generator's plain rules
+apply: bind the result of `self._unary(...)` to a name before using it (it becomes `await self._unary`).
 """
 
 from __future__ import annotations
@@ -145,15 +149,17 @@ class SieveClient:
         """Create a collection (ALREADY_EXISTS -> `AlreadyExists`). `defaults`: the collection's default
         search settings, e.g. {"late_interaction": "best_effort", "retrieve_candidates": 100}."""
         request = _build.create_collection(name, embedding_model, metric, defaults)
-        return self._unary(
+        response = self._unary(
             "CollectionService/CreateCollection", self._collections.CreateCollection, request, timeout
-        ).collection
+        )
+        return response.collection
 
     def get_collection(self, name: str, *, timeout: float | None = None) -> collections_pb2.Collection:
         request = collections_pb2.GetCollectionRequest(name=name)
-        return self._unary(
+        response = self._unary(
             "CollectionService/GetCollection", self._collections.GetCollection, request, timeout
-        ).collection
+        )
+        return response.collection
 
     def list_collections(self, *, timeout: float | None = None) -> list[collections_pb2.Collection]:
         request = collections_pb2.ListCollectionsRequest()
@@ -260,7 +266,8 @@ class SieveClient:
             format=_build.source_format(format),  # type: ignore[arg-type]
             batch_size=batch_size,
         )
-        return self._unary("JobService/StartIndexJob", self._jobs.StartIndexJob, request, timeout).job
+        response = self._unary("JobService/StartIndexJob", self._jobs.StartIndexJob, request, timeout)
+        return response.job
 
     def upload_index_job(
         self,
@@ -333,10 +340,12 @@ class SieveClient:
 
     def cancel_job(self, job_id: str, *, timeout: float | None = None) -> jobs_pb2.Job:
         request = jobs_pb2.CancelJobRequest(id=job_id)
-        return self._unary("JobService/CancelJob", self._jobs.CancelJob, request, timeout).job
+        response = self._unary("JobService/CancelJob", self._jobs.CancelJob, request, timeout)
+        return response.job
 
     def list_jobs(
         self, *, collection: str = "", limit: int = 0, timeout: float | None = None
     ) -> list[jobs_pb2.Job]:
         request = jobs_pb2.ListJobsRequest(collection=collection, limit=limit)
-        return list(self._unary("JobService/ListJobs", self._jobs.ListJobs, request, timeout).jobs)
+        response = self._unary("JobService/ListJobs", self._jobs.ListJobs, request, timeout)
+        return list(response.jobs)

@@ -1,0 +1,121 @@
+"""A search's re-ranking plan: each stage's model resolved once, up front; REQUIRED without a model fails
+before any work, BEST_EFFORT degrades with the reason; and the one answer to "does this collection
+re-rank by late interaction?". No processes: a registry over manifest-only bundles, no Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from server.core.cascade import Cascade
+from server.core.collections import server_defaults, token_vectors
+from server.dispatch.dispatcher import Dispatcher
+from sieve_core.cache import ResultCache
+from sieve_core.errors import FailedPrecondition
+from sieve_core.models.registry import ModelRegistry
+from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageStatus
+from tests.conftest import make_settings
+from tests.unit.test_model_registry import fake_bundle
+
+OFF, BEST, REQ = StageMode.OFF, StageMode.BEST_EFFORT, StageMode.REQUIRED
+
+
+@pytest.fixture
+def cascade(tmp_path: Path):  # type: ignore[no-untyped-def]
+    models = tmp_path / "models"
+    fake_bundle(models, "bi", "bi_encoder")
+    fake_bundle(models, "col", "colbert")
+    fake_bundle(models, "ce", "cross_encoder")
+    settings = make_settings(tmp_path / "data", models_dir=models)
+    assert settings.redis_url is None
+    pool = ThreadPoolExecutor(2)
+    dispatcher = Dispatcher(settings)
+    yield Cascade(settings, ModelRegistry(models), dispatcher, ResultCache.from_settings(settings), pool)
+    dispatcher.close()
+    pool.shutdown()
+
+
+def _settings(**kw: object) -> SearchSettings:
+    base = {"late_interaction": OFF, "cross_encoder": OFF}
+    return SearchSettings(**{**base, **kw})  # type: ignore[arg-type]
+
+
+def test_stages_resolve_their_models(cascade: Cascade) -> None:
+    plans = cascade.plan(
+        _settings(
+            late_interaction=REQ, late_interaction_model="col", cross_encoder=BEST, cross_encoder_model="ce"
+        ),
+        "bi",
+        10,
+    )
+    assert [(p.stage, p.model and p.model.name, p.unavailable) for p in plans] == [
+        (Stage.LATE_INTERACTION, "col", ""),
+        (Stage.CROSS_ENCODER, "ce", ""),
+    ]
+    assert "ColBERT" in plans[0].model.label  # type: ignore[union-attr]
+    # No late-interaction bundle: MaxSim over the collection's own bi-encoder.
+    (zero_shot, _) = cascade.plan(_settings(late_interaction=REQ), "bi", 10)
+    assert (
+        zero_shot.model is not None and zero_shot.model.name == "bi" and "zero-shot" in zero_shot.model.label
+    )
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            _settings(late_interaction=REQ, late_interaction_model="missing"),
+            "late_interaction model is not available",
+        ),
+        (
+            _settings(late_interaction=REQ, late_interaction_model="ce"),
+            "'cross_encoder' bundle; late interaction",
+        ),
+        (_settings(cross_encoder=REQ), "no cross_encoder model is configured"),
+        (
+            _settings(cross_encoder=REQ, cross_encoder_model="col"),
+            "'colbert' bundle; cross-encoder re-ranking needs",
+        ),
+    ],
+)
+def test_a_required_stage_without_its_model_fails_up_front(
+    cascade: Cascade, settings: SearchSettings, message: str
+) -> None:
+    with pytest.raises(FailedPrecondition, match=message):
+        cascade.plan(settings, "bi", 10)
+
+
+def test_a_best_effort_stage_without_its_model_degrades_and_keeps_the_order(cascade: Cascade) -> None:
+    plans = cascade.plan(_settings(late_interaction=BEST, late_interaction_model="missing"), "bi", 2)
+    assert plans[0].model is None and "directory not found" in plans[0].unavailable
+    hits = [Hit("a", 0.9), Hit("b", 0.8), Hit("c", 0.7)]
+    ranked, reports = asyncio.run(
+        cascade.rerank(plans, collection_id=1, generation=1, query="q", hits=hits, top_k=2, deadline=None)
+    )
+    assert [h.id for h in ranked] == ["a", "b", "c"]
+    assert [(r.stage, r.status) for r in reports] == [
+        (Stage.LATE_INTERACTION, StageStatus.DEGRADED),
+        (Stage.CROSS_ENCODER, StageStatus.SKIPPED),
+    ]
+    assert reports[0].reason.endswith("; kept the previous order") and "missing" in reports[0].reason
+
+
+@pytest.mark.parametrize(
+    ("defaults", "wanted", "model"),
+    [
+        (SearchSettings(), False, None),
+        (SearchSettings(late_interaction=OFF, late_interaction_model="col"), False, "col"),
+        (SearchSettings(late_interaction=BEST), True, None),
+        (SearchSettings(late_interaction=REQ, late_interaction_model="col"), True, "col"),
+    ],
+)
+def test_whether_writes_cache_token_vectors(
+    defaults: SearchSettings, wanted: bool, model: str | None
+) -> None:
+    base = server_defaults(make_settings(Path("/nonexistent")))
+    assert base.late_interaction_model is None  # so that `model` below is the collection's own
+    found = token_vectors(defaults, base)
+    assert (found.wanted, found.model) == (wanted, model)
