@@ -111,6 +111,7 @@ class CollectionSpec:
     embedding_model: str = ""
     metric: str = ""
     defaults: SearchSettings = field(default_factory=SearchSettings)
+    text_language: str = ""  # the full-text analyzer's language ('': English)
 
 
 @dataclass(frozen=True)
@@ -124,6 +125,7 @@ class CollectionInfo:
     document_count: int
     generation: int
     created_at: float
+    text_language: str = "english"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from server.core import validation
 from server.core.executors import Executors
+from server.storage.fulltext import FullTextIndex, open_fulltext
 from server.storage.index import VectorIndex
 from server.storage.store import CollectionRow, Store
 from sieve_core.config import Settings
@@ -49,6 +50,8 @@ class Collection:
     unsnapshotted_writes: int = 0
     last_snapshot: float = field(default_factory=time.monotonic)
     snapshot_retry_at: float = 0.0  # after a failed snapshot (e.g. a full disk), not before this
+    # BM25 over the documents' texts (lexical and hybrid retrieval), kept in step by the writer thread.
+    fulltext: FullTextIndex | None = None
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,7 @@ class Collections:
             metric=row.metric,
             dimensions=row.dims,
             defaults=col.defaults,
+            text_language=col.fulltext.language if col.fulltext is not None else "english",
             document_count=row.doc_count,
             generation=row.generation,
             created_at=row.created_at,
@@ -171,9 +175,12 @@ class Collections:
         model = validation.model_name(
             spec.embedding_model or self._settings.default_embedding_model, "embedding_model"
         )
-        return await self._run.write(self._create, name, model, metric, defaults)
+        language = validation.text_language(spec.text_language)
+        return await self._run.write(self._create, name, model, metric, defaults, language)
 
-    def _create(self, name: str, model: str, metric: str, defaults: SearchSettings) -> CollectionInfo:
+    def _create(
+        self, name: str, model: str, metric: str, defaults: SearchSettings, language: str = "english"
+    ) -> CollectionInfo:
         if name in self._by_name:
             raise AlreadyExists(f"collection {name!r} already exists")
         if len(self._by_name) >= self._settings.max_collections:
@@ -182,11 +189,12 @@ class Collections:
             )
         runner = self.embedding_runner(model)
         row = self._store.create_collection(
-            name, model, runner.model_id, metric, runner.dims, _settings_to_json(defaults)
+            name, model, runner.model_id, metric, runner.dims, _settings_to_json(defaults), language
         )
         directory = self._directory(row)
         shutil.rmtree(directory, ignore_errors=True)  # leftovers of an earlier collection with this row id
         col = Collection(row, self._new_index(row), runner, defaults, directory)
+        col.fulltext = self._open_fulltext(row, language)
         self._by_name[name] = col
         return self.info(col)
 
@@ -214,6 +222,8 @@ class Collections:
         col = self.find(name)
         self._store.delete_collection(name)  # first: if the disk refuses, the collection stays as it was
         del self._by_name[name]
+        if col.fulltext is not None:
+            col.fulltext.close()
         shutil.rmtree(col.directory, ignore_errors=True)
 
     # -- loading (writer thread, at start) ---------------------------------------------------------
@@ -266,9 +276,27 @@ class Collections:
             time.monotonic() - started,
         )
         col = Collection(row, index, runner, _settings_from_json(row.defaults_json), directory, snap_gen)
+        col.fulltext = self._open_fulltext(row, self._store.text_language(row.id))
         col.visible_generation = row.generation
         col.unsnapshotted_writes = applied
         return col
+
+    def _open_fulltext(self, row: CollectionRow, language: str) -> FullTextIndex:
+        """The collection's full-text index at the store's generation: caught up, or rebuilt from the store."""
+        return open_fulltext(
+            self._directory(row) / "fulltext",
+            language,
+            lambda generation: self._store.text_changes_since(row.id, generation),
+            row.generation,
+            row.doc_count,
+            row.name,
+        )
+
+    def close(self) -> None:
+        """Commit and release the full-text indexes (at shutdown, on the writer thread)."""
+        for col in self._by_name.values():
+            if col.fulltext is not None:
+                col.fulltext.close()
 
     def _new_index(self, row: CollectionRow) -> VectorIndex:
         return VectorIndex(
@@ -299,6 +327,9 @@ class Collections:
 
     def _snapshot(self, col: Collection, generation: int) -> None:
         try:
+            if col.fulltext is not None:
+                # Tombstones up to the snapshot are pruned below: the full-text index must have them first.
+                col.fulltext.flush()
             col.index.save(col.directory, generation)
         except Exception as exc:
             # A snapshot only shortens the next start (the store holds every write): a full or read-only

@@ -55,6 +55,7 @@ class Engine:
     async def close(self) -> None:
         """Snapshot every index, then stop the executors."""
         await self._run.run(self._run.writer, self.collections.snapshot_all)
+        await self._run.run(self._run.writer, self.collections.close)
         self.dispatcher.close()
         self._run.shutdown()
 
@@ -71,7 +72,16 @@ class Engine:
     async def delete_collection(self, name: str) -> None:
         await self.collections.delete(name)
 
-    async def upsert(self, name: str, docs: list[Document]) -> WriteResult:
+    async def upsert(
+        self,
+        name: str,
+        docs: list[Document],
+        vectors: dict[str, list[float]] | None = None,
+        embedding_model: str = "",
+    ) -> WriteResult:
+        """Upsert; with `vectors` (by id, from the client), those documents are stored with them unembedded."""
+        if vectors:
+            return await self.writes.upsert_vectors(name, docs, vectors, embedding_model)
         return await self.writes.upsert(name, docs)
 
     async def upsert_embedded(
@@ -96,6 +106,7 @@ class Engine:
         top_k = validation.search(query, self.settings)
         col = self.collections.find(query.collection)
         settings = query.settings.over(col.defaults).over(self.collections.defaults)
+        validation.search_inputs(query, settings)
         plans = self.cascade.plan(settings, col.row.embedding_model, top_k)
         if query.min_generation:
             wait_s = self.settings.min_generation_wait_s
@@ -108,7 +119,7 @@ class Engine:
         candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k
         # Re-rankers need the candidates' texts (to recompute evicted token vectors) even if the reply omits them.
         fetch_texts = not query.omit_documents or reranking
-        hits, report, generation = await self.retrieval.retrieve(
+        hits, reports, generation = await self.retrieval.retrieve(
             col, query, candidates, settings, fetch_texts
         )
         hits, reranked = await self.cascade.rerank(
@@ -124,7 +135,7 @@ class Engine:
         if query.omit_documents:
             for hit in hits:
                 hit.text, hit.metadata = "", {}
-        return SearchResult(hits, [report, *reranked], generation, (time.perf_counter() - started) * 1000)
+        return SearchResult(hits, [*reports, *reranked], generation, (time.perf_counter() - started) * 1000)
 
     # -- for index jobs (server.core.indexing.IndexingEngine) --------------------------------------
     async def index_target(self, name: str) -> IndexTarget:

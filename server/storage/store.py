@@ -66,6 +66,11 @@ CREATE TABLE IF NOT EXISTS doc_meta (
     PRIMARY KEY (collection_id, name, value, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS doc_meta_by_key ON doc_meta (collection_id, key);
+-- The full-text index's analyzer language per collection (a table of its own: older stores gain it as is).
+CREATE TABLE IF NOT EXISTS collection_text (
+    collection_id INTEGER PRIMARY KEY,
+    language TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tombstones (
     collection_id INTEGER NOT NULL,
     generation INTEGER NOT NULL,
@@ -167,16 +172,21 @@ class Store:
         metric: str,
         dims: int,
         defaults_json: str,
+        text_language: str = "english",
     ) -> CollectionRow:
         with self._transaction() as conn:
             try:
-                conn.execute(
+                cursor = conn.execute(
                     "INSERT INTO collections (name, embedding_model, embedding_model_id, metric, dims,"
                     " defaults_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (name, embedding_model, embedding_model_id, metric, dims, defaults_json, time.time()),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"collection {name!r} already exists") from None
+            conn.execute(
+                "INSERT OR REPLACE INTO collection_text (collection_id, language) VALUES (?, ?)",
+                (cursor.lastrowid, text_language),
+            )
         return self.get_collection(name)
 
     def get_collection(self, name: str) -> CollectionRow:
@@ -188,6 +198,15 @@ class Store:
         if row is None:
             raise NotFound(f"collection {name!r} does not exist")
         return CollectionRow(*row)
+
+    def text_language(self, collection_id: int) -> str:
+        """The collection's full-text analyzer language (English for a collection made before there was one)."""
+        row = (
+            self._conn()
+            .execute("SELECT language FROM collection_text WHERE collection_id = ?", (collection_id,))
+            .fetchone()
+        )
+        return "english" if row is None else str(row[0])
 
     def list_collections(self) -> list[CollectionRow]:
         rows = self._conn().execute(f"SELECT {_COLLECTION_COLUMNS} FROM collections ORDER BY name").fetchall()
@@ -201,7 +220,7 @@ class Store:
             if row is None:
                 raise NotFound(f"collection {name!r} does not exist")
             cid = row[0]
-            for table in ("documents", "doc_meta", "tombstones"):
+            for table in ("documents", "doc_meta", "tombstones", "collection_text"):
                 conn.execute(f"DELETE FROM {table} WHERE collection_id = ?", (cid,))
             conn.execute("DELETE FROM collections WHERE id = ?", (cid,))
         return CollectionRow(*row)

@@ -21,7 +21,7 @@ STAGE_STATUS_DEGRADED: StageStatus
 STAGE_STATUS_SKIPPED: StageStatus
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "query", "top_k", "filter", "settings", "omit_documents", "min_generation")
+    __slots__ = ("collection", "query", "top_k", "filter", "settings", "omit_documents", "min_generation", "query_vector")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -29,6 +29,7 @@ class SearchRequest(_message.Message):
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     OMIT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MIN_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     top_k: int
@@ -36,7 +37,8 @@ class SearchRequest(_message.Message):
     settings: _common_pb2.SearchSettings
     omit_documents: bool
     min_generation: int
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., settings: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., omit_documents: _Optional[bool] = ..., min_generation: _Optional[int] = ...) -> None: ...
+    query_vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., settings: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., omit_documents: _Optional[bool] = ..., min_generation: _Optional[int] = ..., query_vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "stages", "generation", "took_ms")

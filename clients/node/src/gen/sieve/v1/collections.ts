@@ -45,7 +45,14 @@ export interface Collection {
   documentCount: number;
   /** Increases with every accepted write (upsert or delete batch), even one that changes nothing (output only). */
   generation: number;
-  createdAt: Date | undefined;
+  createdAt:
+    | Date
+    | undefined;
+  /**
+   * The full-text (BM25) index's analysis: "english" (the default: stemming and stop words), "dutch",
+   * "german", "french" or "spanish". Chosen at creation; cannot be changed after.
+   */
+  textLanguage: string;
 }
 
 export interface CreateCollectionRequest {
@@ -89,6 +96,7 @@ function createBaseCollection(): Collection {
     documentCount: 0,
     generation: 0,
     createdAt: undefined,
+    textLanguage: "",
   };
 }
 
@@ -120,6 +128,9 @@ export const Collection: MessageFns<Collection> = {
     }
     if (message.createdAt !== undefined) {
       Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(74).fork()).join();
+    }
+    if (message.textLanguage !== "") {
+      writer.uint32(90).string(message.textLanguage);
     }
     return writer;
   },
@@ -209,6 +220,14 @@ export const Collection: MessageFns<Collection> = {
             message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.textLanguage = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -248,6 +267,11 @@ export const Collection: MessageFns<Collection> = {
         : isSet(object.created_at)
         ? fromJsonTimestamp(object.created_at)
         : undefined,
+      textLanguage: isSet(object.textLanguage)
+        ? globalThis.String(object.textLanguage)
+        : isSet(object.text_language)
+        ? globalThis.String(object.text_language)
+        : "",
     };
   },
 
@@ -280,6 +304,9 @@ export const Collection: MessageFns<Collection> = {
     if (message.createdAt !== undefined) {
       obj.createdAt = message.createdAt.toISOString();
     }
+    if (message.textLanguage !== "") {
+      obj.textLanguage = message.textLanguage;
+    }
     return obj;
   },
 
@@ -299,6 +326,7 @@ export const Collection: MessageFns<Collection> = {
     message.documentCount = object.documentCount ?? 0;
     message.generation = object.generation ?? 0;
     message.createdAt = object.createdAt ?? undefined;
+    message.textLanguage = object.textLanguage ?? "";
     return message;
   },
 };
