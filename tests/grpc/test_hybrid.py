@@ -218,3 +218,27 @@ async def test_search_by_vector_checks_its_shape_and_what_needs_text(api) -> Non
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await api.search.Search(request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+
+
+async def test_a_store_without_full_text_indexes_gets_them_rebuilt_on_start(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A data directory from before hybrid retrieval (or one whose full-text files were lost): on start each
+    collection's full-text index is rebuilt from the store, and the log says so."""
+    import shutil
+
+    from tests.conftest import make_settings, start_api, stop_api
+
+    settings = make_settings(tmp_path / "data")
+    first = await start_api(settings)
+    try:
+        name = await _collection(first)
+    finally:
+        await stop_api(first)
+    (directory,) = (tmp_path / "data" / "collections").iterdir()
+    shutil.rmtree(directory / "fulltext")
+    second = await start_api(settings)
+    try:
+        assert "rebuilding the full-text index from the store" in caplog.text
+        resp = await _search(second, name, "XR-7731", LEXICAL)
+        assert [h.id for h in resp.hits] == ["kinase"]
+    finally:
+        await stop_api(second)
