@@ -9,7 +9,7 @@ PIP := $(PY) -m pip
 MODELS_DIR ?= models
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast install node models redis protos check-protos lint eval eval-record fuzz bench-service bench-ingest bench-rerank bench-load bench-install bench bench-quick clean
+.PHONY: run test test-fast install node models redis protos check-protos lint eval eval-record fuzz bench-service bench-ingest bench-rerank bench-load bench-li bench-li-scale bench-install bench bench-quick clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -107,6 +107,21 @@ bench-ingest: models redis
 bench-rerank: models redis
 	$(PY) bench/rerank.py ../shared/datasets/scifact
 	$(PY) bench/report.py
+
+# Issue 13's acceptance: every token format's SciFact nDCG@10 and bytes per document (in-process), then the
+# real service (`sieve run` defaults): late interaction vs retrieval alone for one client and 16, indexing a
+# late-interaction collection vs a plain one, the first search after a Redis FLUSHALL vs a warm one, the
+# stage's method text. Results in bench/results/token_formats.json and late_interaction_service.json; a
+# missed target prints MISSED. About 30 minutes on the 2 shared cores (never part of make test).
+bench-li: models redis
+	$(PY) bench/token_formats.py $(BEIR)
+	$(PY) bench/late_interaction_service.py $(BEIR)
+
+# A 1M-document late-interaction token store (synthetic SciFact-sized token blobs, ~23 GB under DIR, which
+# the script refuses to fill if the disk is short): build time, disk and memory per document, warm MaxSim
+# p50 on 100 candidates read from the store (bench/results/late_interaction_scale.json).
+bench-li-scale:
+	$(PY) bench/late_interaction_scale.py --count 1000000 --dir $(or $(DIR),bench/.cache/li-scale)
 
 # Load and backpressure: 32 concurrent clients of mixed Search and UpsertDocuments for 60 s against a real
 # `sieve serve` (loopback only) at the default in-flight limit and at a low one; errors by status, latency,

@@ -1,8 +1,9 @@
-"""Redis as a cache of model outputs: query vectors, re-rank scores, cross-encoder pair scores.
+"""Redis as a cache of model outputs: query vectors (and query token vectors), re-rank scores,
+cross-encoder pair scores. Documents' token vectors are not here: they live in the collection's store.
 
 Every key names what its value depends on, so nothing is ever invalidated by hand:
-- a query vector depends on the bi-encoder (weights and serving settings: `BundleManifest.cache_id`)
-  and the query text, not on any collection;
+- a query vector (and a query's token vectors) depends on the model (weights and serving settings:
+  `BundleManifest.cache_id`) and the query text, not on any collection;
 - a stage's scores for a search depend on the stage's model, the query, the candidates' content, and,
   as the issue asks, the collection generation: a write moves the generation, so an upsert makes every
   cached result of that collection unreachable by construction;
@@ -47,6 +48,11 @@ def _digest(*parts: str) -> str:
 
 def query_vector_key(model_cache_id: str, query: str) -> str:
     return f"sieve:qvec:{KEY_VERSION}:{model_cache_id}:{_digest(query)}"
+
+
+def query_tokens_key(model_cache_id: str, query: str) -> str:
+    """A query's token vectors (zero-shot: with its sentence vector, from the same encoder pass)."""
+    return f"sieve:qtok:{KEY_VERSION}:{model_cache_id}:{_digest(query)}"
 
 
 def stage_scores_key(
@@ -134,6 +140,16 @@ class ResultCache:
 
     def put_vector(self, key: str, vector: np.ndarray) -> None:
         self.put(key, np.ascontiguousarray(vector, dtype="<f4").tobytes())
+
+    def get_matrix(self, key: str, dims: int) -> np.ndarray | None:
+        """A float32 (rows, dims) matrix stored by `put_matrix`, or None (absent, or not that width)."""
+        raw = self.get(key)
+        if raw is None or len(raw) % (4 * dims) or not raw:
+            return None
+        return np.frombuffer(raw, dtype="<f4").reshape(-1, dims).astype(np.float32)
+
+    def put_matrix(self, key: str, matrix: np.ndarray) -> None:
+        self.put(key, np.ascontiguousarray(matrix, dtype="<f4").tobytes())
 
     def get_scores(self, key: str, count: int) -> list[float] | None:
         raw = self.get(key)

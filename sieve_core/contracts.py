@@ -5,7 +5,10 @@ both sides rebuild the typed object with `from_json`, which validates it (unknow
 and out-of-range sizes raise `pydantic.ValidationError`, a ValueError). Nothing here is pickled.
 
 Vectors travel as base64 of little-endian float32, row-major: a 384-d vector is 512 characters instead
-of ~3 KB as a JSON list of floats, and decodes without a Python loop.
+of ~3 KB as a JSON list of floats, and decodes without a Python loop. Token-vector blobs (already
+compressed, sieve_core.token_format) travel as base64 too. No task carries candidate texts for late
+interaction: the server scores MaxSim itself from its store; the only late-interaction task on the query
+path encodes the query with a ColBERT bundle (QueryTokensRequest).
 """
 
 from __future__ import annotations
@@ -18,13 +21,15 @@ from typing import Annotated, Any, Literal, Self
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from sieve_core.token_format import TokenFormat
+
 # Upper bounds on one task's payload: the server splits larger jobs (one embed task is one ONNX job
-# of tens of seconds at most; a re-rank stage sees hundreds of candidates, not thousands).
+# of tens of seconds at most; a cross-encoder stage sees hundreds of candidates, not thousands).
 MAX_EMBED_TEXTS = 1000
 MAX_CANDIDATES = 2000
 MAX_TEXT_CHARS = 65_536
 
-TokenFormat = Literal["int8", "fp16"]
+Codec = Literal["int8", "fp16"]
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH_HEX = re.compile(r"^[0-9a-f]{32}$")
 
@@ -75,16 +80,31 @@ def decode_vectors(data: str, dims: int) -> np.ndarray:
     return np.frombuffer(raw, dtype="<f4").reshape(-1, dims).astype(np.float32)
 
 
+class TokenFormatSpec(_Contract):
+    """sieve_core.token_format.TokenFormat as a contract field (the collection's recorded format)."""
+
+    pool_factor: int = Field(ge=1, le=255)
+    projection_dims: int = Field(ge=0, le=4096)
+    codec: Codec = "int8"
+    projection_seed: int = Field(0, ge=0, le=255)
+
+    def format(self) -> TokenFormat:
+        return TokenFormat(self.pool_factor, self.projection_dims, self.codec, self.projection_seed)
+
+    @classmethod
+    def of(cls, fmt: TokenFormat) -> Self:
+        return cls.from_json(fmt.to_json())
+
+
 class EmbedRequest(_Contract):
-    """Embed texts with a bi-encoder bundle; with `want_tokens`, also cache each text's token vectors."""
+    """Embed texts with a bi-encoder bundle; with `token_format`, also return each text's token vectors,
+    compressed in that format: the bi-encoder's own from the same encoder run (zero-shot), or `token_model`'s
+    (a ColBERT bundle, its own pass) when given. The server stores them with the documents."""
 
     texts: list[Text] = Field(min_length=1, max_length=MAX_EMBED_TEXTS)
     model: str
-    want_tokens: bool = False
-    # The late-interaction bundle whose document token vectors to cache (a `colbert` bundle); None: the
-    # bi-encoder's own token vectors, from the same encoder run as the sentence vectors.
+    token_format: TokenFormatSpec | None = None
     token_model: str | None = None
-    token_format: TokenFormat = "int8"
 
     _model = field_validator("model")(_check_model_name)
 
@@ -94,37 +114,86 @@ class EmbedRequest(_Contract):
         return None if value is None else _check_model_name(value)
 
 
+def encode_blobs(blobs: list[bytes]) -> list[str]:
+    return [base64.b64encode(b).decode("ascii") for b in blobs]
+
+
+def decode_blobs(data: list[str]) -> list[bytes]:
+    return [base64.b64decode(d.encode("ascii"), validate=True) for d in data]
+
+
 class EmbedResult(_Contract):
     model_id: str  # name@revision of the bundle that computed the vectors
     dims: int = Field(ge=1)
     vectors_b64: str  # see encode_vectors
-    # Cache keys of the token blobs, one per text in order (empty unless want_tokens).
-    token_keys: list[str] = Field(default_factory=list)
-    tokens_computed: int = Field(0, ge=0)  # blobs encoded now; the rest were already cached
+    # Compressed token vectors (sieve_core.token_format), base64, one per text in order; empty unless asked.
+    token_blobs_b64: list[str] = Field(default_factory=list)
+    token_model_id: str = ""  # the model that computed them
 
     def vectors(self) -> np.ndarray:
         return decode_vectors(self.vectors_b64, self.dims)
 
+    def token_blobs(self) -> list[bytes]:
+        return decode_blobs(self.token_blobs_b64)
+
     @classmethod
-    def build(cls, model_id: str, vectors: np.ndarray, token_keys: list[str], tokens_computed: int) -> Self:
+    def build(
+        cls, model_id: str, vectors: np.ndarray, blobs: list[bytes] | None = None, token_model_id: str = ""
+    ) -> Self:
         return cls(
             model_id=model_id,
             dims=int(vectors.shape[1]),
             vectors_b64=encode_vectors(vectors),
-            token_keys=token_keys,
-            tokens_computed=tokens_computed,
+            token_blobs_b64=encode_blobs(blobs or []),
+            token_model_id=token_model_id if blobs else "",
         )
 
 
+class DocumentTokensRequest(_Contract):
+    """Compute documents' token vectors (pending documents of a collection) in the collection's format."""
+
+    texts: list[Text] = Field(min_length=1, max_length=MAX_EMBED_TEXTS)
+    model: str  # a `colbert` or `bi_encoder` bundle
+    token_format: TokenFormatSpec
+
+    _model = field_validator("model")(_check_model_name)
+
+
+class DocumentTokensResult(_Contract):
+    model_id: str
+    token_blobs_b64: list[str]  # one per text, in order
+
+    def token_blobs(self) -> list[bytes]:
+        return decode_blobs(self.token_blobs_b64)
+
+
+class QueryTokensRequest(_Contract):
+    """Encode one query into its token vectors with a ColBERT bundle (the server runs MaxSim itself)."""
+
+    query: Text = Field(min_length=1)
+    model: str
+
+    _model = field_validator("model")(_check_model_name)
+
+
+class QueryTokensResult(_Contract):
+    model_id: str
+    dims: int = Field(ge=1)
+    rows_b64: str  # (query tokens, dims) float32, see encode_vectors
+
+    def rows(self) -> np.ndarray:
+        return decode_vectors(self.rows_b64, self.dims)
+
+
 class Candidate(_Contract):
-    """One document to re-rank: its content hash (the cache address) and its text (for a miss)."""
+    """One document to re-rank by cross-encoder: its content hash (the cache address) and its text."""
 
     content_hash: str
     text: Text
 
     @model_validator(mode="after")
     def _hash_matches_text(self) -> Self:
-        # A wrong hash would file the text's token vectors under another document's key: refuse it.
+        # A wrong hash would file the pair's score under another document's key: refuse it.
         if not _HASH_HEX.match(self.content_hash):
             raise ValueError(f"content_hash must be 32 lowercase hex digits, got {self.content_hash!r}")
         if content_hash_hex(self.text) != self.content_hash:
@@ -134,25 +203,6 @@ class Candidate(_Contract):
     @classmethod
     def of(cls, text: str) -> Self:
         return cls(content_hash=content_hash_hex(text), text=text)
-
-
-class LateInteractionRequest(_Contract):
-    """MaxSim re-rank of candidates for a query, from cached document token vectors."""
-
-    query: Text = Field(min_length=1)
-    model: str
-    candidates: list[Candidate] = Field(max_length=MAX_CANDIDATES)
-    token_format: TokenFormat = "int8"
-
-    _model = field_validator("model")(_check_model_name)
-
-
-class LateInteractionResult(_Contract):
-    model_id: str
-    scores: list[float]  # one per candidate, in the request's order
-    cache_hits: int = Field(ge=0)  # candidates whose token blob came from Redis
-    recomputed: int = Field(ge=0)  # candidates encoded now (missing or unreadable blob), then cached
-    bytes_read: int = Field(0, ge=0)  # token-blob bytes fetched from Redis
 
 
 class CrossEncoderRequest(_Contract):

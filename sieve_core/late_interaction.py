@@ -4,7 +4,7 @@ The second search stage re-ranks the first stage's candidates with
 
     score(q, d) = sum over query tokens i of  max over document tokens j of  q_i . d_j
 
-where the document side is computed once, at write time, and cached as a compact blob (see
+where the document side is computed once, at write time, and stored as a compact blob (see
 `encode_tokens`), so a warm re-rank costs one query encoding plus one matrix product.
 
 Blob format (little-endian), version 1:
@@ -19,6 +19,12 @@ Blob format (little-endian), version 1:
     14     2     reserved, 0
     16     ...   fp16: n_tokens x dims float16, row-major
                  int8: n_tokens float32 scales, then n_tokens x dims int8, row-major
+
+Version 2 (written only for pooled or projected rows, see sieve_core.token_format; plain rows stay
+version 1, byte for byte) has the same layout and says how the rows were made, so a stored blob can be
+checked against its collection's format: flags bit 1 = the rows were projected by the seeded random
+orthonormal matrix whose seed is byte 15 (0 when not projected); byte 14 = the token pooling factor
+(1 = none). Both versions are read.
 
 int8 is symmetric, one scale per token: code = round(x / max|x| * 127), so every token uses the full
 [-127, 127] range whatever its magnitude. The stored scale is the factor that turns the codes back into
@@ -48,12 +54,11 @@ OpenBLAS went to 14-16 ms medians with p90s up to ~100 ms, while one BLAS thread
 
 There is no checksum: computing one over ~90 KB per candidate would cost more than MaxSim itself. The
 header is checked strictly (magic, version, format, flags, sizes, exact length), which catches the
-failures a cache realistically produces: truncation, a foreign value under the key, an old format.
+failures a store or cache realistically produces: truncation, a foreign value, an old format.
 """
 
 from __future__ import annotations
 
-import re
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -62,13 +67,17 @@ from typing import Protocol
 import numpy as np
 
 MAGIC = b"SVTK"
-CODEC_VERSION = 1
+CODEC_VERSION = 1  # what plain rows are written as
+CODEC_VERSION_SHAPED = 2  # pooled and/or projected rows: bytes 14-15 say how (see the module doc)
+_READABLE_VERSIONS = (CODEC_VERSION, CODEC_VERSION_SHAPED)
 FORMATS: dict[str, int] = {"fp16": 1, "int8": 2}
 _FORMAT_NAMES = {code: name for name, code in FORMATS.items()}
 _HEADER = struct.Struct("<4sBBHIHH")
 HEADER_BYTES = _HEADER.size  # 16
 FLAG_UNIT_NORM = 1
+FLAG_PROJECTED = 2  # version 2 only
 _KNOWN_FLAGS = FLAG_UNIT_NORM
+_KNOWN_FLAGS_V2 = FLAG_UNIT_NORM | FLAG_PROJECTED
 # Rows whose norms all lie within this of 1 are treated as unit-norm (float32 rounding is ~1e-7).
 _UNIT_NORM_TOLERANCE = 1e-3
 _NORM_EPS = 1e-12
@@ -94,8 +103,18 @@ def bytes_per_token(fmt: str, dims: int) -> int:
     raise ValueError(f"unknown token format {fmt!r}; expected one of {sorted(FORMATS)}")
 
 
-def encode_tokens(matrix: np.ndarray, fmt: str = "int8") -> bytes:
-    """One document's token matrix (n_tokens, dims) -> a self-describing blob (see the module doc)."""
+def encode_tokens(
+    matrix: np.ndarray, fmt: str = "int8", *, pool_factor: int = 1, projection_seed: int | None = None
+) -> bytes:
+    """One document's token matrix (n_tokens, dims) -> a self-describing blob (see the module doc).
+
+    `pool_factor` and `projection_seed` only label the rows (sieve_core.token_format made them); with
+    their defaults the blob is version 1, as before.
+    """
+    if not 1 <= pool_factor <= 0xFF:
+        raise ValueError(f"pool factor {pool_factor} out of range 1..255")
+    if projection_seed is not None and not 0 <= projection_seed <= 0xFF:
+        raise ValueError(f"projection seed {projection_seed} out of range 0..255")
     if fmt not in FORMATS:
         raise ValueError(f"unknown token format {fmt!r}; expected one of {sorted(FORMATS)}")
     x = np.asarray(matrix)
@@ -109,7 +128,14 @@ def encode_tokens(matrix: np.ndarray, fmt: str = "int8") -> bytes:
         raise ValueError("token matrix contains NaN or infinity")
     norms = np.linalg.norm(x, axis=1)
     unit = n > 0 and bool(np.all(np.abs(norms - 1.0) <= _UNIT_NORM_TOLERANCE))
-    header = _HEADER.pack(MAGIC, CODEC_VERSION, FORMATS[fmt], FLAG_UNIT_NORM if unit else 0, n, dims, 0)
+    flags = FLAG_UNIT_NORM if unit else 0
+    if pool_factor == 1 and projection_seed is None:
+        header = _HEADER.pack(MAGIC, CODEC_VERSION, FORMATS[fmt], flags, n, dims, 0)
+    else:
+        if projection_seed is not None:
+            flags |= FLAG_PROJECTED
+        shape = pool_factor | ((projection_seed or 0) << 8)  # little-endian: byte 14, then byte 15
+        header = _HEADER.pack(MAGIC, CODEC_VERSION_SHAPED, FORMATS[fmt], flags, n, dims, shape)
     if fmt == "fp16":
         return header + np.ascontiguousarray(x, dtype="<f2").tobytes()
     peak = np.abs(x).max(axis=1) if n else np.zeros(0, dtype=np.float32)
@@ -129,6 +155,8 @@ class TokenBlobInfo:
     n_tokens: int
     dims: int
     unit_norm: bool
+    pool_factor: int = 1  # version 2 blobs; 1 for version 1
+    projection_seed: int | None = None  # None = not projected
 
 
 def read_header(blob: bytes | bytearray | memoryview) -> TokenBlobInfo:
@@ -138,12 +166,22 @@ def read_header(blob: bytes | bytearray | memoryview) -> TokenBlobInfo:
     magic, version, fmt_code, flags, n, dims, reserved = _HEADER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise ValueError(f"not a token blob: magic {bytes(magic)!r}, expected {MAGIC!r}")
-    if version != CODEC_VERSION:
-        raise ValueError(f"token blob version {version} is not supported (this code reads {CODEC_VERSION})")
+    if version not in _READABLE_VERSIONS:
+        raise ValueError(
+            f"token blob version {version} is not supported (this code reads {_READABLE_VERSIONS})"
+        )
     if fmt_code not in _FORMAT_NAMES:
         raise ValueError(f"token blob has unknown format code {fmt_code}")
-    if flags & ~_KNOWN_FLAGS or reserved != 0:
-        raise ValueError(f"token blob header is corrupt: flags {flags:#x}, reserved {reserved}")
+    pool_factor, projection_seed = 1, None
+    if version == CODEC_VERSION:
+        if flags & ~_KNOWN_FLAGS or reserved != 0:
+            raise ValueError(f"token blob header is corrupt: flags {flags:#x}, reserved {reserved}")
+    else:
+        pool_factor, seed = reserved & 0xFF, reserved >> 8
+        projected = bool(flags & FLAG_PROJECTED)
+        if flags & ~_KNOWN_FLAGS_V2 or pool_factor == 0 or (seed and not projected):
+            raise ValueError(f"token blob header is corrupt: flags {flags:#x}, shape bytes {reserved:#06x}")
+        projection_seed = seed if projected else None
     if dims == 0:
         raise ValueError("token blob header is corrupt: dims is 0")
     fmt = _FORMAT_NAMES[fmt_code]
@@ -153,7 +191,7 @@ def read_header(blob: bytes | bytearray | memoryview) -> TokenBlobInfo:
             f"token blob {'truncated' if len(blob) < expected else 'has trailing bytes'}: {len(blob)} bytes, "
             f"header says {n} x {dims} {fmt} = {expected} bytes"
         )
-    return TokenBlobInfo(fmt, n, dims, bool(flags & FLAG_UNIT_NORM))
+    return TokenBlobInfo(fmt, n, dims, bool(flags & FLAG_UNIT_NORM), pool_factor, projection_seed)
 
 
 def _decode_into(blob: bytes | bytearray | memoryview, info: TokenBlobInfo, out: np.ndarray) -> None:
@@ -329,7 +367,7 @@ def maxsim_blobs(
     *,
     chunk_tokens: int = CHUNK_TOKENS,
 ) -> np.ndarray:
-    """MaxSim straight from cached blobs, the warm re-rank path: same scores as
+    """MaxSim straight from stored blobs, the re-rank path: same scores as
     `maxsim_packed(q, decode_packed(blobs))` to float rounding, at about the cost of MaxSim alone.
 
     int8 rows are only cast: the per-token scale multiplies the (tokens, q) similarities instead of the
@@ -355,11 +393,11 @@ def maxsim_blobs(
     return _maxsim_chunked(q, [i.n_tokens for i in infos], fill, chunk_tokens)
 
 
-# -- scoring and cache keys -----------------------------------------------------------------------------
+# -- scoring ---------------------------------------------------------------------------------------------
 
 
 class LateInteractionScorer:
-    """Scores candidates for a query text against cached document token vectors.
+    """Scores candidates for a query text against document token vectors (a reference for tests and benches).
 
     Thread-safe if the runner is (BiEncoderRunner is): it holds nothing but the runner.
     """
@@ -372,7 +410,7 @@ class LateInteractionScorer:
         return self.runner.token_vectors([query])[0]
 
     def document_blobs(self, texts: Sequence[str], fmt: str = "int8", batch_size: int = 32) -> list[bytes]:
-        """Write path (a worker): texts -> cacheable blobs, one per text, in order."""
+        """Texts -> plain (unpooled) blobs, one per text, in order."""
         return [encode_tokens(m, fmt) for m in self.runner.token_vectors(texts, batch_size)]
 
     def score(self, query: str | np.ndarray, docs: Sequence[np.ndarray] | PackedTokens) -> np.ndarray:
@@ -382,27 +420,6 @@ class LateInteractionScorer:
         return maxsim_packed(q, packed)
 
     def score_blobs(self, query: str | np.ndarray, blobs: Sequence[bytes]) -> np.ndarray:
-        """MaxSim against cached blobs (the warm path: one query encoding, then `maxsim_blobs`)."""
+        """MaxSim against blobs (one query encoding, then `maxsim_blobs`)."""
         q = self.query_tokens(query) if isinstance(query, str) else query
         return maxsim_blobs(q, blobs)
-
-
-_MODEL_ID = re.compile(r"^[^\s:@]+@[^\s:@]+$")
-_HEX = re.compile(r"^[0-9a-f]{32,128}$")
-
-
-def token_cache_key(model_id: str, content_hash_hex: str, fmt: str) -> str:
-    """Redis key of one document's token blob: `sieve:tok:v<codec>:<fmt>:<model id@revision>:<hash>`.
-
-    Token vectors depend only on the model (weights, tokenizer, max length: pass an id that changes with
-    any of them, e.g. BundleManifest.model_id), the text and the codec, so the key is content-addressed:
-    the same text in two collections, or across collection generations, shares one entry.
-    """
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown token format {fmt!r}; expected one of {sorted(FORMATS)}")
-    if not _MODEL_ID.match(model_id):
-        raise ValueError(f"model id {model_id!r} must be 'name@revision' without spaces or ':'")
-    digest = content_hash_hex.lower()
-    if not _HEX.match(digest):
-        raise ValueError(f"content hash {content_hash_hex!r} must be 32-128 hex digits")
-    return f"sieve:tok:v{CODEC_VERSION}:{fmt}:{model_id}:{digest}"

@@ -5,8 +5,8 @@ Shared by both sides: the server sends tasks by name through `client_app(setting
 imported into the server process), and workers/celery_app.py builds the worker app from the same
 configuration and registers the task functions on it.
 
-Queues: `embed` (bi-encoder, bulk indexing and token vectors), `colbert` (late-interaction work that
-needs a separate ColBERT bundle), `cross_encoder` (cross-encoder re-rank). A machine can run one worker per
+Queues: `embed` (bi-encoder, bulk indexing, and a ColBERT bundle's document token vectors), `colbert`
+(a ColBERT bundle's query encoding, on the query path), `cross_encoder` (cross-encoder re-rank). A machine can run one worker per
 queue or one worker on several (`-Q embed,colbert`).
 
 Delivery: tasks are acknowledged after they finish (`acks_late`), each pool process reserves one
@@ -39,22 +39,26 @@ QUEUE_CROSS_ENCODER = "cross_encoder"
 QUEUES = (QUEUE_EMBED, QUEUE_COLBERT, QUEUE_CROSS_ENCODER)
 
 TASK_EMBED = "sieve.embed"
-TASK_LATE_INTERACTION = "sieve.late_interaction"
+TASK_DOCUMENT_TOKENS = "sieve.document_tokens"
+TASK_QUERY_TOKENS = "sieve.query_tokens"
 TASK_CROSS_ENCODER = "sieve.cross_encoder"
 
 # (soft, hard) time limits per task, seconds. The soft limit raises SoftTimeLimitExceeded in the task;
 # the hard one kills the pool process. A re-rank answers a search, whose deadline the server enforces
-# itself (and sends as `expires`); the limits here only stop runaway work, and must leave room for a
-# cold re-rank (up to MAX_CANDIDATES texts encoded) on a busy machine, whose token vectors are cached
-# for the next search even if this one has given up. An embed task is bulk work of up to 1000 texts.
+# itself (and sends as `expires`); the limits here only stop runaway work. An embed or document-tokens
+# task is bulk work of up to 1000 texts; a query-tokens task encodes one query.
 TIME_LIMITS: dict[str, tuple[int, int]] = {
     TASK_EMBED: (240, 300),
-    TASK_LATE_INTERACTION: (90, 120),
+    TASK_DOCUMENT_TOKENS: (240, 300),
+    TASK_QUERY_TOKENS: (30, 60),
     TASK_CROSS_ENCODER: (90, 120),
 }
+# Document work (embedding, a ColBERT bundle's document token vectors) is bulk work on `embed`; a
+# ColBERT bundle's query encoding answers a search and gets its own queue, not stuck behind bulk work.
 ROUTES = {
     TASK_EMBED: {"queue": QUEUE_EMBED},
-    TASK_LATE_INTERACTION: {"queue": QUEUE_COLBERT},
+    TASK_DOCUMENT_TOKENS: {"queue": QUEUE_EMBED},
+    TASK_QUERY_TOKENS: {"queue": QUEUE_COLBERT},
     TASK_CROSS_ENCODER: {"queue": QUEUE_CROSS_ENCODER},
 }
 # An unacknowledged message is redelivered after this long. It must exceed the longest time a task can

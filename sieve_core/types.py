@@ -106,12 +106,32 @@ class SearchSettings:
 
 
 @dataclass(frozen=True)
+class TokenStorageSpec:
+    """A collection's token-vector options at creation (0: the server default / none)."""
+
+    pool_factor: int = 0
+    projection_dims: int = 0
+
+
+@dataclass(frozen=True)
+class TokenStorageInfo:
+    """How a collection stores token vectors, and how many documents still wait for theirs."""
+
+    pool_factor: int
+    projection_dims: int
+    description: str  # e.g. "int8, pool 4"
+    model_id: str  # the model whose token vectors are stored
+    pending: int
+
+
+@dataclass(frozen=True)
 class CollectionSpec:
     name: str
     embedding_model: str = ""
     metric: str = ""
     defaults: SearchSettings = field(default_factory=SearchSettings)
     text_language: str = ""  # the full-text analyzer's language ('': English)
+    token_storage: TokenStorageSpec | None = None  # given: store token vectors in this format
 
 
 @dataclass(frozen=True)
@@ -126,6 +146,7 @@ class CollectionInfo:
     generation: int
     created_at: float
     text_language: str = "english"
+    token_storage: TokenStorageInfo | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +188,7 @@ class Hit:
     text: str = ""
     metadata: dict[str, str] = field(default_factory=dict)
     stage_scores: list[StageScore] = field(default_factory=list)
+    key: int = 0  # the stored version's key (its token vectors are filed under it); not sent to clients
 
 
 @dataclass
@@ -179,6 +201,12 @@ class StageReport:
     took_ms: float = 0.0
     model_id: str = ""
     method: str = ""
+    # Late interaction, for metrics: where the documents' token vectors came from ("store"), the bytes
+    # read, how many candidates had none yet (pending), and where the query's came from.
+    token_source: str = ""
+    token_bytes: int = 0
+    tokens_pending: int = 0
+    query_token_source: str = ""
 
 
 @dataclass

@@ -225,6 +225,12 @@ def hints_for(pools: Pools, writes: bool) -> Hints:
         ("sieve.v1.Collection", "document_count"): Hint(presence=0.05),
         ("sieve.v1.Collection", "generation"): Hint(presence=0.05),
         ("sieve.v1.Collection", "created_at"): Hint(presence=0.05, odd=0.0),
+        ("sieve.v1.Collection", "token_storage"): Hint(presence=0.3, odd=0.0),
+        ("sieve.v1.TokenStorage", "pool_factor"): Hint(st.integers(-1, 20), presence=0.6),
+        ("sieve.v1.TokenStorage", "projection_dims"): Hint(st.integers(-1, 500), presence=0.3),
+        ("sieve.v1.TokenStorage", "description"): Hint(presence=0.05),
+        ("sieve.v1.TokenStorage", "model_id"): Hint(presence=0.05),
+        ("sieve.v1.TokenStorage", "pending"): Hint(presence=0.05),
         ("sieve.v1.GetCollectionRequest", "name"): Hint(collections, presence=0.95),
         ("sieve.v1.DeleteCollectionRequest", "name"): Hint(collections, presence=0.95),
         # documents

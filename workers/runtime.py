@@ -1,4 +1,4 @@
-"""Per-process state of a worker: settings, ONNX runners and the Redis client, built once per process.
+"""Per-process state of a worker: settings, ONNX runners and the scores cache, built once per process.
 
 The worker's parent process records its settings and concurrency at `worker_init`, then forks its pool;
 each pool process builds its runners at `worker_process_init`, so no ONNX session and no Redis socket is
@@ -20,11 +20,9 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from celery.signals import worker_init, worker_process_init
 
-from sieve_core import redis_conn
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
 from sieve_core.errors import InvalidArgument
-from sieve_core.late_interaction_service import TokenCache
 from sieve_core.models.registry import ModelKindError, ModelRegistry
 
 if TYPE_CHECKING:
@@ -40,7 +38,6 @@ _settings: Settings | None = None
 _concurrency = 1
 _queues: set[str] = set()  # the queues this worker consumes (from -Q), empty if unknown
 _models: ModelRegistry | None = None  # this process's, built after the fork
-_cache: TokenCache | None = None
 _scores: ResultCache | None = None
 _lock = threading.Lock()
 
@@ -80,10 +77,6 @@ def _load_in_pool_process(**_: Any) -> None:
         except Exception:
             # The process stays up; every task will then fail with this error rather than hang.
             log.exception("pid %d: loading %s failed", os.getpid(), model)
-    try:
-        cache()
-    except Exception:
-        log.exception("pid %d: connecting the token cache failed", os.getpid())
 
 
 def _models_for(settings: Settings, queues: set[str]) -> list[str]:
@@ -157,18 +150,6 @@ def token_runner(model: str) -> BiEncoderRunner | ColbertRunner:
 
 def cross_encoder(model: str) -> CrossEncoderRunner:
     return _of_kind(models().cross_encoder, model)
-
-
-def cache() -> TokenCache:
-    """This process's token cache on settings.redis_url (one connection pool per process)."""
-    global _cache
-    with _lock:
-        if _cache is None:
-            settings = _require_settings()
-            if settings.redis_url is None:
-                raise RuntimeError("SIEVE_REDIS_URL is not set")
-            _cache = TokenCache(redis_conn.client(settings, timeout_s=10, connect_timeout_s=5))
-        return _cache
 
 
 def scores_cache() -> ResultCache:

@@ -1,7 +1,8 @@
 """Thin Celery tasks: a contract's JSON in, a shared service call, the result's JSON out.
 
 The logic lives in sieve_core.late_interaction_service, so the server can run it in-process as well.
-Both tasks are idempotent (they only write content-addressed cache entries), as redelivery requires.
+Every task is idempotent (it computes and returns values; only the cross-encoder writes content-addressed
+cache entries; the server stores the rest), as redelivery requires.
 
 Request ids: the server puts the id of the call a task serves into the task's `sieve_request_id` header
 (an index job's batches carry `job-<job id>`). For the task's duration the worker sets
@@ -21,15 +22,21 @@ from celery.signals import task_postrun, task_prerun
 from pydantic import BaseModel, ValidationError
 
 from sieve_core import late_interaction_service as service
-from sieve_core.contracts import CrossEncoderRequest, EmbedRequest, LateInteractionRequest
+from sieve_core.contracts import (
+    CrossEncoderRequest,
+    DocumentTokensRequest,
+    EmbedRequest,
+    QueryTokensRequest,
+)
 from sieve_core.cross_encoder_service import cross_encoder as score_pairs
 from sieve_core.errors import InvalidArgument
 from sieve_core.logs import REQUEST_ID_HEADER, clean_request_id, request_id
 from sieve_core.tasking import (
     MAX_WORKER_LOST_RETRIES,
     TASK_CROSS_ENCODER,
+    TASK_DOCUMENT_TOKENS,
     TASK_EMBED,
-    TASK_LATE_INTERACTION,
+    TASK_QUERY_TOKENS,
     TIME_LIMITS,
 )
 from workers import runtime
@@ -79,14 +86,15 @@ def _leave_task(
 
 
 def _items(args: tuple[Any, ...] | None) -> int:
-    """How many texts (embed) or candidates (re-rank) the task's payload held."""
+    """How many texts (embed, document tokens) or candidates (re-rank) the task's payload held; 1 for a
+    query's token vectors."""
     payload = args[0] if args else None
     if not isinstance(payload, dict):
         return 0
     for key in ("texts", "candidates"):
         if isinstance(payload.get(key), list):
             return len(payload[key])
-    return 0
+    return 1 if isinstance(payload.get("query"), str) else 0  # a query-encoding task
 
 
 def _parse(contract: type[C], payload: dict[str, Any]) -> C:
@@ -99,13 +107,12 @@ def _parse(contract: type[C], payload: dict[str, Any]) -> C:
 
 
 def embed(payload: dict[str, Any]) -> dict[str, Any]:
-    """EmbedRequest -> EmbedResult: vectors, and with want_tokens the texts' token blobs cached."""
+    """EmbedRequest -> EmbedResult: vectors, and with a token format the texts' compressed token vectors
+    (the bi-encoder's own from the same encoder run, or a ColBERT bundle's)."""
     request = _parse(EmbedRequest, payload)
-    cache = runtime.cache() if request.want_tokens else None
     token_runner = runtime.token_runner(request.token_model) if request.token_model else None
     result = service.embed(
         runtime.bi_encoder(request.model),
-        cache,
         request,
         token_runner=token_runner,
         batch_size=runtime.embed_batch_size(),
@@ -113,12 +120,19 @@ def embed(payload: dict[str, Any]) -> dict[str, Any]:
     return result.to_json()
 
 
-def late_interaction(payload: dict[str, Any]) -> dict[str, Any]:
-    """LateInteractionRequest -> LateInteractionResult: MaxSim scores from cached token blobs."""
-    request = _parse(LateInteractionRequest, payload)
-    found = runtime.token_runner(request.model)
-    result = service.late_interaction(found, runtime.cache(), request, batch_size=runtime.embed_batch_size())
+def document_tokens(payload: dict[str, Any]) -> dict[str, Any]:
+    """DocumentTokensRequest -> DocumentTokensResult: pending documents' token vectors, compressed."""
+    request = _parse(DocumentTokensRequest, payload)
+    result = service.document_tokens(
+        runtime.token_runner(request.model), request, batch_size=runtime.embed_batch_size()
+    )
     return result.to_json()
+
+
+def query_tokens(payload: dict[str, Any]) -> dict[str, Any]:
+    """QueryTokensRequest -> QueryTokensResult: one query's token vectors (the server runs MaxSim)."""
+    request = _parse(QueryTokensRequest, payload)
+    return service.query_tokens(runtime.token_runner(request.model), request).to_json()
 
 
 def cross_encoder(payload: dict[str, Any]) -> dict[str, Any]:
@@ -131,7 +145,12 @@ def cross_encoder(payload: dict[str, Any]) -> dict[str, Any]:
     return result.to_json()
 
 
-TASKS = {TASK_EMBED: embed, TASK_LATE_INTERACTION: late_interaction, TASK_CROSS_ENCODER: cross_encoder}
+TASKS = {
+    TASK_EMBED: embed,
+    TASK_DOCUMENT_TOKENS: document_tokens,
+    TASK_QUERY_TOKENS: query_tokens,
+    TASK_CROSS_ENCODER: cross_encoder,
+}
 
 
 def register(app: Celery) -> None:

@@ -1,13 +1,16 @@
 """The re-ranking half of `Search`: late interaction to M candidates, then the cross-encoder to K.
 
-Each stage runs on a Celery worker (server/dispatch/dispatcher.py) and is cached in Redis under a key naming the
-stage's model (revision and serving settings), the collection and its generation, the query and the
-candidates' content (sieve_core/cache.py): a repeated search is answered from the cache without a
-worker, and any write to the collection moves its generation, so nothing stale is ever served.
+Late interaction scores MaxSim here, in the server's executor, from the token vectors stored with the
+collection's documents (server/core/tokens.py): the query's token vectors come from the retrieval's own
+encoder pass (zero-shot) or, for a ColBERT bundle, from a small query-encoding task on a worker. The
+cross-encoder runs on a Celery worker (server/dispatch/dispatcher.py) and is cached in Redis under a key
+naming its model (revision and serving settings), the collection and its generation, the query and the
+candidates' content (sieve_core/cache.py): a repeated search is answered from the cache without a worker,
+and any write to the collection moves its generation, so nothing stale is ever served.
 
 A stage that cannot finish keeps the previous stage's order and says why (DEGRADED); a stage the
 request marks REQUIRED fails the request instead: UNAVAILABLE when the workers could not answer,
-FAILED_PRECONDITION when no model is configured for it.
+FAILED_PRECONDITION when no model is configured for it (or the collection stores no token vectors).
 """
 
 from __future__ import annotations
@@ -15,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from functools import partial
 
+from server.core.tokens import ENABLE_HINT, QueryTokens, TokenPlan, TokenStage
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
 from sieve_core.config import Settings
@@ -56,6 +59,7 @@ class StagePlan:
     keep: int
     model: StageModel | None = None
     unavailable: str = ""
+    tokens: TokenPlan | None = None  # late interaction: how the collection stores its token vectors
 
 
 class Cascade:
@@ -66,12 +70,14 @@ class Cascade:
         dispatcher: Dispatcher,
         cache: ResultCache,
         pool: Executor,
+        token_stage: TokenStage,
     ) -> None:
         self.settings = settings
         self.models = models  # only manifests are read here: the workers run the re-rankers
         self.dispatcher = dispatcher
         self.cache = cache
         self._pool = pool
+        self.token_stage = token_stage
 
     # -- models --------------------------------------------------------------------------------------
     def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
@@ -99,9 +105,18 @@ class Cascade:
             ) from None
         return StageModel(name, manifest.model_id, manifest.cache_id)
 
-    def plan(self, settings: SearchSettings, embedding_model: str, top_k: int) -> list[StagePlan]:
+    def plan(
+        self,
+        settings: SearchSettings,
+        embedding_model: str,
+        top_k: int,
+        *,
+        collection: str = "",
+        tokens: TokenPlan | None = None,
+    ) -> list[StagePlan]:
         """The stages a search runs, their models resolved once. A REQUIRED stage this server has no model
-        for fails the request here, before any work (FAILED_PRECONDITION); a BEST_EFFORT one degrades."""
+        for (or, late interaction, a collection that stores no token vectors of it) fails the request here,
+        before any work (FAILED_PRECONDITION); a BEST_EFFORT one degrades."""
         plans = [
             StagePlan(
                 Stage.LATE_INTERACTION, settings.late_interaction, settings.late_interaction_keep or top_k
@@ -110,6 +125,9 @@ class Cascade:
         ]
         for plan in plans:
             if not plan.mode.enabled:
+                continue
+            if plan.stage == Stage.LATE_INTERACTION:
+                self._plan_tokens(plan, settings, embedding_model, collection, tokens)
                 continue
             try:
                 plan.model = (
@@ -122,6 +140,32 @@ class Cascade:
                     raise self._no_model(exc) from None
                 plan.unavailable = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
         return plans
+
+    def _plan_tokens(
+        self,
+        plan: StagePlan,
+        settings: SearchSettings,
+        embedding_model: str,
+        collection: str,
+        tokens: TokenPlan | None,
+    ) -> None:
+        """Late interaction runs from the collection's stored token vectors: they must exist, and be the
+        asked-for model's."""
+        asked = settings.late_interaction_model or embedding_model
+        if tokens is None:
+            unavailable = f"collection {collection!r} stores no token vectors; {ENABLE_HINT}"
+        elif asked != tokens.model:
+            unavailable = (
+                f"collection {collection!r} stores the token vectors of {tokens.model!r}, not of {asked!r}; "
+                f"ask for late_interaction_model {tokens.model!r} (or leave it unset)"
+            )
+        else:
+            plan.model = StageModel(tokens.model, tokens.label, tokens.cache_id)
+            plan.tokens = tokens
+            return
+        if plan.mode == StageMode.REQUIRED:
+            raise FailedPrecondition(unavailable)
+        plan.unavailable = unavailable
 
     def _no_model(self, exc: FailedPrecondition | BundleError) -> FailedPrecondition:
         if isinstance(exc, FailedPrecondition):
@@ -142,20 +186,62 @@ class Cascade:
         hits: list[Hit],
         top_k: int,
         deadline: float | None,
+        query_tokens: QueryTokens | None = None,
     ) -> tuple[list[Hit], list[StageReport]]:
-        """Runs the planned stages in order over `hits`; `deadline` is a time.monotonic() value."""
+        """Runs the planned stages in order over `hits`; `deadline` is a time.monotonic() value.
+        `query_tokens`: the query's token vectors from the retrieval's encoder pass (zero-shot)."""
         reports: list[StageReport] = []
         for plan in plans:
             if not plan.mode.enabled:
                 reports.append(StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested"))
                 continue
-            hits, report = await self._stage(
-                plan, collection_id, generation, query, hits, max(plan.keep, top_k), deadline
-            )
+            keep = max(plan.keep, top_k)
+            if plan.stage == Stage.LATE_INTERACTION:
+                hits, report = await self._late_interaction(
+                    plan, collection_id, query, hits, keep, deadline, query_tokens
+                )
+            else:
+                hits, report = await self._stage(plan, collection_id, generation, query, hits, keep, deadline)
             if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
                 raise Unavailable(f"{plan.stage.name.lower()} is required but could not run: {report.reason}")
             reports.append(report)
         return hits, reports
+
+    async def _late_interaction(
+        self,
+        plan: StagePlan,
+        collection_id: int,
+        query: str,
+        hits: list[Hit],
+        keep: int,
+        deadline: float | None,
+        query_tokens: QueryTokens | None,
+    ) -> tuple[list[Hit], StageReport]:
+        started = time.perf_counter()
+        tokens, model = plan.tokens, plan.model
+        if tokens is None or model is None:
+            reason = f"{plan.unavailable}; kept the previous order"
+            return hits, StageReport(plan.stage, StageStatus.DEGRADED, reason, len(hits), len(hits))
+        if not hits:
+            return hits, StageReport(plan.stage, StageStatus.COMPLETED, model_id=model.label)
+        if query_tokens is None:  # a ColBERT bundle: its query encoder runs on a worker
+            try:
+                query_tokens = await self.token_stage.query_tokens(tokens, query, self._budget(deadline))
+            except StageUnavailable as exc:
+                took = (time.perf_counter() - started) * 1000
+                reason = f"{exc}; kept the previous order"
+                report = StageReport(plan.stage, StageStatus.DEGRADED, reason, len(hits), len(hits), took)
+                report.model_id, report.method = model.label, "query tokens: worker"
+                return hits, report
+        ranked, report = await self.token_stage.score(collection_id, tokens, query_tokens, hits, keep)
+        report.took_ms = (time.perf_counter() - started) * 1000
+        return ranked, report
+
+    def _budget(self, deadline: float | None) -> float:
+        budget = self.settings.rerank_timeout_s
+        if deadline is not None:
+            budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
+        return budget
 
     async def _stage(
         self,
@@ -195,16 +281,8 @@ class Cascade:
         scores = await loop.run_in_executor(self._pool, partial(self.cache.get_scores, key, len(hits)))
         method = "cache"
         if scores is None:
-            budget = self.settings.rerank_timeout_s
-            if deadline is not None:
-                budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
-            call: Callable[[str, str, list[str], float], Awaitable[object]] = (
-                self.dispatcher.late_interaction
-                if plan.stage == Stage.LATE_INTERACTION
-                else self.dispatcher.cross_encoder
-            )
             try:
-                result = await call(model.name, query, texts, budget)
+                result = await self.dispatcher.cross_encoder(model.name, query, texts, self._budget(deadline))
             except StageUnavailable as exc:
                 return hits, report(
                     StageStatus.DEGRADED,
@@ -213,17 +291,11 @@ class Cascade:
                     method="worker",
                     reason=f"{exc}; kept the previous order",
                 )
-            scores = list(result.scores)  # type: ignore[attr-defined]
-            method = _worker_method(result)
+            scores = list(result.scores)
+            method = f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"
             await loop.run_in_executor(self._pool, partial(self.cache.put_scores, key, scores))
         ranked = _rank(hits, scores, plan.stage, keep)
         return ranked, report(StageStatus.COMPLETED, out=len(ranked), model=model.label, method=method)
-
-
-def _worker_method(result: object) -> str:
-    if hasattr(result, "recomputed"):
-        return f"worker (token vectors: {result.cache_hits} cached, {result.recomputed} recomputed)"  # type: ignore[attr-defined]
-    return f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"  # type: ignore[attr-defined]
 
 
 def _rank(hits: list[Hit], scores: list[float], stage: Stage, keep: int) -> list[Hit]:

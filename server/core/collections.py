@@ -17,14 +17,16 @@ from pathlib import Path
 
 from server.core import validation
 from server.core.executors import Executors
+from server.core.tokens import BackfillTarget, TokenPlan, format_at_creation, plan_from, storage_info
 from server.storage.fulltext import FullTextIndex, open_fulltext
 from server.storage.index import VectorIndex
 from server.storage.store import CollectionRow, Store
 from sieve_core.config import Settings
 from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound
 from sieve_core.models.bi_encoder import BiEncoderRunner
-from sieve_core.models.bundle import BundleError
-from sieve_core.models.registry import ModelKindError, ModelRegistry
+from sieve_core.models.bundle import BundleError, BundleManifest
+from sieve_core.models.registry import TOKEN_VECTORS, ModelKindError, ModelRegistry
+from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many
 from sieve_core.types import (
     CollectionInfo,
     CollectionSpec,
@@ -32,6 +34,7 @@ from sieve_core.types import (
     RetrievalMode,
     SearchSettings,
     StageMode,
+    TokenStorageSpec,
 )
 
 log = logging.getLogger(__name__)
@@ -52,14 +55,8 @@ class Collection:
     snapshot_retry_at: float = 0.0  # after a failed snapshot (e.g. a full disk), not before this
     # BM25 over the documents' texts (lexical and hybrid retrieval), kept in step by the writer thread.
     fulltext: FullTextIndex | None = None
-
-
-@dataclass(frozen=True)
-class TokenVectors:
-    """Whether a collection's writes cache the new texts' document token vectors, and from which bundle."""
-
-    wanted: bool
-    model: str | None  # the late-interaction bundle; None: the bi-encoder's own token vectors
+    # How the collection stores its documents' token vectors (late interaction); None: it stores none.
+    tokens: TokenPlan | None = None
 
 
 def server_defaults(settings: Settings) -> SearchSettings:
@@ -80,12 +77,11 @@ def server_defaults(settings: Settings) -> SearchSettings:
     )
 
 
-def token_vectors(defaults: SearchSettings, base: SearchSettings) -> TokenVectors:
-    """Does a collection with these defaults re-rank by late interaction? Then every write (UpsertDocuments,
-    an index job's batches) has a worker cache the new texts' token vectors, so that a warm re-rank never
-    runs the document encoder. The one place that decides it."""
-    effective = defaults.over(base)
-    return TokenVectors(effective.late_interaction.enabled, effective.late_interaction_model)
+def token_model(defaults: SearchSettings, base: SearchSettings, embedding_model: str) -> str:
+    """The bundle whose token vectors a collection stores: its late-interaction model (the collection's
+    default, else the server's SIEVE_LATE_INTERACTION_MODEL), else its own bi-encoder (zero-shot). The one
+    place that decides it."""
+    return defaults.over(base).late_interaction_model or embedding_model
 
 
 def _settings_to_json(s: SearchSettings) -> str:
@@ -149,8 +145,12 @@ class Collections:
                 f"--out {path}` (the default model: `make models`)"
             ) from None
 
-    def token_vectors(self, col: Collection) -> TokenVectors:
-        return token_vectors(col.defaults, self.defaults)
+    def token_blobs(self, plan: TokenPlan, texts: list[str]) -> list[bytes]:
+        """Documents' compressed token vectors computed in this process (no Redis, so no workers: the
+        backfill of pending documents), with the registry's runner of the plan's model."""
+        runner = self._models.token_runner(plan.model)
+        rows = runner.document_token_vectors(texts, self._settings.embed_batch_size)
+        return compress_many(rows, plan.fmt)
 
     def info(self, col: Collection) -> CollectionInfo:
         row = self._store.get_collection(col.row.name)
@@ -165,7 +165,43 @@ class Collections:
             document_count=row.doc_count,
             generation=row.generation,
             created_at=row.created_at,
+            token_storage=storage_info(row, col.tokens),
         )
+
+    def with_pending_tokens(self) -> list[BackfillTarget]:
+        """Collections that store token vectors their documents may still lack (the backfill's targets)."""
+        return [
+            BackfillTarget(c.row.name, c.row.id, c.tokens)
+            for c in self._by_name.values()
+            if c.tokens is not None
+        ]
+
+    def _token_plan(
+        self, row: CollectionRow, runner: BiEncoderRunner, defaults: SearchSettings
+    ) -> TokenPlan | None:
+        """The collection's TokenPlan from its row and today's settings; None if it stores no token vectors
+        or their model is not available here (late interaction then degrades, saying so)."""
+        if row.token_format is None:
+            return None
+        name = token_model(defaults, self.defaults, row.embedding_model)
+        try:
+            manifest = runner.manifest if name == row.embedding_model else self._token_manifest(name)
+        except FailedPrecondition as exc:
+            log.warning("collection %r: no late interaction: %s", row.name, exc.message)
+            return None
+        return plan_from(row, name, manifest, zero_shot=name == row.embedding_model)
+
+    def _token_manifest(self, name: str) -> BundleManifest:
+        validation.model_name(name, "late_interaction_model")
+        try:
+            return self._models.manifest(name, TOKEN_VECTORS)
+        except ModelKindError as exc:
+            raise FailedPrecondition(str(exc)) from None
+        except BundleError as exc:
+            raise FailedPrecondition(
+                f"late_interaction model {name!r} is not available ({exc}); export one with `sieve models "
+                f"export colbert --source CHECKPOINT_DIR --out {self._settings.models_dir}/NAME`"
+            ) from None
 
     # -- the API -----------------------------------------------------------------------------------
     async def create(self, spec: CollectionSpec) -> CollectionInfo:
@@ -176,10 +212,18 @@ class Collections:
             spec.embedding_model or self._settings.default_embedding_model, "embedding_model"
         )
         language = validation.text_language(spec.text_language)
-        return await self._run.write(self._create, name, model, metric, defaults, language)
+        return await self._run.write(
+            self._create, name, model, metric, defaults, spec.token_storage, language
+        )
 
     def _create(
-        self, name: str, model: str, metric: str, defaults: SearchSettings, language: str = "english"
+        self,
+        name: str,
+        model: str,
+        metric: str,
+        defaults: SearchSettings,
+        token_storage: TokenStorageSpec | None,
+        language: str = "english",
     ) -> CollectionInfo:
         if name in self._by_name:
             raise AlreadyExists(f"collection {name!r} already exists")
@@ -188,13 +232,29 @@ class Collections:
                 f"this server already holds the maximum of {self._settings.max_collections} collections"
             )
         runner = self.embedding_runner(model)
+        fmt_json, token_model_id = None, None
+        if token_storage is not None or defaults.late_interaction.enabled:
+            tokens_by = token_model(defaults, self.defaults, model)
+            manifest = runner.manifest if tokens_by == model else self._token_manifest(tokens_by)
+            fmt = format_at_creation(token_storage, defaults, manifest.dims)
+            if fmt is not None:
+                fmt_json, token_model_id = json.dumps(fmt.to_json(), sort_keys=True), manifest.model_id
         row = self._store.create_collection(
-            name, model, runner.model_id, metric, runner.dims, _settings_to_json(defaults), language
+            name,
+            model,
+            runner.model_id,
+            metric,
+            runner.dims,
+            _settings_to_json(defaults),
+            fmt_json,
+            token_model_id,
+            text_language=language,
         )
         directory = self._directory(row)
         shutil.rmtree(directory, ignore_errors=True)  # leftovers of an earlier collection with this row id
         col = Collection(row, self._new_index(row), runner, defaults, directory)
         col.fulltext = self._open_fulltext(row, language)
+        col.tokens = self._token_plan(row, runner, defaults)
         self._by_name[name] = col
         return self.info(col)
 
@@ -275,10 +335,12 @@ class Collections:
             applied,
             time.monotonic() - started,
         )
-        col = Collection(row, index, runner, _settings_from_json(row.defaults_json), directory, snap_gen)
+        defaults = _settings_from_json(row.defaults_json)
+        col = Collection(row, index, runner, defaults, directory, snap_gen)
         col.fulltext = self._open_fulltext(row, self._store.text_language(row.id))
         col.visible_generation = row.generation
         col.unsnapshotted_writes = applied
+        col.tokens = self._load_tokens(row, runner, defaults)
         return col
 
     def _open_fulltext(self, row: CollectionRow, language: str) -> FullTextIndex:
@@ -297,6 +359,32 @@ class Collections:
         for col in self._by_name.values():
             if col.fulltext is not None:
                 col.fulltext.close()
+
+    def _load_tokens(
+        self, row: CollectionRow, runner: BiEncoderRunner, defaults: SearchSettings
+    ) -> TokenPlan | None:
+        """The collection's token plan at start. A collection from before token storage whose defaults ask
+        for late interaction gets the default format; one whose token model changed since (e.g. a new
+        SIEVE_LATE_INTERACTION_MODEL) drops the old vectors. Either way its documents become pending and
+        the backfill computes them: never the query path."""
+        if row.token_format is None and defaults.late_interaction.enabled:
+            self._store.set_token_storage(
+                row.id, json.dumps(DEFAULT_TOKEN_FORMAT.to_json(), sort_keys=True), None
+            )
+            row = self._store.get_collection(row.name)
+        plan = self._token_plan(row, runner, defaults)
+        if plan is not None and plan.model_id != row.token_model_id:
+            dropped = self._store.set_token_storage(row.id, row.token_format, plan.model_id)
+            log.warning(
+                "collection %r: its token vectors are now %s's (were %s's): %d dropped, all %d documents "
+                "pending until the workers compute them",
+                row.name,
+                plan.model_id,
+                row.token_model_id or "none",
+                dropped,
+                row.doc_count,
+            )
+        return plan
 
     def _new_index(self, row: CollectionRow) -> VectorIndex:
         return VectorIndex(

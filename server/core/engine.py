@@ -3,7 +3,8 @@
 - collections.py: the collections, their indexes (loaded, caught up, snapshotted) and models;
 - writes.py: document writes on the single writer thread;
 - retrieval.py: the query vector and the index search (the first stage of a search), reads by id;
-- cascade.py: the re-ranking stages, on the workers;
+- cascade.py: the re-ranking stages: late interaction here (tokens.py), the cross-encoder on the workers;
+- tokens.py: stored token vectors: formats, the late-interaction stage, the backfill of pending ones;
 - validation.py: every request's arguments, checked once, here or in the part that serves the request.
 
 Transport-free (no protobuf): the gRPC servicers translate messages to these calls and back. Blocking
@@ -22,13 +23,23 @@ from server.core.collections import Collections
 from server.core.executors import Executors
 from server.core.indexing import IndexTarget
 from server.core.retrieval import Retrieval
+from server.core.tokens import TokenBackfill, TokenStage
 from server.core.writes import Writes
 from server.dispatch.dispatcher import Dispatcher
 from server.storage.store import Store
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
+from sieve_core.late_interaction_service import encode_documents
 from sieve_core.models.registry import ModelRegistry
-from sieve_core.types import CollectionInfo, CollectionSpec, Document, SearchQuery, SearchResult, WriteResult
+from sieve_core.types import (
+    CollectionInfo,
+    CollectionSpec,
+    Document,
+    SearchQuery,
+    SearchResult,
+    Stage,
+    WriteResult,
+)
 
 
 class Engine:
@@ -43,17 +54,32 @@ class Engine:
         self.cache = ResultCache.from_settings(settings)
         self._run = Executors(settings)
         self.collections = Collections(settings, self.store, self.models, self._run)
-        self.writes = Writes(settings, self.store, self.collections, self._run, self.dispatcher)
+        self.backfill = TokenBackfill(
+            settings,
+            self.store,
+            self.dispatcher,
+            self.collections.with_pending_tokens,
+            self.collections.token_blobs,
+            self._run.read,
+            self._run.write,
+        )
+        self.writes = Writes(settings, self.store, self.collections, self._run, self.backfill.wake)
         self.retrieval = Retrieval(settings, self.store, self.collections, self.cache, self._run)
-        self.cascade = Cascade(settings, self.models, self.dispatcher, self.cache, self._run.pool)
+        token_stage = TokenStage(settings, self.store, self.dispatcher, self.cache, self._run.read)
+        self.cascade = Cascade(
+            settings, self.models, self.dispatcher, self.cache, self._run.pool, token_stage
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the default model and every collection's index, on the writer thread."""
+        """Load the default model and every collection's index, on the writer thread; then start the
+        loop that has pending documents' token vectors computed."""
         await self._run.run(self._run.writer, self.collections.open)
+        self.backfill.start()
 
     async def close(self) -> None:
-        """Snapshot every index, then stop the executors."""
+        """Stop the token backfill, snapshot every index, then stop the executors."""
+        await self.backfill.stop()
         await self._run.run(self._run.writer, self.collections.snapshot_all)
         await self._run.run(self._run.writer, self.collections.close)
         self.dispatcher.close()
@@ -85,9 +111,13 @@ class Engine:
         return await self.writes.upsert(name, docs)
 
     async def upsert_embedded(
-        self, name: str, docs: list[Document], vectors: dict[str, np.ndarray]
+        self,
+        name: str,
+        docs: list[Document],
+        vectors: dict[str, np.ndarray],
+        tokens: dict[str, bytes] | None = None,
     ) -> WriteResult:
-        return await self.writes.upsert_embedded(name, docs, vectors)
+        return await self.writes.upsert_embedded(name, docs, vectors, tokens)
 
     async def get_documents(self, name: str, ids: list[str]) -> tuple[list[Document], list[str]]:
         return await self.retrieval.get_documents(name, ids)
@@ -107,7 +137,9 @@ class Engine:
         col = self.collections.find(query.collection)
         settings = query.settings.over(col.defaults).over(self.collections.defaults)
         validation.search_inputs(query, settings)
-        plans = self.cascade.plan(settings, col.row.embedding_model, top_k)
+        plans = self.cascade.plan(
+            settings, col.row.embedding_model, top_k, collection=col.row.name, tokens=col.tokens
+        )
         if query.min_generation:
             wait_s = self.settings.min_generation_wait_s
             if deadline is not None:
@@ -117,10 +149,15 @@ class Engine:
             started += time.perf_counter() - waiting  # took_ms is the search's time, without the wait
         reranking = any(p.mode.enabled for p in plans)
         candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k
-        # Re-rankers need the candidates' texts (to recompute evicted token vectors) even if the reply omits them.
-        fetch_texts = not query.omit_documents or reranking
-        hits, reports, generation = await self.retrieval.retrieve(
-            col, query, candidates, settings, fetch_texts
+        # The cross-encoder needs the candidates' texts even if the reply omits them; late interaction
+        # reads token vectors by key and needs none.
+        fetch_texts = not query.omit_documents or any(
+            p.mode.enabled and p.stage == Stage.CROSS_ENCODER for p in plans
+        )
+        # Zero-shot late interaction: the query's token vectors come from the retrieval's encoder pass.
+        query_tokens = any(p.tokens is not None and p.tokens.zero_shot for p in plans)
+        hits, reports, generation, tokens = await self.retrieval.retrieve(
+            col, query, candidates, settings, fetch_texts, query_tokens
         )
         hits, reranked = await self.cascade.rerank(
             plans,
@@ -130,6 +167,7 @@ class Engine:
             hits=hits,
             top_k=top_k,
             deadline=deadline,
+            query_tokens=tokens,
         )
         hits = hits[:top_k]
         if query.omit_documents:
@@ -140,13 +178,16 @@ class Engine:
     # -- for index jobs (server.core.indexing.IndexingEngine) --------------------------------------
     async def index_target(self, name: str) -> IndexTarget:
         col = self.collections.get(name)
-        info = await self._run.read(self.collections.info, col)
-        tokens = self.collections.token_vectors(col)
-        return IndexTarget(info, tokens.wanted, tokens.model)
+        info = await self.collections.describe(name)
+        if col.tokens is None:
+            return IndexTarget(info, None, None)
+        return IndexTarget(info, col.tokens.fmt, None if col.tokens.zero_shot else col.tokens.model)
 
     def unchanged_ids(self, collection: str, docs: list[Document]) -> set[str]:
         # `collection` is a job's, validated when the job started: look it up, do not check it again.
         return self.store.unchanged_ids(self.collections.find(collection).row.id, docs)
 
-    def embed(self, model: str, texts: list[str]) -> np.ndarray:
-        return self.collections.embedding_runner(model).embed(texts, self.settings.embed_batch_size)
+    def embed(self, collection: str, texts: list[str]) -> tuple[np.ndarray, list[bytes] | None]:
+        col = self.collections.get(collection)
+        fmt = col.tokens.fmt if col.tokens is not None and col.tokens.zero_shot else None
+        return encode_documents(col.runner, texts, fmt, self.settings.embed_batch_size)

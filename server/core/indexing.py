@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from sieve_core.token_format import TokenFormat
 from sieve_core.types import CollectionInfo, Document, WriteResult
 
 
@@ -15,9 +16,10 @@ class IndexTarget:
     """The collection a job writes to, as its embedding needs it."""
 
     info: CollectionInfo
-    # The collection re-ranks by late interaction: the embedding workers also cache the texts' token
-    # vectors, from `token_model` (its late-interaction bundle) or, with None, the bi-encoder's own.
-    want_tokens: bool
+    # The collection stores token vectors in this format (None: it stores none): the embedding workers
+    # return them with the vectors, from `token_model` (its ColBERT bundle) or, with None, the bi-encoder's
+    # own from the same encoder pass.
+    token_format: TokenFormat | None
     token_model: str | None
 
 
@@ -33,10 +35,16 @@ class IndexingEngine(Protocol):
         a replayed batch needs no vectors for them."""
         ...
 
-    def embed(self, model: str, texts: list[str]) -> np.ndarray:
-        """Blocking: the texts' vectors from the server's own runner of `model` (no Redis, no workers)."""
+    def embed(self, collection: str, texts: list[str]) -> tuple[np.ndarray, list[bytes] | None]:
+        """Blocking: the texts' vectors from the server's own runner of the collection's model (no Redis,
+        no workers), and the compressed token vectors of the same run when the collection stores the
+        bi-encoder's own (zero-shot; else None)."""
         ...
 
     async def upsert_embedded(
-        self, name: str, docs: list[Document], vectors: dict[str, np.ndarray]
+        self,
+        name: str,
+        docs: list[Document],
+        vectors: dict[str, np.ndarray],
+        tokens: dict[str, bytes] | None = None,
     ) -> WriteResult: ...

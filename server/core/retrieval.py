@@ -13,8 +13,9 @@ from server.core import hybrid, validation
 from server.core.collections import Collection, Collections
 from server.core.executors import Executors
 from server.core.fusion import Ranked
+from server.core.tokens import QueryTokens
 from server.storage.store import Store
-from sieve_core.cache import ResultCache, query_vector_key
+from sieve_core.cache import ResultCache, query_tokens_key, query_vector_key
 from sieve_core.config import Settings
 from sieve_core.errors import FailedPrecondition
 from sieve_core.types import (
@@ -48,15 +49,25 @@ class Retrieval:
         return docs, [i for i in ids if i not in found]
 
     async def retrieve(
-        self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
-    ) -> tuple[list[Hit], list[StageReport], int]:
+        self,
+        col: Collection,
+        query: SearchQuery,
+        count: int,
+        settings: SearchSettings,
+        with_text: bool,
+        query_tokens: bool = False,
+    ) -> tuple[list[Hit], list[StageReport], int, QueryTokens | None]:
         """The first stage: the `count` best documents by the dense index, BM25, or both fused (as
-        settings.retrieval says), each part's report, and the generation the indexes showed."""
+        settings.retrieval says), each part's report, the generation the indexes showed, and with
+        `query_tokens` the query's token vectors from the same encoder pass as its vector (zero-shot late
+        interaction needs no second query encoding; lexical retrieval runs that pass for them alone)."""
         generation = col.visible_generation  # every write up to here is in the indexes
         mode = settings.retrieval if settings.retrieval != RetrievalMode.UNSPECIFIED else RetrievalMode.DENSE
         if mode == RetrievalMode.DENSE:
-            hits, report = await self._run.read(self._dense_hits, col, query, count, settings, with_text)
-            return hits, [report], generation
+            hits, report, tokens = await self._run.read(
+                self._dense_hits, col, query, count, settings, with_text, query_tokens
+            )
+            return hits, [report], generation, tokens
         fulltext = col.fulltext
         if fulltext is None:  # never for a loaded collection; a guard for the type checker
             raise FailedPrecondition(f"collection {col.row.name!r} has no full-text index")
@@ -64,40 +75,54 @@ class Retrieval:
             hybrid.lexical, self._store, col.row.id, fulltext, query.query, query.filter, count
         )
         if mode == RetrievalMode.LEXICAL:
-            ranked, report = await lexical
+            if query_tokens:
+                (ranked, report), (_, tokens) = await asyncio.gather(
+                    lexical, self._run.read(self._query_encoding, col, query.query)
+                )
+            else:
+                (ranked, report), tokens = await lexical, None
             stage = [[StageScore(Stage.LEXICAL, s, i)] for i, s in enumerate(ranked.scores.tolist())]
             hits = await self._run.read(self._hits, col, ranked.keys, ranked.scores, with_text, stage)
-            return hits, [report], generation
+            return hits, [report], generation, tokens
         # Hybrid: both sides at once (two executor threads), then the fusion.
-        (dense, dense_report), (lex, lex_report) = await asyncio.gather(
-            self._run.read(self._dense, col, query, count, settings), lexical
+        (dense, dense_report, tokens), (lex, lex_report) = await asyncio.gather(
+            self._run.read(self._dense, col, query, count, settings, query_tokens), lexical
         )
         items, fusion_report = hybrid.fused(dense, lex, count, settings)
         keys, scores = hybrid.fused_keys(items)
         stage = [hybrid.fused_stage_scores(item, rank) for rank, item in enumerate(items)]
         hits = await self._run.read(self._hits, col, keys, scores, with_text, stage)
         fusion_report.candidates_out = len(hits)
-        return hits, [dense_report, lex_report, fusion_report], generation
+        return hits, [dense_report, lex_report, fusion_report], generation, tokens
 
     def _dense_hits(
-        self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, with_text: bool
-    ) -> tuple[list[Hit], StageReport]:
+        self,
+        col: Collection,
+        query: SearchQuery,
+        count: int,
+        settings: SearchSettings,
+        with_text: bool,
+        query_tokens: bool,
+    ) -> tuple[list[Hit], StageReport, QueryTokens | None]:
         started = time.perf_counter()
-        ranked, report = self._dense(col, query, count, settings)
+        ranked, report, tokens = self._dense(col, query, count, settings, query_tokens)
         hits = self._hits(col, ranked.keys, ranked.scores, with_text)
         report.candidates_out = len(hits)
         report.took_ms = (time.perf_counter() - started) * 1000
-        return hits, report
+        return hits, report, tokens
 
     def _dense(
-        self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings
-    ) -> tuple[Ranked, StageReport]:
+        self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, query_tokens: bool
+    ) -> tuple[Ranked, StageReport, QueryTokens | None]:
         """The vector index's top `count` for the query's vector (its embedding, or the client's)."""
         started = time.perf_counter()
+        tokens = None
+        if query_tokens:
+            vector, tokens = self._query_encoding(col, query.query)
+        elif not query.query_vector:
+            vector = self._query_vector(col, query.query)
         if query.query_vector:
             vector = validation.vector(query.query_vector, col.row.dims, "query_vector")
-        else:
-            vector = self._query_vector(col, query.query)
         if query.filter:
             keys, scores, method, seen = self._filtered_search(col, vector, query, count, settings)
         elif len(col.index) <= self._settings.full_scan_max:
@@ -106,18 +131,17 @@ class Retrieval:
         else:
             keys, scores = col.index.search(vector, count, settings.ef_search)
             method, seen = "hnsw", len(col.index)
+        model_id = col.runner.model_id + (" (client vector)" if query.query_vector else "")
         report = StageReport(
             Stage.RETRIEVE,
             StageStatus.COMPLETED,
             candidates_in=seen,
             candidates_out=len(keys),
             took_ms=(time.perf_counter() - started) * 1000,
-            model_id=col.runner.model_id
-            if not query.query_vector
-            else f"{col.runner.model_id} (client vector)",
+            model_id=model_id,
             method=method,
         )
-        return Ranked(keys, scores), report
+        return Ranked(keys, scores), report, tokens
 
     def _hits(
         self,
@@ -135,11 +159,9 @@ class Retrieval:
             if doc is None:  # removed between the index search and the lookup
                 continue
             stages = (
-                stage_scores[i]
-                if stage_scores is not None
-                else [StageScore(Stage.RETRIEVE, score, len(hits))]
+                stage_scores[i] if stage_scores is not None else [StageScore(Stage.RETRIEVE, score, len(hits))]
             )
-            hits.append(Hit(doc.doc_id, score, doc.text, doc.metadata, stages))
+            hits.append(Hit(doc.doc_id, score, doc.text, doc.metadata, stages, key=key))
         return hits
 
     def _query_vector(self, col: Collection, text: str) -> np.ndarray:
@@ -150,6 +172,18 @@ class Retrieval:
             vector = col.runner.embed([text])[0]
             self._cache.put_vector(key, vector)
         return vector
+
+    def _query_encoding(self, col: Collection, text: str) -> tuple[np.ndarray, QueryTokens]:
+        """The query's vector and token vectors from ONE encoder pass, cached together in Redis (the
+        vector is row 0 of the cached matrix)."""
+        key = query_tokens_key(col.runner.manifest.cache_id, text)
+        cached = self._cache.get_matrix(key, col.runner.dims)
+        if cached is not None and len(cached) >= 2:
+            return cached[0], QueryTokens(cached[1:], "cache")
+        vectors, rows = col.runner.encode([text], tokens=True)
+        assert rows is not None
+        self._cache.put_matrix(key, np.vstack([vectors[:1], rows[0]]))
+        return vectors[0], QueryTokens(rows[0], "encoder pass")
 
     def _filtered_search(
         self, col: Collection, vector: np.ndarray, query: SearchQuery, count: int, settings: SearchSettings

@@ -1,5 +1,10 @@
 """Document writes: embed off the loop, commit on the single writer thread, then update the index.
 
+A collection that stores the bi-encoder's own token vectors (zero-shot late interaction) gets them from
+the same encoder pass as the vectors, compressed in the pool, and committed in the same transaction as
+the documents; a ColBERT bundle's are computed after the write by the workers (the documents are
+pending meanwhile, see server/core/tokens.py).
+
 A write is durable once the store has committed it, and visible to searches once the writer thread has
 applied it to the collection's index (`Collection.visible_generation`); `wait_for_generation` lets a
 search wait for its own writes.
@@ -8,18 +13,24 @@ search wait for its own writes.
 from __future__ import annotations
 
 import asyncio
+import logging
+import sqlite3
 import time
+from collections.abc import Callable
 
 import numpy as np
 
 from server.core import validation
 from server.core.collections import Collection, Collections
 from server.core.executors import Executors
-from server.dispatch.dispatcher import Dispatcher
+from server.core.tokens import check_blobs
 from server.storage.store import Store, UpsertOutcome
 from sieve_core.config import Settings
 from sieve_core.errors import FailedPrecondition, InvalidArgument, NotFound
+from sieve_core.late_interaction_service import encode_documents
 from sieve_core.types import Document, WriteResult
+
+log = logging.getLogger(__name__)
 
 
 class Writes:
@@ -29,26 +40,24 @@ class Writes:
         store: Store,
         collections: Collections,
         run: Executors,
-        dispatcher: Dispatcher,
+        on_pending_tokens: Callable[[], None],
     ) -> None:
         self._settings = settings
         self._store = store
         self._collections = collections
         self._run = run
-        self._dispatcher = dispatcher
+        # Wakes the token backfill: a write left documents without token vectors (a ColBERT bundle's).
+        self._on_pending_tokens = on_pending_tokens
 
     async def upsert(self, name: str, docs: list[Document]) -> WriteResult:
         col = self._collections.get(name)
         validation.documents(docs, self._settings)
         unchanged = await self._run.read(self._store.unchanged_ids, col.row.id, docs)
         to_embed = [d for d in docs if d.id not in unchanged]
-        generation = await self._commit(col, docs, await self._embed(col, to_embed))
-        tokens = self._collections.token_vectors(col)
-        if tokens.wanted and to_embed:
-            texts = [d.text for d in to_embed]
-            await self._run.read(
-                self._dispatcher.precompute_tokens, col.row.embedding_model, texts, tokens.model
-            )
+        vectors, tokens = await self._embed(col, to_embed)
+        generation = await self._commit(col, docs, vectors, tokens)
+        if col.tokens is not None and not col.tokens.zero_shot and to_embed:
+            self._on_pending_tokens()
         return WriteResult(generation, len(docs))
 
     async def upsert_vectors(
@@ -65,23 +74,31 @@ class Writes:
             if doc_id in ids:
                 vectors[doc_id] = validation.vector(values, col.row.dims, f"document {doc_id!r} vector")
         unchanged = await self._run.read(self._store.unchanged_ids, col.row.id, docs)
-        vectors.update(
-            await self._embed(col, [d for d in docs if d.id not in unchanged and d.id not in vectors])
+        embedded, tokens = await self._embed(
+            col, [d for d in docs if d.id not in unchanged and d.id not in vectors]
         )
-        generation = await self._commit(col, docs, vectors)
+        vectors.update(embedded)
+        generation = await self._commit(col, docs, vectors, tokens)
+        if col.tokens is not None and any(d.id in given for d in docs):
+            # No encoder pass made the given vectors, so no token vectors: the backfill computes them.
+            self._on_pending_tokens()
         return WriteResult(generation, len(docs))
 
     async def upsert_embedded(
-        self, name: str, docs: list[Document], vectors: dict[str, np.ndarray]
+        self,
+        name: str,
+        docs: list[Document],
+        vectors: dict[str, np.ndarray],
+        tokens: dict[str, bytes] | None = None,
     ) -> WriteResult:
-        """Commit documents whose vectors were computed elsewhere (an index job's embedding workers).
+        """Commit documents whose vectors (and token vectors) were computed elsewhere (an index job's
+        embedding workers, in the same encoder pass).
 
         The same atomic write as `upsert`, on the single writer thread, idempotent by id. The documents
         were validated where they came from (an index job's source reader checks every line and keeps one
-        per id), so only the vectors are checked here. `vectors` must hold a vector for every document
-        whose text is new or changed; one that is missing because a concurrent write changed the stored
-        text meanwhile is embedded here. No token vectors are queued: the worker that computed the vectors
-        cached them in the same encoder pass when asked to.
+        per id), so only the vectors and the token blobs' format are checked here. `vectors` must hold a
+        vector for every document whose text is new or changed; one that is missing because a concurrent
+        write changed the stored text meanwhile is embedded here (with its token vectors).
         """
         col = self._collections.get(name)
         for doc_id, vector in vectors.items():
@@ -89,32 +106,52 @@ class Writes:
                 raise InvalidArgument(
                     f"vector for {doc_id!r} has shape {np.shape(vector)}; the collection needs ({col.row.dims},)"
                 )
-        generation = await self._commit(col, docs, dict(vectors))
+        tokens = dict(tokens or {}) if col.tokens is not None else {}
+        if col.tokens is not None:
+            await self._run.read(check_blobs, col.tokens, tokens)
+        generation = await self._commit(col, docs, dict(vectors), tokens)
+        if col.tokens is not None and any(d.id in vectors and d.id not in tokens for d in docs):
+            self._on_pending_tokens()
         return WriteResult(generation, len(docs))
 
-    async def _commit(self, col: Collection, docs: list[Document], vectors: dict[str, np.ndarray]) -> int:
+    async def _commit(
+        self, col: Collection, docs: list[Document], vectors: dict[str, np.ndarray], tokens: dict[str, bytes]
+    ) -> int:
         """Commit on the writer thread; returns the write's generation."""
         while True:
-            outcome = await self._run.write(self._commit_upsert, col, docs, vectors)
+            outcome = await self._run.write(self._commit_upsert, col, docs, vectors, tokens)
             if not outcome.missing_vectors:
                 return outcome.generation
             # A concurrent write changed some texts after we looked: embed those too and try again.
             missing = set(outcome.missing_vectors)
-            vectors.update(await self._embed(col, [d for d in docs if d.id in missing]))
+            more_vectors, more_tokens = await self._embed(col, [d for d in docs if d.id in missing])
+            vectors.update(more_vectors)
+            tokens.update(more_tokens)
 
-    async def _embed(self, col: Collection, docs: list[Document]) -> dict[str, np.ndarray]:
+    async def _embed(
+        self, col: Collection, docs: list[Document]
+    ) -> tuple[dict[str, np.ndarray], dict[str, bytes]]:
+        """The documents' vectors and, when the collection stores the bi-encoder's own token vectors
+        (zero-shot), their compressed token vectors: one encoder pass for both, compressed in the pool."""
         if not docs:
-            return {}
-        matrix = await self._run.read(
-            col.runner.embed, [d.text for d in docs], self._settings.embed_batch_size
+            return {}, {}
+        fmt = col.tokens.fmt if col.tokens is not None and col.tokens.zero_shot else None
+        texts = [d.text for d in docs]
+        matrix, blobs = await self._run.read(
+            encode_documents, col.runner, texts, fmt, self._settings.embed_batch_size
         )
-        return {d.id: matrix[i] for i, d in enumerate(docs)}
+        vectors = {d.id: matrix[i] for i, d in enumerate(docs)}
+        return vectors, ({d.id: blobs[i] for i, d in enumerate(docs)} if blobs is not None else {})
 
     def _commit_upsert(
-        self, col: Collection, docs: list[Document], vectors: dict[str, np.ndarray]
+        self,
+        col: Collection,
+        docs: list[Document],
+        vectors: dict[str, np.ndarray],
+        tokens: dict[str, bytes],
     ) -> UpsertOutcome:
         self._collections.check_current(col)
-        outcome = self._store.upsert(col.row.id, docs, vectors)
+        outcome = self._store.upsert(col.row.id, docs, vectors, tokens)
         if outcome.missing_vectors:
             return outcome
         # The store has committed: the write is durable. Now make it visible in the index.
@@ -128,7 +165,23 @@ class Writes:
             added = [(k, texts[stored[k].doc_id]) for k, _ in outcome.added if k in stored]
             col.fulltext.apply(added, outcome.removed, outcome.generation)
         self._collections.published(col, len(docs), outcome.generation)
+        if outcome.removed:
+            self._compact(col)
         return outcome
+
+    def _compact(self, col: Collection) -> None:
+        """Give the pages of replaced or deleted documents (their token vectors above all) back to the
+        file system once enough are free. The write is committed already: a failure here only waits for
+        the next one."""
+        if col.tokens is None:
+            return
+        try:
+            released = self._store.compact()
+        except (OSError, sqlite3.Error) as exc:
+            log.warning("collection %r: compaction skipped: %s", col.row.name, exc)
+            return
+        if released:
+            log.info("store compacted: %d pages (%.1f MB) released", released, released * 4096 / 1e6)
 
     async def delete_documents(self, name: str, ids: list[str]) -> WriteResult:
         col = self._collections.get(name)
@@ -142,6 +195,8 @@ class Writes:
         if col.fulltext is not None:
             col.fulltext.apply([], keys, generation)
         self._collections.published(col, len(keys), generation)
+        if keys:
+            self._compact(col)
         unique = len(dict.fromkeys(ids))
         return WriteResult(generation, len(keys), unique - len(keys))
 

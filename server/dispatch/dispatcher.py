@@ -1,4 +1,6 @@
-"""Dispatch of re-ranking stages to the Celery workers, without blocking the event loop.
+"""Dispatch of model work to the Celery workers, without blocking the event loop: cross-encoder re-ranks,
+a ColBERT bundle's query encoding (the server then runs MaxSim from its store) and the token vectors of
+documents still pending.
 
 The server sends a task with `expires` set from the request's remaining time, then waits for its
 result in a thread of a dedicated executor (never `AsyncResult.get()` on the loop). Anything that
@@ -23,12 +25,15 @@ from sieve_core.contracts import (
     Candidate,
     CrossEncoderRequest,
     CrossEncoderResult,
-    EmbedRequest,
-    LateInteractionRequest,
-    LateInteractionResult,
+    DocumentTokensRequest,
+    DocumentTokensResult,
+    QueryTokensRequest,
+    QueryTokensResult,
+    TokenFormatSpec,
 )
 from sieve_core.errors import SieveError
 from sieve_core.logs import REQUEST_ID_HEADER, request_id
+from sieve_core.token_format import TokenFormat
 
 log = logging.getLogger(__name__)
 R = TypeVar("R", bound=BaseModel)
@@ -51,15 +56,21 @@ class Dispatcher:
         # Each waiting re-rank holds a thread until its result or its deadline.
         self._waiters = ThreadPoolExecutor(64, thread_name_prefix="sieve-rerank-wait")
 
-    async def late_interaction(
-        self, model: str, query: str, texts: list[str], timeout_s: float
-    ) -> LateInteractionResult:
-        from sieve_core.tasking import TASK_LATE_INTERACTION
+    async def query_tokens(self, model: str, query: str, timeout_s: float) -> QueryTokensResult:
+        """A ColBERT bundle's token vectors for one query, from a `colbert` worker (MaxSim runs here)."""
+        from sieve_core.tasking import TASK_QUERY_TOKENS
 
-        request = LateInteractionRequest(
-            query=query, model=model, candidates=[Candidate.of(t) for t in texts]
-        )
-        return await self._rerank(TASK_LATE_INTERACTION, request, LateInteractionResult, timeout_s)
+        request = QueryTokensRequest(query=query, model=model)
+        return await self._rerank(TASK_QUERY_TOKENS, request, QueryTokensResult, timeout_s)
+
+    async def document_tokens(
+        self, model: str, texts: list[str], fmt: TokenFormat, timeout_s: float
+    ) -> DocumentTokensResult:
+        """Pending documents' token vectors, computed by an `embed` worker (the server stores them)."""
+        from sieve_core.tasking import TASK_DOCUMENT_TOKENS
+
+        request = DocumentTokensRequest(texts=texts, model=model, token_format=TokenFormatSpec.of(fmt))
+        return await self._rerank(TASK_DOCUMENT_TOKENS, request, DocumentTokensResult, timeout_s)
 
     async def cross_encoder(
         self, model: str, query: str, texts: list[str], timeout_s: float
@@ -117,27 +128,6 @@ class Dispatcher:
     def _describe(self, exc: BaseException) -> str:
         """`Type: message` for a stage report: short, and never with the Redis password in it."""
         return redis_conn.explain(exc, self._settings)
-
-    def precompute_tokens(self, model: str, texts: list[str], token_model: str | None = None) -> None:
-        """Ask an `embed` worker to cache these texts' document token vectors (from `token_model`, or the
-        bi-encoder `model`'s own); fire and forget (a miss is recomputed at query time anyway). Runs in a
-        thread: it may touch the network. The task carries the request id of this thread's context (the
-        engine copies the call's context into its executor threads)."""
-        if self._app is None or not texts:
-            return
-        from sieve_core.tasking import TASK_EMBED
-
-        request = EmbedRequest(texts=texts, model=model, want_tokens=True, token_model=token_model)
-        try:
-            self._app.send_task(
-                TASK_EMBED,
-                args=[request.to_json()],
-                retry=False,
-                ignore_result=True,
-                headers={REQUEST_ID_HEADER: request_id.get()},
-            )
-        except Exception as exc:  # the write is committed; only the warm-up of the cache is lost
-            log.warning("could not queue token vectors for %d texts: %s", len(texts), type(exc).__name__)
 
     def queue_lengths(self, queues: Sequence[str]) -> list[int] | None:
         """Tasks waiting in each queue (Redis LLEN, one round trip, 0.5 s socket timeout); None when no

@@ -1,8 +1,9 @@
 """Embedding an index job's batches: on the Celery `embed` queue when Redis is configured, else in-process.
 
-Each job gets its own embedder. The worker embedder sends one `sieve.embed` task per batch (with
-want_tokens when the collection re-ranks by late interaction, so the worker caches the token vectors in
-the same encoder pass) and waits for results in one thread of its own, never on the event loop. All of
+Each job gets its own embedder. The worker embedder sends one `sieve.embed` task per batch (with the
+collection's token format when it stores token vectors, so the worker returns them compressed from the
+same encoder pass, or from the collection's ColBERT bundle) and waits for results in one thread of its
+own, never on the event loop; the server commits vectors and token vectors with the documents. All of
 the job's Celery calls (send, wait, revoke) happen in that thread, because Celery's result backend is
 per thread.
 
@@ -24,15 +25,16 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 from pydantic import ValidationError
 
 from sieve_core import redis_conn
 from sieve_core.config import Settings
-from sieve_core.contracts import EmbedRequest, EmbedResult
+from sieve_core.contracts import EmbedRequest, EmbedResult, TokenFormatSpec
 from sieve_core.logs import REQUEST_ID_HEADER
+from sieve_core.token_format import TokenFormat
 
 log = logging.getLogger(__name__)
 POLL_S = 0.5
@@ -46,6 +48,19 @@ class EmbedFailed(Exception):
         super().__init__(reason)
         self.by_content = by_content
         self.refused = refused  # the task contract refused the texts: nothing was sent, trying is free
+
+
+class Embedded(NamedTuple):
+    """One document's vector, and its compressed token vectors when the collection stores them."""
+
+    vector: np.ndarray
+    tokens: bytes | None = None
+
+
+def _embedded(ids: list[str], vectors: np.ndarray, blobs: list[bytes] | None) -> dict[str, Embedded]:
+    if blobs is None:
+        return {i: Embedded(v) for i, v in zip(ids, vectors, strict=True)}
+    return {i: Embedded(v, b) for i, v, b in zip(ids, vectors, blobs, strict=True)}
 
 
 class Stopped(Exception):
@@ -85,7 +100,7 @@ class Embedder(Protocol):
 
     async def submit(self, ids: list[str], texts: list[str]) -> Pending: ...
 
-    async def result(self, pending: Pending, job: JobHooks) -> dict[str, Any]: ...
+    async def result(self, pending: Pending, job: JobHooks) -> dict[str, Embedded]: ...
 
     async def discard(self, pendings: list[Pending]) -> None: ...
 
@@ -93,33 +108,43 @@ class Embedder(Protocol):
 
 
 class InProcessEmbedder:
-    """No Redis configured: embed on the server, in one thread of the job's own (search keeps its pool)."""
+    """No Redis configured: embed on the server, in one thread of the job's own (search keeps its pool).
+
+    With a token format the bi-encoder's own token vectors come from the same run (zero-shot); a ColBERT
+    bundle's are left pending (the server's token backfill computes them)."""
 
     name = "in-process"
 
-    def __init__(self, embed: Callable[[list[str]], np.ndarray], settings: Settings) -> None:
-        self._embed_texts = embed  # blocking: the server's own runner of the collection's model
+    def __init__(
+        self,
+        embed: Callable[[list[str]], tuple[np.ndarray, list[bytes] | None]],
+        settings: Settings,
+    ) -> None:
+        # Blocking: the server's own runner of the collection's model; with the collection's token format
+        # (zero-shot) it returns the token vectors of the same run too.
+        self._embed_texts = embed
         self._settings = settings
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sieve-job-embed")
         self._closed = threading.Event()
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def _embed(self, ids: list[str], texts: list[str]) -> dict[str, Embedded]:
         # One ONNX run at a time, so that a stopping job (or server) waits for one run, not a whole batch.
         step = self._settings.embed_batch_size
-        parts = []
+        out: dict[str, Embedded] = {}
         for i in range(0, len(texts), step):
             if self._closed.is_set():
                 raise Stopped
-            parts.append(self._embed_texts(texts[i : i + step]))
-        return np.concatenate(parts)
+            vectors, blobs = self._embed_texts(texts[i : i + step])
+            out.update(_embedded(ids[i : i + step], vectors, blobs))
+        return out
 
     async def submit(self, ids: list[str], texts: list[str]) -> Pending:
         pending = Pending(ids, texts)
         if texts:
-            pending.future = self._thread.submit(self._embed, texts)
+            pending.future = self._thread.submit(self._embed, ids, texts)
         return pending
 
-    async def result(self, pending: Pending, job: JobHooks) -> dict[str, np.ndarray]:
+    async def result(self, pending: Pending, job: JobHooks) -> dict[str, Embedded]:
         if pending.future is None:
             return {}
         waiting = asyncio.wrap_future(pending.future)
@@ -130,12 +155,11 @@ class InProcessEmbedder:
             if done:
                 break
         try:
-            vectors = waiting.result()
+            return waiting.result()  # type: ignore[no-any-return]
         except Stopped:
             raise
         except Exception as exc:
             raise EmbedFailed(f"embedding failed: {type(exc).__name__}: {exc}"[:500], True) from None
-        return dict(zip(pending.ids, vectors, strict=True))
 
     async def discard(self, pendings: list[Pending]) -> None:
         for pending in pendings:
@@ -156,16 +180,21 @@ class WorkerEmbedder:
     name = "workers"
 
     def __init__(
-        self, settings: Settings, model: str, want_tokens: bool, token_model: str | None, job_id: str
+        self,
+        settings: Settings,
+        model: str,
+        token_format: TokenFormat | None,
+        token_model: str | None,
+        job_id: str,
     ) -> None:
         self._settings = settings
         self._request_id = f"job-{job_id}"
-        # With want_tokens the worker also caches the texts' document token vectors: `token_model`'s (the
-        # collection's late-interaction bundle), or with None the bi-encoder's own from the same encoder run.
+        # With a token format the worker also returns the texts' compressed token vectors: `token_model`'s
+        # (the collection's ColBERT bundle), or with None the bi-encoder's own from the same encoder run.
         self._fields: dict[str, Any] = {
             "model": model,
-            "want_tokens": want_tokens,
-            "token_model": token_model if want_tokens else None,
+            "token_format": TokenFormatSpec.of(token_format) if token_format is not None else None,
+            "token_model": token_model if token_format is not None else None,
         }
         self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"sieve-job-{job_id[:8]}")
         self._app: Any = None
@@ -244,10 +273,19 @@ class WorkerEmbedder:
             task.forget()
             return "failed", reason
         task.forget()  # results are large; Redis need not keep them for result_expires
-        vectors = EmbedResult.from_json(payload).vectors()
+        result = EmbedResult.from_json(payload)
+        vectors = result.vectors()
         if vectors.shape[0] != len(pending.texts):
             return "failed", f"the worker returned {vectors.shape[0]} vectors for {len(pending.texts)} texts"
-        return "done", vectors
+        blobs = None
+        if self._fields["token_format"] is not None:
+            blobs = result.token_blobs()
+            if len(blobs) != len(pending.texts):
+                return (
+                    "failed",
+                    f"the worker returned {len(blobs)} token blobs for {len(pending.texts)} texts",
+                )
+        return "done", _embedded(pending.ids, vectors, blobs)
 
     def _unreachable(self, pending: Pending, exc: Exception) -> tuple[str, str]:
         self._app = None
@@ -303,7 +341,7 @@ class WorkerEmbedder:
             await self._call(self._send, pending)
         return pending
 
-    async def result(self, pending: Pending, job: JobHooks) -> dict[str, np.ndarray]:
+    async def result(self, pending: Pending, job: JobHooks) -> dict[str, Embedded]:
         if not pending.texts:
             return {}
         if pending.refused:
@@ -327,7 +365,7 @@ class WorkerEmbedder:
             kind, value = await self._call(self._poll, pending)
             if kind == "done":
                 job.set_status("", False)
-                return dict(zip(pending.ids, value, strict=True))
+                return value  # type: ignore[no-any-return]
             if kind == "unreachable":
                 continue
             if kind == "waiting" and value == "STARTED":

@@ -16,8 +16,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from server.core.indexing import IndexingEngine
-from server.jobs.embed import Embedder, EmbedFailed, InProcessEmbedder, Pending, Stopped, WorkerEmbedder
+from server.core.indexing import IndexingEngine, IndexTarget
+from server.jobs.embed import (
+    Embedded,
+    Embedder,
+    EmbedFailed,
+    InProcessEmbedder,
+    Pending,
+    Stopped,
+    WorkerEmbedder,
+)
 from server.jobs.job_store import CANCELLED, FAILED, RUNNING, SUCCEEDED, LineError, now
 from server.jobs.live import LiveJob
 from server.jobs.registry import JobRegistry, run_on
@@ -69,9 +77,9 @@ class JobRunner:
             raise FailedPrecondition(f"the source {record.source} no longer exists on the server")
         if await self._on_files(file_identity, source) != (record.file_size, record.file_mtime_ns):
             raise FailedPrecondition(f"the source {record.source} changed since the job started")
-        embedder = self._embedder(
-            target.info.embedding_model, target.want_tokens, target.token_model, record.id
-        )
+        # As UpsertDocuments does: a collection that stores token vectors gets them with its documents,
+        # from the worker that embeds the batch (the same encoder pass, or its ColBERT bundle's own).
+        embedder = self._embedder(target, record.id)
         record.state, record.embedder = RUNNING, embedder.name
         record.started_at = record.started_at or now()
         await self._jobs.save(record)
@@ -187,10 +195,12 @@ class JobRunner:
             bad.update(part_bad)
         return vectors, bad
 
-    async def _commit(self, live: LiveJob, batch: Batch, vectors: dict[str, Any]) -> None:
+    async def _commit(self, live: LiveJob, batch: Batch, embedded: dict[str, Embedded]) -> None:
         record = live.record
         if batch.docs:
-            result = await self._engine.upsert_embedded(record.collection, batch.docs, vectors)
+            vectors = {i: e.vector for i, e in embedded.items()}
+            tokens = {i: e.tokens for i, e in embedded.items() if e.tokens is not None}
+            result = await self._engine.upsert_embedded(record.collection, batch.docs, vectors, tokens)
             record.generation = result.generation
         record.done += batch.valid_lines
         record.failed += len(batch.errors)
@@ -204,7 +214,10 @@ class JobRunner:
         await self._jobs.save(record, batch.errors)
         live.progressed()
 
-    def _embedder(self, model: str, want_tokens: bool, token_model: str | None, job_id: str) -> Embedder:
+    def _embedder(self, target: IndexTarget, job_id: str) -> Embedder:
         if self._settings.redis_url is None:
-            return InProcessEmbedder(partial(self._engine.embed, model), self._settings)
-        return WorkerEmbedder(self._settings, model, want_tokens, token_model, job_id)
+            # The server's own runner: zero-shot token vectors from the same run; a ColBERT bundle's are
+            # left pending for the server's backfill.
+            return InProcessEmbedder(partial(self._engine.embed, target.info.name), self._settings)
+        model = target.info.embedding_model
+        return WorkerEmbedder(self._settings, model, target.token_format, target.token_model, job_id)

@@ -11,6 +11,21 @@ replaced or deleted key is recorded as a tombstone with the generation that reti
 snapshot taken at generation G is caught up by adding documents written after G and removing
 tombstones after G; see server/storage/index.py.
 
+Token vectors (late interaction) live in the `tokens` table of the same file: one blob per document key
+(sieve_core/token_format.py's compressed format, self-describing), written in the same transaction as the
+document row when the caller has them (zero-shot: the encoder pass that made the vector made them), so
+an acknowledged write has its token vectors, and a replaced or deleted key loses its row in the same
+transaction. A document of a collection that stores token vectors but has no row yet is *pending*
+(a separate ColBERT bundle computes them on the workers, after the write): `token_count` on the
+collection row counts the rows, so pending = doc_count - token_count costs nothing to report, and
+`pending_tokens` lists them. The collection's token format and the model that made its vectors are
+recorded on its row (`token_format`, JSON; NULL = the collection stores none).
+
+Space: new stores use `auto_vacuum=INCREMENTAL`, and `compact()` returns the pages freed by deleted
+or replaced token rows to the file system (`PRAGMA incremental_vacuum`). A store created before that
+(auto_vacuum NONE) reuses freed pages but never shrinks; the log says so once, and a one-off `VACUUM`
+with the server stopped converts it.
+
 One writer (the server's write thread) and any number of reader threads, each with its own connection.
 """
 
@@ -18,6 +33,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -31,6 +47,12 @@ from sieve_core.contracts import content_hash
 from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound, is_read_only
 from sieve_core.types import Condition, Document
 
+log = logging.getLogger(__name__)
+
+# Pages (4 KB) that may sit free before `compact()` bothers: ~4 MB, a few hundred SciFact documents'
+# token vectors; below it the next writes reuse them anyway.
+COMPACT_MIN_FREE_PAGES = 1024
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
     id INTEGER PRIMARY KEY,
@@ -43,7 +65,10 @@ CREATE TABLE IF NOT EXISTS collections (
     generation INTEGER NOT NULL DEFAULT 0,
     doc_count INTEGER NOT NULL DEFAULT 0,
     next_key INTEGER NOT NULL DEFAULT 1,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL,
+    token_format TEXT,
+    token_model_id TEXT,
+    token_count INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS documents (
     collection_id INTEGER NOT NULL,
@@ -66,6 +91,13 @@ CREATE TABLE IF NOT EXISTS doc_meta (
     PRIMARY KEY (collection_id, name, value, key)
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS doc_meta_by_key ON doc_meta (collection_id, key);
+-- Blobs of ~10-90 KB: a rowid table (WITHOUT ROWID suits small rows only), found by (collection, key).
+CREATE TABLE IF NOT EXISTS tokens (
+    collection_id INTEGER NOT NULL,
+    key INTEGER NOT NULL,
+    blob BLOB NOT NULL,
+    UNIQUE (collection_id, key)
+);
 -- The full-text index's analyzer language per collection (a table of its own: older stores gain it as is).
 CREATE TABLE IF NOT EXISTS collection_text (
     collection_id INTEGER PRIMARY KEY,
@@ -92,6 +124,13 @@ class CollectionRow:
     generation: int
     doc_count: int
     created_at: float
+    token_format: str | None = None  # JSON of sieve_core.token_format.TokenFormat; None: no token vectors
+    token_model_id: str | None = None  # name@revision of the model whose token vectors are stored
+    token_count: int = 0  # documents that have their token vectors (the rest are pending)
+
+    @property
+    def tokens_pending(self) -> int:
+        return self.doc_count - self.token_count if self.token_format is not None else 0
 
 
 @dataclass(frozen=True)
@@ -119,7 +158,25 @@ class UpsertOutcome:
     missing_vectors: list[str]  # ids whose text changed but no vector was supplied (retry with them)
 
 
-_COLLECTION_COLUMNS = "id, name, embedding_model, embedding_model_id, metric, dims, defaults_json, generation, doc_count, created_at"
+_COLLECTION_COLUMNS = (
+    "id, name, embedding_model, embedding_model_id, metric, dims, defaults_json, generation, doc_count,"
+    " created_at, token_format, token_model_id, token_count"
+)
+# Columns added after the first release: (name, declaration) for ALTER TABLE on an older store.
+_ADDED_COLUMNS = (
+    ("token_format", "TEXT"),
+    ("token_model_id", "TEXT"),
+    ("token_count", "INTEGER NOT NULL DEFAULT 0"),
+)
+
+
+@dataclass(frozen=True)
+class PendingDocument:
+    """A document whose token vectors are not stored yet."""
+
+    key: int
+    doc_id: str
+    text: str
 
 
 class Store:
@@ -140,8 +197,36 @@ class Store:
             )
         self._local = threading.local()
         self._write_lock = threading.Lock()
-        with self._conn() as conn:
+        if not path.exists() or path.stat().st_size == 0:
+            # auto_vacuum can only be chosen before the first page is written (switching to WAL writes
+            # one), so a new store gets it on a plain connection first; later it takes a full VACUUM.
+            first = sqlite3.connect(path, isolation_level=None)
+            try:
+                first.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                first.executescript(SCHEMA)
+            finally:
+                first.close()
+        conn = self._conn()
+        with conn:
             conn.executescript(SCHEMA)
+        self._migrate(conn)
+        self.incremental_vacuum = conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+        if not self.incremental_vacuum:
+            log.warning(
+                "store %s was created without incremental auto-vacuum: space freed by deleted documents and "
+                "token vectors is reused but the file never shrinks; to convert it once, stop the server and "
+                "run: sqlite3 %s 'PRAGMA auto_vacuum=INCREMENTAL; VACUUM;'",
+                path,
+                path,
+            )
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        """Adds the columns a store from an earlier version lacks (their defaults: no token vectors)."""
+        have = {row[1] for row in conn.execute("PRAGMA table_info(collections)")}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE collections ADD COLUMN {name} {declaration}")
+                log.info("store %s: added column collections.%s", self.path, name)
 
     # -- connections -------------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -172,14 +257,27 @@ class Store:
         metric: str,
         dims: int,
         defaults_json: str,
+        token_format: str | None = None,
+        token_model_id: str | None = None,
         text_language: str = "english",
     ) -> CollectionRow:
+        """`token_format` (JSON) given: the collection stores its documents' token vectors."""
         with self._transaction() as conn:
             try:
                 cursor = conn.execute(
                     "INSERT INTO collections (name, embedding_model, embedding_model_id, metric, dims,"
-                    " defaults_json, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (name, embedding_model, embedding_model_id, metric, dims, defaults_json, time.time()),
+                    " defaults_json, created_at, token_format, token_model_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        name,
+                        embedding_model,
+                        embedding_model_id,
+                        metric,
+                        dims,
+                        defaults_json,
+                        time.time(),
+                        token_format,
+                        token_model_id,
+                    ),
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"collection {name!r} already exists") from None
@@ -220,21 +318,30 @@ class Store:
             if row is None:
                 raise NotFound(f"collection {name!r} does not exist")
             cid = row[0]
-            for table in ("documents", "doc_meta", "tombstones", "collection_text"):
+            for table in ("documents", "doc_meta", "tombstones", "tokens", "collection_text"):
                 conn.execute(f"DELETE FROM {table} WHERE collection_id = ?", (cid,))
             conn.execute("DELETE FROM collections WHERE id = ?", (cid,))
         return CollectionRow(*row)
 
     # -- writes ----------------------------------------------------------------------------------
     def upsert(
-        self, collection_id: int, docs: Sequence[Document], vectors: dict[str, np.ndarray]
+        self,
+        collection_id: int,
+        docs: Sequence[Document],
+        vectors: dict[str, np.ndarray],
+        tokens: dict[str, bytes] | None = None,
     ) -> UpsertOutcome:
         """Write a batch atomically. `vectors` holds a vector for every id whose text is new or changed.
 
         A document whose text is unchanged keeps its key and vector (only its metadata is replaced).
         If a text changed after the caller decided what to embed, nothing is written and the ids are
         returned in `missing_vectors` so the caller can embed them and call again.
+
+        `tokens`: token-vector blobs by id, from the same encoder pass as `vectors`, stored under the
+        document's key in the same transaction (an unchanged document without a row gets it too). A
+        replaced document's old row goes with its old key.
         """
+        tokens = tokens or {}
         with self._transaction() as conn:
             existing = self._existing(conn, collection_id, [d.id for d in docs])
             missing = [
@@ -252,6 +359,7 @@ class Store:
             added: list[tuple[int, np.ndarray]] = []
             removed: list[int] = []
             new_docs = 0
+            token_delta = 0
             for doc in docs:
                 old = existing.get(doc.id)
                 digest = content_hash(doc.text)
@@ -266,6 +374,11 @@ class Store:
                         "UPDATE documents SET metadata_json = ?, generation = ? WHERE collection_id = ? AND doc_id = ?",
                         (meta_json, generation, collection_id, doc.id),
                     )
+                    if doc.id in tokens:  # fills a pending row; an existing one stays (same text)
+                        token_delta += conn.execute(
+                            "INSERT OR IGNORE INTO tokens (collection_id, key, blob) VALUES (?, ?, ?)",
+                            (collection_id, key, tokens[doc.id]),
+                        ).rowcount
                 else:
                     key = next_key
                     next_key += 1
@@ -276,10 +389,19 @@ class Store:
                         (collection_id, doc.id, key, doc.text, meta_json, digest, vec.tobytes(), generation),
                     )
                     added.append((key, vec))
+                    if doc.id in tokens:
+                        conn.execute(
+                            "INSERT INTO tokens (collection_id, key, blob) VALUES (?, ?, ?)",
+                            (collection_id, key, tokens[doc.id]),
+                        )
+                        token_delta += 1
                     if old is None:
                         new_docs += 1
                     else:
                         removed.append(old[0])
+                        token_delta -= conn.execute(
+                            "DELETE FROM tokens WHERE collection_id = ? AND key = ?", (collection_id, old[0])
+                        ).rowcount
                         conn.execute(
                             "INSERT INTO tombstones (collection_id, generation, key) VALUES (?, ?, ?)",
                             (collection_id, generation, old[0]),
@@ -289,8 +411,9 @@ class Store:
                     [(collection_id, k, v, key) for k, v in doc.metadata.items()],
                 )
             conn.execute(
-                "UPDATE collections SET generation = ?, next_key = ?, doc_count = doc_count + ? WHERE id = ?",
-                (generation, next_key, new_docs, collection_id),
+                "UPDATE collections SET generation = ?, next_key = ?, doc_count = doc_count + ?,"
+                " token_count = token_count + ? WHERE id = ?",
+                (generation, next_key, new_docs, token_delta, collection_id),
             )
         return UpsertOutcome(generation, added, removed, [])
 
@@ -316,9 +439,17 @@ class Store:
                 "INSERT INTO tombstones (collection_id, generation, key) VALUES (?, ?, ?)",
                 [(collection_id, generation, k) for k in keys],
             )
+            dropped = 0
+            for chunk in _chunks(keys, 500):
+                marks = ",".join("?" * len(chunk))
+                dropped += conn.execute(
+                    f"DELETE FROM tokens WHERE collection_id = ? AND key IN ({marks})",
+                    (collection_id, *chunk),
+                ).rowcount
             conn.execute(
-                "UPDATE collections SET generation = ?, doc_count = doc_count - ? WHERE id = ?",
-                (generation, len(keys), collection_id),
+                "UPDATE collections SET generation = ?, doc_count = doc_count - ?, token_count = token_count - ?"
+                " WHERE id = ?",
+                (generation, len(keys), dropped, collection_id),
             )
         return generation, keys
 
@@ -329,6 +460,95 @@ class Store:
                 "DELETE FROM tombstones WHERE collection_id = ? AND generation <= ?",
                 (collection_id, up_to_generation),
             )
+
+    # -- token vectors ---------------------------------------------------------------------------
+    def put_tokens(self, collection_id: int, blobs: dict[int, bytes]) -> int:
+        """Stores token blobs computed after the write (pending documents), in one transaction.
+
+        A key is one version of one text, never reused, so a blob computed from the text of key k is right
+        for k whenever it arrives; a key deleted or replaced meanwhile is skipped. Returns rows written.
+        """
+        written = 0
+        with self._transaction() as conn:
+            for key, blob in blobs.items():
+                written += conn.execute(
+                    "INSERT OR IGNORE INTO tokens (collection_id, key, blob) SELECT ?, ?, ?"
+                    " WHERE EXISTS (SELECT 1 FROM documents INDEXED BY documents_by_key"
+                    " WHERE collection_id = ? AND key = ?)",
+                    (collection_id, int(key), blob, collection_id, int(key)),
+                ).rowcount
+            conn.execute(
+                "UPDATE collections SET token_count = token_count + ? WHERE id = ?", (written, collection_id)
+            )
+        return written
+
+    def set_token_storage(
+        self, collection_id: int, token_format: str | None, token_model_id: str | None
+    ) -> int:
+        """Records a collection's token format and model; if either changed, its stored token vectors no
+        longer match and are dropped (every document becomes pending). Returns the rows dropped."""
+        with self._transaction() as conn:
+            row = conn.execute(
+                "SELECT token_format, token_model_id FROM collections WHERE id = ?", (collection_id,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"collection {collection_id} does not exist")
+            if tuple(row) == (token_format, token_model_id):
+                return 0
+            dropped = conn.execute("DELETE FROM tokens WHERE collection_id = ?", (collection_id,)).rowcount
+            conn.execute(
+                "UPDATE collections SET token_format = ?, token_model_id = ?, token_count = 0 WHERE id = ?",
+                (token_format, token_model_id, collection_id),
+            )
+        return dropped
+
+    def token_blobs(self, collection_id: int, keys: Sequence[int]) -> dict[int, bytes]:
+        """The stored token blobs of these keys (a key without one, pending or deleted, is absent)."""
+        out: dict[int, bytes] = {}
+        conn = self._conn()
+        for chunk in _chunks([int(k) for k in keys], 500):
+            marks = ",".join("?" * len(chunk))
+            for key, blob in conn.execute(
+                f"SELECT key, blob FROM tokens WHERE collection_id = ? AND key IN ({marks})",
+                (collection_id, *chunk),
+            ):
+                out[key] = blob
+        return out
+
+    def pending_tokens(self, collection_id: int, limit: int, after_key: int = 0) -> list[PendingDocument]:
+        """Up to `limit` documents without token vectors, by key from `after_key` (exclusive)."""
+        rows = self._conn().execute(
+            "SELECT d.key, d.doc_id, d.text FROM documents AS d INDEXED BY documents_by_key"
+            " WHERE d.collection_id = ? AND d.key > ? AND NOT EXISTS"
+            " (SELECT 1 FROM tokens AS t WHERE t.collection_id = d.collection_id AND t.key = d.key)"
+            " ORDER BY d.key LIMIT ?",
+            (collection_id, int(after_key), int(limit)),
+        )
+        return [PendingDocument(key, doc_id, text) for key, doc_id, text in rows]
+
+    # -- space -----------------------------------------------------------------------------------
+    def free_pages(self) -> int:
+        return int(self._conn().execute("PRAGMA freelist_count").fetchone()[0])
+
+    def size_bytes(self) -> int:
+        """Bytes the database uses (pages x page size; the WAL and free space on disk aside)."""
+        conn = self._conn()
+        return int(conn.execute("PRAGMA page_count").fetchone()[0]) * int(
+            conn.execute("PRAGMA page_size").fetchone()[0]
+        )
+
+    def compact(self, min_free_pages: int = COMPACT_MIN_FREE_PAGES) -> int:
+        """Returns free pages (e.g. of deleted token vectors) to the file system once at least
+        `min_free_pages` are free. Returns the pages released (0 on a store without incremental vacuum).
+        The file itself shrinks at the next WAL checkpoint."""
+        if not self.incremental_vacuum or self.free_pages() < min_free_pages:
+            return 0
+        with self._write_lock:
+            conn = self._conn()
+            before = self.free_pages()
+            # Through executescript, which steps the statement to the end: execute() frees one page per call.
+            conn.executescript("PRAGMA incremental_vacuum")
+            return before - self.free_pages()
 
     @staticmethod
     def _existing(

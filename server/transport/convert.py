@@ -23,6 +23,8 @@ from sieve_core.types import (
     SearchResult,
     SearchSettings,
     StageMode,
+    TokenStorageInfo,
+    TokenStorageSpec,
 )
 
 _METRIC_TO_CORE = {
@@ -100,6 +102,11 @@ def collection_spec(msg: collections_pb2.Collection) -> CollectionSpec:
         metric=_METRIC_TO_CORE[msg.metric],
         defaults=settings_from_pb(msg.defaults),
         text_language=msg.text_language,
+        token_storage=(
+            TokenStorageSpec(msg.token_storage.pool_factor, msg.token_storage.projection_dims)
+            if msg.HasField("token_storage")
+            else None
+        ),
     )
 
 
@@ -117,6 +124,19 @@ def collection_to_pb(info: CollectionInfo) -> collections_pb2.Collection:
         generation=info.generation,
         created_at=created,
         text_language=info.text_language,
+        token_storage=_token_storage_to_pb(info.token_storage),
+    )
+
+
+def _token_storage_to_pb(info: TokenStorageInfo | None) -> collections_pb2.TokenStorage | None:
+    if info is None:
+        return None
+    return collections_pb2.TokenStorage(
+        pool_factor=info.pool_factor,
+        projection_dims=info.projection_dims,
+        description=info.description,
+        model_id=info.model_id,
+        pending=info.pending,
     )
 
 
@@ -178,6 +198,10 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
                 took_ms=r.took_ms,
                 model_id=r.model_id,
                 method=r.method,
+                token_source=r.token_source,
+                token_bytes=r.token_bytes,
+                tokens_pending=r.tokens_pending,
+                query_token_source=r.query_token_source,
             )
             for r in result.stages
         ],

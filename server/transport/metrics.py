@@ -99,6 +99,26 @@ class ServerMetrics:
             ["stage", "result"],
             registry=r,
         )
+        self.token_reads = Counter(
+            "sieve_late_interaction_token_vectors",
+            "Candidates' token vectors used by late interaction, by source: store (read from the collection's "
+            "store) or pending (none stored yet; ranked after the scored candidates).",
+            ["source"],
+            registry=r,
+        )
+        self.token_bytes = Counter(
+            "sieve_late_interaction_token_bytes",
+            "Bytes of document token vectors late interaction read, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.query_tokens = Counter(
+            "sieve_late_interaction_query_tokens",
+            "Where late-interaction searches got the query's token vectors: encoder pass (the same pass as the "
+            "retrieval vector), cache (Redis) or worker (a ColBERT bundle's query encoder).",
+            ["source"],
+            registry=r,
+        )
         self.degraded = Counter(
             "sieve_degraded_searches", "Searches answered with at least one DEGRADED stage.", registry=r
         )
@@ -123,7 +143,14 @@ class ServerMetrics:
                 continue
             self.stage_seconds.labels(stage).observe(report.took_ms / 1000)
             degraded = degraded or report.status == search_pb2.STAGE_STATUS_DEGRADED
-            if (
+            if report.token_source:  # late interaction from stored token vectors
+                scored = report.candidates_in - report.tokens_pending
+                self.token_reads.labels(report.token_source).inc(scored)
+                self.token_reads.labels("pending").inc(report.tokens_pending)
+                self.token_bytes.labels(report.token_source).inc(report.token_bytes)
+                if report.query_token_source:
+                    self.query_tokens.labels(report.query_token_source).inc()
+            elif (
                 report.stage != common_pb2.STAGE_RETRIEVE and report.method
             ):  # re-ranking: "cache", or "worker (...)" after a miss
                 self.stage_cache.labels(stage, "hit" if report.method == "cache" else "miss").inc()
@@ -263,11 +290,19 @@ class _StateCollector(Collector):
             "Each collection's generation (moves on with every write).",
             labels=["collection"],
         )
+        pending = GaugeMetricFamily(
+            "sieve_collection_tokens_pending",
+            "Documents whose late-interaction token vectors are not stored yet (collections that store them).",
+            labels=["collection"],
+        )
         for info in infos:
             docs.add_metric([info.name], info.document_count)
             generation.add_metric([info.name], info.generation)
+            if info.token_storage is not None:
+                pending.add_metric([info.name], info.token_storage.pending)
         yield docs
         yield generation
+        yield pending
 
     def _job_states(self) -> Iterator[GaugeMetricFamily]:
         try:

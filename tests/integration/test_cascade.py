@@ -1,20 +1,24 @@
-"""The search cascade end to end: retrieval, then late interaction on a real Celery worker over real Redis.
+"""The search cascade end to end with real Redis and a real Celery worker: zero-shot late interaction
+from the server's token store, and what it no longer needs (Redis, a worker, a second encoder pass).
 
-Also how it degrades: no Redis configured, Redis unreachable, no worker on the queue, a required stage.
+Also index jobs on the worker: their batches come back with the documents' token vectors from the same
+encoder pass, and the server commits them with the documents.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import time
 import uuid
 
-import grpc
+import numpy as np
 import pytest
-from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
+import redis as redis_client
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
-from sieve_core.contracts import content_hash_hex
-from tests.conftest import Worker, make_settings, start_api, stop_api
+from sieve_core.late_interaction import decode_tokens, read_header
+from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress
+from tests.conftest import MODEL, Worker, make_settings, start_api, stop_api
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -27,83 +31,73 @@ DOCS = {
     "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
 }
 QUERY = "does aspirin prevent heart attacks"
-OTHER_QUERY = "aspirin and cardiovascular risk"
 LATE = common_pb2.SearchSettings(
     late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=6, late_interaction_keep=3
 )
+REQUIRED = common_pb2.SearchSettings(
+    late_interaction=common_pb2.STAGE_MODE_REQUIRED, retrieve_candidates=6, late_interaction_keep=3
+)
 
 
-async def _collection(api) -> str:  # type: ignore[no-untyped-def]
+async def _collection(api, docs: dict[str, str] = DOCS) -> str:  # type: ignore[no-untyped-def]
     name = f"cascade-{uuid.uuid4().hex[:8]}"
-    await api.collections.CreateCollection(
-        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
-    )
-    await api.documents.UpsertDocuments(
-        documents_pb2.UpsertDocumentsRequest(
-            collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in DOCS.items()]
+    collection = collections_pb2.Collection(name=name, token_storage=collections_pb2.TokenStorage())
+    await api.collections.CreateCollection(collections_pb2.CreateCollectionRequest(collection=collection))
+    if docs:
+        await api.documents.UpsertDocuments(
+            documents_pb2.UpsertDocumentsRequest(
+                collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in docs.items()]
+            )
         )
-    )
     return name
 
 
-async def test_late_interaction_on_a_worker(worker: Worker, redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def _tasks_run(worker: Worker) -> int:
+    """Tasks the worker has finished so far (each logs one 'task ... in N ms' line)."""
+    return sum(1 for line in worker.log.read_text(errors="replace").splitlines() if " items in " in line)
+
+
+async def test_late_interaction_from_the_store_uses_no_worker(
+    worker: Worker, redis_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
     api = await start_api(make_settings(tmp_path, redis_url=redis_url))
     try:
+        tasks_before = _tasks_run(worker)
         name = await _collection(api)
-        cold = await api.search.Search(
+        first = await api.search.Search(
             search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=30
         )
-        retrieve, late, _ = cold.stages
-        assert late.stage == common_pb2.STAGE_LATE_INTERACTION
+        retrieve, late, _ = first.stages
         assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
         assert (retrieve.candidates_out, late.candidates_in, late.candidates_out) == (6, 6, 3)
-        assert "6 recomputed" in late.method and "zero-shot" in late.model_id
-        assert [h.id for h in cold.hits][0] == "aspirin" and len(cold.hits) == 3
-        for hit in cold.hits:
-            assert [s.stage for s in hit.stage_scores] == [
-                common_pb2.STAGE_RETRIEVE,
-                common_pb2.STAGE_LATE_INTERACTION,
-            ]
-            assert hit.score == hit.stage_scores[1].score
-        scores = [h.score for h in cold.hits]
-        assert scores == sorted(scores, reverse=True)
+        assert (late.token_source, late.query_token_source) == ("store", "encoder pass")
+        assert [h.id for h in first.hits][0] == "aspirin" and len(first.hits) == 3
 
-        warm = await api.search.Search(
+        # The same query again: its vector and token vectors both come from Redis (one cached matrix).
+        again = await api.search.Search(
             search_pb2.SearchRequest(
                 collection=name, query=QUERY, top_k=3, settings=LATE, omit_documents=True
             ),
             timeout=30,
         )
-        # The same search again: answered from the score cache, no worker involved.
-        assert warm.stages[1].method == "cache", warm.stages[1]
-        assert [h.id for h in warm.hits] == [h.id for h in cold.hits]
-        assert [h.score for h in warm.hits] == pytest.approx(scores, abs=1e-6)
-        assert all(h.text == "" for h in warm.hits)
-
-        # Another query over the same candidates: a worker, but every token vector comes from Redis.
-        other = await api.search.Search(
-            search_pb2.SearchRequest(collection=name, query=OTHER_QUERY, top_k=3, settings=LATE), timeout=30
-        )
-        assert "6 cached, 0 recomputed" in other.stages[1].method, other.stages[1]
+        assert again.stages[1].query_token_source == "cache", again.stages[1]
+        assert [h.id for h in again.hits] == [h.id for h in first.hits]
+        assert [h.score for h in again.hits] == pytest.approx([h.score for h in first.hits], abs=1e-6)
+        client = redis_client.Redis.from_url(redis_url)
+        assert client.keys("sieve:qtok:v1:all-MiniLM-L6-v2@*")
+        assert not client.keys("sieve:tok:*")  # no document token vectors in Redis any more
+        # Neither the upsert nor the searches sent the worker anything.
+        assert _tasks_run(worker) == tasks_before
     finally:
         await stop_api(api)
 
 
-async def test_a_write_invalidates_cached_scores(worker: Worker, redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import redis as redis_client
-
+async def test_a_replaced_text_is_scored_from_its_new_token_vectors(redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
     api = await start_api(make_settings(tmp_path, redis_url=redis_url))
     try:
         name = await _collection(api)
-        request = search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE)
+        request = search_pb2.SearchRequest(collection=name, query=QUERY, top_k=6, settings=LATE)
         first = await api.search.Search(request, timeout=30)
-        assert first.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED, first.stages[1].reason
-        assert (await api.search.Search(request, timeout=30)).stages[1].method == "cache"
-        # The query vector was cached too, under the bi-encoder's revision.
-        client = redis_client.Redis.from_url(redis_url)
-        assert client.keys("sieve:qvec:v1:all-MiniLM-L6-v2@*")
-        hits_before = api.server.engine.cache.hits
-
         changed = "Aspirin does not reduce the risk of a heart attack in healthy adults, a new trial finds."
         write = await api.documents.UpsertDocuments(
             documents_pb2.UpsertDocumentsRequest(
@@ -112,113 +106,108 @@ async def test_a_write_invalidates_cached_scores(worker: Worker, redis_url: str,
         )
         after = await api.search.Search(request, timeout=30)
         assert after.generation == write.generation > first.generation
-        late = after.stages[1]
-        # A new generation: the cached scores are unreachable, a worker re-ranks; only the changed text
-        # needed its token vectors computed.
-        assert late.method.startswith("worker") and "1 recomputed" in late.method, late
-        assert {h.id: h.score for h in after.hits}.get("aspirin") != {h.id: h.score for h in first.hits}.get(
-            "aspirin"
-        )
-        assert api.server.engine.cache.hits > hits_before  # at least the query vector
+        before_scores = {h.id: h.score for h in first.hits}
+        after_scores = {h.id: h.score for h in after.hits}
+        assert after_scores["aspirin"] != pytest.approx(before_scores["aspirin"], abs=1e-4)
+        # The others' token vectors are unchanged: so are their scores.
+        for doc_id in set(DOCS) - {"aspirin"}:
+            assert after_scores[doc_id] == pytest.approx(before_scores[doc_id], abs=1e-5)
     finally:
         await stop_api(api)
 
 
-@pytest.mark.parametrize(
-    "redis, reason",
-    [
-        (None, "no Redis is configured"),
-        ("redis://127.0.0.1:1/0", "cannot reach Redis"),
-    ],
-)
-async def test_degrades_without_redis(api, redis, reason, tmp_path, worker: Worker) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("redis", [None, "redis://127.0.0.1:1/0"], ids=["no-redis", "redis-unreachable"])
+async def test_late_interaction_needs_no_redis(api, redis, tmp_path) -> None:  # type: ignore[no-untyped-def]
     target = api if redis is None else await start_api(make_settings(tmp_path, redis_url=redis))
     try:
         name = await _collection(target)
         started = time.monotonic()
         resp = await target.search.Search(
-            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=10
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=REQUIRED), timeout=10
         )
         assert time.monotonic() - started < 5
         late = resp.stages[1]
-        assert late.status == search_pb2.STAGE_STATUS_DEGRADED and reason in late.reason
-        assert [h.id for h in resp.hits][0] == "aspirin"  # retrieval order kept
-        assert [len(h.stage_scores) for h in resp.hits] == [1, 1, 1]
+        assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
+        assert late.token_source == "store" and resp.hits[0].id == "aspirin"
+        assert [len(h.stage_scores) for h in resp.hits] == [2, 2, 2]
     finally:
         if target is not api:
             await stop_api(target)
 
 
-async def test_no_worker_degrades_within_the_deadline_or_fails_when_required(
-    redis_url: str, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
-    # Database 1 of the same Redis: a broker no worker listens on.
+async def test_no_worker_is_needed_within_a_short_deadline(redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    # Database 1 of the same Redis: a broker no worker listens on. Zero-shot late interaction runs in the
+    # server, so a REQUIRED stage completes well within a short deadline.
     api = await start_api(make_settings(tmp_path, redis_url=redis_url.rsplit("/", 1)[0] + "/1"))
     try:
         name = await _collection(api)
         started = time.monotonic()
         resp = await api.search.Search(
-            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=2.0
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=REQUIRED), timeout=2.0
         )
         assert time.monotonic() - started < 2.0
-        late = resp.stages[1]
-        assert late.status == search_pb2.STAGE_STATUS_DEGRADED and "no worker answered" in late.reason
+        assert resp.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED
         assert [h.id for h in resp.hits][0] == "aspirin"
-
-        required = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_REQUIRED)
-        with pytest.raises(grpc.aio.AioRpcError) as err:
-            await api.search.Search(
-                search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=required),
-                timeout=2.0,
-            )
-        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "late_interaction is required" in err.value.details()
     finally:
         await stop_api(api)
 
 
-async def test_token_vectors_are_cached_at_write_time(worker: Worker, redis_url: str, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    import redis as redis_client
-
-    api = await start_api(make_settings(tmp_path, redis_url=redis_url))
+async def test_an_index_job_stores_the_token_vectors_of_its_workers_encoder_pass(
+    worker: Worker, redis_url: str, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    api = await start_api(make_settings(tmp_path / "data", redis_url=redis_url))
     try:
-        name = f"warm-{uuid.uuid4().hex[:8]}"
-        texts = {f"w{i}": f"{text} (edition {uuid.uuid4().hex[:6]})" for i, text in enumerate(DOCS.values())}
-        defaults = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT)
-        await api.collections.CreateCollection(
-            collections_pb2.CreateCollectionRequest(
-                collection=collections_pb2.Collection(name=name, defaults=defaults)
+        name = await _collection(api, {})
+        texts = {f"j{i}": f"{text} (edition {i})" for i, text in enumerate(list(DOCS.values()) * 4)}
+        path = tmp_path / "job.jsonl"
+        path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in texts.items()))
+        jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
+        job = (
+            await jobs.StartIndexJob(
+                jobs_pb2.StartIndexJobRequest(collection=name, path=str(path), batch_size=8)
             )
-        )
-        await api.documents.UpsertDocuments(
-            documents_pb2.UpsertDocumentsRequest(
-                collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in texts.items()]
+        ).job
+        final = [
+            m.job
+            async for m in jobs.WatchJob(
+                jobs_pb2.WatchJobRequest(id=job.id, min_interval_ms=100), timeout=120
             )
+        ][-1]
+        assert (final.state, final.done, final.embedder) == (
+            jobs_pb2.JOB_STATE_SUCCEEDED,
+            len(texts),
+            "workers",
         )
-        client = redis_client.Redis.from_url(redis_url)
-        deadline = time.monotonic() + 60
-        present = 0
-        while time.monotonic() < deadline:
-            # Keys are content-addressed: count the ones for these texts.
-            present = sum(1 for t in texts.values() if client.keys(f"sieve:tok:*:{content_hash_hex(t)}"))
-            if present == len(texts):
-                break
-            await asyncio.sleep(0.2)
-        assert present == len(texts), "the embed worker did not cache the token vectors at write time"
+        # One task per batch (vectors and token vectors together), none for token vectors alone.
+        log = worker.log.read_text(errors="replace")
+        assert "task sieve.document_tokens " not in log and "task sieve.embed SUCCESS" in log
+        info = await api.collections.GetCollection(collections_pb2.GetCollectionRequest(name=name))
+        assert info.collection.token_storage.pending == 0 and info.collection.document_count == len(texts)
+        store = api.server.engine.store
+        cid = store.get_collection(name).id
+        docs = store.get_documents(cid, list(texts))
+        blobs = store.token_blobs(cid, [d.key for d in docs.values()])
+        runner = api.server.engine.models.get(MODEL)
+        for doc_id, doc in docs.items():
+            mine = compress(runner.token_vectors([texts[doc_id]])[0], DEFAULT_TOKEN_FORMAT)
+            theirs = blobs[doc.key]  # computed by the worker process: equal within float noise
+            assert read_header(theirs) == read_header(mine)
+            np.testing.assert_allclose(decode_tokens(theirs), decode_tokens(mine), atol=2e-2)
         resp = await api.search.Search(
-            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=30
+            search_pb2.SearchRequest(
+                collection=name, query=QUERY, top_k=3, settings=REQUIRED, min_generation=final.generation
+            ),
+            timeout=30,
         )
-        assert resp.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED
-        assert "6 cached, 0 recomputed" in resp.stages[1].method
+        assert (
+            resp.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED and resp.stages[1].tokens_pending == 0
+        )
     finally:
         await stop_api(api)
 
 
 async def test_late_interaction_on_an_empty_result_needs_no_worker(api) -> None:  # type: ignore[no-untyped-def]
-    name = f"empty-{uuid.uuid4().hex[:8]}"
-    await api.collections.CreateCollection(
-        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
-    )
+    name = await _collection(api, {})
     resp = await api.search.Search(
         search_pb2.SearchRequest(collection=name, query=QUERY, settings=LATE), timeout=10
     )

@@ -1,7 +1,7 @@
 """Index jobs end to end: real servers, a real redis-server and real Celery worker processes.
 
 In-process server without Redis (jobs embed in-process): bad lines, duplicate ids, uploads, read-your-
-writes, the CLI. With Redis and workers: a full job (progress stream, token vectors cached), cancel mid-
+writes, the CLI. With Redis and workers: a full job (progress stream, token vectors stored), cancel mid-
 job, two workers sharing a job, no worker at all, and `kill -9` of a `sieve serve` process mid-job.
 """
 
@@ -22,7 +22,6 @@ from pathlib import Path
 import grpc
 import pytest
 import pytest_asyncio
-import redis
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -35,7 +34,6 @@ from sieve.v1 import (
 )
 
 from sieve_cli.stack import free_port, wait_serving
-from sieve_core.contracts import content_hash_hex
 from tests.conftest import MODEL, MODELS_DIR, ROOT, Api, Worker, make_settings, start_api, stop_api
 
 aio = pytest.mark.asyncio(loop_scope="session")
@@ -359,7 +357,7 @@ async def wapi(
 
 
 @aio
-async def test_a_job_on_workers_streams_progress_and_caches_token_vectors(wapi, redis_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
+async def test_a_job_on_workers_streams_progress_and_stores_token_vectors(wapi, redis_url, tmp_path) -> None:  # type: ignore[no-untyped-def]
     name = await _collection(wapi, late_interaction=True)
     tag = f" ({uuid.uuid4().hex[:6]})"
     rows = [{"id": f"w{i}", "text": _text(i, tag)} for i in range(300)]
@@ -380,10 +378,12 @@ async def test_a_job_on_workers_streams_progress_and_caches_token_vectors(wapi, 
     info = await _info(wapi, name)
     assert (info.document_count, info.generation) == (300, final.generation)
 
-    # The workers cached the token vectors in the same pass (the collection re-ranks by late interaction).
-    client = redis.Redis.from_url(redis_url)
-    sample = [rows[i]["text"] for i in (0, 150, 299)]
-    assert all(client.keys(f"sieve:tok:*:{content_hash_hex(t)}") for t in sample)
+    # The workers returned the token vectors of the same pass (the collection re-ranks by late
+    # interaction), and the server stored them with the documents: none pending.
+    assert info.token_storage.pending == 0 and info.token_storage.description == "int8, pool 4"
+    store = wapi.server.engine.store
+    row = store.get_collection(name)
+    assert row.token_count == 300
     hit = await wapi.search.Search(
         search_pb2.SearchRequest(
             collection=name, query=rows[150]["text"], top_k=1, min_generation=final.generation

@@ -142,11 +142,12 @@ async def small(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Api]:
     await stop_api(running)
 
 
-async def _collection(api: Api) -> tuple[str, int]:
+async def _collection(api: Api, token_storage: bool = False) -> tuple[str, int]:
     name = f"ops-{uuid.uuid4().hex[:8]}"
-    await api.collections.CreateCollection(
-        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
-    )
+    collection = collections_pb2.Collection(name=name)
+    if token_storage:  # stores late-interaction token vectors
+        collection.token_storage.SetInParent()
+    await api.collections.CreateCollection(collections_pb2.CreateCollectionRequest(collection=collection))
     written = await api.documents.UpsertDocuments(
         documents_pb2.UpsertDocumentsRequest(
             collection=name, documents=[documents_pb2.Document(id="a", text="a first document")]
@@ -291,7 +292,7 @@ async def metered(
 async def test_metrics_endpoint(metered: Api, redis_server: RedisServer) -> None:
     port = metered.server.metrics.port
     assert port
-    name, _ = await _collection(metered)
+    name, _ = await _collection(metered, token_storage=True)
     late = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT)
     no_model = common_pb2.SearchSettings(cross_encoder=common_pb2.STAGE_MODE_BEST_EFFORT)  # none configured
     answers = []
@@ -299,7 +300,9 @@ async def test_metrics_endpoint(metered: Api, redis_server: RedisServer) -> None
         request = search_pb2.SearchRequest(collection=name, query="first", settings=settings)
         answers.append(await metered.search.Search(request, timeout=60))
     # What the responses said, to compare with what the metrics counted.
-    assert answers[0].stages[1].method.startswith("worker") and answers[1].stages[1].method == "cache"
+    assert [a.stages[1].query_token_source for a in answers[:2]] == ["encoder pass", "cache"]
+    token_bytes = answers[0].stages[1].token_bytes
+    assert token_bytes > 0 and answers[1].stages[1].token_bytes == token_bytes
     assert answers[2].stages[-1].status == search_pb2.STAGE_STATUS_DEGRADED
     with pytest.raises(grpc.aio.AioRpcError):
         await metered.collections.GetCollection(
@@ -318,15 +321,21 @@ async def test_metrics_endpoint(metered: Api, redis_server: RedisServer) -> None
     assert _value(samples, "sieve_stage_results_total", stage="late_interaction", status="COMPLETED") == 2
     assert _value(samples, "sieve_stage_results_total", stage="cross_encoder", status="DEGRADED") == 1
     assert _value(samples, "sieve_stage_seconds_count", stage="late_interaction") == 2
-    assert _value(samples, "sieve_stage_cache_lookups_total", stage="late_interaction", result="hit") == 1
-    assert _value(samples, "sieve_stage_cache_lookups_total", stage="late_interaction", result="miss") == 1
+    # Late interaction: one candidate's token vectors read from the store per search, bytes and the
+    # query's token vectors' source counted.
+    assert _value(samples, "sieve_late_interaction_token_vectors_total", source="store") == 2
+    assert (_value(samples, "sieve_late_interaction_token_vectors_total", source="pending") or 0) == 0
+    assert _value(samples, "sieve_late_interaction_token_bytes_total", source="store") == 2 * token_bytes
+    assert _value(samples, "sieve_late_interaction_query_tokens_total", source="encoder pass") == 1
+    assert _value(samples, "sieve_late_interaction_query_tokens_total", source="cache") == 1
+    assert _value(samples, "sieve_collection_tokens_pending", collection=name) == 0
     assert _value(samples, "sieve_degraded_searches_total") == 1
     assert _value(samples, "sieve_inflight_requests") == 0
     assert _value(samples, "sieve_collection_documents", collection=name) == 1
     assert _value(samples, "sieve_jobs", state="running") == 0
     assert _value(samples, "sieve_redis_up") == 1
     assert _value(samples, "sieve_queue_depth", queue="cross_encoder") == 1
-    assert _value(samples, "sieve_queue_depth", queue="colbert") == 0  # the worker took its task
+    assert _value(samples, "sieve_queue_depth", queue="colbert") == 0
     assert (_value(samples, "process_resident_memory_bytes") or 0) > 0
     queue.delete("cross_encoder")
 

@@ -2,15 +2,17 @@
 backend, the worker's caches.
 
 Real redis-server processes (one with `--requirepass`, TLS-only ones with a CA and certificates made
-by tests/certs.py), a real Celery worker and an in-process gRPC server: a late-interaction search
-COMPLETED through the worker, then the same search answered from the cache. And what a wrong password,
-an untrusted server certificate or a missing client certificate give: the documented DEGRADED stage (or
-UNAVAILABLE when required) with a reason that says why and never shows the password. Plus the option
-mapping of sieve_core.redis_conn itself.
+by tests/certs.py), a real Celery worker and an in-process gRPC server: an index job embedded by the
+worker (broker, result backend, worker), then a late-interaction search whose query vectors the server
+caches in Redis and a second one answered from that cache. And what a wrong password, an untrusted server
+certificate or a missing client certificate give: an index job that fails with a reason that says why
+and never shows the password, while searches (late interaction included: it needs no Redis) go on. Plus
+the option mapping of sieve_core.redis_conn itself.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import shutil
 import ssl
@@ -20,7 +22,6 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import grpc
 import pytest
 import redis
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
@@ -80,59 +81,79 @@ def _require_tls_redis() -> None:
 
 
 # -- helpers ------------------------------------------------------------------------------------------
-async def _collection(api: Api) -> str:
+async def _collection(api: Api, docs: dict[str, str] = DOCS) -> str:
     name = f"sec-{uuid.uuid4().hex[:8]}"
     await api.collections.CreateCollection(
-        collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=name))
-    )
-    await api.documents.UpsertDocuments(
-        documents_pb2.UpsertDocumentsRequest(
-            collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in DOCS.items()]
+        collections_pb2.CreateCollectionRequest(
+            collection=collections_pb2.Collection(name=name, token_storage=collections_pb2.TokenStorage())
         )
     )
+    if docs:
+        await api.documents.UpsertDocuments(
+            documents_pb2.UpsertDocumentsRequest(
+                collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, t in docs.items()]
+            )
+        )
     return name
 
 
-async def _search_completes_then_caches(api: Api) -> None:
-    """A late-interaction search COMPLETED by the worker, then the same search from the score cache."""
-    name = await _collection(api)
+async def _index_job(api: Api, name: str, path: Path, tag: str = "") -> jobs_pb2.Job:
+    """An index job of DOCS (ids prefixed, texts suffixed with `tag`, so they need embedding anew)."""
+    lines = "".join(f'{{"id": "{tag}{i}", "text": "{t} {tag}"}}\n' for i, t in DOCS.items())
+    await asyncio.to_thread(path.write_text, lines)
+    jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
+    job = (await jobs.StartIndexJob(jobs_pb2.StartIndexJobRequest(collection=name, path=str(path)))).job
+    return [m.job async for m in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=120)][-1]
+
+
+async def _job_then_cached_search(api: Api, tmp_path: Path) -> None:
+    """An index job COMPLETED by the worker (broker and result backend), then the same late-interaction
+    search twice: the second takes the query's vectors from the server's Redis cache."""
+    name = await _collection(api, {})
+    final = await _index_job(api, name, tmp_path / "job.jsonl")
+    assert (final.state, final.done, final.embedder) == (
+        jobs_pb2.JOB_STATE_SUCCEEDED,
+        len(DOCS),
+        "workers",
+    ), final
     request = search_pb2.SearchRequest(
         collection=name, query=f"{QUERY} {uuid.uuid4().hex[:6]}", top_k=3, settings=LATE
     )
     cold = await api.search.Search(request, timeout=60)
     late = cold.stages[1]
     assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
-    assert late.method.startswith("worker") and "5 recomputed" in late.method, late.method
+    assert (late.token_source, late.query_token_source) == ("store", "encoder pass"), late
     assert cold.hits[0].id == "aspirin"
     warm = await api.search.Search(request, timeout=60)
-    assert warm.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED
-    assert warm.stages[1].method == "cache", warm.stages[1]
+    assert warm.stages[1].query_token_source == "cache", warm.stages[1]
     assert [h.id for h in warm.hits] == [h.id for h in cold.hits]
 
 
 def _wait_for_task_line(worker: Worker) -> str:
-    """The worker's log once it has its end-of-task line for the re-rank (written just after the result
-    is stored, so it can trail the search's answer by a moment on a loaded machine: 30 s of slack)."""
+    """The worker's log once it has its end-of-task line for the embed task (written just after the result
+    is stored, so it can trail the job's progress by a moment on a loaded machine: 30 s of slack)."""
     deadline = time.monotonic() + 30
     while True:
         text = worker.log.read_text(errors="replace")
-        if "task sieve.late_interaction SUCCESS" in text or time.monotonic() > deadline:
+        if "task sieve.embed SUCCESS" in text or time.monotonic() > deadline:
             return text
         time.sleep(0.1)
 
 
-async def _degraded_reason(settings: Settings) -> str:
-    """The late-interaction stage's reason on a server with these settings, which must degrade it."""
+async def _job_failure(settings: Settings, tmp_path: Path) -> str:
+    """On a server with these settings (Redis unusable): late interaction still completes from the store,
+    an index job fails; returns the job's reason."""
     api = await start_api(settings)
     try:
         name = await _collection(api)
         response = await api.search.Search(
             search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE), timeout=30
         )
-        late = response.stages[1]
-        assert late.status == search_pb2.STAGE_STATUS_DEGRADED, late
-        assert response.hits[0].id == "aspirin"  # retrieval's order kept
-        return late.reason
+        assert response.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED, response.stages[1]
+        final = await _index_job(api, name, tmp_path / "failing.jsonl", tag="new")
+        assert final.state == jobs_pb2.JOB_STATE_FAILED, final
+        assert "Redis was unreachable" in final.reason, final.reason
+        return final.reason  # type: ignore[no-any-return]
     finally:
         await stop_api(api)
 
@@ -218,49 +239,23 @@ async def test_password_through_server_and_worker(tmp_path: Path, caplog: pytest
         try:
             api = await start_api(settings)
             try:
-                await _search_completes_then_caches(api)
+                await _job_then_cached_search(api, tmp_path)
             finally:
                 await stop_api(api)
             worker_log = _wait_for_task_line(worker)
         finally:
             worker.kill()
-        assert "task sieve.late_interaction SUCCESS: 5 items" in worker_log, worker_log[-2000:]
+        assert f"task sieve.embed SUCCESS: {len(DOCS)} items" in worker_log, worker_log[-2000:]
         assert "Connected to redis://:**@" in worker_log  # Celery masks it in its banner and lines
         assert PASSWORD not in worker_log
 
-        # A wrong password: the stage degrades, saying why, and neither password shows.
+        # A wrong password: searches go on; an index job fails once Redis stayed unusable for its timeout,
+        # saying why, and neither password shows.
         wrong_url = server.url.replace(PASSWORD, WRONG)
-        reason = await _degraded_reason(make_settings(tmp_path / "wrong", redis_url=wrong_url))
-        assert "cannot reach Redis" in reason and "AuthenticationError" in reason, reason
+        wrong = make_settings(tmp_path / "wrong", redis_url=wrong_url, job_worker_timeout_s=1.0)
+        reason = await _job_failure(wrong, tmp_path)
+        assert "AuthenticationError" in reason, reason
         assert WRONG not in reason and PASSWORD not in reason
-
-        # Required: UNAVAILABLE. An index job: fails once Redis stayed unusable for its timeout.
-        wrong = make_settings(tmp_path / "wrong2", redis_url=wrong_url, job_worker_timeout_s=1.0)
-        api = await start_api(wrong)
-        try:
-            name = await _collection(api)
-            required = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_REQUIRED)
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await api.search.Search(
-                    search_pb2.SearchRequest(collection=name, query=QUERY, settings=required), timeout=30
-                )
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert "AuthenticationError" in err.value.details() and WRONG not in err.value.details()
-
-            path = tmp_path / "docs.jsonl"
-            path.write_text('{"id": "x", "text": "a document"}\n')
-            jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
-            job = (
-                await jobs.StartIndexJob(jobs_pb2.StartIndexJobRequest(collection=name, path=str(path)))
-            ).job
-            final = [m.job async for m in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=60)][-1]
-            assert final.state == jobs_pb2.JOB_STATE_FAILED, final
-            assert "Redis was unreachable" in final.reason and "AuthenticationError" in final.reason, (
-                final.reason
-            )
-            assert WRONG not in final.reason
-        finally:
-            await stop_api(api)
     finally:
         server.stop()
     for secret in (PASSWORD, WRONG):
@@ -296,26 +291,29 @@ async def test_tls_through_server_and_worker(mutual: bool, certs: Certs, tmp_pat
         try:
             api = await start_api(settings)
             try:
-                await _search_completes_then_caches(api)
+                await _job_then_cached_search(api, tmp_path)
             finally:
                 await stop_api(api)
             worker_log = _wait_for_task_line(worker)
         finally:
             worker.kill()
-        assert "task sieve.late_interaction SUCCESS: 5 items" in worker_log, worker_log[-2000:]
+        assert f"task sieve.embed SUCCESS: {len(DOCS)} items" in worker_log, worker_log[-2000:]
         assert "Connected to rediss://" in worker_log
 
         if mutual:  # no client certificate: the server refuses the handshake
             without = {"redis_tls_ca_file": certs.ca}
-            reason = await _degraded_reason(
-                make_settings(tmp_path / "nocert", redis_url=server.url, **without)
+            await _job_failure(
+                make_settings(tmp_path / "nocert", redis_url=server.url, job_worker_timeout_s=1.0, **without),
+                tmp_path,
             )
-            assert "cannot reach Redis" in reason, reason
         else:  # a CA that did not sign the server's certificate: verification fails
             untrusted = {"redis_tls_ca_file": certs.other_ca}
-            reason = await _degraded_reason(
-                make_settings(tmp_path / "other", redis_url=server.url, **untrusted)
+            reason = await _job_failure(
+                make_settings(
+                    tmp_path / "other", redis_url=server.url, job_worker_timeout_s=1.0, **untrusted
+                ),
+                tmp_path,
             )
-            assert "cannot reach Redis" in reason and "CERTIFICATE_VERIFY_FAILED" in reason, reason
+            assert "CERTIFICATE_VERIFY_FAILED" in reason, reason
     finally:
         server.stop()

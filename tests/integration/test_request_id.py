@@ -1,10 +1,13 @@
 """A request id follows a call from the gRPC server into the Celery worker's log, end to end.
 
-Real redis-server, a real Celery worker process (text, then JSON log format) and an in-process server:
+Real redis-server, a real Celery worker process (text, then JSON log format) and an in-process server
+whose collection stores the token vectors of a ColBERT bundle (the seeded checkpoint, exported here), so
+that both a search and the writes have work for a worker:
 - Search with late interaction and `x-request-id`: the id comes back as trailing metadata, and the
-  worker's log lines about the `sieve.late_interaction` task (ours and Celery's own) carry it;
-- UpsertDocuments with `x-request-id` into a collection that re-ranks by late interaction: the
-  `sieve.embed` task that precomputes the token vectors, sent from an executor thread, carries it;
+  worker's log lines about the `sieve.query_tokens` task (ours and Celery's own) carry it;
+- UpsertDocuments with `x-request-id`: the id comes back; the documents' ColBERT token vectors are then
+  computed outside any call, by the server's backfill, whose `sieve.document_tokens` tasks carry
+  `tokens-<collection>`;
 - an index job (outside any call): its batches carry `job-<job id>`.
 """
 
@@ -22,7 +25,8 @@ from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_
 
 from sieve_core.logs import REQUEST_ID_METADATA
 from sieve_core.tasking import SieveCelery
-from tests.conftest import Worker, make_settings, start_api, start_worker, stop_api
+from tests.conftest import MODEL, MODELS_DIR, Worker, make_settings, start_api, start_worker, stop_api
+from tests.integration.test_full_cascade import COLBERT, _export, _wait_until_stored
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -47,14 +51,28 @@ def log_format(request: pytest.FixtureRequest) -> str:
     return request.param  # type: ignore[no-any-return]
 
 
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    work = tmp_path_factory.mktemp("rid-models")
+    (work / "models").mkdir()
+    (work / "models" / MODEL).symlink_to(MODELS_DIR / MODEL)
+    proc = _export("colbert", "sieve_core.models.export_colbert", work, COLBERT)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out.decode(errors="replace")[-3000:]
+    return work / "models"
+
+
 @pytest.fixture
-def fmt_worker(log_format: str, redis_url: str, client_app: SieveCelery, tmp_path: Path) -> Iterator[Worker]:
+def fmt_worker(
+    log_format: str, models_dir: Path, redis_url: str, client_app: SieveCelery, tmp_path: Path
+) -> Iterator[Worker]:
     """A worker on embed + colbert that logs in `log_format`."""
     running = start_worker(
         redis_url,
         client_app,
         tmp_path / f"worker-{log_format}.log",
-        extra_env={"SIEVE_LOG_FORMAT": log_format},
+        models_dir=models_dir,
+        extra_env={"SIEVE_LOG_FORMAT": log_format, "SIEVE_LATE_INTERACTION_MODEL": COLBERT},
         name=f"rid-{log_format}",
     )
     try:
@@ -87,9 +105,12 @@ def _task_line(lines: list[str], rid: str, task: str, log_format: str) -> str | 
 
 
 async def test_the_request_id_reaches_the_worker_log(
-    log_format: str, fmt_worker: Worker, redis_url: str, tmp_path: Path
+    log_format: str, fmt_worker: Worker, models_dir: Path, redis_url: str, tmp_path: Path
 ) -> None:
-    api = await start_api(make_settings(tmp_path / "data", redis_url=redis_url))
+    settings = make_settings(
+        tmp_path / "data", redis_url=redis_url, models_dir=models_dir, late_interaction_model=COLBERT
+    )
+    api = await start_api(settings)
     try:
         name = f"rid-{uuid.uuid4().hex[:8]}"
         await api.collections.CreateCollection(
@@ -112,6 +133,7 @@ async def test_the_request_id_reaches_the_worker_log(
         )
         await upsert
         assert dict(await upsert.trailing_metadata())[REQUEST_ID_METADATA] == upsert_id
+        await _wait_until_stored(api, name)  # the backfill had the workers compute them
 
         search_id = f"search-{log_format}-{uuid.uuid4().hex}"
         call = api.search.Search(
@@ -124,7 +146,7 @@ async def test_the_request_id_reaches_the_worker_log(
         response = await call
         late = response.stages[1]
         assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
-        assert late.method.startswith("worker"), late.method  # not answered from a cache
+        assert late.query_token_source == "worker", late.method  # not answered from a cache
         assert dict(await call.trailing_metadata())[REQUEST_ID_METADATA] == search_id
 
         # An index job: no call around its batches, so they carry the job's id.
@@ -145,9 +167,9 @@ async def test_the_request_id_reaches_the_worker_log(
         await stop_api(api)
 
     expected = {
-        (search_id, "sieve.late_interaction"): 6,  # retrieve_candidates
-        (upsert_id, "sieve.embed"): len(DOCS),
-        (job_rid, "sieve.embed"): 4,  # each of the two batches
+        (search_id, "sieve.query_tokens"): 1,  # the query
+        (f"tokens-{name}", "sieve.document_tokens"): len(DOCS),
+        (job_rid, "sieve.embed"): 4,  # each of the two batches (vectors and ColBERT token vectors)
     }
     lines = _wait_for_lines(
         fmt_worker, lambda ls: all(_task_line(ls, rid, task, log_format) for rid, task in expected)

@@ -1,4 +1,8 @@
-"""Faults during a re-rank, through `Search`, with a real worker process and a real redis-server.
+"""Faults during a re-rank on a worker, through `Search`, with a real worker process and a real redis-server.
+
+The re-rank that runs on the workers is the cross-encoder's (zero-shot late interaction runs in the server
+from its token store since issue 13, and a ColBERT bundle's worker task only encodes the query), so these
+faults are driven through the cross-encoder stage, with the seeded cross-encoder checkpoint exported here.
 
 - The worker's pool process is SIGKILLed mid-task: with time left, the task is redelivered to the
   respawned process and the search completes; with too little time, the search answers within its
@@ -14,17 +18,32 @@ import json
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 import redis
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
 
-from sieve_core.contracts import Candidate, LateInteractionRequest
-from sieve_core.tasking import TASK_LATE_INTERACTION, SieveCelery
-from tests.conftest import MODEL, RedisServer, Worker, make_settings, start_api, stop_api
+from sieve_core.contracts import Candidate, CrossEncoderRequest
+from sieve_core.models.export import subprocess_env
+from sieve_core.tasking import TASK_CROSS_ENCODER, SieveCelery
+from tests.conftest import (
+    MODEL,
+    MODELS_DIR,
+    ROOT,
+    RedisServer,
+    Worker,
+    make_settings,
+    start_api,
+    start_worker,
+    stop_api,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
@@ -65,17 +84,67 @@ WORDS = [
 ]
 DOCS = 100
 QUERY = "immune response to infection in a patient cohort"
+CROSS = "cross-seeded"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with the bi-encoder and the seeded cross-encoder (exported here, in a subprocess)."""
+    work = tmp_path_factory.mktemp("fault-models")
+    (work / "models").mkdir()
+    (work / "models" / MODEL).symlink_to(MODELS_DIR / MODEL)
+    checkpoint = work / "cross-checkpoint"
+    script = (
+        f"{sys.executable} -m sieve_core.models.export_cross_encoder seed --out {checkpoint} && "
+        f"{sys.executable} -m sieve_core.models.export cross-encoder --source {checkpoint} "
+        f"--out {work / 'models' / CROSS} --name {CROSS}"
+    )
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:] + done.stderr.decode(
+        errors="replace"
+    )
+    return work / "models"
+
+
+@pytest.fixture(scope="module")
+def worker(  # type: ignore[no-untyped-def]
+    models_dir: Path, redis_url: str, client_app, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Worker]:
+    """A cross-encoder worker (overrides conftest's embed/colbert worker for this module)."""
+    running = start_worker(
+        redis_url,
+        client_app,
+        tmp_path_factory.mktemp("cross-worker") / "worker.log",
+        queues="cross_encoder",
+        models_dir=models_dir,
+        extra_env={"SIEVE_CROSS_ENCODER_MODEL": CROSS},
+        name="faults",
+    )
+    try:
+        yield running
+    finally:
+        running.kill()
 
 
 def _corpus(seed: str) -> dict[str, str]:
-    # Long, unique texts: their token vectors are cached nowhere yet, so a re-rank has real work to do.
+    # Long, unique texts: their pair scores are cached nowhere yet, so a re-rank has real work to do.
     rng = random.Random(seed)
     return {f"d{i}": f"{seed} " + " ".join(rng.choices(WORDS, k=180)) for i in range(DOCS)}
 
 
 def _settings(mode: int) -> common_pb2.SearchSettings:
-    return common_pb2.SearchSettings(
-        late_interaction=mode, retrieve_candidates=DOCS, late_interaction_keep=10
+    return common_pb2.SearchSettings(cross_encoder=mode, retrieve_candidates=DOCS, cross_encoder_keep=10)
+
+
+def _server(models_dir: Path, tmp_path: Path, redis_url: str, rerank_timeout_s: float):  # type: ignore[no-untyped-def]
+    return make_settings(
+        tmp_path,
+        redis_url=redis_url,
+        models_dir=models_dir,
+        cross_encoder_model=CROSS,
+        rerank_timeout_s=rerank_timeout_s,
     )
 
 
@@ -111,8 +180,8 @@ async def _wait_pool_ready(app: SieveCelery) -> None:
     """Until a respawned pool process has warmed its runners and runs tasks again: a small task with no
     expiry, waited for off the event loop (a re-rank sent with a 1.5 s expiry while the new process is
     still loading its models would expire unstarted on a loaded machine)."""
-    request = LateInteractionRequest(query=QUERY, model=MODEL, candidates=[Candidate.of("warm-up text")])
-    result = app.send_task(TASK_LATE_INTERACTION, args=[request.to_json()])
+    request = CrossEncoderRequest(query=QUERY, model=CROSS, candidates=[Candidate.of("warm-up text")])
+    result = app.send_task(TASK_CROSS_ENCODER, args=[request.to_json()])
     await asyncio.to_thread(result.get, timeout=120)
 
 
@@ -124,9 +193,9 @@ def _kill_pool(worker: Worker) -> None:
 
 
 async def test_worker_killed_mid_rerank_with_time_left_completes(
-    worker: Worker, redis_url: str, tmp_path
+    worker: Worker, models_dir: Path, redis_url: str, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    api = await start_api(make_settings(tmp_path, redis_url=redis_url, rerank_timeout_s=40.0))
+    api = await start_api(_server(models_dir, tmp_path, redis_url, 40.0))
     try:
         name = await _collection(api)
         started = time.monotonic()
@@ -141,11 +210,11 @@ async def test_worker_killed_mid_rerank_with_time_left_completes(
         await _wait_task_started(redis_url)
         _kill_pool(worker)
         resp = await search
-        late = resp.stages[1]
+        cross = resp.stages[2]
         # Redelivered to the respawned pool process (task_retry_on_worker_lost) and finished in time.
-        assert late.status == search_pb2.STAGE_STATUS_COMPLETED, late.reason
+        assert cross.status == search_pb2.STAGE_STATUS_COMPLETED, cross.reason
         # Every retrieved candidate was re-ranked (HNSW may return a few fewer than all 100 documents).
-        assert late.candidates_in == resp.stages[0].candidates_out >= DOCS - 5 and "recomputed" in late.method
+        assert cross.candidates_in == resp.stages[0].candidates_out >= DOCS - 5 and "computed" in cross.method
         assert time.monotonic() - started < 50
         assert "WorkerLostError" in worker.tail() or "exited prematurely" in worker.tail()
     finally:
@@ -153,13 +222,13 @@ async def test_worker_killed_mid_rerank_with_time_left_completes(
 
 
 async def test_worker_killed_mid_rerank_without_time_left_degrades_within_the_deadline(
-    worker: Worker, redis_url: str, client_app: SieveCelery, tmp_path
+    worker: Worker, models_dir: Path, redis_url: str, client_app: SieveCelery, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    api = await start_api(make_settings(tmp_path, redis_url=redis_url, rerank_timeout_s=1.5))
+    api = await start_api(_server(models_dir, tmp_path, redis_url, 1.5))
     try:
         for mode in (common_pb2.STAGE_MODE_BEST_EFFORT, common_pb2.STAGE_MODE_REQUIRED):
             # A fresh collection and query each round: a redelivered task of the previous round may have
-            # cached its documents' token vectors, and a re-rank that finishes before the kill proves nothing.
+            # cached its pair scores, and a re-rank that finishes before the kill proves nothing.
             name = await _collection(api)
             query = f"{QUERY} {mode}"
             request = search_pb2.SearchRequest(collection=name, query=query, settings=_settings(mode))
@@ -171,12 +240,12 @@ async def test_worker_killed_mid_rerank_without_time_left_degrades_within_the_de
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await search
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
-                assert "late_interaction is required" in err.value.details()
+                assert "cross_encoder is required" in err.value.details()
             else:
                 resp = await search
-                late = resp.stages[1]
-                assert late.status == search_pb2.STAGE_STATUS_DEGRADED
-                assert "no worker answered within 1500 ms" in late.reason
+                cross = resp.stages[2]
+                assert cross.status == search_pb2.STAGE_STATUS_DEGRADED
+                assert "no worker answered within 1500 ms" in cross.reason
                 # Retrieval order kept: the hits carry the retrieval score only.
                 assert len(resp.hits) == 10 and all(len(h.stage_scores) == 1 for h in resp.hits)
             assert (
@@ -189,9 +258,9 @@ async def test_worker_killed_mid_rerank_without_time_left_degrades_within_the_de
 
 
 async def test_redis_stopped_mid_flight_degrades_then_recovers(
-    redis_server: RedisServer, worker: Worker, tmp_path
+    redis_server: RedisServer, worker: Worker, models_dir: Path, tmp_path
 ) -> None:  # type: ignore[no-untyped-def]
-    api = await start_api(make_settings(tmp_path, redis_url=redis_server.url, rerank_timeout_s=5.0))
+    api = await start_api(_server(models_dir, tmp_path, redis_server.url, 5.0))
     try:
         name = await _collection(api)
         request = search_pb2.SearchRequest(
@@ -203,14 +272,14 @@ async def test_redis_stopped_mid_flight_degrades_then_recovers(
         redis_server.stop()
         resp = await search
         assert time.monotonic() - started < 8
-        assert resp.stages[1].status == search_pb2.STAGE_STATUS_DEGRADED, resp.stages[1]
+        assert resp.stages[2].status == search_pb2.STAGE_STATUS_DEGRADED, resp.stages[2]
         assert len(resp.hits) == 10
 
         # While Redis is down: still answered, quickly (the caches are skipped, the stage degrades).
         started = time.monotonic()
         down = await api.search.Search(request, timeout=8)
-        assert down.stages[1].status == search_pb2.STAGE_STATUS_DEGRADED
-        assert "Redis" in down.stages[1].reason or "broker" in down.stages[1].reason
+        assert down.stages[2].status == search_pb2.STAGE_STATUS_DEGRADED
+        assert "Redis" in down.stages[2].reason or "broker" in down.stages[2].reason
         assert time.monotonic() - started < 3
 
         # Redis back on the same port: neither the server nor the worker is restarted, yet re-ranking
@@ -220,7 +289,7 @@ async def test_redis_stopped_mid_flight_degrades_then_recovers(
         status, reason = None, ""
         while time.monotonic() < deadline:
             again = await api.search.Search(request, timeout=15)
-            status, reason = again.stages[1].status, again.stages[1].reason
+            status, reason = again.stages[2].status, again.stages[2].reason
             if status == search_pb2.STAGE_STATUS_COMPLETED:
                 break
             await asyncio.sleep(0.5)

@@ -207,8 +207,12 @@ def collection_snapshots(data_dir: Path) -> list[Path]:
     return snapshot_files(dirs[0]) if dirs else []
 
 
-def create_collection(client: Client) -> None:
-    request = collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=COLLECTION))
+def create_collection(client: Client, token_storage: bool = False) -> None:
+    """The test collection; with `token_storage` it stores late-interaction token vectors (default format)."""
+    collection = collections_pb2.Collection(name=COLLECTION)
+    if token_storage:
+        collection.token_storage.SetInParent()
+    request = collections_pb2.CreateCollectionRequest(collection=collection)
     response = client.collections.CreateCollection(request, timeout=60)
     assert response.collection.generation == 0
 

@@ -10,9 +10,13 @@
   errors=remount-ro): writes fail with FAILED_PRECONDITION, reads and searches go on, SIGTERM still
   exits cleanly, and after fsck every acknowledged write is there. A server started on a read-only
   data directory refuses to start with a one-line error.
-- Redis restarted (stopped, started again empty on the same port) under a running server and worker:
-  the server's cache, its task dispatch, the worker's token vectors and an index job all work again
-  without restarting either process.
+- Redis flushed, then restarted (stopped, started again empty on the same port) under a running server
+  and worker: late-interaction searches complete from the server's token store and no document is encoded
+  again (the server's encoder sees only the query; the worker runs no task); the server's cache, its task
+  dispatch and an index job all work again without restarting either process.
+- Late interaction under the two tests above: the collection stores token vectors, and after every
+  restart each document's stored token vectors are compress(encode(text)) of its current text, with no
+  row missing or left over (check_token_vectors).
 
 Worker kills during a re-rank and Redis stopped mid-re-rank are in tests/integration/test_rerank_faults.py; `kill -9`
 after sequential writes, snapshots and SIGTERM in tests/system/test_durability.py. These tests mount file
@@ -41,6 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -55,8 +60,10 @@ from sieve.v1 import (
 )
 
 from server.storage.index import VectorIndex, snapshot_generation
-from sieve_core.contracts import content_hash_hex
 from sieve_core.errors import is_read_only
+from sieve_core.late_interaction import decode_tokens, read_header
+from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_format import TokenFormat, compress_many
 from tests.conftest import MODELS_DIR, ROOT, RedisServer, Worker, make_settings, start_api, stop_api
 from tests.system.test_durability import (
     COLLECTION,
@@ -338,7 +345,7 @@ def test_kill_9_during_concurrent_writes_keeps_exactly_the_acknowledged_state(tm
         where = f"round {round_no}, kill {delay:.2f} s after the 8th acknowledged write"
         with running_server(data_dir, tmp_path / f"round{round_no}.log", **env) as client:
             if round_no == 0:
-                create_collection(client)
+                create_collection(client, token_storage=True)
             writers = [
                 Writer(client.address, round_no, c, {i: (t, m) for i, (t, m, _) in expected.docs.items()})
                 for c in range(CLIENTS)
@@ -381,6 +388,45 @@ def test_kill_9_during_concurrent_writes_keeps_exactly_the_acknowledged_state(tm
             check_served(client, expected, probes)
             log = client.log.read_text(errors="replace")
             assert "rebuilding the index" not in log, f"{where}: the index was rebuilt, not caught up"
+            # Every document's stored token vectors are its own text's: compress(encode(text)).
+            check_token_vectors(data_dir, where)
+
+
+_RUNNER: list[BiEncoderRunner] = []
+
+
+def check_token_vectors(data_dir: Path, where: str = "") -> None:
+    """Straight from the store: every document of the collection has exactly one token row (none
+    missing, none left over from a replaced or deleted version), the count agrees, and each blob is
+    compress(encode(text)) of the document's current text, recomputed here in-process (equal to the server's
+    up to the float noise of batching: same header, rows within a fraction of an int8 step's worth)."""
+    if not _RUNNER:
+        _RUNNER.append(BiEncoderRunner(MODELS_DIR / MODEL, intra_op_threads=1))
+    runner = _RUNNER[0]
+    conn = sqlite3.connect(f"file:{data_dir / 'sieve.db'}?mode=ro", uri=True)
+    try:
+        cid, token_format, token_count, doc_count = conn.execute(
+            "SELECT id, token_format, token_count, doc_count FROM collections WHERE name = ?", (COLLECTION,)
+        ).fetchone()
+        fmt = TokenFormat.from_json(json.loads(token_format))
+        texts = dict(
+            conn.execute("SELECT key, text FROM documents WHERE collection_id = ?", (cid,)).fetchall()
+        )
+        blobs = dict(conn.execute("SELECT key, blob FROM tokens WHERE collection_id = ?", (cid,)).fetchall())
+    finally:
+        conn.close()
+    assert set(blobs) == set(texts), (
+        f"{where}: token rows without a document {sorted(set(blobs) - set(texts))[:5]}, "
+        f"documents without token rows {sorted(set(texts) - set(blobs))[:5]}"
+    )
+    assert token_count == doc_count == len(texts), (
+        f"{where}: token_count {token_count}, {len(texts)} documents"
+    )
+    keys = sorted(texts)
+    rows = runner.token_vectors([texts[k] for k in keys])
+    for key, mine in zip(keys, compress_many(rows, fmt), strict=True):
+        assert read_header(blobs[key]) == read_header(mine), f"{where}: key {key}: {texts[key]!r}"
+        np.testing.assert_allclose(decode_tokens(blobs[key]), decode_tokens(mine), atol=2e-2, err_msg=where)
 
 
 # == file-system helpers (root only) ===================================================================
@@ -484,7 +530,7 @@ def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_f
     with tmpfs(tmp_path / "mnt", "24m") as mnt:
         data_dir, small, big = mnt / "data", mnt / "ballast-small", mnt / "ballast-big"
         with running_server(data_dir, tmp_path / "first.log", **env) as client:
-            create_collection(client)
+            create_collection(client, token_storage=True)
             for b in range(6):  # 300 documents, a snapshot after every write
                 client.upsert(model, new_docs(texts, range(b * 50, (b + 1) * 50), f"b{b}"))
             [snapshot] = collection_snapshots(data_dir)
@@ -528,6 +574,7 @@ def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_f
             assert not got.documents and sorted(got.missing_ids) == sorted(batch)
             check_reads(client, model, "doc-7")
             assert "Traceback" not in client.log.read_text(errors="replace")  # refused, not crashed
+            check_token_vectors(data_dir, "after the refused writes")  # no token row half-written
 
             # Room for the write but not its snapshot: the write is acknowledged all the same, the failed
             # snapshot leaves no partial file and the previous snapshot as it was.
@@ -554,6 +601,7 @@ def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_f
             verify(client, model, ["doc-0", "doc-1000", "doc-1039", "doc-2000", "doc-299"])
             # Caught up from the snapshot at generation 6 (the one the full disk could not replace).
             assert "(snapshot 6, " in client.log.read_text(errors="replace")
+            check_token_vectors(data_dir, "after the restart")
 
 
 # == 3. a read-only data directory ======================================================================
@@ -714,19 +762,36 @@ async def _wait_for(what: str, probe, limit_s: float = 60.0) -> None:  # type: i
         await asyncio.sleep(0.25)
 
 
-def _token_keys(client: redis.Redis, text: str) -> list[bytes]:
-    return client.keys(f"sieve:tok:*:{content_hash_hex(text)}")  # type: ignore[return-value]
+class EncodedTexts:
+    """Counts the texts the in-process server's encoder runs on (wrapping the real runner's `encode`)."""
+
+    def __init__(self, runner: BiEncoderRunner) -> None:
+        self.runner, self.texts = runner, []  # type: ignore[var-annotated]
+        self._encode = runner.encode
+        runner.encode = self  # type: ignore[method-assign]
+
+    def __call__(self, texts, batch_size=32, *, tokens=False):  # type: ignore[no-untyped-def]
+        self.texts.extend(texts)
+        return self._encode(texts, batch_size, tokens=tokens)
+
+    def close(self) -> None:
+        del self.runner.encode
 
 
-async def test_redis_restart_server_cache_dispatch_worker_and_jobs_recover(
+def _tasks_run(worker: Worker, name: str) -> int:
+    return worker.log.read_text(errors="replace").count(f"task {name} SUCCESS")
+
+
+async def test_redis_flushed_or_restarted_re_encodes_no_document(
     redis_server: RedisServer, worker: Worker, tmp_path: Path
 ) -> None:
-    """test_rerank_faults covers a re-rank across a Redis restart. Here: the server's cache, the token
-    vectors a write asks a worker for, and an index job on the embed queue, all after Redis came back
-    empty on the same port, with neither the server nor the worker restarted."""
-    # A generous re-rank budget: after the restart the worker recomputes every candidate's token vectors.
-    settings = make_settings(tmp_path / "data", redis_url=redis_server.url, rerank_timeout_s=30.0)
+    """Token vectors live in the server's store, not in Redis: after FLUSHALL, and after Redis is stopped and
+    started again empty (no persistence), late-interaction searches complete from the store and no
+    document is encoded again, by the server or by a worker. The server's cache, task dispatch and an
+    index job on the embed queue all work again without restarting the server or the worker."""
+    settings = make_settings(tmp_path / "data", redis_url=redis_server.url)
     api = await start_api(settings)
+    encoded = EncodedTexts(api.server.engine.models.get(MODEL))
     r = redis.Redis.from_url(redis_server.url, socket_timeout=2, socket_connect_timeout=2)
     tag = uuid.uuid4().hex[:8]
 
@@ -737,66 +802,69 @@ async def test_redis_restart_server_cache_dispatch_worker_and_jobs_recover(
         request = upsert_request({i: (text(i), {}) for i in ids}, collection=name)
         return (await api.documents.UpsertDocuments(request, timeout=60)).generation
 
+    async def late_search(query: str) -> search_pb2.SearchResponse:
+        response = await api.search.Search(
+            search_pb2.SearchRequest(collection=name, query=query, top_k=3, settings=late), timeout=30
+        )
+        stage = response.stages[1]
+        assert stage.status == search_pb2.STAGE_STATUS_COMPLETED, stage
+        assert (stage.token_source, stage.tokens_pending) == ("store", 0), stage
+        return response
+
     try:
         name = f"redis-{tag}"
-        late = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT)
+        late = common_pb2.SearchSettings(
+            late_interaction=common_pb2.STAGE_MODE_REQUIRED, retrieve_candidates=20, late_interaction_keep=3
+        )
         await api.collections.CreateCollection(
             collections_pb2.CreateCollectionRequest(
                 collection=collections_pb2.Collection(name=name, defaults=late)
             )
         )
-        await upsert([f"a{i}" for i in range(6)])
+        docs = [f"a{i}" for i in range(20)]
+        await upsert(docs)
+        assert sorted(encoded.texts) == sorted(text(i) for i in docs)  # each document encoded once
+        query = f"{tag} query"
+        warm = await late_search(query)
+        assert warm.stages[1].query_token_source == "encoder pass"
+        assert (await late_search(query)).stages[1].query_token_source == "cache"
+        embeds_before = _tasks_run(worker, "sieve.embed") + _tasks_run(worker, "sieve.document_tokens")
 
-        async def tokens_cached(i: str) -> bool:
-            return bool(_token_keys(r, text(i)))
+        # FLUSHALL: the query's cached vectors are gone, the documents' token vectors are not (they never
+        # were in Redis). The same search: same ranking, only the query encoded again.
+        r.flushall()
+        encoded.texts.clear()
+        flushed = await late_search(query)
+        assert flushed.stages[1].query_token_source == "encoder pass"
+        assert [(h.id, round(h.score, 5)) for h in flushed.hits] == [
+            (h.id, round(h.score, 5)) for h in warm.hits
+        ]
+        assert encoded.texts == [query]
 
-        await _wait_for("token vectors cached before the restart", lambda: tokens_cached("a0"))
-
+        # Redis stopped: writes and late-interaction searches need it not at all.
         redis_server.stop()
-        # Writes do not need Redis: acknowledged at once, only the token warm-up is lost.
         started = time.monotonic()
         await upsert(["down"])
         # About 20 ms here; 15 s is slack for a loaded machine, far below a broker call that waits for Redis.
         assert time.monotonic() - started < 15
+        await late_search(f"{tag} while Redis is down")
         redis_server.start()  # empty: no persistence
-
-        # The server's cache works again: a new query's vector is written to Redis.
-        query = f"{tag} query after the restart"
-
-        async def query_vector_cached() -> bool:
-            await api.search.Search(
-                search_pb2.SearchRequest(collection=name, query=query, top_k=3), timeout=30
-            )
-            return bool(r.keys("sieve:qvec:*"))
-
-        await _wait_for("the server's cache writes to the restarted Redis", query_vector_cached)
-
-        # Dispatch and worker: a write's token vectors are computed by the worker and cached again.
-        attempt = 0
-
-        async def write_is_warmed() -> bool:
-            nonlocal attempt
-            attempt += 1
-            doc = f"after{attempt}"
-            await upsert([doc])
-            for _ in range(20):
-                if await tokens_cached(doc):
-                    return True
-                await asyncio.sleep(0.25)
-            return False
-
-        await _wait_for("the worker caches a write's token vectors after the restart", write_is_warmed)
-
-        # A warm re-rank over those documents: completed on the worker, nothing recomputed.
-        doc = f"after{attempt}"
-        found = await api.search.Search(
-            search_pb2.SearchRequest(collection=name, query=text(doc), top_k=1), timeout=30
-        )
-        assert found.hits[0].id == doc and found.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED, (
-            found.stages
+        encoded.texts.clear()
+        again = await late_search(query)
+        assert [h.id for h in again.hits][:1] == [h.id for h in warm.hits][:1]
+        assert encoded.texts == [query]  # no document re-encoded after the restart either
+        assert (
+            _tasks_run(worker, "sieve.embed") + _tasks_run(worker, "sieve.document_tokens") == embeds_before
         )
 
-        # An index job on the embed queue.
+        # The server's cache works again: the query's vectors are written to the restarted Redis.
+        async def query_cached() -> bool:
+            await late_search(f"{tag} query after the restart")
+            return bool(r.keys("sieve:qtok:*"))
+
+        await _wait_for("the server's cache writes to the restarted Redis", query_cached)
+
+        # Dispatch and worker: an index job on the embed queue, its token vectors stored with its documents.
         path = tmp_path / "job.jsonl"
         path.write_text("".join(json.dumps({"id": f"j{i}", "text": text(f"j{i}")}) + "\n" for i in range(30)))
         jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
@@ -817,15 +885,17 @@ async def test_redis_restart_server_cache_dispatch_worker_and_jobs_recover(
             0,
             "workers",
         ), final
-        assert await tokens_cached("j29")
+        info = await api.collections.GetCollection(collections_pb2.GetCollectionRequest(name=name))
+        assert info.collection.token_storage.pending == 0
         hit = await api.search.Search(
             search_pb2.SearchRequest(
-                collection=name, query=text("j17"), top_k=1, min_generation=final.generation
+                collection=name, query=text("j17"), top_k=1, min_generation=final.generation, settings=late
             ),
             timeout=30,
         )
-        assert hit.hits[0].id == "j17"
+        assert hit.hits[0].id == "j17" and hit.stages[1].token_source == "store"
         assert worker.proc.poll() is None  # the same worker process throughout
     finally:
+        encoded.close()
         r.close()
         await stop_api(api)

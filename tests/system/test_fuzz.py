@@ -2,7 +2,7 @@
 UNKNOWN, the server does not crash or leak memory, and it stays SERVING with its data intact.
 
 One real `sieve serve` process (tests.system.test_durability.running_server) with a real Redis and a real Celery
-worker (embed + colbert queues, so late-interaction settings, token precomputation and index jobs run for
+worker (embed + colbert queues, so late-interaction settings, token storage and index jobs run for
 real), seeded with two collections the fuzzer only reads, two scratch collections it may write to and
 delete, and finished jobs. Then:
 

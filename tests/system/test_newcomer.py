@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 import sieve
 
-from sieve_cli.evaluate import free_port, wait_serving
+from sieve_cli.stack import free_port, wait_serving
 from tests.conftest import MODELS_DIR, ROOT, require_bundle
 
 pytestmark = pytest.mark.slow

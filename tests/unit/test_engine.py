@@ -18,6 +18,7 @@ from server.core.indexing import IndexingEngine
 from server.jobs.job_store import SUCCEEDED
 from server.jobs.manager import JobManager
 from sieve_core.errors import FailedPrecondition, InvalidArgument
+from sieve_core.token_format import DEFAULT_TOKEN_FORMAT
 from sieve_core.types import (
     CollectionSpec,
     Document,
@@ -112,13 +113,14 @@ async def test_a_bad_search_fails_before_any_wait(
     assert time.monotonic() - started < WAIT_S / 2
 
 
-async def test_index_target_says_whether_jobs_cache_token_vectors(engine: Engine) -> None:
+async def test_index_target_says_whether_jobs_store_token_vectors(engine: Engine) -> None:
     plain = await engine.index_target("c")
-    assert (plain.info.embedding_model, plain.want_tokens) == ("fake", False)
-    late = SearchSettings(late_interaction=StageMode.BEST_EFFORT, late_interaction_model="colbert-x")
+    assert (plain.info.embedding_model, plain.token_format) == ("fake", None)
+    late = SearchSettings(late_interaction=StageMode.BEST_EFFORT)
     await engine.create_collection(CollectionSpec("late", defaults=late))
     target = await engine.index_target("late")
-    assert (target.want_tokens, target.token_model) == (True, "colbert-x")
+    # Zero-shot: the default format, from the bi-encoder's own pass (no separate token model).
+    assert (target.token_format, target.token_model) == (DEFAULT_TOKEN_FORMAT, None)
 
 
 async def test_a_job_runs_in_process_through_the_narrow_interface(engine: Engine, tmp_path: Path) -> None:

@@ -25,7 +25,6 @@ from sieve_core.late_interaction import (
     maxsim_packed,
     pack,
     read_header,
-    token_cache_key,
 )
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "all-MiniLM-L6-v2"
@@ -206,21 +205,6 @@ def test_maxsim_rejects_mismatched_dims() -> None:
 
 
 # -- cache keys -------------------------------------------------------------------------------------------
-
-
-def test_token_cache_key_names_model_revision_format_and_content() -> None:
-    digest = "00ff" * 8
-    key = token_cache_key("all-MiniLM-L6-v2@53aa51172d142c89", digest.upper(), "int8")
-    assert key == f"sieve:tok:v1:int8:all-MiniLM-L6-v2@53aa51172d142c89:{digest}"
-    assert token_cache_key("m@r", digest, "fp16") != token_cache_key("m@r2", digest, "fp16")
-    with pytest.raises(ValueError, match="name@revision"):
-        token_cache_key("all-MiniLM-L6-v2", digest, "int8")  # no revision
-    with pytest.raises(ValueError, match="name@revision"):
-        token_cache_key("a:b@c", digest, "int8")
-    with pytest.raises(ValueError, match="hex"):
-        token_cache_key("m@r", "xyz", "int8")
-    with pytest.raises(ValueError, match="unknown token format"):
-        token_cache_key("m@r", digest, "fp32")
 
 
 # -- real token vectors -----------------------------------------------------------------------------------

@@ -286,3 +286,201 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
         assert outcome.added[0][0] > max(live)
     finally:
         reopened.close()
+
+
+# -- token vectors ------------------------------------------------------------------------------------
+FORMAT_JSON = '{"codec": "int8", "pool_factor": 4, "projection_dims": 0}'
+
+
+def _token_collection(store: Store, name: str = "t") -> CollectionRow:
+    return store.create_collection(name, "model", "model@rev", "cosine", DIMS, "{}", FORMAT_JSON, "model@rev")
+
+
+def _blob(doc_id: str, size: int = 64) -> bytes:
+    """A stand-in blob that names its document (the store treats blobs as opaque bytes)."""
+    return (doc_id.encode() * size)[:size]
+
+
+def test_token_format_is_recorded_per_collection(store: Store) -> None:
+    plain = _create(store, "plain")
+    assert (plain.token_format, plain.token_model_id, plain.tokens_pending) == (None, None, 0)
+    tok = _token_collection(store)
+    again = store.get_collection("t")
+    assert (
+        (again.token_format, again.token_model_id)
+        == (FORMAT_JSON, "model@rev")
+        == (
+            tok.token_format,
+            tok.token_model_id,
+        )
+    )
+
+
+def test_tokens_are_written_with_the_documents_and_go_with_their_keys(store: Store) -> None:
+    cid = _token_collection(store).id
+    docs = [Document("a", "alpha"), Document("b", "beta"), Document("c", "gamma")]
+    vectors = {d.id: _vec(i) for i, d in enumerate(docs)}
+    store.upsert(cid, docs, vectors, {d.id: _blob(d.id) for d in docs})
+    keys = {i: d.key for i, d in store.get_documents(cid, ["a", "b", "c"]).items()}
+    assert store.token_blobs(cid, list(keys.values())) == {keys[i]: _blob(i) for i in keys}
+    row = store.get_collection("t")
+    assert (row.doc_count, row.token_count, row.tokens_pending) == (3, 3, 0)
+
+    # A changed text whose vector is missing writes nothing at all: no document, no token row.
+    outcome = store.upsert(
+        cid,
+        [Document("a", "alpha v2"), Document("d", "delta")],
+        {"d": _vec(9)},
+        {
+            "a": _blob("a2"),
+            "d": _blob("d"),
+        },
+    )
+    assert outcome.missing_vectors == ["a"]
+    assert store.get_collection("t").token_count == 3
+    assert store.pending_tokens(cid, 10) == []
+
+    # Replaced: the old key's row goes in the same transaction, the new key has the new blob.
+    outcome = store.upsert(cid, [Document("a", "alpha v2")], {"a": _vec(7)}, {"a": _blob("a2")})
+    new_key = outcome.added[0][0]
+    assert store.token_blobs(cid, [keys["a"], new_key]) == {new_key: _blob("a2")}
+    # Deleted: its row goes too.
+    store.delete(cid, ["b"])
+    assert store.token_blobs(cid, [keys["b"]]) == {}
+    row = store.get_collection("t")
+    assert (row.doc_count, row.token_count, row.tokens_pending) == (2, 2, 0)
+    # Other collections never see these rows.
+    other = _token_collection(store, "other").id
+    assert store.token_blobs(other, [new_key, keys["c"]]) == {}
+
+
+def test_pending_documents_are_counted_listed_and_filled(store: Store) -> None:
+    cid = _token_collection(store).id
+    docs = [Document(f"d{i}", f"text {i}") for i in range(5)]
+    _upsert(store, cid, docs)  # no token blobs: e.g. a ColBERT bundle computes them later
+    row = store.get_collection("t")
+    assert (row.doc_count, row.token_count, row.tokens_pending) == (5, 0, 5)
+    pending = store.pending_tokens(cid, 3)
+    assert [p.doc_id for p in pending] == ["d0", "d1", "d2"]
+    assert [p.text for p in pending] == ["text 0", "text 1", "text 2"]
+    rest = store.pending_tokens(cid, 10, after_key=pending[-1].key)
+    assert [p.doc_id for p in rest] == ["d3", "d4"]
+
+    # Meanwhile d1 is replaced and d2 deleted: their blobs (computed from the old texts) are not stored.
+    store.upsert(cid, [Document("d1", "text 1 v2")], {"d1": _vec(5)})
+    store.delete(cid, ["d2"])
+    written = store.put_tokens(cid, {p.key: _blob(p.doc_id) for p in pending + rest})
+    assert written == 3  # d0, d3, d4
+    row = store.get_collection("t")
+    assert (row.doc_count, row.token_count, row.tokens_pending) == (4, 3, 1)
+    assert [p.doc_id for p in store.pending_tokens(cid, 10)] == ["d1"]
+    # Writing the same blob twice counts once.
+    assert store.put_tokens(cid, {pending[0].key: _blob("d0")}) == 0
+    # An unchanged text upserted with its blob fills its pending row, and only that one.
+    d1 = store.pending_tokens(cid, 10)[0]
+    store.upsert(
+        cid,
+        [Document("d1", "text 1 v2"), Document("d0", "text 0")],
+        {},
+        {
+            "d1": _blob("d1"),
+            "d0": b"not stored: d0 has its row",
+        },
+    )
+    assert store.token_blobs(cid, [d1.key, pending[0].key]) == {
+        d1.key: _blob("d1"),
+        pending[0].key: _blob("d0"),
+    }
+    assert store.get_collection("t").tokens_pending == 0
+
+
+def test_a_new_token_model_makes_every_document_pending(store: Store) -> None:
+    cid = _token_collection(store).id
+    docs = [Document("a", "alpha"), Document("b", "beta")]
+    store.upsert(cid, docs, {d.id: _vec(i) for i, d in enumerate(docs)}, {d.id: _blob(d.id) for d in docs})
+    assert store.set_token_storage(cid, FORMAT_JSON, "model@rev") == 0  # unchanged: nothing dropped
+    assert store.get_collection("t").tokens_pending == 0
+    assert store.set_token_storage(cid, FORMAT_JSON, "colbert@v2") == 2
+    row = store.get_collection("t")
+    assert (row.token_model_id, row.token_count, row.tokens_pending) == ("colbert@v2", 0, 2)
+    assert len(store.pending_tokens(cid, 10)) == 2
+
+
+def test_deleting_and_replacing_documents_reclaims_token_space(tmp_path: Path) -> None:
+    path = tmp_path / "sieve.db"
+    store = Store(path)
+    try:
+        assert store.incremental_vacuum
+        cid = _token_collection(store).id
+        blob_bytes = 23_000  # a SciFact document at int8, pool 4
+        rng = np.random.default_rng(0)
+
+        def write(ids: range, version: str) -> None:
+            docs = [Document(f"d{i}", f"text {i} {version}") for i in ids]
+            blobs = {d.id: rng.bytes(blob_bytes) for d in docs}
+            store.upsert(cid, docs, {d.id: _vec(i) for i, d in enumerate(docs)}, blobs)
+
+        write(range(400), "v1")
+        store.compact(min_free_pages=0)
+        full = store.size_bytes()
+        assert full > 400 * blob_bytes
+
+        # Replacing every document (new texts, new blobs; in batches, as clients write) then compacting: the
+        # old versions' pages are reused or released, so the store stays the size of one copy, not two.
+        for start in range(0, 400, 50):
+            write(range(start, start + 50), "v2")
+        store.compact(min_free_pages=0)
+        assert store.size_bytes() < 1.1 * full
+        assert store.free_pages() == 0
+
+        # Deleting 300 of them gives back at least their blobs' bytes, on disk after a checkpoint.
+        store.delete(cid, [f"d{i}" for i in range(300)])
+        assert store.compact(min_free_pages=10**9) == 0  # under the threshold: nothing done
+        released = store.compact(min_free_pages=0)
+        assert released * 4096 >= 300 * blob_bytes
+        assert store.size_bytes() < full - 300 * blob_bytes
+        store._conn().execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        assert path.stat().st_size == store.size_bytes()
+        assert store.get_collection("t").token_count == 100
+    finally:
+        store.close()
+
+
+def test_a_store_from_before_token_vectors_is_migrated(tmp_path: Path) -> None:
+    import sqlite3
+
+    from server.storage import store as store_module
+
+    path = tmp_path / "old.db"
+    old_schema = store_module.SCHEMA.replace(
+        "    created_at REAL NOT NULL,\n    token_format TEXT,\n    token_model_id TEXT,\n"
+        "    token_count INTEGER NOT NULL DEFAULT 0\n);",
+        "    created_at REAL NOT NULL\n);",
+    )
+    assert "token_format" not in old_schema.split("CREATE TABLE IF NOT EXISTS documents")[0]
+    conn = sqlite3.connect(path)
+    conn.executescript(old_schema)
+    conn.execute(
+        "INSERT INTO collections (name, embedding_model, embedding_model_id, metric, dims, defaults_json,"
+        " created_at) VALUES ('old', 'model', 'model@rev', 'cosine', 4, '{}', 0)"
+    )
+    conn.commit()
+    conn.close()
+
+    store = Store(path)
+    try:
+        assert not store.incremental_vacuum  # created without it: the log asks for a one-off VACUUM
+        row = store.get_collection("old")
+        assert (row.token_format, row.token_model_id, row.token_count, row.tokens_pending) == (
+            None,
+            None,
+            0,
+            0,
+        )
+        _upsert(store, row.id, [Document("a", "alpha")])
+        store.set_token_storage(row.id, FORMAT_JSON, "model@rev")
+        assert store.get_collection("old").tokens_pending == 1
+        assert store.compact(min_free_pages=0) == 0
+    finally:
+        store.close()
+    Store(path).close()  # a second open finds the columns there

@@ -126,7 +126,11 @@ def search_settings(
 
 
 def create_collection(
-    name: str, embedding_model: str, metric: MetricArg, defaults: SettingsArg
+    name: str,
+    embedding_model: str,
+    metric: MetricArg,
+    defaults: SettingsArg,
+    token_storage: Mapping[str, int] | None = None,
 ) -> collections_pb2.CreateCollectionRequest:
     return collections_pb2.CreateCollectionRequest(
         collection=collections_pb2.Collection(
@@ -134,6 +138,7 @@ def create_collection(
             embedding_model=embedding_model,
             metric=common_pb2.METRIC_UNSPECIFIED if metric is None else _lookup(_METRICS, metric, "metric"),  # type: ignore[arg-type]
             defaults=search_settings(defaults),
+            token_storage=None if token_storage is None else collections_pb2.TokenStorage(**token_storage),
         )
     )
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +134,14 @@ class AsyncSieveClient:
         embedding_model: str = "",
         metric: MetricArg = None,
         defaults: SettingsArg = None,
+        token_storage: Mapping[str, int] | None = None,
         timeout: float | None = None,
     ) -> collections_pb2.Collection:
         """Create a collection (ALREADY_EXISTS -> `AlreadyExists`). `defaults`: the collection's default
-        search settings, e.g. {"late_interaction": "best_effort", "retrieve_candidates": 100}."""
-        request = _build.create_collection(name, embedding_model, metric, defaults)
+        search settings, e.g. {"late_interaction": "best_effort", "retrieve_candidates": 100}.
+        `token_storage`: store late-interaction token vectors in this format, e.g. {"pool_factor": 4}
+        or {"pool_factor": 2, "projection_dims": 128} ({} for the server's default format)."""
+        request = _build.create_collection(name, embedding_model, metric, defaults, token_storage)
         response = await self._unary(
             "CollectionService/CreateCollection", self._collections.CreateCollection, request, timeout
         )

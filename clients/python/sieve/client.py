@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -144,11 +144,14 @@ class SieveClient:
         embedding_model: str = "",
         metric: MetricArg = None,
         defaults: SettingsArg = None,
+        token_storage: Mapping[str, int] | None = None,
         timeout: float | None = None,
     ) -> collections_pb2.Collection:
         """Create a collection (ALREADY_EXISTS -> `AlreadyExists`). `defaults`: the collection's default
-        search settings, e.g. {"late_interaction": "best_effort", "retrieve_candidates": 100}."""
-        request = _build.create_collection(name, embedding_model, metric, defaults)
+        search settings, e.g. {"late_interaction": "best_effort", "retrieve_candidates": 100}.
+        `token_storage`: store late-interaction token vectors in this format, e.g. {"pool_factor": 4}
+        or {"pool_factor": 2, "projection_dims": 128} ({} for the server's default format)."""
+        request = _build.create_collection(name, embedding_model, metric, defaults, token_storage)
         response = self._unary(
             "CollectionService/CreateCollection", self._collections.CreateCollection, request, timeout
         )

@@ -84,7 +84,7 @@ class StageScore(_message.Message):
     def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., score: _Optional[float] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StageReport(_message.Message):
-    __slots__ = ("stage", "status", "reason", "candidates_in", "candidates_out", "took_ms", "model_id", "method")
+    __slots__ = ("stage", "status", "reason", "candidates_in", "candidates_out", "took_ms", "model_id", "method", "token_source", "token_bytes", "tokens_pending", "query_token_source")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
@@ -93,6 +93,10 @@ class StageReport(_message.Message):
     TOOK_MS_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PENDING_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKEN_SOURCE_FIELD_NUMBER: _ClassVar[int]
     stage: _common_pb2.Stage
     status: StageStatus
     reason: str
@@ -101,4 +105,8 @@ class StageReport(_message.Message):
     took_ms: float
     model_id: str
     method: str
-    def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., status: _Optional[_Union[StageStatus, str]] = ..., reason: _Optional[str] = ..., candidates_in: _Optional[int] = ..., candidates_out: _Optional[int] = ..., took_ms: _Optional[float] = ..., model_id: _Optional[str] = ..., method: _Optional[str] = ...) -> None: ...
+    token_source: str
+    token_bytes: int
+    tokens_pending: int
+    query_token_source: str
+    def __init__(self, stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., status: _Optional[_Union[StageStatus, str]] = ..., reason: _Optional[str] = ..., candidates_in: _Optional[int] = ..., candidates_out: _Optional[int] = ..., took_ms: _Optional[float] = ..., model_id: _Optional[str] = ..., method: _Optional[str] = ..., token_source: _Optional[str] = ..., token_bytes: _Optional[int] = ..., tokens_pending: _Optional[int] = ..., query_token_source: _Optional[str] = ...) -> None: ...

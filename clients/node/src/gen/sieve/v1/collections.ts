@@ -49,10 +49,45 @@ export interface Collection {
     | Date
     | undefined;
   /**
+   * Late interaction: how the collection stores its documents' token vectors. Set at creation to choose
+   * the format; a collection whose defaults ask for late interaction gets the default format without it.
+   * Unset on a collection that stores none (late interaction then reports DEGRADED, or FAILED_PRECONDITION
+   * when REQUIRED). Cannot be changed after creation.
+   */
+  tokenStorage:
+    | TokenStorage
+    | undefined;
+  /**
    * The full-text (BM25) index's analysis: "english" (the default: stemming and stop words), "dutch",
    * "german", "french" or "spanish". Chosen at creation; cannot be changed after.
    */
   textLanguage: string;
+}
+
+/**
+ * The format of a collection's stored token vectors: int8 with a per-token scale, after optional token
+ * pooling and projection (smaller, at a small cost in ranking quality; see the README's format table).
+ */
+export interface TokenStorage {
+  /**
+   * Keep about one vector per this many tokens (Ward clustering of each document's tokens, cluster means).
+   * 0: the server default (4); 1: no pooling. Queries are never pooled.
+   */
+  poolFactor: number;
+  /** Project token vectors to this many dimensions by a fixed seeded orthonormal matrix. 0: no projection. */
+  projectionDims: number;
+  /** Output only: the format in words, e.g. "int8, pool 4". */
+  description: string;
+  /**
+   * Output only: name@revision of the model whose token vectors are stored (the bi-encoder for zero-shot
+   * late interaction, or the server's ColBERT bundle).
+   */
+  modelId: string;
+  /**
+   * Output only: documents whose token vectors are not stored yet. Zero-shot token vectors are written
+   * with their documents, so this stays 0; a ColBERT bundle's are computed after the write by the workers.
+   */
+  pending: number;
 }
 
 export interface CreateCollectionRequest {
@@ -96,6 +131,7 @@ function createBaseCollection(): Collection {
     documentCount: 0,
     generation: 0,
     createdAt: undefined,
+    tokenStorage: undefined,
     textLanguage: "",
   };
 }
@@ -128,6 +164,9 @@ export const Collection: MessageFns<Collection> = {
     }
     if (message.createdAt !== undefined) {
       Timestamp.encode(toTimestamp(message.createdAt), writer.uint32(74).fork()).join();
+    }
+    if (message.tokenStorage !== undefined) {
+      TokenStorage.encode(message.tokenStorage, writer.uint32(82).fork()).join();
     }
     if (message.textLanguage !== "") {
       writer.uint32(90).string(message.textLanguage);
@@ -220,6 +259,14 @@ export const Collection: MessageFns<Collection> = {
             message.createdAt = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.tokenStorage = TokenStorage.decode(reader, reader.uint32());
+            continue;
+          }
           case 11: {
             if (tag !== 90) {
               break;
@@ -267,6 +314,11 @@ export const Collection: MessageFns<Collection> = {
         : isSet(object.created_at)
         ? fromJsonTimestamp(object.created_at)
         : undefined,
+      tokenStorage: isSet(object.tokenStorage)
+        ? TokenStorage.fromJSON(object.tokenStorage)
+        : isSet(object.token_storage)
+        ? TokenStorage.fromJSON(object.token_storage)
+        : undefined,
       textLanguage: isSet(object.textLanguage)
         ? globalThis.String(object.textLanguage)
         : isSet(object.text_language)
@@ -304,6 +356,9 @@ export const Collection: MessageFns<Collection> = {
     if (message.createdAt !== undefined) {
       obj.createdAt = message.createdAt.toISOString();
     }
+    if (message.tokenStorage !== undefined) {
+      obj.tokenStorage = TokenStorage.toJSON(message.tokenStorage);
+    }
     if (message.textLanguage !== "") {
       obj.textLanguage = message.textLanguage;
     }
@@ -326,7 +381,155 @@ export const Collection: MessageFns<Collection> = {
     message.documentCount = object.documentCount ?? 0;
     message.generation = object.generation ?? 0;
     message.createdAt = object.createdAt ?? undefined;
+    message.tokenStorage = (object.tokenStorage !== undefined && object.tokenStorage !== null)
+      ? TokenStorage.fromPartial(object.tokenStorage)
+      : undefined;
     message.textLanguage = object.textLanguage ?? "";
+    return message;
+  },
+};
+
+function createBaseTokenStorage(): TokenStorage {
+  return { poolFactor: 0, projectionDims: 0, description: "", modelId: "", pending: 0 };
+}
+
+export const TokenStorage: MessageFns<TokenStorage> = {
+  encode(message: TokenStorage, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.poolFactor !== 0) {
+      writer.uint32(8).int32(message.poolFactor);
+    }
+    if (message.projectionDims !== 0) {
+      writer.uint32(16).int32(message.projectionDims);
+    }
+    if (message.description !== "") {
+      writer.uint32(26).string(message.description);
+    }
+    if (message.modelId !== "") {
+      writer.uint32(34).string(message.modelId);
+    }
+    if (message.pending !== 0) {
+      writer.uint32(40).int64(message.pending);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): TokenStorage {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseTokenStorage();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.poolFactor = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.projectionDims = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.modelId = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 40) {
+              break;
+            }
+
+            message.pending = longToNumber(reader.int64());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): TokenStorage {
+    return {
+      poolFactor: isSet(object.poolFactor)
+        ? globalThis.Number(object.poolFactor)
+        : isSet(object.pool_factor)
+        ? globalThis.Number(object.pool_factor)
+        : 0,
+      projectionDims: isSet(object.projectionDims)
+        ? globalThis.Number(object.projectionDims)
+        : isSet(object.projection_dims)
+        ? globalThis.Number(object.projection_dims)
+        : 0,
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      modelId: isSet(object.modelId)
+        ? globalThis.String(object.modelId)
+        : isSet(object.model_id)
+        ? globalThis.String(object.model_id)
+        : "",
+      pending: isSet(object.pending) ? globalThis.Number(object.pending) : 0,
+    };
+  },
+
+  toJSON(message: TokenStorage): unknown {
+    const obj: any = {};
+    if (message.poolFactor !== 0) {
+      obj.poolFactor = Math.round(message.poolFactor);
+    }
+    if (message.projectionDims !== 0) {
+      obj.projectionDims = Math.round(message.projectionDims);
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.modelId !== "") {
+      obj.modelId = message.modelId;
+    }
+    if (message.pending !== 0) {
+      obj.pending = Math.round(message.pending);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<TokenStorage>, I>>(base?: I): TokenStorage {
+    return TokenStorage.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<TokenStorage>, I>>(object: I): TokenStorage {
+    const message = createBaseTokenStorage();
+    message.poolFactor = object.poolFactor ?? 0;
+    message.projectionDims = object.projectionDims ?? 0;
+    message.description = object.description ?? "";
+    message.modelId = object.modelId ?? "";
+    message.pending = object.pending ?? 0;
     return message;
   },
 };

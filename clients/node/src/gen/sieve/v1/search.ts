@@ -146,8 +146,22 @@ export interface StageReport {
   tookMs: number;
   /** Model used by the stage (name@revision), when it used one. */
   modelId: string;
-  /** How the stage searched, e.g. "hnsw", "exact" (retrieval), or "cache" / "worker" (re-ranking). */
+  /**
+   * How the stage searched, e.g. "hnsw", "exact" (retrieval); for late interaction where the token
+   * vectors came from and how many bytes were read, e.g. "store: 100 docs, 2.3 MB, int8, pool 4; query
+   * tokens: same encoder pass"; for the cross-encoder "cache" or "worker (...)".
+   */
   method: string;
+  /**
+   * Late interaction only (the same facts as `method`, for metrics): where the documents' token vectors
+   * came from ("store"), how many bytes of them were read, how many candidates had none stored yet
+   * (pending: ranked after the scored ones), and where the query's token vectors came from
+   * ("encoder pass": the same pass as the retrieval vector; "cache"; "worker": a ColBERT bundle's).
+   */
+  tokenSource: string;
+  tokenBytes: number;
+  tokensPending: number;
+  queryTokenSource: string;
 }
 
 function createBaseSearchRequest(): SearchRequest {
@@ -849,7 +863,20 @@ export const StageScore: MessageFns<StageScore> = {
 };
 
 function createBaseStageReport(): StageReport {
-  return { stage: 0, status: 0, reason: "", candidatesIn: 0, candidatesOut: 0, tookMs: 0, modelId: "", method: "" };
+  return {
+    stage: 0,
+    status: 0,
+    reason: "",
+    candidatesIn: 0,
+    candidatesOut: 0,
+    tookMs: 0,
+    modelId: "",
+    method: "",
+    tokenSource: "",
+    tokenBytes: 0,
+    tokensPending: 0,
+    queryTokenSource: "",
+  };
 }
 
 export const StageReport: MessageFns<StageReport> = {
@@ -877,6 +904,18 @@ export const StageReport: MessageFns<StageReport> = {
     }
     if (message.method !== "") {
       writer.uint32(66).string(message.method);
+    }
+    if (message.tokenSource !== "") {
+      writer.uint32(74).string(message.tokenSource);
+    }
+    if (message.tokenBytes !== 0) {
+      writer.uint32(80).int64(message.tokenBytes);
+    }
+    if (message.tokensPending !== 0) {
+      writer.uint32(88).int32(message.tokensPending);
+    }
+    if (message.queryTokenSource !== "") {
+      writer.uint32(98).string(message.queryTokenSource);
     }
     return writer;
   },
@@ -958,6 +997,38 @@ export const StageReport: MessageFns<StageReport> = {
             message.method = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.tokenSource = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.tokenBytes = longToNumber(reader.int64());
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.tokensPending = reader.int32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.queryTokenSource = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -996,6 +1067,26 @@ export const StageReport: MessageFns<StageReport> = {
         ? globalThis.String(object.model_id)
         : "",
       method: isSet(object.method) ? globalThis.String(object.method) : "",
+      tokenSource: isSet(object.tokenSource)
+        ? globalThis.String(object.tokenSource)
+        : isSet(object.token_source)
+        ? globalThis.String(object.token_source)
+        : "",
+      tokenBytes: isSet(object.tokenBytes)
+        ? globalThis.Number(object.tokenBytes)
+        : isSet(object.token_bytes)
+        ? globalThis.Number(object.token_bytes)
+        : 0,
+      tokensPending: isSet(object.tokensPending)
+        ? globalThis.Number(object.tokensPending)
+        : isSet(object.tokens_pending)
+        ? globalThis.Number(object.tokens_pending)
+        : 0,
+      queryTokenSource: isSet(object.queryTokenSource)
+        ? globalThis.String(object.queryTokenSource)
+        : isSet(object.query_token_source)
+        ? globalThis.String(object.query_token_source)
+        : "",
     };
   },
 
@@ -1025,6 +1116,18 @@ export const StageReport: MessageFns<StageReport> = {
     if (message.method !== "") {
       obj.method = message.method;
     }
+    if (message.tokenSource !== "") {
+      obj.tokenSource = message.tokenSource;
+    }
+    if (message.tokenBytes !== 0) {
+      obj.tokenBytes = Math.round(message.tokenBytes);
+    }
+    if (message.tokensPending !== 0) {
+      obj.tokensPending = Math.round(message.tokensPending);
+    }
+    if (message.queryTokenSource !== "") {
+      obj.queryTokenSource = message.queryTokenSource;
+    }
     return obj;
   },
 
@@ -1041,6 +1144,10 @@ export const StageReport: MessageFns<StageReport> = {
     message.tookMs = object.tookMs ?? 0;
     message.modelId = object.modelId ?? "";
     message.method = object.method ?? "";
+    message.tokenSource = object.tokenSource ?? "";
+    message.tokenBytes = object.tokenBytes ?? 0;
+    message.tokensPending = object.tokensPending ?? 0;
+    message.queryTokenSource = object.queryTokenSource ?? "";
     return message;
   },
 };
