@@ -43,7 +43,7 @@ from run import available_cores, command_line, log, percentiles, write_result
 from server.storage.index import VectorIndex
 
 K = 10
-EFS = (16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024)
+EFS = (16, 24, 32, 48, 64, 80, 96, 112, 128, 144, 160, 176, 192, 224, 256, 320, 384, 512, 768, 1024)
 DEFAULT_CONFIGS = ("f16:16", "i8:16", "f16:12", "f16:24", "i8:24")
 
 

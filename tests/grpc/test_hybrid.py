@@ -242,3 +242,39 @@ async def test_a_store_without_full_text_indexes_gets_them_rebuilt_on_start(tmp_
         assert [h.id for h in resp.hits] == ["kinase"]
     finally:
         await stop_api(second)
+
+
+@pytest.mark.parametrize("retrieval", [common_pb2.RETRIEVAL_HYBRID, common_pb2.RETRIEVAL_LEXICAL])
+async def test_fused_candidates_feed_late_interaction(api, retrieval) -> None:  # type: ignore[no-untyped-def]
+    """Late interaction re-ranks what hybrid (or lexical) retrieval returned: candidates only BM25 found are
+    among its inputs and outputs, and each hit keeps the first stage's scores beside the MaxSim score."""
+    name = f"hybrid-li-{uuid.uuid4().hex[:8]}"
+    await api.collections.CreateCollection(
+        collections_pb2.CreateCollectionRequest(
+            collection=collections_pb2.Collection(
+                name=name,
+                defaults=common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT),
+            )
+        )
+    )
+    await api.documents.UpsertDocuments(
+        documents_pb2.UpsertDocumentsRequest(
+            collection=name, documents=[documents_pb2.Document(id=i, text=t) for i, (t, _) in DOCS.items()]
+        )
+    )
+    settings = common_pb2.SearchSettings(
+        retrieval=retrieval,
+        late_interaction=common_pb2.STAGE_MODE_REQUIRED,
+        retrieve_candidates=3,
+        late_interaction_keep=3,
+    )
+    resp = await _search(api, name, "XR-7731 phosphorylation", settings)
+    stages = {s.stage: s for s in resp.stages}
+    late = stages[common_pb2.STAGE_LATE_INTERACTION]
+    first = common_pb2.STAGE_FUSION if retrieval == common_pb2.RETRIEVAL_HYBRID else common_pb2.STAGE_LEXICAL
+    assert late.status == search_pb2.STAGE_STATUS_COMPLETED
+    assert stages[first].candidates_out == late.candidates_in == len(resp.hits) >= 1
+    kinase = next(h for h in resp.hits if h.id == "kinase")  # found by its code, which only BM25 matches
+    kept = {s.stage for s in kinase.stage_scores}
+    assert {common_pb2.STAGE_LEXICAL, common_pb2.STAGE_LATE_INTERACTION} <= kept
+    assert kinase.score == pytest.approx(kinase.stage_scores[-1].score)  # ranked by MaxSim now
