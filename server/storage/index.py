@@ -206,7 +206,7 @@ class VectorIndex:
         with self._lock.read():
             # An array, or a tuple with None for absent keys; dequantised to f32 (as stored: normalised or scaled,
             # which the cosine of exact_scores undoes).
-            found: Any = self._index.get(keys, dtype=np.float32)
+            found: Any = self._index.get(keys, dtype="f32")
         if isinstance(found, np.ndarray):
             vectors = found.astype(np.float32, copy=False).reshape(len(keys), self.dims)
         else:
@@ -286,12 +286,13 @@ class VectorIndex:
             if index is None or index.ndim != dims:
                 log.warning("index snapshot %s does not match the collection; ignoring it", path)
                 continue
-            found = Layout(index.metric, index.dtype.name.lower(), want.transform)
-            if (found.kind, found.dtype) != (want.kind, want.dtype):
+            kind, dtype = index.metric, index.dtype.name.lower()
+            if (kind, dtype) != (want.kind, want.dtype):
+                found = f"{getattr(kind, 'name', kind)!s} {dtype}".lower()
                 log.warning(
                     "index snapshot %s is in format %s, the collection's index is %s: rebuilding it from the store",
                     path,
-                    found.describe(),
+                    found,
                     want.describe(),
                 )
                 return None
