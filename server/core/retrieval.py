@@ -159,7 +159,9 @@ class Retrieval:
             if doc is None:  # removed between the index search and the lookup
                 continue
             stages = (
-                stage_scores[i] if stage_scores is not None else [StageScore(Stage.RETRIEVE, score, len(hits))]
+                stage_scores[i]
+                if stage_scores is not None
+                else [StageScore(Stage.RETRIEVE, score, len(hits))]
             )
             hits.append(Hit(doc.doc_id, score, doc.text, doc.metadata, stages, key=key))
         return hits

@@ -26,6 +26,12 @@ _STAGE_MODES = {
     "best-effort": common_pb2.STAGE_MODE_BEST_EFFORT,
     "required": common_pb2.STAGE_MODE_REQUIRED,
 }
+_RETRIEVALS = {
+    "dense": common_pb2.RETRIEVAL_DENSE,
+    "lexical": common_pb2.RETRIEVAL_LEXICAL,
+    "hybrid": common_pb2.RETRIEVAL_HYBRID,
+}
+_FUSIONS = {"rrf": common_pb2.FUSION_RRF, "weighted": common_pb2.FUSION_WEIGHTED}
 _METRICS = {
     "cosine": common_pb2.METRIC_COSINE,
     "ip": common_pb2.METRIC_INNER_PRODUCT,
@@ -109,6 +115,11 @@ def search_settings(
         for key in ("late_interaction", "cross_encoder"):
             if key in base:
                 base[key] = stage_mode(base[key])
+        # Hybrid retrieval by name too: {"retrieval": "hybrid", "fusion": "rrf", "rrf_k": 60}.
+        if "retrieval" in base:
+            base["retrieval"] = _lookup(_RETRIEVALS, base["retrieval"], "retrieval")
+        if "fusion" in base:
+            base["fusion"] = _lookup(_FUSIONS, base["fusion"], "fusion")
         settings = common_pb2.SearchSettings(**base)
     for key, value in (
         ("retrieve_candidates", retrieve_candidates),
