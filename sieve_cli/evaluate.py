@@ -61,6 +61,7 @@ class EvalOptions:
     candidates: int = 100  # retrieved for re-ranking
     late_keep: int = 100  # kept by late interaction (what the cross-encoder sees)
     cross_keep: int = 100  # kept by the cross-encoder
+    token_pool_factor: int = 0  # late interaction's token pooling (1: none); 0: the server's default format
 
     def needs_workers(self) -> bool:
         return any(parse_cascade(c) for c in self.cascades)
@@ -204,7 +205,13 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         )
         collections.CreateCollection(
             collections_pb2.CreateCollectionRequest(
-                collection=collections_pb2.Collection(name=name, defaults=defaults)
+                collection=collections_pb2.Collection(
+                    name=name,
+                    defaults=defaults,
+                    token_storage=collections_pb2.TokenStorage(pool_factor=opts.token_pool_factor)
+                    if late and opts.token_pool_factor
+                    else None,
+                )
             ),
             timeout=60,
         )

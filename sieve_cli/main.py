@@ -69,6 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
             candidates=args.candidates,
             late_keep=args.late_keep,
             cross_keep=args.cross_keep,
+            token_pool_factor=args.token_pool_factor,
         )
     )
     if args.json:
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--candidates", type=int, default=100, help="candidates retrieved for re-ranking")
     ev.add_argument("--late-keep", type=int, default=100, help="candidates late interaction keeps")
     ev.add_argument("--cross-keep", type=int, default=100, help="candidates the cross-encoder keeps")
+    ev.add_argument(
+        "--token-pool-factor",
+        type=int,
+        default=0,
+        help="with late interaction: the collection's token pooling (1: none; 0: the server default)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     ev.set_defaults(func=_eval)
 
