@@ -13,6 +13,7 @@ configuration in `runs`. A self-started server or stack writes its logs to stder
 from __future__ import annotations
 
 import contextlib
+import os
 import statistics
 import tempfile
 import time
@@ -64,7 +65,12 @@ class EvalOptions:
     token_pool_factor: int = 0  # late interaction's token pooling (1: none); 0: the server's default format
 
     def needs_workers(self) -> bool:
-        return any(parse_cascade(c) for c in self.cascades)
+        """Workers (and Redis) are needed for the cross-encoder, and for late interaction only with a
+        separate ColBERT bundle (SIEVE_LATE_INTERACTION_MODEL): zero-shot late interaction runs in the server
+        from the token vectors stored with the documents."""
+        stages = {stage for c in self.cascades for stage in parse_cascade(c)}
+        colbert = bool(os.environ.get("SIEVE_LATE_INTERACTION_MODEL"))
+        return "cross" in stages or ("late" in stages and colbert)
 
 
 STAGE_NAMES = {"late": "late_interaction", "cross": "cross_encoder"}
@@ -149,9 +155,9 @@ def self_started_server(env: dict[str, str] | None = None, *, workers: bool = Fa
     command = "serve"
     if workers:
         command = "run"
-        # embed: write-time token vectors (the eval collection enables late interaction by default).
+        # embed: a ColBERT bundle's document token vectors; colbert: its query encoding.
         settings.update(SIEVE_LOCAL_REDIS_PORT=str(free_port()), SIEVE_RUN_WORKER_QUEUES="embed,colbert")
-        # Cold candidates are encoded by the worker on first sight; give the stage time for that.
+        # A cross-encoder's pairs take seconds per search on this kind of machine; give the stage time.
         settings.setdefault("SIEVE_RERANK_TIMEOUT_S", "60")
     # The caller's SIEVE_* settings apply (models directory, cross-encoder...); a self-started `sieve run`
     # brings its own Redis, so an outer SIEVE_REDIS_URL must not leak into it.
@@ -197,8 +203,8 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         collections = collections_pb2_grpc.CollectionServiceStub(channel)
         documents = documents_pb2_grpc.DocumentServiceStub(channel)
         search = search_pb2_grpc.SearchServiceStub(channel)
-        # A cascade with late interaction: make it the collection's default, so that each upsert has a
-        # worker cache the documents' token vectors at write time, as a user's collection would.
+        # A cascade with late interaction: make it the collection's default, so that the collection stores
+        # its documents' token vectors (default format) with each upsert, as a user's collection would.
         late = any("late" in parse_cascade(spec) for spec in opts.cascades)
         defaults = (
             common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT) if late else None

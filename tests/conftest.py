@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,3 +164,33 @@ def worker(
         yield running
     finally:
         running.kill()
+
+
+SEEDED_CROSS_ENCODER = "cross-seeded"
+
+
+@pytest.fixture(scope="session")
+def seeded_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with the real bi-encoder and a cross-encoder exported from a seeded checkpoint of the
+    real architecture (no trained cross-encoder is reachable here: speed and plumbing only, no quality).
+    Exported once per test session, in a subprocess (this process never imports torch)."""
+    require_bundle()
+    from sieve_core.models.export import subprocess_env
+
+    work = tmp_path_factory.mktemp("seeded-models")
+    models = work / "models"
+    models.mkdir()
+    (models / MODEL).symlink_to(MODELS_DIR / MODEL)
+    checkpoint = work / "cross-checkpoint"
+    script = (
+        f"{sys.executable} -m sieve_core.models.export_cross_encoder seed --out {checkpoint} && "
+        f"{sys.executable} -m sieve_core.models.export cross-encoder --source {checkpoint} "
+        f"--out {models / SEEDED_CROSS_ENCODER} --name {SEEDED_CROSS_ENCODER}"
+    )
+    done = subprocess.run(
+        ["bash", "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, timeout=600
+    )
+    assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:] + done.stderr.decode(
+        errors="replace"
+    )
+    return models

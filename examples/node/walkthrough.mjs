@@ -1,6 +1,6 @@
 // Walkthrough: create a collection, index a JSONL file as a job and watch it, search with a cascade, and
-// handle a degraded or failed stage. Needs a running server (`make run`: with workers late interaction
-// completes; without, it is reported DEGRADED).
+// handle a degraded or failed stage. Needs a running server (`make run`; late interaction runs in the server
+// from the collection's stored token vectors, the cross-encoder needs a configured model and its workers).
 //   cd examples/node && npm install && node walkthrough.mjs [--address 127.0.0.1:50051] [--collection notes]
 import { fileURLToPath } from "node:url";
 import { parseArgs } from "node:util";
@@ -29,7 +29,12 @@ const client = new SieveClient(args.address);
 try {
   // 1. A collection.
   try {
-    await client.createCollection(args.collection, { metric: "cosine", defaults: { retrieveCandidates: 50 } });
+    // tokenStorage: the collection stores its documents' token vectors, so late interaction can run.
+    await client.createCollection(args.collection, {
+      metric: "cosine",
+      defaults: { retrieveCandidates: 50 },
+      tokenStorage: { poolFactor: 4 },
+    });
     console.log(`created collection ${args.collection}`);
   } catch (err) {
     if (!(err instanceof AlreadyExistsError)) throw err;

@@ -1,6 +1,7 @@
 """Walkthrough: create a collection, index a JSONL file as a job and watch it, search with a cascade,
 and handle a degraded or failed stage. Needs only `pip install ./clients/python` and a running server
-(`make run`: with workers, late interaction completes; without, it is reported DEGRADED).
+(`make run`; late interaction runs in the server from the collection's stored token vectors, the
+cross-encoder needs a configured model and its workers).
 
     python examples/python/walkthrough.py [--address 127.0.0.1:50051] [--collection notes]
 """
@@ -25,9 +26,15 @@ def stage_name(value: int) -> str:
 
 
 with SieveClient(args.address) as client:
-    # 1. A collection. Late interaction is opted into per search below; it could be a default here.
+    # 1. A collection that stores its documents' token vectors (token_storage), so that late interaction
+    #    can run; it is opted into per search below (it could be a default here).
     try:
-        client.create_collection(args.collection, metric="cosine", defaults={"retrieve_candidates": 50})
+        client.create_collection(
+            args.collection,
+            metric="cosine",
+            defaults={"retrieve_candidates": 50},
+            token_storage={"pool_factor": 4},
+        )
         print(f"created collection {args.collection!r}")
     except sieve.AlreadyExists:
         print(f"collection {args.collection!r} exists; indexing into it again (idempotent by id)")

@@ -373,7 +373,17 @@ class Collections:
             )
             row = self._store.get_collection(row.name)
         plan = self._token_plan(row, runner, defaults)
-        if plan is not None and plan.model_id != row.token_model_id:
+        if plan is not None and row.token_model_id is None:  # from before token storage: nothing to drop
+            self._store.set_token_storage(row.id, row.token_format, plan.model_id)
+            log.info(
+                "collection %r: stores %s token vectors (%s) from now on; its %d documents are pending until "
+                "the backfill computes them",
+                row.name,
+                plan.model_id,
+                plan.fmt.describe(),
+                row.doc_count,
+            )
+        elif plan is not None and plan.model_id != row.token_model_id:
             dropped = self._store.set_token_storage(row.id, row.token_format, plan.model_id)
             log.warning(
                 "collection %r: its token vectors are now %s's (were %s's): %d dropped, all %d documents "

@@ -271,6 +271,7 @@ class TokenBackfill:
         self._reported: dict[str, int] = {}
 
     def start(self) -> None:
+        self._wake.set()  # a first pass at once: documents left pending by an earlier run or an upgrade
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="sieve-token-backfill")
 
     def wake(self) -> None:

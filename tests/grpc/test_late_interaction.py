@@ -255,3 +255,65 @@ async def test_the_python_client_chooses_the_token_format(api) -> None:  # type:
         assert default.token_storage.description == "int8, pool 4"
         plain = await client.create_collection(f"{name}-p")
         assert not plain.HasField("token_storage")
+
+
+async def test_a_collection_from_before_token_storage_is_backfilled_at_start(tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A store written before token vectors were stored (its collection's defaults ask for late interaction):
+    at start the collection gets the default format, its documents are pending, and the server's backfill
+    computes them (in-process: no Redis here), never a search."""
+    import asyncio
+    import sqlite3
+
+    from tests.conftest import make_settings, start_api, stop_api
+
+    settings = make_settings(tmp_path)
+    server = await start_api(settings)
+    late = common_pb2.SearchSettings(late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT)
+    try:
+        name = await _create(server, defaults=late)
+        await _upsert(server, name, DOCS)
+    finally:
+        await stop_api(server)
+    # Back to how an older version left the store: no token columns set, no token rows.
+    conn = sqlite3.connect(tmp_path / "sieve.db")
+    conn.execute("UPDATE collections SET token_format = NULL, token_model_id = NULL, token_count = 0")
+    conn.execute("DELETE FROM tokens")
+    conn.commit()
+    conn.close()
+
+    caplog.set_level("INFO", logger="server.core.tokens")
+    server = await start_api(settings)
+    try:
+        deadline = asyncio.get_running_loop().time() + 60
+        while True:
+            info = (
+                await server.collections.GetCollection(collections_pb2.GetCollectionRequest(name=name))
+            ).collection
+            assert info.token_storage.description == "int8, pool 4"
+            if info.token_storage.pending == 0:
+                break
+            assert asyncio.get_running_loop().time() < deadline, info.token_storage
+            await asyncio.sleep(0.1)
+        # The backfill saw them pending, then stored them all.
+        assert f"collection {name!r}: {len(DOCS)} documents pending token vectors" in caplog.text
+        assert f"collection {name!r}: every document has its token vectors" in caplog.text
+        stored = _stored(server, name)
+        assert sorted(stored) == sorted(DOCS)
+        runner = server.server.engine.models.get(MODEL)
+        expected = compress_many(runner.token_vectors([DOCS[i] for i in sorted(DOCS)]), DEFAULT_TOKEN_FORMAT)
+        for doc_id, blob in zip(sorted(DOCS), expected, strict=True):
+            assert read_header(stored[doc_id]) == read_header(blob)
+            np.testing.assert_allclose(
+                maxsim_blobs(runner.token_vectors([QUERY])[0], [stored[doc_id]]),
+                maxsim_blobs(runner.token_vectors([QUERY])[0], [blob]),
+                atol=1e-3,
+            )
+        response = await server.search.Search(
+            search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE)
+        )
+        assert (
+            response.stages[1].status == search_pb2.STAGE_STATUS_COMPLETED
+            and response.stages[1].tokens_pending == 0
+        )
+    finally:
+        await stop_api(server)

@@ -18,8 +18,6 @@ import json
 import os
 import random
 import signal
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -31,12 +29,9 @@ import redis
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
 
 from sieve_core.contracts import Candidate, CrossEncoderRequest
-from sieve_core.models.export import subprocess_env
 from sieve_core.tasking import TASK_CROSS_ENCODER, SieveCelery
 from tests.conftest import (
-    MODEL,
-    MODELS_DIR,
-    ROOT,
+    SEEDED_CROSS_ENCODER,
     RedisServer,
     Worker,
     make_settings,
@@ -84,28 +79,13 @@ WORDS = [
 ]
 DOCS = 100
 QUERY = "immune response to infection in a patient cohort"
-CROSS = "cross-seeded"
+CROSS = SEEDED_CROSS_ENCODER
 
 
 @pytest.fixture(scope="module")
-def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A models folder with the bi-encoder and the seeded cross-encoder (exported here, in a subprocess)."""
-    work = tmp_path_factory.mktemp("fault-models")
-    (work / "models").mkdir()
-    (work / "models" / MODEL).symlink_to(MODELS_DIR / MODEL)
-    checkpoint = work / "cross-checkpoint"
-    script = (
-        f"{sys.executable} -m sieve_core.models.export_cross_encoder seed --out {checkpoint} && "
-        f"{sys.executable} -m sieve_core.models.export cross-encoder --source {checkpoint} "
-        f"--out {work / 'models' / CROSS} --name {CROSS}"
-    )
-    done = subprocess.run(
-        ["bash", "-c", script], cwd=ROOT, env=subprocess_env(), capture_output=True, timeout=600
-    )
-    assert done.returncode == 0, done.stdout.decode(errors="replace")[-3000:] + done.stderr.decode(
-        errors="replace"
-    )
-    return work / "models"
+def models_dir(seeded_models: Path) -> Path:
+    """The bi-encoder and the seeded cross-encoder (tests/conftest.py, exported once per session)."""
+    return seeded_models
 
 
 @pytest.fixture(scope="module")

@@ -33,7 +33,7 @@ import pytest
 import sieve
 
 from sieve_cli.stack import free_port, wait_serving
-from tests.conftest import MODELS_DIR, ROOT, require_bundle
+from tests.conftest import MODELS_DIR, ROOT, SEEDED_CROSS_ENCODER, require_bundle
 
 pytestmark = pytest.mark.slow
 NOTES = ROOT / "examples" / "data" / "notes.jsonl"
@@ -99,7 +99,10 @@ class Stack:
 
 
 @pytest.fixture
-def stack(tmp_path: Path) -> Iterator[Stack]:
+def stack(tmp_path: Path, seeded_models: Path) -> Iterator[Stack]:
+    """`sieve run` with a (seeded) cross-encoder: the one stage that still needs workers (late interaction
+    runs in the server from stored token vectors), so the stack starts embed, colbert and cross_encoder
+    workers."""
     require_bundle()
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed (make test installs it via scripts/ensure_redis.sh)")
@@ -109,7 +112,8 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
         SIEVE_GRPC_ADDRESS=f"127.0.0.1:{grpc_port}",
         SIEVE_METRICS_ADDRESS=f"127.0.0.1:{metrics_port}",
         SIEVE_LOCAL_REDIS_PORT=str(redis_port),
-        SIEVE_MODELS_DIR=str(MODELS_DIR),
+        SIEVE_MODELS_DIR=str(seeded_models),
+        SIEVE_CROSS_ENCODER_MODEL=SEEDED_CROSS_ENCODER,
     )
     log = tmp_path / "run.log"
     with log.open("w") as out:
@@ -132,26 +136,38 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
                 proc.wait()
 
 
-def _late_search(client: sieve.SieveClient, collection: str, query: str) -> tuple[int, float]:
-    """The late-interaction stage's status of one Search, and how long the call took."""
+def _rerank_search(client: sieve.SieveClient, collection: str, query: str) -> tuple[int, float]:
+    """One Search through late interaction and the cross-encoder: the cross-encoder stage's status (the
+    stage that runs on the workers), and how long the call took. Late interaction runs in the server from
+    the stored token vectors: it completes whatever happens to the workers or Redis (asserted here)."""
     started = time.monotonic()
     response = client.search(
-        collection, query, top_k=3, late_interaction="best_effort", timeout=SEARCH_DEADLINE_S
+        collection,
+        query,
+        top_k=3,
+        late_interaction="best_effort",
+        late_interaction_keep=5,
+        cross_encoder="best_effort",
+        cross_encoder_keep=3,
+        timeout=SEARCH_DEADLINE_S,
     )
     took = time.monotonic() - started
-    [late] = [s for s in response.stages if s.stage == sieve.Stage.STAGE_LATE_INTERACTION]
-    return late.status, took
+    status = {s.stage: s.status for s in response.stages}
+    assert status[sieve.Stage.STAGE_LATE_INTERACTION] == sieve.StageStatus.STAGE_STATUS_COMPLETED
+    return status[sieve.Stage.STAGE_CROSS_ENCODER], took
 
 
 def _until_completed(client: sieve.SieveClient, collection: str, tag: str) -> int:
-    """Searches (a new query each time: no cached scores) until late interaction completes; their count."""
+    """Searches (a new query each time: no cached scores) until the cross-encoder completes; their count."""
     deadline = time.monotonic() + BACK_WITHIN_S
     for n in range(1, 10_000):
-        status, took = _late_search(client, collection, f"{tag} query {n}: which animal hunts at night")
+        status, took = _rerank_search(client, collection, f"{tag} query {n}: which animal hunts at night")
         assert took < SEARCH_DEADLINE_S, f"a Search took {took:.1f} s, past its deadline"
         if status == sieve.StageStatus.STAGE_STATUS_COMPLETED:
             return n
-        assert time.monotonic() < deadline, f"late interaction did not complete again within {BACK_WITHIN_S}s"
+        assert time.monotonic() < deadline, (
+            f"the cross-encoder did not complete again within {BACK_WITHIN_S}s"
+        )
         time.sleep(1.0)
     raise AssertionError("unreachable")
 
@@ -182,22 +198,25 @@ def test_stack_outlives_every_celery_process_and_redis_then_stops_with_the_serve
         server_pid = stack.server_pid()
 
         celery = stack.processes("celery")
-        assert len(celery) >= 4, f"expected 2 workers with a pool process each: {celery}"
+        assert len(celery) >= 6, f"expected 3 workers with a pool process each: {celery}"
         for pid in celery:  # all at once: parents and pool processes
             os.kill(pid, signal.SIGKILL)
-        status, took = _late_search(client, collection, "with every worker dead: which animal purrs")
+        status, took = _rerank_search(client, collection, "with every worker dead: which animal purrs")
         assert status == sieve.StageStatus.STAGE_STATUS_DEGRADED
         assert took < SEARCH_DEADLINE_S
         _until_completed(client, collection, "after workers")
         assert stack.server_pid() == server_pid, "the server was restarted"
         assert stack.proc.poll() is None
-        assert _restarts(stack).get("worker-colbert", 0) >= 1 and _restarts(stack).get("worker-embed", 0) >= 1
-        assert "worker-colbert exited with code -9; restarting it in" in stack.log.read_text()
+        restarts = _restarts(stack)
+        assert all(restarts.get(f"worker-{q}", 0) >= 1 for q in ("embed", "colbert", "cross_encoder")), (
+            restarts
+        )
+        assert "worker-cross_encoder exited with code -9; restarting it in" in stack.log.read_text()
 
         # Redis likewise: killed, searches degrade within their deadline, then complete again.
         [redis_pid] = stack.processes("redis-server")
         os.kill(redis_pid, signal.SIGKILL)
-        status, took = _late_search(client, collection, "with Redis dead: which animal barks")
+        status, took = _rerank_search(client, collection, "with Redis dead: which animal barks")
         assert status == sieve.StageStatus.STAGE_STATUS_DEGRADED and took < SEARCH_DEADLINE_S
         _until_completed(client, collection, "after redis")
         assert stack.server_pid() == server_pid
@@ -387,8 +406,6 @@ def test_sieve_eval_json_is_one_document_with_flat_metrics_and_the_stack_logs_on
     from tests.integration.test_eval import _write_beir
 
     require_bundle()
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed")
     _write_beir(tmp_path / "tiny")
     argv = [*CLI, "eval", str(tmp_path / "tiny"), "--json", "--late-interaction", "--cascade", "retrieve"]
     done = subprocess.run(
@@ -406,9 +423,9 @@ def test_sieve_eval_json_is_one_document_with_flat_metrics_and_the_stack_logs_on
     for key in ("ndcg@10", "recall@100", "mrr@10"):
         assert report[key] == first[key]
     assert second["cascade"] == "retrieve 100 > late_interaction 100"
-    # The self-started stack (Redis, workers, server) said what it started, on stderr only.
-    assert "sieve run: redis-server on" in done.stderr
-    assert "sieve run: Celery worker on queue 'colbert'" in done.stderr
+    # The self-started server (zero-shot late interaction needs no Redis and no workers) logged on stderr
+    # only: its settings line at start and its stop.
+    assert "sieve.server" in done.stderr and "settings: {" in done.stderr and "stopped" in done.stderr
 
 
 # == item 10: the TypeScript package's own tests after a plain `npm ci` ================================

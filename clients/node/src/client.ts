@@ -104,6 +104,9 @@ export interface CreateCollectionOptions extends CallOpts {
   metric?: MetricArg;
   /** The collection's default search settings. */
   defaults?: SettingsInput;
+  /** Store late-interaction token vectors in this format, e.g. { poolFactor: 4 } or
+   * { poolFactor: 2, projectionDims: 128 } ({} for the server's default format). */
+  tokenStorage?: { poolFactor?: number; projectionDims?: number };
 }
 
 export interface SearchOptions extends CallOpts, SettingsInput {
@@ -285,6 +288,7 @@ export class SieveClient {
         embeddingModel: options.embeddingModel ?? "",
         metric: options.metric === undefined ? Metric.METRIC_UNSPECIFIED : lookup(METRICS, options.metric, "metric"),
         defaults: settings(options.defaults),
+        tokenStorage: options.tokenStorage === undefined ? undefined : { ...options.tokenStorage },
       },
     });
     const c = this.collections;
