@@ -262,8 +262,8 @@ def _search_all(search, name: str, data, specs: list[str], opts: EvalOptions) ->
     """Every query through every cascade configuration; their metrics and speed.
 
     The configurations take turns query by query (the first of each query rotating), so that a change in
-    the machine's load, and the query-vector cache a first call warms for the next, fall on all alike: the
-    latencies of one run are comparable with each other."""
+    the machine's load falls on all alike. With a query-vector cache (a stack with Redis) a later call on
+    the same query skips its embedding, so compare latencies from a run without one (`sieve serve`)."""
     settings = [cascade_settings(spec, opts) for spec in specs]
     runs: list[dict[str, list[str]]] = [{} for _ in specs]
     stage_ms: list[dict[str, list[float]]] = [{} for _ in specs]
