@@ -13,12 +13,16 @@ Data sets:
 
 Systems, all with Sieve's settings (SIEVE_HNSW_CONNECTIVITY=16, SIEVE_HNSW_EF_CONSTRUCTION=200,
 SIEVE_DEFAULT_EF_SEARCH=256), f32 vectors:
-  usearch cos   exactly what a collection builds (server/storage/index.py: MetricKind.Cos)
+  usearch cos   what a collection built before the f16 layout (MetricKind.Cos, f32)
   usearch ip    the same on inner product (the vectors are normalised, so the same ranking): shows what
                 the cosine metric costs; not what Sieve runs today
   faiss hnsw    IndexHNSWFlat(d, M=16, METRIC_INNER_PRODUCT), efConstruction 200, efSearch 256 (FAISS's
                 level 0 has 2*M links, as usearch's does)
+  sieve f16     the server's own VectorIndex with its default settings and layout (SIEVE_INDEX_STORAGE:
+                f16, cosine as inner product on normalised f16 vectors): what a collection builds now
   exact         numpy float32 matmul (BLAS) + argpartition: the ground truth and the brute-force baseline
+
+All at one ef here; bench/ann_tune.py chooses ef per system for a recall target (the index's acceptance).
 
 Side by side: the machine is shared and its load changes by the minute, so the systems take turns
 rather than running one after the other. The HNSW indexes are built together, slice by slice (about 5% of
@@ -232,6 +236,39 @@ class Usearch(System):
         }
 
 
+class SieveDefault(System):
+    """The server's own VectorIndex with the server's default settings (layout SIEVE_INDEX_STORAGE, f16:
+    cosine as inner product on normalised f16 vectors): what a collection builds today."""
+
+    def __init__(self, corpus: np.ndarray, threads: int) -> None:
+        from server.storage.index import VectorIndex
+
+        super().__init__()
+        self.corpus, self.threads = corpus, threads
+        self.name = f"sieve_{_DEFAULTS.index_storage}"
+        self.keys = np.arange(len(corpus), dtype=np.uint64)
+        self.index = VectorIndex(
+            corpus.shape[1],
+            "cosine",
+            connectivity=CONNECTIVITY,
+            ef_construction=EF_CONSTRUCTION,
+            ef_search=EF_SEARCH,
+            storage=_DEFAULTS.index_storage,
+        )
+
+    def add(self, start: int, stop: int) -> None:
+        self.index.add(self.keys[start:stop], self.corpus[start:stop])
+
+    def batch(self, queries: np.ndarray) -> np.ndarray:
+        return self.index.search_batch(queries, K, threads=self.threads).astype(np.int64)
+
+    def one(self, query: np.ndarray) -> None:
+        self.index.search(query, K)
+
+    def sizes(self, n: int) -> dict[str, Any]:
+        return {"bytes_per_vector": self.index.memory_bytes() / n}
+
+
 class Faiss(System):
     name = "faiss_hnsw"
 
@@ -318,6 +355,7 @@ def compare(
     systems: list[System] = [Exact(corpus), Usearch(corpus, MetricKind.Cos, threads)]
     if ip:
         systems.append(Usearch(corpus, MetricKind.IP, threads))
+    systems.append(SieveDefault(corpus, threads))
     systems.append(Faiss(corpus, threads))
     log(f"{name}: building {', '.join(s.name for s in systems if s.hnsw)}, slice by slice in turn")
     load = [os.getloadavg()[0]]  # the shared machine's load while this data set was measured
@@ -400,6 +438,11 @@ def _paired(
         "qps_usearch_cos_over_faiss": round(float(np.median(np.divide(qps[u.name], qps[f.name]))), 3),
         "latency_usearch_cos_over_faiss": round(float(np.median(np.divide(ms[u.name], ms[f.name]))), 3),
         "qps_usearch_cos_over_exact": round(float(np.median(np.divide(qps[u.name], qps["exact"]))), 3),
+        **{
+            f"qps_{s.name}_over_faiss": round(float(np.median(np.divide(qps[s.name], qps[f.name]))), 3)
+            for s in systems
+            if isinstance(s, SieveDefault)
+        },
     }
 
 

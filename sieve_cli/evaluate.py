@@ -1,8 +1,9 @@
 """`sieve eval`: index a BEIR folder through UpsertDocuments and score it through Search, over gRPC.
 
 The corpus is indexed once; each cascade configuration asked for (`--cascade retrieve`, `--cascade
-late`, `--cascade late+cross`...) then runs every query and is reported on its own, so the
-configurations are compared on the same index in the same run.
+late`, `--cascade late+cross`, `--cascade lexical`, `--cascade hybrid`, `--cascade hybrid+late`...) then
+runs every query and is reported on its own, so the configurations are compared on the same index in the
+same run; they take turns query by query, so that their latencies are comparable too.
 
 `sieve eval --json` prints exactly one JSON document on stdout: the data set, the first configuration's
 metrics at the top level (`ndcg@10`, `recall@100`, `mrr@10`, `cascade`, `search_queries_per_s`) and every
@@ -54,12 +55,14 @@ class EvalOptions:
     batch_size: int = 64
     keep: bool = False
     quiet: bool = False
-    # Cascade configurations, each a '+'-joined list of re-ranking stages after retrieval: "retrieve"
-    # (none), "late", "cross", "late+cross". Every stage is REQUIRED: one that cannot run fails eval.
+    # Cascade configurations, each an optional first stage ("retrieve" or "dense" by default, "lexical",
+    # "hybrid") and '+'-joined re-ranking stages: "retrieve", "late", "cross", "late+cross", "lexical",
+    # "hybrid", "hybrid+late"... Every stage is REQUIRED: one that cannot run fails eval.
     cascades: tuple[str, ...] = ("retrieve",)
     candidates: int = 100  # retrieved for re-ranking
     late_keep: int = 100  # kept by late interaction (what the cross-encoder sees)
     cross_keep: int = 100  # kept by the cross-encoder
+    token_pool_factor: int = 0  # late interaction's token pooling (1: none); 0: the server's default format
 
     def needs_workers(self) -> bool:
         """Workers (and Redis) are needed for the cross-encoder, and for late interaction only with a
@@ -71,25 +74,55 @@ class EvalOptions:
 
 
 STAGE_NAMES = {"late": "late_interaction", "cross": "cross_encoder"}
+# The first stage a spec may start with (default "retrieve", dense): which retrievers run.
+FIRST_STAGES = {
+    "retrieve": common_pb2.RETRIEVAL_DENSE,
+    "dense": common_pb2.RETRIEVAL_DENSE,
+    "lexical": common_pb2.RETRIEVAL_LEXICAL,
+    "hybrid": common_pb2.RETRIEVAL_HYBRID,
+}
+RRF_K = 60  # hybrid specs fuse by reciprocal rank fusion with the server's default k
+
+
+def _split(spec: str) -> tuple[str, list[str]]:
+    parts = [s.strip() for s in spec.split("+")]
+    first = parts[0] if parts and parts[0] in FIRST_STAGES else "retrieve"
+    return first, [p for p in (parts[1:] if parts and parts[0] in FIRST_STAGES else parts) if p != "retrieve"]
 
 
 def parse_cascade(spec: str) -> tuple[str, ...]:
-    """'late+cross' -> ('late', 'cross'); 'retrieve' -> (). Raises ValueError for anything else."""
-    stages = tuple(s.strip() for s in spec.split("+") if s.strip() != "retrieve")
+    """The re-ranking stages of a spec: 'late+cross' -> ('late', 'cross'); 'retrieve', 'lexical', 'hybrid'
+    -> (); 'hybrid+late' -> ('late',). Raises ValueError for anything else."""
+    _, stages = _split(spec)
     unknown = [s for s in stages if s not in STAGE_NAMES]
     if (
         not spec.strip()
         or unknown
         or len(set(stages)) != len(stages)
-        or list(stages) != sorted(stages, key=list(STAGE_NAMES).index)
+        or stages != sorted(stages, key=list(STAGE_NAMES).index)
     ):
-        raise ValueError(f"bad cascade {spec!r}: use 'retrieve', 'late', 'cross' or 'late+cross'")
-    return stages
+        raise ValueError(
+            f"bad cascade {spec!r}: an optional first stage ('retrieve' or 'dense', 'lexical', 'hybrid') "
+            "then re-ranking stages in order ('late', 'cross'), joined by '+': e.g. 'hybrid+late+cross'"
+        )
+    return tuple(stages)
+
+
+def first_stage(spec: str) -> str:
+    """'hybrid+late' -> 'hybrid'; 'late' -> 'retrieve' (dense)."""
+    parse_cascade(spec)  # validates
+    return _split(spec)[0]
 
 
 def describe_cascade(spec: str, opts: EvalOptions) -> str:
     stages = parse_cascade(spec)
-    parts = [f"retrieve {opts.candidates if stages else opts.top_k}"]
+    first = {
+        "retrieve": "retrieve",
+        "dense": "retrieve",
+        "lexical": "lexical",
+        "hybrid": f"hybrid (rrf k={RRF_K})",
+    }
+    parts = [f"{first[first_stage(spec)]} {opts.candidates if stages else opts.top_k}"]
     if "late" in stages:
         parts.append(f"late_interaction {max(opts.late_keep, opts.top_k)}")
     if "cross" in stages:
@@ -100,7 +133,11 @@ def describe_cascade(spec: str, opts: EvalOptions) -> str:
 def cascade_settings(spec: str, opts: EvalOptions) -> common_pb2.SearchSettings:
     stages = parse_cascade(spec)
     required, off = common_pb2.STAGE_MODE_REQUIRED, common_pb2.STAGE_MODE_OFF
+    retrieval = FIRST_STAGES[first_stage(spec)]
     return common_pb2.SearchSettings(
+        retrieval=retrieval,
+        fusion=common_pb2.FUSION_RRF if retrieval == common_pb2.RETRIEVAL_HYBRID else None,
+        rrf_k=RRF_K if retrieval == common_pb2.RETRIEVAL_HYBRID else None,
         retrieve_candidates=max(opts.candidates, opts.top_k),
         late_interaction=required if "late" in stages else off,
         late_interaction_keep=opts.late_keep,
@@ -174,7 +211,13 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
         )
         collections.CreateCollection(
             collections_pb2.CreateCollectionRequest(
-                collection=collections_pb2.Collection(name=name, defaults=defaults)
+                collection=collections_pb2.Collection(
+                    name=name,
+                    defaults=defaults,
+                    token_storage=collections_pb2.TokenStorage(pool_factor=opts.token_pool_factor)
+                    if late and opts.token_pool_factor
+                    else None,
+                )
             ),
             timeout=60,
         )
@@ -196,7 +239,7 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
                         task, completed=done, rate=f"{done / (time.perf_counter() - started):.1f} docs/s"
                     )
             index_s = time.perf_counter() - started
-            runs = [_search_all(search, name, data, spec, opts) for spec in opts.cascades]
+            runs = _search_all(search, name, data, list(opts.cascades), opts)
         finally:
             if not opts.keep:
                 collections.DeleteCollection(collections_pb2.DeleteCollectionRequest(name=name), timeout=60)
@@ -215,30 +258,44 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
     }
 
 
-def _search_all(search, name: str, data, spec: str, opts: EvalOptions) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    """Every query through one cascade configuration; its metrics and speed."""
-    settings = cascade_settings(spec, opts)
-    run: dict[str, list[str]] = {}
-    stage_ms: dict[str, list[float]] = {}
+def _search_all(search, name: str, data, specs: list[str], opts: EvalOptions) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+    """Every query through every cascade configuration; their metrics and speed.
+
+    The configurations take turns query by query (the first of each query rotating), so that a change in
+    the machine's load falls on all alike. With a query-vector cache (a stack with Redis) a later call on
+    the same query skips its embedding, so compare latencies from a run without one (`sieve serve`)."""
+    settings = [cascade_settings(spec, opts) for spec in specs]
+    runs: list[dict[str, list[str]]] = [{} for _ in specs]
+    stage_ms: list[dict[str, list[float]]] = [{} for _ in specs]
+    call_ms: list[list[float]] = [[] for _ in specs]
     started = time.perf_counter()
     with _progress(opts.quiet) as bar:
-        task = bar.add_task(f"searching ({spec})", total=len(data.queries), rate="")
+        task = bar.add_task(f"searching ({', '.join(specs)})", total=len(data.queries), rate="")
         for n, (qid, text) in enumerate(data.queries.items(), 1):
-            request = search_pb2.SearchRequest(
-                collection=name, query=text, top_k=opts.top_k, omit_documents=True, settings=settings
-            )
-            response = search.Search(request, timeout=120)
-            run[qid] = [hit.id for hit in response.hits]
-            for report in response.stages:
-                if report.status == search_pb2.STAGE_STATUS_COMPLETED:
-                    key = common_pb2.Stage.Name(report.stage).removeprefix("STAGE_").lower()
-                    stage_ms.setdefault(key, []).append(report.took_ms)
+            for i in [(n + j) % len(specs) for j in range(len(specs))]:
+                request = search_pb2.SearchRequest(
+                    collection=name, query=text, top_k=opts.top_k, omit_documents=True, settings=settings[i]
+                )
+                t = time.perf_counter()
+                response = search.Search(request, timeout=120)
+                call_ms[i].append((time.perf_counter() - t) * 1000)
+                runs[i][qid] = [hit.id for hit in response.hits]
+                for report in response.stages:
+                    if report.status == search_pb2.STAGE_STATUS_COMPLETED:
+                        key = common_pb2.Stage.Name(report.stage).removeprefix("STAGE_").lower()
+                        stage_ms[i].setdefault(key, []).append(report.took_ms)
             bar.update(task, completed=n, rate=f"{n / (time.perf_counter() - started):.1f} q/s")
-    search_s = time.perf_counter() - started
-    return {
-        "cascade": describe_cascade(spec, opts),
-        "spec": spec,
-        **evaluate(run, data.qrels),
-        "search_queries_per_s": len(data.queries) / search_s,
-        "stage_ms_p50": {k: statistics.median(v) for k, v in stage_ms.items()},
-    }
+    return [
+        {
+            "cascade": describe_cascade(spec, opts),
+            "spec": spec,
+            **evaluate(runs[i], data.qrels),
+            "search_queries_per_s": 1000 * len(call_ms[i]) / max(sum(call_ms[i]), 1e-9),
+            "search_ms": {
+                "p50": statistics.median(call_ms[i]),
+                "p99": statistics.quantiles(call_ms[i], n=100)[98] if len(call_ms[i]) > 1 else call_ms[i][0],
+            },
+            "stage_ms_p50": {k: statistics.median(v) for k, v in stage_ms[i].items()},
+        }
+        for i, spec in enumerate(specs)
+    ]

@@ -69,6 +69,7 @@ def _eval(args: argparse.Namespace) -> int:
             candidates=args.candidates,
             late_keep=args.late_keep,
             cross_keep=args.cross_keep,
+            token_pool_factor=args.token_pool_factor,
         )
     )
     if args.json:
@@ -78,11 +79,11 @@ def _eval(args: argparse.Namespace) -> int:
         f"{result['dataset']} ({result['split']}): {result['documents']} documents, {result['queries']} queries,"
         f" indexed at {result['index_docs_per_s']:.1f} docs/s"
     )
-    print(f"  {'cascade':<48} {'nDCG@10':>8} {'R@100':>7} {'MRR@10':>7} {'q/s':>7}")
+    print(f"  {'cascade':<48} {'nDCG@10':>8} {'R@100':>7} {'MRR@10':>7} {'q/s':>7} {'p50 ms':>7}")
     for run in result["runs"]:  # type: ignore[attr-defined]
         print(
             f"  {run['cascade']:<48} {run['ndcg@10']:>8.4f} {run['recall@100']:>7.4f} "
-            f"{run['mrr@10']:>7.4f} {run['search_queries_per_s']:>7.1f}"
+            f"{run['mrr@10']:>7.4f} {run['search_queries_per_s']:>7.1f} {run['search_ms']['p50']:>7.1f}"
         )
     return 0
 
@@ -149,6 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--candidates", type=int, default=100, help="candidates retrieved for re-ranking")
     ev.add_argument("--late-keep", type=int, default=100, help="candidates late interaction keeps")
     ev.add_argument("--cross-keep", type=int, default=100, help="candidates the cross-encoder keeps")
+    ev.add_argument(
+        "--token-pool-factor",
+        type=int,
+        default=0,
+        help="with late interaction: the collection's token pooling (1: none; 0: the server default)",
+    )
     ev.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     ev.set_defaults(func=_eval)
 

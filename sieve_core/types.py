@@ -10,9 +10,36 @@ from typing import Any
 class Stage(enum.IntEnum):
     """Cascade stages, in order. Values match sieve.v1.Stage."""
 
-    RETRIEVE = 1
+    RETRIEVE = 1  # dense retrieval (the bi-encoder's vector and the vector index)
     LATE_INTERACTION = 2
     CROSS_ENCODER = 3
+    LEXICAL = 4  # BM25 over the full-text index (lexical or hybrid retrieval)
+    FUSION = 5  # the dense and lexical lists fused (hybrid retrieval)
+
+
+class RetrievalMode(enum.IntEnum):
+    """Values match sieve.v1.Retrieval; 0 means 'use the default'."""
+
+    UNSPECIFIED = 0
+    DENSE = 1
+    LEXICAL = 2
+    HYBRID = 3
+
+    @property
+    def dense(self) -> bool:
+        return self in (RetrievalMode.DENSE, RetrievalMode.HYBRID)
+
+    @property
+    def lexical(self) -> bool:
+        return self in (RetrievalMode.LEXICAL, RetrievalMode.HYBRID)
+
+
+class FusionMethod(enum.IntEnum):
+    """Values match sieve.v1.Fusion; 0 means 'use the default'."""
+
+    UNSPECIFIED = 0
+    RRF = 1
+    WEIGHTED = 2
 
 
 class StageMode(enum.IntEnum):
@@ -63,6 +90,10 @@ class SearchSettings:
     cross_encoder_model: str | None = None
     latency_budget_ms: int | None = None
     tier: SearchTier = SearchTier.UNSPECIFIED
+    retrieval: RetrievalMode = RetrievalMode.UNSPECIFIED
+    fusion: FusionMethod = FusionMethod.UNSPECIFIED
+    rrf_k: int | None = None
+    dense_weight: float | None = None
 
     def over(self, base: SearchSettings) -> SearchSettings:
         """These settings, with unset fields taken from `base`."""
@@ -81,6 +112,10 @@ class SearchSettings:
             cross_encoder_model=pick(self.cross_encoder_model, base.cross_encoder_model),
             latency_budget_ms=pick(self.latency_budget_ms, base.latency_budget_ms),
             tier=pick(self.tier, base.tier, SearchTier.UNSPECIFIED),
+            retrieval=pick(self.retrieval, base.retrieval, RetrievalMode.UNSPECIFIED),
+            fusion=pick(self.fusion, base.fusion, FusionMethod.UNSPECIFIED),
+            rrf_k=pick(self.rrf_k, base.rrf_k),
+            dense_weight=pick(self.dense_weight, base.dense_weight),
         )
 
 
@@ -109,6 +144,7 @@ class CollectionSpec:
     embedding_model: str = ""
     metric: str = ""
     defaults: SearchSettings = field(default_factory=SearchSettings)
+    text_language: str = ""  # the full-text analyzer's language ('': English)
     token_storage: TokenStorageSpec | None = None  # given: store token vectors in this format
 
 
@@ -123,6 +159,7 @@ class CollectionInfo:
     document_count: int
     generation: int
     created_at: float
+    text_language: str = "english"
     token_storage: TokenStorageInfo | None = None
 
 
@@ -148,6 +185,7 @@ class SearchQuery:
     settings: SearchSettings = field(default_factory=SearchSettings)
     omit_documents: bool = False
     min_generation: int = 0  # read your writes: wait until the index shows this generation
+    query_vector: tuple[float, ...] = ()  # search by this vector instead of the query's embedding
 
 
 @dataclass

@@ -231,11 +231,16 @@ def hints_for(pools: Pools, writes: bool) -> Hints:
         ("sieve.v1.TokenStorage", "description"): Hint(presence=0.05),
         ("sieve.v1.TokenStorage", "model_id"): Hint(presence=0.05),
         ("sieve.v1.TokenStorage", "pending"): Hint(presence=0.05),
+        ("sieve.v1.Collection", "text_language"): Hint(
+            st.sampled_from(("english", "dutch", "german", "french", "spanish", "klingon")), presence=0.3
+        ),
         ("sieve.v1.GetCollectionRequest", "name"): Hint(collections, presence=0.95),
         ("sieve.v1.DeleteCollectionRequest", "name"): Hint(collections, presence=0.95),
         # documents
         ("sieve.v1.UpsertDocumentsRequest", "collection"): Hint(collections, presence=0.95),
         ("sieve.v1.UpsertDocumentsRequest", "documents"): Hint(presence=0.95, odd=0.0, max_items=6),
+        ("sieve.v1.UpsertDocumentsRequest", "embedding_model"): Hint(models, presence=0.1),
+        ("sieve.v1.Document", "vector"): Hint(presence=0.05, max_items=4, long_items=(383, 384, 385)),
         ("sieve.v1.Document", "id"): Hint(doc_ids, presence=0.95, odd=0.1),
         ("sieve.v1.Document", "text"): Hint(_words(pools, 30), presence=0.95, odd=0.1),
         ("sieve.v1.Document", "metadata"): Hint(presence=0.5, odd=0.0, max_items=3, long_items=(64, 65)),
@@ -253,6 +258,9 @@ def hints_for(pools: Pools, writes: bool) -> Hints:
         ("sieve.v1.SearchRequest", "settings"): Hint(presence=0.4, odd=0.0),
         ("sieve.v1.SearchRequest", "omit_documents"): Hint(st.booleans(), presence=0.3),
         ("sieve.v1.SearchRequest", "min_generation"): Hint(st.integers(0, 5), presence=0.15, odd=0.1),
+        ("sieve.v1.SearchRequest", "query_vector"): Hint(
+            presence=0.05, max_items=4, long_items=(383, 384, 385)
+        ),
         ("sieve.v1.Filter", "all"): Hint(presence=0.9, odd=0.0, max_items=3, long_items=(16, 17, 1000)),
         ("sieve.v1.Condition", "key"): Hint(keys, presence=0.95, odd=0.1),
         ("sieve.v1.Condition", "equals"): Hint(values, presence=0.9, odd=0.1),
@@ -264,6 +272,10 @@ def hints_for(pools: Pools, writes: bool) -> Hints:
         ("sieve.v1.SearchSettings", "cross_encoder_keep"): Hint(small, presence=0.2),
         ("sieve.v1.SearchSettings", "late_interaction_model"): Hint(models, presence=0.15),
         ("sieve.v1.SearchSettings", "cross_encoder_model"): Hint(models, presence=0.1),
+        ("sieve.v1.SearchSettings", "retrieval"): Hint(st.integers(0, 3), presence=0.4, odd=0.05),
+        ("sieve.v1.SearchSettings", "fusion"): Hint(st.integers(0, 2), presence=0.3, odd=0.05),
+        ("sieve.v1.SearchSettings", "rrf_k"): Hint(st.integers(1, 200), presence=0.2),
+        ("sieve.v1.SearchSettings", "dense_weight"): Hint(st.floats(0.0, 1.0), presence=0.2),
         # jobs
         ("sieve.v1.StartIndexJobRequest", "collection"): Hint(collections, presence=0.95),
         ("sieve.v1.StartIndexJobRequest", "path"): Hint(st.sampled_from(pools.paths), presence=0.95),

@@ -18,6 +18,7 @@ from pathlib import Path
 from server.core import validation
 from server.core.executors import Executors
 from server.core.tokens import BackfillTarget, TokenPlan, format_at_creation, plan_from, storage_info
+from server.storage.fulltext import FullTextIndex, open_fulltext
 from server.storage.index import VectorIndex
 from server.storage.store import CollectionRow, Store
 from sieve_core.config import Settings
@@ -29,6 +30,8 @@ from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many
 from sieve_core.types import (
     CollectionInfo,
     CollectionSpec,
+    FusionMethod,
+    RetrievalMode,
     SearchSettings,
     SearchTier,
     StageMode,
@@ -51,6 +54,8 @@ class Collection:
     unsnapshotted_writes: int = 0
     last_snapshot: float = field(default_factory=time.monotonic)
     snapshot_retry_at: float = 0.0  # after a failed snapshot (e.g. a full disk), not before this
+    # BM25 over the documents' texts (lexical and hybrid retrieval), kept in step by the writer thread.
+    fulltext: FullTextIndex | None = None
     # How the collection stores its documents' token vectors (late interaction); None: it stores none.
     tokens: TokenPlan | None = None
 
@@ -66,6 +71,10 @@ def server_defaults(settings: Settings) -> SearchSettings:
         cross_encoder_keep=settings.default_top_k,
         late_interaction_model=settings.late_interaction_model,
         cross_encoder_model=settings.cross_encoder_model,
+        retrieval=RetrievalMode.DENSE,
+        fusion=FusionMethod.RRF,
+        rrf_k=settings.default_rrf_k,
+        dense_weight=0.5,
     )
 
 
@@ -77,7 +86,10 @@ def token_model(defaults: SearchSettings, base: SearchSettings, embedding_model:
 
 
 def _settings_to_json(s: SearchSettings) -> str:
-    return json.dumps({k: v if v is None or isinstance(v, str) else int(v) for k, v in asdict(s).items()})
+    # Enums as their ints; dense_weight stays a float.
+    return json.dumps(
+        {k: v if v is None or isinstance(v, str | float) else int(v) for k, v in asdict(s).items()}
+    )
 
 
 def _settings_from_json(text: str) -> SearchSettings:
@@ -85,6 +97,8 @@ def _settings_from_json(text: str) -> SearchSettings:
     for mode in ("late_interaction", "cross_encoder"):
         raw[mode] = StageMode(raw.get(mode, 0))
     raw["tier"] = SearchTier(raw.get("tier", 0))  # collections made before tiers have none
+    raw["retrieval"] = RetrievalMode(raw.get("retrieval", 0))  # absent in collections made before hybrid
+    raw["fusion"] = FusionMethod(raw.get("fusion", 0))
     return SearchSettings(**raw)
 
 
@@ -149,6 +163,7 @@ class Collections:
             metric=row.metric,
             dimensions=row.dims,
             defaults=col.defaults,
+            text_language=col.fulltext.language if col.fulltext is not None else "english",
             document_count=row.doc_count,
             generation=row.generation,
             created_at=row.created_at,
@@ -198,7 +213,10 @@ class Collections:
         model = validation.model_name(
             spec.embedding_model or self._settings.default_embedding_model, "embedding_model"
         )
-        return await self._run.write(self._create, name, model, metric, defaults, spec.token_storage)
+        language = validation.text_language(spec.text_language)
+        return await self._run.write(
+            self._create, name, model, metric, defaults, spec.token_storage, language
+        )
 
     def _create(
         self,
@@ -207,6 +225,7 @@ class Collections:
         metric: str,
         defaults: SearchSettings,
         token_storage: TokenStorageSpec | None,
+        language: str = "english",
     ) -> CollectionInfo:
         if name in self._by_name:
             raise AlreadyExists(f"collection {name!r} already exists")
@@ -231,10 +250,12 @@ class Collections:
             _settings_to_json(defaults),
             fmt_json,
             token_model_id,
+            text_language=language,
         )
         directory = self._directory(row)
         shutil.rmtree(directory, ignore_errors=True)  # leftovers of an earlier collection with this row id
         col = Collection(row, self._new_index(row), runner, defaults, directory)
+        col.fulltext = self._open_fulltext(row, language)
         col.tokens = self._token_plan(row, runner, defaults)
         self._by_name[name] = col
         return self.info(col)
@@ -263,6 +284,8 @@ class Collections:
         col = self.find(name)
         self._store.delete_collection(name)  # first: if the disk refuses, the collection stays as it was
         del self._by_name[name]
+        if col.fulltext is not None:
+            col.fulltext.close()
         shutil.rmtree(col.directory, ignore_errors=True)
 
     # -- loading (writer thread, at start) ---------------------------------------------------------
@@ -283,7 +306,11 @@ class Collections:
         directory = self._directory(row)
         started = time.monotonic()
         loaded = VectorIndex.load_latest(
-            directory, row.dims, row.metric, ef_search=self._settings.default_ef_search
+            directory,
+            row.dims,
+            row.metric,
+            ef_search=self._settings.default_ef_search,
+            storage=self._settings.index_storage,
         )
         index, snap_gen = loaded if loaded is not None else (self._new_index(row), 0)
         applied = 0
@@ -312,10 +339,28 @@ class Collections:
         )
         defaults = _settings_from_json(row.defaults_json)
         col = Collection(row, index, runner, defaults, directory, snap_gen)
+        col.fulltext = self._open_fulltext(row, self._store.text_language(row.id))
         col.visible_generation = row.generation
         col.unsnapshotted_writes = applied
         col.tokens = self._load_tokens(row, runner, defaults)
         return col
+
+    def _open_fulltext(self, row: CollectionRow, language: str) -> FullTextIndex:
+        """The collection's full-text index at the store's generation: caught up, or rebuilt from the store."""
+        return open_fulltext(
+            self._directory(row) / "fulltext",
+            language,
+            lambda generation: self._store.text_changes_since(row.id, generation),
+            row.generation,
+            row.doc_count,
+            row.name,
+        )
+
+    def close(self) -> None:
+        """Commit and release the full-text indexes (at shutdown, on the writer thread)."""
+        for col in self._by_name.values():
+            if col.fulltext is not None:
+                col.fulltext.close()
 
     def _load_tokens(
         self, row: CollectionRow, runner: BiEncoderRunner, defaults: SearchSettings
@@ -360,6 +405,7 @@ class Collections:
             connectivity=self._settings.hnsw_connectivity,
             ef_construction=self._settings.hnsw_ef_construction,
             ef_search=self._settings.default_ef_search,
+            storage=self._settings.index_storage,
         )
 
     # -- snapshots (writer thread) -----------------------------------------------------------------
@@ -381,6 +427,9 @@ class Collections:
 
     def _snapshot(self, col: Collection, generation: int) -> None:
         try:
+            if col.fulltext is not None:
+                # Tombstones up to the snapshot are pruned below: the full-text index must have them first.
+                col.fulltext.flush()
             col.index.save(col.directory, generation)
         except Exception as exc:
             # A snapshot only shortens the next start (the store holds every write): a full or read-only

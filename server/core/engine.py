@@ -92,6 +92,7 @@ class Engine:
         """Stop the token backfill, snapshot every index, then stop the executors."""
         await self.backfill.stop()
         await self._run.run(self._run.writer, self.collections.snapshot_all)
+        await self._run.run(self._run.writer, self.collections.close)
         self.dispatcher.close()
         self._run.shutdown()
 
@@ -108,7 +109,16 @@ class Engine:
     async def delete_collection(self, name: str) -> None:
         await self.collections.delete(name)
 
-    async def upsert(self, name: str, docs: list[Document]) -> WriteResult:
+    async def upsert(
+        self,
+        name: str,
+        docs: list[Document],
+        vectors: dict[str, list[float]] | None = None,
+        embedding_model: str = "",
+    ) -> WriteResult:
+        """Upsert; with `vectors` (by id, from the client), those documents are stored with them unembedded."""
+        if vectors:
+            return await self.writes.upsert_vectors(name, docs, vectors, embedding_model)
         return await self.writes.upsert(name, docs)
 
     async def upsert_embedded(

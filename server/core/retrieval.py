@@ -1,22 +1,27 @@
-"""The first stage of a search, and reads by id: the query's vector (cached), the index search (exact,
-HNSW, or filtered), and the hits with their documents from the store."""
+"""The first stage of a search, and reads by id: the query's vector (cached, or the client's), the index
+search (exact, HNSW, or filtered), BM25 and the fusion of both for lexical and hybrid retrieval
+(server/core/hybrid.py), and the hits with their documents from the store."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import numpy as np
 
-from server.core import validation
+from server.core import hybrid, validation
 from server.core.collections import Collection, Collections
 from server.core.executors import Executors
+from server.core.fusion import Ranked
 from server.core.tokens import QueryTokens
 from server.storage.store import Store
 from sieve_core.cache import ResultCache, query_tokens_key, query_vector_key
 from sieve_core.config import Settings
+from sieve_core.errors import FailedPrecondition
 from sieve_core.types import (
     Document,
     Hit,
+    RetrievalMode,
     SearchQuery,
     SearchSettings,
     Stage,
@@ -51,13 +56,47 @@ class Retrieval:
         settings: SearchSettings,
         text_for: int,
         query_tokens: bool = False,
-    ) -> tuple[list[Hit], StageReport, int, QueryTokens | None]:
-        """The `count` nearest documents, the stage's report, the generation the index showed, and with
+    ) -> tuple[list[Hit], list[StageReport], int, QueryTokens | None]:
+        """The first stage: the `count` best documents by the dense index, BM25, or both fused (as
+        settings.retrieval says), each part's report, the generation the indexes showed, and with
         `query_tokens` the query's token vectors from the same encoder pass as its vector (zero-shot late
-        interaction needs no second query encoding). Only the first `text_for` hits come with their text
-        and metadata (the others are `loaded` later, if a stage or the reply needs them: late interaction
-        reads token vectors by key, so 100 candidates' texts need not be read for the 10 sent)."""
-        return await self._run.read(self._retrieve, col, query, count, settings, text_for, query_tokens)
+        interaction needs no second query encoding; lexical retrieval runs that pass for them alone). Only
+        the first `text_for` hits come with their text and metadata (the others are `loaded` later, if a
+        stage or the reply needs them: late interaction reads token vectors by key, so 100 candidates'
+        texts need not be read for the 10 sent)."""
+        generation = col.visible_generation  # every write up to here is in the indexes
+        mode = settings.retrieval if settings.retrieval != RetrievalMode.UNSPECIFIED else RetrievalMode.DENSE
+        if mode == RetrievalMode.DENSE:
+            hits, report, tokens = await self._run.read(
+                self._dense_hits, col, query, count, settings, text_for, query_tokens
+            )
+            return hits, [report], generation, tokens
+        fulltext = col.fulltext
+        if fulltext is None:  # never for a loaded collection; a guard for the type checker
+            raise FailedPrecondition(f"collection {col.row.name!r} has no full-text index")
+        lexical = self._run.read(
+            hybrid.lexical, self._store, col.row.id, fulltext, query.query, query.filter, count
+        )
+        if mode == RetrievalMode.LEXICAL:
+            if query_tokens:
+                (ranked, report), (_, tokens) = await asyncio.gather(
+                    lexical, self._run.read(self._query_encoding, col, query.query)
+                )
+            else:
+                (ranked, report), tokens = await lexical, None
+            stage = [[StageScore(Stage.LEXICAL, s, i)] for i, s in enumerate(ranked.scores.tolist())]
+            hits = await self._run.read(self._hits, col, ranked.keys, ranked.scores, text_for, stage)
+            return hits, [report], generation, tokens
+        # Hybrid: both sides at once (two executor threads), then the fusion.
+        (dense, dense_report, tokens), (lex, lex_report) = await asyncio.gather(
+            self._run.read(self._dense, col, query, count, settings, query_tokens), lexical
+        )
+        items, fusion_report = hybrid.fused(dense, lex, count, settings)
+        keys, scores = hybrid.fused_keys(items)
+        stage = [hybrid.fused_stage_scores(item, rank) for rank, item in enumerate(items)]
+        hits = await self._run.read(self._hits, col, keys, scores, text_for, stage)
+        fusion_report.candidates_out = len(hits)
+        return hits, [dense_report, lex_report, fusion_report], generation, tokens
 
     async def load(self, collection_id: int, hits: list[Hit]) -> None:
         """Fills in the text and metadata of the hits that were retrieved without them."""
@@ -73,7 +112,7 @@ class Retrieval:
                 hit.text, hit.metadata = doc.text, doc.metadata
             hit.loaded = True
 
-    def _retrieve(
+    def _dense_hits(
         self,
         col: Collection,
         query: SearchQuery,
@@ -81,14 +120,26 @@ class Retrieval:
         settings: SearchSettings,
         text_for: int,
         query_tokens: bool,
-    ) -> tuple[list[Hit], StageReport, int, QueryTokens | None]:
+    ) -> tuple[list[Hit], StageReport, QueryTokens | None]:
         started = time.perf_counter()
-        generation = col.visible_generation  # every write up to here is in the index
+        ranked, report, tokens = self._dense(col, query, count, settings, query_tokens)
+        hits = self._hits(col, ranked.keys, ranked.scores, text_for)
+        report.candidates_out = len(hits)
+        report.took_ms = (time.perf_counter() - started) * 1000
+        return hits, report, tokens
+
+    def _dense(
+        self, col: Collection, query: SearchQuery, count: int, settings: SearchSettings, query_tokens: bool
+    ) -> tuple[Ranked, StageReport, QueryTokens | None]:
+        """The vector index's top `count` for the query's vector (its embedding, or the client's)."""
+        started = time.perf_counter()
         tokens = None
         if query_tokens:
             vector, tokens = self._query_encoding(col, query.query)
-        else:
+        elif not query.query_vector:
             vector = self._query_vector(col, query.query)
+        if query.query_vector:
+            vector = validation.vector(query.query_vector, col.row.dims, "query_vector")
         if query.filter:
             keys, scores, method, seen = self._filtered_search(col, vector, query, count, settings)
         elif len(col.index) <= self._settings.full_scan_max:
@@ -97,39 +148,43 @@ class Retrieval:
         else:
             keys, scores = col.index.search(vector, count, settings.ef_search)
             method, seen = "hnsw", len(col.index)
-        hits = self._hits(col, keys, scores, text_for)
+        model_id = col.runner.model_id + (" (client vector)" if query.query_vector else "")
         report = StageReport(
             Stage.RETRIEVE,
             StageStatus.COMPLETED,
             candidates_in=seen,
-            candidates_out=len(hits),
+            candidates_out=len(keys),
             took_ms=(time.perf_counter() - started) * 1000,
-            model_id=col.runner.model_id,
+            model_id=model_id,
             method=method,
         )
-        return hits, report, generation, tokens
+        return Ranked(keys, scores), report, tokens
 
-    def _hits(self, col: Collection, keys: np.ndarray, scores: np.ndarray, text_for: int) -> list[Hit]:
+    def _hits(
+        self,
+        col: Collection,
+        keys: np.ndarray,
+        scores: np.ndarray,
+        text_for: int,
+        stage_scores: list[list[StageScore]] | None = None,
+    ) -> list[Hit]:
+        """Hits with their documents from the store, the first `text_for` with text and metadata;
+        `stage_scores` per key (default: the dense score)."""
         found = keys.tolist()
         docs = self._store.documents_by_keys(col.row.id, found[:text_for], with_text=True) if text_for else {}
         loaded = set(docs)
         docs.update(self._store.documents_by_keys(col.row.id, found[text_for:], with_text=False))
         hits: list[Hit] = []
-        for key, score in zip(keys.tolist(), scores.tolist(), strict=True):
+        for i, (key, score) in enumerate(zip(keys.tolist(), scores.tolist(), strict=True)):
             doc = docs.get(key)
             if doc is None:  # removed between the index search and the lookup
                 continue
-            hits.append(
-                Hit(
-                    doc.doc_id,
-                    score,
-                    doc.text,
-                    doc.metadata,
-                    [StageScore(Stage.RETRIEVE, score, len(hits))],
-                    key=key,
-                    loaded=key in loaded,
-                )
+            stages = (
+                stage_scores[i]
+                if stage_scores is not None
+                else [StageScore(Stage.RETRIEVE, score, len(hits))]
             )
+            hits.append(Hit(doc.doc_id, score, doc.text, doc.metadata, stages, key=key, loaded=key in loaded))
         return hits
 
     def _query_vector(self, col: Collection, text: str) -> np.ndarray:

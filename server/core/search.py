@@ -86,12 +86,15 @@ class Searches:
         text_for = 0 if query.omit_documents else p.top_k
         # Zero-shot late interaction: the query's token vectors come from the retrieval's encoder pass.
         query_tokens = any(plan.tokens is not None and plan.tokens.zero_shot for plan in p.plans)
-        hits, report, generation, tokens = await self.retrieval.retrieve(
+        retrieving = time.perf_counter()
+        hits, first_stage, generation, tokens = await self.retrieval.retrieve(
             p.col, query, p.candidates, p.settings, text_for, query_tokens
         )
-        report.plan = p.budget_note
-        self.cascade.budget.costs.observe(Stage.RETRIEVE, "", p.candidates, report.took_ms)
-        reports = [report]
+        first_stage[0].plan = p.budget_note
+        # The first stage's wall time (dense and lexical run at once in hybrid retrieval, then the fusion).
+        took_ms = (time.perf_counter() - retrieving) * 1000
+        self.cascade.budget.costs.observe(Stage.RETRIEVE, "", p.candidates, took_ms)
+        reports = list(first_stage)
         # A stage's update goes out as it finishes; OFF stages report SKIPPED, with the next update.
         last = max((i for i, plan in enumerate(p.plans) if plan.mode.enabled), default=-1)
         skipped = [StageReport(plan.stage, StageStatus.SKIPPED, reason="not requested") for plan in p.plans]
@@ -133,6 +136,7 @@ class Searches:
         top_k = validation.search(query, self.settings)
         col = self.collections.find(query.collection)
         settings = expand_tier(query.settings).over(expand_tier(col.defaults)).over(self.collections.defaults)
+        validation.search_inputs(query, settings)
         plans = self.cascade.plan(
             settings, col.row.embedding_model, top_k, collection=col.row.name, tokens=col.tokens
         )

@@ -5,9 +5,13 @@ Validation runs before anything is written, so a rejected batch leaves nothing b
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
+import numpy as np
+
+from server.storage.fulltext import DEFAULT_LANGUAGE, LANGUAGES
 from sieve_core.config import Settings
 from sieve_core.errors import InvalidArgument
 from sieve_core.types import METRICS, Condition, Document, SearchQuery, SearchSettings
@@ -80,7 +84,60 @@ def search_settings(s: SearchSettings, settings: Settings, where: str = "setting
         raise InvalidArgument(
             f"{where}.latency_budget_ms must be between 1 and 600000 (10 minutes), got {s.latency_budget_ms}"
         )
+    if s.rrf_k is not None and not 1 <= s.rrf_k <= 100_000:
+        raise InvalidArgument(f"{where}.rrf_k must be between 1 and 100000, got {s.rrf_k}")
+    if s.dense_weight is not None and not (math.isfinite(s.dense_weight) and 0.0 <= s.dense_weight <= 1.0):
+        raise InvalidArgument(f"{where}.dense_weight must be between 0 and 1, got {s.dense_weight}")
     return s
+
+
+def text_language(value: str) -> str:
+    """The full-text analyzer's language of a new collection ('' -> English)."""
+    value = value or DEFAULT_LANGUAGE
+    if value not in LANGUAGES:
+        raise InvalidArgument(f"unknown text_language {shown(value)}; expected one of {', '.join(LANGUAGES)}")
+    return value
+
+
+def vector(values: Sequence[float], dims: int, where: str) -> np.ndarray:
+    """A client's vector: the collection's dimensions, finite numbers."""
+    out = np.asarray(values, dtype=np.float32)
+    if out.shape != (dims,):
+        raise InvalidArgument(f"{where} has {len(values)} dimensions; the collection's model has {dims}")
+    if not np.isfinite(out).all():
+        raise InvalidArgument(f"{where} contains a NaN or an infinity")
+    return out
+
+
+def embedding_model(given: str, name: str, model_id: str) -> None:
+    """Vectors a client computed must come from the collection's model: its name or name@revision."""
+    if not given:
+        raise InvalidArgument(
+            f"documents carry vectors but embedding_model is not set; set it to the model that made them"
+            f" (this collection's is {name!r}, {model_id})"
+        )
+    if given not in (name, model_id):
+        raise InvalidArgument(
+            f"vectors of {shown(given)} cannot be stored in a collection of {name!r} ({model_id}): they would"
+            " not be comparable with its queries' vectors"
+        )
+
+
+def search_inputs(query: SearchQuery, settings: SearchSettings) -> None:
+    """What the effective settings need from the request: lexical retrieval and the re-rankers need text."""
+    if query.query.strip():
+        return
+    needs = [
+        name
+        for name, wanted in (
+            ("lexical retrieval", settings.retrieval.lexical),
+            ("late interaction", settings.late_interaction.enabled),
+            ("the cross-encoder", settings.cross_encoder.enabled),
+        )
+        if wanted
+    ]
+    if needs:
+        raise InvalidArgument(f"query text is empty, and {' and '.join(needs)} need(s) it")
 
 
 def model_name(value: str, where: str) -> str:
@@ -176,8 +233,8 @@ def conditions(conds: Sequence[Condition], settings: Settings) -> None:
 def search(query: SearchQuery, settings: Settings) -> int:
     """Validate a search request, all of it (Engine.search calls this once); returns the effective top_k."""
     collection_name(query.collection)
-    if not query.query.strip():
-        raise InvalidArgument("query is empty")
+    if not query.query.strip() and not query.query_vector:
+        raise InvalidArgument("query is empty (give the query text, or a query_vector)")
     if len(query.query) > settings.max_query_chars:
         raise InvalidArgument(
             f"query has {len(query.query)} characters; the limit is {settings.max_query_chars}"

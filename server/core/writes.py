@@ -60,6 +60,30 @@ class Writes:
             self._on_pending_tokens()
         return WriteResult(generation, len(docs))
 
+    async def upsert_vectors(
+        self, name: str, docs: list[Document], given: dict[str, list[float]], embedding_model: str
+    ) -> WriteResult:
+        """Upsert documents some of which carry the client's own vectors (of the collection's model, as
+        `embedding_model` must say); the others are embedded here as usual."""
+        col = self._collections.get(name)
+        validation.documents(docs, self._settings)
+        validation.embedding_model(embedding_model, col.row.embedding_model, col.row.embedding_model_id)
+        ids = {d.id for d in docs}
+        vectors = {}
+        for doc_id, values in given.items():
+            if doc_id in ids:
+                vectors[doc_id] = validation.vector(values, col.row.dims, f"document {doc_id!r} vector")
+        unchanged = await self._run.read(self._store.unchanged_ids, col.row.id, docs)
+        embedded, tokens = await self._embed(
+            col, [d for d in docs if d.id not in unchanged and d.id not in vectors]
+        )
+        vectors.update(embedded)
+        generation = await self._commit(col, docs, vectors, tokens)
+        if col.tokens is not None and any(d.id in given for d in docs):
+            # No encoder pass made the given vectors, so no token vectors: the backfill computes them.
+            self._on_pending_tokens()
+        return WriteResult(generation, len(docs))
+
     async def upsert_embedded(
         self,
         name: str,
@@ -135,6 +159,11 @@ class Writes:
         if outcome.added:
             keys = np.array([k for k, _ in outcome.added], dtype=np.uint64)
             col.index.add(keys, np.stack([v for _, v in outcome.added]))
+        if col.fulltext is not None:
+            texts = {d.id: d.text for d in docs}
+            stored = self._store.documents_by_keys(col.row.id, [k for k, _ in outcome.added], with_text=False)
+            added = [(k, texts[stored[k].doc_id]) for k, _ in outcome.added if k in stored]
+            col.fulltext.apply(added, outcome.removed, outcome.generation)
         self._collections.published(col, len(docs), outcome.generation)
         if outcome.removed:
             self._compact(col)
@@ -163,6 +192,8 @@ class Writes:
         self._collections.check_current(col)
         generation, keys = self._store.delete(col.row.id, ids)
         col.index.remove(np.array(keys, dtype=np.uint64))
+        if col.fulltext is not None:
+            col.fulltext.apply([], keys, generation)
         self._collections.published(col, len(keys), generation)
         if keys:
             self._compact(col)

@@ -98,6 +98,11 @@ CREATE TABLE IF NOT EXISTS tokens (
     blob BLOB NOT NULL,
     UNIQUE (collection_id, key)
 );
+-- The full-text index's analyzer language per collection (a table of its own: older stores gain it as is).
+CREATE TABLE IF NOT EXISTS collection_text (
+    collection_id INTEGER PRIMARY KEY,
+    language TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS tombstones (
     collection_id INTEGER NOT NULL,
     generation INTEGER NOT NULL,
@@ -254,11 +259,12 @@ class Store:
         defaults_json: str,
         token_format: str | None = None,
         token_model_id: str | None = None,
+        text_language: str = "english",
     ) -> CollectionRow:
         """`token_format` (JSON) given: the collection stores its documents' token vectors."""
         with self._transaction() as conn:
             try:
-                conn.execute(
+                cursor = conn.execute(
                     "INSERT INTO collections (name, embedding_model, embedding_model_id, metric, dims,"
                     " defaults_json, created_at, token_format, token_model_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
@@ -275,6 +281,10 @@ class Store:
                 )
             except sqlite3.IntegrityError:
                 raise AlreadyExists(f"collection {name!r} already exists") from None
+            conn.execute(
+                "INSERT OR REPLACE INTO collection_text (collection_id, language) VALUES (?, ?)",
+                (cursor.lastrowid, text_language),
+            )
         return self.get_collection(name)
 
     def get_collection(self, name: str) -> CollectionRow:
@@ -286,6 +296,15 @@ class Store:
         if row is None:
             raise NotFound(f"collection {name!r} does not exist")
         return CollectionRow(*row)
+
+    def text_language(self, collection_id: int) -> str:
+        """The collection's full-text analyzer language (English for a collection made before there was one)."""
+        row = (
+            self._conn()
+            .execute("SELECT language FROM collection_text WHERE collection_id = ?", (collection_id,))
+            .fetchone()
+        )
+        return "english" if row is None else str(row[0])
 
     def list_collections(self) -> list[CollectionRow]:
         rows = self._conn().execute(f"SELECT {_COLLECTION_COLUMNS} FROM collections ORDER BY name").fetchall()
@@ -299,7 +318,7 @@ class Store:
             if row is None:
                 raise NotFound(f"collection {name!r} does not exist")
             cid = row[0]
-            for table in ("documents", "doc_meta", "tombstones", "tokens"):
+            for table in ("documents", "doc_meta", "tombstones", "tokens", "collection_text"):
                 conn.execute(f"DELETE FROM {table} WHERE collection_id = ?", (cid,))
             conn.execute("DELETE FROM collections WHERE id = ?", (cid,))
         return CollectionRow(*row)
@@ -615,6 +634,34 @@ class Store:
             keys = np.array([r[0] for r in rows], dtype=np.uint64)
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dims)
             yield IndexChanges(keys, vectors, np.zeros(0, dtype=np.uint64))
+
+    def text_changes_since(
+        self, collection_id: int, generation: int, batch: int = 5_000
+    ) -> Iterator[TextChanges]:
+        """What to apply to a full-text index at `generation`, in batches (removals first)."""
+        conn = self._conn()
+        removed = [
+            r[0]
+            for r in conn.execute(
+                "SELECT key FROM tombstones WHERE collection_id = ? AND generation > ?",
+                (collection_id, generation),
+            )
+        ]
+        yield TextChanges([], removed)
+        cursor = conn.execute(
+            "SELECT key, text FROM documents WHERE collection_id = ? AND generation > ? ORDER BY key",
+            (collection_id, generation),
+        )
+        while rows := cursor.fetchmany(batch):
+            yield TextChanges([(int(k), t) for k, t in rows], [])
+
+
+@dataclass(frozen=True)
+class TextChanges:
+    """What a full-text index at some generation must apply to reach the store's state (a batch of it)."""
+
+    added: list[tuple[int, str]]  # (key, text)
+    removed: list[int]
 
 
 class _Transaction:

@@ -17,6 +17,8 @@ from sieve_core.types import (
     CollectionSpec,
     Condition,
     Document,
+    FusionMethod,
+    RetrievalMode,
     SearchQuery,
     SearchResult,
     SearchSettings,
@@ -47,8 +49,19 @@ def _mode(value: int, where: str) -> StageMode:
         raise InvalidArgument(f"{where}: unknown stage mode {value}") from None
 
 
+def _enum(kind, value: int, where: str):  # type: ignore[no-untyped-def]
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidArgument(f"{where}: unknown value {value}") from None
+
+
 def settings_from_pb(msg: common_pb2.SearchSettings) -> SearchSettings:
     return SearchSettings(
+        retrieval=_enum(RetrievalMode, msg.retrieval, "retrieval"),
+        fusion=_enum(FusionMethod, msg.fusion, "fusion"),
+        rrf_k=_opt(msg, "rrf_k"),
+        dense_weight=_opt(msg, "dense_weight"),
         retrieve_candidates=_opt(msg, "retrieve_candidates"),
         ef_search=_opt(msg, "ef_search"),
         late_interaction=_mode(msg.late_interaction, "late_interaction"),
@@ -71,7 +84,11 @@ def _tier(value: int) -> SearchTier:
 
 def settings_to_pb(s: SearchSettings) -> common_pb2.SearchSettings:
     msg = common_pb2.SearchSettings(
-        late_interaction=int(s.late_interaction), cross_encoder=int(s.cross_encoder), tier=int(s.tier)
+        late_interaction=int(s.late_interaction),
+        cross_encoder=int(s.cross_encoder),
+        tier=int(s.tier),
+        retrieval=int(s.retrieval),
+        fusion=int(s.fusion),
     )
     optional = (
         "retrieve_candidates",
@@ -79,6 +96,8 @@ def settings_to_pb(s: SearchSettings) -> common_pb2.SearchSettings:
         "late_interaction_keep",
         "cross_encoder_keep",
         "latency_budget_ms",
+        "rrf_k",
+        "dense_weight",
     )
     for name in (*optional, "late_interaction_model", "cross_encoder_model"):
         value = getattr(s, name)
@@ -95,6 +114,7 @@ def collection_spec(msg: collections_pb2.Collection) -> CollectionSpec:
         embedding_model=msg.embedding_model,
         metric=_METRIC_TO_CORE[msg.metric],
         defaults=settings_from_pb(msg.defaults),
+        text_language=msg.text_language,
         token_storage=(
             TokenStorageSpec(msg.token_storage.pool_factor, msg.token_storage.projection_dims)
             if msg.HasField("token_storage")
@@ -116,6 +136,7 @@ def collection_to_pb(info: CollectionInfo) -> collections_pb2.Collection:
         document_count=info.document_count,
         generation=info.generation,
         created_at=created,
+        text_language=info.text_language,
         token_storage=_token_storage_to_pb(info.token_storage),
     )
 
@@ -134,6 +155,11 @@ def _token_storage_to_pb(info: TokenStorageInfo | None) -> collections_pb2.Token
 
 def documents_from_pb(docs) -> list[Document]:  # type: ignore[no-untyped-def]
     return [Document(d.id, d.text, dict(d.metadata)) for d in docs]
+
+
+def vectors_from_pb(docs) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    """The vectors some documents carry (Document.vector), by id; validated by the core."""
+    return {d.id: list(d.vector) for d in docs if len(d.vector)}
 
 
 def document_to_pb(doc: Document) -> documents_pb2.Document:
@@ -156,6 +182,7 @@ def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
         settings=settings_from_pb(msg.settings),
         omit_documents=msg.omit_documents,
         min_generation=msg.min_generation,
+        query_vector=tuple(msg.query_vector),
     )
 
 

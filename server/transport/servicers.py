@@ -45,7 +45,12 @@ class DocumentServicer(documents_pb2_grpc.DocumentServiceServicer):
         self.engine = engine
 
     async def UpsertDocuments(self, request, context):  # type: ignore[no-untyped-def]
-        result = await self.engine.upsert(request.collection, convert.documents_from_pb(request.documents))
+        result = await self.engine.upsert(
+            request.collection,
+            convert.documents_from_pb(request.documents),
+            convert.vectors_from_pb(request.documents),
+            request.embedding_model,
+        )
         return documents_pb2.UpsertDocumentsResponse(generation=result.generation, upserted=result.count)
 
     async def GetDocuments(self, request, context):  # type: ignore[no-untyped-def]

@@ -14,6 +14,18 @@ from sieve_core.config import Settings
 
 DIMS = 384
 METRICS = ("cosine", "ip", "l2")
+# (metric, storage) pairs whose layouts differ (server/storage/index.py: layout); the error a layout's scalar
+# type may add to a score, relative to the largest score's magnitude: f32 exact, f16 ~2^-11 per component,
+# i8 (cosine kernel, vectors scaled to max-abs 1) ~1/127 per component.
+LAYOUTS = [
+    ("cosine", "f32"),
+    ("ip", "f32"),
+    ("l2", "f32"),
+    ("cosine", "f16"),
+    ("ip", "f16"),
+    ("cosine", "i8"),
+]
+TOLERANCE = {"f32": 1e-5, "f16": 2e-3, "i8": 2e-2}
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -93,24 +105,38 @@ def _brute_force(metric: str, data: np.ndarray, q: np.ndarray) -> np.ndarray:
     return -np.sum((d - qq) ** 2, axis=1)
 
 
-@pytest.mark.parametrize("metric", METRICS)
-def test_search_exact_equals_numpy_brute_force(metric: str) -> None:
+def _scale(metric: str, scores: np.ndarray) -> float:
+    """What a score's rounding error is relative to: 1 for a cosine, else the largest score's magnitude."""
+    return 1.0 if metric == "cosine" else float(np.abs(scores).max())
+
+
+@pytest.mark.parametrize(("metric", "storage"), LAYOUTS)
+def test_search_exact_equals_numpy_brute_force(metric: str, storage: str) -> None:
     rng = np.random.default_rng(7)
     n, dims = 600, 48
     data = (rng.standard_normal((n, dims)) * rng.uniform(0.2, 3.0, (n, 1))).astype(np.float32)  # varied norms
     keys = np.arange(1000, 1000 + n, dtype=np.uint64)
-    index = VectorIndex(dims, metric)
+    index = VectorIndex(dims, metric, storage=storage)
     index.add(keys, data)
-
+    overlap = 0
     for _ in range(10):
         q = rng.standard_normal(dims).astype(np.float32)
         subset = np.sort(rng.choice(n, 250, replace=False))
         got_keys, got_scores = index.search_exact(q, keys[subset], 25)
         expected = _brute_force(metric, data[subset], q)
         order = np.argsort(-expected, kind="stable")[:25]
-        assert got_keys.tolist() == keys[subset][order].tolist()
-        np.testing.assert_allclose(got_scores, expected[order], rtol=1e-5, atol=1e-5)
+        tol = TOLERANCE[index.layout.dtype] * _scale(metric, expected)
+        if index.layout.dtype == "f32":
+            assert got_keys.tolist() == keys[subset][order].tolist()
+            np.testing.assert_allclose(got_scores, expected[order], rtol=1e-5, atol=1e-5)
+        else:  # the stored vectors are rounded: the exact scores of what is stored, near ties may swap
+            by_key = dict(zip(keys[subset].tolist(), expected.tolist(), strict=True))
+            np.testing.assert_allclose(got_scores, [by_key[k] for k in got_keys.tolist()], atol=tol)
+            assert np.all(np.diff(got_scores) <= 0)
+            overlap += len(set(got_keys.tolist()) & set(keys[subset][order].tolist()))
         assert got_keys.dtype == np.uint64
+    if index.layout.dtype != "f32":
+        assert overlap / 250 >= 0.9
 
     # count larger than the candidate set: all of them, best first; empty inputs give empty results.
     got_keys, got_scores = index.search_exact(q, keys[:5], 50)
@@ -120,13 +146,15 @@ def test_search_exact_equals_numpy_brute_force(metric: str) -> None:
     assert index.search_exact(q, keys, 0)[0].size == 0
 
 
-@pytest.mark.parametrize("metric", METRICS)
-def test_search_scores_are_higher_is_better_and_consistent_with_search_exact(metric: str) -> None:
+@pytest.mark.parametrize(("metric", "storage"), LAYOUTS)
+def test_search_scores_are_higher_is_better_and_consistent_with_search_exact(
+    metric: str, storage: str
+) -> None:
     rng = np.random.default_rng(11)
     n, dims = 800, 32
     data = (rng.standard_normal((n, dims)) * rng.uniform(0.5, 2.0, (n, 1))).astype(np.float32)
     keys = np.arange(1, n + 1, dtype=np.uint64)
-    index = VectorIndex(dims, metric)
+    index = VectorIndex(dims, metric, storage=storage)
     index.add(keys, data)
     overlap = 0
     for _ in range(20):
@@ -134,15 +162,15 @@ def test_search_scores_are_higher_is_better_and_consistent_with_search_exact(met
         hnsw_keys, hnsw_scores = index.search(q, 10)
         assert len(hnsw_keys) == 10
         assert np.all(np.diff(hnsw_scores) <= 1e-5), "search is not best first"
+        truth = _brute_force(metric, data[hnsw_keys.astype(np.int64) - 1], q)
+        tol = max(1e-4, TOLERANCE[index.layout.dtype] * _scale(metric, truth))
         # The same keys scored exactly: same numbers, so both paths use one score convention.
         by_key = dict(zip(*index.search_exact(q, hnsw_keys, 10), strict=True))
-        np.testing.assert_allclose([by_key[k] for k in hnsw_keys], hnsw_scores, rtol=1e-4, atol=1e-4)
-        # And they are the brute-force scores of those vectors.
-        np.testing.assert_allclose(
-            hnsw_scores, _brute_force(metric, data[hnsw_keys.astype(np.int64) - 1], q), rtol=1e-4, atol=1e-4
-        )
+        np.testing.assert_allclose([by_key[k] for k in hnsw_keys], hnsw_scores, rtol=1e-4, atol=tol)
+        # And they are the brute-force scores of those vectors (up to the storage's rounding).
+        np.testing.assert_allclose(hnsw_scores, truth, rtol=1e-4, atol=tol)
         exact_keys, exact_scores = index.search_exact(q, keys, 10)
-        assert hnsw_scores[0] <= exact_scores[0] + 1e-4  # exact is the ceiling
+        assert hnsw_scores[0] <= exact_scores[0] + tol  # exact is the ceiling
         overlap += len(set(hnsw_keys.tolist()) & set(exact_keys.tolist()))
     assert overlap / 200 >= 0.9
 
@@ -232,6 +260,30 @@ def test_corrupt_newest_snapshot_falls_back_to_older_or_none(tmp_path: Path) -> 
 
     old_path.write_bytes(b"")  # both unusable: rebuild from the store
     assert VectorIndex.load_latest(tmp_path, dims, "cosine") is None
+
+
+def test_snapshot_of_an_old_format_is_rebuilt_and_logged(tmp_path: Path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """A snapshot written before f16 (usearch cosine f32, Sieve's old layout) or in another storage than the
+    server's is not loaded: the caller rebuilds from the store, and the log says which format it found."""
+    from usearch.index import Index, MetricKind
+
+    old = Index(ndim=8, metric=MetricKind.Cos, dtype="f32", connectivity=16)
+    old.add(np.arange(1, 4, dtype=np.uint64), np.eye(3, 8, dtype=np.float32))
+    legacy = VectorIndex(8, "cosine", storage="f32", index=old)  # as the old code wrote it
+    legacy.save(tmp_path, 5)
+    assert VectorIndex.load_latest(tmp_path, 8, "cosine") is None
+    assert (
+        "is in format cos f32, the collection's index is ip f16: rebuilding it from the store" in caplog.text
+    )
+    # The same snapshot is usable by a server configured for its format? No: f32 now means ip f32 too.
+    caplog.clear()
+    current = VectorIndex(8, "cosine")
+    current.add(np.arange(1, 4, dtype=np.uint64), np.eye(3, 8, dtype=np.float32))
+    current.save(tmp_path, 6)
+    loaded = VectorIndex.load_latest(tmp_path, 8, "cosine")
+    assert loaded is not None and loaded[0].layout.describe() == "ip f16" and not caplog.text
+    assert VectorIndex.load_latest(tmp_path, 8, "cosine", storage="i8") is None  # asked for another storage
+    assert "is in format ip f16, the collection's index is cos i8" in caplog.text
 
 
 def test_snapshot_with_other_dimensions_is_ignored(tmp_path: Path) -> None:

@@ -32,6 +32,12 @@ _TIERS = {
     "balanced": common_pb2.SEARCH_TIER_BALANCED,
     "best": common_pb2.SEARCH_TIER_BEST,
 }
+_RETRIEVALS = {
+    "dense": common_pb2.RETRIEVAL_DENSE,
+    "lexical": common_pb2.RETRIEVAL_LEXICAL,
+    "hybrid": common_pb2.RETRIEVAL_HYBRID,
+}
+_FUSIONS = {"rrf": common_pb2.FUSION_RRF, "weighted": common_pb2.FUSION_WEIGHTED}
 _METRICS = {
     "cosine": common_pb2.METRIC_COSINE,
     "ip": common_pb2.METRIC_INNER_PRODUCT,
@@ -123,6 +129,11 @@ def search_settings(
                 base[key] = stage_mode(base[key])
         if "tier" in base:
             base["tier"] = search_tier(base["tier"])
+        # Hybrid retrieval by name too: {"retrieval": "hybrid", "fusion": "rrf", "rrf_k": 60}.
+        if "retrieval" in base:
+            base["retrieval"] = _lookup(_RETRIEVALS, base["retrieval"], "retrieval")
+        if "fusion" in base:
+            base["fusion"] = _lookup(_FUSIONS, base["fusion"], "fusion")
         settings = common_pb2.SearchSettings(**base)
     for key, value in (
         ("retrieve_candidates", retrieve_candidates),

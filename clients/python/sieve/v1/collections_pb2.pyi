@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Collection(_message.Message):
-    __slots__ = ("name", "embedding_model", "embedding_model_id", "metric", "dimensions", "defaults", "document_count", "generation", "created_at", "token_storage")
+    __slots__ = ("name", "embedding_model", "embedding_model_id", "metric", "dimensions", "defaults", "document_count", "generation", "created_at", "token_storage", "text_language")
     NAME_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_FIELD_NUMBER: _ClassVar[int]
     EMBEDDING_MODEL_ID_FIELD_NUMBER: _ClassVar[int]
@@ -23,6 +23,7 @@ class Collection(_message.Message):
     GENERATION_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_STORAGE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_LANGUAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     embedding_model: str
     embedding_model_id: str
@@ -33,7 +34,8 @@ class Collection(_message.Message):
     generation: int
     created_at: _timestamp_pb2.Timestamp
     token_storage: TokenStorage
-    def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., embedding_model_id: _Optional[str] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., dimensions: _Optional[int] = ..., defaults: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., document_count: _Optional[int] = ..., generation: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_storage: _Optional[_Union[TokenStorage, _Mapping]] = ...) -> None: ...
+    text_language: str
+    def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., embedding_model_id: _Optional[str] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., dimensions: _Optional[int] = ..., defaults: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., document_count: _Optional[int] = ..., generation: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_storage: _Optional[_Union[TokenStorage, _Mapping]] = ..., text_language: _Optional[str] = ...) -> None: ...
 
 class TokenStorage(_message.Message):
     __slots__ = ("pool_factor", "projection_dims", "description", "model_id", "pending")

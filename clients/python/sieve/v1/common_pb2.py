@@ -25,25 +25,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/common.proto\x12\x08sieve.v1\"*\n\x06\x46ilter\x12 \n\x03\x61ll\x18\x01 \x03(\x0b\x32\x13.sieve.v1.Condition\"3\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x06\x65quals\x18\x02 \x01(\tH\x00\x42\x07\n\x05match\"\x95\x04\n\x0eSearchSettings\x12 \n\x13retrieve_candidates\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tef_search\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12-\n\x10late_interaction\x18\x03 \x01(\x0e\x32\x13.sieve.v1.StageMode\x12\"\n\x15late_interaction_keep\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12*\n\rcross_encoder\x18\x05 \x01(\x0e\x32\x13.sieve.v1.StageMode\x12\x1f\n\x12\x63ross_encoder_keep\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12#\n\x16late_interaction_model\x18\x07 \x01(\tH\x04\x88\x01\x01\x12 \n\x13\x63ross_encoder_model\x18\x08 \x01(\tH\x05\x88\x01\x01\x12\x1e\n\x11latency_budget_ms\x18\x10 \x01(\x05H\x06\x88\x01\x01\x12\"\n\x04tier\x18\x11 \x01(\x0e\x32\x14.sieve.v1.SearchTierB\x16\n\x14_retrieve_candidatesB\x0c\n\n_ef_searchB\x18\n\x16_late_interaction_keepB\x15\n\x13_cross_encoder_keepB\x19\n\x17_late_interaction_modelB\x16\n\x14_cross_encoder_modelB\x14\n\x12_latency_budget_ms*\\\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x11\n\rMETRIC_COSINE\x10\x01\x12\x18\n\x14METRIC_INNER_PRODUCT\x10\x02\x12\r\n\tMETRIC_L2\x10\x03*g\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_RETRIEVE\x10\x01\x12\x1a\n\x16STAGE_LATE_INTERACTION\x10\x02\x12\x17\n\x13STAGE_CROSS_ENCODER\x10\x03*p\n\tStageMode\x12\x1a\n\x16STAGE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_MODE_OFF\x10\x01\x12\x1a\n\x16STAGE_MODE_BEST_EFFORT\x10\x02\x12\x17\n\x13STAGE_MODE_REQUIRED\x10\x03*o\n\nSearchTier\x12\x1b\n\x17SEARCH_TIER_UNSPECIFIED\x10\x00\x12\x14\n\x10SEARCH_TIER_FAST\x10\x01\x12\x18\n\x14SEARCH_TIER_BALANCED\x10\x02\x12\x14\n\x10SEARCH_TIER_BEST\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/common.proto\x12\x08sieve.v1\"*\n\x06\x46ilter\x12 \n\x03\x61ll\x18\x01 \x03(\x0b\x32\x13.sieve.v1.Condition\"3\n\tCondition\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x10\n\x06\x65quals\x18\x02 \x01(\tH\x00\x42\x07\n\x05match\"\xa9\x05\n\x0eSearchSettings\x12 \n\x13retrieve_candidates\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x16\n\tef_search\x18\x02 \x01(\x05H\x01\x88\x01\x01\x12-\n\x10late_interaction\x18\x03 \x01(\x0e\x32\x13.sieve.v1.StageMode\x12\"\n\x15late_interaction_keep\x18\x04 \x01(\x05H\x02\x88\x01\x01\x12*\n\rcross_encoder\x18\x05 \x01(\x0e\x32\x13.sieve.v1.StageMode\x12\x1f\n\x12\x63ross_encoder_keep\x18\x06 \x01(\x05H\x03\x88\x01\x01\x12#\n\x16late_interaction_model\x18\x07 \x01(\tH\x04\x88\x01\x01\x12 \n\x13\x63ross_encoder_model\x18\x08 \x01(\tH\x05\x88\x01\x01\x12&\n\tretrieval\x18\t \x01(\x0e\x32\x13.sieve.v1.Retrieval\x12 \n\x06\x66usion\x18\n \x01(\x0e\x32\x10.sieve.v1.Fusion\x12\x12\n\x05rrf_k\x18\x0b \x01(\x05H\x06\x88\x01\x01\x12\x19\n\x0c\x64\x65nse_weight\x18\x0c \x01(\x01H\x07\x88\x01\x01\x12\x1e\n\x11latency_budget_ms\x18\x10 \x01(\x05H\x08\x88\x01\x01\x12\"\n\x04tier\x18\x11 \x01(\x0e\x32\x14.sieve.v1.SearchTierB\x16\n\x14_retrieve_candidatesB\x0c\n\n_ef_searchB\x18\n\x16_late_interaction_keepB\x15\n\x13_cross_encoder_keepB\x19\n\x17_late_interaction_modelB\x16\n\x14_cross_encoder_modelB\x08\n\x06_rrf_kB\x0f\n\r_dense_weightB\x14\n\x12_latency_budget_ms*\\\n\x06Metric\x12\x16\n\x12METRIC_UNSPECIFIED\x10\x00\x12\x11\n\rMETRIC_COSINE\x10\x01\x12\x18\n\x14METRIC_INNER_PRODUCT\x10\x02\x12\r\n\tMETRIC_L2\x10\x03*\x8c\x01\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_RETRIEVE\x10\x01\x12\x1a\n\x16STAGE_LATE_INTERACTION\x10\x02\x12\x17\n\x13STAGE_CROSS_ENCODER\x10\x03\x12\x11\n\rSTAGE_LEXICAL\x10\x04\x12\x10\n\x0cSTAGE_FUSION\x10\x05*h\n\tRetrieval\x12\x19\n\x15RETRIEVAL_UNSPECIFIED\x10\x00\x12\x13\n\x0fRETRIEVAL_DENSE\x10\x01\x12\x15\n\x11RETRIEVAL_LEXICAL\x10\x02\x12\x14\n\x10RETRIEVAL_HYBRID\x10\x03*E\n\x06\x46usion\x12\x16\n\x12\x46USION_UNSPECIFIED\x10\x00\x12\x0e\n\nFUSION_RRF\x10\x01\x12\x13\n\x0f\x46USION_WEIGHTED\x10\x02*p\n\tStageMode\x12\x1a\n\x16STAGE_MODE_UNSPECIFIED\x10\x00\x12\x12\n\x0eSTAGE_MODE_OFF\x10\x01\x12\x1a\n\x16STAGE_MODE_BEST_EFFORT\x10\x02\x12\x17\n\x13STAGE_MODE_REQUIRED\x10\x03*o\n\nSearchTier\x12\x1b\n\x17SEARCH_TIER_UNSPECIFIED\x10\x00\x12\x14\n\x10SEARCH_TIER_FAST\x10\x01\x12\x18\n\x14SEARCH_TIER_BALANCED\x10\x02\x12\x14\n\x10SEARCH_TIER_BEST\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'sieve.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_METRIC']._serialized_start=668
-  _globals['_METRIC']._serialized_end=760
-  _globals['_STAGE']._serialized_start=762
-  _globals['_STAGE']._serialized_end=865
-  _globals['_STAGEMODE']._serialized_start=867
-  _globals['_STAGEMODE']._serialized_end=979
-  _globals['_SEARCHTIER']._serialized_start=981
-  _globals['_SEARCHTIER']._serialized_end=1092
+  _globals['_METRIC']._serialized_start=816
+  _globals['_METRIC']._serialized_end=908
+  _globals['_STAGE']._serialized_start=911
+  _globals['_STAGE']._serialized_end=1051
+  _globals['_RETRIEVAL']._serialized_start=1053
+  _globals['_RETRIEVAL']._serialized_end=1157
+  _globals['_FUSION']._serialized_start=1159
+  _globals['_FUSION']._serialized_end=1228
+  _globals['_STAGEMODE']._serialized_start=1230
+  _globals['_STAGEMODE']._serialized_end=1342
+  _globals['_SEARCHTIER']._serialized_start=1344
+  _globals['_SEARCHTIER']._serialized_end=1455
   _globals['_FILTER']._serialized_start=35
   _globals['_FILTER']._serialized_end=77
   _globals['_CONDITION']._serialized_start=79
   _globals['_CONDITION']._serialized_end=130
   _globals['_SEARCHSETTINGS']._serialized_start=133
-  _globals['_SEARCHSETTINGS']._serialized_end=666
+  _globals['_SEARCHSETTINGS']._serialized_end=814
 # @@protoc_insertion_point(module_scope)

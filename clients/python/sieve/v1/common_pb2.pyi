@@ -21,6 +21,21 @@ class Stage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STAGE_RETRIEVE: _ClassVar[Stage]
     STAGE_LATE_INTERACTION: _ClassVar[Stage]
     STAGE_CROSS_ENCODER: _ClassVar[Stage]
+    STAGE_LEXICAL: _ClassVar[Stage]
+    STAGE_FUSION: _ClassVar[Stage]
+
+class Retrieval(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVAL_UNSPECIFIED: _ClassVar[Retrieval]
+    RETRIEVAL_DENSE: _ClassVar[Retrieval]
+    RETRIEVAL_LEXICAL: _ClassVar[Retrieval]
+    RETRIEVAL_HYBRID: _ClassVar[Retrieval]
+
+class Fusion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_UNSPECIFIED: _ClassVar[Fusion]
+    FUSION_RRF: _ClassVar[Fusion]
+    FUSION_WEIGHTED: _ClassVar[Fusion]
 
 class StageMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -43,6 +58,15 @@ STAGE_UNSPECIFIED: Stage
 STAGE_RETRIEVE: Stage
 STAGE_LATE_INTERACTION: Stage
 STAGE_CROSS_ENCODER: Stage
+STAGE_LEXICAL: Stage
+STAGE_FUSION: Stage
+RETRIEVAL_UNSPECIFIED: Retrieval
+RETRIEVAL_DENSE: Retrieval
+RETRIEVAL_LEXICAL: Retrieval
+RETRIEVAL_HYBRID: Retrieval
+FUSION_UNSPECIFIED: Fusion
+FUSION_RRF: Fusion
+FUSION_WEIGHTED: Fusion
 STAGE_MODE_UNSPECIFIED: StageMode
 STAGE_MODE_OFF: StageMode
 STAGE_MODE_BEST_EFFORT: StageMode
@@ -67,7 +91,7 @@ class Condition(_message.Message):
     def __init__(self, key: _Optional[str] = ..., equals: _Optional[str] = ...) -> None: ...
 
 class SearchSettings(_message.Message):
-    __slots__ = ("retrieve_candidates", "ef_search", "late_interaction", "late_interaction_keep", "cross_encoder", "cross_encoder_keep", "late_interaction_model", "cross_encoder_model", "latency_budget_ms", "tier")
+    __slots__ = ("retrieve_candidates", "ef_search", "late_interaction", "late_interaction_keep", "cross_encoder", "cross_encoder_keep", "late_interaction_model", "cross_encoder_model", "retrieval", "fusion", "rrf_k", "dense_weight", "latency_budget_ms", "tier")
     RETRIEVE_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     EF_SEARCH_FIELD_NUMBER: _ClassVar[int]
     LATE_INTERACTION_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +100,10 @@ class SearchSettings(_message.Message):
     CROSS_ENCODER_KEEP_FIELD_NUMBER: _ClassVar[int]
     LATE_INTERACTION_MODEL_FIELD_NUMBER: _ClassVar[int]
     CROSS_ENCODER_MODEL_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    RRF_K_FIELD_NUMBER: _ClassVar[int]
+    DENSE_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     retrieve_candidates: int
@@ -86,6 +114,10 @@ class SearchSettings(_message.Message):
     cross_encoder_keep: int
     late_interaction_model: str
     cross_encoder_model: str
+    retrieval: Retrieval
+    fusion: Fusion
+    rrf_k: int
+    dense_weight: float
     latency_budget_ms: int
     tier: SearchTier
-    def __init__(self, retrieve_candidates: _Optional[int] = ..., ef_search: _Optional[int] = ..., late_interaction: _Optional[_Union[StageMode, str]] = ..., late_interaction_keep: _Optional[int] = ..., cross_encoder: _Optional[_Union[StageMode, str]] = ..., cross_encoder_keep: _Optional[int] = ..., late_interaction_model: _Optional[str] = ..., cross_encoder_model: _Optional[str] = ..., latency_budget_ms: _Optional[int] = ..., tier: _Optional[_Union[SearchTier, str]] = ...) -> None: ...
+    def __init__(self, retrieve_candidates: _Optional[int] = ..., ef_search: _Optional[int] = ..., late_interaction: _Optional[_Union[StageMode, str]] = ..., late_interaction_keep: _Optional[int] = ..., cross_encoder: _Optional[_Union[StageMode, str]] = ..., cross_encoder_keep: _Optional[int] = ..., late_interaction_model: _Optional[str] = ..., cross_encoder_model: _Optional[str] = ..., retrieval: _Optional[_Union[Retrieval, str]] = ..., fusion: _Optional[_Union[Fusion, str]] = ..., rrf_k: _Optional[int] = ..., dense_weight: _Optional[float] = ..., latency_budget_ms: _Optional[int] = ..., tier: _Optional[_Union[SearchTier, str]] = ...) -> None: ...

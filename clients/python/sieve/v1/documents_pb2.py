@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sieve/v1/documents.proto\x12\x08sieve.v1\"\x89\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .sieve.v1.Document.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x16UpsertDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12%\n\tdocuments\x18\x02 \x03(\x0b\x32\x12.sieve.v1.Document\"?\n\x17UpsertDocumentsResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x10\n\x08upserted\x18\x02 \x01(\x05\"6\n\x13GetDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"R\n\x14GetDocumentsResponse\x12%\n\tdocuments\x18\x01 \x03(\x0b\x32\x12.sieve.v1.Document\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"Q\n\x17\x44\x65leteDocumentsResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x05\x12\x11\n\tnot_found\x18\x03 \x01(\x05\x32\x90\x02\n\x0f\x44ocumentService\x12V\n\x0fUpsertDocuments\x12 .sieve.v1.UpsertDocumentsRequest\x1a!.sieve.v1.UpsertDocumentsResponse\x12M\n\x0cGetDocuments\x12\x1d.sieve.v1.GetDocumentsRequest\x1a\x1e.sieve.v1.GetDocumentsResponse\x12V\n\x0f\x44\x65leteDocuments\x12 .sieve.v1.DeleteDocumentsRequest\x1a!.sieve.v1.DeleteDocumentsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18sieve/v1/documents.proto\x12\x08sieve.v1\"\x99\x01\n\x08\x44ocument\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x32\n\x08metadata\x18\x03 \x03(\x0b\x32 .sieve.v1.Document.MetadataEntry\x12\x0e\n\x06vector\x18\x04 \x03(\x02\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x16UpsertDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12%\n\tdocuments\x18\x02 \x03(\x0b\x32\x12.sieve.v1.Document\x12\x17\n\x0f\x65mbedding_model\x18\x03 \x01(\t\"?\n\x17UpsertDocumentsResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x10\n\x08upserted\x18\x02 \x01(\x05\"6\n\x13GetDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"R\n\x14GetDocumentsResponse\x12%\n\tdocuments\x18\x01 \x03(\x0b\x32\x12.sieve.v1.Document\x12\x13\n\x0bmissing_ids\x18\x02 \x03(\t\"9\n\x16\x44\x65leteDocumentsRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\x0b\n\x03ids\x18\x02 \x03(\t\"Q\n\x17\x44\x65leteDocumentsResponse\x12\x12\n\ngeneration\x18\x01 \x01(\x03\x12\x0f\n\x07\x64\x65leted\x18\x02 \x01(\x05\x12\x11\n\tnot_found\x18\x03 \x01(\x05\x32\x90\x02\n\x0f\x44ocumentService\x12V\n\x0fUpsertDocuments\x12 .sieve.v1.UpsertDocumentsRequest\x1a!.sieve.v1.UpsertDocumentsResponse\x12M\n\x0cGetDocuments\x12\x1d.sieve.v1.GetDocumentsRequest\x1a\x1e.sieve.v1.GetDocumentsResponse\x12V\n\x0f\x44\x65leteDocuments\x12 .sieve.v1.DeleteDocumentsRequest\x1a!.sieve.v1.DeleteDocumentsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,21 +35,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DOCUMENT_METADATAENTRY']._loaded_options = None
   _globals['_DOCUMENT_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_DOCUMENT']._serialized_start=39
-  _globals['_DOCUMENT']._serialized_end=176
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=129
-  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=176
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=178
-  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=261
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=263
-  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=326
-  _globals['_GETDOCUMENTSREQUEST']._serialized_start=328
-  _globals['_GETDOCUMENTSREQUEST']._serialized_end=382
-  _globals['_GETDOCUMENTSRESPONSE']._serialized_start=384
-  _globals['_GETDOCUMENTSRESPONSE']._serialized_end=466
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=468
-  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=525
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=527
-  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=608
-  _globals['_DOCUMENTSERVICE']._serialized_start=611
-  _globals['_DOCUMENTSERVICE']._serialized_end=883
+  _globals['_DOCUMENT']._serialized_end=192
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_start=145
+  _globals['_DOCUMENT_METADATAENTRY']._serialized_end=192
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_start=194
+  _globals['_UPSERTDOCUMENTSREQUEST']._serialized_end=302
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_start=304
+  _globals['_UPSERTDOCUMENTSRESPONSE']._serialized_end=367
+  _globals['_GETDOCUMENTSREQUEST']._serialized_start=369
+  _globals['_GETDOCUMENTSREQUEST']._serialized_end=423
+  _globals['_GETDOCUMENTSRESPONSE']._serialized_start=425
+  _globals['_GETDOCUMENTSRESPONSE']._serialized_end=507
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_start=509
+  _globals['_DELETEDOCUMENTSREQUEST']._serialized_end=566
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_start=568
+  _globals['_DELETEDOCUMENTSRESPONSE']._serialized_end=649
+  _globals['_DOCUMENTSERVICE']._serialized_start=652
+  _globals['_DOCUMENTSERVICE']._serialized_end=924
 # @@protoc_insertion_point(module_scope)

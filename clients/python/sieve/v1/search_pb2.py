@@ -26,7 +26,7 @@ _sym_db = _symbol_database.Default()
 from sieve.v1 import common_pb2 as sieve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/search.proto\x12\x08sieve.v1\x1a\x15sieve/v1/common.proto\"\x89\x01\n\x14SearchStreamResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.sieve.v1.SearchResponse\x12\x1e\n\x05stage\x18\x02 \x01(\x0e\x32\x0f.sieve.v1.Stage\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\x12\x18\n\x10\x64\x65\x61\x64line_reached\x18\x04 \x01(\x08\"\xbf\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12 \n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x10.sieve.v1.Filter\x12*\n\x08settings\x18\x05 \x01(\x0b\x32\x18.sieve.v1.SearchSettings\x12\x16\n\x0eomit_documents\x18\x06 \x01(\x08\x12\x16\n\x0emin_generation\x18\x07 \x01(\x03\"y\n\x0eSearchResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.sieve.v1.Hit\x12%\n\x06stages\x18\x02 \x03(\x0b\x32\x15.sieve.v1.StageReport\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07took_ms\x18\x04 \x01(\x01\"\xdc\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08metadata\x18\x04 \x03(\x0b\x32\x1b.sieve.v1.Hit.MetadataEntry\x12*\n\x0cstage_scores\x18\x05 \x03(\x0b\x32\x14.sieve.v1.StageScore\x12 \n\x08\x65vidence\x18\x10 \x03(\x0b\x32\x0e.sieve.v1.Span\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x01\"I\n\nStageScore\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.sieve.v1.Stage\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\xfa\x02\n\x0bStageReport\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.sieve.v1.Stage\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.sieve.v1.StageStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rcandidates_in\x18\x04 \x01(\x05\x12\x16\n\x0e\x63\x61ndidates_out\x18\x05 \x01(\x05\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x14\n\x0ctoken_source\x18\t \x01(\t\x12\x13\n\x0btoken_bytes\x18\n \x01(\x03\x12\x16\n\x0etokens_pending\x18\x0b \x01(\x05\x12\x1a\n\x12query_token_source\x18\x0c \x01(\t\x12\x0c\n\x04plan\x18\x14 \x01(\t\x12\x1b\n\x13\x63\x61ndidates_cut_from\x18\x15 \x01(\x05\x12\x15\n\rtop_k_changed\x18\x16 \x01(\x08\x12\x11\n\ttop_k_new\x18\x17 \x01(\x05*|\n\x0bStageStatus\x12\x1c\n\x18STAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16STAGE_STATUS_COMPLETED\x10\x01\x12\x19\n\x15STAGE_STATUS_DEGRADED\x10\x02\x12\x18\n\x14STAGE_STATUS_SKIPPED\x10\x03\x32\x97\x01\n\rSearchService\x12;\n\x06Search\x12\x17.sieve.v1.SearchRequest\x1a\x18.sieve.v1.SearchResponse\x12I\n\x0cSearchStream\x12\x17.sieve.v1.SearchRequest\x1a\x1e.sieve.v1.SearchStreamResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15sieve/v1/search.proto\x12\x08sieve.v1\x1a\x15sieve/v1/common.proto\"\x89\x01\n\x14SearchStreamResponse\x12(\n\x06result\x18\x01 \x01(\x0b\x32\x18.sieve.v1.SearchResponse\x12\x1e\n\x05stage\x18\x02 \x01(\x0e\x32\x0f.sieve.v1.Stage\x12\r\n\x05\x66inal\x18\x03 \x01(\x08\x12\x18\n\x10\x64\x65\x61\x64line_reached\x18\x04 \x01(\x08\"\xd5\x01\n\rSearchRequest\x12\x12\n\ncollection\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12 \n\x06\x66ilter\x18\x04 \x01(\x0b\x32\x10.sieve.v1.Filter\x12*\n\x08settings\x18\x05 \x01(\x0b\x32\x18.sieve.v1.SearchSettings\x12\x16\n\x0eomit_documents\x18\x06 \x01(\x08\x12\x16\n\x0emin_generation\x18\x07 \x01(\x03\x12\x14\n\x0cquery_vector\x18\x08 \x03(\x02\"y\n\x0eSearchResponse\x12\x1b\n\x04hits\x18\x01 \x03(\x0b\x32\r.sieve.v1.Hit\x12%\n\x06stages\x18\x02 \x03(\x0b\x32\x15.sieve.v1.StageReport\x12\x12\n\ngeneration\x18\x03 \x01(\x03\x12\x0f\n\x07took_ms\x18\x04 \x01(\x01\"\xdc\x01\n\x03Hit\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04text\x18\x03 \x01(\t\x12-\n\x08metadata\x18\x04 \x03(\x0b\x32\x1b.sieve.v1.Hit.MetadataEntry\x12*\n\x0cstage_scores\x18\x05 \x03(\x0b\x32\x14.sieve.v1.StageScore\x12 \n\x08\x65vidence\x18\x10 \x03(\x0b\x32\x0e.sieve.v1.Span\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"1\n\x04Span\x12\r\n\x05start\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\x12\r\n\x05score\x18\x03 \x01(\x01\"I\n\nStageScore\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.sieve.v1.Stage\x12\r\n\x05score\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\"\xfa\x02\n\x0bStageReport\x12\x1e\n\x05stage\x18\x01 \x01(\x0e\x32\x0f.sieve.v1.Stage\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.sieve.v1.StageStatus\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x15\n\rcandidates_in\x18\x04 \x01(\x05\x12\x16\n\x0e\x63\x61ndidates_out\x18\x05 \x01(\x05\x12\x0f\n\x07took_ms\x18\x06 \x01(\x01\x12\x10\n\x08model_id\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x14\n\x0ctoken_source\x18\t \x01(\t\x12\x13\n\x0btoken_bytes\x18\n \x01(\x03\x12\x16\n\x0etokens_pending\x18\x0b \x01(\x05\x12\x1a\n\x12query_token_source\x18\x0c \x01(\t\x12\x0c\n\x04plan\x18\x14 \x01(\t\x12\x1b\n\x13\x63\x61ndidates_cut_from\x18\x15 \x01(\x05\x12\x15\n\rtop_k_changed\x18\x16 \x01(\x08\x12\x11\n\ttop_k_new\x18\x17 \x01(\x05*|\n\x0bStageStatus\x12\x1c\n\x18STAGE_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16STAGE_STATUS_COMPLETED\x10\x01\x12\x19\n\x15STAGE_STATUS_DEGRADED\x10\x02\x12\x18\n\x14STAGE_STATUS_SKIPPED\x10\x03\x32\x97\x01\n\rSearchService\x12;\n\x06Search\x12\x17.sieve.v1.SearchRequest\x1a\x18.sieve.v1.SearchResponse\x12I\n\x0cSearchStream\x12\x17.sieve.v1.SearchRequest\x1a\x1e.sieve.v1.SearchStreamResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,24 +35,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_HIT_METADATAENTRY']._loaded_options = None
   _globals['_HIT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_STAGESTATUS']._serialized_start=1245
-  _globals['_STAGESTATUS']._serialized_end=1369
+  _globals['_STAGESTATUS']._serialized_start=1267
+  _globals['_STAGESTATUS']._serialized_end=1391
   _globals['_SEARCHSTREAMRESPONSE']._serialized_start=59
   _globals['_SEARCHSTREAMRESPONSE']._serialized_end=196
   _globals['_SEARCHREQUEST']._serialized_start=199
-  _globals['_SEARCHREQUEST']._serialized_end=390
-  _globals['_SEARCHRESPONSE']._serialized_start=392
-  _globals['_SEARCHRESPONSE']._serialized_end=513
-  _globals['_HIT']._serialized_start=516
-  _globals['_HIT']._serialized_end=736
-  _globals['_HIT_METADATAENTRY']._serialized_start=689
-  _globals['_HIT_METADATAENTRY']._serialized_end=736
-  _globals['_SPAN']._serialized_start=738
-  _globals['_SPAN']._serialized_end=787
-  _globals['_STAGESCORE']._serialized_start=789
-  _globals['_STAGESCORE']._serialized_end=862
-  _globals['_STAGEREPORT']._serialized_start=865
-  _globals['_STAGEREPORT']._serialized_end=1243
-  _globals['_SEARCHSERVICE']._serialized_start=1372
-  _globals['_SEARCHSERVICE']._serialized_end=1523
+  _globals['_SEARCHREQUEST']._serialized_end=412
+  _globals['_SEARCHRESPONSE']._serialized_start=414
+  _globals['_SEARCHRESPONSE']._serialized_end=535
+  _globals['_HIT']._serialized_start=538
+  _globals['_HIT']._serialized_end=758
+  _globals['_HIT_METADATAENTRY']._serialized_start=711
+  _globals['_HIT_METADATAENTRY']._serialized_end=758
+  _globals['_SPAN']._serialized_start=760
+  _globals['_SPAN']._serialized_end=809
+  _globals['_STAGESCORE']._serialized_start=811
+  _globals['_STAGESCORE']._serialized_end=884
+  _globals['_STAGEREPORT']._serialized_start=887
+  _globals['_STAGEREPORT']._serialized_end=1265
+  _globals['_SEARCHSERVICE']._serialized_start=1394
+  _globals['_SEARCHSERVICE']._serialized_end=1545
 # @@protoc_insertion_point(module_scope)

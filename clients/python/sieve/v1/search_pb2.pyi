@@ -33,7 +33,7 @@ class SearchStreamResponse(_message.Message):
     def __init__(self, result: _Optional[_Union[SearchResponse, _Mapping]] = ..., stage: _Optional[_Union[_common_pb2.Stage, str]] = ..., final: _Optional[bool] = ..., deadline_reached: _Optional[bool] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("collection", "query", "top_k", "filter", "settings", "omit_documents", "min_generation")
+    __slots__ = ("collection", "query", "top_k", "filter", "settings", "omit_documents", "min_generation", "query_vector")
     COLLECTION_FIELD_NUMBER: _ClassVar[int]
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
@@ -41,6 +41,7 @@ class SearchRequest(_message.Message):
     SETTINGS_FIELD_NUMBER: _ClassVar[int]
     OMIT_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     MIN_GENERATION_FIELD_NUMBER: _ClassVar[int]
+    QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     collection: str
     query: str
     top_k: int
@@ -48,7 +49,8 @@ class SearchRequest(_message.Message):
     settings: _common_pb2.SearchSettings
     omit_documents: bool
     min_generation: int
-    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., settings: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., omit_documents: _Optional[bool] = ..., min_generation: _Optional[int] = ...) -> None: ...
+    query_vector: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, collection: _Optional[str] = ..., query: _Optional[str] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., settings: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., omit_documents: _Optional[bool] = ..., min_generation: _Optional[int] = ..., query_vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "stages", "generation", "took_ms")

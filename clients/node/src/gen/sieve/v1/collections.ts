@@ -54,7 +54,14 @@ export interface Collection {
    * Unset on a collection that stores none (late interaction then reports DEGRADED, or FAILED_PRECONDITION
    * when REQUIRED). Cannot be changed after creation.
    */
-  tokenStorage: TokenStorage | undefined;
+  tokenStorage:
+    | TokenStorage
+    | undefined;
+  /**
+   * The full-text (BM25) index's analysis: "english" (the default: stemming and stop words), "dutch",
+   * "german", "french" or "spanish". Chosen at creation; cannot be changed after.
+   */
+  textLanguage: string;
 }
 
 /**
@@ -125,6 +132,7 @@ function createBaseCollection(): Collection {
     generation: 0,
     createdAt: undefined,
     tokenStorage: undefined,
+    textLanguage: "",
   };
 }
 
@@ -159,6 +167,9 @@ export const Collection: MessageFns<Collection> = {
     }
     if (message.tokenStorage !== undefined) {
       TokenStorage.encode(message.tokenStorage, writer.uint32(82).fork()).join();
+    }
+    if (message.textLanguage !== "") {
+      writer.uint32(90).string(message.textLanguage);
     }
     return writer;
   },
@@ -256,6 +267,14 @@ export const Collection: MessageFns<Collection> = {
             message.tokenStorage = TokenStorage.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.textLanguage = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -300,6 +319,11 @@ export const Collection: MessageFns<Collection> = {
         : isSet(object.token_storage)
         ? TokenStorage.fromJSON(object.token_storage)
         : undefined,
+      textLanguage: isSet(object.textLanguage)
+        ? globalThis.String(object.textLanguage)
+        : isSet(object.text_language)
+        ? globalThis.String(object.text_language)
+        : "",
     };
   },
 
@@ -335,6 +359,9 @@ export const Collection: MessageFns<Collection> = {
     if (message.tokenStorage !== undefined) {
       obj.tokenStorage = TokenStorage.toJSON(message.tokenStorage);
     }
+    if (message.textLanguage !== "") {
+      obj.textLanguage = message.textLanguage;
+    }
     return obj;
   },
 
@@ -357,6 +384,7 @@ export const Collection: MessageFns<Collection> = {
     message.tokenStorage = (object.tokenStorage !== undefined && object.tokenStorage !== null)
       ? TokenStorage.fromPartial(object.tokenStorage)
       : undefined;
+    message.textLanguage = object.textLanguage ?? "";
     return message;
   },
 };

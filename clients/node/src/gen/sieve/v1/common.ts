@@ -70,6 +70,13 @@ export enum Stage {
   STAGE_LATE_INTERACTION = 2,
   /** STAGE_CROSS_ENCODER - full cross-attention re-ranking of the best few */
   STAGE_CROSS_ENCODER = 3,
+  /**
+   * STAGE_LEXICAL - Hybrid retrieval (RETRIEVAL_LEXICAL or RETRIEVAL_HYBRID) runs these beside or instead of STAGE_RETRIEVE
+   * (which is the dense side); they come before the re-ranking stages.
+   */
+  STAGE_LEXICAL = 4,
+  /** STAGE_FUSION - the dense and lexical candidates fused into one list (RRF or weighted) */
+  STAGE_FUSION = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -87,6 +94,12 @@ export function stageFromJSON(object: any): Stage {
     case 3:
     case "STAGE_CROSS_ENCODER":
       return Stage.STAGE_CROSS_ENCODER;
+    case 4:
+    case "STAGE_LEXICAL":
+      return Stage.STAGE_LEXICAL;
+    case 5:
+    case "STAGE_FUSION":
+      return Stage.STAGE_FUSION;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -104,7 +117,104 @@ export function stageToJSON(object: Stage): string {
       return "STAGE_LATE_INTERACTION";
     case Stage.STAGE_CROSS_ENCODER:
       return "STAGE_CROSS_ENCODER";
+    case Stage.STAGE_LEXICAL:
+      return "STAGE_LEXICAL";
+    case Stage.STAGE_FUSION:
+      return "STAGE_FUSION";
     case Stage.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** Which first-stage retrievers run. */
+export enum Retrieval {
+  /** RETRIEVAL_UNSPECIFIED - the collection default, then the server's (dense) */
+  RETRIEVAL_UNSPECIFIED = 0,
+  /** RETRIEVAL_DENSE - the bi-encoder's vector and the HNSW (or exact) index */
+  RETRIEVAL_DENSE = 1,
+  /** RETRIEVAL_LEXICAL - BM25 over the collection's full-text index */
+  RETRIEVAL_LEXICAL = 2,
+  /** RETRIEVAL_HYBRID - both, fused (see Fusion) */
+  RETRIEVAL_HYBRID = 3,
+  UNRECOGNIZED = -1,
+}
+
+export function retrievalFromJSON(object: any): Retrieval {
+  switch (object) {
+    case 0:
+    case "RETRIEVAL_UNSPECIFIED":
+      return Retrieval.RETRIEVAL_UNSPECIFIED;
+    case 1:
+    case "RETRIEVAL_DENSE":
+      return Retrieval.RETRIEVAL_DENSE;
+    case 2:
+    case "RETRIEVAL_LEXICAL":
+      return Retrieval.RETRIEVAL_LEXICAL;
+    case 3:
+    case "RETRIEVAL_HYBRID":
+      return Retrieval.RETRIEVAL_HYBRID;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Retrieval.UNRECOGNIZED;
+  }
+}
+
+export function retrievalToJSON(object: Retrieval): string {
+  switch (object) {
+    case Retrieval.RETRIEVAL_UNSPECIFIED:
+      return "RETRIEVAL_UNSPECIFIED";
+    case Retrieval.RETRIEVAL_DENSE:
+      return "RETRIEVAL_DENSE";
+    case Retrieval.RETRIEVAL_LEXICAL:
+      return "RETRIEVAL_LEXICAL";
+    case Retrieval.RETRIEVAL_HYBRID:
+      return "RETRIEVAL_HYBRID";
+    case Retrieval.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** How hybrid retrieval fuses the dense and lexical candidate lists. */
+export enum Fusion {
+  /** FUSION_UNSPECIFIED - the collection default, then the server's (RRF) */
+  FUSION_UNSPECIFIED = 0,
+  /** FUSION_RRF - reciprocal rank fusion: sum over the lists of 1 / (rrf_k + rank), rank from 1 */
+  FUSION_RRF = 1,
+  /** FUSION_WEIGHTED - dense_weight * dense + (1 - dense_weight) * lexical, each min-max normalised */
+  FUSION_WEIGHTED = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function fusionFromJSON(object: any): Fusion {
+  switch (object) {
+    case 0:
+    case "FUSION_UNSPECIFIED":
+      return Fusion.FUSION_UNSPECIFIED;
+    case 1:
+    case "FUSION_RRF":
+      return Fusion.FUSION_RRF;
+    case 2:
+    case "FUSION_WEIGHTED":
+      return Fusion.FUSION_WEIGHTED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return Fusion.UNRECOGNIZED;
+  }
+}
+
+export function fusionToJSON(object: Fusion): string {
+  switch (object) {
+    case Fusion.FUSION_UNSPECIFIED:
+      return "FUSION_UNSPECIFIED";
+    case Fusion.FUSION_RRF:
+      return "FUSION_RRF";
+    case Fusion.FUSION_WEIGHTED:
+      return "FUSION_WEIGHTED";
+    case Fusion.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -252,6 +362,20 @@ export interface SearchSettings {
   lateInteractionModel?: string | undefined;
   crossEncoderModel?:
     | string
+    | undefined;
+  /**
+   * First-stage retrieval: dense, lexical (BM25), or both fused. Each side returns retrieve_candidates
+   * candidates; the fused list keeps retrieve_candidates of their union and feeds the re-ranking stages.
+   */
+  retrieval: Retrieval;
+  fusion: Fusion;
+  /** Reciprocal rank fusion's k (default 60): larger flattens the difference between top and lower ranks. */
+  rrfK?:
+    | number
+    | undefined;
+  /** Weighted fusion's weight of the dense side, in [0, 1] (default 0.5). */
+  denseWeight?:
+    | number
     | undefined;
   /**
    * A latency budget for the whole search, in milliseconds: the cascade plans against it before it
@@ -432,6 +556,10 @@ function createBaseSearchSettings(): SearchSettings {
     crossEncoderKeep: undefined,
     lateInteractionModel: undefined,
     crossEncoderModel: undefined,
+    retrieval: 0,
+    fusion: 0,
+    rrfK: undefined,
+    denseWeight: undefined,
     latencyBudgetMs: undefined,
     tier: 0,
   };
@@ -462,6 +590,18 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     }
     if (message.crossEncoderModel !== undefined) {
       writer.uint32(66).string(message.crossEncoderModel);
+    }
+    if (message.retrieval !== 0) {
+      writer.uint32(72).int32(message.retrieval);
+    }
+    if (message.fusion !== 0) {
+      writer.uint32(80).int32(message.fusion);
+    }
+    if (message.rrfK !== undefined) {
+      writer.uint32(88).int32(message.rrfK);
+    }
+    if (message.denseWeight !== undefined) {
+      writer.uint32(97).double(message.denseWeight);
     }
     if (message.latencyBudgetMs !== undefined) {
       writer.uint32(128).int32(message.latencyBudgetMs);
@@ -549,6 +689,38 @@ export const SearchSettings: MessageFns<SearchSettings> = {
             message.crossEncoderModel = reader.string();
             continue;
           }
+          case 9: {
+            if (tag !== 72) {
+              break;
+            }
+
+            message.retrieval = reader.int32() as any;
+            continue;
+          }
+          case 10: {
+            if (tag !== 80) {
+              break;
+            }
+
+            message.fusion = reader.int32() as any;
+            continue;
+          }
+          case 11: {
+            if (tag !== 88) {
+              break;
+            }
+
+            message.rrfK = reader.int32();
+            continue;
+          }
+          case 12: {
+            if (tag !== 97) {
+              break;
+            }
+
+            message.denseWeight = reader.double();
+            continue;
+          }
           case 16: {
             if (tag !== 128) {
               break;
@@ -619,6 +791,18 @@ export const SearchSettings: MessageFns<SearchSettings> = {
         : isSet(object.cross_encoder_model)
         ? globalThis.String(object.cross_encoder_model)
         : undefined,
+      retrieval: isSet(object.retrieval) ? retrievalFromJSON(object.retrieval) : 0,
+      fusion: isSet(object.fusion) ? fusionFromJSON(object.fusion) : 0,
+      rrfK: isSet(object.rrfK)
+        ? globalThis.Number(object.rrfK)
+        : isSet(object.rrf_k)
+        ? globalThis.Number(object.rrf_k)
+        : undefined,
+      denseWeight: isSet(object.denseWeight)
+        ? globalThis.Number(object.denseWeight)
+        : isSet(object.dense_weight)
+        ? globalThis.Number(object.dense_weight)
+        : undefined,
       latencyBudgetMs: isSet(object.latencyBudgetMs)
         ? globalThis.Number(object.latencyBudgetMs)
         : isSet(object.latency_budget_ms)
@@ -654,6 +838,18 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     if (message.crossEncoderModel !== undefined) {
       obj.crossEncoderModel = message.crossEncoderModel;
     }
+    if (message.retrieval !== 0) {
+      obj.retrieval = retrievalToJSON(message.retrieval);
+    }
+    if (message.fusion !== 0) {
+      obj.fusion = fusionToJSON(message.fusion);
+    }
+    if (message.rrfK !== undefined) {
+      obj.rrfK = Math.round(message.rrfK);
+    }
+    if (message.denseWeight !== undefined) {
+      obj.denseWeight = floatToJson(message.denseWeight);
+    }
     if (message.latencyBudgetMs !== undefined) {
       obj.latencyBudgetMs = Math.round(message.latencyBudgetMs);
     }
@@ -676,11 +872,19 @@ export const SearchSettings: MessageFns<SearchSettings> = {
     message.crossEncoderKeep = object.crossEncoderKeep ?? undefined;
     message.lateInteractionModel = object.lateInteractionModel ?? undefined;
     message.crossEncoderModel = object.crossEncoderModel ?? undefined;
+    message.retrieval = object.retrieval ?? 0;
+    message.fusion = object.fusion ?? 0;
+    message.rrfK = object.rrfK ?? undefined;
+    message.denseWeight = object.denseWeight ?? undefined;
     message.latencyBudgetMs = object.latencyBudgetMs ?? undefined;
     message.tier = object.tier ?? 0;
     return message;
   },
 };
+
+function floatToJson(value: number | null | undefined): number | string | null | undefined {
+  return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 

@@ -32,6 +32,12 @@ export interface Document {
   text: string;
   /** Free-form string metadata, usable in search filters. */
   metadata: { [key: string]: string };
+  /**
+   * Optional: the text's embedding, computed by the caller with the collection's embedding model (as
+   * UpsertDocumentsRequest.embedding_model says); the server stores it instead of embedding the text.
+   * Its length must be the collection's dimensions. Never returned by GetDocuments.
+   */
+  vector: number[];
 }
 
 export interface Document_MetadataEntry {
@@ -42,6 +48,12 @@ export interface Document_MetadataEntry {
 export interface UpsertDocumentsRequest {
   collection: string;
   documents: Document[];
+  /**
+   * Required when documents carry vectors: the model that made them, which must be the collection's
+   * embedding model (its name, or its model id name@revision). Vectors of another model would be
+   * searched as if they were comparable and give meaningless results, so they are refused.
+   */
+  embeddingModel: string;
 }
 
 export interface UpsertDocumentsResponse {
@@ -73,7 +85,7 @@ export interface DeleteDocumentsResponse {
 }
 
 function createBaseDocument(): Document {
-  return { id: "", text: "", metadata: {} };
+  return { id: "", text: "", metadata: {}, vector: [] };
 }
 
 export const Document: MessageFns<Document> = {
@@ -87,6 +99,13 @@ export const Document: MessageFns<Document> = {
     globalThis.Object.entries(message.metadata).forEach(([key, value]: [string, string]) => {
       Document_MetadataEntry.encode({ key: key as any, value }, writer.uint32(26).fork()).join();
     });
+    if (message.vector.length !== 0) {
+      writer.uint32(34).fork();
+      for (const v of message.vector) {
+        writer.float(v);
+      }
+      writer.join();
+    }
     return writer;
   },
 
@@ -130,6 +149,24 @@ export const Document: MessageFns<Document> = {
             }
             continue;
           }
+          case 4: {
+            if (tag === 37) {
+              message.vector.push(reader.float());
+
+              continue;
+            }
+
+            if (tag === 34) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.vector.push(reader.float());
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -160,6 +197,7 @@ export const Document: MessageFns<Document> = {
           {},
         )
         : {},
+      vector: globalThis.Array.isArray(object?.vector) ? object.vector.map((e: any) => globalThis.Number(e)) : [],
     };
   },
 
@@ -180,6 +218,9 @@ export const Document: MessageFns<Document> = {
         });
       }
     }
+    if (message.vector?.length) {
+      obj.vector = message.vector.map((e) => floatToJson(e));
+    }
     return obj;
   },
 
@@ -199,6 +240,7 @@ export const Document: MessageFns<Document> = {
       },
       {},
     );
+    message.vector = object.vector?.map((e) => e) || [];
     return message;
   },
 };
@@ -289,7 +331,7 @@ export const Document_MetadataEntry: MessageFns<Document_MetadataEntry> = {
 };
 
 function createBaseUpsertDocumentsRequest(): UpsertDocumentsRequest {
-  return { collection: "", documents: [] };
+  return { collection: "", documents: [], embeddingModel: "" };
 }
 
 export const UpsertDocumentsRequest: MessageFns<UpsertDocumentsRequest> = {
@@ -299,6 +341,9 @@ export const UpsertDocumentsRequest: MessageFns<UpsertDocumentsRequest> = {
     }
     for (const v of message.documents) {
       Document.encode(v!, writer.uint32(18).fork()).join();
+    }
+    if (message.embeddingModel !== "") {
+      writer.uint32(26).string(message.embeddingModel);
     }
     return writer;
   },
@@ -332,6 +377,14 @@ export const UpsertDocumentsRequest: MessageFns<UpsertDocumentsRequest> = {
             message.documents.push(Document.decode(reader, reader.uint32()));
             continue;
           }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.embeddingModel = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -350,6 +403,11 @@ export const UpsertDocumentsRequest: MessageFns<UpsertDocumentsRequest> = {
       documents: globalThis.Array.isArray(object?.documents)
         ? object.documents.map((e: any) => Document.fromJSON(e))
         : [],
+      embeddingModel: isSet(object.embeddingModel)
+        ? globalThis.String(object.embeddingModel)
+        : isSet(object.embedding_model)
+        ? globalThis.String(object.embedding_model)
+        : "",
     };
   },
 
@@ -361,6 +419,9 @@ export const UpsertDocumentsRequest: MessageFns<UpsertDocumentsRequest> = {
     if (message.documents?.length) {
       obj.documents = message.documents.map((e) => Document.toJSON(e));
     }
+    if (message.embeddingModel !== "") {
+      obj.embeddingModel = message.embeddingModel;
+    }
     return obj;
   },
 
@@ -371,6 +432,7 @@ export const UpsertDocumentsRequest: MessageFns<UpsertDocumentsRequest> = {
     const message = createBaseUpsertDocumentsRequest();
     message.collection = object.collection ?? "";
     message.documents = object.documents?.map((e) => Document.fromPartial(e)) || [];
+    message.embeddingModel = object.embeddingModel ?? "";
     return message;
   },
 };
@@ -942,6 +1004,10 @@ export const DocumentServiceClient = makeGenericClientConstructor(
   service: typeof DocumentServiceService;
   serviceName: string;
 };
+
+function floatToJson(value: number | null | undefined): number | string | null | undefined {
+  return typeof value === "number" && !globalThis.Number.isFinite(value) ? globalThis.String(value) : value;
+}
 
 type Builtin = Date | Function | Uint8Array | string | number | boolean | undefined;
 

@@ -96,7 +96,7 @@ export interface SearchStreamResponse {
 
 export interface SearchRequest {
   collection: string;
-  /** The query text. Must not be empty. */
+  /** The query text. Must not be empty unless query_vector is given. */
   query: string;
   /** Number of hits to return; 0 means the server default (10). */
   topK: number;
@@ -116,6 +116,12 @@ export interface SearchRequest {
    * less if the deadline is nearer), then answers FAILED_PRECONDITION. 0: no wait.
    */
   minGeneration: number;
+  /**
+   * Search by this vector instead of the query text's embedding: the collection's model must have made it
+   * (its length is the collection's dimensions). The query text may then be empty, unless lexical
+   * retrieval or a re-ranking stage runs (they need the text).
+   */
+  queryVector: number[];
 }
 
 export interface SearchResponse {
@@ -338,6 +344,7 @@ function createBaseSearchRequest(): SearchRequest {
     settings: undefined,
     omitDocuments: false,
     minGeneration: 0,
+    queryVector: [],
   };
 }
 
@@ -363,6 +370,13 @@ export const SearchRequest: MessageFns<SearchRequest> = {
     }
     if (message.minGeneration !== 0) {
       writer.uint32(56).int64(message.minGeneration);
+    }
+    if (message.queryVector.length !== 0) {
+      writer.uint32(66).fork();
+      for (const v of message.queryVector) {
+        writer.float(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -436,6 +450,24 @@ export const SearchRequest: MessageFns<SearchRequest> = {
             message.minGeneration = longToNumber(reader.int64());
             continue;
           }
+          case 8: {
+            if (tag === 69) {
+              message.queryVector.push(reader.float());
+
+              continue;
+            }
+
+            if (tag === 66) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.queryVector.push(reader.float());
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -469,6 +501,11 @@ export const SearchRequest: MessageFns<SearchRequest> = {
         : isSet(object.min_generation)
         ? globalThis.Number(object.min_generation)
         : 0,
+      queryVector: globalThis.Array.isArray(object?.queryVector)
+        ? object.queryVector.map((e: any) => globalThis.Number(e))
+        : globalThis.Array.isArray(object?.query_vector)
+        ? object.query_vector.map((e: any) => globalThis.Number(e))
+        : [],
     };
   },
 
@@ -495,6 +532,9 @@ export const SearchRequest: MessageFns<SearchRequest> = {
     if (message.minGeneration !== 0) {
       obj.minGeneration = Math.round(message.minGeneration);
     }
+    if (message.queryVector?.length) {
+      obj.queryVector = message.queryVector.map((e) => floatToJson(e));
+    }
     return obj;
   },
 
@@ -514,6 +554,7 @@ export const SearchRequest: MessageFns<SearchRequest> = {
       : undefined;
     message.omitDocuments = object.omitDocuments ?? false;
     message.minGeneration = object.minGeneration ?? 0;
+    message.queryVector = object.queryVector?.map((e) => e) || [];
     return message;
   },
 };
