@@ -70,6 +70,7 @@ test-fast: models node
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 eval: models
 	$(VENV)/bin/sieve eval ../shared/datasets/scifact

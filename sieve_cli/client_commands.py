@@ -154,7 +154,7 @@ def _client(args: argparse.Namespace) -> Iterator[SieveClient]:
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)  # type: ignore[no-any-return]
+    return MessageToDict(message, preserving_proto_field_name=True)
 
 
 def _print_json(value: Any) -> None:

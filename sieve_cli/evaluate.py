@@ -196,7 +196,7 @@ def run_eval(opts: EvalOptions) -> dict[str, object]:
         return _eval_on(address, data, opts)
 
 
-def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # type: ignore[no-untyped-def]
+def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:
     name = f"eval-{data.name}-{uuid.uuid4().hex[:8]}"
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     with grpc.insecure_channel(address, options=options) as channel:
@@ -258,7 +258,7 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:  # typ
     }
 
 
-def _search_all(search, name: str, data, specs: list[str], opts: EvalOptions) -> list[dict[str, object]]:  # type: ignore[no-untyped-def]
+def _search_all(search, name: str, data, specs: list[str], opts: EvalOptions) -> list[dict[str, object]]:
     """Every query through every cascade configuration; their metrics and speed.
 
     The configurations take turns query by query (the first of each query rotating), so that a change in

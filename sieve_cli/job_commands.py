@@ -305,7 +305,7 @@ def _print_errors(client: SieveClient, job_id: str, limit: int, args: argparse.N
 
 
 def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)  # type: ignore[no-any-return]
+    return MessageToDict(message, preserving_proto_field_name=True)
 
 
 # -- sieve jobs -------------------------------------------------------------------------------------

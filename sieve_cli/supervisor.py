@@ -51,7 +51,7 @@ class Child:
     argv: list[str]
     env: dict[str, str] | None = None
     restartable: bool = True  # the server is not: its death stops the unit
-    proc: subprocess.Popen | None = None  # type: ignore[type-arg]
+    proc: subprocess.Popen | None = None
     restarts: int = 0
     started_at: float = 0.0
     backoff_s: float = BACKOFF_FIRST_S
@@ -69,7 +69,7 @@ class Child:
         return self.proc is not None and self.proc.poll() is None
 
 
-def _wait_redis(settings: Settings, url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:  # type: ignore[type-arg]
+def _wait_redis(settings: Settings, url: str, proc: subprocess.Popen, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     client = redis_conn.client(settings, timeout_s=1, url=url)
     while time.monotonic() < deadline:

@@ -61,6 +61,10 @@ class _Contract(BaseModel):
         return cls.model_validate(data, strict=False)
 
 
+# The base of every task payload (for type bounds outside this module).
+Contract = _Contract
+
+
 def _check_model_name(value: str) -> str:
     if not _MODEL_NAME.match(value):
         raise ValueError(f"model must be a bundle name (letters, digits, '.', '_', '-'), got {value!r}")

@@ -19,10 +19,11 @@ from typing import Any, TypeVar
 
 from celery import Celery, Task
 from celery.signals import task_postrun, task_prerun
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from sieve_core import late_interaction_service as service
 from sieve_core.contracts import (
+    Contract,
     CrossEncoderRequest,
     DocumentTokensRequest,
     EmbedRequest,
@@ -41,7 +42,7 @@ from sieve_core.tasking import (
 )
 from workers import runtime
 
-C = TypeVar("C", bound=BaseModel)
+C = TypeVar("C", bound=Contract)
 log = logging.getLogger("sieve.worker.tasks")
 
 # task id -> (the request id's reset token, start time); a pool process runs one task at a time, but

@@ -23,6 +23,7 @@ from sieve_core import redis_conn
 from sieve_core.config import Settings
 from sieve_core.contracts import (
     Candidate,
+    Contract,
     CrossEncoderRequest,
     CrossEncoderResult,
     DocumentTokensRequest,
@@ -36,7 +37,7 @@ from sieve_core.logs import REQUEST_ID_HEADER, request_id
 from sieve_core.token_format import TokenFormat
 
 log = logging.getLogger(__name__)
-R = TypeVar("R", bound=BaseModel)
+R = TypeVar("R", bound=Contract)
 
 
 MIN_TASK_TIMEOUT_S = 0.008
@@ -100,9 +101,9 @@ class Dispatcher:
             payload = await asyncio.wait_for(waiting, timeout_s + min(0.02, timeout_s / 10))
         except TimeoutError:
             raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
-        return result_type.from_json(payload)  # type: ignore[attr-defined,no-any-return]
+        return result_type.from_json(payload)
 
-    def _call(self, task: str, request: Any, timeout_s: float, rid: str) -> dict:  # type: ignore[type-arg]
+    def _call(self, task: str, request: Any, timeout_s: float, rid: str) -> dict:
         from celery.exceptions import TimeoutError as CeleryTimeout
 
         assert self._app is not None and self._redis is not None
@@ -123,7 +124,7 @@ class Dispatcher:
             self._app = self._new_app()  # a client that gave up on Redis stays broken: start afresh
             raise StageUnavailable(f"cannot reach the broker: {self._describe(exc)}") from None
         try:
-            return result.get(timeout=timeout_s, propagate=True)  # type: ignore[no-any-return]
+            return result.get(timeout=timeout_s, propagate=True)
         except CeleryTimeout:
             raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
         except Exception as exc:
@@ -145,7 +146,7 @@ class Dispatcher:
             pipe.llen(queue)
         return [int(n) for n in pipe.execute()]
 
-    def _new_app(self):  # type: ignore[no-untyped-def]
+    def _new_app(self):
         from sieve_core.tasking import client_app as create_app
 
         app = create_app(self._settings)

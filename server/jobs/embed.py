@@ -85,7 +85,7 @@ class Pending:
     ids: list[str]
     texts: list[str]
     task: Any = None  # celery AsyncResult (worker embedder)
-    future: Future | None = None  # type: ignore[type-arg]  # in-process embedder
+    future: Future | None = None  # in-process embedder
     error: str = ""  # why the last send failed (task is None)
     refused: str = ""  # why the task contract refused the texts (nothing was sent)
     sent_at: float = field(default_factory=time.monotonic)
@@ -155,7 +155,7 @@ class InProcessEmbedder:
             if done:
                 break
         try:
-            return waiting.result()  # type: ignore[no-any-return]
+            return waiting.result()
         except Stopped:
             raise
         except Exception as exc:
@@ -365,7 +365,7 @@ class WorkerEmbedder:
             kind, value = await self._call(self._poll, pending)
             if kind == "done":
                 job.set_status("", False)
-                return value  # type: ignore[no-any-return]
+                return value
             if kind == "unreachable":
                 continue
             if kind == "waiting" and value == "STARTED":

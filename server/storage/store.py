@@ -552,7 +552,7 @@ class Store:
 
     @staticmethod
     def _existing(
-        conn: sqlite3.Connection, collection_id: int, ids: Iterable[str]
+        conn: sqlite3.Connection | _Transaction, collection_id: int, ids: Iterable[str]
     ) -> dict[str, tuple[int, bytes]]:
         out: dict[str, tuple[int, bytes]] = {}
         for chunk in _chunks(list(dict.fromkeys(ids)), 500):
@@ -687,7 +687,7 @@ class _Transaction:
     def executemany(self, sql: str, params: Iterable[Sequence[object]]) -> sqlite3.Cursor:
         return self.conn.executemany(sql, params)
 
-    def __exit__(self, exc_type, exc, tb) -> None:  # type: ignore[no-untyped-def]
+    def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None and not self.rollback_on_exit:
                 try:
@@ -707,6 +707,6 @@ class _Transaction:
             self.conn.execute("ROLLBACK")
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:  # type: ignore[type-arg]
+def _chunks(items: list, size: int) -> Iterator[list]:
     for i in range(0, len(items), size):
         yield items[i : i + size]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
@@ -38,8 +39,14 @@ _METRIC_TO_CORE = {
 _METRIC_TO_PB = {v: k for k, v in _METRIC_TO_CORE.items() if v}
 
 
-def _opt(msg, name: str) -> int | None:  # type: ignore[no-untyped-def]
+def _opt(msg: Any, name: str) -> Any:
+    """An optional field's value (int, float or str), or None when it is unset."""
     return getattr(msg, name) if msg.HasField(name) else None
+
+
+def _pb_enum(value: int) -> Any:
+    """A core enum's value for a protobuf enum field (the stubs type those fields as the pb enum class)."""
+    return int(value)
 
 
 def _mode(value: int, where: str) -> StageMode:
@@ -49,7 +56,7 @@ def _mode(value: int, where: str) -> StageMode:
         raise InvalidArgument(f"{where}: unknown stage mode {value}") from None
 
 
-def _enum(kind, value: int, where: str):  # type: ignore[no-untyped-def]
+def _enum(kind, value: int, where: str):
     try:
         return kind(value)
     except ValueError:
@@ -84,11 +91,11 @@ def _tier(value: int) -> SearchTier:
 
 def settings_to_pb(s: SearchSettings) -> common_pb2.SearchSettings:
     msg = common_pb2.SearchSettings(
-        late_interaction=int(s.late_interaction),
-        cross_encoder=int(s.cross_encoder),
-        tier=int(s.tier),
-        retrieval=int(s.retrieval),
-        fusion=int(s.fusion),
+        late_interaction=_pb_enum(s.late_interaction),
+        cross_encoder=_pb_enum(s.cross_encoder),
+        tier=_pb_enum(s.tier),
+        retrieval=_pb_enum(s.retrieval),
+        fusion=_pb_enum(s.fusion),
     )
     optional = (
         "retrieve_candidates",
@@ -153,11 +160,11 @@ def _token_storage_to_pb(info: TokenStorageInfo | None) -> collections_pb2.Token
     )
 
 
-def documents_from_pb(docs) -> list[Document]:  # type: ignore[no-untyped-def]
+def documents_from_pb(docs) -> list[Document]:
     return [Document(d.id, d.text, dict(d.metadata)) for d in docs]
 
 
-def vectors_from_pb(docs) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+def vectors_from_pb(docs) -> dict[str, list[float]]:
     """The vectors some documents carry (Document.vector), by id; validated by the core."""
     return {d.id: list(d.vector) for d in docs if len(d.vector)}
 
@@ -189,7 +196,7 @@ def search_query(msg: search_pb2.SearchRequest) -> SearchQuery:
 def search_update_to_pb(update: SearchUpdate) -> search_pb2.SearchStreamResponse:
     return search_pb2.SearchStreamResponse(
         result=search_result_to_pb(update.result),
-        stage=int(update.stage),
+        stage=_pb_enum(update.stage),
         final=update.final,
         deadline_reached=update.deadline_reached,
     )
@@ -204,7 +211,7 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
                 text=h.text,
                 metadata=h.metadata,
                 stage_scores=[
-                    search_pb2.StageScore(stage=int(s.stage), score=s.score, rank=s.rank)
+                    search_pb2.StageScore(stage=_pb_enum(s.stage), score=s.score, rank=s.rank)
                     for s in h.stage_scores
                 ],
                 evidence=[search_pb2.Span(start=e.start, end=e.end, score=e.score) for e in h.evidence],
@@ -213,8 +220,8 @@ def search_result_to_pb(result: SearchResult) -> search_pb2.SearchResponse:
         ],
         stages=[
             search_pb2.StageReport(
-                stage=int(r.stage),
-                status=int(r.status),
+                stage=_pb_enum(r.stage),
+                status=_pb_enum(r.status),
                 reason=r.reason,
                 candidates_in=r.candidates_in,
                 candidates_out=r.candidates_out,
@@ -261,7 +268,7 @@ def job_to_pb(view: JobView) -> jobs_pb2.Job:
         collection=r.collection,
         state=_JOB_STATE_TO_PB[r.state],
         source=r.source,
-        format=r.format,
+        format=_pb_enum(r.format),
         batch_size=r.batch_size,
         done=r.done,
         failed=r.failed,
@@ -291,7 +298,7 @@ def job_errors_to_pb(errors: list[LineError]) -> list[jobs_pb2.JobError]:
     return [jobs_pb2.JobError(line=e.line, document_id=e.doc_id, reason=e.reason) for e in errors]
 
 
-async def upload_chunks(requests) -> AsyncIterator[UploadChunk]:  # type: ignore[no-untyped-def]
+async def upload_chunks(requests) -> AsyncIterator[UploadChunk]:
     async for msg in requests:
         yield UploadChunk(
             msg.collection, msg.batch_size, msg.format, documents_from_pb(msg.documents), msg.jsonl

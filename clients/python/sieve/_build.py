@@ -166,7 +166,7 @@ def create_collection(
             embedding_model=embedding_model,
             metric=common_pb2.METRIC_UNSPECIFIED if metric is None else _lookup(_METRICS, metric, "metric"),  # type: ignore[arg-type]
             defaults=search_settings(defaults),
-            token_storage=None if token_storage is None else collections_pb2.TokenStorage(**token_storage),
+            token_storage=None if token_storage is None else _token_storage(token_storage),
         )
     )
 
@@ -236,3 +236,9 @@ def upload_messages(
             group = []
     if group:
         yield jobs_pb2.UploadIndexJobRequest(documents=group)
+
+
+def _token_storage(spec: Mapping[str, int]) -> collections_pb2.TokenStorage:
+    """{"pool_factor": 4, "projection_dims": 128} -> TokenStorage (unknown keys: ValueError from protobuf)."""
+    build: Any = collections_pb2.TokenStorage  # the stubs type every keyword as the message's own fields
+    return build(**spec)

@@ -205,9 +205,9 @@ def retry_delay_of(details: list[Any]) -> float | None:
 
 def from_rpc_error(exc: grpc.RpcError, method: str = "", attempts: int = 1) -> SieveError:
     """The `SieveError` subclass for a failed call (sync `grpc.RpcError` or `grpc.aio.AioRpcError`)."""
-    code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
-    text: str = exc.details() or code.name  # type: ignore[attr-defined]
-    details = status_details(exc.trailing_metadata())  # type: ignore[attr-defined]
+    code: grpc.StatusCode = exc.code()
+    text: str = exc.details() or code.name
+    details = status_details(exc.trailing_metadata())
     cls = _BY_CODE.get(code, SieveError)
     return cls(
         text,
