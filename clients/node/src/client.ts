@@ -388,7 +388,8 @@ export class SieveClient {
     options: CallOpts = {},
   ): Promise<UpsertDocumentsResponse> {
     const d = this.documents;
-    const request = { collection, documents: [...documents].map((doc, i) => toDocument(doc, i)) };
+    // embeddingModel names the model of client-computed vectors (Document.vector); none are sent here.
+    const request = { collection, documents: [...documents].map((doc, i) => toDocument(doc, i)), embeddingModel: "" };
     return this.unary("DocumentService/UpsertDocuments", d.upsertDocuments.bind(d), request, options.timeoutMs, this.timeouts.write);
   }
 
