@@ -472,6 +472,7 @@ WRITES = {
 # Relative weight of each RPC in the mix (Search carries the most options, so it gets the most).
 WEIGHTS = {
     "Search": 8,
+    "SearchStream": 2,
     "UpsertDocuments": 3,
     "GetDocuments": 3,
     "DeleteDocuments": 2,
@@ -584,6 +585,7 @@ def valid_request(rpc: Rpc, pools: Pools) -> bytes:
         "GetDocuments": documents_pb2.GetDocumentsRequest(collection=collection, ids=list(pools.doc_ids[:3])),
         "DeleteDocuments": documents_pb2.DeleteDocumentsRequest(collection=missing, ids=["a"]),
         "Search": search_pb2.SearchRequest(collection=collection, query="river coffee", top_k=3),
+        "SearchStream": search_pb2.SearchRequest(collection=collection, query="river coffee", top_k=3),
         "StartIndexJob": jobs_pb2.StartIndexJobRequest(collection=missing, path=pools.paths[0]),
         "UploadIndexJob": jobs_pb2.UploadIndexJobRequest(collection=missing, documents=[doc]),
         "GetJob": jobs_pb2.GetJobRequest(id=pools.job_ids[0]),
