@@ -34,8 +34,6 @@ import asyncio
 import contextlib
 import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -56,7 +54,8 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
-from sieve_cli.stack import free_port, wait_serving
+from sieve_cli import stack
+from sieve_cli.stack import free_port
 from sieve_core.beir import load_beir
 
 MODEL = "all-MiniLM-L6-v2"
@@ -125,40 +124,17 @@ def bytes_section(beir: Path, limit: int | None) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def sieve_run(data_dir: Path, models_dir: Path, log_path: Path) -> Iterator[str]:
-    """`sieve run` (Redis, workers incl. cross_encoder, server) on free ports; stopped on exit."""
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_DATA_DIR=str(data_dir),
-        SIEVE_GRPC_ADDRESS=address,
-        SIEVE_METRICS_ADDRESS="",
-        SIEVE_MODELS_DIR=str(models_dir),
-        SIEVE_LOCAL_REDIS_PORT=str(free_port()),
-        SIEVE_CROSS_ENCODER_MODEL=CROSS,
-        SIEVE_LOG_LEVEL="WARNING",
-    )
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sieve_cli.main", "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        try:
-            wait_serving(address, 300, proc)
-        except (RuntimeError, TimeoutError):
-            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)  # the supervisor stops server, workers, then Redis
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """`sieve run` (Redis, workers incl. cross_encoder, server) on free ports (sieve_cli.stack); stopped on exit."""
+    settings = {
+        "SIEVE_MODELS_DIR": str(models_dir),
+        "SIEVE_LOCAL_REDIS_PORT": str(free_port()),
+        "SIEVE_CROSS_ENCODER_MODEL": CROSS,
+        "SIEVE_LOG_LEVEL": "WARNING",
+    }
+    with stack.sieve_process(
+        "run", data_dir=data_dir, settings=settings, log=log_path, timeout_s=300
+    ) as served:
+        yield served.address
 
 
 def models_folder(work: Path) -> Path:

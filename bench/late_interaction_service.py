@@ -46,9 +46,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -60,7 +58,7 @@ from typing import Any
 import grpc
 import numpy as np
 import redis
-from run import DEFAULT_BEIR, ROOT, command_line, log, percentiles, write_result
+from run import DEFAULT_BEIR, command_line, log, percentiles, write_result
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -71,8 +69,9 @@ from sieve.v1 import (
     search_pb2_grpc,
 )
 
+from sieve_cli import stack
 from sieve_cli.evaluate import EvalOptions, cascade_settings
-from sieve_cli.stack import free_port, wait_serving
+from sieve_cli.stack import free_port
 from sieve_core.beir import BeirDataset, evaluate, load_beir
 
 LATE, PLAIN = "li-bench-late", "li-bench-plain"
@@ -98,43 +97,19 @@ def loadavg() -> list[float]:
 def sieve_run(
     data_dir: Path, redis_port: int, log_path: Path, blas_threads: int | None = None
 ) -> Iterator[str]:
-    """`sieve run` with its defaults on free ports; stopped (server, workers, Redis) on exit.
+    """`sieve run` with its defaults on free ports (sieve_cli.stack); stopped (server, workers, Redis) on exit.
     `blas_threads`: OPENBLAS_NUM_THREADS for every process it starts (an experiment; default: inherited)."""
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
+    settings = {
+        "SIEVE_LOCAL_REDIS_PORT": str(redis_port),
+        "SIEVE_RERANK_TIMEOUT_S": str(RERANK_TIMEOUT_S),
+        "SIEVE_LOG_LEVEL": "WARNING",
+    }
     if blas_threads is not None:
-        env["OPENBLAS_NUM_THREADS"] = str(blas_threads)
-    env.update(
-        SIEVE_DATA_DIR=str(data_dir),
-        SIEVE_GRPC_ADDRESS=address,
-        SIEVE_METRICS_ADDRESS="",
-        SIEVE_MODELS_DIR=str(ROOT / "models"),
-        SIEVE_LOCAL_REDIS_PORT=str(redis_port),
-        SIEVE_RERANK_TIMEOUT_S=str(RERANK_TIMEOUT_S),
-        SIEVE_LOG_LEVEL="WARNING",
-    )
-    with log_path.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sieve_cli.main", "run"],
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        try:
-            wait_serving(address, 180, proc)
-        except (RuntimeError, TimeoutError):
-            print(log_path.read_text(errors="replace")[-3000:], file=sys.stderr)
-            raise
-        yield address
-    finally:
-        proc.send_signal(signal.SIGTERM)  # the supervisor stops server, workers, then Redis
-        try:
-            proc.wait(90)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        settings["OPENBLAS_NUM_THREADS"] = str(blas_threads)
+    with stack.sieve_process(
+        "run", data_dir=data_dir, settings=settings, log=log_path, timeout_s=180
+    ) as served:
+        yield served.address
 
 
 def empty_query_caches(cache: redis.Redis) -> None:

@@ -70,7 +70,6 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -93,12 +92,6 @@ _UNIT_NORM_TOLERANCE = 1e-3
 _NORM_EPS = 1e-12
 _MAX_DIMS = 0xFFFF
 _MAX_TOKENS = 0xFFFFFFFF
-
-
-class TokenRunner(Protocol):
-    """What the scorer needs from a model runner (BiEncoderRunner, later a ColBERT runner)."""
-
-    def token_vectors(self, texts: Sequence[str], batch_size: int = 32) -> list[np.ndarray]: ...
 
 
 # -- codec ----------------------------------------------------------------------------------------------
@@ -504,35 +497,3 @@ def maxsim_blobs(
             scales.fill(1.0)
 
     return _maxsim_chunked(q, [i.n_tokens for i in infos], fill, chunk_tokens, best)
-
-
-# -- scoring ---------------------------------------------------------------------------------------------
-
-
-class LateInteractionScorer:
-    """Scores candidates for a query text against document token vectors (a reference for tests and benches).
-
-    Thread-safe if the runner is (BiEncoderRunner is): it holds nothing but the runner.
-    """
-
-    def __init__(self, runner: TokenRunner) -> None:
-        self.runner = runner
-
-    def query_tokens(self, query: str) -> np.ndarray:
-        """The query's token vectors: the same model and processing as the document side, no augmentation."""
-        return self.runner.token_vectors([query])[0]
-
-    def document_blobs(self, texts: Sequence[str], fmt: str = "int8", batch_size: int = 32) -> list[bytes]:
-        """Texts -> plain (unpooled) blobs, one per text, in order."""
-        return [encode_tokens(m, fmt) for m in self.runner.token_vectors(texts, batch_size)]
-
-    def score(self, query: str | np.ndarray, docs: Sequence[np.ndarray] | PackedTokens) -> np.ndarray:
-        """MaxSim of a query (text, or its token vectors) against decoded documents."""
-        q = self.query_tokens(query) if isinstance(query, str) else query
-        packed = docs if isinstance(docs, PackedTokens) else pack(docs, dims=q.shape[1])
-        return maxsim_packed(q, packed)
-
-    def score_blobs(self, query: str | np.ndarray, blobs: Sequence[bytes]) -> np.ndarray:
-        """MaxSim against blobs (one query encoding, then `maxsim_blobs`)."""
-        q = self.query_tokens(query) if isinstance(query, str) else query
-        return maxsim_blobs(q, blobs)

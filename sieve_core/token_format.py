@@ -172,11 +172,6 @@ def _project(rows: np.ndarray, fmt: TokenFormat) -> np.ndarray:
     return _normalize(rows @ projection_matrix(rows.shape[1], fmt.projection_dims, fmt.projection_seed))
 
 
-def shape_rows(rows: np.ndarray, fmt: TokenFormat) -> np.ndarray:
-    """One document's rows as they will be stored, before the codec: pooled, then projected (float32)."""
-    return _shape(rows, fmt)[0]
-
-
 def _shape(rows: np.ndarray, fmt: TokenFormat) -> tuple[np.ndarray, list[np.ndarray]]:
     x = np.asarray(rows, dtype=np.float32)
     if x.ndim != 2:

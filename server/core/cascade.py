@@ -31,7 +31,7 @@ from sieve_core.config import Settings
 from sieve_core.contracts import content_hash_hex
 from sieve_core.errors import FailedPrecondition, Unavailable
 from sieve_core.models.bundle import BundleError
-from sieve_core.models.registry import PAIR_SCORES, TOKEN_VECTORS, ModelKindError, ModelRegistry
+from sieve_core.models.registry import PAIR_SCORES, ModelKindError, ModelRegistry
 from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageScore, StageStatus
 
 log = logging.getLogger(__name__)
@@ -86,16 +86,6 @@ class Cascade:
         self.budget = BudgetPlanner()  # latency budgets: measured stage costs, plans
 
     # -- models --------------------------------------------------------------------------------------
-    def late_interaction_model(self, name: str | None, embedding_model: str) -> StageModel:
-        """The stage's model: the named `colbert` bundle, or MaxSim over the bi-encoder's token vectors."""
-        if name is None:
-            manifest = self.models.manifest(embedding_model)
-            label = f"{manifest.model_id} (MaxSim over its token vectors, zero-shot)"
-            return StageModel(embedding_model, label, manifest.cache_id)
-        manifest = self.models.manifest(name, TOKEN_VECTORS)
-        label = "ColBERT" if manifest.kind == "colbert" else "MaxSim over its token vectors, zero-shot"
-        return StageModel(name, f"{manifest.model_id} ({label})", manifest.cache_id)
-
     def cross_encoder_model(self, name: str | None) -> StageModel:
         """The named cross-encoder; FailedPrecondition naming the fix when there is none."""
         hint = CROSS_ENCODER_EXPORT_HINT.format(dir=self.settings.models_dir)
@@ -136,15 +126,11 @@ class Cascade:
                 self._plan_tokens(plan, settings, embedding_model, collection, tokens)
                 continue
             try:
-                plan.model = (
-                    self.late_interaction_model(settings.late_interaction_model, embedding_model)
-                    if plan.stage == Stage.LATE_INTERACTION
-                    else self.cross_encoder_model(settings.cross_encoder_model)
-                )
-            except (FailedPrecondition, BundleError) as exc:
+                plan.model = self.cross_encoder_model(settings.cross_encoder_model)
+            except FailedPrecondition as exc:
                 if plan.mode == StageMode.REQUIRED:
-                    raise self._no_model(exc) from None
-                plan.unavailable = exc.message if isinstance(exc, FailedPrecondition) else str(exc)
+                    raise
+                plan.unavailable = exc.message
         return plans
 
     def _plan_tokens(
@@ -172,14 +158,6 @@ class Cascade:
         if plan.mode == StageMode.REQUIRED:
             raise FailedPrecondition(unavailable)
         plan.unavailable = unavailable
-
-    def _no_model(self, exc: FailedPrecondition | BundleError) -> FailedPrecondition:
-        if isinstance(exc, FailedPrecondition):
-            return exc
-        return FailedPrecondition(
-            f"late_interaction model is not available ({exc}); export one with `sieve models export "
-            f"colbert --source CHECKPOINT_DIR --out {self.settings.models_dir}/NAME`"
-        )
 
     # -- running -------------------------------------------------------------------------------------
     async def run(

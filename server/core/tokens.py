@@ -39,7 +39,6 @@ from sieve_core.types import (
     Hit,
     SearchSettings,
     Stage,
-    StageMode,
     StageReport,
     StageScore,
     StageStatus,
@@ -71,17 +70,13 @@ class TokenPlan:
     cache_id: str  # the model's BundleManifest.cache_id (query token cache keys)
 
 
-def late_interaction_enabled(settings: SearchSettings) -> bool:
-    return settings.late_interaction in (StageMode.BEST_EFFORT, StageMode.REQUIRED)
-
-
 def format_at_creation(
     spec: TokenStorageSpec | None, defaults: SearchSettings, token_dims: int
 ) -> TokenFormat | None:
     """The format a new collection stores token vectors in: the spec's, or the default when its defaults
     ask for late interaction; None: it stores none."""
     if spec is None:
-        return DEFAULT_TOKEN_FORMAT if late_interaction_enabled(defaults) else None
+        return DEFAULT_TOKEN_FORMAT if defaults.late_interaction.enabled else None
     pool = spec.pool_factor or DEFAULT_TOKEN_FORMAT.pool_factor
     if not 1 <= pool <= 16:
         raise InvalidArgument(f"token_storage.pool_factor must be 0 (default), or 1 (none) to 16, got {pool}")

@@ -12,7 +12,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -33,7 +32,7 @@ from sieve.v1 import (
     search_pb2,
 )
 
-from sieve_cli.stack import free_port, wait_serving
+from sieve_cli import stack
 from tests.conftest import MODEL, MODELS_DIR, ROOT, Api, Worker, make_settings, start_api, stop_api
 
 aio = pytest.mark.asyncio(loop_scope="session")
@@ -421,29 +420,13 @@ async def test_cancel_mid_job_keeps_a_consistent_prefix(wapi, tmp_path) -> None:
 
 
 @contextmanager
-def _second_worker(redis_url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_REDIS_URL=redis_url, SIEVE_MODELS_DIR=str(MODELS_DIR), SIEVE_DEFAULT_EMBEDDING_MODEL=MODEL
-    )
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker", "-Q", "embed", "-c", "1"]
-    argv += ["-n", f"second-{os.getpid()}@%h", "--without-gossip", "--without-mingle", "--without-heartbeat"]
-    argv += ["--loglevel", "INFO"]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 60
-        while "warm in" not in log.read_text(errors="replace"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[
-                -3000:
-            ]
-            time.sleep(0.1)
-        yield proc
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+def _second_worker(redis_url: str, log: Path) -> Iterator[stack.WorkerProcess]:
+    """A second `embed` worker (sieve_cli.stack), killed with its pool on the way out."""
+    settings = {"SIEVE_DEFAULT_EMBEDDING_MODEL": MODEL}
+    with stack.start_worker(
+        redis_url, log, queues="embed", models_dir=MODELS_DIR, settings=settings, name="second", timeout_s=60
+    ) as worker:
+        yield worker
 
 
 def _embed_tasks_done(log: Path) -> int:
@@ -546,32 +529,20 @@ async def test_documents_a_worker_task_cannot_take_are_isolated_as_bad_lines(
 def _serve(
     data_dir: Path, log: Path, redis_url: str
 ) -> Iterator[tuple[subprocess.Popen[bytes], grpc.Channel]]:
-    address = f"127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_DATA_DIR=str(data_dir),
-        SIEVE_GRPC_ADDRESS=address,
-        SIEVE_MODELS_DIR=str(MODELS_DIR),
-        SIEVE_REDIS_URL=redis_url,
-        SIEVE_METRICS_ADDRESS="",
-    )
-    with log.open("ab") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sieve_cli.main", "serve"],
-            env=env,
-            cwd=ROOT,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    channel = grpc.insecure_channel(address)
-    try:
-        wait_serving(address, timeout=60, proc=proc)
-        yield proc, channel
-    finally:
-        channel.close()
-        if proc.poll() is None:
-            proc.kill()
-        proc.wait(timeout=30)
+    """A `sieve serve` child (sieve_cli.stack) on this Redis, SIGKILLed if still alive on the way out."""
+    with (
+        stack.sieve_process(
+            "serve",
+            data_dir=data_dir,
+            settings={"SIEVE_REDIS_URL": redis_url},
+            log=log,
+            models_dir=MODELS_DIR,
+            timeout_s=60,
+            stop="kill",
+        ) as served,
+        grpc.insecure_channel(served.address) as channel,
+    ):
+        yield served.proc, channel
 
 
 def _sync_watch(stub: jobs_pb2_grpc.JobServiceStub, job_id: str) -> jobs_pb2.Job:

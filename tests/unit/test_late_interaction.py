@@ -1,4 +1,4 @@
-"""Late interaction core: token blob codec, MaxSim, scorer and cache keys (sieve_core/late_interaction.py).
+"""Late interaction core: token blob codec and MaxSim (sieve_core/late_interaction.py), checked with a reference scorer.
 
 Random-data tests check the arithmetic exactly; the real-model tests use the all-MiniLM-L6-v2 bundle's own
 token vectors (a few dozen short texts, a few seconds on 2 cores).
@@ -7,6 +7,7 @@ token vectors (a few dozen short texts, a few seconds on 2 cores).
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from sieve_core.late_interaction import (
     HEADER_BYTES,
-    LateInteractionScorer,
+    PackedTokens,
     bytes_per_token,
     decode_packed,
     decode_tokens,
@@ -26,12 +27,36 @@ from sieve_core.late_interaction import (
     pack,
     read_header,
 )
+from sieve_core.models.bi_encoder import BiEncoderRunner
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "all-MiniLM-L6-v2"
 needs_bundle = pytest.mark.skipif(
     not (BUNDLE / "manifest.json").is_file(), reason=f"no bundle at {BUNDLE}; run `make models`"
 )
 DIMS = 384
+
+
+class LateInteractionScorer:
+    """A reference scorer for these tests: a runner's token vectors, then MaxSim (packed or from blobs).
+    The server scores stored blobs in server/core/tokens.py; this checks the arithmetic it relies on."""
+
+    def __init__(self, runner: BiEncoderRunner) -> None:
+        self.runner = runner
+
+    def query_tokens(self, query: str) -> np.ndarray:
+        return self.runner.token_vectors([query])[0]
+
+    def document_blobs(self, texts: Sequence[str], fmt: str = "int8") -> list[bytes]:
+        return [encode_tokens(m, fmt) for m in self.runner.token_vectors(texts)]
+
+    def score(self, query: str | np.ndarray, docs: Sequence[np.ndarray] | PackedTokens) -> np.ndarray:
+        q = self.query_tokens(query) if isinstance(query, str) else query
+        packed = docs if isinstance(docs, PackedTokens) else pack(docs, dims=q.shape[1])
+        return maxsim_packed(q, packed)
+
+    def score_blobs(self, query: str | np.ndarray, blobs: Sequence[bytes]) -> np.ndarray:
+        q = self.query_tokens(query) if isinstance(query, str) else query
+        return maxsim_blobs(q, blobs)
 
 
 def _unit_rows(rng: np.random.Generator, n: int, dims: int = DIMS) -> np.ndarray:
@@ -240,8 +265,6 @@ QUERIES = [
 
 @pytest.fixture(scope="module")
 def scorer() -> LateInteractionScorer:
-    from sieve_core.models.bi_encoder import BiEncoderRunner
-
     return LateInteractionScorer(BiEncoderRunner(BUNDLE))
 
 
