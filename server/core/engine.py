@@ -117,9 +117,7 @@ class Engine:
         embedding_model: str = "",
     ) -> WriteResult:
         """Upsert; with `vectors` (by id, from the client), those documents are stored with them unembedded."""
-        if vectors:
-            return await self.writes.upsert_vectors(name, docs, vectors, embedding_model)
-        return await self.writes.upsert(name, docs)
+        return await self.writes.upsert(name, docs, vectors, embedding_model)
 
     async def upsert_embedded(
         self,

@@ -49,40 +49,31 @@ class Writes:
         # Wakes the token backfill: a write left documents without token vectors (a ColBERT bundle's).
         self._on_pending_tokens = on_pending_tokens
 
-    async def upsert(self, name: str, docs: list[Document]) -> WriteResult:
-        col = self._collections.get(name)
-        validation.documents(docs, self._settings)
-        unchanged = await self._run.read(self._store.unchanged_ids, col.row.id, docs)
-        to_embed = [d for d in docs if d.id not in unchanged]
-        vectors, tokens = await self._embed(col, to_embed)
-        generation = await self._commit(col, docs, vectors, tokens)
-        if col.tokens is not None and not col.tokens.zero_shot and to_embed:
-            self._on_pending_tokens()
-        return WriteResult(generation, len(docs))
-
-    async def upsert_vectors(
-        self, name: str, docs: list[Document], given: dict[str, list[float]], embedding_model: str
+    async def upsert(
+        self,
+        name: str,
+        docs: list[Document],
+        given: dict[str, list[float]] | None = None,
+        embedding_model: str = "",
     ) -> WriteResult:
-        """Upsert documents some of which carry the client's own vectors (of the collection's model, as
-        `embedding_model` must say); the others are embedded here as usual."""
+        """Embed the documents whose text is new or changed and commit them. `given`: the client's own
+        vectors by id (of the collection's model, as `embedding_model` must say); those are stored as they
+        are, the others embedded here as usual."""
         col = self._collections.get(name)
         validation.documents(docs, self._settings)
-        validation.embedding_model(embedding_model, col.row.embedding_model, col.row.embedding_model_id)
-        ids = {d.id for d in docs}
-        vectors = {}
-        for doc_id, values in given.items():
-            if doc_id in ids:
-                vectors[doc_id] = validation.vector(values, col.row.dims, f"document {doc_id!r} vector")
+        vectors: dict[str, np.ndarray] = {}
+        if given:
+            validation.embedding_model(embedding_model, col.row.embedding_model, col.row.embedding_model_id)
+            ids = {d.id for d in docs}
+            for doc_id, values in given.items():
+                if doc_id in ids:
+                    vectors[doc_id] = validation.vector(values, col.row.dims, f"document {doc_id!r} vector")
         unchanged = await self._run.read(self._store.unchanged_ids, col.row.id, docs)
         embedded, tokens = await self._embed(
             col, [d for d in docs if d.id not in unchanged and d.id not in vectors]
         )
         vectors.update(embedded)
-        generation = await self._commit(col, docs, vectors, tokens)
-        if col.tokens is not None and any(d.id in given for d in docs):
-            # No encoder pass made the given vectors, so no token vectors: the backfill computes them.
-            self._on_pending_tokens()
-        return WriteResult(generation, len(docs))
+        return WriteResult(await self._commit(col, docs, vectors, tokens), len(docs))
 
     async def upsert_embedded(
         self,
@@ -109,18 +100,19 @@ class Writes:
         tokens = dict(tokens or {}) if col.tokens is not None else {}
         if col.tokens is not None:
             await self._run.read(check_blobs, col.tokens, tokens)
-        generation = await self._commit(col, docs, dict(vectors), tokens)
-        if col.tokens is not None and any(d.id in vectors and d.id not in tokens for d in docs):
-            self._on_pending_tokens()
-        return WriteResult(generation, len(docs))
+        return WriteResult(await self._commit(col, docs, dict(vectors), tokens), len(docs))
 
     async def _commit(
         self, col: Collection, docs: list[Document], vectors: dict[str, np.ndarray], tokens: dict[str, bytes]
     ) -> int:
-        """Commit on the writer thread; returns the write's generation."""
+        """Commit on the writer thread; returns the write's generation. A document stored with a new vector
+        but no token vectors (a ColBERT bundle's come later; a client's vector had no encoder pass) is
+        pending: the token backfill is woken for it."""
         while True:
             outcome = await self._run.write(self._commit_upsert, col, docs, vectors, tokens)
             if not outcome.missing_vectors:
+                if col.tokens is not None and any(doc_id not in tokens for doc_id in vectors):
+                    self._on_pending_tokens()
                 return outcome.generation
             # A concurrent write changed some texts after we looked: embed those too and try again.
             missing = set(outcome.missing_vectors)
@@ -161,8 +153,7 @@ class Writes:
             col.index.add(keys, np.stack([v for _, v in outcome.added]))
         if col.fulltext is not None:
             texts = {d.id: d.text for d in docs}
-            stored = self._store.documents_by_keys(col.row.id, [k for k, _ in outcome.added], with_text=False)
-            added = [(k, texts[stored[k].doc_id]) for k, _ in outcome.added if k in stored]
+            added = [(k, texts[i]) for (k, _), i in zip(outcome.added, outcome.added_ids, strict=True)]
             col.fulltext.apply(added, outcome.removed, outcome.generation)
         self._collections.published(col, len(docs), outcome.generation)
         if outcome.removed:

@@ -38,7 +38,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -156,6 +156,7 @@ class UpsertOutcome:
     added: list[tuple[int, np.ndarray]]  # new (key, vector) pairs for the index
     removed: list[int]  # keys to drop from the index
     missing_vectors: list[str]  # ids whose text changed but no vector was supplied (retry with them)
+    added_ids: list[str] = field(default_factory=list)  # the document id of each `added` pair, in order
 
 
 _COLLECTION_COLUMNS = (
@@ -357,6 +358,7 @@ class Store:
             ).fetchone()
             generation += 1
             added: list[tuple[int, np.ndarray]] = []
+            added_ids: list[str] = []
             removed: list[int] = []
             new_docs = 0
             token_delta = 0
@@ -389,6 +391,7 @@ class Store:
                         (collection_id, doc.id, key, doc.text, meta_json, digest, vec.tobytes(), generation),
                     )
                     added.append((key, vec))
+                    added_ids.append(doc.id)
                     if doc.id in tokens:
                         conn.execute(
                             "INSERT INTO tokens (collection_id, key, blob) VALUES (?, ?, ?)",
@@ -415,7 +418,7 @@ class Store:
                 " token_count = token_count + ? WHERE id = ?",
                 (generation, next_key, new_docs, token_delta, collection_id),
             )
-        return UpsertOutcome(generation, added, removed, [])
+        return UpsertOutcome(generation, added, removed, [], added_ids)
 
     def delete(self, collection_id: int, ids: Sequence[str]) -> tuple[int, list[int]]:
         """Delete documents by id. Returns (generation, removed keys)."""
