@@ -46,6 +46,6 @@ def evidence_spans(blob: bytes, best: BestMatches, max_spans: int = MAX_SPANS) -
             merged[-1] = (last[0], max(last[1], end), last[2] | {row})
         else:
             merged.append((start, end, {row}))
-    spans = [Span(start, end, sum(row_scores[r] for r in members)) for start, end, members in merged]
-    kept = sorted(spans, key=lambda s: -s.score)[:max_spans]
-    return sorted(kept, key=lambda s: s.start)
+    scored = [(sum(row_scores[r] for r in members), start, end) for start, end, members in merged]
+    kept = sorted(scored, key=lambda s: -s[0])[:max_spans]
+    return [Span(start, end, score) for score, start, end in sorted(kept, key=lambda s: s[1])]
