@@ -64,6 +64,15 @@ class StageStatus(enum.IntEnum):
     SKIPPED = 3
 
 
+class TimeLimit(enum.Enum):
+    """Whether time (the call's deadline or the request's latency budget) kept a stage from running: a
+    flag on the stage report for the server's own decisions; clients read the report's reason."""
+
+    NONE = "none"
+    SKIPPED = "skipped"  # never started: the budget's plan left it out, or no time was left for it
+    STOPPED = "stopped"  # started, then stopped when the time ran out: the previous order stands
+
+
 class SearchTier(enum.IntEnum):
     """Values match sieve.v1.SearchTier: named latency budgets with depths (server/core/budget.py)."""
 
@@ -239,6 +248,7 @@ class StageReport:
     # scored when the budget cut them (0: not cut).
     plan: str = ""
     candidates_cut_from: int = 0
+    time_limit: TimeLimit = TimeLimit.NONE  # DEGRADED because time ran out (not sent: the reason says so)
     # Re-ranking stages: the top k (ids in order) differs from the input's; how many are new in it.
     top_k_changed: bool = False
     top_k_new: int = 0

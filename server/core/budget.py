@@ -21,10 +21,18 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
-from sieve_core.types import SearchSettings, SearchTier, Stage, StageMode, StageReport, StageStatus
+from sieve_core.types import (
+    SearchSettings,
+    SearchTier,
+    Stage,
+    StageMode,
+    StageReport,
+    StageStatus,
+    TimeLimit,
+)
 
-if TYPE_CHECKING:  # the cascade's plans (server/core/cascade.py imports this module)
-    from server.core.cascade import StagePlan
+if TYPE_CHECKING:  # the stages' plans (server/core/stage_plan.py imports this module)
+    from server.core.stage_plan import StagePlan
 
 MIN_CROSS_ENCODER = 2  # fewer candidates than this cannot change an order: skip the stage instead
 # A stage measured fewer times than this is tried on MIN_CROSS_ENCODER candidates when the estimate says
@@ -235,6 +243,6 @@ class BudgetPlanner:
         """Feeds the stage cost model from a stage that really ran (cache hits cost nothing to learn)."""
         if report.status == StageStatus.SKIPPED or not report.candidates_in or report.method == "cache":
             return
-        ran = report.status == StageStatus.COMPLETED or "answered within" in report.reason
+        ran = report.status == StageStatus.COMPLETED or report.time_limit == TimeLimit.STOPPED
         if ran and report.took_ms > 0:
             self.cost(plan).observe(report.candidates_in, report.took_ms)

@@ -20,52 +20,37 @@ import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
-from dataclasses import dataclass
 from functools import partial
 
 from server.core.budget import BUDGET_REPLY_MARGIN_MS, BudgetPlan, BudgetPlanner
-from server.core.tokens import ENABLE_HINT, QueryTokens, TokenPlan, TokenStage
-from server.dispatch.dispatcher import Dispatcher, StageUnavailable
+from server.core.stage_plan import StagePlan, StagePlanner
+from server.core.tokens import QueryTokens, TokenPlan, TokenStage
+from server.dispatch.dispatcher import Dispatcher, OutOfTime, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
 from sieve_core.config import Settings
 from sieve_core.contracts import content_hash_hex
-from sieve_core.errors import FailedPrecondition, Unavailable
-from sieve_core.models.bundle import BundleError
-from sieve_core.models.registry import PAIR_SCORES, ModelKindError, ModelRegistry
-from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageScore, StageStatus
+from sieve_core.errors import Unavailable
+from sieve_core.models.registry import ModelRegistry
+from sieve_core.types import (
+    Hit,
+    SearchSettings,
+    Stage,
+    StageMode,
+    StageReport,
+    StageScore,
+    StageStatus,
+    TimeLimit,
+)
 
 log = logging.getLogger(__name__)
 
 # Time kept back from the caller's deadline for building and sending the reply.
 REPLY_MARGIN_S = 0.1
-CROSS_ENCODER_EXPORT_HINT = (
-    "export one with `sieve models export cross-encoder --source CHECKPOINT_DIR --out {dir}/NAME` and set "
-    "SIEVE_CROSS_ENCODER_MODEL=NAME"
-)
-
-
-@dataclass(frozen=True)
-class StageModel:
-    name: str  # bundle name, as the worker task receives it
-    label: str  # what the stage report shows
-    cache_id: str  # BundleManifest.cache_id: revision + serving settings
-
-
-@dataclass
-class StagePlan:
-    """What the request, the collection and the server together ask of one re-ranking stage, with its
-    model resolved once per request (`unavailable` says why there is none: the stage degrades)."""
-
-    stage: Stage
-    mode: StageMode
-    keep: int
-    model: StageModel | None = None
-    unavailable: str = ""
-    tokens: TokenPlan | None = None  # late interaction: how the collection stores its token vectors
-    budget: BudgetPlan | None = None  # a request with a latency budget: what the planner gave the stage
 
 
 class Cascade:
+    """Runs a search's planned re-ranking stages (stage_plan.py) in order, each against the time left."""
+
     def __init__(
         self,
         settings: Settings,
@@ -78,28 +63,13 @@ class Cascade:
     ) -> None:
         self.settings = settings
         self.models = models  # only manifests are read here: the workers run the re-rankers
+        self.planner = StagePlanner(settings, models)
         self.dispatcher = dispatcher
         self.cache = cache
         self._pool = pool
         self.token_stage = token_stage
         self._load = load  # fills in the texts of hits retrieved without them (the cross-encoder reads them)
         self.budget = BudgetPlanner()  # latency budgets: measured stage costs, plans
-
-    # -- models --------------------------------------------------------------------------------------
-    def cross_encoder_model(self, name: str | None) -> StageModel:
-        """The named cross-encoder; FailedPrecondition naming the fix when there is none."""
-        hint = CROSS_ENCODER_EXPORT_HINT.format(dir=self.settings.models_dir)
-        if name is None:
-            raise FailedPrecondition(f"no cross_encoder model is configured on this server; {hint}")
-        try:
-            manifest = self.models.manifest(name, PAIR_SCORES)
-        except ModelKindError as exc:
-            raise FailedPrecondition(str(exc)) from None
-        except BundleError as exc:
-            raise FailedPrecondition(
-                f"cross_encoder model {name!r} is not available ({exc}); {hint}"
-            ) from None
-        return StageModel(name, manifest.model_id, manifest.cache_id)
 
     def plan(
         self,
@@ -110,56 +80,9 @@ class Cascade:
         collection: str = "",
         tokens: TokenPlan | None = None,
     ) -> list[StagePlan]:
-        """The stages a search runs, their models resolved once. A REQUIRED stage this server has no model
-        for (or, late interaction, a collection that stores no token vectors of it) fails the request here,
-        before any work (FAILED_PRECONDITION); a BEST_EFFORT one degrades."""
-        plans = [
-            StagePlan(
-                Stage.LATE_INTERACTION, settings.late_interaction, settings.late_interaction_keep or top_k
-            ),
-            StagePlan(Stage.CROSS_ENCODER, settings.cross_encoder, settings.cross_encoder_keep or top_k),
-        ]
-        for plan in plans:
-            if not plan.mode.enabled:
-                continue
-            if plan.stage == Stage.LATE_INTERACTION:
-                self._plan_tokens(plan, settings, embedding_model, collection, tokens)
-                continue
-            try:
-                plan.model = self.cross_encoder_model(settings.cross_encoder_model)
-            except FailedPrecondition as exc:
-                if plan.mode == StageMode.REQUIRED:
-                    raise
-                plan.unavailable = exc.message
-        return plans
+        """The request's stage plan (StagePlanner.plan: a REQUIRED stage that cannot run fails here)."""
+        return self.planner.plan(settings, embedding_model, top_k, collection=collection, tokens=tokens)
 
-    def _plan_tokens(
-        self,
-        plan: StagePlan,
-        settings: SearchSettings,
-        embedding_model: str,
-        collection: str,
-        tokens: TokenPlan | None,
-    ) -> None:
-        """Late interaction runs from the collection's stored token vectors: they must exist, and be the
-        asked-for model's."""
-        asked = settings.late_interaction_model or embedding_model
-        if tokens is None:
-            unavailable = f"collection {collection!r} stores no token vectors; {ENABLE_HINT}"
-        elif asked != tokens.model:
-            unavailable = (
-                f"collection {collection!r} stores the token vectors of {tokens.model!r}, not of {asked!r}; "
-                f"ask for late_interaction_model {tokens.model!r} (or leave it unset)"
-            )
-        else:
-            plan.model = StageModel(tokens.model, tokens.label, tokens.cache_id)
-            plan.tokens = tokens
-            return
-        if plan.mode == StageMode.REQUIRED:
-            raise FailedPrecondition(unavailable)
-        plan.unavailable = unavailable
-
-    # -- running -------------------------------------------------------------------------------------
     async def run(
         self,
         plans: list[StagePlan],
@@ -184,13 +107,13 @@ class Cascade:
             given = hits
             keep = max(plan.keep, top_k)
             if plan.budget is not None and plan.budget.skip:
-                report = StageReport(plan.stage, StageStatus.DEGRADED, plan.budget.skip, len(hits), len(hits))
+                report = _skipped(plan, plan.budget.skip, len(hits))
             elif plan.stage == Stage.LATE_INTERACTION:
                 hits, report = await self._late_interaction_in_time(
                     plan, collection_id, query, hits, keep, deadline, budget_deadline, query_tokens
                 )
             else:
-                hits, report = await self._stage(
+                hits, report = await self._cross_encoder(
                     plan, collection_id, generation, query, hits, keep, deadline, budget_deadline
                 )
             if report.status == StageStatus.DEGRADED and plan.mode == StageMode.REQUIRED:
@@ -219,10 +142,10 @@ class Cascade:
         or scoring only the first candidates that fit, the others following in the previous order."""
         again = self._at_start(plan, budget_deadline, len(hits))
         if again is not None and again.skip:
-            return hits, StageReport(plan.stage, StageStatus.DEGRADED, again.skip, len(hits), len(hits))
+            return hits, _skipped(plan, again.skip, len(hits))
         scored = hits[: again.cut_to] if again is not None and again.cut_to else hits
         ranked, report = await self._late_interaction(
-            plan, collection_id, query, scored, keep, deadline, query_tokens
+            plan, collection_id, query, scored, keep, deadline, budget_deadline, query_tokens
         )
         if again is not None:
             report.plan = f"{plan.budget.note}; at start: {again.note}" if plan.budget else again.note
@@ -246,6 +169,7 @@ class Cascade:
         hits: list[Hit],
         keep: int,
         deadline: float | None,
+        budget_deadline: float | None,
         query_tokens: QueryTokens | None,
     ) -> tuple[list[Hit], StageReport]:
         started = time.perf_counter()
@@ -256,27 +180,33 @@ class Cascade:
         if not hits:
             return hits, StageReport(plan.stage, StageStatus.COMPLETED, model_id=model.label)
         if query_tokens is None:  # a ColBERT bundle: its query encoder runs on a worker
+            timeout_s, bound = self._time_left(deadline, budget_deadline)
             try:
-                query_tokens = await self.token_stage.query_tokens(tokens, query, self._budget(deadline))
+                query_tokens = await self.token_stage.query_tokens(tokens, query, timeout_s)
             except StageUnavailable as exc:
                 took = (time.perf_counter() - started) * 1000
-                reason = f"{exc}; kept the previous order"
-                report = StageReport(plan.stage, StageStatus.DEGRADED, reason, len(hits), len(hits), took)
+                report = StageReport(
+                    plan.stage, StageStatus.DEGRADED, _why(exc, bound), len(hits), len(hits), took
+                )
                 report.model_id, report.method = model.label, "query tokens: worker"
+                report.time_limit = _time_limit(exc)
                 return hits, report
         ranked, report = await self.token_stage.score(collection_id, tokens, query_tokens, hits, keep)
         report.took_ms = (time.perf_counter() - started) * 1000
         return ranked, report
 
-    def _budget(self, deadline: float | None, budget_deadline: float | None = None) -> float:
-        budget = self.settings.rerank_timeout_s
+    def _time_left(self, deadline: float | None, budget_deadline: float | None) -> tuple[float, str]:
+        """Seconds a worker call may take, and what bounds it: the server's re-rank timeout, the call's
+        deadline (less the reply's margin) or the latency budget (less its reply margin)."""
+        now = time.monotonic()
+        bounds = [(self.settings.rerank_timeout_s, "the re-rank timeout")]
         if deadline is not None:
-            budget = min(budget, deadline - time.monotonic() - REPLY_MARGIN_S)
+            bounds.append((deadline - now - REPLY_MARGIN_S, "the call's deadline"))
         if budget_deadline is not None:
-            budget = min(budget, budget_deadline - time.monotonic() - BUDGET_REPLY_MARGIN_MS / 1000)
-        return budget
+            bounds.append((budget_deadline - now - BUDGET_REPLY_MARGIN_MS / 1000, "the latency budget"))
+        return min(bounds)
 
-    async def _stage(
+    async def _cross_encoder(
         self,
         plan: StagePlan,
         collection_id: int,
@@ -292,11 +222,17 @@ class Cascade:
         cut_from = 0
 
         def report(
-            status: StageStatus, *, out: int, model: str = "", method: str = "", reason: str = ""
+            status: StageStatus,
+            *,
+            out: int,
+            model: str = "",
+            method: str = "",
+            reason: str = "",
+            limit: TimeLimit = TimeLimit.NONE,
         ) -> StageReport:
             took = (time.perf_counter() - started) * 1000
             made = StageReport(plan.stage, status, reason, len(hits), out, took, model, method)
-            made.candidates_cut_from, made.plan = cut_from, note
+            made.candidates_cut_from, made.plan, made.time_limit = cut_from, note, limit
             return made
 
         model = plan.model
@@ -312,7 +248,10 @@ class Cascade:
             # Planned again from the time really left: the stages before may have run faster or slower.
             note = f"{note}; at start: {again.note}" if note else again.note
             if again.skip:
-                return hits, report(StageStatus.DEGRADED, out=len(hits), model=model.label, reason=again.skip)
+                skipped = TimeLimit.SKIPPED
+                return hits, report(
+                    StageStatus.DEGRADED, out=len(hits), model=model.label, reason=again.skip, limit=skipped
+                )
             if again.cut_to:
                 cut_from, hits = len(hits), hits[: again.cut_to]
         if self._load is not None:
@@ -330,17 +269,17 @@ class Cascade:
         scores = await loop.run_in_executor(self._pool, partial(self.cache.get_scores, key, len(hits)))
         method = "cache"
         if scores is None:
-            timeout_s = self._budget(deadline, budget_deadline)
+            timeout_s, bound = self._time_left(deadline, budget_deadline)
             try:
                 result = await self.dispatcher.cross_encoder(model.name, query, texts, timeout_s)
             except StageUnavailable as exc:
-                cut = " (cut by the latency budget)" if budget_deadline is not None else ""
                 return given, report(
                     StageStatus.DEGRADED,
                     out=len(given),
                     model=model.label,
                     method="worker",
-                    reason=f"{exc}{cut}; kept the previous order",
+                    reason=_why(exc, bound),
+                    limit=_time_limit(exc),
                 )
             scores = list(result.scores)
             method = f"worker (pair scores: {result.cache_hits} cached, {result.computed} computed)"
@@ -348,6 +287,23 @@ class Cascade:
         # Candidates the budget left out follow the scored ones, in the previous stage's order.
         ranked = (_rank(hits, scores, plan.stage, keep) + given[len(hits) :])[:keep]
         return ranked, report(StageStatus.COMPLETED, out=len(ranked), model=model.label, method=method)
+
+
+def _skipped(plan: StagePlan, reason: str, n: int) -> StageReport:
+    """A stage the latency budget left out before it started: DEGRADED, its input passed on unchanged."""
+    return StageReport(plan.stage, StageStatus.DEGRADED, reason, n, n, time_limit=TimeLimit.SKIPPED)
+
+
+def _time_limit(exc: StageUnavailable) -> TimeLimit:
+    if isinstance(exc, OutOfTime):
+        return TimeLimit.STOPPED if exc.started else TimeLimit.SKIPPED
+    return TimeLimit.NONE
+
+
+def _why(exc: StageUnavailable, bound: str) -> str:
+    """A worker call's failure as a stage report's reason; a timeout names what set it."""
+    cut = f" (cut by {bound})" if isinstance(exc, OutOfTime) else ""
+    return f"{exc}{cut}; kept the previous order"
 
 
 def _rank(hits: list[Hit], scores: list[float], stage: Stage, keep: int) -> list[Hit]:

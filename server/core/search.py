@@ -14,13 +14,15 @@ from dataclasses import dataclass, replace
 
 from server.core import validation
 from server.core.budget import expand_tier
-from server.core.cascade import Cascade, StagePlan
+from server.core.cascade import Cascade
 from server.core.collections import Collection, Collections
 from server.core.executors import Executors
 from server.core.retrieval import Retrieval
+from server.core.stage_plan import StagePlan
 from server.core.writes import Writes
+from server.storage.fulltext import FullTextIndex
 from sieve_core.config import Settings
-from sieve_core.evidence import evidence_spans
+from sieve_core.evidence import evidence_spans, lexical_spans
 from sieve_core.types import (
     Hit,
     SearchQuery,
@@ -30,6 +32,7 @@ from sieve_core.types import (
     Stage,
     StageReport,
     StageStatus,
+    TimeLimit,
 )
 
 
@@ -167,13 +170,16 @@ class Searches:
         deadline_reached: bool = False,
     ) -> SearchUpdate:
         """The ranking so far as a reply: copies of the top hits (later stages go on changing theirs),
-        their evidence spans worked out (in the executor: a few blobs' span sections decoded)."""
+        their evidence spans worked out (in the executor: a few blobs' span sections decoded, a few texts
+        analysed)."""
         top = hits[: p.top_k]
         if not p.query.omit_documents:
             await self.retrieval.load(p.col.row.id, top)
         sent = [replace(h, stage_scores=list(h.stage_scores)) for h in top]
-        if any(h.matches is not None and not h.evidence for h in sent):
-            await self._run.read(_resolve_evidence, sent)
+        # With omit_documents no text is read, so lexical hits carry no spans (late interaction's need none).
+        lexical = None if p.query.omit_documents else p.col.fulltext
+        if any(_evidence_due(h, lexical is not None) for h in sent):
+            await self._run.read(_resolve_evidence, sent, p.query.query, lexical)
         if p.query.omit_documents:
             for hit in sent:
                 hit.text, hit.metadata = "", {}
@@ -183,15 +189,31 @@ class Searches:
         )
 
 
-def _resolve_evidence(hits: list[Hit]) -> None:
+def _evidence_due(hit: Hit, lexical: bool) -> bool:
+    """Whether a sent hit has evidence to work out: late interaction scored it (its spans win: the later,
+    finer stage), or else it was found lexically (BM25 ranked it) and its text is at hand."""
+    if hit.evidence:
+        return False
+    if hit.matches is not None:
+        return True
+    return lexical and bool(hit.text) and any(s.stage == Stage.LEXICAL for s in hit.stage_scores)
+
+
+def _resolve_evidence(hits: list[Hit], query: str, fulltext: FullTextIndex | None) -> None:
+    weights: dict[str, float] | None = None  # the query's terms, analysed once per reply
     for hit in hits:
-        if hit.matches is not None and not hit.evidence:
+        if not _evidence_due(hit, fulltext is not None):
+            continue
+        if hit.matches is not None:
             blob, best = hit.matches
             hit.evidence = evidence_spans(blob, best)
+            continue
+        assert fulltext is not None
+        if weights is None:
+            weights = fulltext.term_weights(query)
+        hit.evidence = lexical_spans(fulltext.occurrences(hit.text, weights), weights)
 
 
 def _cut_by_time(report: StageReport) -> bool:
     """A stage the call's deadline or the latency budget stopped (or the budget skipped)."""
-    return report.status == StageStatus.DEGRADED and any(
-        words in report.reason for words in ("latency budget", "answered within", "no time left")
-    )
+    return report.time_limit != TimeLimit.NONE

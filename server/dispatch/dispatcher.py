@@ -47,6 +47,14 @@ class StageUnavailable(Exception):
     """A re-ranking stage could not finish; the message says why (it goes into the stage report)."""
 
 
+class OutOfTime(StageUnavailable):
+    """The time given ran out: before the task was sent (`started` False) or while waiting for it."""
+
+    def __init__(self, message: str, *, started: bool) -> None:
+        super().__init__(message)
+        self.started = started
+
+
 class Dispatcher:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
@@ -90,7 +98,9 @@ class Dispatcher:
         # Below a Celery round trip (9-12 ms measured here) nothing can come back in time. Latency budgets
         # (server/core/budget.py) plan re-ranking into tens of milliseconds, so the floor is that, not more.
         if timeout_s <= MIN_TASK_TIMEOUT_S:
-            raise StageUnavailable(f"no time left before the deadline ({max(timeout_s, 0) * 1000:.0f} ms)")
+            raise OutOfTime(
+                f"no time left before the deadline ({max(timeout_s, 0) * 1000:.0f} ms)", started=False
+            )
         loop = asyncio.get_running_loop()
         # Read here, in the call's context: the executor thread does not inherit contextvars.
         call = partial(self._call, task, request, timeout_s, request_id.get())
@@ -100,7 +110,7 @@ class Dispatcher:
             # The slack is a tenth of the timeout (at most 20 ms): a 20 ms latency budget must not overrun by 20 ms.
             payload = await asyncio.wait_for(waiting, timeout_s + min(0.02, timeout_s / 10))
         except TimeoutError:
-            raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
+            raise OutOfTime(f"no worker answered within {timeout_s * 1000:.0f} ms", started=True) from None
         return result_type.from_json(payload)
 
     def _call(self, task: str, request: Any, timeout_s: float, rid: str) -> dict:
@@ -126,7 +136,7 @@ class Dispatcher:
         try:
             return result.get(timeout=timeout_s, propagate=True)
         except CeleryTimeout:
-            raise StageUnavailable(f"no worker answered within {timeout_s * 1000:.0f} ms") from None
+            raise OutOfTime(f"no worker answered within {timeout_s * 1000:.0f} ms", started=True) from None
         except Exception as exc:
             if not isinstance(exc, self._task_errors):
                 self._app = self._new_app()  # a connection-level failure: start afresh (see above)

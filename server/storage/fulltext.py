@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Container, Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,29 @@ class FullTextIndex:
             return np.zeros(0, dtype=np.uint64), np.zeros(0)
         found = searcher.fast_field_values("key", [address for _, address in hits])
         return np.asarray(found, dtype=np.uint64), np.asarray([score for score, _ in hits], dtype=np.float64)
+
+    # -- evidence (sieve_core/evidence.py) ----------------------------------------------------------------
+    def term_weights(self, text: str) -> dict[str, float]:
+        """The query's analysed terms that this index holds, each with its BM25 idf
+        (ln(1 + (N - df + 0.5) / (df + 0.5)), as tantivy scores it): what a matched term is worth."""
+        searcher = self._index.searcher()
+        n = searcher.num_docs
+        weights = {}
+        for term in self.terms(text):
+            df = searcher.doc_freq("text", term)
+            if df:
+                weights[term] = math.log(1 + (n - df + 0.5) / (df + 0.5))
+        return weights
+
+    def occurrences(self, text: str, terms: Container[str]) -> list[tuple[int, int, str]]:
+        """Where `terms` (analysed, as term_weights gives them) occur in `text`: (start, end, term), offsets
+        in Unicode code points of `text`. The collection's analyzer finds them, so a match is what BM25
+        matched: "Deficiencies" for the query word "deficiency" (one stem), never a stop word."""
+        return [
+            (token.char_offset_from, token.char_offset_to, token.text)
+            for token in self._analyzer.pre_tokenize(text).tokens
+            if token.text in terms
+        ]
 
     # -- state ---------------------------------------------------------------------------------------------
     def _read_state(self) -> int:

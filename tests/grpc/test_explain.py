@@ -63,6 +63,86 @@ async def test_without_late_interaction_there_is_no_evidence(api, collection) ->
     assert response.hits and all(len(h.evidence) == 0 for h in response.hits)
 
 
+LEXICAL = common_pb2.SearchSettings(retrieval=common_pb2.RETRIEVAL_LEXICAL)
+HYBRID = common_pb2.SearchSettings(retrieval=common_pb2.RETRIEVAL_HYBRID, retrieve_candidates=6)
+
+
+def _inside_and_in_order(hit: search_pb2.Hit) -> None:
+    starts = [s.start for s in hit.evidence]
+    assert starts == sorted(starts) and len(hit.evidence) <= 5
+    for span in hit.evidence:
+        assert 0 <= span.start < span.end <= len(hit.text) and span.score > 0
+
+
+def _stem_of_a_query_word(piece: str, query: str) -> bool:
+    """`piece` (one span's text) is words of the query up to their stems ("attack" for "attacks")."""
+    return all(any(w[:5] == q[:5] for q in _words(query)) for w in _words(piece))
+
+
+@pytest.mark.parametrize("query", QUERIES)
+async def test_lexical_hits_carry_the_spans_of_their_matched_terms(api, collection, query) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchRequest(collection=collection, query=query, top_k=3, settings=LEXICAL)
+    response = await api.search.Search(request)
+    assert response.stages[0].stage == common_pb2.STAGE_LEXICAL and response.hits
+    for hit in response.hits:  # BM25 found each, so each has at least one matched term
+        assert hit.evidence
+        _inside_and_in_order(hit)
+        for span in hit.evidence:
+            piece = hit.text[span.start : span.end]
+            assert _stem_of_a_query_word(piece, query), (query, hit.id, piece)
+    top = response.hits[0]
+    covered = _words(" ".join(top.text[s.start : s.end] for s in top.evidence))
+    assert covered & _words(query), (query, top.id, covered)
+
+
+async def test_lexical_spans_are_code_points_and_adjacent_terms_merge(api, collection) -> None:  # type: ignore[no-untyped-def]
+    # "naïve café": accents before the words (UTF-8 bytes != code points); two adjacent terms, one span.
+    query = "café naïve fractures"
+    request = search_pb2.SearchRequest(collection=collection, query=query, top_k=1, settings=LEXICAL)
+    (hit,) = (await api.search.Search(request)).hits
+    assert hit.id == "vitd"
+    assert sorted(hit.text[s.start : s.end] for s in hit.evidence) == ["fractures", "naïve café"]
+    # The rarer terms weigh more: "naïve café" (two terms, each in one document) outscores one term.
+    by_text = {hit.text[s.start : s.end]: s.score for s in hit.evidence}
+    assert by_text["naïve café"] > by_text["fractures"]
+
+
+async def test_hybrid_spans_for_lexical_hits_only_and_late_interaction_wins(api, collection) -> None:  # type: ignore[no-untyped-def]
+    query = QUERIES[1]
+    hybrid = await api.search.Search(
+        search_pb2.SearchRequest(collection=collection, query=query, top_k=6, settings=HYBRID)
+    )
+    for hit in hybrid.hits:
+        lexical = any(s.stage == common_pb2.STAGE_LEXICAL for s in hit.stage_scores)
+        assert bool(hit.evidence) == lexical, (hit.id, list(hit.stage_scores))
+    assert any(not h.evidence for h in hybrid.hits)  # a hit only the dense side found: no spans
+    # With late interaction after the fusion, each hit carries late interaction's spans, not its lexical ones.
+    settings = common_pb2.SearchSettings()
+    settings.CopyFrom(HYBRID)
+    settings.MergeFrom(LATE)
+    settings.late_interaction_keep = 6
+    late = await api.search.Search(
+        search_pb2.SearchRequest(collection=collection, query=query, top_k=6, settings=settings)
+    )
+    dense = await api.search.Search(
+        search_pb2.SearchRequest(collection=collection, query=query, top_k=6, settings=LATE)
+    )
+    assert late.stages[-2].status == search_pb2.STAGE_STATUS_COMPLETED
+    dense_spans = {h.id: list(h.evidence) for h in dense.hits}
+    lexical_spans = {h.id: list(h.evidence) for h in hybrid.hits}
+    for hit in late.hits:
+        assert list(hit.evidence) == dense_spans[hit.id]
+    assert any(lexical_spans[h.id] and list(h.evidence) != lexical_spans[h.id] for h in late.hits)
+
+
+async def test_omit_documents_reads_no_text_for_lexical_spans(api, collection) -> None:  # type: ignore[no-untyped-def]
+    request = search_pb2.SearchRequest(
+        collection=collection, query=QUERIES[0], top_k=3, settings=LEXICAL, omit_documents=True
+    )
+    response = await api.search.Search(request)
+    assert response.hits and all(not h.text and not h.evidence for h in response.hits)
+
+
 def _same(a: search_pb2.SearchResponse, b: search_pb2.SearchResponse) -> None:
     """Equal but for timings."""
     assert [(h.id, h.score, h.text, list(h.evidence), list(h.stage_scores)) for h in a.hits] == [

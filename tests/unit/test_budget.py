@@ -8,7 +8,8 @@ import random
 import pytest
 
 from server.core.budget import MIN_CROSS_ENCODER, TIERS, CostModel, expand_tier
-from server.core.cascade import Cascade, StageModel, StagePlan
+from server.core.cascade import Cascade
+from server.core.stage_plan import StageModel, StagePlan
 from sieve_core.types import SearchSettings, SearchTier, Stage, StageMode
 
 

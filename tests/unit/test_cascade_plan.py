@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from sieve_core.cache import ResultCache
 from sieve_core.errors import FailedPrecondition
 from sieve_core.models.registry import ModelRegistry
 from sieve_core.token_format import TokenFormat
-from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageStatus
+from sieve_core.types import Hit, SearchSettings, Stage, StageMode, StageReport, StageStatus, TimeLimit
 from tests.conftest import make_settings
 from tests.unit.test_model_registry import fake_bundle
 
@@ -133,6 +134,36 @@ def test_a_best_effort_stage_without_its_model_degrades_and_keeps_the_order(casc
         (Stage.CROSS_ENCODER, StageStatus.SKIPPED),
     ]
     assert reports[0].reason.endswith("; kept the previous order") and "no token vectors" in reports[0].reason
+
+
+@pytest.mark.parametrize("budget_left_s", [5.0, -1.0])
+def test_only_time_marks_a_stage_cut_by_time(cascade: Cascade, budget_left_s: float) -> None:
+    """No Redis here: a cross-encoder with time left degrades for that reason, not for time (no "cut by",
+    no time limit, so no deadline_reached); one whose budget is spent is skipped, flagged as such."""
+    plans = cascade.plan(_settings(cross_encoder=BEST, cross_encoder_model="ce"), "bi", 2)
+    hits = [Hit("a", 0.9), Hit("b", 0.8), Hit("c", 0.7)]
+
+    async def run() -> list[StageReport]:
+        stages = cascade.run(
+            plans,
+            collection_id=1,
+            generation=1,
+            query="q",
+            hits=hits,
+            top_k=2,
+            deadline=None,
+            budget_deadline=time.monotonic() + budget_left_s,
+        )
+        return [report async for _, _, report in stages]
+
+    cross = asyncio.run(run())[1]
+    assert cross.stage == Stage.CROSS_ENCODER and cross.status == StageStatus.DEGRADED
+    if budget_left_s > 0:
+        assert "no Redis is configured" in cross.reason and "cut by" not in cross.reason
+        assert cross.time_limit == TimeLimit.NONE
+    else:
+        assert cross.reason.startswith("skipped by the latency budget")
+        assert cross.time_limit == TimeLimit.SKIPPED
 
 
 @pytest.mark.parametrize(

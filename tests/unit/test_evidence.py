@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sieve_core.evidence import MAX_SPANS, evidence_spans
+from sieve_core.evidence import MAX_SPANS, evidence_spans, lexical_spans
 from sieve_core.late_interaction import (
     BestMatches,
     decode_spans,
@@ -134,3 +134,30 @@ def test_special_tokens_without_text_are_left_out_of_the_spans() -> None:
     spans = decode_spans(blob)
     assert [s for row in spans for s in row] and all(b > a for row in spans for a, b in row)
     assert sorted(s for row in spans for s in row) == [(0, 3), (4, 7), (8, 11), (12, 15)]
+
+
+# -- lexical hits -------------------------------------------------------------------------------------------
+
+
+def test_lexical_spans_merge_adjacent_terms_and_keep_the_best() -> None:
+    weights = {"vitamin": 1.0, "d": 0.5, "bone": 2.0, "risk": 0.1}
+    occurrences = [(0, 7, "vitamin"), (8, 9, "d"), (20, 24, "bone"), (30, 34, "risk"), (40, 44, "other")]
+    spans = lexical_spans(occurrences, weights)
+    # "Vitamin D" is one span worth both terms; a term the query does not hold is no evidence.
+    assert [(s.start, s.end, s.score) for s in spans] == [(0, 9, 1.5), (20, 24, 2.0), (30, 34, 0.1)]
+    best_two = lexical_spans(occurrences, weights, max_spans=2)
+    assert [(s.start, s.end) for s in best_two] == [(0, 9), (20, 24)]  # the best, in text order
+
+
+def test_lexical_occurrences_are_the_analysed_terms_in_code_points() -> None:
+    from server.storage.fulltext import FullTextIndex
+
+    index = FullTextIndex(None)
+    index.apply([(1, TEXT), (2, "bone marrow"), (3, "nothing")], [], 1)
+    index.flush()
+    weights = index.term_weights("the deficiencies of bones, naïve")
+    assert set(weights) == {"defici", "bone", "naïv"}  # stems; "the" and "of" are stop words
+    assert weights["defici"] > weights["bone"]  # in one document of three vs two: rarer weighs more
+    spans = lexical_spans(index.occurrences(TEXT, weights), weights)
+    # Code points of the str, after an emoji and accents: byte offsets would cut these words apart.
+    assert [TEXT[s.start : s.end] for s in spans] == ["naïve", "deficiency", "bone"]
