@@ -429,7 +429,7 @@ def show_search(response: sieve.SearchResponse, round_trip_ms: float, console: C
     console.print(hits)
     with_evidence = [(rank, h) for rank, h in enumerate(response.hits, 1) if h.evidence and h.text]
     if with_evidence:
-        console.print(f"evidence (late interaction's best matches, [{EVIDENCE_STYLE}]highlighted[/])")
+        console.print(f"evidence (the parts that matched the query, [{EVIDENCE_STYLE}]highlighted[/])")
         for rank, hit in with_evidence:
             console.print(Text(f"{rank:>3} {hit.id}: ").append_text(snippet(hit.text, hit.evidence)))
 

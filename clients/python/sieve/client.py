@@ -232,10 +232,10 @@ class SieveClient:
     ) -> search_pb2.SearchResponse:
         """Search a collection. `filter`: {"key": "value", ...} (all must hold) or a `Filter`. Stage modes
         are "off", "best_effort" or "required" (None: the collection default). The response has `hits`
-        (each with `stage_scores`, and with late interaction `evidence`: the spans of `hit.text` that
-        matched, in code points, so `hit.text[span.start:span.end]` in Python) and one `StageReport` per
-        stage in `stages`: a best-effort stage that could not run is reported DEGRADED with a `reason`; a
-        required one raises `Unavailable` (no worker) or `FailedPrecondition` (no model).
+        (each with `stage_scores`, and with late interaction or lexical retrieval `evidence`: the spans
+        of `hit.text` that matched, in code points, so `hit.text[span.start:span.end]` in Python) and one
+        `StageReport` per stage in `stages`: a best-effort stage that could not run is reported DEGRADED
+        with a `reason`; a required one raises `Unavailable` (no worker) or `FailedPrecondition` (no model).
         `latency_budget_ms` / `tier` ("fast", "balanced", "best"): the server plans the stages to fit and
         says what it cut or skipped in each report's `plan` and `reason`."""
         request = _build.search(

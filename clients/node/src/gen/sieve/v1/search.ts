@@ -143,9 +143,11 @@ export interface Hit {
   /** Every stage's score for this hit, in cascade order. */
   stageScores: StageScore[];
   /**
-   * The parts of `text` that matched the query (late interaction: the document tokens MaxSim picked for
-   * the query's tokens, adjacent tokens merged), at most a handful, in text order. Empty when the hit
-   * was not scored by late interaction or its token vectors were stored without offsets.
+   * The parts of `text` that matched the query, at most a handful, in text order, adjacent ones merged.
+   * Late interaction: the document tokens MaxSim picked for the query's tokens. Otherwise, for a hit found
+   * lexically (BM25): where the query's terms occur, as the collection's analyzer finds them (stems).
+   * Empty for a hit found only by the dense index, a lexical hit asked for with omit_documents, or one
+   * whose token vectors were stored without offsets.
    */
   evidence: Span[];
 }
@@ -159,7 +161,10 @@ export interface Hit_MetadataEntry {
 export interface Span {
   start: number;
   end: number;
-  /** How much this part contributed: the sum of the similarities of the query tokens that matched it. */
+  /**
+   * How much this part contributed: the sum of the similarities of the query tokens that matched it
+   * (late interaction), or of its distinct terms' BM25 idf (lexical).
+   */
   score: number;
 }
 
