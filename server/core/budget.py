@@ -47,8 +47,9 @@ PROBE_INTERVAL_S = 5.0
 # a model (seconds) must not make a stage look unaffordable for the next hundred searches; a real rise in
 # cost still shows within a few observations (x3 each).
 OUTLIER_FACTOR = 3.0
-# Kept back from the budget for building and sending the reply (measured ~1-2 ms for 10 hits with texts).
-BUDGET_REPLY_MARGIN_MS = 3.0
+# Kept back from the budget for converting and sending the reply, which the server cannot time itself
+# (about 1 ms for 10 hits with texts); the reply's own work is measured (BudgetPlanner.reply).
+BUDGET_REPLY_MARGIN_MS = 2.0
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,9 @@ _PRIORS = {
     Stage.LATE_INTERACTION: (1.0, 0.08),
     Stage.CROSS_ENCODER: (12.0, 1.5),
 }
+# The reply after the last stage: the texts of the hits sent that were not read yet, their evidence spans,
+# the result; per hit sent.
+_REPLY_PRIOR = (1.0, 0.1)
 
 
 class StageCosts:
@@ -193,13 +197,20 @@ class BudgetPlanner:
 
     def __init__(self) -> None:
         self.costs = StageCosts()
+        self.reply = CostModel(*_REPLY_PRIOR)  # fed by Searches with each final reply's own time
 
-    def plan(self, plans: list[StagePlan], budget_ms: float, retrieve_n: int) -> str:
-        """Plans the stages against a latency budget before the search starts (server/core/budget.py);
-        returns the retrieval's part of the plan (its report's `plan`)."""
+    def reply_ms(self, top_k: int) -> float:
+        """What to keep back from a budget for the reply: its cautious estimate and the sending margin."""
+        return self.reply.estimate(top_k) + BUDGET_REPLY_MARGIN_MS
+
+    def plan(self, plans: list[StagePlan], budget_ms: float, retrieve_n: int, reply_ms: float) -> str:
+        """Plans the stages against a latency budget before the search starts, keeping `reply_ms` back for
+        the reply (reply_ms()); returns the retrieval's part of the plan (its report's `plan`)."""
         retrieve = self.costs.model(Stage.RETRIEVE)
-        left = budget_ms - BUDGET_REPLY_MARGIN_MS - retrieve.estimate(retrieve_n)
-        head = f"budget {budget_ms:.0f} ms; retrieval {retrieve.describe()}"
+        left = budget_ms - reply_ms - retrieve.estimate(retrieve_n)
+        head = (
+            f"budget {budget_ms:.0f} ms; retrieval {retrieve.describe()}; reply {reply_ms:.1f} ms kept back"
+        )
         n_in = retrieve_n
         for plan in plans:
             if not plan.mode.enabled:

@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import Executor
 from functools import partial
 
-from server.core.budget import BUDGET_REPLY_MARGIN_MS, BudgetPlan, BudgetPlanner
+from server.core.budget import BudgetPlan, BudgetPlanner
 from server.core.stage_plan import StagePlan, StagePlanner
 from server.core.tokens import QueryTokens, TokenPlan, TokenStage
 from server.dispatch.dispatcher import Dispatcher, OutOfTime, StageUnavailable
@@ -97,8 +97,8 @@ class Cascade:
         query_tokens: QueryTokens | None = None,
     ) -> AsyncIterator[tuple[StagePlan, list[Hit], StageReport]]:
         """Runs the planned stages in order over `hits`, yielding each one's ranking and report as it
-        finishes (skipped ones too). `deadline` (the call's) and `budget_deadline` (the request's latency
-        budget) are time.monotonic() values. `query_tokens`: the query's token vectors from the retrieval's
+        finishes (skipped ones too). `deadline` (the call's) and `budget_deadline` (when the request's
+        latency budget wants the last stage done: its end less the reply's time) are time.monotonic() values. `query_tokens`: the query's token vectors from the retrieval's
         encoder pass (zero-shot)."""
         for plan in plans:
             if not plan.mode.enabled:
@@ -158,7 +158,7 @@ class Cascade:
         """A BEST_EFFORT stage's plan from the time left now (None: no budget, or a REQUIRED stage)."""
         if budget_deadline is None or plan.mode == StageMode.REQUIRED:
             return None
-        left_ms = (budget_deadline - time.monotonic()) * 1000 - BUDGET_REPLY_MARGIN_MS
+        left_ms = (budget_deadline - time.monotonic()) * 1000
         return self.budget.fit(self.budget.cost(plan), left_ms, n_in, probe=plan.stage == Stage.CROSS_ENCODER)
 
     async def _late_interaction(
@@ -197,13 +197,14 @@ class Cascade:
 
     def _time_left(self, deadline: float | None, budget_deadline: float | None) -> tuple[float, str]:
         """Seconds a worker call may take, and what bounds it: the server's re-rank timeout, the call's
-        deadline (less the reply's margin) or the latency budget (less its reply margin)."""
+        deadline (less the reply's margin) or the latency budget (`budget_deadline` keeps the reply's time
+        back already)."""
         now = time.monotonic()
         bounds = [(self.settings.rerank_timeout_s, "the re-rank timeout")]
         if deadline is not None:
             bounds.append((deadline - now - REPLY_MARGIN_S, "the call's deadline"))
         if budget_deadline is not None:
-            bounds.append((budget_deadline - now - BUDGET_REPLY_MARGIN_MS / 1000, "the latency budget"))
+            bounds.append((budget_deadline - now, "the latency budget"))
         return min(bounds)
 
     async def _cross_encoder(

@@ -48,7 +48,9 @@ class _Planned:
     candidates: int
     started: float  # perf_counter: took_ms counts from here
     deadline: float | None  # monotonic: the call's
-    budget_deadline: float | None  # monotonic: the latency budget's
+    budget_deadline: (
+        float | None
+    )  # monotonic: when the latency budget wants the stages done (reply kept back)
     budget_note: str = ""
 
 
@@ -155,8 +157,10 @@ class Searches:
         candidates = max(top_k, settings.retrieve_candidates or 0) if reranking else top_k
         planned = _Planned(query, top_k, col, settings, plans, candidates, started, deadline, None)
         if settings.latency_budget_ms is not None:
-            planned.budget_deadline = begun + settings.latency_budget_ms / 1000
-            planned.budget_note = self.cascade.budget.plan(plans, settings.latency_budget_ms, candidates)
+            budget = self.cascade.budget
+            reply_ms = budget.reply_ms(top_k)
+            planned.budget_deadline = begun + (settings.latency_budget_ms - reply_ms) / 1000
+            planned.budget_note = budget.plan(plans, settings.latency_budget_ms, candidates, reply_ms)
         return planned
 
     async def _update(
@@ -172,6 +176,7 @@ class Searches:
         """The ranking so far as a reply: copies of the top hits (later stages go on changing theirs),
         their evidence spans worked out (in the executor: a few blobs' span sections decoded, a few texts
         analysed)."""
+        replying = time.perf_counter()
         top = hits[: p.top_k]
         if not p.query.omit_documents:
             await self.retrieval.load(p.col.row.id, top)
@@ -183,7 +188,10 @@ class Searches:
         if p.query.omit_documents:
             for hit in sent:
                 hit.text, hit.metadata = "", {}
-        took = (time.perf_counter() - p.started) * 1000
+        now = time.perf_counter()
+        if final:  # what a budget must keep back for the reply (server/core/budget.py)
+            self.cascade.budget.reply.observe(len(sent), (now - replying) * 1000)
+        took = (now - p.started) * 1000
         return SearchUpdate(
             SearchResult(sent, list(reports), generation, took), stage, final, deadline_reached
         )

@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from server.core.budget import MIN_CROSS_ENCODER, TIERS, CostModel, expand_tier
+from server.core.budget import BUDGET_REPLY_MARGIN_MS, MIN_CROSS_ENCODER, TIERS, CostModel, expand_tier
 from server.core.cascade import Cascade
 from server.core.stage_plan import StageModel, StagePlan
 from sieve_core.types import SearchSettings, SearchTier, Stage, StageMode
@@ -39,6 +39,9 @@ def test_tiers_fill_only_what_the_settings_leave_unset() -> None:
     assert expand_tier(SearchSettings()) == SearchSettings()
 
 
+REPLY_MS = 3.0  # kept back for the reply
+
+
 def _cascade() -> Cascade:
     # The planner reads only the cost model: no dispatcher, cache, pool or token stage needed.
     return Cascade(None, None, None, None, None, None)  # type: ignore[arg-type]
@@ -63,7 +66,7 @@ def test_the_cross_encoder_gets_what_fits_and_says_so() -> None:
     cascade = _cascade()
     _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
     plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
-    head = cascade.budget.plan(plans, 40.0, 100)
+    head = cascade.budget.plan(plans, 40.0, 100, REPLY_MS)
     assert head.startswith("budget 40 ms")
     late, cross = (p.budget for p in plans)
     assert late is not None and not late.skip
@@ -78,13 +81,13 @@ def test_stages_that_cannot_fit_are_skipped_and_required_ones_never() -> None:
     cascade = _cascade()
     _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
     plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
-    cascade.budget.plan(plans, 12.0, 100)
+    cascade.budget.plan(plans, 12.0, 100, REPLY_MS)
     late, cross = (p.budget for p in plans)
     assert late is not None and late.skip.startswith("skipped by the latency budget")
     assert cross is not None and cross.skip.startswith("skipped by the latency budget")
     assert "0 of 100 candidates fit" in cross.note or cross.cut_to < MIN_CROSS_ENCODER
     required = _plans(StageMode.REQUIRED, StageMode.REQUIRED)
-    cascade.budget.plan(required, 12.0, 100)
+    cascade.budget.plan(required, 12.0, 100, REPLY_MS)
     assert all(p.budget is not None and not p.budget.skip and not p.budget.cut_to for p in required)
     assert all("REQUIRED" in p.budget.note for p in required if p.budget is not None)
 
@@ -93,7 +96,7 @@ def test_a_generous_budget_cuts_nothing() -> None:
     cascade = _cascade()
     _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
     plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
-    cascade.budget.plan(plans, 400.0, 100)
+    cascade.budget.plan(plans, 400.0, 100, REPLY_MS)
     assert all(p.budget is not None and not p.budget.skip and not p.budget.cut_to for p in plans)
 
 
@@ -103,13 +106,13 @@ def test_an_unmeasured_cross_encoder_is_probed_not_skipped_forever() -> None:
     for _ in range(3):  # a pessimistic start: 30 ms fixed
         slow.observe(10, 30.0 + 10)
     plans = _plans(StageMode.OFF, StageMode.BEST_EFFORT)
-    cascade.budget.plan(plans, 40.0, 100)
+    cascade.budget.plan(plans, 40.0, 100, REPLY_MS)
     cross = plans[1].budget
     assert cross is not None and not cross.skip and cross.cut_to == MIN_CROSS_ENCODER
     assert "probing" in cross.note
     for _ in range(5):  # measured enough: the estimate decides again
         slow.observe(10, 40.0)
-    cascade.budget.plan(plans, 40.0, 100)
+    cascade.budget.plan(plans, 40.0, 100, REPLY_MS)
     assert plans[1].budget is not None and plans[1].budget.skip
 
 
@@ -123,3 +126,20 @@ def test_one_slow_call_does_not_make_a_stage_unaffordable() -> None:
     for n in (2, 10, 20) * 10:
         model.observe(n, 10.0 + n)
     assert model.estimate(10) < 1.5 * before
+
+
+def test_the_reply_is_kept_back_from_the_budget() -> None:
+    cascade = _cascade()
+    _teach(cascade, retrieve=8.0, li=(1.0, 0.05), ce=(10.0, 1.0))
+    plans = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
+    cascade.budget.plan(plans, 40.0, 100, REPLY_MS)
+    assert plans[0].budget is not None and not plans[0].budget.skip
+    # A reply measured at 28 ms (e.g. a loaded machine) leaves late interaction no room: skipped up front.
+    slow = _plans(StageMode.BEST_EFFORT, StageMode.BEST_EFFORT)
+    head = cascade.budget.plan(slow, 40.0, 100, 28.0)
+    assert "reply 28.0 ms kept back" in head
+    assert all(p.budget is not None and p.budget.skip for p in slow)
+    # The estimate comes from the replies the server measured.
+    for _ in range(20):
+        cascade.budget.reply.observe(10, 6.0)
+    assert 6.0 + BUDGET_REPLY_MARGIN_MS <= cascade.budget.reply_ms(10) < 7.0 + BUDGET_REPLY_MARGIN_MS
