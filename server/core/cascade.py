@@ -24,7 +24,7 @@ from functools import partial
 
 from server.core.budget import BudgetPlan, BudgetPlanner
 from server.core.stage_plan import StagePlan, StagePlanner
-from server.core.tokens import QueryTokens, TokenPlan, TokenStage
+from server.core.tokens import QueryTokens, TokenStage
 from server.dispatch.dispatcher import Dispatcher, OutOfTime, StageUnavailable
 from sieve_core.cache import ResultCache, stage_scores_key
 from sieve_core.config import Settings
@@ -33,7 +33,6 @@ from sieve_core.errors import Unavailable
 from sieve_core.models.registry import ModelRegistry
 from sieve_core.types import (
     Hit,
-    SearchSettings,
     Stage,
     StageMode,
     StageReport,
@@ -63,25 +62,13 @@ class Cascade:
     ) -> None:
         self.settings = settings
         self.models = models  # only manifests are read here: the workers run the re-rankers
-        self.planner = StagePlanner(settings, models)
+        self.planner = StagePlanner(settings, models)  # resolves each request's stages before any work
         self.dispatcher = dispatcher
         self.cache = cache
         self._pool = pool
         self.token_stage = token_stage
         self._load = load  # fills in the texts of hits retrieved without them (the cross-encoder reads them)
         self.budget = BudgetPlanner()  # latency budgets: measured stage costs, plans
-
-    def plan(
-        self,
-        settings: SearchSettings,
-        embedding_model: str,
-        top_k: int,
-        *,
-        collection: str = "",
-        tokens: TokenPlan | None = None,
-    ) -> list[StagePlan]:
-        """The request's stage plan (StagePlanner.plan: a REQUIRED stage that cannot run fails here)."""
-        return self.planner.plan(settings, embedding_model, top_k, collection=collection, tokens=tokens)
 
     async def run(
         self,

@@ -142,7 +142,7 @@ class Searches:
         col = self.collections.find(query.collection)
         settings = expand_tier(query.settings).over(expand_tier(col.defaults)).over(self.collections.defaults)
         validation.search_inputs(query, settings)
-        plans = self.cascade.plan(
+        plans = self.cascade.planner.plan(
             settings, col.row.embedding_model, top_k, collection=col.row.name, tokens=col.tokens
         )
         if query.min_generation:

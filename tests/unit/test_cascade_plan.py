@@ -66,7 +66,7 @@ def _settings(**kw: object) -> SearchSettings:
 
 
 def test_stages_resolve_their_models(cascade: Cascade) -> None:
-    plans = cascade.plan(
+    plans = cascade.planner.plan(
         _settings(
             late_interaction=REQ, late_interaction_model="col", cross_encoder=BEST, cross_encoder_model="ce"
         ),
@@ -80,7 +80,7 @@ def test_stages_resolve_their_models(cascade: Cascade) -> None:
     ]
     assert "ColBERT" in plans[0].model.label  # type: ignore[union-attr]
     # No late-interaction bundle: MaxSim over the collection's own bi-encoder.
-    (zero_shot, _) = cascade.plan(
+    (zero_shot, _) = cascade.planner.plan(
         _settings(late_interaction=REQ), "bi", 10, tokens=_tokens(cascade, "bi", zero_shot=True)
     )
     assert (
@@ -109,11 +109,11 @@ def test_a_required_stage_without_its_model_fails_up_front(
     # A collection that stores ColBERT token vectors, unless the case asks for none.
     tokens = None if message == "stores no token vectors" else _tokens(cascade, "col", zero_shot=False)
     with pytest.raises(FailedPrecondition, match=message):
-        cascade.plan(settings, "bi", 10, tokens=tokens)
+        cascade.planner.plan(settings, "bi", 10, tokens=tokens)
 
 
 def test_a_best_effort_stage_without_its_model_degrades_and_keeps_the_order(cascade: Cascade) -> None:
-    plans = cascade.plan(_settings(late_interaction=BEST, late_interaction_model="missing"), "bi", 2)
+    plans = cascade.planner.plan(_settings(late_interaction=BEST, late_interaction_model="missing"), "bi", 2)
     assert plans[0].model is None and "stores no token vectors" in plans[0].unavailable
     hits = [Hit("a", 0.9), Hit("b", 0.8), Hit("c", 0.7)]
 
@@ -140,7 +140,7 @@ def test_a_best_effort_stage_without_its_model_degrades_and_keeps_the_order(casc
 def test_only_time_marks_a_stage_cut_by_time(cascade: Cascade, budget_left_s: float) -> None:
     """No Redis here: a cross-encoder with time left degrades for that reason, not for time (no "cut by",
     no time limit, so no deadline_reached); one whose budget is spent is skipped, flagged as such."""
-    plans = cascade.plan(_settings(cross_encoder=BEST, cross_encoder_model="ce"), "bi", 2)
+    plans = cascade.planner.plan(_settings(cross_encoder=BEST, cross_encoder_model="ce"), "bi", 2)
     hits = [Hit("a", 0.9), Hit("b", 0.8), Hit("c", 0.7)]
 
     async def run() -> list[StageReport]:
