@@ -2,7 +2,7 @@
 
     .venv/bin/python bench/explain.py bytes  [--beir DIR] [--limit-docs N]
     .venv/bin/python bench/explain.py service [--beir DIR] [--limit-docs N] [--limit-queries N] [--budget-ms 40]
-        [--client aio|sync]
+        [--client aio|sync] [--data-dir DIR]
 
 bytes    in-process, no server: SciFact documents (a seeded sample of N, default all) through
          BiEncoderRunner -> compress in the default format, with and without the evidence spans section
@@ -148,8 +148,17 @@ def models_folder(work: Path) -> Path:
 
 
 def index(channel: grpc.Channel, corpus: dict[str, str]) -> float:
+    """Upserts the corpus into a new collection; 0.0 when a kept data folder (--data-dir) holds it already."""
     collections = collections_pb2_grpc.CollectionServiceStub(channel)
     documents = documents_pb2_grpc.DocumentServiceStub(channel)
+    with contextlib.suppress(grpc.RpcError):
+        found = collections.GetCollection(collections_pb2.GetCollectionRequest(name=COLLECTION), timeout=60)
+        if found.collection.document_count == len(corpus):
+            log(f"reusing the indexed collection ({len(corpus)} documents)")
+            return 0.0
+        raise SystemExit(
+            f"{COLLECTION!r} in the kept data folder holds another corpus: use another --data-dir"
+        )
     spec = collections_pb2.Collection(name=COLLECTION, token_storage=collections_pb2.TokenStorage())
     collections.CreateCollection(collections_pb2.CreateCollectionRequest(collection=spec), timeout=60)
     started = time.perf_counter()
@@ -301,6 +310,35 @@ def _says_why(report: search_pb2.StageReport) -> bool:
     return True
 
 
+def _tail(took_ms: list[float], answers: list[search_pb2.SearchResponse]) -> dict[str, Any]:
+    """Where a budgeted search's time goes, for all searches and for the slowest 10 % (the p95's
+    neighbourhood): medians of the client's latency, the server's took_ms, each stage's took_ms, the
+    server's time outside the stages (planning, reading texts, evidence, the reply) and the client's
+    outside the server (transport, the gRPC stack on both sides)."""
+    rows = []
+    for client_ms, answer in zip(took_ms, answers, strict=True):
+        stages = {
+            common_pb2.Stage.Name(r.stage).removeprefix("STAGE_").lower(): r.took_ms for r in answer.stages
+        }
+        row = {"client_ms": client_ms, "server_ms": answer.took_ms}
+        row |= {
+            f"{name}_ms": ms
+            for name, ms in stages.items()
+            if name in ("retrieve", "late_interaction", "cross_encoder")
+        }
+        row["server_outside_stages_ms"] = answer.took_ms - sum(r.took_ms for r in answer.stages)
+        row["client_outside_server_ms"] = client_ms - answer.took_ms
+        rows.append(row)
+    slowest = sorted(rows, key=lambda r: -r["client_ms"])[: max(1, len(rows) // 10)]
+
+    def medians(group: list[dict[str, float]]) -> dict[str, float]:
+        return {k: round(float(np.median([r.get(k, 0.0) for r in group])), 2) for k in rows[0]}
+
+    out = {"all": medians(rows), "slowest_10_percent": medians(slowest)}
+    log("where the time goes (medians, ms): " + "; ".join(f"{k}: {v}" for k, v in out.items()))
+    return out
+
+
 def budget_section(
     stub: search_pb2_grpc.SearchServiceStub, warmup: list[str], queries: list[str], budget_ms: int
 ) -> dict[str, Any]:
@@ -339,6 +377,7 @@ def budget_section(
                 ce_in.append(report.candidates_in)
     p95 = float(np.percentile(took_ms, 95))
     example = next((a for a in answers if a.stages[-1].plan), answers[-1])
+    tail = _tail(took_ms, answers)
     result = {
         "budget_ms": budget_ms,
         "warmup_queries": len(warmup),
@@ -349,6 +388,7 @@ def budget_section(
         "reasons": reasons,
         "cross_encoder_candidates_when_completed": percentiles([float(x) for x in ce_in]) if ce_in else {},
         "stages_touched_without_saying_so": unexplained,
+        "where_the_time_goes": tail,
         "example_plan": {common_pb2.Stage.Name(r.stage): (r.plan, r.reason) for r in example.stages},
     }
     result["target_p95"] = _verdict(
@@ -363,7 +403,13 @@ def budget_section(
 
 
 def service_section(
-    beir: Path, limit_docs: int | None, limit_queries: int | None, budget_ms: int, warmup: int, client: str
+    beir: Path,
+    limit_docs: int | None,
+    limit_queries: int | None,
+    budget_ms: int,
+    warmup: int,
+    client: str,
+    data_dir: Path | None = None,
 ) -> dict[str, Any]:
     data = load_beir(beir)
     corpus = data.corpus
@@ -380,7 +426,7 @@ def service_section(
     budgeted = train_queries[warmup : warmup + len(queries)]
     with tempfile.TemporaryDirectory(prefix="sieve-explain-") as tmp:
         work = Path(tmp)
-        running = sieve_run(work / "data", models_folder(work), work / "run.log")
+        running = sieve_run(data_dir or work / "data", models_folder(work), work / "run.log")
         with running as address, grpc.insecure_channel(address) as channel:
             log(f"indexing {len(corpus)} documents")
             index_s = index(channel, corpus)
@@ -415,6 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--client", choices=("aio", "sync"), default="aio", help="gRPC client for the stream timings"
     )
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        help="service: keep the server's data here and reuse an indexed collection on the next run (default: a "
+        "temporary folder, indexed afresh)",
+    )
     args = parser.parse_args(argv)
     started = time.monotonic()
     quick = bool(args.limit_docs or args.limit_queries)
@@ -422,7 +474,13 @@ def main(argv: list[str] | None = None) -> int:
         payload = bytes_section(args.beir, args.limit_docs)
     else:
         payload = service_section(
-            args.beir, args.limit_docs, args.limit_queries, args.budget_ms, args.warmup, args.client
+            args.beir,
+            args.limit_docs,
+            args.limit_queries,
+            args.budget_ms,
+            args.warmup,
+            args.client,
+            args.data_dir,
         )
     payload["loadavg_end"] = list(os.getloadavg())
     write_result(

@@ -4,13 +4,17 @@ search makes against its budget before it starts.
 A request with `latency_budget_ms` (or a tier, which brings a budget and depths) is planned before any
 work, stage by stage, from each stage's measured cost: `took_ms ~ fixed + per_candidate x candidates`,
 fitted by decayed least squares over the server's recent searches (`CostModel`; priors until there are
-measurements). The planner keeps a REQUIRED stage whatever it costs (only the call's deadline stops it),
-skips a BEST_EFFORT late-interaction stage whose estimate does not fit what is left, and gives the
-cross-encoder as many candidates as fit (skipping it when fewer than `MIN_CROSS_ENCODER` do). The
-cross-encoder is planned again just before it starts, from the time really left (stages before it may
-have been faster or slower than estimated), and its worker call is given only the time left, so a
-stage still running at the budget is cut (DEGRADED, previous order kept). Each stage's report says what
-the plan gave it (`plan`) and, when cut, from how many candidates (`candidates_cut_from`).
+measurements). The planner keeps a REQUIRED stage whatever it costs (only the call's deadline stops it)
+and gives each BEST_EFFORT re-ranking stage as many candidates as fit what is left (skipping it when fewer
+than `MIN_CANDIDATES` do; the others follow in the previous order). That plan is made before retrieval;
+each stage is planned again just before it starts, from the time really left (retrieval and the stages
+before may have been faster or slower than estimated: a stage the first plan skipped may run, one it gave
+all candidates may be cut or skipped), and the cross-encoder's worker call is given only the time left, so
+a stage still running at the budget is cut (DEGRADED, previous order kept). A stage skipped by its
+estimate is not measured, so an estimate that is old or rests on few measurements is tested with a probe
+of `MIN_CANDIDATES` candidates rather than trusted forever (a loaded machine's costs fall when the load
+does). Each stage's report says what the plan gave it (`plan`) and, when cut, from how many candidates
+(`candidates_cut_from`).
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ from sieve_core.types import (
 if TYPE_CHECKING:  # the stages' plans (server/core/stage_plan.py imports this module)
     from server.core.stage_plan import StagePlan
 
-MIN_CROSS_ENCODER = 2  # fewer candidates than this cannot change an order: skip the stage instead
-# A stage measured fewer times than this is tried on MIN_CROSS_ENCODER candidates when the estimate says
+MIN_CANDIDATES = 2  # a re-ranking stage given fewer cannot change an order: skip it instead
+# A stage measured fewer times than this is tried on MIN_CANDIDATES candidates when the estimate says
 # none fit but PROBE_MIN_MS are left: else a server whose prior is too pessimistic would never run (and so
 # never measure) it under a budget. The call is cut at the budget like any other.
 PROBE_OBSERVATIONS = 5
@@ -219,19 +223,13 @@ class BudgetPlanner:
             if plan.mode == StageMode.REQUIRED:
                 left -= cost.estimate(n_in)
                 plan.budget = BudgetPlan(note=f"REQUIRED: not cut by the budget ({cost.describe()})")
-            elif plan.stage == Stage.LATE_INTERACTION:
-                estimate = cost.estimate(n_in)
-                note = f"{max(left, 0):.0f} ms left, {n_in} candidates need {estimate:.1f} ms ({cost.describe()})"
-                if estimate > left:
-                    plan.budget = BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
-                    continue  # it passes its input on unchanged
-                left -= estimate
-                plan.budget = BudgetPlan(note=note)
             else:
                 plan.budget = self.fit(cost, left, n_in)
+                if plan.budget.skip:
+                    continue  # it would pass its input on unchanged
                 left -= cost.estimate(plan.budget.cut_to or n_in)
-            if plan.budget and not plan.budget.skip:
-                n_in = min(n_in, plan.keep) if plan.stage == Stage.LATE_INTERACTION else n_in
+            if plan.stage == Stage.LATE_INTERACTION:
+                n_in = min(n_in, plan.keep)
         return head
 
     def cost(self, plan: StagePlan) -> CostModel:
@@ -239,14 +237,15 @@ class BudgetPlanner:
         return self.costs.model(plan.stage, key)
 
     @staticmethod
-    def fit(cost: CostModel, left_ms: float, n_in: int, probe: bool = True) -> BudgetPlan:
-        """As many candidates as fit in `left_ms` (late interaction's too, at its start)."""
+    def fit(cost: CostModel, left_ms: float, n_in: int) -> BudgetPlan:
+        """As many of a BEST_EFFORT stage's `n_in` candidates as fit in `left_ms`: none (skip), some (cut)
+        or all; a few (a probe) when none fit by an estimate that is old or rests on few measurements."""
         fit = min(cost.fits(left_ms), n_in)
         note = f"{max(left_ms, 0):.0f} ms left: {fit} of {n_in} candidates fit ({cost.describe()})"
-        if fit < min(MIN_CROSS_ENCODER, n_in):
-            if probe and cost.probe_due() and left_ms >= PROBE_MIN_MS and n_in > MIN_CROSS_ENCODER:
-                probing = f"{note}; probing with {MIN_CROSS_ENCODER} (the estimate is old or rests on few measurements)"
-                return BudgetPlan(note=probing, cut_to=MIN_CROSS_ENCODER)
+        if fit < min(MIN_CANDIDATES, n_in):
+            if cost.probe_due() and left_ms >= PROBE_MIN_MS and n_in > MIN_CANDIDATES:
+                probing = f"{note}; probing with {MIN_CANDIDATES} (the estimate is old or rests on few measurements)"
+                return BudgetPlan(note=probing, cut_to=MIN_CANDIDATES)
             return BudgetPlan(note=note, skip=f"skipped by the latency budget: {note}")
         return BudgetPlan(note=note, cut_to=fit if fit < n_in else 0)
 

@@ -93,9 +93,8 @@ class Cascade:
                 continue
             given = hits
             keep = max(plan.keep, top_k)
-            if plan.budget is not None and plan.budget.skip:
-                report = _skipped(plan, plan.budget.skip, len(hits))
-            elif plan.stage == Stage.LATE_INTERACTION:
+            # A stage the budget's first plan skipped is planned again at its start (from the time left).
+            if plan.stage == Stage.LATE_INTERACTION:
                 hits, report = await self._late_interaction_in_time(
                     plan, collection_id, query, hits, keep, deadline, budget_deadline, query_tokens
                 )
@@ -128,12 +127,13 @@ class Cascade:
         executor and cannot be stopped midway, so a slow retrieval must leave it less to do): skipped,
         or scoring only the first candidates that fit, the others following in the previous order."""
         again = self._at_start(plan, budget_deadline, len(hits))
-        if again is not None and again.skip:
-            return hits, _skipped(plan, again.skip, len(hits))
         scored = hits[: again.cut_to] if again is not None and again.cut_to else hits
-        ranked, report = await self._late_interaction(
-            plan, collection_id, query, scored, keep, deadline, budget_deadline, query_tokens
-        )
+        if again is not None and again.skip:
+            ranked, report = hits, _skipped(plan, again.skip, len(hits))
+        else:
+            ranked, report = await self._late_interaction(
+                plan, collection_id, query, scored, keep, deadline, budget_deadline, query_tokens
+            )
         if again is not None:
             report.plan = f"{plan.budget.note}; at start: {again.note}" if plan.budget else again.note
         if len(scored) < len(hits) and report.status == StageStatus.COMPLETED:
@@ -146,7 +146,7 @@ class Cascade:
         if budget_deadline is None or plan.mode == StageMode.REQUIRED:
             return None
         left_ms = (budget_deadline - time.monotonic()) * 1000
-        return self.budget.fit(self.budget.cost(plan), left_ms, n_in, probe=plan.stage == Stage.CROSS_ENCODER)
+        return self.budget.fit(self.budget.cost(plan), left_ms, n_in)
 
     async def _late_interaction(
         self,

@@ -196,6 +196,31 @@ async def test_a_budget_too_small_for_late_interaction_skips_it_and_says_so(api,
     assert [h.id for h in final.result.hits] == [h.id for h in messages[0].result.hits]
 
 
+async def test_a_stage_the_first_plan_skipped_runs_if_time_is_left_at_its_start(api, collection) -> None:  # type: ignore[no-untyped-def]
+    from server.core.budget import BudgetPlanner
+    from sieve_core.types import Stage
+
+    cascade = api.server.engine.cascade
+    saved, cascade.budget = cascade.budget, BudgetPlanner()  # this server's measured costs, put back below
+    try:
+        for n in (1, 50, 100) * 10:  # a retrieval believed to take a second: nothing fits the first plan
+            cascade.budget.costs.observe(Stage.RETRIEVE, "", n, 1000.0)
+        assert cascade.budget.costs.model(Stage.RETRIEVE).estimate(6) > 400
+        settings = common_pb2.SearchSettings()
+        settings.CopyFrom(LATE)
+        settings.latency_budget_ms = 400
+        request = search_pb2.SearchRequest(
+            collection=collection, query=QUERIES[0], top_k=3, settings=settings
+        )
+        late = (await api.search.Search(request)).stages[1]
+    finally:
+        cascade.budget = saved
+    # Retrieval really took milliseconds: late interaction, planned again at its start, ran in full.
+    assert late.status == search_pb2.STAGE_STATUS_COMPLETED and not late.candidates_cut_from
+    first, at_start = late.plan.split("; at start: ")
+    assert "0 of 6 candidates fit" in first and "6 of 6 candidates fit" in at_start, late.plan
+
+
 async def test_a_tier_brings_its_budget_and_depths(api, collection) -> None:  # type: ignore[no-untyped-def]
     settings = common_pb2.SearchSettings(
         late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, tier=common_pb2.SEARCH_TIER_BEST
