@@ -100,11 +100,14 @@ class Retrieval:
 
     async def load(self, collection_id: int, hits: list[Hit]) -> None:
         """Fills in the text and metadata of the hits that were retrieved without them."""
-        missing = [h for h in hits if not h.loaded]
-        if missing:
-            await self._run.read(self._load, collection_id, missing)
+        if any(not h.loaded for h in hits):
+            await self._run.read(self.read_texts, collection_id, hits)
 
-    def _load(self, collection_id: int, hits: list[Hit]) -> None:
+    def read_texts(self, collection_id: int, hits: list[Hit]) -> None:
+        """load(), blocking (for a caller already in the read executor)."""
+        hits = [h for h in hits if not h.loaded]
+        if not hits:
+            return
         docs = self._store.documents_by_keys(collection_id, [h.key for h in hits], with_text=True)
         for hit in hits:
             doc = docs.get(hit.key)

@@ -178,13 +178,13 @@ class Searches:
         analysed)."""
         replying = time.perf_counter()
         top = hits[: p.top_k]
-        if not p.query.omit_documents:
-            await self.retrieval.load(p.col.row.id, top)
-        sent = [replace(h, stage_scores=list(h.stage_scores)) for h in top]
         # With omit_documents no text is read, so lexical hits carry no spans (late interaction's need none).
-        lexical = None if p.query.omit_documents else p.col.fulltext
-        if any(_evidence_due(h, lexical is not None) for h in sent):
-            await self._run.read(_resolve_evidence, sent, p.query.query, lexical)
+        lexical, reading = (None, False) if p.query.omit_documents else (p.col.fulltext, True)
+        if any((reading and not h.loaded) or _evidence_due(h, lexical is not None) for h in top):
+            # One trip to the executor for the texts still unread and the evidence of the hits sent.
+            sent = await self._run.read(self._reply_hits, p, top, lexical)
+        else:
+            sent = [replace(h, stage_scores=list(h.stage_scores)) for h in top]
         if p.query.omit_documents:
             for hit in sent:
                 hit.text, hit.metadata = "", {}
@@ -195,6 +195,15 @@ class Searches:
         return SearchUpdate(
             SearchResult(sent, list(reports), generation, took), stage, final, deadline_reached
         )
+
+    def _reply_hits(self, p: _Planned, top: list[Hit], lexical: FullTextIndex | None) -> list[Hit]:
+        """Copies of the hits a reply sends (later stages go on changing the originals), their texts read
+        (unless omit_documents) and their evidence worked out (blocking: run it in the read executor)."""
+        if not p.query.omit_documents:
+            self.retrieval.read_texts(p.col.row.id, top)
+        sent = [replace(h, stage_scores=list(h.stage_scores)) for h in top]
+        _resolve_evidence(sent, p.query.query, lexical)
+        return sent
 
 
 def _evidence_due(hit: Hit, lexical: bool) -> bool:

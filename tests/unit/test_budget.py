@@ -79,9 +79,9 @@ def test_the_cross_encoder_gets_what_fits_and_says_so() -> None:
     late, cross = (p.budget for p in plans)
     assert late is not None and not late.skip
     assert cross is not None and not cross.skip
-    # 40 - 3 (reply) - 8 (retrieval) - 6 (late interaction), less the estimates' spread: ~19-23 ms left,
-    # so 10 ms + 1 ms per pair leaves room for about 7-13 of the 30 candidates.
-    assert 5 <= cross.cut_to <= 13, cross
+    # 40 - 3 (reply) - 8 (retrieval) - 6 (late interaction), less the estimates' 2 sd: ~15-23 ms left,
+    # so 10 ms + 1 ms per pair (+ 2 sd) leaves room for about 3-13 of the 30 candidates.
+    assert 3 <= cross.cut_to <= 13, cross
     assert "of 30 candidates fit" in cross.note
 
 
@@ -158,6 +158,6 @@ def test_the_reply_is_kept_back_from_the_budget() -> None:
     assert "reply 28.0 ms kept back" in head
     assert all(p.budget is not None and p.budget.skip for p in slow)
     # The estimate comes from the replies the server measured.
-    for _ in range(20):
+    for _ in range(60):
         cascade.budget.reply.observe(10, 6.0)
     assert 6.0 + BUDGET_REPLY_MARGIN_MS <= cascade.budget.reply_ms(10) < 7.0 + BUDGET_REPLY_MARGIN_MS
