@@ -48,9 +48,7 @@ class _Planned:
     candidates: int
     started: float  # perf_counter: took_ms counts from here
     deadline: float | None  # monotonic: the call's
-    budget_deadline: (
-        float | None
-    )  # monotonic: when the latency budget wants the stages done (reply kept back)
+    budget_deadline: float | None  # monotonic: when the budget wants the stages done (the reply's time left)
     budget_note: str = ""
 
 
@@ -208,11 +206,13 @@ class Searches:
 
 def _evidence_due(hit: Hit, lexical: bool) -> bool:
     """Whether a sent hit has evidence to work out: late interaction scored it (its spans win: the later,
-    finer stage), or else it was found lexically (BM25 ranked it) and its text is at hand."""
+    finer stage), or it was found lexically (BM25 ranked it) and its text is at hand."""
     if hit.evidence:
         return False
-    if hit.matches is not None:
-        return True
+    return hit.matches is not None or _lexical_hit(hit, lexical)
+
+
+def _lexical_hit(hit: Hit, lexical: bool) -> bool:
     return lexical and bool(hit.text) and any(s.stage == Stage.LEXICAL for s in hit.stage_scores)
 
 
@@ -224,11 +224,12 @@ def _resolve_evidence(hits: list[Hit], query: str, fulltext: FullTextIndex | Non
         if hit.matches is not None:
             blob, best = hit.matches
             hit.evidence = evidence_spans(blob, best)
-            continue
-        assert fulltext is not None
-        if weights is None:
-            weights = fulltext.term_weights(query)
-        hit.evidence = lexical_spans(fulltext.occurrences(hit.text, weights), weights)
+        # Lexical spans when late interaction did not score the hit, or has no spans for it (token
+        # vectors stored before offsets were).
+        if not hit.evidence and fulltext is not None and _lexical_hit(hit, True):
+            if weights is None:
+                weights = fulltext.term_weights(query)
+            hit.evidence = lexical_spans(fulltext.occurrences(hit.text, weights), weights)
 
 
 def _cut_by_time(report: StageReport) -> bool:

@@ -146,8 +146,9 @@ export interface Hit {
    * The parts of `text` that matched the query, at most a handful, in text order, adjacent ones merged.
    * Late interaction: the document tokens MaxSim picked for the query's tokens. Otherwise, for a hit found
    * lexically (BM25): where the query's terms occur, as the collection's analyzer finds them (stems).
-   * Empty for a hit found only by the dense index, a lexical hit asked for with omit_documents, or one
-   * whose token vectors were stored without offsets.
+   * Empty when there is nothing to show: a hit found only by the dense index that late interaction did
+   * not score (or whose token vectors were stored without offsets), or a lexical hit asked for with
+   * omit_documents.
    */
   evidence: Span[];
 }
