@@ -161,3 +161,32 @@ def test_lexical_occurrences_are_the_analysed_terms_in_code_points() -> None:
     spans = lexical_spans(index.occurrences(TEXT, weights), weights)
     # Code points of the str, after an emoji and accents: byte offsets would cut these words apart.
     assert [TEXT[s.start : s.end] for s in spans] == ["naïve", "deficiency", "bone"]
+
+
+def test_late_interaction_spans_win_and_lexical_ones_fill_in(runner: BiEncoderRunner) -> None:
+    """A reply's evidence (server/core/search.py): late interaction's spans for a hit it scored, the lexical
+    ones for a hit BM25 found that late interaction has no spans for (a blob stored without offsets)."""
+    from server.core.search import _resolve_evidence
+    from server.storage.fulltext import FullTextIndex
+    from sieve_core.types import Hit, Stage, StageScore
+
+    query = "vitamin deficiency fractures"
+    index = FullTextIndex(None)
+    index.apply([(1, TEXT), (2, "bone marrow")], [], 1)
+    index.flush()
+    rows, offsets = runner.token_vectors([TEXT])[0], runner.token_offsets([TEXT])[0]
+    q = runner.token_vectors([query])[0]
+    lexical = [StageScore(Stage.LEXICAL, 1.0, 0)]
+    hits = []
+    for blob in (compress(rows, TokenFormat(), offsets), compress(rows, TokenFormat())):
+        best: list[BestMatches | None] = [None]
+        maxsim_blobs(q, [blob], best=best)
+        hit = Hit("d", 1.0, TEXT, stage_scores=list(lexical), key=1)
+        hit.matches = (blob, best[0])
+        hits.append(hit)
+    found_lexically_only = Hit("d", 1.0, TEXT, stage_scores=list(lexical), key=1)
+    _resolve_evidence([*hits, found_lexically_only], query, index)
+    with_offsets, without, lexical_only = hits[0].evidence, hits[1].evidence, found_lexically_only.evidence
+    assert with_offsets == evidence_spans(*hits[0].matches)  # type: ignore[misc]
+    assert without and without == lexical_only  # the lexical spans fill in
+    assert [TEXT[s.start : s.end] for s in lexical_only] == ["Vitamin", "deficiency", "fractures"]
