@@ -105,7 +105,7 @@ class CostModel:
 
     def observe(self, n: int, took_ms: float) -> None:
         with self._lock:
-            if self.observed:
+            if self._s[0]:  # against the prior too: a stage's first call is the one that loads its model
                 took_ms = min(took_ms, OUTLIER_FACTOR * (self._predict(n) + self._spread()))
             self.last_observed = time.monotonic()
             residual = took_ms - self._predict(n) if self._s[0] else 0.0
@@ -257,6 +257,12 @@ class BudgetPlanner:
         """Feeds the stage cost model from a stage that really ran (cache hits cost nothing to learn)."""
         if report.status == StageStatus.SKIPPED or not report.candidates_in or report.method == "cache":
             return
-        ran = report.status == StageStatus.COMPLETED or report.time_limit == TimeLimit.STOPPED
-        if ran and report.took_ms > 0:
-            self.cost(plan).observe(report.candidates_in, report.took_ms)
+        if report.took_ms <= 0:
+            return
+        cost = self.cost(plan)
+        if report.status == StageStatus.COMPLETED:
+            cost.observe(report.candidates_in, report.took_ms)
+        elif report.time_limit == TimeLimit.STOPPED:
+            # Stopped at its time: it needs more than it was given, so this counts as at least the cautious
+            # estimate (a stop must never make a stage look cheaper, or the next search tries it again).
+            cost.observe(report.candidates_in, max(report.took_ms, cost.estimate(report.candidates_in)))
