@@ -51,6 +51,8 @@ PROBE_INTERVAL_S = 5.0
 # a model (seconds) must not make a stage look unaffordable for the next hundred searches; a real rise in
 # cost still shows within a few observations (x3 each).
 OUTLIER_FACTOR = 3.0
+# A stage stopped at its time counts as having needed this many times what it was given (BudgetPlanner.observe).
+STOP_FACTOR = 2.0
 # Standard deviations a cautious estimate adds to the fit. A budget is a promise about the tail (the
 # issue's: p95 within 10 % of it), so a stage must fit its time about 97 % of the time (mean + 2 sd, were
 # the times normal), not 84 % (+1 sd).
@@ -263,6 +265,9 @@ class BudgetPlanner:
         if report.status == StageStatus.COMPLETED:
             cost.observe(report.candidates_in, report.took_ms)
         elif report.time_limit == TimeLimit.STOPPED:
-            # Stopped at its time: it needs more than it was given, so this counts as at least the cautious
-            # estimate (a stop must never make a stage look cheaper, or the next search tries it again).
-            cost.observe(report.candidates_in, max(report.took_ms, cost.estimate(report.candidates_in)))
+            # Stopped at its time: it needs more than it was given (how much more is unknown). It counts as
+            # STOP_FACTOR x the more of that time and the fitted cost, so repeated stops push the estimate
+            # out of the budget within a few searches instead of every search trying it again.
+            n = report.candidates_in
+            fixed, per, _ = cost.fit()
+            cost.observe(n, STOP_FACTOR * max(report.took_ms, fixed + per * n))

@@ -14,6 +14,7 @@ from server.core.budget import (
     PROBE_INTERVAL_S,
     TIERS,
     BudgetPlan,
+    BudgetPlanner,
     CostModel,
     expand_tier,
 )
@@ -178,18 +179,21 @@ def test_the_reply_is_kept_back_from_the_budget() -> None:
     assert 6.0 + BUDGET_REPLY_MARGIN_MS <= cascade.budget.reply_ms(10) < 7.0 + BUDGET_REPLY_MARGIN_MS
 
 
-def test_a_stopped_stage_never_looks_cheaper() -> None:
+def test_a_stage_stopped_again_and_again_is_soon_not_tried() -> None:
     cascade = _cascade()
     plan = _plans(StageMode.OFF, StageMode.BEST_EFFORT)[1]
     cost = cascade.budget.cost(plan)
-    for _ in range(10):
-        cost.observe(10, 100.0)
-    before = cost.estimate(2)
+    for _ in range(10):  # measured at 15 ms for 10 candidates: 2 fit in 16 ms
+        cost.observe(10, 15.0)
+    assert BudgetPlanner.fit(cost, 16.0, 30).cut_to >= 2
     stopped = StageReport(
         Stage.CROSS_ENCODER, StageStatus.DEGRADED, "no worker answered within 15 ms", 2, 2, 16.0
     )
     stopped.time_limit = TimeLimit.STOPPED
-    for _ in range(5):  # cut at 16 ms each time: its true cost is unknown but more than that
+    estimates = []
+    for _ in range(4):  # cut at 16 ms each time: its true cost is unknown, but more than that
         cascade.budget.observe(plan, stopped)
-    assert cost.estimate(2) >= before
-    assert not cost.probe_due()  # and measured just now: no probe in the next search
+        estimates.append(cost.estimate(2))
+    assert estimates == sorted(estimates) and estimates[0] > 16.0  # never cheaper, at once too dear
+    assert BudgetPlanner.fit(cost, 25.0, 30).skip  # not tried again with 25 ms left
+    assert not cost.probe_due()  # nor probed: it was measured just now
