@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from sieve_cli.stack import RedisProcess, RedisUnavailable, free_port
+from sieve_cli.stack import RedisProcess, RedisTls, RedisUnavailable, free_port
 
 # Fast enough for a test to see a failover within seconds: a primary silent for 1 s is subjectively down,
 # and two Sentinels agreeing make it objectively down and start the failover.
@@ -28,7 +28,14 @@ class SentinelProcess:
     """One `redis-server sentinel.conf --sentinel` (it rewrites its own config file, so each has its own)."""
 
     def __init__(
-        self, directory: Path, master: str, primary_port: int, *, password: str | None, auth: str | None
+        self,
+        directory: Path,
+        master: str,
+        primary_port: int,
+        *,
+        password: str | None,
+        auth: str | None,
+        tls: RedisTls | None = None,
     ):
         binary = shutil.which("redis-server")
         if binary is None:
@@ -37,9 +44,10 @@ class SentinelProcess:
         self.directory = directory
         self.port = free_port()
         self.password = auth
+        self.tls = tls
         self.conf = directory / f"sentinel-{self.port}.conf"
         lines = [
-            f"port {self.port}",
+            f"port {self.port}" if tls is None else f"port 0\ntls-port {self.port}",
             "bind 127.0.0.1",
             f"dir {directory}",
             f"sentinel monitor {master} 127.0.0.1 {primary_port} {QUORUM}",
@@ -51,11 +59,17 @@ class SentinelProcess:
             lines.append(f"sentinel auth-pass {master} {password}")  # the primary's and replicas' password
         if auth:
             lines.append(f"requirepass {auth}")  # the Sentinels' own (also used between Sentinels)
+        if tls is not None:  # TLS only, to clients and (tls-replication) to the Redis servers and each other
+            lines += [f"tls-cert-file {tls.cert}", f"tls-key-file {tls.key}", f"tls-ca-cert-file {tls.ca}"]
+            lines += ["tls-replication yes", "tls-auth-clients no"]
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen[bytes] | None = None
 
     def client(self) -> redis.Redis:
-        return redis.Redis(port=self.port, password=self.password, socket_timeout=1, socket_connect_timeout=1)
+        tls: dict[str, Any] = {} if self.tls is None else {"ssl": True, "ssl_ca_certs": str(self.tls.ca)}
+        return redis.Redis(
+            port=self.port, password=self.password, socket_timeout=1, socket_connect_timeout=1, **tls
+        )
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
@@ -86,7 +100,8 @@ class SentinelGroup:
     """A primary, a replica of it and three Sentinels watching them under the name `master`.
 
     `password`: the primary's and the replica's (`requirepass`, and `masterauth` so either can replicate from
-    the other after a failover); `sentinel_password`: the Sentinels' own `requirepass`."""
+    the other after a failover); `sentinel_password`: the Sentinels' own `requirepass`; `tls`: every process
+    speaks only TLS (replication and the Sentinels' connections included)."""
 
     def __init__(
         self,
@@ -96,15 +111,20 @@ class SentinelGroup:
         password: str | None = None,
         sentinel_password: str | None = None,
         sentinels: int = 3,
+        tls: RedisTls | None = None,
     ) -> None:
         self.directory = directory
         self.master = master
         self.password = password
         self.sentinel_password = sentinel_password
-        auth = ("--masterauth", password) if password else ()
-        self.primary = RedisProcess(self._dir("primary"), password=password, args=auth)
+        self.tls = tls
+        common = ("--masterauth", password) if password else ()
+        common += ("--tls-replication", "yes") if tls else ()
+        self.primary = RedisProcess(self._dir("primary"), password=password, tls=tls, args=common)
         replica_of = ("--replicaof", "127.0.0.1", str(self.primary.port))
-        self.replica = RedisProcess(self._dir("replica"), password=password, args=auth + replica_of)
+        self.replica = RedisProcess(
+            self._dir("replica"), password=password, tls=tls, args=common + replica_of
+        )
         self.sentinels = [
             SentinelProcess(
                 self._dir(f"sentinel{i}"),
@@ -112,6 +132,7 @@ class SentinelGroup:
                 self.primary.port,
                 password=password,
                 auth=sentinel_password,
+                tls=tls,
             )
             for i in range(sentinels)
         ]
@@ -125,7 +146,7 @@ class SentinelGroup:
     def url(self) -> str:
         """SIEVE_REDIS_URL in Sentinel mode: the master's name where the host would be."""
         auth = f":{self.password}@" if self.password else ""
-        return f"redis://{auth}{self.master}/0"
+        return f"{'rediss' if self.tls else 'redis'}://{auth}{self.master}/0"
 
     def settings(self) -> dict[str, str]:
         """The SIEVE_* variables that point a server or worker at this group."""
@@ -135,6 +156,8 @@ class SentinelGroup:
         }
         if self.sentinel_password:
             values["SIEVE_REDIS_SENTINEL_PASSWORD"] = self.sentinel_password
+        if self.tls is not None:
+            values["SIEVE_REDIS_TLS_CA_FILE"] = str(self.tls.ca)
         return values
 
     def node(self, port: int) -> RedisProcess:

@@ -8,7 +8,7 @@ scores in Redis (the server's cache client); then the primary is killed with SIG
 promote the replica) and, once it is back as a replica, switched back with SENTINEL FAILOVER. Through each
 switch every search is answered; the re-ranking stage may only degrade the documented way (DEGRADED, with a
 reason, previous order kept) and must run on the worker again, against the new primary, within
-SWITCH_BUDGET_S.
+SWITCH_BUDGET_S. Then the same connections with TLS everywhere, through a failover (without a Sieve stack).
 """
 
 from __future__ import annotations
@@ -25,7 +25,11 @@ from sieve import SieveClient, StageStatus
 
 from sieve_cli import stack
 from sieve_cli.sentinel import SentinelGroup
+from sieve_cli.stack import RedisTls
+from sieve_core import redis_conn
 from sieve_core.config import load_settings
+from sieve_core.tasking import client_app
+from tests.certs import make_certs
 from tests.conftest import SEEDED_CROSS_ENCODER, Worker, start_worker
 from workers.celery_app import create_app
 
@@ -36,12 +40,11 @@ SENTINEL_PASSWORD = f"spw-{uuid.uuid4().hex}"
 # consumer reconnects with Celery's backoff); the budget leaves room for a loaded 2-core machine.
 SWITCH_BUDGET_S = 30.0
 DOCS = {
-    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
-    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
-    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
-    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
-    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
-    "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
+    "aspirin": "Aspirin lowers the chance of a heart attack in people with heart disease.",
+    "statins": "Statins reduce cholesterol and the number of cardiovascular events.",
+    "sleep": "Short sleep is linked to worse memory consolidation in students.",
+    "malaria": "Bed nets treated with insecticide cut malaria cases in children.",
+    "gut": "The gut microbiome changes with diet within days.",
 }
 QUERY = "does aspirin prevent heart attacks"
 RERANK = {"top_k": 3, "cross_encoder": "best_effort", "retrieve_candidates": 6, "cross_encoder_keep": 3}
@@ -184,3 +187,49 @@ def _wait_replica_in_sync(group: SentinelGroup, replica: redis.Redis, timeout_s:
             pass
         time.sleep(0.2)
     raise AssertionError("the restarted primary did not become an in-sync replica")
+
+
+def test_tls_everywhere_for_redis_py_celery_and_kombu_through_a_failover(tmp_path: Path) -> None:
+    """A TLS-only group (primary, replica and Sentinels speak only TLS, replication and the Sentinels' own
+    connections included): SIEVE_REDIS_URL=rediss://... with SIEVE_REDIS_TLS_CA_FILE reaches it through the
+    Sentinels from redis-py, Celery's result backend and kombu's broker channel, before and after the
+    primary is killed."""
+    certs = make_certs(tmp_path)
+    tls = RedisTls(ca=certs.ca, cert=certs.server_cert, key=certs.server_key)
+    try:
+        group = SentinelGroup(
+            tmp_path / "redis", password=PASSWORD, sentinel_password=SENTINEL_PASSWORD, tls=tls
+        )
+    except stack.RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    with group:
+        settings = load_settings(group.settings())
+        client = redis_conn.client(settings, timeout_s=1)
+        app = client_app(settings)
+
+        def round_trip(tag: str) -> None:
+            client.set(f"k-{tag}", tag)
+            assert client.get(f"k-{tag}") == tag.encode()
+            app.backend.set(f"b-{tag}", tag)
+            assert app.backend.get(f"b-{tag}") == tag.encode()
+            with app.connection_for_write() as conn:
+                queue = conn.SimpleQueue(f"q-{tag}")
+                queue.put({"tag": tag})
+                message = queue.get(timeout=5)
+                assert message.payload == {"tag": tag}
+                message.ack()
+                queue.close()
+
+        round_trip("before")
+        first = group.primary.port
+        group.primary.stop()
+        group.wait_for_primary_other_than(first)
+        deadline = time.monotonic() + SWITCH_BUDGET_S
+        while True:
+            try:
+                round_trip("after")
+                break
+            except (redis.RedisError, OSError) as exc:
+                assert time.monotonic() < deadline, f"no round trip through the new primary: {exc}"
+                time.sleep(0.2)
+        assert group.node(group.replica.port).client().info("replication")["role"] == "master"
