@@ -118,7 +118,7 @@ class SentinelGroup:
         self.password = password
         self.sentinel_password = sentinel_password
         self.tls = tls
-        common = ("--masterauth", password) if password else ()
+        common: tuple[str, ...] = ("--masterauth", password) if password else ()
         common += ("--tls-replication", "yes") if tls else ()
         self.primary = RedisProcess(self._dir("primary"), password=password, tls=tls, args=common)
         replica_of = ("--replicaof", "127.0.0.1", str(self.primary.port))
