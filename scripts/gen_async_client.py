@@ -132,7 +132,9 @@ def _ruff(args: list[str], path: Path, code: str) -> str:
 
 def _tidy(path: Path, code: str) -> str:
     """Unused imports dropped and imports sorted (ruff check --fix), then ruff format."""
-    fixed = _ruff(["check", "--fix", "--select", "F401,I", "--quiet", "--exit-zero"], path, code)
+    # `sieve` named first-party: ruff would otherwise decide from whether the target folder exists yet.
+    isort = ["--config", "lint.isort.known-first-party = ['sieve']"]
+    fixed = _ruff(["check", "--fix", "--select", "F401,I", "--quiet", "--exit-zero", *isort], path, code)
     return _ruff(["format"], path, fixed)
 
 
