@@ -28,7 +28,7 @@ from server.core.search import Searches
 from server.core.tokens import TokenBackfill, TokenStage
 from server.core.writes import Writes
 from server.dispatch.dispatcher import Dispatcher
-from server.storage.store import Store
+from server.storage.backends import open_store
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
 from sieve_core.late_interaction_service import encode_documents
@@ -47,7 +47,7 @@ from sieve_core.types import (
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir / "sieve.db")
+        self.store = open_store(settings)
         # The process's one model registry: the collections' bi-encoders, the re-rankers' manifests.
         self.models = ModelRegistry(
             settings.models_dir, intra_op_threads=settings.onnx_threads, spin=settings.onnx_spin
