@@ -15,6 +15,7 @@ work (ONNX, usearch, SQLite) runs in executors (executors.py), so the event loop
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from server.core.cascade import Cascade
 from server.core.collections import Collections
 from server.core.executors import Executors
+from server.core.follower import Follower
 from server.core.indexing import IndexTarget
 from server.core.retrieval import Retrieval
 from server.core.search import Searches
@@ -80,17 +82,21 @@ class Engine:
         self.searches = Searches(
             settings, self.collections, self.writes, self.retrieval, self.cascade, self._run
         )
+        # With a store other servers write too (PostgreSQL), their writes are followed into the indexes.
+        self.follower = Follower(self.store, self.collections, self._run)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the default model and every collection's index, on the writer thread; then start the
-        loop that has pending documents' token vectors computed."""
+        """Load the default model and every collection's index, on the writer thread; then follow other
+        servers' writes (a shared store) and start the loop that has pending documents' token vectors computed."""
         await self._run.run(self._run.writer, self.collections.open)
+        self.follower.start()
         self.backfill.start()
 
     async def close(self) -> None:
         """Stop the token backfill, snapshot every index, then stop the executors."""
         await self.backfill.stop()
+        await asyncio.to_thread(self.follower.stop)
         await self._run.run(self._run.writer, self.collections.snapshot_all)
         await self._run.run(self._run.writer, self.collections.close)
         self.dispatcher.close()

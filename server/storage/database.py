@@ -97,6 +97,11 @@ class Database:
     def close(self) -> None:
         raise NotImplementedError
 
+    def change_listener(self) -> Any:
+        """What wakes this server when another commits to the same database (a ChangeListener); None when
+        no other server can write here (an SQLite file is one server's)."""
+        return None
+
     # -- space (what it means is the backend's) ----------------------------------------------------
     def size_bytes(self) -> int:
         raise NotImplementedError

@@ -102,6 +102,16 @@ CREATE TABLE IF NOT EXISTS tombstones (
 );
 """
 
+# Every change to a collection's row (a write bumps its generation; create, delete) is announced on this
+# channel at COMMIT, with the collection's id: other servers' ChangeListeners wake and catch up.
+CHANNEL = "sieve_changes"
+TRIGGER = (
+    "CREATE OR REPLACE FUNCTION sieve_collection_changed() RETURNS trigger AS $$ BEGIN"
+    f" PERFORM pg_notify('{CHANNEL}', COALESCE(NEW.id, OLD.id)::text); RETURN NULL; END $$ LANGUAGE plpgsql",
+    "CREATE OR REPLACE TRIGGER collection_changed AFTER INSERT OR UPDATE OR DELETE ON collections"
+    " FOR EACH ROW EXECUTE FUNCTION sieve_collection_changed()",
+)
+
 TABLES = ("collections", "documents", "doc_meta", "tokens", "collection_text", "tombstones")
 
 _INDEX_HINT = re.compile(r"\s+INDEXED BY \w+")
@@ -114,8 +124,10 @@ def pg_sql(sql: str) -> str:
 
 
 def _unreachable(exc: psycopg.OperationalError) -> Unavailable:
+    # Also a COMMIT whose outcome is unknown (the connection went during it): a retried upsert or delete
+    # is harmless either way (the same texts change nothing twice).
     log.warning("document store (PostgreSQL) error: %s", exc)
-    return Unavailable("the document store (PostgreSQL) is unreachable; retry shortly")
+    return Unavailable("the document store (PostgreSQL) is unavailable; retry shortly")
 
 
 class PgConnection:
@@ -171,9 +183,8 @@ class PostgresDatabase(Database):
                 "the server writes its documents there; point it at the primary"
             )
         with self._transaction() as tx:  # under the write lock: servers starting together create it once
-            for statement in SCHEMA.split(";"):
-                if statement.strip():
-                    tx.execute(statement)
+            for statement in [s for s in SCHEMA.split(";") if s.strip()] + list(TRIGGER):
+                tx.execute(statement)
         log.info("document store: PostgreSQL at %s", redact_url(url))
 
     def _connect(self) -> psycopg.Connection:
@@ -188,6 +199,10 @@ class PostgresDatabase(Database):
     def _conn(self) -> PgConnection:
         conn: PgConnection | None = getattr(self._local, "conn", None)
         if conn is None or conn.raw.closed or conn.raw.broken:
+            if conn is not None:
+                conn.raw.close()
+                with self._guard:
+                    self._all = [raw for raw in self._all if raw is not conn.raw]
             conn = PgConnection(self._connect())
             self._local.conn = conn
         return conn
@@ -224,6 +239,37 @@ class PostgresDatabase(Database):
         )
         return int(row[0] or 0) if row is not None else 0
 
+    def change_listener(self) -> ChangeListener:
+        return ChangeListener(self.url)
+
+
+class ChangeListener:
+    """LISTENs on its own connection for the changes other servers commit (see CHANNEL)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """Blocks until a change is announced (True) or `timeout` seconds pass (False). Connects (again)
+        when needed; a change announced while not connected is not seen, so the caller polls too."""
+        try:
+            if self._conn is None or self._conn.closed or self._conn.broken:
+                self._conn = psycopg.connect(self.url, autocommit=True)
+                self._conn.execute(f"LISTEN {CHANNEL}")
+                return True  # changes may have come while not listening
+            return any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
+        except psycopg.OperationalError as exc:
+            raise _unreachable(exc) from exc
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+
 
 class PostgresStore(Store, PostgresDatabase):
     """The store on a PostgreSQL database, shared by every server given the same SIEVE_STORE_URL."""
+
+    def prune_tombstones(self, collection_id: int, up_to_generation: int) -> None:
+        """Kept (one small row per replaced or deleted document): other servers sharing the database catch
+        up from them, whatever this server's snapshot says."""
