@@ -39,13 +39,16 @@ from sieve_cli.pg_cluster import PostgresCluster
 NAME = "corpus"
 
 
-def _serve(stack_: ExitStack, data_dir: Path, settings: dict[str, str]) -> Any:
+def serve(stack_: ExitStack, data_dir: Path, settings: dict[str, str], create: bool = True) -> Any:
+    """A `sieve serve` (stopped when `stack_` closes) and a channel to it; with `create`, the collection."""
     served = stack_.enter_context(
         stack.sieve_process(
             "serve", data_dir=data_dir, settings={"SIEVE_LOG_LEVEL": "WARNING", **settings}, timeout_s=300
         )
     )
     channel = stack_.enter_context(grpc.insecure_channel(served.address))
+    if not create:
+        return channel
     collections_pb2_grpc.CollectionServiceStub(channel).CreateCollection(
         collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name=NAME)), timeout=60
     )
@@ -71,8 +74,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sieve-backends-") as tmp, ExitStack() as stack_:
         cluster = stack_.enter_context(PostgresCluster())
         channels = {
-            "sqlite": _serve(stack_, Path(tmp) / "sqlite", {}),
-            "postgres": _serve(stack_, Path(tmp) / "pg", {"SIEVE_STORE_URL": cluster.new_database()}),
+            "sqlite": serve(stack_, Path(tmp) / "sqlite", {}),
+            "postgres": serve(stack_, Path(tmp) / "pg", {"SIEVE_STORE_URL": cluster.new_database()}),
         }
         for backend, channel in channels.items():
             log(f"{backend}: upserting {args.documents:,} documents with their vectors")

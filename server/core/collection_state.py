@@ -213,8 +213,9 @@ class CollectionFactory:
             col.index.remove(change.removed_keys)
             col.index.add(change.added_keys, change.added_vectors)
             applied += len(change.removed_keys) + len(change.added_keys)
-        if col.fulltext is not None:
-            col.fulltext.catch_up(self._store.text_changes_since(row.id, since), row.generation)
+        if col.fulltext is not None:  # staged like a local write's: the next lexical search commits them
+            for text in self._store.text_changes_since(row.id, since):
+                col.fulltext.apply(text.added, text.removed, row.generation)
         col.row = row
         return applied
 
