@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from server.storage.database import chunks
+from server.storage.database import Connection, chunks
 from server.storage.records import CollectionRow, UpsertOutcome
 from server.storage.sqlite_db import SqliteDatabase
 from server.storage.store_reads import DocumentReads
@@ -165,9 +165,7 @@ class Store(TokenRows, DocumentReads):
             if missing:
                 conn.rollback_on_exit = True
                 return UpsertOutcome(0, [], [], missing)
-            generation, next_key = conn.execute(
-                "SELECT generation, next_key FROM collections WHERE id = ?", (collection_id,)
-            ).fetchone()
+            generation, next_key = _counters(conn, collection_id)
             generation += 1
             added: list[tuple[int, np.ndarray]] = []
             added_ids: list[str] = []
@@ -235,12 +233,7 @@ class Store(TokenRows, DocumentReads):
         """Delete documents by id. Returns (generation, removed keys)."""
         with self._transaction() as conn:
             existing = self._existing(conn, collection_id, ids)
-            generation = (
-                conn.execute("SELECT generation FROM collections WHERE id = ?", (collection_id,)).fetchone()[
-                    0
-                ]
-                + 1
-            )
+            generation = _counters(conn, collection_id)[0] + 1
             keys = [existing[i][0] for i in dict.fromkeys(ids) if i in existing]
             for doc_id in existing:
                 conn.execute(
@@ -274,6 +267,17 @@ class Store(TokenRows, DocumentReads):
                 "DELETE FROM tombstones WHERE collection_id = ? AND generation <= ?",
                 (collection_id, up_to_generation),
             )
+
+
+def _counters(conn: Connection, collection_id: int) -> tuple[int, int]:
+    """The collection's (generation, next_key), read in the write's transaction; NOT_FOUND if another server
+    sharing the store deleted the collection since this one looked it up."""
+    row = conn.execute(
+        "SELECT generation, next_key FROM collections WHERE id = ?", (collection_id,)
+    ).fetchone()
+    if row is None:
+        raise NotFound("the collection was deleted (through another server)")
+    return int(row[0]), int(row[1])
 
 
 class SqliteStore(Store, SqliteDatabase):

@@ -198,6 +198,16 @@ def test_delete_counts(store: Store) -> None:
     assert store.get_collection("c").doc_count == 1
 
 
+def test_a_write_to_a_collection_deleted_meanwhile_is_not_found(store: Store) -> None:
+    cid = _create(store, "gone").id  # e.g. deleted through another server sharing the store
+    store.delete_collection("gone")
+    with pytest.raises(NotFound):
+        store.upsert(cid, [Document("a", "alpha")], {"a": _vec(1)})
+    with pytest.raises(NotFound):
+        store.delete(cid, ["a"])
+    assert store.list_collections() == []
+
+
 def test_changes_since_catches_up_a_snapshot(store: Store) -> None:
     cid = _create(store).id
     docs = [Document(f"d{i}", f"text {i}", {"n": str(i % 3)}) for i in range(10)]
