@@ -21,7 +21,9 @@ What differs from the SQLite file:
 - space: `size_bytes()` is the tables' and indexes' size; `compact()` does nothing, since PostgreSQL's
   autovacuum makes the space of deleted rows reusable and returning it to the file system takes
   VACUUM FULL, an exclusive lock an operator chooses when to take;
-- doc_meta values longer than about 2,700 bytes exceed a PostgreSQL index entry and the write is refused.
+- doc_meta values longer than about 2,700 bytes (possible only with multi-byte characters: values are at
+  most SIEVE_MAX_METADATA_VALUE_CHARS) exceed a PostgreSQL index entry: the write is refused with
+  INVALID_ARGUMENT.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import re
 import threading
 import uuid
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from typing import Any
 
@@ -39,7 +42,7 @@ import psycopg
 from server.storage.database import Database, Transaction
 from server.storage.store import Store
 from sieve_core.config import redact_url
-from sieve_core.errors import FailedPrecondition, Unavailable
+from sieve_core.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
@@ -123,31 +126,37 @@ def pg_sql(sql: str) -> str:
     return _INDEX_HINT.sub("", sql).replace("%", "%%").replace("?", "%s")
 
 
-def _unreachable(exc: psycopg.OperationalError) -> Unavailable:
-    # Also a COMMIT whose outcome is unknown (the connection went during it): a retried upsert or delete
-    # is harmless either way (the same texts change nothing twice).
-    log.warning("document store (PostgreSQL) error: %s", exc)
-    return Unavailable("the document store (PostgreSQL) is unavailable; retry shortly")
+@contextmanager
+def _errors() -> Iterator[None]:
+    """psycopg's errors as the client's: a value too big for an index is INVALID_ARGUMENT; a lost server, or
+    a COMMIT whose outcome is unknown (the connection went during it), UNAVAILABLE (a retried upsert or delete
+    is harmless either way: the same texts change nothing twice)."""
+    try:
+        yield
+    except psycopg.errors.ProgramLimitExceeded:
+        raise InvalidArgument(
+            "a metadata value is too long for the PostgreSQL store: its index takes at most about 2,700 bytes "
+            "of UTF-8 per value; the write was not applied"
+        ) from None
+    except psycopg.OperationalError as exc:
+        log.warning("document store (PostgreSQL) error: %s", exc)
+        raise Unavailable("the document store (PostgreSQL) is unavailable; retry shortly") from exc
 
 
 class PgConnection:
-    """A psycopg connection that takes the store's SQL (see `pg_sql`); a lost server is UNAVAILABLE."""
+    """A psycopg connection that takes the store's SQL (see `pg_sql`) and raises the client's errors."""
 
     def __init__(self, raw: psycopg.Connection) -> None:
         self.raw = raw
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> psycopg.Cursor:
-        try:
+        with _errors():
             return self.raw.execute(pg_sql(sql), params)
-        except psycopg.OperationalError as exc:
-            raise _unreachable(exc) from exc
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> psycopg.Cursor:
         cursor = self.raw.cursor()
-        try:
+        with _errors():
             cursor.executemany(pg_sql(sql), list(params))
-        except psycopg.OperationalError as exc:
-            raise _unreachable(exc) from exc
         return cursor
 
 
@@ -188,10 +197,8 @@ class PostgresDatabase(Database):
         log.info("document store: PostgreSQL at %s", redact_url(url))
 
     def _connect(self) -> psycopg.Connection:
-        try:
+        with _errors():
             raw = psycopg.connect(self.url, autocommit=True, options="-c synchronous_commit=on")
-        except psycopg.OperationalError as exc:
-            raise _unreachable(exc) from exc
         with self._guard:
             self._all.append(raw)
         return raw
@@ -213,13 +220,10 @@ class PostgresDatabase(Database):
     def _batches(self, sql: str, params: Sequence[object], size: int) -> Iterator[list[Any]]:
         # A server-side cursor (it needs a transaction): the rows come `size` at a time, not all at once.
         raw = self._conn().raw
-        try:
-            with raw.transaction(), raw.cursor(name=f"batches_{uuid.uuid4().hex}") as cursor:
-                cursor.execute(pg_sql(sql), params)
-                while rows := cursor.fetchmany(size):
-                    yield rows
-        except psycopg.OperationalError as exc:
-            raise _unreachable(exc) from exc
+        with _errors(), raw.transaction(), raw.cursor(name=f"batches_{uuid.uuid4().hex}") as cursor:
+            cursor.execute(pg_sql(sql), params)
+            while rows := cursor.fetchmany(size):
+                yield rows
 
     def close(self) -> None:
         with self._guard:
@@ -253,14 +257,12 @@ class ChangeListener:
     def wait(self, timeout: float) -> bool:
         """Blocks until a change is announced (True) or `timeout` seconds pass (False). Connects (again)
         when needed; a change announced while not connected is not seen, so the caller polls too."""
-        try:
+        with _errors():
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = psycopg.connect(self.url, autocommit=True)
                 self._conn.execute(f"LISTEN {CHANNEL}")
                 return True  # changes may have come while not listening
             return any(True for _ in self._conn.notifies(timeout=timeout, stop_after=1))
-        except psycopg.OperationalError as exc:
-            raise _unreachable(exc) from exc
 
     def close(self) -> None:
         if self._conn is not None:

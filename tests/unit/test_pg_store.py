@@ -12,7 +12,7 @@ import psycopg
 import pytest
 
 from server.storage.postgres_db import PostgresStore
-from sieve_core.errors import FailedPrecondition, Unavailable
+from sieve_core.errors import FailedPrecondition, InvalidArgument, Unavailable
 from sieve_core.types import Document
 
 DIMS = 4
@@ -51,6 +51,21 @@ def test_generations_are_never_reused_by_stores_writing_at_once(pg_url: str, sto
     assert len(set(keys)) == 45
     row = store.get_collection("c")
     assert (row.generation, row.doc_count) == (45, 45)
+
+
+def test_a_metadata_value_too_long_for_an_index_entry_is_invalid_and_writes_nothing(
+    store: PostgresStore,
+) -> None:
+    cid = store.create_collection("c", "model", "model@rev", "cosine", DIMS, "{}").id
+    value = "".join(chr(0x1F300 + i % 700) for i in range(2048))  # 2,048 characters, 8 KB of UTF-8
+    docs = [Document("ok", "fine"), Document("long", "alpha", {"k": value})]
+    vectors = {d.id: np.ones(DIMS, dtype=np.float32) for d in docs}
+    with pytest.raises(InvalidArgument, match="too long"):
+        store.upsert(cid, docs, vectors)
+    assert store.get_documents(cid, ["ok", "long"]) == {}
+    assert store.get_collection("c").generation == 0
+    store.upsert(cid, docs[:1], vectors)  # the store is usable after the refusal
+    assert set(store.get_documents(cid, ["ok"])) == {"ok"}
 
 
 def test_a_read_only_database_is_refused(pg_url: str) -> None:
