@@ -94,7 +94,7 @@ class Engine:
         self.backfill.start()
 
     async def close(self) -> None:
-        """Stop the token backfill, snapshot every index, then stop the executors."""
+        """Stop the token backfill and the follower, snapshot every index, then stop the executors."""
         await self.backfill.stop()
         await asyncio.to_thread(self.follower.stop)
         await self._run.run(self._run.writer, self.collections.snapshot_all)
