@@ -21,6 +21,12 @@ class Settings(BaseSettings):
 
     # Where things live.
     data_dir: Path = Field(Path("data"), description="Document store, index snapshots and job state.")
+    store_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL for the document store (postgresql://user:password@host/db, psycopg 3: "
+        "the `pg` extra); unset: an SQLite file in SIEVE_DATA_DIR. Index snapshots and job state stay in "
+        "SIEVE_DATA_DIR either way.",
+    )
     models_dir: Path = Field(Path("models"), description="Model bundles (one folder per model).")
     grpc_address: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on.")
     redis_url: SecretStr | None = Field(
@@ -297,6 +303,8 @@ class Settings(BaseSettings):
         out = self.model_dump(mode="json")
         if self.redis_url is not None:
             out["redis_url"] = redact_url(self.redis_url.get_secret_value())
+        if self.store_url is not None:
+            out["store_url"] = redact_url(self.store_url.get_secret_value())
         return out
 
 
