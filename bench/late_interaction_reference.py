@@ -8,7 +8,7 @@ hidden state gives both the pooled document vector (as BiEncoderRunner.embed com
 document's token vectors (as BiEncoderRunner.token_vectors computes them), so nothing is encoded twice.
 Queries likewise. Then per test query: exact cosine top-`candidates` (server.index.exact_scores), and
 that list re-ranked by MaxSim over fp32 token vectors and over the int8 and fp16 blobs of
-sieve_core.late_interaction (decoded as a worker would decode them from Redis). Prints and writes
+sieve_core.token_codec (decoded as a worker would decode them from Redis). Prints and writes
 nDCG@10 per variant, MaxSim milliseconds per query, and bytes per document. Timings, per query over the
 candidates: `<fmt>_maxsim` is MaxSim alone on already-decoded vectors (decode excluded);
 `<fmt>_maxsim_blobs` is the warm production path, MaxSim straight from the blobs (decode included);
@@ -51,16 +51,9 @@ from rich.table import Table
 
 from server.storage.index import exact_scores
 from sieve_core.beir import BeirDataset, evaluate, load_beir
-from sieve_core.late_interaction import (
-    decode_packed,
-    encode_tokens,
-    maxsim,
-    maxsim_blobs,
-    maxsim_naive,
-    maxsim_packed,
-    pack,
-)
+from sieve_core.late_interaction import decode_packed, maxsim, maxsim_blobs, maxsim_naive, maxsim_packed, pack
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import encode_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
 
-from sieve_core.late_interaction import maxsim_blobs, read_header
+from sieve_core.late_interaction import maxsim_blobs
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import read_header
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, compress_many, prepare_query
 from tests.conftest import MODEL
 

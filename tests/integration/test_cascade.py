@@ -16,7 +16,7 @@ import pytest
 import redis as redis_client
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
 
-from sieve_core.late_interaction import decode_tokens, read_header
+from sieve_core.token_codec import decode_tokens, read_header
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress
 from tests.conftest import MODEL, Worker, make_settings, start_api, stop_api
 

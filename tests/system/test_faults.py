@@ -61,8 +61,8 @@ from sieve.v1 import (
 
 from server.storage.index import VectorIndex, snapshot_generation
 from sieve_core.errors import is_read_only
-from sieve_core.late_interaction import decode_tokens, read_header
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import decode_tokens, read_header
 from sieve_core.token_format import TokenFormat, compress_many
 from tests.conftest import MODELS_DIR, ROOT, RedisServer, Worker, make_settings, start_api, stop_api
 from tests.system.test_durability import (
