@@ -174,6 +174,49 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
     }
 
 
+async def search_pass(
+    address: str, requests: list[Any], clients: int, channel_options: list[tuple[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One concurrency pass: `clients` asyncio clients on one channel take the next of `requests`
+    (SearchRequest messages) until none is left, so each is sent once. Returns the completed calls'
+    latencies (`latency_ms`), failed calls by status code (`errors`), responses with a DEGRADED stage
+    (`degraded`), and the pass's wall and client CPU seconds."""
+    import asyncio
+
+    import grpc
+    from sieve.v1 import search_pb2, search_pb2_grpc
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    degraded = 0
+    pending = iter(requests)
+    async with grpc.aio.insecure_channel(address, options=channel_options) as channel:
+        search = search_pb2_grpc.SearchServiceStub(channel)
+
+        async def client() -> None:
+            nonlocal degraded
+            for request in pending:  # shared iterator: each request is sent once
+                t = time.perf_counter()
+                try:
+                    response = await search.Search(request, timeout=120)
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                latencies.append((time.perf_counter() - t) * 1000)
+                degraded += any(r.status == search_pb2.STAGE_STATUS_DEGRADED for r in response.stages)
+
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "latency_ms": latencies,
+        "errors": errors,
+        "degraded": degraded,
+        "wall_s": wall,
+        "client_cpu_s": cpu,
+    }
+
+
 # -- the driver --------------------------------------------------------------------------------------
 
 

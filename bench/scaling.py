@@ -61,7 +61,17 @@ from typing import Any
 import grpc
 import numpy as np
 import redis
-from run import CACHE, MODEL, ROOT, available_cores, command_line, log, percentiles, write_result
+from run import (
+    CACHE,
+    MODEL,
+    ROOT,
+    available_cores,
+    command_line,
+    log,
+    percentiles,
+    search_pass,
+    write_result,
+)
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -237,42 +247,23 @@ def sweep_settings(spec: str) -> common_pb2.SearchSettings:
 
 async def _pass(address: str, queries: list[str], clients: int, spec: str) -> dict[str, Any]:
     settings = sweep_settings(spec)
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    degraded = 0
-    pending = iter(queries)
+    requests = [
+        search_pb2.SearchRequest(collection=COLLECTION, query=text, top_k=10, settings=settings)
+        for text in queries
+    ]
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        search = search_pb2_grpc.SearchServiceStub(channel)
-
-        async def client() -> None:
-            nonlocal degraded
-            for text in pending:  # shared iterator: each query is sent once
-                request = search_pb2.SearchRequest(
-                    collection=COLLECTION, query=text, top_k=10, settings=settings
-                )
-                t = time.perf_counter()
-                try:
-                    response = await search.Search(request, timeout=120)
-                except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-                    continue
-                latencies.append((time.perf_counter() - t) * 1000)
-                degraded += any(r.status == search_pb2.STAGE_STATUS_DEGRADED for r in response.stages)
-
-        cpu, wall = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    done = await search_pass(address, requests, clients, options)
+    latencies = done["latency_ms"]
     return {
         "clients": clients,
         "requests": len(queries),
         "completed": len(latencies),
-        "errors": errors,
-        "degraded": degraded,
-        "throughput_qps": len(latencies) / wall,
+        "errors": done["errors"],
+        "degraded": done["degraded"],
+        "throughput_qps": len(latencies) / done["wall_s"],
         **percentiles(latencies),
-        "wall_s": round(wall, 2),
-        "client_cpu_s": round(cpu, 2),
+        "wall_s": round(done["wall_s"], 2),
+        "client_cpu_s": round(done["client_cpu_s"], 2),
     }
 
 
