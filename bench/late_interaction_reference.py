@@ -42,12 +42,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from run import advance
 
 from server.storage.index import exact_scores
 from sieve_core.beir import BeirDataset, evaluate, load_beir
@@ -64,20 +64,6 @@ _MASK_EPS, _NORM_EPS = 1e-9, 1e-12  # as in bi_encoder.py
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
-
-
-def advance(progress: Progress, task: TaskID, step: int = 1) -> None:
-    """Advances a bar; when stderr is not a terminal (a log file), also prints a line every 10 %."""
-    before = next(t for t in progress.tasks if t.id == task)
-    tenth_before = int(10 * before.completed / max(before.total or 1, 1))
-    progress.advance(task, step)
-    if not progress.console.is_terminal:
-        after = next(t for t in progress.tasks if t.id == task)
-        tenth = int(10 * after.completed / max(after.total or 1, 1))
-        if tenth > tenth_before:
-            progress.console.print(
-                f"{after.description} {after.completed:.0f}/{after.total:.0f} ({after.elapsed or 0:.0f} s)"
-            )
 
 
 def encode_both(

@@ -88,7 +88,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import redis
@@ -97,12 +97,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from run import JsonLinesProcess, advance, available_cores
 
 try:  # installed with the export extra; the 1-BLAS-thread variant is skipped without it
     from threadpoolctl import threadpool_limits
@@ -169,27 +169,6 @@ VARIANTS: dict[str, str] = {
 
 
 # -- small helpers ---------------------------------------------------------------------------------------
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def advance(progress: Progress, task: TaskID, step: int = 1) -> None:
-    """Advances a bar; when stderr is not a terminal (a log file), also prints a line every 10 %."""
-    before = next(t for t in progress.tasks if t.id == task)
-    tenth_before = int(10 * before.completed / max(before.total or 1, 1))
-    progress.advance(task, step)
-    if not progress.console.is_terminal:
-        after = next(t for t in progress.tasks if t.id == task)
-        tenth = int(10 * after.completed / max(after.total or 1, 1))
-        if tenth > tenth_before:
-            progress.console.print(
-                f"{after.description} {after.completed:.0f}/{after.total:.0f} ({after.elapsed or 0:.0f} s)"
-            )
 
 
 def _progress(console: Console) -> Progress:
@@ -416,60 +395,6 @@ class Failed(Exception):
     """A variant's call did not complete (e.g. the worker's time limit); the round goes on without it."""
 
 
-class SentenceTransformersProcess:
-    """bench/st_cross_encoder_speed.py as a long-lived subprocess: one request line, one answer line."""
-
-    def __init__(self, checkpoint: Path, threads: int, log: Path, stack: contextlib.ExitStack) -> None:
-        self._log_path = log
-        self._log: TextIO = log.open("w")
-        stack.callback(self._log.close)
-        argv = [sys.executable, str(ST_SCRIPT), str(checkpoint), "--threads", str(threads)]
-        argv += ["--batch-size", str(CE_BATCH)]
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=subprocess_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            encoding="utf-8",
-            preexec_fn=_die_with_parent,
-        )
-        stack.callback(self._close)
-        self.info = self._read()
-        if not self.info.get("ready"):
-            raise RuntimeError(f"sentence-transformers process: unexpected first line {self.info}")
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self._log.flush()
-            raise RuntimeError(
-                f"sentence-transformers process exited ({self.proc.poll()}):\n"
-                f"{self._log_path.read_text(errors='replace')[-3000:]}"
-            )
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def score(self, query: str, documents: list[str]) -> tuple[list[float], float]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"query": query, "documents": documents}) + "\n")
-        self.proc.stdin.flush()
-        answer = self._read()
-        return answer["scores"], float(answer["seconds"])
-
-    def _close(self) -> None:
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 # -- the benchmark ---------------------------------------------------------------------------------------
 
 
@@ -592,7 +517,17 @@ def main() -> int:
             models_per_process=2,  # the bi-encoder and the cross-encoder
         )
         stack.enter_context(worker)
-        st = SentenceTransformersProcess(paths["ce_checkpoint"], threads, work / "st.log", stack)
+        st_argv = [sys.executable, str(ST_SCRIPT), str(paths["ce_checkpoint"]), "--threads", str(threads)]
+        st_argv += ["--batch-size", str(CE_BATCH)]
+        st = JsonLinesProcess(
+            st_argv,
+            "sentence-transformers",
+            env=subprocess_env(),
+            log=work / "st.log",
+            preexec_fn=_die_with_parent,
+            close_wait_s=10,
+        )
+        stack.callback(st.close)
         dispatcher = Dispatcher(settings)
         stack.callback(dispatcher.close)
         loop = asyncio.new_event_loop()
@@ -649,7 +584,8 @@ def main() -> int:
 
         def run_st(case: Case) -> tuple[float, list[float]]:
             t0 = time.perf_counter()
-            scores, seconds = st.score(case.query, case.texts)
+            answer = st.ask(query=case.query, documents=case.texts)
+            scores, seconds = answer["scores"], float(answer["seconds"])
             st_wall.append(time.perf_counter() - t0)
             return seconds, scores
 

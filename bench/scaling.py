@@ -334,6 +334,23 @@ def server_tokens(data_dir: Path) -> tuple[sqlite3.Connection, int, Any]:
     return conn, int(cid), TokenFormat.from_json(json.loads(fmt))
 
 
+# The floor section's timings, each recorded per query (its p50 goes to the result and the report).
+FLOOR_TIMINGS = (
+    "retrieve_client",
+    "retrieve_server",
+    "retrieve_stage",
+    "retrieve_bare",
+    "retrieve_bare_embed",
+    "late_client",
+    "late_server",
+    "late_stage_retrieve",
+    "late_stage_late",
+    "late_bare",
+    "late_bare_retrieve100",
+    "late_bare_stage",
+)
+
+
 def floor(
     address: str,
     cache_client: redis.Redis,
@@ -353,23 +370,7 @@ def floor(
     conn, cid, fmt = server_tokens(data_dir)
     # numpy's BLAS on one thread, as in the server's executor threads (server/core/executors.py)
     blas = threadpool_limits(limits=1, user_api="blas")
-    t: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "retrieve_client",
-            "retrieve_server",
-            "retrieve_stage",
-            "retrieve_bare",
-            "retrieve_bare_embed",
-            "late_client",
-            "late_server",
-            "late_stage_retrieve",
-            "late_stage_late",
-            "late_bare",
-            "late_bare_retrieve100",
-            "late_bare_stage",
-        )
-    }
+    t: dict[str, list[float]] = {k: [] for k in FLOOR_TIMINGS}
     pending = 0
     with contextlib.closing(conn), grpc.insecure_channel(address) as channel:
         search = search_pb2_grpc.SearchServiceStub(channel)
