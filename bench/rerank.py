@@ -314,7 +314,9 @@ def embed_subset(
     if path.is_file():
         vectors = np.load(path)
         if vectors.shape == (len(ids), runner.dims):
-            progress.console.print(f"subset vectors from {path.relative_to(ROOT)}")
+            progress.console.print(
+                f"subset vectors from {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+            )
             return vectors
     path.parent.mkdir(parents=True, exist_ok=True)
     task = progress.add_task("embed subset", total=len(ids))
