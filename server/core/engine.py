@@ -61,7 +61,7 @@ class Engine:
             self.store,
             self.dispatcher,
             self.collections.with_pending_tokens,
-            self.collections.token_blobs,
+            self.collections.factory.token_blobs,
             self._run.read,
             self._run.write,
         )

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
-from server.storage.store import CollectionRow, Store
+from server.storage.records import CollectionRow
+from server.storage.store import Store
 from sieve_core.cache import ResultCache, query_tokens_key
 from sieve_core.config import Settings
 from sieve_core.errors import InvalidArgument, NotFound

@@ -24,7 +24,8 @@ from server.core import validation
 from server.core.collections import Collection, Collections
 from server.core.executors import Executors
 from server.core.tokens import check_blobs
-from server.storage.store import Store, UpsertOutcome
+from server.storage.records import UpsertOutcome
+from server.storage.store import Store
 from sieve_core.config import Settings
 from sieve_core.errors import FailedPrecondition, InvalidArgument, NotFound
 from sieve_core.late_interaction_service import encode_documents

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import tantivy
 
-from server.storage.store import TextChanges
+from server.storage.records import TextChanges
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from celery.result import AsyncResult
 
-from server.storage.store import content_hash
 from sieve_core import late_interaction_service as service
 from sieve_core.contracts import (
     Candidate,
@@ -26,6 +25,7 @@ from sieve_core.contracts import (
     QueryTokensRequest,
     QueryTokensResult,
     TokenFormatSpec,
+    content_hash,
     content_hash_hex,
 )
 from sieve_core.errors import InvalidArgument

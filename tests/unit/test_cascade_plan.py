@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from server.core.cascade import Cascade
-from server.core.collections import server_defaults, token_model
+from server.core.collection_state import server_defaults, token_model
 from server.core.tokens import TokenPlan, TokenStage, plan_from
 from server.dispatch.dispatcher import Dispatcher
-from server.storage.store import CollectionRow, Store
+from server.storage.records import CollectionRow
+from server.storage.store import Store
 from sieve_core.cache import ResultCache
 from sieve_core.errors import FailedPrecondition
 from sieve_core.models.registry import ModelRegistry

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server.storage.fulltext import LANGUAGES, FullTextIndex, analyzer, open_fulltext
-from server.storage.store import CollectionRow, Store
+from server.storage.records import CollectionRow
+from server.storage.store import Store
 from sieve_core.types import Document
 
 ROOT = Path(__file__).resolve().parents[2]

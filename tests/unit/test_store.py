@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from server.storage.store import CollectionRow, Store
+from server.storage.records import CollectionRow
+from server.storage.store import Store
 from sieve_core.errors import AlreadyExists, NotFound
 from sieve_core.types import Condition, Document
 
@@ -449,7 +450,7 @@ def test_deleting_and_replacing_documents_reclaims_token_space(tmp_path: Path) -
 def test_a_store_from_before_token_vectors_is_migrated(tmp_path: Path) -> None:
     import sqlite3
 
-    from server.storage import store as store_module
+    from server.storage import sqlite_db as store_module
 
     path = tmp_path / "old.db"
     old_schema = store_module.SCHEMA.replace(
