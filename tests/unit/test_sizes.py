@@ -22,6 +22,9 @@ ALLOWED_OVERSIZE = {
     "server/core/cascade.py",
     "clients/python/sieve/client.py",
     "clients/python/sieve/aio.py",
+    # Settings grew to 290 lines with the Sentinel and PostgreSQL settings merged into main; config.py is
+    # being split on another branch too.
+    "sieve_core/config.py",
 }
 
 

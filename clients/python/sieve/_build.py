@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypedDict
 
 import grpc
 
@@ -177,28 +177,41 @@ def upsert(collection: str, documents: Iterable[DocumentArg]) -> documents_pb2.U
     )
 
 
-def search(
-    collection: str,
-    query: str,
-    *,
-    top_k: int,
-    filter: FilterArg,
-    settings: common_pb2.SearchSettings,
-    omit_documents: bool,
-    min_generation: int,
-) -> search_pb2.SearchRequest:
-    if filter is None or isinstance(filter, common_pb2.Filter):
-        flt = filter
-    else:
-        flt = common_pb2.Filter(all=[common_pb2.Condition(key=k, equals=v) for k, v in filter.items()])
+class SearchOptions(TypedDict, total=False):
+    """The keyword arguments of `search` and `search_stream` besides `timeout` (see `SieveClient.search`)."""
+
+    top_k: int
+    filter: FilterArg
+    settings: SettingsArg
+    retrieve_candidates: int | None
+    ef_search: int | None
+    late_interaction: StageModeArg
+    late_interaction_keep: int | None
+    cross_encoder: StageModeArg
+    cross_encoder_keep: int | None
+    latency_budget_ms: int | None
+    tier: TierArg
+    omit_documents: bool
+    min_generation: int
+
+
+_REQUEST_FIELDS = ("top_k", "omit_documents", "min_generation")
+
+
+def search(collection: str, query: str, options: SearchOptions) -> search_pb2.SearchRequest:
+    """The SearchRequest of `search(collection, query, **options)` (a TypeError for an unknown option, as
+    Python gives for a misspelt keyword argument)."""
+    unknown = sorted(set(options) - set(SearchOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"search() got unexpected keyword arguments: {', '.join(unknown)}")
+    given: dict[str, Any] = dict(options)
+    flt = given.pop("filter", None)
+    if flt is not None and not isinstance(flt, common_pb2.Filter):
+        flt = common_pb2.Filter(all=[common_pb2.Condition(key=k, equals=v) for k, v in flt.items()])
+    fields: dict[str, Any] = {key: given.pop(key) for key in _REQUEST_FIELDS if key in given}
+    settings = search_settings(given.pop("settings", None), **given)
     return search_pb2.SearchRequest(
-        collection=collection,
-        query=query,
-        top_k=top_k,
-        filter=flt,
-        settings=settings,
-        omit_documents=omit_documents,
-        min_generation=min_generation,
+        collection=collection, query=query, filter=flt, settings=settings, **fields
     )
 
 
