@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -74,35 +73,6 @@ def serve_st(threads: int) -> int:
     return 0
 
 
-class StProcess:
-    def __init__(self, threads: int) -> None:
-        argv = [sys.executable, __file__, "--serve-st", "--threads", str(threads)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        self.info = self._read()
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the sentence-transformers process exited ({self.proc.wait()})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def ask(self, **request: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,7 +108,11 @@ def main() -> int:
     runner = BiEncoderRunner(ROOT / "models" / "all-MiniLM-L6-v2", intra_op_threads=threads)
     runner.warmup()
     log(f"starting the sentence-transformers process ({threads} threads)")
-    st = StProcess(threads)
+    from run import JsonLinesProcess  # here: the --serve-st side needs none of it
+
+    st = JsonLinesProcess(
+        [sys.executable, __file__, "--serve-st", "--threads", str(threads)], "sentence-transformers"
+    )
     try:
         seconds: dict[str, list[float]] = {"onnx": [], "st": []}
         cosines: list[float] = []

@@ -42,7 +42,6 @@ import importlib.util
 import json
 import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -147,44 +146,12 @@ def serve(library: str, checkpoint: Path, threads: int) -> int:
     return 0
 
 
-class Peer:
-    def __init__(self, python: str, library: str, checkpoint: Path, threads: int) -> None:
-        argv = [
-            python,
-            __file__,
-            "--serve",
-            library,
-            "--checkpoint",
-            str(checkpoint),
-            "--threads",
-            str(threads),
-        ]
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-        self.info = self._read()
+def start_peer(python: str, library: str, checkpoint: Path, threads: int) -> Any:
+    """`library` (colbert-ai or PyLate) serving this file's --serve loop in `python`."""
+    from run import JsonLinesProcess  # here: the --serve side runs in an interpreter of its own
 
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError(f"peer process exited ({self.proc.wait()})")
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def ask(self, **request: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(request) + "\n")
-        self.proc.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+    argv = [python, __file__, "--serve", library, "--checkpoint", str(checkpoint), "--threads", str(threads)]
+    return JsonLinesProcess(argv, f"{library} peer", env={**os.environ, "HF_HUB_OFFLINE": "1"})
 
 
 # -- this process ------------------------------------------------------------------------------------------
@@ -295,15 +262,15 @@ def main() -> int:
     encode_s = {"sieve": time.perf_counter() - t}
     log(f"  sieve encoded {len(texts)} documents in {encode_s['sieve']:.1f} s")
 
-    peers: dict[str, Peer] = {}
+    peers: dict[str, Any] = {}
     peer_info: dict[str, Any] = {}
     try:
         log("starting colbert-ai (its own process)")
-        peers["colbert-ai"] = Peer(sys.executable, "colbert-ai", checkpoint, threads)
+        peers["colbert-ai"] = start_peer(sys.executable, "colbert-ai", checkpoint, threads)
         pylate_python = os.environ.get("SIEVE_PYLATE_PYTHON")
         if pylate_python:
             log(f"starting PyLate ({pylate_python})")
-            peers["pylate"] = Peer(pylate_python, "pylate", checkpoint, threads)
+            peers["pylate"] = start_peer(pylate_python, "pylate", checkpoint, threads)
         else:
             log(
                 "PyLate skipped: SIEVE_PYLATE_PYTHON is not set (tests/integration/test_colbert.py says how to build one)"

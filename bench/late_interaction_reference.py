@@ -8,7 +8,7 @@ hidden state gives both the pooled document vector (as BiEncoderRunner.embed com
 document's token vectors (as BiEncoderRunner.token_vectors computes them), so nothing is encoded twice.
 Queries likewise. Then per test query: exact cosine top-`candidates` (server.index.exact_scores), and
 that list re-ranked by MaxSim over fp32 token vectors and over the int8 and fp16 blobs of
-sieve_core.late_interaction (decoded as a worker would decode them from Redis). Prints and writes
+sieve_core.token_codec (decoded as a worker would decode them from Redis). Prints and writes
 nDCG@10 per variant, MaxSim milliseconds per query, and bytes per document. Timings, per query over the
 candidates: `<fmt>_maxsim` is MaxSim alone on already-decoded vectors (decode excluded);
 `<fmt>_maxsim_blobs` is the warm production path, MaxSim straight from the blobs (decode included);
@@ -42,25 +42,18 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from run import advance
 
 from server.storage.index import exact_scores
 from sieve_core.beir import BeirDataset, evaluate, load_beir
-from sieve_core.late_interaction import (
-    decode_packed,
-    encode_tokens,
-    maxsim,
-    maxsim_blobs,
-    maxsim_naive,
-    maxsim_packed,
-    pack,
-)
+from sieve_core.late_interaction import decode_packed, maxsim, maxsim_blobs, maxsim_naive, maxsim_packed, pack
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import encode_tokens
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,20 +64,6 @@ _MASK_EPS, _NORM_EPS = 1e-9, 1e-12  # as in bi_encoder.py
 
 def _normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), _NORM_EPS)
-
-
-def advance(progress: Progress, task: TaskID, step: int = 1) -> None:
-    """Advances a bar; when stderr is not a terminal (a log file), also prints a line every 10 %."""
-    before = next(t for t in progress.tasks if t.id == task)
-    tenth_before = int(10 * before.completed / max(before.total or 1, 1))
-    progress.advance(task, step)
-    if not progress.console.is_terminal:
-        after = next(t for t in progress.tasks if t.id == task)
-        tenth = int(10 * after.completed / max(after.total or 1, 1))
-        if tenth > tenth_before:
-            progress.console.print(
-                f"{after.description} {after.completed:.0f}/{after.total:.0f} ({after.elapsed or 0:.0f} s)"
-            )
 
 
 def encode_both(

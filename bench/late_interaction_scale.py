@@ -44,7 +44,8 @@ from run import DEFAULT_BEIR, QUICK_RESULTS, RESULTS, ROOT, command_line, log, p
 
 import server.storage.store as store_module  # noqa: E402
 from server.storage.store import SqliteStore, Store  # noqa: E402
-from sieve_core.late_interaction import HEADER_BYTES, decode_tokens, encode_tokens, maxsim_blobs  # noqa: E402
+from sieve_core.late_interaction import maxsim_blobs  # noqa: E402
+from sieve_core.token_codec import HEADER_BYTES, decode_tokens, encode_tokens  # noqa: E402
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, check_blob  # noqa: E402
 from sieve_core.types import Document  # noqa: E402
 

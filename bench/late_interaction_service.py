@@ -58,7 +58,7 @@ from typing import Any
 import grpc
 import numpy as np
 import redis
-from run import DEFAULT_BEIR, command_line, log, percentiles, write_result
+from run import DEFAULT_BEIR, command_line, log, percentiles, search_pass, write_result
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -311,38 +311,14 @@ def single_client(channel: grpc.Channel, cache: redis.Redis, data: BeirDataset) 
 
 
 async def _pass(address: str, queries: list[str], clients: int, spec: str) -> dict[str, Any]:
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    degraded = 0
-    pending = iter(queries)
-    async with grpc.aio.insecure_channel(address) as channel:
-        search = search_pb2_grpc.SearchServiceStub(channel)
-
-        async def client() -> None:
-            nonlocal degraded
-            for text in pending:  # shared: each query is sent once per pass
-                request = search_pb2.SearchRequest(
-                    collection=LATE, query=text, top_k=10, omit_documents=True, settings=SETTINGS[spec]
-                )
-                t = time.perf_counter()
-                try:
-                    response = await search.Search(request, timeout=120)
-                except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-                    continue
-                latencies.append((time.perf_counter() - t) * 1000)
-                degraded += any(r.status == search_pb2.STAGE_STATUS_DEGRADED for r in response.stages)
-
-        wall = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        wall = time.perf_counter() - wall
-    return {
-        "completed": len(latencies),
-        "wall_s": wall,
-        "latency_ms": latencies,
-        "errors": errors,
-        "degraded": degraded,
-    }
+    requests = [
+        search_pb2.SearchRequest(
+            collection=LATE, query=text, top_k=10, omit_documents=True, settings=SETTINGS[spec]
+        )
+        for text in queries
+    ]
+    done = await search_pass(address, requests, clients)
+    return {**done, "completed": len(done["latency_ms"])}
 
 
 def concurrency(

@@ -22,7 +22,8 @@ colbert-ir checkpoint of `export_colbert seed` (MiniLM + seeded 384->128 project
 into bench/.cache once (rebuilt only when missing). Their scores carry no ranking quality: they are here
 for speed and for agreement between implementations of the same checkpoint, nothing else.
 
-Processes. This process starts its own redis-server on a free port and one real Celery worker
+Processes. Through sieve_cli.stack, as the tests and the other benches start them: a redis-server on a free
+port and one real Celery worker
 (`celery -A workers.celery_app worker -Q embed,colbert,cross_encoder -c 1`, SIEVE_MODELS_DIR a temporary folder
 of symlinks to the bundles, SIEVE_CROSS_ENCODER_MODEL the fp32 cross-encoder), and a subprocess running
 sentence-transformers' CrossEncoder (bench/st_cross_encoder_speed.py): torch is never imported here.
@@ -77,9 +78,7 @@ import os
 import platform
 import random
 import shlex
-import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -89,7 +88,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import redis
@@ -98,12 +97,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
-    TaskID,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
 from rich.table import Table
+from run import JsonLinesProcess, advance, available_cores
 
 try:  # installed with the export extra; the 1-BLAS-thread variant is skipped without it
     from threadpoolctl import threadpool_limits
@@ -112,6 +111,7 @@ except ImportError:  # pragma: no cover
 
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
 from server.storage.store import SqliteStore, Store
+from sieve_cli.stack import RedisProcess, start_worker
 from sieve_core.beir import BeirDataset, load_beir
 from sieve_core.cache import pair_score_key
 from sieve_core.config import Settings, load_settings
@@ -137,7 +137,6 @@ from sieve_core.tasking import (
     TASK_CROSS_ENCODER,
     TASK_DOCUMENT_TOKENS,
     TIME_LIMITS,
-    SieveCelery,
 )
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many, prepare_query
 from sieve_core.types import Document
@@ -170,33 +169,6 @@ VARIANTS: dict[str, str] = {
 
 
 # -- small helpers ---------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def available_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
-
-
-def advance(progress: Progress, task: TaskID, step: int = 1) -> None:
-    """Advances a bar; when stderr is not a terminal (a log file), also prints a line every 10 %."""
-    before = next(t for t in progress.tasks if t.id == task)
-    tenth_before = int(10 * before.completed / max(before.total or 1, 1))
-    progress.advance(task, step)
-    if not progress.console.is_terminal:
-        after = next(t for t in progress.tasks if t.id == task)
-        tenth = int(10 * after.completed / max(after.total or 1, 1))
-        if tenth > tenth_before:
-            progress.console.print(
-                f"{after.description} {after.completed:.0f}/{after.total:.0f} ({after.elapsed or 0:.0f} s)"
-            )
 
 
 def _progress(console: Console) -> Progress:
@@ -342,7 +314,9 @@ def embed_subset(
     if path.is_file():
         vectors = np.load(path)
         if vectors.shape == (len(ids), runner.dims):
-            progress.console.print(f"subset vectors from {path.relative_to(ROOT)}")
+            progress.console.print(
+                f"subset vectors from {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}"
+            )
             return vectors
     path.parent.mkdir(parents=True, exist_ok=True)
     task = progress.add_task("embed subset", total=len(ids))
@@ -407,7 +381,7 @@ def _raise_exit(signum: int, _frame: Any) -> None:
 
 
 def _die_with_parent() -> None:
-    """preexec_fn of the services started here: SIGTERM when this process dies, even by SIGKILL (Linux)."""
+    """preexec_fn of the sentence-transformers process: SIGTERM when this process dies, even by SIGKILL (Linux)."""
     if _LIBC is not None:
         _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -419,161 +393,8 @@ except OSError:  # pragma: no cover
     _LIBC = None
 
 
-def start_redis(directory: Path, stack: contextlib.ExitStack) -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise RuntimeError("redis-server is not installed (make redis installs it)")
-    port = free_port()
-    argv = [binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(directory)]
-    argv += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
-    )
-    stack.callback(_stop, proc, "redis-server")
-    client = redis.Redis(port=port, socket_timeout=1, socket_connect_timeout=1)
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            client.ping()
-            return f"redis://127.0.0.1:{port}/0"
-        except redis.RedisError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"redis-server did not start (exit code {proc.poll()})") from None
-            time.sleep(0.05)
-
-
-def _stop(proc: subprocess.Popen[Any], what: str, group: bool = False) -> None:
-    """Stops a process this script started (and, with group, its own process group: a worker's pool)."""
-    if proc.poll() is None:
-        try:
-            if group:
-                os.killpg(proc.pid, signal.SIGTERM)
-            else:
-                proc.terminate()
-            proc.wait(20)
-        except (subprocess.TimeoutExpired, ProcessLookupError):
-            pass
-    if proc.poll() is None or group:
-        with contextlib.suppress(ProcessLookupError):
-            if group:
-                os.killpg(proc.pid, signal.SIGKILL)  # pool processes left behind, if any
-            else:
-                proc.kill()
-    proc.wait()
-
-
-def start_worker(
-    redis_url: str,
-    app: SieveCelery,
-    models_dir: Path,
-    threads: int,
-    log: Path,
-    stack: contextlib.ExitStack,
-) -> None:
-    """One real `celery worker` process on the embed, colbert and cross_encoder queues, loaded and warm."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SIEVE_")}
-    env.update(
-        SIEVE_REDIS_URL=redis_url,
-        SIEVE_MODELS_DIR=str(models_dir),
-        SIEVE_DEFAULT_EMBEDDING_MODEL=MODEL,
-        SIEVE_CROSS_ENCODER_MODEL=CE_NAME,
-        SIEVE_ONNX_THREADS=str(threads),
-    )
-    argv = [sys.executable, "-m", "celery", "-A", "workers.celery_app", "worker"]
-    argv += [
-        "-Q",
-        f"{QUEUE_EMBED},{QUEUE_COLBERT},{QUEUE_CROSS_ENCODER}",
-        "-c",
-        "1",
-        "-P",
-        "prefork",
-        "--loglevel",
-        "INFO",
-    ]
-    argv += [
-        "-n",
-        f"bench-rerank-{os.getpid()}@%h",
-        "--without-gossip",
-        "--without-mingle",
-        "--without-heartbeat",
-    ]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-    stack.callback(_stop, proc, "worker", True)
-    deadline = time.monotonic() + 120
-    while not app.control.ping(timeout=0.5):
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"worker did not answer ping (exit {proc.poll()}):\n{log.read_text()[-3000:]}")
-    # Ping answers from the parent; wait until the pool process has loaded both models.
-    while log.read_text(errors="replace").count("warm in") < 2:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"worker did not load its models:\n{log.read_text()[-3000:]}")
-        time.sleep(0.1)
-
-
 class Failed(Exception):
     """A variant's call did not complete (e.g. the worker's time limit); the round goes on without it."""
-
-
-class SentenceTransformersProcess:
-    """bench/st_cross_encoder_speed.py as a long-lived subprocess: one request line, one answer line."""
-
-    def __init__(self, checkpoint: Path, threads: int, log: Path, stack: contextlib.ExitStack) -> None:
-        self._log_path = log
-        self._log: TextIO = log.open("w")
-        stack.callback(self._log.close)
-        argv = [sys.executable, str(ST_SCRIPT), str(checkpoint), "--threads", str(threads)]
-        argv += ["--batch-size", str(CE_BATCH)]
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=ROOT,
-            env=subprocess_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            text=True,
-            encoding="utf-8",
-            preexec_fn=_die_with_parent,
-        )
-        stack.callback(self._close)
-        self.info = self._read()
-        if not self.info.get("ready"):
-            raise RuntimeError(f"sentence-transformers process: unexpected first line {self.info}")
-
-    def _read(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            self._log.flush()
-            raise RuntimeError(
-                f"sentence-transformers process exited ({self.proc.poll()}):\n"
-                f"{self._log_path.read_text(errors='replace')[-3000:]}"
-            )
-        return json.loads(line)  # type: ignore[no-any-return]
-
-    def score(self, query: str, documents: list[str]) -> tuple[list[float], float]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"query": query, "documents": documents}) + "\n")
-        self.proc.stdin.flush()
-        answer = self._read()
-        return answer["scores"], float(answer["seconds"])
-
-    def _close(self) -> None:
-        if self.proc.stdin is not None:
-            with contextlib.suppress(OSError):
-                self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            _stop(self.proc, "sentence-transformers")
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------
@@ -656,7 +477,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sieve-bench-rerank-") as tmp, contextlib.ExitStack() as stack:
         # (the stack stops the processes before the folder they work in is removed)
         work = Path(tmp)
-        redis_url = start_redis(work, stack)
+        redis_url = stack.enter_context(RedisProcess(work)).url
         client = redis.Redis.from_url(redis_url, socket_timeout=30)
         # The server's SQLite store (WAL, synchronous=FULL), one collection per token model.
         token_store = SqliteStore(work / "sieve.db")
@@ -682,8 +503,33 @@ def main() -> int:
         console.print(
             "starting a Celery worker (queues embed, colbert, cross_encoder) and the sentence-transformers process"
         )
-        start_worker(redis_url, app, models_dir, threads, work / "worker.log", stack)
-        st = SentenceTransformersProcess(paths["ce_checkpoint"], threads, work / "st.log", stack)
+        worker_settings = {
+            "SIEVE_DEFAULT_EMBEDDING_MODEL": MODEL,
+            "SIEVE_CROSS_ENCODER_MODEL": CE_NAME,
+            "SIEVE_ONNX_THREADS": str(threads),
+        }
+        worker = start_worker(
+            redis_url,
+            work / "worker.log",
+            queues=f"{QUEUE_EMBED},{QUEUE_COLBERT},{QUEUE_CROSS_ENCODER}",
+            models_dir=models_dir,
+            settings=worker_settings,
+            name="bench-rerank",
+            ping_app=app,
+            models_per_process=2,  # the bi-encoder and the cross-encoder
+        )
+        stack.enter_context(worker)
+        st_argv = [sys.executable, str(ST_SCRIPT), str(paths["ce_checkpoint"]), "--threads", str(threads)]
+        st_argv += ["--batch-size", str(CE_BATCH)]
+        st = JsonLinesProcess(
+            st_argv,
+            "sentence-transformers",
+            env=subprocess_env(),
+            log=work / "st.log",
+            preexec_fn=_die_with_parent,
+            close_wait_s=10,
+        )
+        stack.callback(st.close)
         dispatcher = Dispatcher(settings)
         stack.callback(dispatcher.close)
         loop = asyncio.new_event_loop()
@@ -740,7 +586,8 @@ def main() -> int:
 
         def run_st(case: Case) -> tuple[float, list[float]]:
             t0 = time.perf_counter()
-            scores, seconds = st.score(case.query, case.texts)
+            answer = st.ask(query=case.query, documents=case.texts)
+            scores, seconds = answer["scores"], float(answer["seconds"])
             st_wall.append(time.perf_counter() - t0)
             return seconds, scores
 

@@ -48,7 +48,10 @@ import time
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -93,6 +96,20 @@ def available_cores() -> int:
         return len(os.sched_getaffinity(0))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def advance(progress: Progress, task: TaskID, step: int = 1) -> None:
+    """Advances a bar; when stderr is not a terminal (a log file), also prints a line every 10 %."""
+    before = next(t for t in progress.tasks if t.id == task)
+    tenth_before = int(10 * before.completed / max(before.total or 1, 1))
+    progress.advance(task, step)
+    if not progress.console.is_terminal:
+        after = next(t for t in progress.tasks if t.id == task)
+        tenth = int(10 * after.completed / max(after.total or 1, 1))
+        if tenth > tenth_before:
+            progress.console.print(
+                f"{after.description} {after.completed:.0f}/{after.total:.0f} ({after.elapsed or 0:.0f} s)"
+            )
 
 
 def versions(names: tuple[str, ...] = VERSIONED) -> dict[str, str | None]:
@@ -172,6 +189,117 @@ def percentiles(values_ms: list[float]) -> dict[str, float]:
         "mean_ms": round(float(a.mean()), 3),
         "samples": int(a.size),
     }
+
+
+async def search_pass(
+    address: str, requests: list[Any], clients: int, channel_options: list[tuple[str, Any]] | None = None
+) -> dict[str, Any]:
+    """One concurrency pass: `clients` asyncio clients on one channel take the next of `requests`
+    (SearchRequest messages) until none is left, so each is sent once. Returns the completed calls'
+    latencies (`latency_ms`), failed calls by status code (`errors`), responses with a DEGRADED stage
+    (`degraded`), and the pass's wall and client CPU seconds."""
+    import asyncio
+
+    import grpc
+    from sieve.v1 import search_pb2, search_pb2_grpc
+
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    degraded = 0
+    pending = iter(requests)
+    async with grpc.aio.insecure_channel(address, options=channel_options) as channel:
+        search = search_pb2_grpc.SearchServiceStub(channel)
+
+        async def client() -> None:
+            nonlocal degraded
+            for request in pending:  # shared iterator: each request is sent once
+                t = time.perf_counter()
+                try:
+                    response = await search.Search(request, timeout=120)
+                except grpc.aio.AioRpcError as exc:
+                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+                    continue
+                latencies.append((time.perf_counter() - t) * 1000)
+                degraded += any(r.status == search_pb2.STAGE_STATUS_DEGRADED for r in response.stages)
+
+        cpu, wall = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(clients)))
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {
+        "latency_ms": latencies,
+        "errors": errors,
+        "degraded": degraded,
+        "wall_s": wall,
+        "client_cpu_s": cpu,
+    }
+
+
+class JsonLinesProcess:
+    """A helper process spoken to in JSON lines (a reference library in an interpreter of its own, so this
+    one never imports torch): its first line says it is ready (`info`); then one request line in, one
+    answer line out. Its stderr goes to `log` when given (quoted when it dies), else to ours."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        name: str,
+        *,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
+        preexec_fn: Any = None,
+        close_wait_s: float = 30,
+    ) -> None:
+        self.name = name
+        self._log_path = log
+        self._log = log.open("w") if log is not None else None
+        self._close_wait_s = close_wait_s
+        self.proc = subprocess.Popen(
+            argv,
+            cwd=ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            encoding="utf-8",
+            preexec_fn=preexec_fn,
+        )
+        try:
+            self.info = self._read()
+        except BaseException:
+            self.close()
+            raise
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(10)
+            tail = ""
+            if self._log is not None and self._log_path is not None:
+                self._log.flush()
+                tail = ":\n" + self._log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"the {self.name} process exited ({self.proc.poll()}){tail}")
+        return json.loads(line)
+
+    def ask(self, **request: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                self.proc.stdin.close()
+        try:
+            self.proc.wait(self._close_wait_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        if self._log is not None:
+            self._log.close()
 
 
 # -- the driver --------------------------------------------------------------------------------------

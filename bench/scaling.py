@@ -61,7 +61,17 @@ from typing import Any
 import grpc
 import numpy as np
 import redis
-from run import CACHE, MODEL, ROOT, available_cores, command_line, log, percentiles, write_result
+from run import (
+    CACHE,
+    MODEL,
+    ROOT,
+    available_cores,
+    command_line,
+    log,
+    percentiles,
+    search_pass,
+    write_result,
+)
 from sieve.v1 import (
     collections_pb2,
     collections_pb2_grpc,
@@ -237,42 +247,23 @@ def sweep_settings(spec: str) -> common_pb2.SearchSettings:
 
 async def _pass(address: str, queries: list[str], clients: int, spec: str) -> dict[str, Any]:
     settings = sweep_settings(spec)
-    latencies: list[float] = []
-    errors: dict[str, int] = {}
-    degraded = 0
-    pending = iter(queries)
+    requests = [
+        search_pb2.SearchRequest(collection=COLLECTION, query=text, top_k=10, settings=settings)
+        for text in queries
+    ]
     options = [("grpc.max_receive_message_length", 64 << 20)]
-    async with grpc.aio.insecure_channel(address, options=options) as channel:
-        search = search_pb2_grpc.SearchServiceStub(channel)
-
-        async def client() -> None:
-            nonlocal degraded
-            for text in pending:  # shared iterator: each query is sent once
-                request = search_pb2.SearchRequest(
-                    collection=COLLECTION, query=text, top_k=10, settings=settings
-                )
-                t = time.perf_counter()
-                try:
-                    response = await search.Search(request, timeout=120)
-                except grpc.aio.AioRpcError as exc:
-                    errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
-                    continue
-                latencies.append((time.perf_counter() - t) * 1000)
-                degraded += any(r.status == search_pb2.STAGE_STATUS_DEGRADED for r in response.stages)
-
-        cpu, wall = time.process_time(), time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
-        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    done = await search_pass(address, requests, clients, options)
+    latencies = done["latency_ms"]
     return {
         "clients": clients,
         "requests": len(queries),
         "completed": len(latencies),
-        "errors": errors,
-        "degraded": degraded,
-        "throughput_qps": len(latencies) / wall,
+        "errors": done["errors"],
+        "degraded": done["degraded"],
+        "throughput_qps": len(latencies) / done["wall_s"],
         **percentiles(latencies),
-        "wall_s": round(wall, 2),
-        "client_cpu_s": round(cpu, 2),
+        "wall_s": round(done["wall_s"], 2),
+        "client_cpu_s": round(done["client_cpu_s"], 2),
     }
 
 
@@ -343,6 +334,23 @@ def server_tokens(data_dir: Path) -> tuple[sqlite3.Connection, int, Any]:
     return conn, int(cid), TokenFormat.from_json(json.loads(fmt))
 
 
+# The floor section's timings, each recorded per query (its p50 goes to the result and the report).
+FLOOR_TIMINGS = (
+    "retrieve_client",
+    "retrieve_server",
+    "retrieve_stage",
+    "retrieve_bare",
+    "retrieve_bare_embed",
+    "late_client",
+    "late_server",
+    "late_stage_retrieve",
+    "late_stage_late",
+    "late_bare",
+    "late_bare_retrieve100",
+    "late_bare_stage",
+)
+
+
 def floor(
     address: str,
     cache_client: redis.Redis,
@@ -362,23 +370,7 @@ def floor(
     conn, cid, fmt = server_tokens(data_dir)
     # numpy's BLAS on one thread, as in the server's executor threads (server/core/executors.py)
     blas = threadpool_limits(limits=1, user_api="blas")
-    t: dict[str, list[float]] = {
-        k: []
-        for k in (
-            "retrieve_client",
-            "retrieve_server",
-            "retrieve_stage",
-            "retrieve_bare",
-            "retrieve_bare_embed",
-            "late_client",
-            "late_server",
-            "late_stage_retrieve",
-            "late_stage_late",
-            "late_bare",
-            "late_bare_retrieve100",
-            "late_bare_stage",
-        )
-    }
+    t: dict[str, list[float]] = {k: [] for k in FLOOR_TIMINGS}
     pending = 0
     with contextlib.closing(conn), grpc.insecure_channel(address) as channel:
         search = search_pb2_grpc.SearchServiceStub(channel)

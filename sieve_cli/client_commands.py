@@ -28,14 +28,22 @@ from pathlib import Path
 from typing import Any
 
 import sieve
-from google.protobuf.json_format import MessageToDict
-from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 from sieve import SieveClient, SieveError
 from sieve._build import parse_document
 
-MODES = ("off", "best_effort", "required")
+from sieve_cli.api_options import (
+    MODES,
+    add_connection_arguments,
+    address,
+    as_dict,
+    create_options,
+    print_json,
+    refused,
+    stage_defaults,
+)
+from sieve_cli.render import console, enum_name, show_collections_table, show_search
+
 EXIT_BAD_LINES = 3  # as `sieve index`: done, but some lines were refused (listed on stderr)
 
 
@@ -100,65 +108,17 @@ def register(sub: Any) -> None:
     parsers.append(se)
 
     for p in parsers:
-        p.add_argument("--address", help="the server (default: SIEVE_GRPC_ADDRESS)")
-        p.add_argument("--api-key", help="sent as `authorization: Bearer KEY`")
-        p.add_argument("--tls", action="store_true", help="use TLS (system trust store unless --ca-cert)")
-        p.add_argument("--ca-cert", type=Path, help="PEM file of the CA to trust (implies --tls)")
-        p.add_argument("--timeout", type=float, help="deadline per call in seconds (default: the client's)")
+        add_connection_arguments(p, "deadline per call in seconds (default: the client's)")
         p.add_argument("--json", action="store_true", help="print proto3 JSON")
 
 
-def create_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
-    """A new collection's model, metric and stage defaults (`collections create`, `index --create`)."""
-    parser.add_argument("--model", default="", help=f"{prefix}bi-encoder bundle (default: the server's)")
-    parser.add_argument(
-        "--metric", choices=("cosine", "ip", "l2"), help=f"{prefix}metric (default: the server's, cosine)"
-    )
-    parser.add_argument(
-        "--late",
-        choices=MODES,
-        help=f"{prefix}late-interaction mode of searches that do not say (default off)",
-    )
-    parser.add_argument(
-        "--cross", choices=MODES, help=f"{prefix}cross-encoder mode of searches that do not say (default off)"
-    )
-    parser.add_argument("--candidates", type=int, help=f"{prefix}candidates retrieved for re-ranking")
-
-
-def stage_defaults(args: argparse.Namespace) -> dict[str, Any]:
-    defaults: dict[str, Any] = {}
-    if args.late:
-        defaults["late_interaction"] = args.late
-    if args.cross:
-        defaults["cross_encoder"] = args.cross
-    if args.candidates:
-        defaults["retrieve_candidates"] = args.candidates
-    return defaults
-
-
 # -- plumbing -------------------------------------------------------------------------------------
-def _address(args: argparse.Namespace) -> str:
-    if args.address:
-        return str(args.address)
-    from sieve_core.config import load_settings
-
-    return load_settings().grpc_address
-
-
 @contextmanager
 def _client(args: argparse.Namespace) -> Iterator[SieveClient]:
     with SieveClient(
-        _address(args), tls=args.tls, root_certificates=args.ca_cert, api_key=args.api_key
+        address(args), tls=args.tls, root_certificates=args.ca_cert, api_key=args.api_key
     ) as client:
         yield client
-
-
-def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False))
 
 
 def _guarded(run: Any, args: argparse.Namespace) -> int:
@@ -166,17 +126,7 @@ def _guarded(run: Any, args: argparse.Namespace) -> int:
         with _client(args) as client:
             return int(run(client, args))
     except SieveError as exc:
-        print(f"sieve: {exc.code.name}: {exc.message}", file=sys.stderr)
-        return 1
-
-
-def _console() -> Console:
-    # Piped output is not cut to rich's 80-column default.
-    return Console(width=None if sys.stdout.isatty() else 160)
-
-
-def _name(enum: Any, value: int, prefix: str) -> str:
-    return str(enum.Name(value)).removeprefix(prefix).lower()
+        return refused(exc)
 
 
 # -- collections ----------------------------------------------------------------------------------
@@ -202,7 +152,7 @@ def _collections_on(client: SieveClient, args: argparse.Namespace) -> int:
     else:
         client.delete_collection(args.name, timeout=args.timeout)
         if args.json:
-            _print_json({"deleted": args.name})
+            print_json({"deleted": args.name})
         else:
             print(f"deleted collection {args.name!r}")
     return 0
@@ -210,25 +160,9 @@ def _collections_on(client: SieveClient, args: argparse.Namespace) -> int:
 
 def _show_collections(collections: list[sieve.Collection], as_json: bool, one: bool = False) -> None:
     if as_json:
-        _print_json(_as_dict(collections[0]) if one else [_as_dict(c) for c in collections])
-        return
-    table = Table("name", "model", "metric", "dims", "documents", "generation", "defaults", "created")
-    for c in collections:
-        defaults = ", ".join(
-            f"{k}={str(v).removeprefix('STAGE_MODE_').lower()}" for k, v in _as_dict(c.defaults).items()
-        )
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(c.created_at.seconds))
-        table.add_row(
-            c.name,
-            c.embedding_model_id or c.embedding_model,
-            _name(sieve.Metric, c.metric, "METRIC_"),
-            str(c.dimensions),
-            str(c.document_count),
-            str(c.generation),
-            defaults or "-",
-            created,
-        )
-    _console().print(table)
+        print_json(as_dict(collections[0]) if one else [as_dict(c) for c in collections])
+    else:
+        show_collections_table(collections)
 
 
 # -- documents ------------------------------------------------------------------------------------
@@ -281,7 +215,7 @@ def _upsert(client: SieveClient, args: argparse.Namespace) -> int:
             flush()
     flush()
     if args.json:
-        _print_json({"upserted": total, "generation": generation, "bad_lines": bad})
+        print_json({"upserted": total, "generation": generation, "bad_lines": bad})
     else:
         skipped = f"; {bad} bad lines skipped" if bad else ""
         print(f"upserted {total} documents into {args.collection!r} (generation {generation}){skipped}")
@@ -295,18 +229,18 @@ def _docs_on(client: SieveClient, args: argparse.Namespace) -> int:
     elif command == "get":
         got = client.get_documents(args.collection, args.ids, timeout=args.timeout)
         if args.json:
-            _print_json(_as_dict(got))
+            print_json(as_dict(got))
         else:
             table = Table("id", "text", "metadata")
             for d in got.documents:
                 table.add_row(d.id, d.text, json.dumps(dict(d.metadata), ensure_ascii=False))
-            _console().print(table)
+            console().print(table)
             if got.missing_ids:
                 print(f"missing: {', '.join(got.missing_ids)}")
     else:
         deleted = client.delete_documents(args.collection, args.ids, timeout=args.timeout)
         if args.json:
-            _print_json(_as_dict(deleted))
+            print_json(as_dict(deleted))
         else:
             print(
                 f"deleted {deleted.deleted}, not found {deleted.not_found} (generation {deleted.generation})"
@@ -349,7 +283,7 @@ def _search_on(client: SieveClient, args: argparse.Namespace) -> int:
     response = client.search(args.collection, args.query, **request)
     round_trip_ms = (time.perf_counter() - started) * 1000
     if args.json:
-        _print_json({**_as_dict(response), "round_trip_ms": round_trip_ms})
+        print_json({**as_dict(response), "round_trip_ms": round_trip_ms})
     else:
         show_search(response, round_trip_ms)
     return 0
@@ -357,12 +291,12 @@ def _search_on(client: SieveClient, args: argparse.Namespace) -> int:
 
 def _stream_on(client: SieveClient, args: argparse.Namespace, request: dict[str, Any], started: float) -> int:
     """One line per message as it arrives (stage, time since the call, ids), then the final tables."""
-    console = _console()
+    out = console()
     final = None
     for message in client.search_stream(args.collection, args.query, **request):
         at_ms = (time.perf_counter() - started) * 1000
         if args.json:
-            _print_json({**_as_dict(message), "received_ms": at_ms})
+            print_json({**as_dict(message), "received_ms": at_ms})
         else:
             ids = " ".join(h.id for h in message.result.hits)
             flag = (
@@ -370,96 +304,8 @@ def _stream_on(client: SieveClient, args: argparse.Namespace, request: dict[str,
                 if message.final
                 else ""
             )
-            console.print(f"{at_ms:8.2f} ms  {_name(sieve.Stage, message.stage, 'STAGE_'):<17}{flag}: {ids}")
+            out.print(f"{at_ms:8.2f} ms  {enum_name(sieve.Stage, message.stage, 'STAGE_'):<17}{flag}: {ids}")
         final = message
     if final is not None and not args.json:
-        show_search(final.result, (time.perf_counter() - started) * 1000, console)
+        show_search(final.result, (time.perf_counter() - started) * 1000, out)
     return 0
-
-
-EVIDENCE_STYLE = "bold yellow"
-SNIPPET_CONTEXT = 30  # characters of text shown around each evidence span
-
-
-def highlighted(text: str, spans: Any) -> Text:
-    """The text with its evidence spans styled (offsets are code points: Python str indices)."""
-    out = Text(text.replace("\n", " "))
-    for span in spans:
-        out.stylize(EVIDENCE_STYLE, span.start, span.end)
-    return out
-
-
-def snippet(text: str, spans: Any, context: int = SNIPPET_CONTEXT) -> Text:
-    """The evidence spans with some text around each, windows that touch merged, gaps shown as '…'."""
-    windows: list[list[int]] = []
-    for span in spans:
-        lo, hi = max(0, span.start - context), min(len(text), span.end + context)
-        if windows and lo <= windows[-1][1]:
-            windows[-1][1] = max(windows[-1][1], hi)
-        else:
-            windows.append([lo, hi])
-    out = Text()
-    for lo, hi in windows:
-        out.append("…" if lo > 0 else "")
-        piece = highlighted(
-            text[lo:hi], [type(s)(start=s.start - lo, end=s.end - lo) for s in spans if lo <= s.start < hi]
-        )
-        out.append_text(piece)
-    if windows and windows[-1][1] < len(text):
-        out.append("…")
-    return out
-
-
-def show_search(response: sieve.SearchResponse, round_trip_ms: float, console: Console | None = None) -> None:
-    """Two tables: the hits with every stage's score (and rank), then one row per stage."""
-    console = console or _console()
-    ran = [s.stage for s in response.stages if s.status != sieve.StageStatus.STAGE_STATUS_SKIPPED]
-    hits = Table(title="hits (stage columns: score and rank in that stage)", title_justify="left")
-    hits.add_column("#", justify="right", no_wrap=True, min_width=2)
-    hits.add_column("id", no_wrap=True, min_width=4)
-    hits.add_column("score", justify="right", no_wrap=True, min_width=7)
-    for stage in ran:
-        name = _name(sieve.Stage, stage, "STAGE_")
-        hits.add_column(name, justify="right", no_wrap=True, min_width=max(len(name), 11))
-    hits.add_column("text", overflow="ellipsis", no_wrap=True, max_width=70)
-    for rank, hit in enumerate(response.hits, 1):
-        by_stage = {s.stage: s for s in hit.stage_scores}
-        cells = [f"{by_stage[s].score:.4f} (#{by_stage[s].rank + 1})" if s in by_stage else "-" for s in ran]
-        hits.add_row(str(rank), hit.id, f"{hit.score:.4f}", *cells, highlighted(hit.text, hit.evidence))
-    console.print(hits)
-    with_evidence = [(rank, h) for rank, h in enumerate(response.hits, 1) if h.evidence and h.text]
-    if with_evidence:
-        console.print(f"evidence (the parts that matched the query, [{EVIDENCE_STYLE}]highlighted[/])")
-        for rank, hit in with_evidence:
-            console.print(Text(f"{rank:>3} {hit.id}: ").append_text(snippet(hit.text, hit.evidence)))
-
-    stages = Table(title="stages", title_justify="left")
-    for column in ("stage", "status", "in", "out", "ms", "method"):
-        stages.add_column(column, no_wrap=True, justify="right" if column in ("in", "out", "ms") else "left")
-    stages.add_column("model / reason", ratio=1)
-    for s in response.stages:
-        status = _name(sieve.StageStatus, s.status, "STAGE_STATUS_")
-        style = {"degraded": "yellow", "skipped": "dim"}.get(status, "")
-        stages.add_row(
-            _name(sieve.Stage, s.stage, "STAGE_"),
-            f"[{style}]{status}[/]" if style else status,
-            str(s.candidates_in),
-            str(s.candidates_out),
-            f"{s.took_ms:.2f}",
-            s.method or "-",
-            "\n".join(
-                x
-                for x in (
-                    s.model_id,
-                    s.reason and f"[{style}]{s.reason}[/]",
-                    s.plan and f"plan: {s.plan}",
-                    s.candidates_cut_from and f"cut from {s.candidates_cut_from} candidates by the budget",
-                )
-                if x
-            )
-            or "-",
-        )
-    console.print(stages)
-    console.print(
-        f"generation {response.generation}; server {response.took_ms:.2f} ms, round trip {round_trip_ms:.2f} ms"
-    )

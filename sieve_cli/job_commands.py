@@ -24,13 +24,19 @@ from pathlib import Path
 from typing import Any
 
 import sieve
-from google.protobuf.json_format import MessageToDict
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from sieve import FINAL_JOB_STATES, SieveClient, SieveError
 
-from sieve_cli.client_commands import create_options, stage_defaults
+from sieve_cli.api_options import (
+    add_connection_arguments,
+    address,
+    as_dict,
+    create_options,
+    refused,
+    stage_defaults,
+)
 
 FORMATS = ("auto", "beir", "sieve")
 SUCCEEDED = sieve.JobState.JOB_STATE_SUCCEEDED
@@ -82,14 +88,8 @@ def register(sub: Any) -> None:
     jobs.set_defaults(func=_jobs)
 
     for p in (idx, ls, show, watch, cancel):
-        p.add_argument("--address", help="the server (default: SIEVE_GRPC_ADDRESS)")
-        p.add_argument("--api-key", help="sent as `authorization: Bearer KEY`")
-        p.add_argument("--tls", action="store_true", help="use TLS (system trust store unless --ca-cert)")
-        p.add_argument("--ca-cert", type=Path, help="PEM file of the CA to trust (implies --tls)")
-        p.add_argument(
-            "--timeout",
-            type=float,
-            help="deadline per call in seconds (default: 30-60 s; the upload and the watch stream: 24 h)",
+        add_connection_arguments(
+            p, "deadline per call in seconds (default: 30-60 s; the upload and the watch stream: 24 h)"
         )
     idx.add_argument("--json", action="store_true", help="no progress bar; print the final job as JSON")
     for p in (ls, show, watch, cancel):
@@ -97,17 +97,9 @@ def register(sub: Any) -> None:
 
 
 # -- plumbing -------------------------------------------------------------------------------------
-def _address(args: argparse.Namespace) -> str:
-    if args.address:
-        return str(args.address)
-    from sieve_core.config import load_settings
-
-    return load_settings().grpc_address
-
-
 def _client(args: argparse.Namespace) -> SieveClient:
     return SieveClient(
-        _address(args),
+        address(args),
         tls=args.tls,
         root_certificates=args.ca_cert,
         api_key=args.api_key,
@@ -117,11 +109,6 @@ def _client(args: argparse.Namespace) -> SieveClient:
 
 def _timeout(args: argparse.Namespace, default: float) -> float:
     return float(args.timeout) if args.timeout else default
-
-
-def _fail(exc: SieveError) -> int:
-    print(f"sieve: {exc.code.name}: {exc.message}", file=sys.stderr)
-    return 1
 
 
 def _state(job: sieve.Job) -> str:
@@ -156,14 +143,14 @@ def _index(args: argparse.Namespace) -> int:
                     timeout=_timeout(args, _T_START),
                 )
         except SieveError as exc:
-            return _fail(exc)
+            return refused(exc)
         except KeyboardInterrupt:
             print(
                 "\ninterrupted before the server acknowledged the upload: no job was started", file=sys.stderr
             )
             return EXIT_DETACHED
         if args.detach:
-            print(json.dumps(_as_dict(job)) if args.json else job.id)
+            print(json.dumps(as_dict(job)) if args.json else job.id)
             return 0
         if not args.json:
             print(f"job {job.id}: {job.source} -> collection {job.collection!r}")
@@ -264,14 +251,14 @@ def _follow(client: SieveClient, job_id: str, quiet: bool, args: argparse.Namesp
         )
         return EXIT_DETACHED
     except SieveError as exc:
-        return _fail(exc)
+        return refused(exc)
     try:
         if quiet:
-            print(json.dumps(_as_dict(job)))
+            print(json.dumps(as_dict(job)))
         else:
             _summary(client, job, args)
     except SieveError as exc:
-        return _fail(exc)
+        return refused(exc)
     if job.state != SUCCEEDED:
         return 1
     return 3 if job.failed else 0
@@ -304,10 +291,6 @@ def _print_errors(client: SieveClient, job_id: str, limit: int, args: argparse.N
         print(f"  ... more: sieve jobs show {job_id} --errors N")
 
 
-def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True)
-
-
 # -- sieve jobs -------------------------------------------------------------------------------------
 def _jobs(args: argparse.Namespace) -> int:
     with _client(args) as client:
@@ -319,7 +302,7 @@ def _jobs(args: argparse.Namespace) -> int:
                     args.id, max_errors=max(args.errors, 1), timeout=_timeout(args, _T_GET)
                 )
                 if args.json:
-                    print(json.dumps(_as_dict(response)))
+                    print(json.dumps(as_dict(response)))
                 else:
                     job = response.job
                     _summary(client, job, args, args.errors)
@@ -330,18 +313,18 @@ def _jobs(args: argparse.Namespace) -> int:
                 return _follow(client, args.id, args.json, args)
             job = client.cancel_job(args.id, timeout=_timeout(args, _T_CHANGE))
             if args.json:
-                print(json.dumps(_as_dict(job)))
+                print(json.dumps(as_dict(job)))
             else:
                 _summary(client, job, args, 0)
             return 0
         except SieveError as exc:
-            return _fail(exc)
+            return refused(exc)
 
 
 def _list(client: SieveClient, args: argparse.Namespace) -> int:
     jobs = client.list_jobs(collection=args.collection, limit=args.limit, timeout=_timeout(args, _T_GET))
     if args.json:
-        print(json.dumps([_as_dict(j) for j in jobs]))
+        print(json.dumps([as_dict(j) for j in jobs]))
         return 0
     table = Table("id", "collection", "state", "done/total", "errors", "docs/s", "created", "source / reason")
     for j in jobs:

@@ -281,10 +281,11 @@ def start_worker(
     name: str = "sieve",
     timeout_s: float = 120,
     ping_app: Any = None,
+    models_per_process: int = 1,
 ) -> WorkerProcess:
-    """A real `celery worker` on `queues`, returned once each pool process has loaded its models (and,
-    given `ping_app`, a Celery app on the same broker, once the worker answers a control ping: its
-    consumer is connected, so a task sent now is taken at once)."""
+    """A real `celery worker` on `queues`, returned once each pool process has loaded its models (at least
+    `models_per_process` each; and, given `ping_app`, a Celery app on the same broker, once the worker
+    answers a control ping: its consumer is connected, so a task sent now is taken at once)."""
     env = clean_env(
         SIEVE_REDIS_URL=redis_url,
         SIEVE_MODELS_DIR=str(models_dir or ROOT / "models"),
@@ -306,7 +307,7 @@ def start_worker(
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not answer ping (exit {proc.poll()}):\n{running.tail()}")
         # "warm in" is logged by each pool process once its runners are loaded (workers/runtime.py).
-        while log.read_text(errors="replace").count("warm in") < concurrency:
+        while log.read_text(errors="replace").count("warm in") < concurrency * models_per_process:
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"worker did not load its models (exit {proc.poll()}):\n{running.tail()}")
             time.sleep(0.1)

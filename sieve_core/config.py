@@ -16,10 +16,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 Metric = Literal["cosine", "ip", "l2"]
 
 
-class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SIEVE_", env_file=None, extra="ignore", frozen=True)
+class _Places(BaseSettings):
+    """Where things live."""
 
-    # Where things live.
     data_dir: Path = Field(Path("data"), description="Document store, index snapshots and job state.")
     store_url: SecretStr | None = Field(
         None,
@@ -51,7 +50,10 @@ class Settings(BaseSettings):
         "DATA_DIR/run/state.json). Unset for a bare `sieve serve`: no such series.",
     )
 
-    # Models and collections.
+
+class _Models(BaseSettings):
+    """Models and collections."""
+
     default_embedding_model: str = Field(
         "all-MiniLM-L6-v2", description="Bi-encoder bundle for new collections."
     )
@@ -75,7 +77,10 @@ class Settings(BaseSettings):
     )
     executor_threads: int = Field(4, ge=1, description="Threads for blocking work (ONNX, usearch, SQLite).")
 
-    # Index.
+
+class _Index(BaseSettings):
+    """Index."""
+
     hnsw_connectivity: int = Field(16, ge=4, le=128, description="HNSW M.")
     index_storage: Literal["f16", "i8", "f32"] = Field(
         "f16",
@@ -108,7 +113,10 @@ class Settings(BaseSettings):
     )
     snapshot_interval_s: float = Field(60.0, gt=0, description="...or this many seconds after a write.")
 
-    # Search defaults.
+
+class _SearchDefaults(BaseSettings):
+    """Search defaults."""
+
     rerank_timeout_s: float = Field(
         2.0,
         gt=0,
@@ -132,7 +140,10 @@ class Settings(BaseSettings):
         description="Candidates retrieval hands to re-ranking when neither request nor collection says.",
     )
 
-    # Limits: requests beyond them get INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for message size).
+
+class _Limits(BaseSettings):
+    """Limits: requests beyond them get INVALID_ARGUMENT (or RESOURCE_EXHAUSTED for message size)."""
+
     max_top_k: int = Field(1000, ge=1, description="Largest top_k a search may ask for.")
     max_retrieve_candidates: int = Field(2000, ge=1, description="Largest retrieve_candidates.")
     max_query_chars: int = Field(4096, ge=1, description="Longest query text.")
@@ -147,7 +158,10 @@ class Settings(BaseSettings):
     max_collections: int = Field(1000, ge=1, description="Collections one server holds.")
     max_message_bytes: int = Field(32 * 1024 * 1024, ge=1024, description="Largest gRPC message accepted.")
 
-    # Index jobs (bulk loading, server/jobs/manager.py) and read-your-writes.
+
+class _Jobs(BaseSettings):
+    """Index jobs (bulk loading, server/jobs/manager.py) and read-your-writes."""
+
     job_batch_size: int = Field(
         64,
         ge=1,
@@ -206,7 +220,10 @@ class Settings(BaseSettings):
         "(less if the deadline is nearer), then FAILED_PRECONDITION.",
     )
 
-    # Security: API keys, TLS on the gRPC port, TLS to Redis (the Redis password goes in SIEVE_REDIS_URL).
+
+class _Security(BaseSettings):
+    """Security: API keys, TLS on the gRPC port, TLS to Redis (the Redis password goes in SIEVE_REDIS_URL)."""
+
     api_keys: SecretStr | None = Field(
         None,
         description="Comma-separated `KEY:ROLE` pairs, ROLE one of read, write, admin (each includes the "
@@ -243,7 +260,10 @@ class Settings(BaseSettings):
         "primary's password stays in SIEVE_REDIS_URL.",
     )
 
-    # Load and operations.
+
+class _Operations(BaseSettings):
+    """Load and operations."""
+
     max_inflight_requests: int = Field(
         64,
         ge=0,
@@ -266,6 +286,12 @@ class Settings(BaseSettings):
         "text", description="`json`: one JSON object per log line (with the request id), for log collectors."
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+
+
+class Settings(_Operations, _Security, _Jobs, _Limits, _SearchDefaults, _Index, _Models, _Places):
+    """All settings (the groups above; fields keep their order: the first group's come first)."""
+
+    model_config = SettingsConfigDict(env_prefix="SIEVE_", env_file=None, extra="ignore", frozen=True)
 
     @field_validator("late_interaction_model", "cross_encoder_model", mode="before")
     @classmethod

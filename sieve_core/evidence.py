@@ -25,7 +25,8 @@ from collections import defaultdict
 from collections.abc import Hashable, Iterable, Mapping
 from typing import TypeVar
 
-from sieve_core.late_interaction import BestMatches, decode_spans
+from sieve_core.late_interaction import BestMatches
+from sieve_core.token_codec import decode_spans
 from sieve_core.types import Span
 
 MAX_SPANS = 5  # "a handful per hit": more is noise for a reader

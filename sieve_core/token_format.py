@@ -1,7 +1,7 @@
 """How a collection stores its documents' token vectors: pooling, projection, codec.
 
 A document's L2-normalised token rows (n, dims), as `BiEncoderRunner.encode(..., tokens=True)` returns
-them, become one blob of the SVTK codec (sieve_core.late_interaction) in three steps:
+them, become one blob of the SVTK codec (sieve_core.token_codec) in three steps:
 
 1. Token pooling (factor f > 1): Ward hierarchical clustering of the document's rows, cut into exactly
    ceil(n / f) clusters; each cluster's mean, re-normalised, is one stored row. Similar tokens (repeated
@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 from scipy.cluster.hierarchy import linkage
 
-from sieve_core.late_interaction import FORMATS, TokenBlobInfo, encode_tokens, read_header
+from sieve_core.token_codec import FORMATS, TokenBlobInfo, encode_tokens, read_header
 
 _NORM_EPS = 1e-12
 _MAX_POOL_FACTOR = 0xFF  # one header byte

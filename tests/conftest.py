@@ -17,7 +17,7 @@ import grpc
 import hypothesis  # noqa: F401
 import pytest
 import pytest_asyncio
-from sieve.v1 import collections_pb2_grpc, documents_pb2_grpc, search_pb2_grpc
+from sieve.v1 import collections_pb2_grpc, documents_pb2_grpc, jobs_pb2, jobs_pb2_grpc, search_pb2_grpc
 
 from server.app import SieveServer
 from sieve_cli import stack
@@ -88,6 +88,15 @@ async def start_api(settings: Settings) -> Api:
 async def stop_api(api: Api) -> None:
     await api.channel.close()
     await api.server.stop(grace=1)
+
+
+async def run_index_job(api: Api, collection: str, path: Path, batch_size: int = 0) -> jobs_pb2.Job:
+    """Starts an index job of the file at `path` and follows it to its end: the job as it ended."""
+    jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
+    start = jobs_pb2.StartIndexJobRequest(collection=collection, path=str(path), batch_size=batch_size)
+    job = (await jobs.StartIndexJob(start)).job
+    watch = jobs_pb2.WatchJobRequest(id=job.id, min_interval_ms=100)
+    return [m.job async for m in jobs.WatchJob(watch, timeout=120)][-1]
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session")

@@ -3,8 +3,9 @@
 A job reads a JSONL source (a file on the server, or documents a client uploaded, which are spooled
 to <data_dir>/jobs/uploads/ and fsynced before the upload is acknowledged) in batches of
 `batch_size` non-blank lines. Bad lines go to the job's error list with their line numbers; each
-batch's valid documents are embedded (server/jobs/embed.py: Celery `embed` workers, or in-process without
-Redis) and committed by the server, the single writer, through `Engine.upsert_embedded`.
+batch's valid documents are embedded (by Celery `embed` workers, server/jobs/embed_workers.py, or
+in-process without Redis, server/jobs/embed.py) and committed by the server, the single writer, through
+`Engine.upsert_embedded`.
 
 Ordering. Up to SIEVE_JOB_MAX_INFLIGHT_BATCHES batches of a job are embedded at once, by as many workers
 as there are, but batches are committed strictly in source order, and within a batch the last line with

@@ -24,8 +24,8 @@ from server.jobs.embed import (
     InProcessEmbedder,
     Pending,
     Stopped,
-    WorkerEmbedder,
 )
+from server.jobs.embed_workers import WorkerEmbedder
 from server.jobs.job_store import CANCELLED, FAILED, RUNNING, SUCCEEDED, LineError, now
 from server.jobs.live import LiveJob
 from server.jobs.registry import JobRegistry, run_on

@@ -153,10 +153,41 @@ def trace_to_onnx(
     }
 
 
-def _export_onnx(model_dir: Path, onnx_path: Path, opset: int) -> tuple[list[str], int, dict[str, Any]]:
-    """Trace the transformer to ONNX; returns (input names, hidden size, versions used)."""
+def trace_transformer(
+    model: Any,
+    output: str,
+    dummy: dict[str, Any],
+    onnx_path: Path,
+    opset: int,
+    output_name: str,
+    output_axes: dict[int, str],
+) -> tuple[list[str], dict[str, Any]]:
+    """Trace a transformers model (in eval mode) to ONNX with trace_to_onnx: its graph takes those of
+    input_ids / attention_mask / token_type_ids its forward accepts (fed from `dummy`) and returns the
+    `output` field of its result. Returns (input names, versions used)."""
     import inspect
 
+    import torch
+
+    model.eval()
+    accepted = inspect.signature(model.forward).parameters
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
+
+    class Traced(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = model
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            result = self.inner(**dict(zip(names, inputs, strict=True)), return_dict=True)
+            return getattr(result, output)
+
+    inputs = {n: dummy[n] for n in names}
+    return names, trace_to_onnx(Traced(), inputs, onnx_path, opset, output_name, output_axes)
+
+
+def _export_onnx(model_dir: Path, onnx_path: Path, opset: int) -> tuple[list[str], int, dict[str, Any]]:
+    """Trace the transformer to ONNX; returns (input names, hidden size, versions used)."""
     import torch
     import transformers
 
@@ -164,24 +195,12 @@ def _export_onnx(model_dir: Path, onnx_path: Path, opset: int) -> tuple[list[str
     model = transformers.AutoModel.from_pretrained(
         model_dir, attn_implementation="eager", local_files_only=True
     )
-    model.eval()
-    accepted = inspect.signature(model.forward).parameters
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = model
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.inner(**dict(zip(names, inputs, strict=True)), return_dict=True).last_hidden_state
-
     # Batch 2 with unequal lengths so the traced graph cannot specialise on "no padding".
     ids = torch.tensor([[101, 2023, 2003, 1037, 3231, 102], [101, 7592, 102, 0, 0, 0]], dtype=torch.long)
     dummy = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
-    inputs = {n: dummy[n] for n in names}
-    versions = trace_to_onnx(
-        LastHiddenState(), inputs, onnx_path, opset, OUTPUT_NAME, {0: "batch", 1: "sequence"}
+    axes = {0: "batch", 1: "sequence"}
+    names, versions = trace_transformer(
+        model, "last_hidden_state", dummy, onnx_path, opset, OUTPUT_NAME, axes
     )
     return names, int(model.config.hidden_size), versions
 

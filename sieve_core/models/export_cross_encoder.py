@@ -68,7 +68,7 @@ from sieve_core.models.export import (
     check_in_fresh_process,
     move_into_place,
     staging_dir,
-    trace_to_onnx,
+    trace_transformer,
 )
 
 OUTPUT_NAME = "logits"
@@ -143,8 +143,6 @@ def default_max_length(source: Path) -> int:
 
 def _export_onnx(source: Path, onnx_path: Path, opset: int) -> tuple[list[str], int, dict[str, Any]]:
     """Trace the classifier to ONNX; returns (input names, number of labels, versions used)."""
-    import inspect
-
     import torch
     import transformers
 
@@ -152,25 +150,12 @@ def _export_onnx(source: Path, onnx_path: Path, opset: int) -> tuple[list[str], 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(
         source, attn_implementation="eager", local_files_only=True
     )
-    model.eval()
-    accepted = inspect.signature(model.forward).parameters
-    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in accepted]
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.inner = model
-
-        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-            return self.inner(**dict(zip(names, inputs, strict=True)), return_dict=True).logits
-
     # A batch of two pairs of unequal length, so the graph cannot specialise on "no padding" or on
     # "only segment 0".
     ids = torch.tensor([[101, 2054, 102, 1037, 3231, 102], [101, 7592, 102, 2088, 102, 0]], dtype=torch.long)
     types = torch.tensor([[0, 0, 0, 1, 1, 1], [0, 0, 0, 1, 1, 0]], dtype=torch.long)
     dummy = {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": types}
-    inputs = {n: dummy[n] for n in names}
-    versions = trace_to_onnx(Logits(), inputs, onnx_path, opset, OUTPUT_NAME, {0: "batch"})
+    names, versions = trace_transformer(model, "logits", dummy, onnx_path, opset, OUTPUT_NAME, {0: "batch"})
     versions["architecture"] = type(model).__name__
     return names, int(model.config.num_labels), versions
 

@@ -555,7 +555,7 @@ async def test_cli_streams_and_highlights_evidence(api: Api) -> None:
 def test_cli_highlights_the_evidence_spans() -> None:
     from rich.console import Console
 
-    from sieve_cli.client_commands import EVIDENCE_STYLE, show_search
+    from sieve_cli.render import EVIDENCE_STYLE, show_search
 
     text = "🌞 Sunlight is energy: a photon carries light energy."
     hit = search_pb2.Hit(id="photon", score=1.0, text=text)

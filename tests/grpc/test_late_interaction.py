@@ -16,22 +16,15 @@ import numpy as np
 import pytest
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, search_pb2
 
-from sieve_core.late_interaction import maxsim_blobs, read_header
+from sieve_core.late_interaction import maxsim_blobs
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import read_header
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, compress_many, prepare_query
 from tests.conftest import MODEL
+from tests.corpus import DOCS, QUERY
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-DOCS = {
-    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
-    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
-    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
-    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
-    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
-    "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
-}
-QUERY = "does aspirin prevent heart attacks"
 LATE = common_pb2.SearchSettings(
     late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=6, late_interaction_keep=3
 )

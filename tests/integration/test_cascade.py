@@ -14,23 +14,15 @@ import uuid
 import numpy as np
 import pytest
 import redis as redis_client
-from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
 
-from sieve_core.late_interaction import decode_tokens, read_header
+from sieve_core.token_codec import decode_tokens, read_header
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress
-from tests.conftest import MODEL, Worker, make_settings, start_api, stop_api
+from tests.conftest import MODEL, Worker, make_settings, run_index_job, start_api, stop_api
+from tests.corpus import DOCS, QUERY
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-DOCS = {
-    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
-    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
-    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
-    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
-    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
-    "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
-}
-QUERY = "does aspirin prevent heart attacks"
 LATE = common_pb2.SearchSettings(
     late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=6, late_interaction_keep=3
 )
@@ -161,18 +153,7 @@ async def test_an_index_job_stores_the_token_vectors_of_its_workers_encoder_pass
         texts = {f"j{i}": f"{text} (edition {i})" for i, text in enumerate(list(DOCS.values()) * 4)}
         path = tmp_path / "job.jsonl"
         path.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in texts.items()))
-        jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
-        job = (
-            await jobs.StartIndexJob(
-                jobs_pb2.StartIndexJobRequest(collection=name, path=str(path), batch_size=8)
-            )
-        ).job
-        final = [
-            m.job
-            async for m in jobs.WatchJob(
-                jobs_pb2.WatchJobRequest(id=job.id, min_interval_ms=100), timeout=120
-            )
-        ][-1]
+        final = await run_index_job(api, name, path, batch_size=8)
         assert (final.state, final.done, final.embedder) == (
             jobs_pb2.JOB_STATE_SUCCEEDED,
             len(texts),

@@ -35,8 +35,8 @@ import pytest
 from sieve_core.late_interaction import maxsim
 from sieve_core.models.bundle import BundleError, load_bundle_manifest, weights_revision
 from sieve_core.models.colbert import ColbertRunner
+from sieve_core.models.colbert_checkpoint import read_settings
 from sieve_core.models.export import subprocess_env
-from sieve_core.models.export_colbert import read_settings
 
 REPO = Path(__file__).resolve().parents[2]
 REFERENCE_SCRIPT = REPO / "tests" / "reference" / "colbert_embed.py"

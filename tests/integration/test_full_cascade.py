@@ -31,19 +31,11 @@ from sieve_core.models.cross_encoder import CrossEncoderRunner
 from sieve_core.models.export import subprocess_env
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, compress_many, prepare_query
 from tests.conftest import MODEL, MODELS_DIR, ROOT, Worker, make_settings, start_api, start_worker, stop_api
+from tests.corpus import DOCS, QUERY
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
 COLBERT, CROSS = "colbert-seeded", "cross-seeded"
-DOCS = {
-    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
-    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
-    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
-    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
-    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
-    "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
-}
-QUERY = "does aspirin prevent heart attacks"
 CASCADE = common_pb2.SearchSettings(
     retrieve_candidates=6,
     late_interaction=common_pb2.STAGE_MODE_REQUIRED,

@@ -24,7 +24,7 @@ from typing import Any
 
 import pytest
 import redis
-from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_pb2_grpc, search_pb2
+from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
 
 from sieve_cli.stack import RedisTls
 from sieve_core import redis_conn
@@ -36,24 +36,20 @@ from tests.conftest import (
     RedisServer,
     Worker,
     make_settings,
+    run_index_job,
     start_api,
     start_worker,
     stop_api,
 )
+from tests.corpus import DOCS as ALL_DOCS
+from tests.corpus import QUERY
 from workers.celery_app import create_app
 
 aio = pytest.mark.asyncio(loop_scope="session")
 
 PASSWORD = f"pw-{uuid.uuid4().hex}"  # unique, so that finding it in a log or a message means a leak
 WRONG = f"wrong-{uuid.uuid4().hex}"
-DOCS = {
-    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
-    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
-    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
-    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
-    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
-}
-QUERY = "does aspirin prevent heart attacks"
+DOCS = {k: v for k, v in ALL_DOCS.items() if k != "coffee"}  # five
 LATE = common_pb2.SearchSettings(
     late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=5, late_interaction_keep=3
 )
@@ -101,9 +97,7 @@ async def _index_job(api: Api, name: str, path: Path, tag: str = "") -> jobs_pb2
     """An index job of DOCS (ids prefixed, texts suffixed with `tag`, so they need embedding anew)."""
     lines = "".join(f'{{"id": "{tag}{i}", "text": "{t} {tag}"}}\n' for i, t in DOCS.items())
     await asyncio.to_thread(path.write_text, lines)
-    jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
-    job = (await jobs.StartIndexJob(jobs_pb2.StartIndexJobRequest(collection=name, path=str(path)))).job
-    return [m.job async for m in jobs.WatchJob(jobs_pb2.WatchJobRequest(id=job.id), timeout=120)][-1]
+    return await run_index_job(api, name, path)
 
 
 async def _job_then_cached_search(api: Api, tmp_path: Path) -> None:
@@ -224,6 +218,27 @@ def test_the_password_is_masked(tmp_path: Path) -> None:
     assert redis_conn.scrub("sent p@ss, the URL has p%40ss", encoded) == "sent ***, the URL has ***"
 
 
+async def _job_through_a_worker(
+    redis_url: str, settings: Settings, tmp_path: Path, name: str, extra_env: dict[str, str] | None = None
+) -> str:
+    """A worker and a server on the Redis at `redis_url`: an index job embedded by the worker, then a
+    cached search. Returns the worker's log, which records the job's embed task."""
+    worker = start_worker(
+        redis_url, create_app(settings), tmp_path / "worker.log", extra_env=extra_env, name=name
+    )
+    try:
+        api = await start_api(settings)
+        try:
+            await _job_then_cached_search(api, tmp_path)
+        finally:
+            await stop_api(api)
+        worker_log = _wait_for_task_line(worker)
+    finally:
+        worker.kill()
+    assert f"task sieve.embed SUCCESS: {len(DOCS)} items" in worker_log, worker_log[-2000:]
+    return worker_log
+
+
 # -- a password-protected Redis --------------------------------------------------------------------------
 @aio
 async def test_password_through_server_and_worker(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -235,17 +250,7 @@ async def test_password_through_server_and_worker(tmp_path: Path, caplog: pytest
         with pytest.raises(redis.AuthenticationError):  # it really requires the password
             redis.Redis(port=server.port, socket_timeout=2).ping()
         settings = make_settings(tmp_path / "data", redis_url=server.url)
-        worker = start_worker(server.url, create_app(settings), tmp_path / "worker.log", name="password")
-        try:
-            api = await start_api(settings)
-            try:
-                await _job_then_cached_search(api, tmp_path)
-            finally:
-                await stop_api(api)
-            worker_log = _wait_for_task_line(worker)
-        finally:
-            worker.kill()
-        assert f"task sieve.embed SUCCESS: {len(DOCS)} items" in worker_log, worker_log[-2000:]
+        worker_log = await _job_through_a_worker(server.url, settings, tmp_path, name="password")
         assert "Connected to redis://:**@" in worker_log  # Celery masks it in its banner and lines
         assert PASSWORD not in worker_log
 
@@ -285,19 +290,7 @@ async def test_tls_through_server_and_worker(mutual: bool, certs: Certs, tmp_pat
             files.update(redis_tls_cert_file=certs.client_cert, redis_tls_key_file=certs.client_key)
         settings = make_settings(tmp_path / "data", redis_url=server.url, **files)
         env = {f"SIEVE_{key.upper()}": str(path) for key, path in files.items()}
-        worker = start_worker(
-            server.url, create_app(settings), tmp_path / "worker.log", extra_env=env, name="tls"
-        )
-        try:
-            api = await start_api(settings)
-            try:
-                await _job_then_cached_search(api, tmp_path)
-            finally:
-                await stop_api(api)
-            worker_log = _wait_for_task_line(worker)
-        finally:
-            worker.kill()
-        assert f"task sieve.embed SUCCESS: {len(DOCS)} items" in worker_log, worker_log[-2000:]
+        worker_log = await _job_through_a_worker(server.url, settings, tmp_path, name="tls", extra_env=env)
         assert "Connected to rediss://" in worker_log
 
         if mutual:  # no client certificate: the server refuses the handshake

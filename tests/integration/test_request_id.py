@@ -26,18 +26,11 @@ from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, jobs_
 from sieve_core.logs import REQUEST_ID_METADATA
 from sieve_core.tasking import SieveCelery
 from tests.conftest import MODEL, MODELS_DIR, Worker, make_settings, start_api, start_worker, stop_api
+from tests.corpus import DOCS
 from tests.integration.test_full_cascade import COLBERT, _export, _wait_until_stored
 
 pytestmark = pytest.mark.asyncio(loop_scope="session")
 
-DOCS = {
-    "aspirin": "Aspirin reduces the risk of heart attack in patients with cardiovascular disease.",
-    "mito": "The mitochondria is the powerhouse of the cell and produces ATP through respiration.",
-    "vitd": "Vitamin D deficiency is associated with an increased risk of bone fractures.",
-    "exercise": "Regular exercise improves insulin sensitivity in adults with type 2 diabetes.",
-    "smoking": "Smoking is a major risk factor for lung cancer and chronic obstructive pulmonary disease.",
-    "coffee": "Coffee consumption has been linked to a lower risk of type 2 diabetes in cohort studies.",
-}
 LATE = common_pb2.SearchSettings(
     late_interaction=common_pb2.STAGE_MODE_BEST_EFFORT, retrieve_candidates=6, late_interaction_keep=3
 )

@@ -68,7 +68,7 @@ def _call(app: SieveCelery, name: str, payload: dict, timeout: float = 30) -> di
 def _same_blob(a: bytes, b: bytes) -> None:
     """Two processes' ONNX runs differ in float noise: the same header and shape, codes within one step
     wherever the clustering agreed (pooling groups identically for these texts)."""
-    from sieve_core.late_interaction import decode_tokens, read_header
+    from sieve_core.token_codec import decode_tokens, read_header
 
     assert read_header(a) == read_header(b)
     np.testing.assert_allclose(decode_tokens(a), decode_tokens(b), atol=2e-2)

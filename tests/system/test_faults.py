@@ -55,16 +55,24 @@ from sieve.v1 import (
     documents_pb2,
     documents_pb2_grpc,
     jobs_pb2,
-    jobs_pb2_grpc,
     search_pb2,
 )
 
 from server.storage.index import VectorIndex, snapshot_generation
 from sieve_core.errors import is_read_only
-from sieve_core.late_interaction import decode_tokens, read_header
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import decode_tokens, read_header
 from sieve_core.token_format import TokenFormat, compress_many
-from tests.conftest import MODELS_DIR, ROOT, RedisServer, Worker, make_settings, start_api, stop_api
+from tests.conftest import (
+    MODELS_DIR,
+    ROOT,
+    RedisServer,
+    Worker,
+    make_settings,
+    run_index_job,
+    start_api,
+    stop_api,
+)
 from tests.system.test_durability import (
     COLLECTION,
     DIMS,
@@ -498,6 +506,25 @@ def expect_error(call, code: grpc.StatusCode, fragment: str) -> str:  # type: ig
     return details
 
 
+def expect_delete_and_create_refused(client, ids: list[str], code: grpc.StatusCode, fragment: str) -> None:  # type: ignore[no-untyped-def]
+    """DeleteDocuments of `ids` and a CreateCollection both fail with `code`, saying `fragment`."""
+    expect_error(
+        lambda: client.documents.DeleteDocuments(
+            documents_pb2.DeleteDocumentsRequest(collection=COLLECTION, ids=ids), timeout=30
+        ),
+        code,
+        fragment,
+    )
+    expect_error(
+        lambda: client.collections.CreateCollection(
+            collections_pb2.CreateCollectionRequest(collection=collections_pb2.Collection(name="another")),
+            timeout=30,
+        ),
+        code,
+        fragment,
+    )
+
+
 def upsert_request(docs: dict[str, tuple[str, dict[str, str]]], collection: str = COLLECTION):  # type: ignore[no-untyped-def]
     return documents_pb2.UpsertDocumentsRequest(
         collection=collection,
@@ -552,23 +579,8 @@ def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_f
                 full,
             )
             assert "is full" in detail and "not applied" in detail, detail
-            expect_error(
-                lambda: client.documents.DeleteDocuments(
-                    documents_pb2.DeleteDocumentsRequest(collection=COLLECTION, ids=["doc-1", "doc-2"]),
-                    timeout=30,
-                ),
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "is full",
-            )
-            expect_error(
-                lambda: client.collections.CreateCollection(
-                    collections_pb2.CreateCollectionRequest(
-                        collection=collections_pb2.Collection(name="another")
-                    ),
-                    timeout=30,
-                ),
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                "is full",
+            expect_delete_and_create_refused(
+                client, ["doc-1", "doc-2"], grpc.StatusCode.RESOURCE_EXHAUSTED, "is full"
             )
             got = client.documents.GetDocuments(
                 documents_pb2.GetDocumentsRequest(collection=COLLECTION, ids=sorted(batch)), timeout=30
@@ -679,22 +691,8 @@ def test_data_directory_turning_read_only_refuses_writes_and_keeps_serving_reads
                 "is read-only",
             )
             assert str(data_dir) in detail and "not applied" in detail, detail
-            expect_error(
-                lambda: client.documents.DeleteDocuments(
-                    documents_pb2.DeleteDocumentsRequest(collection=COLLECTION, ids=["doc-1"]), timeout=30
-                ),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "is read-only",
-            )
-            expect_error(
-                lambda: client.collections.CreateCollection(
-                    collections_pb2.CreateCollectionRequest(
-                        collection=collections_pb2.Collection(name="another")
-                    ),
-                    timeout=30,
-                ),
-                grpc.StatusCode.FAILED_PRECONDITION,
-                "is read-only",
+            expect_delete_and_create_refused(
+                client, ["doc-1"], grpc.StatusCode.FAILED_PRECONDITION, "is read-only"
             )
             got = client.documents.GetDocuments(
                 documents_pb2.GetDocumentsRequest(collection=COLLECTION, ids=sorted(batch)), timeout=30
@@ -874,18 +872,7 @@ async def test_redis_flushed_or_restarted_re_encodes_no_document(
         # Dispatch and worker: an index job on the embed queue, its token vectors stored with its documents.
         path = tmp_path / "job.jsonl"
         path.write_text("".join(json.dumps({"id": f"j{i}", "text": text(f"j{i}")}) + "\n" for i in range(30)))
-        jobs = jobs_pb2_grpc.JobServiceStub(api.channel)
-        job = (
-            await jobs.StartIndexJob(
-                jobs_pb2.StartIndexJobRequest(collection=name, path=str(path), batch_size=10)
-            )
-        ).job
-        final = [
-            m.job
-            async for m in jobs.WatchJob(
-                jobs_pb2.WatchJobRequest(id=job.id, min_interval_ms=100), timeout=120
-            )
-        ][-1]
+        final = await run_index_job(api, name, path, batch_size=10)
         assert (final.state, final.done, final.failed, final.embedder) == (
             jobs_pb2.JOB_STATE_SUCCEEDED,
             30,

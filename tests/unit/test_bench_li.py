@@ -13,7 +13,7 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from sieve_core.late_interaction import decode_tokens, read_header
+from sieve_core.token_codec import decode_tokens, read_header
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, check_blob
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"

@@ -54,28 +54,12 @@ def test_quick_subset_keeps_every_judged_document(bench: dict[str, ModuleType]) 
     assert ids == [d for d in corpus if d in set(ids)]  # corpus order kept
 
 
-def _results() -> dict[str, dict]:  # type: ignore[type-arg]
+def _results(floor_timings: tuple[str, ...]) -> dict[str, dict]:  # type: ignore[type-arg]
     lat = {"p50_ms": 1.0, "p90_ms": 2.0, "p99_ms": 3.0, "mean_ms": 1.5, "samples": 10}
     common = {"command": "python bench/x.py", "mode": "quick", "date": "2026-01-01", "wall_s": 1.0}
     machine = {"machine": {"cpus": 2, "loadavg": [1.0], "python": "3.11", "versions": {"numpy": "2"}}}
     system = {"build_s": 1.0, "qps": 100.0, "latency": lat, "recall@10": 0.99, "bytes_per_vector": 1600.0}
-    p50 = {
-        k: 1.0
-        for k in [
-            "retrieve_client",
-            "retrieve_server",
-            "retrieve_stage",
-            "retrieve_bare",
-            "retrieve_bare_embed",
-            "late_client",
-            "late_server",
-            "late_stage_retrieve",
-            "late_stage_late",
-            "late_bare",
-            "late_bare_retrieve100",
-            "late_bare_stage",
-        ]
-    }
+    p50 = {k: 1.0 for k in floor_timings}  # what bench/scaling.py's floor section records
     run = {"spec": "retrieve", "cascade": "retrieve 100", "ndcg@10": 0.6, "recall@100": 0.9, "mrr@10": 0.5}
     shared = {"dataset": "scifact", "corpus": "subset", "documents": 800, "queries": 300}
     kinds = {
@@ -207,7 +191,8 @@ def test_report_renders_every_kind(
     bench: dict[str, ModuleType], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     report = bench["report"]
-    for name, r in _results().items():
+    results = _results(bench["scaling"].FLOOR_TIMINGS)
+    for name, r in results.items():
         (tmp_path / f"{name}.json").write_text(json.dumps(r))
     monkeypatch.setattr(report, "RESULTS", tmp_path)
     monkeypatch.setattr(report, "QUICK", tmp_path / "quick")
@@ -216,7 +201,7 @@ def test_report_renders_every_kind(
     monkeypatch.setattr(report, "ROOT", tmp_path)
     rows = report._rows()
     # A row per kind naming its command, and one per ANN data set (two here).
-    assert sum("python bench/x.py" in row for row in rows) == len(_results()) + 1
+    assert sum("python bench/x.py" in row for row in rows) == len(results) + 1
     report.write_report()
     text = (tmp_path / "REPORT.md").read_text()
     for heading in (
@@ -241,7 +226,7 @@ def test_quick_results_never_replace_full_ones(
     monkeypatch.setattr(run, "ROOT", tmp_path)
     monkeypatch.setattr(run, "RESULTS", tmp_path)
     monkeypatch.setattr(run, "QUICK_RESULTS", tmp_path / "quick")
-    results = _results()
+    results = _results(bench["scaling"].FLOOR_TIMINGS)
     for name in ("bi-encoder", "run"):
         full = {
             k: v

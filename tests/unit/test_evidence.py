@@ -7,15 +7,9 @@ import numpy as np
 import pytest
 
 from sieve_core.evidence import MAX_SPANS, evidence_spans, lexical_spans
-from sieve_core.late_interaction import (
-    BestMatches,
-    decode_spans,
-    decode_tokens,
-    encode_tokens,
-    maxsim_blobs,
-    read_header,
-)
+from sieve_core.late_interaction import BestMatches, maxsim_blobs
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import decode_spans, decode_tokens, encode_tokens, read_header
 from sieve_core.token_format import TokenFormat, compress, pool_tokens_with_members
 from tests.conftest import MODEL, MODELS_DIR, require_bundle
 

@@ -1,4 +1,5 @@
-"""Late interaction core: token blob codec and MaxSim (sieve_core/late_interaction.py), checked with a reference scorer.
+"""Late interaction core: the token blob codec (sieve_core/token_codec.py) and MaxSim
+(sieve_core/late_interaction.py), checked with a reference scorer.
 
 Random-data tests check the arithmetic exactly; the real-model tests use the all-MiniLM-L6-v2 bundle's own
 token vectors (a few dozen short texts, a few seconds on 2 cores).
@@ -14,20 +15,16 @@ import numpy as np
 import pytest
 
 from sieve_core.late_interaction import (
-    HEADER_BYTES,
     PackedTokens,
-    bytes_per_token,
     decode_packed,
-    decode_tokens,
-    encode_tokens,
     maxsim,
     maxsim_blobs,
     maxsim_naive,
     maxsim_packed,
     pack,
-    read_header,
 )
 from sieve_core.models.bi_encoder import BiEncoderRunner
+from sieve_core.token_codec import HEADER_BYTES, bytes_per_token, decode_tokens, encode_tokens, read_header
 
 BUNDLE = Path(__file__).resolve().parents[2] / "models" / "all-MiniLM-L6-v2"
 needs_bundle = pytest.mark.skipif(

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from scipy.cluster.hierarchy import fcluster, linkage
 
-from sieve_core.late_interaction import decode_tokens, encode_tokens, maxsim, maxsim_blobs, read_header
+from sieve_core.late_interaction import maxsim, maxsim_blobs
+from sieve_core.token_codec import decode_tokens, encode_tokens, read_header
 from sieve_core.token_format import (
     DEFAULT_TOKEN_FORMAT,
     TokenFormat,
