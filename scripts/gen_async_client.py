@@ -60,11 +60,14 @@ from sieve._build import (
     DocumentArg,
     FilterArg,
     FormatArg,
+    FusionArg,
     MetricArg,
+    RetrievalArg,
     SettingsArg,
     StageModeArg,
     TierArg,
     UploadSource,
+    VectorArg,
 )
 from sieve._channel import DEFAULT_ADDRESS, Timeouts
 from sieve.client import P, T, log, retry_wait

@@ -30,11 +30,14 @@ from sieve._build import (
     DocumentArg,
     FilterArg,
     FormatArg,
+    FusionArg,
     MetricArg,
+    RetrievalArg,
     SettingsArg,
     StageModeArg,
     TierArg,
     UploadSource,
+    VectorArg,
 )
 from sieve._channel import DEFAULT_ADDRESS, Timeouts
 from sieve.client import P, T, log, retry_wait
@@ -170,11 +173,19 @@ class AsyncSieveClient:
 
     # -- documents --------------------------------------------------------------------------------
     async def upsert_documents(
-        self, collection: str, documents: Iterable[DocumentArg], *, timeout: float | None = None
+        self,
+        collection: str,
+        documents: Iterable[DocumentArg],
+        *,
+        embedding_model: str = "",
+        timeout: float | None = None,
     ) -> documents_pb2.UpsertDocumentsResponse:
         """Insert or replace documents (messages or {"id", "text", "metadata"} dicts) as one atomic batch.
-        The response's `generation` can be passed to `search(min_generation=...)` to read this write."""
-        request = _build.upsert(collection, documents)
+        The response's `generation` can be passed to `search(min_generation=...)` to read this write.
+        Documents may carry their own vectors ({"vector": [...]}, a list or a numpy array), stored instead
+        of embedding the text; `embedding_model` must then name the collection's model (name or
+        name@revision), so that they are comparable with its queries."""
+        request = _build.upsert(collection, documents, embedding_model)
         return await self._unary(
             "DocumentService/UpsertDocuments",
             self._documents.UpsertDocuments,
@@ -218,6 +229,11 @@ class AsyncSieveClient:
         cross_encoder_keep: int | None = None,
         latency_budget_ms: int | None = None,
         tier: TierArg = None,
+        retrieval: RetrievalArg = None,
+        fusion: FusionArg = None,
+        rrf_k: int | None = None,
+        dense_weight: float | None = None,
+        query_vector: VectorArg | None = None,
         omit_documents: bool = False,
         min_generation: int = 0,
         timeout: float | None = None,
@@ -229,7 +245,10 @@ class AsyncSieveClient:
         stage in `stages`: a best-effort stage that could not run is reported DEGRADED with a `reason`; a
         required one raises `Unavailable` (no worker) or `FailedPrecondition` (no model).
         `latency_budget_ms` / `tier` ("fast", "balanced", "best"): the server plans the stages to fit and
-        says what it cut or skipped in each report's `plan` and `reason`."""
+        says what it cut or skipped in each report's `plan` and `reason`. `retrieval`: "dense", "lexical"
+        (BM25) or "hybrid" (both, fused by `fusion`: "rrf" with `rrf_k`, or "weighted" with `dense_weight`).
+        `query_vector`: search by this vector (of the collection's model) instead of the query's
+        embedding; `query` may then be "" unless lexical retrieval or a re-ranker needs the text."""
         request = _build.search(
             collection,
             query,
@@ -245,9 +264,14 @@ class AsyncSieveClient:
                 cross_encoder_keep=cross_encoder_keep,
                 latency_budget_ms=latency_budget_ms,
                 tier=tier,
+                retrieval=retrieval,
+                fusion=fusion,
+                rrf_k=rrf_k,
+                dense_weight=dense_weight,
             ),
             omit_documents=omit_documents,
             min_generation=min_generation,
+            query_vector=query_vector,
         )
         return await self._unary("SearchService/Search", self._search.Search, request, timeout)
 
@@ -267,6 +291,11 @@ class AsyncSieveClient:
         cross_encoder_keep: int | None = None,
         latency_budget_ms: int | None = None,
         tier: TierArg = None,
+        retrieval: RetrievalArg = None,
+        fusion: FusionArg = None,
+        rrf_k: int | None = None,
+        dense_weight: float | None = None,
+        query_vector: VectorArg | None = None,
         omit_documents: bool = False,
         min_generation: int = 0,
         timeout: float | None = None,
@@ -290,9 +319,14 @@ class AsyncSieveClient:
                 cross_encoder_keep=cross_encoder_keep,
                 latency_budget_ms=latency_budget_ms,
                 tier=tier,
+                retrieval=retrieval,
+                fusion=fusion,
+                rrf_k=rrf_k,
+                dense_weight=dense_weight,
             ),
             omit_documents=omit_documents,
             min_generation=min_generation,
+            query_vector=query_vector,
         )
         method = "SearchService/SearchStream"
         deadline = time.monotonic() + (self.timeouts.default if timeout is None else timeout)
