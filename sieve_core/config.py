@@ -98,7 +98,10 @@ class Settings(BaseSettings):
         "cheaper than an HNSW walk there, and exact).",
     )
     snapshot_every_writes: int = Field(
-        5_000, ge=1, description="Snapshot a collection's index after this many changed documents."
+        5_000,
+        ge=1,
+        description="Snapshot a collection's index after this many changed documents (but never sooner "
+        "than 9x the previous snapshot's duration after it: snapshots of a large index stay ~10% of the writes).",
     )
     snapshot_interval_s: float = Field(60.0, gt=0, description="...or this many seconds after a write.")
 

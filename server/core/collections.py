@@ -26,6 +26,13 @@ from sieve_core.types import CollectionInfo, CollectionSpec, SearchSettings, Tok
 
 log = logging.getLogger(__name__)
 
+# A snapshot writes the whole index (a 1M-vector one takes tens of seconds here) and holds up the writer
+# thread meanwhile; after one that took d seconds the next waits at least SNAPSHOT_PACE * d, so snapshots
+# take at most about a tenth of the writer's time however large the index grows (at a fixed
+# SIEVE_SNAPSHOT_EVERY_WRITES their cost per write would grow with the index: quadratic for a bulk load).
+# A restart then catches up at most about that long's writes from the store.
+SNAPSHOT_PACE = 9.0
+
 
 class Collections:
     """The collections by name; create, list and delete them; load, update and snapshot their indexes."""
@@ -179,14 +186,17 @@ class Collections:
 
     # -- snapshots (writer thread) -----------------------------------------------------------------
     def published(self, col: Collection, changed: int, generation: int) -> None:
-        """The index now shows `generation`: make that visible to searches; snapshot it if one is due."""
+        """The index now shows `generation`: make that visible to searches; snapshot it if one is due
+        (enough changed documents or time since the last one) and the last one's pace allows it."""
         col.visible_generation = generation
         col.unsnapshotted_writes += changed
+        now = time.monotonic()
         due = (
             col.unsnapshotted_writes >= self._settings.snapshot_every_writes
-            or time.monotonic() - col.last_snapshot >= self._settings.snapshot_interval_s
+            or now - col.last_snapshot >= self._settings.snapshot_interval_s
         )
-        if due and time.monotonic() >= col.snapshot_retry_at:
+        paced = now - col.last_snapshot >= SNAPSHOT_PACE * col.snapshot_took_s
+        if due and paced and now >= col.snapshot_retry_at:
             self._snapshot(col, generation)
 
     def snapshot_all(self) -> None:
@@ -195,6 +205,7 @@ class Collections:
                 self._snapshot(col, col.visible_generation)
 
     def _snapshot(self, col: Collection, generation: int) -> None:
+        started = time.monotonic()
         try:
             if col.fulltext is not None:
                 # Tombstones up to the snapshot are pruned below: the full-text index must have them first.
@@ -216,6 +227,16 @@ class Collections:
         col.snapshot_generation = generation
         col.unsnapshotted_writes = 0
         col.last_snapshot = time.monotonic()
+        col.snapshot_took_s = col.last_snapshot - started
+        if col.snapshot_took_s >= 1.0:
+            log.info(
+                "collection %r: index snapshot at generation %d (%d vectors) took %.1f s; the next waits %.0f s",
+                col.row.name,
+                generation,
+                len(col.index),
+                col.snapshot_took_s,
+                SNAPSHOT_PACE * col.snapshot_took_s,
+            )
         try:
             self._store.prune_tombstones(col.row.id, generation)
         except (OSError, sqlite3.Error) as exc:  # harmless: the next snapshot prunes them
