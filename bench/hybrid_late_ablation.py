@@ -52,6 +52,7 @@ class Variant:
     rrf_k: int = 60
 
 
+BATCH = 32  # texts per encoder run
 DEFAULT = Variant("default: int8, pool 4; each side 100, RRF k=60, fused top 100")
 VARIANTS = (
     DEFAULT,
@@ -85,29 +86,30 @@ def _encoded(runner: BiEncoderRunner, name: str, texts: list[str], batch: int):
     return vectors, tokens
 
 
-def main() -> int:
+def _arguments() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("beir", type=Path, nargs="?", default=DEFAULT_BEIR, help="BEIR folder (SciFact)")
-    parser.add_argument("--limit-docs", type=int, default=None)
-    parser.add_argument("--limit-queries", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--bundle", type=Path, default=ROOT / "models" / "all-MiniLM-L6-v2")
-    args = parser.parse_args()
+    for option in ("--limit-docs", "--limit-queries"):
+        parser.add_argument(option, type=int, default=None, help="a smoke run (written to results/quick)")
+    return parser.parse_args()
+
+
+def main() -> int:
+    args = _arguments()
     if not (args.beir / "corpus.jsonl").is_file():
-        print(f"no BEIR data set at {args.beir} (corpus.jsonl missing): nothing measured", file=sys.stderr)
+        print(f"no BEIR data set at {args.beir}: nothing measured", file=sys.stderr)
         return 0
     started = time.monotonic()
-    quick = args.limit_docs is not None or args.limit_queries is not None
     dataset = limit_dataset(load_beir(args.beir, "test"), args.limit_docs, args.limit_queries)
     doc_ids, query_ids = list(dataset.corpus), list(dataset.queries)
     texts, queries = [dataset.corpus[d] for d in doc_ids], [dataset.queries[q] for q in query_ids]
-    runner = BiEncoderRunner(args.bundle)
+    runner = BiEncoderRunner(ROOT / "models" / "all-MiniLM-L6-v2")
     runner.warmup()
     log(f"{dataset.name}: {len(doc_ids)} documents, {len(query_ids)} queries; encoding (cached after once)")
-    doc_vectors, doc_tokens = _encoded(runner, "docs", texts, args.batch_size)
-    query_vectors, query_tokens = _encoded(runner, "queries", queries, args.batch_size)
+    doc_vectors, doc_tokens = _encoded(runner, "docs", texts, BATCH)
+    query_vectors, query_tokens = _encoded(runner, "queries", queries, BATCH)
 
     bm25 = FullTextIndex(None, "english")
     bm25.apply(list(enumerate(texts)), [], 1)
@@ -167,21 +169,18 @@ def main() -> int:
             f"{variant.name:<55} nDCG@10 {row['ndcg@10']:.4f}  recall@100 {row['recall@100']:.3f}  "
             f"{bytes_per_doc / 1024:7.1f} KB/doc  MaxSim p50 {row['maxsim_ms_p50']:.1f} ms"
         )
-    write_result(
-        "hybrid_late_ablation",
-        {
-            "dataset": dataset.name,
-            "documents": len(doc_ids),
-            "queries": len(query_ids),
-            "model": runner.model_id,
-            "tokens_per_document": round(float(np.mean([len(t) for t in doc_tokens])), 1),
-            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
-            "variants": rows,
-        },
-        command=command_line("bench/hybrid_late_ablation.py", sys.argv[1:]),
-        quick=quick,
-        started=started,
-    )
+    payload = {
+        "dataset": dataset.name,
+        "documents": len(doc_ids),
+        "queries": len(query_ids),
+        "model": runner.model_id,
+        "tokens_per_document": round(float(np.mean([len(t) for t in doc_tokens])), 1),
+        "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        "variants": rows,
+    }
+    command = command_line("bench/hybrid_late_ablation.py", sys.argv[1:])
+    quick = args.limit_docs is not None or args.limit_queries is not None
+    write_result("hybrid_late_ablation", payload, command=command, quick=quick, started=started)
     return 0
 
 

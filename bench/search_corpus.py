@@ -7,8 +7,10 @@ For each size: a fresh `sieve serve` (temporary data directory, no workers, no R
 default embedding model (all-MiniLM-L6-v2, 384-d), filled through UpsertDocuments with precomputed vectors
 (Document.vector, UpsertDocumentsRequest.embedding_model): bench/ann.py's synthetic 384-d mixture, so that
 the corpus can be 1M without hours of embedding; each document's text is a short label ("synthetic document
-N"), indexed by the full-text index too. Progress and the upsert rate are logged as it goes (1M takes most of
-an hour on 2 busy cores: the HNSW inserts dominate). Then one client, one request at a time: Search by vector
+N"), indexed by the full-text index too. Progress and the upsert rate are logged as it goes: the HNSW inserts
+dominate (about 0.5-0.7 ms of CPU per document up to 100k, more as the graph grows), so on 2 cores shared with
+other work 1M takes hours; --max-fill-s stops the upsert after that long and measures what was loaded (the
+result says how many). Then one client, one request at a time: Search by vector
 (SearchRequest.query_vector, fresh draws from the same mixture) for the top 10, ids only: latency p50/p99 as
 the client sees it, the server's retrieve stage time, and recall@10 against exact search over the same
 vectors; the server's resident memory after loading. Search by vector skips the query embedding (a fixed
