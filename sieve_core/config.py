@@ -100,10 +100,14 @@ class Settings(BaseSettings):
     snapshot_every_writes: int = Field(
         5_000,
         ge=1,
-        description="Snapshot a collection's index after this many changed documents (but never sooner "
-        "than 9x the previous snapshot's duration after it: snapshots of a large index stay ~10% of the writes).",
+        description="Snapshot a collection's index after this many changed documents, or a tenth of the "
+        "index if that is more (a snapshot rewrites the whole index).",
     )
-    snapshot_interval_s: float = Field(60.0, gt=0, description="...or this many seconds after a write.")
+    snapshot_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="...or this many seconds after a write (or 9x as long as the last snapshot took, if more).",
+    )
 
     # Search defaults.
     rerank_timeout_s: float = Field(

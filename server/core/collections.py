@@ -26,11 +26,13 @@ from sieve_core.types import CollectionInfo, CollectionSpec, SearchSettings, Tok
 
 log = logging.getLogger(__name__)
 
-# A snapshot writes the whole index (a 1M-vector one takes tens of seconds here) and holds up the writer
-# thread meanwhile; after one that took d seconds the next waits at least SNAPSHOT_PACE * d, so snapshots
-# take at most about a tenth of the writer's time however large the index grows (at a fixed
-# SIEVE_SNAPSHOT_EVERY_WRITES their cost per write would grow with the index: quadratic for a bulk load).
-# A restart then catches up at most about that long's writes from the store.
+# A snapshot writes the whole index and holds up the writer thread meanwhile (about 1 s per 100k vectors here),
+# so at a fixed SIEVE_SNAPSHOT_EVERY_WRITES its cost per write would grow with the index (quadratic for a bulk
+# load: about 20 minutes of snapshots in a 1M load). So one is due after that many changed documents or
+# SNAPSHOT_GROWTH of the index, whichever is more, and after SIEVE_SNAPSHOT_INTERVAL_S or SNAPSHOT_PACE times
+# the last snapshot's duration, whichever is longer: snapshots stay a bounded share of the writer's time however
+# large the index grows, and a restart catches up at most about a tenth of the index (or that long's writes).
+SNAPSHOT_GROWTH = 0.1
 SNAPSHOT_PACE = 9.0
 
 
@@ -186,17 +188,15 @@ class Collections:
 
     # -- snapshots (writer thread) -----------------------------------------------------------------
     def published(self, col: Collection, changed: int, generation: int) -> None:
-        """The index now shows `generation`: make that visible to searches; snapshot it if one is due
-        (enough changed documents or time since the last one) and the last one's pace allows it."""
+        """The index now shows `generation`: make that visible to searches; snapshot it if one is due (enough
+        changed documents, or time, since the last one: see SNAPSHOT_GROWTH and SNAPSHOT_PACE)."""
         col.visible_generation = generation
         col.unsnapshotted_writes += changed
-        now = time.monotonic()
-        due = (
-            col.unsnapshotted_writes >= self._settings.snapshot_every_writes
-            or now - col.last_snapshot >= self._settings.snapshot_interval_s
-        )
-        paced = now - col.last_snapshot >= SNAPSHOT_PACE * col.snapshot_took_s
-        if due and paced and now >= col.snapshot_retry_at:
+        elapsed = time.monotonic() - col.last_snapshot
+        due = col.unsnapshotted_writes >= max(
+            self._settings.snapshot_every_writes, SNAPSHOT_GROWTH * len(col.index)
+        ) or elapsed >= max(self._settings.snapshot_interval_s, SNAPSHOT_PACE * col.snapshot_took_s)
+        if due and time.monotonic() >= col.snapshot_retry_at:
             self._snapshot(col, generation)
 
     def snapshot_all(self) -> None:
@@ -230,12 +230,11 @@ class Collections:
         col.snapshot_took_s = col.last_snapshot - started
         if col.snapshot_took_s >= 1.0:
             log.info(
-                "collection %r: index snapshot at generation %d (%d vectors) took %.1f s; the next waits %.0f s",
+                "collection %r: index snapshot at generation %d (%d vectors) took %.1f s",
                 col.row.name,
                 generation,
                 len(col.index),
                 col.snapshot_took_s,
-                SNAPSHOT_PACE * col.snapshot_took_s,
             )
         try:
             self._store.prune_tombstones(col.row.id, generation)

@@ -1,9 +1,9 @@
-"""Snapshot pacing: a snapshot is written when enough documents changed, but never sooner after the previous
-one than SNAPSHOT_PACE times as long as that one took (a large index's snapshot holds up the writer thread;
-at a fixed count a bulk load would spend most of its time rewriting ever larger snapshots).
+"""Snapshot pacing: a snapshot rewrites the whole index on the writer thread, so one is due after
+SIEVE_SNAPSHOT_EVERY_WRITES changed documents or SNAPSHOT_GROWTH of the index, whichever is more, and after
+SIEVE_SNAPSHOT_INTERVAL_S or SNAPSHOT_PACE times the last snapshot's duration, whichever is longer.
 
-The save is slowed down here (the real save, after a sleep) to stand for a large index's; nothing else is
-faked but the bi-encoder."""
+In the timed test the save is slowed down (the real save, after a sleep) to stand for a large index's;
+nothing else is faked but the bi-encoder."""
 
 from __future__ import annotations
 
@@ -24,13 +24,9 @@ from tests.fakes import FakeBiEncoder
 SLOW_SAVE_S = 0.2
 
 
-async def _started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
+async def _started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **settings_: object) -> Engine:
     settings = make_settings(
-        tmp_path / "data",
-        models_dir=tmp_path / "models",
-        default_embedding_model="fake",
-        snapshot_every_writes=1,  # every write is due: only the pacing can hold one back
-        snapshot_interval_s=3600,
+        tmp_path / "data", models_dir=tmp_path / "models", default_embedding_model="fake", **settings_
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     real_save = VectorIndex.save
@@ -47,11 +43,19 @@ async def _started(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Engine:
     return engine
 
 
+# Every write due by its count; the interval short: only the last snapshot's duration can hold one back.
+BY_TIME = {"snapshot_every_writes": 10**6, "snapshot_interval_s": 0.05}
+
+
 @pytest.fixture
 async def engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Engine]:
-    engine = await _started(tmp_path, monkeypatch)
+    engine = await _started(tmp_path, monkeypatch, **BY_TIME)
     yield engine
     await engine.close()
+
+
+def _docs(start: int, count: int) -> list[Document]:
+    return [Document(f"d{i}", f"document number {i}", {}) for i in range(start, start + count)]
 
 
 def _snapshot_at(engine: Engine) -> int:
@@ -59,16 +63,35 @@ def _snapshot_at(engine: Engine) -> int:
     return snapshot_generation(path)
 
 
+async def test_the_count_that_makes_a_snapshot_due_grows_with_the_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = await _started(tmp_path, monkeypatch, snapshot_every_writes=1, snapshot_interval_s=3600)
+    try:
+        first = await engine.upsert("c", _docs(0, 100))
+        assert _snapshot_at(engine) == first.generation
+        # 5 changed documents: over SIEVE_SNAPSHOT_EVERY_WRITES (1) but under a tenth of the 105-vector index.
+        await engine.upsert("c", _docs(100, 5))
+        assert _snapshot_at(engine) == first.generation
+        assert collections_module.SNAPSHOT_GROWTH * 105 > 5
+        # 15 changed since the snapshot, a tenth of the index is 11.5: due.
+        third = await engine.upsert("c", _docs(105, 10))
+        assert _snapshot_at(engine) == third.generation
+    finally:
+        await engine.close()
+
+
 async def test_a_slow_snapshot_holds_the_next_one_back_for_pace_times_as_long(engine: Engine) -> None:
+    await asyncio.sleep(0.1)  # past the interval
     first = await engine.upsert("c", [Document("a", "the owl hunts at night", {})])
-    assert _snapshot_at(engine) == first.generation  # the first write of a collection: nothing to pace yet
+    assert _snapshot_at(engine) == first.generation  # the interval passed, nothing to pace yet
     col = engine.collections.find("c")
     assert col.snapshot_took_s >= SLOW_SAVE_S
     held_until = col.last_snapshot + collections_module.SNAPSHOT_PACE * col.snapshot_took_s
 
     second = await engine.upsert("c", [Document("b", "green tea in the morning", {})])
     assert time.monotonic() < held_until, "the test's writes were too slow to see the pacing"
-    assert _snapshot_at(engine) == first.generation, "due by count, but written sooner than its pace allows"
+    assert _snapshot_at(engine) == first.generation, "the interval passed, but it came sooner than its pace"
     assert col.unsnapshotted_writes == 1
 
     await asyncio.sleep(max(0.0, held_until - time.monotonic()) + 0.05)
@@ -79,7 +102,8 @@ async def test_a_slow_snapshot_holds_the_next_one_back_for_pace_times_as_long(en
 
 
 async def test_shutdown_snapshots_whatever_the_pace(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    engine = await _started(tmp_path, monkeypatch)
+    engine = await _started(tmp_path, monkeypatch, **BY_TIME)
+    await asyncio.sleep(0.1)
     await engine.upsert("c", [Document("a", "the owl hunts at night", {})])
     last = await engine.upsert("c", [Document("b", "green tea in the morning", {})])
     assert _snapshot_at(engine) < last.generation  # held back by the pace
