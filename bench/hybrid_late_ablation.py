@@ -114,7 +114,7 @@ def main() -> int:
     bm25 = FullTextIndex(None, "english")
     bm25.apply(list(enumerate(texts)), [], 1)
     bm25.flush()
-    max_depth = max(v.depth for v in VARIANTS)
+    max_depth = min(max(v.depth for v in VARIANTS), len(doc_ids))
     dense_lists, lexical_lists = [], []
     for qv, text in zip(query_vectors, queries, strict=True):
         scores = exact_scores("cosine", qv, doc_vectors)
