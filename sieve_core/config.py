@@ -100,8 +100,14 @@ class Settings(BaseSettings):
     snapshot_every_writes: int = Field(
         5_000,
         ge=1,
-        description="Snapshot a collection's index after this many changed documents, or a tenth of the "
-        "index if that is more (a snapshot rewrites the whole index).",
+        description="Snapshot a collection's index after this many changed documents...",
+    )
+    snapshot_growth: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="...or this fraction of the index's size, if that is more (a snapshot rewrites the whole "
+        "index: at a fixed count its cost per write grows with the index). 0: the count alone.",
     )
     snapshot_interval_s: float = Field(
         60.0,

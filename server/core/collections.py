@@ -29,10 +29,10 @@ log = logging.getLogger(__name__)
 # A snapshot writes the whole index and holds up the writer thread meanwhile (about 1 s per 100k vectors here),
 # so at a fixed SIEVE_SNAPSHOT_EVERY_WRITES its cost per write would grow with the index (quadratic for a bulk
 # load: about 20 minutes of snapshots in a 1M load). So one is due after that many changed documents or
-# SNAPSHOT_GROWTH of the index, whichever is more, and after SIEVE_SNAPSHOT_INTERVAL_S or SNAPSHOT_PACE times
-# the last snapshot's duration, whichever is longer: snapshots stay a bounded share of the writer's time however
-# large the index grows, and a restart catches up at most about a tenth of the index (or that long's writes).
-SNAPSHOT_GROWTH = 0.1
+# SIEVE_SNAPSHOT_GROWTH of the index, whichever is more, and after SIEVE_SNAPSHOT_INTERVAL_S or SNAPSHOT_PACE
+# times the last snapshot's duration, whichever is longer: snapshots stay a bounded share of the writer's time
+# however large the index grows, and a restart catches up at most about a tenth of the index (or that long's
+# writes) from the store.
 SNAPSHOT_PACE = 9.0
 
 
@@ -189,12 +189,12 @@ class Collections:
     # -- snapshots (writer thread) -----------------------------------------------------------------
     def published(self, col: Collection, changed: int, generation: int) -> None:
         """The index now shows `generation`: make that visible to searches; snapshot it if one is due (enough
-        changed documents, or time, since the last one: see SNAPSHOT_GROWTH and SNAPSHOT_PACE)."""
+        changed documents, or time, since the last one: see SNAPSHOT_PACE)."""
         col.visible_generation = generation
         col.unsnapshotted_writes += changed
         elapsed = time.monotonic() - col.last_snapshot
         due = col.unsnapshotted_writes >= max(
-            self._settings.snapshot_every_writes, SNAPSHOT_GROWTH * len(col.index)
+            self._settings.snapshot_every_writes, self._settings.snapshot_growth * len(col.index)
         ) or elapsed >= max(self._settings.snapshot_interval_s, SNAPSHOT_PACE * col.snapshot_took_s)
         if due and time.monotonic() >= col.snapshot_retry_at:
             self._snapshot(col, generation)

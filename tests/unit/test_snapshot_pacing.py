@@ -1,5 +1,5 @@
 """Snapshot pacing: a snapshot rewrites the whole index on the writer thread, so one is due after
-SIEVE_SNAPSHOT_EVERY_WRITES changed documents or SNAPSHOT_GROWTH of the index, whichever is more, and after
+SIEVE_SNAPSHOT_EVERY_WRITES changed documents or SIEVE_SNAPSHOT_GROWTH of the index, whichever is more, and after
 SIEVE_SNAPSHOT_INTERVAL_S or SNAPSHOT_PACE times the last snapshot's duration, whichever is longer.
 
 In the timed test the save is slowed down (the real save, after a sleep) to stand for a large index's;
@@ -73,7 +73,7 @@ async def test_the_count_that_makes_a_snapshot_due_grows_with_the_index(
         # 5 changed documents: over SIEVE_SNAPSHOT_EVERY_WRITES (1) but under a tenth of the 105-vector index.
         await engine.upsert("c", _docs(100, 5))
         assert _snapshot_at(engine) == first.generation
-        assert collections_module.SNAPSHOT_GROWTH * 105 > 5
+        assert engine.settings.snapshot_growth * 105 > 5
         # 15 changed since the snapshot, a tenth of the index is 11.5: due.
         third = await engine.upsert("c", _docs(105, 10))
         assert _snapshot_at(engine) == third.generation
