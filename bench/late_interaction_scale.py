@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from run import DEFAULT_BEIR, QUICK_RESULTS, RESULTS, ROOT, command_line, log, percentiles, write_result  # noqa: E402
 
 import server.storage.store as store_module  # noqa: E402
-from server.storage.store import Store  # noqa: E402
+from server.storage.store import SqliteStore, Store  # noqa: E402
 from sieve_core.late_interaction import HEADER_BYTES, decode_tokens, encode_tokens, maxsim_blobs  # noqa: E402
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, check_blob  # noqa: E402
 from sieve_core.types import Document  # noqa: E402
@@ -292,7 +292,7 @@ def main() -> int:
         log(
             f"building {args.count:,} documents in {path} (about {estimate / 2**30:.1f} GiB; {free / 2**30:.0f} GiB free)"
         )
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         if args.measure_only:
             collection_id = store.get_collection("li-scale").id

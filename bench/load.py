@@ -217,13 +217,20 @@ def proc_status_mb(pid: int, field_name: str = "VmRSS") -> float | None:
     return None
 
 
+# RSS split in the kernel's own parts: anonymous memory (heaps, arenas: where a leak shows) and file-backed
+# pages (mapped files such as tantivy's segments: a cache the kernel can drop, which moves with merges).
+RSS_PARTS = ("RssAnon", "RssFile")
+
+
 class RssSampler(threading.Thread):
-    """Reads a process's RSS every `interval` seconds (a thread, so a busy event loop cannot delay it much)."""
+    """Reads a process's RSS every `interval` seconds (a thread, so a busy event loop cannot delay it much),
+    and its anonymous and file-backed parts beside it (`parts`)."""
 
     def __init__(self, pid: int, interval: float = 1.0) -> None:
         super().__init__(name="rss-sampler", daemon=True)
         self.pid, self.interval = pid, interval
         self.samples: list[tuple[float, float]] = []  # (time.monotonic(), MB)
+        self.parts: dict[str, list[tuple[float, float]]] = {name: [] for name in RSS_PARTS}
         self._halt = threading.Event()
 
     def run(self) -> None:
@@ -231,7 +238,12 @@ class RssSampler(threading.Thread):
             mb = proc_status_mb(self.pid)
             if mb is None:
                 return
-            self.samples.append((time.monotonic(), mb))
+            now = time.monotonic()
+            self.samples.append((now, mb))
+            for name, series in self.parts.items():
+                part = proc_status_mb(self.pid, name)
+                if part is not None:
+                    series.append((now, part))
             if self._halt.wait(self.interval):
                 return
 
@@ -427,6 +439,10 @@ def run_config(tmp: Path, k: int, corpus: Corpus, cfg: LoadConfig, seed_first: b
             "prime_s": prime_s,
             "rss_before_load_mb": rss_before,
             "rss_peak_mb": peak_mb,
+            "rss_parts": {
+                name: {k: v for k, v in flatness(series, start, end).items() if k != "series"}
+                for name, series in sampler.parts.items()
+            },
             "server_alive_at_end": alive,
             "server_exit_code": proc.returncode,
             "drain_s": round(finished - end, 2),
@@ -477,7 +493,7 @@ def summarise(
         "measured": measured,
         "memory": {
             **flatness(samples, start, end),
-            **{k: extra[k] for k in ("rss_before_load_mb", "rss_peak_mb")},
+            **{k: extra[k] for k in ("rss_before_load_mb", "rss_peak_mb", "rss_parts")},
         },
         **{k: extra[k] for k in ("server_alive_at_end", "server_exit_code", "drain_s", "client_cpu_s")},
         "server_log_tail": extra["server_log_tail"] if sum(errors.values()) else "",
@@ -517,7 +533,9 @@ def print_summary(runs: list[dict[str, Any]], console: Console | None = None) ->
             f"{mem.get('growth_mb', nan):+.1f} MB, slope {mem.get('slope_mb_per_min', nan):+.2f} MB/min (second "
             f"half {mem.get('second_half_growth_mb', nan):+.1f} MB, {mem.get('second_half_slope_mb_per_min', nan):+.2f} "
             f"MB/min), peak "
-            f"{mem['rss_peak_mb']:.1f} MB; errors {r['errors_by_status'] or 0}; RetryInfo delays (ms: count) "
+            f"{mem['rss_peak_mb']:.1f} MB ("
+            + ", ".join(f"{k} {v.get('growth_mb', nan):+.1f} MB" for k, v in mem.get("rss_parts", {}).items())
+            + f"); errors {r['errors_by_status'] or 0}; RetryInfo delays (ms: count) "
             f"{r['retry_delays_ms'] or '-'}"
         )
 

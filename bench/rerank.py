@@ -111,7 +111,7 @@ except ImportError:  # pragma: no cover
     threadpool_limits = None  # type: ignore[assignment]
 
 from server.dispatch.dispatcher import Dispatcher, StageUnavailable
-from server.storage.store import Store
+from server.storage.store import SqliteStore, Store
 from sieve_core.beir import BeirDataset, load_beir
 from sieve_core.cache import pair_score_key
 from sieve_core.config import Settings, load_settings
@@ -659,7 +659,7 @@ def main() -> int:
         redis_url = start_redis(work, stack)
         client = redis.Redis.from_url(redis_url, socket_timeout=30)
         # The server's SQLite store (WAL, synchronous=FULL), one collection per token model.
-        token_store = Store(work / "sieve.db")
+        token_store = SqliteStore(work / "sieve.db")
         stack.callback(token_store.close)
         li_cid, li_keys = load_store(token_store, "li", li_blobs)
         cb_cid, cb_keys = load_store(token_store, "colbert", cb_blobs) if cb_blobs else (0, {})

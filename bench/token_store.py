@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 
-from server.storage.store import Store
+from server.storage.store import SqliteStore
 from sieve_core.types import Document
 
 
 def measure(docs: int, blob_bytes: int, reads: int, batch: int = 100) -> dict[str, float]:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
-        store = Store(Path(tmp) / "sieve.db")
+        store = SqliteStore(Path(tmp) / "sieve.db")
         try:
             cid = store.create_collection("bench", "m", "m@r", "cosine", 4, "{}", "{}", "m@r").id
             vector = np.zeros(4, dtype=np.float32)

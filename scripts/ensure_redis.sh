@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Make sure redis-server is on this machine (Debian's package). Used by `make run` and `make test`
-# when no SIEVE_REDIS_URL points at an existing Redis.
+# when no SIEVE_REDIS_URL points at an existing Redis. The same binary runs Redis Sentinel
+# (`redis-server sentinel.conf --sentinel`, as tests/integration/test_sentinel.py starts it), so no
+# redis-sentinel package is needed.
 set -euo pipefail
 if command -v redis-server >/dev/null 2>&1; then
   exit 0

@@ -183,6 +183,7 @@ class RedisProcess:
         *,
         password: str | None = None,
         tls: RedisTls | None = None,
+        args: tuple[str, ...] = (),
     ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
@@ -192,6 +193,7 @@ class RedisProcess:
         self.port = port or free_port()
         self.password = password
         self.tls = tls
+        self.args = args  # more redis-server options, e.g. ("--replicaof", HOST, PORT)
         auth = f":{password}@" if password else ""
         self.url = f"{'rediss' if tls else 'redis'}://{auth}127.0.0.1:{self.port}/0"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -214,6 +216,7 @@ class RedisProcess:
             argv += ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert)]
             argv += ["--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca)]
             argv += ["--tls-auth-clients", "yes" if self.tls.client_cert else "no"]
+        argv += self.args
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = self.client()
         deadline = time.monotonic() + 10

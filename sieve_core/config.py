@@ -21,6 +21,12 @@ class Settings(BaseSettings):
 
     # Where things live.
     data_dir: Path = Field(Path("data"), description="Document store, index snapshots and job state.")
+    store_url: SecretStr | None = Field(
+        None,
+        description="PostgreSQL for the document store (postgresql://user:password@host/db, psycopg 3: "
+        "the `pg` extra); unset: an SQLite file in SIEVE_DATA_DIR. Index snapshots and job state stay in "
+        "SIEVE_DATA_DIR either way.",
+    )
     models_dir: Path = Field(Path("models"), description="Model bundles (one folder per model).")
     grpc_address: str = Field("127.0.0.1:50051", description="host:port the gRPC server listens on.")
     redis_url: SecretStr | None = Field(
@@ -238,6 +244,17 @@ class Settings(BaseSettings):
         None, description="Client certificate for Redis servers that require one (`tls-auth-clients yes`)."
     )
     redis_tls_key_file: Path | None = Field(None, description="Private key of SIEVE_REDIS_TLS_CERT_FILE.")
+    redis_sentinels: str = Field(
+        "",
+        description="Comma-separated host:port of Redis Sentinels. Set: SIEVE_REDIS_URL's host is the name of "
+        "the primary they watch (`redis://:PASSWORD@MASTER/0`, no port) and every connection (Celery broker, "
+        "result backend, caches) asks them for the current primary, following a failover.",
+    )
+    redis_sentinel_password: SecretStr | None = Field(
+        None,
+        description="Password of the Sentinels themselves (their `requirepass`), if they have one; the "
+        "primary's password stays in SIEVE_REDIS_URL.",
+    )
 
     # Load and operations.
     max_inflight_requests: int = Field(
@@ -279,11 +296,28 @@ class Settings(BaseSettings):
             raise ValueError(f"expected host:port, got {value!r}")
         return value
 
+    @field_validator("redis_sentinels")
+    @classmethod
+    def _sentinels_and_master(cls, value: str, info: Any) -> str:
+        # A field validator (not a model one), so that an error shows this value and never the Redis URL.
+        if not sentinel_addresses(value):  # raises on a malformed entry, at start-up rather than first use
+            return value
+        url = info.data.get("redis_url")
+        parts = urlsplit(url.get_secret_value()) if url is not None else None
+        if parts is None or not parts.hostname or parts.port is not None:
+            raise ValueError(
+                "with SIEVE_REDIS_SENTINELS, SIEVE_REDIS_URL names the primary the Sentinels watch, without "
+                "a port: redis://[:PASSWORD@]MASTER_NAME/DB"
+            )
+        return value
+
     def redacted(self) -> dict[str, Any]:
         """The settings as plain data, safe to log: secrets and URL passwords are masked."""
         out = self.model_dump(mode="json")
         if self.redis_url is not None:
             out["redis_url"] = redact_url(self.redis_url.get_secret_value())
+        if self.store_url is not None:
+            out["store_url"] = redact_url(self.store_url.get_secret_value())
         return out
 
 
@@ -310,6 +344,19 @@ def redact_url(url: str) -> str:
     if parts.port:
         host = f"{host}:{parts.port}"
     return urlunsplit((parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment))
+
+
+def sentinel_addresses(value: str) -> list[tuple[str, int]]:
+    """`"h1:26379, h2:26379"` -> [("h1", 26379), ("h2", 26379)] (SIEVE_REDIS_SENTINELS); ValueError if malformed."""
+    addresses = []
+    for entry in (part.strip() for part in value.split(",")):
+        if not entry:
+            continue
+        host, sep, port = entry.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"SIEVE_REDIS_SENTINELS: expected host:port entries, got {entry!r}")
+        addresses.append((host.strip("[]"), int(port)))
+    return addresses
 
 
 def load_settings(environ: dict[str, str] | None = None, **overrides: Any) -> Settings:

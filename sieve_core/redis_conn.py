@@ -13,6 +13,15 @@ backend) and `sieve run` all connect through here, so a password in SIEVE_REDIS_
 
 TLS files with a plain `redis://` URL are refused rather than ignored: a deployment that meant TLS and
 got a cleartext connection would not notice otherwise.
+
+Redis Sentinel (SIEVE_REDIS_SENTINELS=host:port,...): SIEVE_REDIS_URL then names the primary the Sentinels
+watch instead of an address (`redis://:PASSWORD@MASTER/0`, the convention of redis-rb and GitLab), and
+every connection asks the Sentinels where that primary is: redis-py clients through
+`Sentinel(...).master_for(MASTER)`, Celery's broker and result backend through `sentinel://` URLs with the
+`master_name` transport option. After a failover a broken connection is opened again to the new primary
+(redis-py re-asks the Sentinels on connect, and turns a demoted primary's READONLY reply into a connection
+error). The password and TLS options of the URL apply to the primary as before; the Sentinels get the
+same TLS options and their own password (SIEVE_REDIS_SENTINEL_PASSWORD).
 """
 
 from __future__ import annotations
@@ -22,8 +31,9 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
+from redis.sentinel import Sentinel
 
-from sieve_core.config import Settings, redact_url
+from sieve_core.config import Settings, redact_url, sentinel_addresses
 
 _CERT_REQS = {
     "required": ssl.CERT_REQUIRED,
@@ -52,19 +62,23 @@ def redis_url(settings: Settings) -> str:
 
 
 def describe(settings: Settings) -> str:
-    """SIEVE_REDIS_URL with its password masked, for log lines and error messages."""
-    return "unset" if settings.redis_url is None else redact_url(settings.redis_url.get_secret_value())
+    """SIEVE_REDIS_URL with its password masked (and the Sentinels asked), for log lines and error messages."""
+    if settings.redis_url is None:
+        return "unset"
+    text = redact_url(settings.redis_url.get_secret_value())
+    return f"{text} via Sentinels {settings.redis_sentinels}" if settings.redis_sentinels else text
 
 
 def scrub(text: str, settings: Settings) -> str:
     """`text` (e.g. an exception message on its way into a response or a log) without the Redis password."""
-    if settings.redis_url is None:
-        return text
-    password = urlsplit(settings.redis_url.get_secret_value()).password
-    if not password:
-        return text
-    for form in {password, unquote(password)}:  # as written in the URL, and as sent to Redis
-        text = text.replace(form, "***")
+    secrets = []
+    if settings.redis_url is not None:
+        secrets.append(urlsplit(settings.redis_url.get_secret_value()).password)
+    if settings.redis_sentinel_password is not None:
+        secrets.append(settings.redis_sentinel_password.get_secret_value())
+    for password in filter(None, secrets):
+        for form in {password, unquote(password)}:  # as written in the URL, and as sent to Redis
+            text = text.replace(form, "***")
     return text
 
 
@@ -141,13 +155,81 @@ def client(
 ) -> redis.Redis:
     """A redis-py client for SIEVE_REDIS_URL (or `url`, e.g. the local Redis `sieve run` starts), with the
     password and TLS options applied and the caller's socket timeouts. Connects lazily, on first use."""
+    connect_s = timeout_s if connect_timeout_s is None else connect_timeout_s
+    if url is None and settings.redis_sentinels:
+        return _sentinel_client(settings, timeout_s, connect_s)
     url = redis_url(settings) if url is None else url
     return redis.Redis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s if connect_timeout_s is None else connect_timeout_s,
-        **ssl_options(settings, url),
+        url, socket_timeout=timeout_s, socket_connect_timeout=connect_s, **ssl_options(settings, url)
     )
+
+
+def master_name(settings: Settings) -> str:
+    """The name of the primary the Sentinels watch: SIEVE_REDIS_URL's host in Sentinel mode."""
+    return urlsplit(redis_url(settings)).hostname or ""
+
+
+def _primary_auth(url: str) -> dict[str, Any]:
+    """username, password and db of SIEVE_REDIS_URL, for the primary a Sentinel points at."""
+    parts = urlsplit(url)
+    auth: dict[str, Any] = {"db": int(parts.path.strip("/") or 0)}
+    if parts.username:
+        auth["username"] = unquote(parts.username)
+    if parts.password:
+        auth["password"] = unquote(parts.password)
+    return auth
+
+
+def _sentinel_kwargs(settings: Settings, timeout_s: float, connect_s: float) -> dict[str, Any]:
+    """Connection options for the Sentinels themselves: timeouts (none would hang on a lost Sentinel),
+    their password, and TLS like the primary's."""
+    options: dict[str, Any] = {"socket_timeout": timeout_s, "socket_connect_timeout": connect_s}
+    if settings.redis_sentinel_password is not None:
+        options["password"] = settings.redis_sentinel_password.get_secret_value()
+    tls = ssl_options(settings)
+    return {**options, "ssl": True, **tls} if tls else options
+
+
+def _sentinel_client(settings: Settings, timeout_s: float, connect_s: float) -> redis.Redis:
+    tls = ssl_options(settings)
+    sentinel = Sentinel(
+        sentinel_addresses(settings.redis_sentinels),
+        sentinel_kwargs=_sentinel_kwargs(settings, timeout_s, connect_s),
+        socket_timeout=timeout_s,
+        socket_connect_timeout=connect_s,
+        **({"ssl": True, **tls} if tls else {}),
+    )
+    return sentinel.master_for(master_name(settings), **_primary_auth(redis_url(settings)))
+
+
+def celery_connection(settings: Settings) -> dict[str, Any]:
+    """Celery's broker_url and result_backend for SIEVE_REDIS_URL, with TLS (`celery_ssl_options`) and, in
+    Sentinel mode, `sentinel://` URLs (one per Sentinel, `;`-separated, as kombu and Celery's
+    SentinelBackend read them) and the transport options naming the primary and how to reach the Sentinels:
+    `broker_transport_options` and `result_backend_transport_options` (the caller may add its own keys)."""
+    url = redis_url(settings)
+    config: dict[str, Any] = {"broker_url": url, "result_backend": url, **celery_ssl_options(settings)}
+    if not settings.redis_sentinels:
+        return config
+    # The primary's user and password as written in SIEVE_REDIS_URL (kombu and Celery take them from here).
+    netloc = urlsplit(url).netloc
+    userinfo = netloc.rpartition("@")[0] + "@" if "@" in netloc else ""
+    db = _primary_auth(url)["db"]
+    joined = ";".join(
+        f"sentinel://{userinfo}{f'[{host}]' if ':' in host else host}:{port}/{db}"
+        for host, port in sentinel_addresses(settings.redis_sentinels)
+    )
+    transport = {
+        "master_name": master_name(settings),
+        "sentinel_kwargs": _sentinel_kwargs(settings, 2.0, 2.0),
+    }
+    config.update(
+        broker_url=joined,
+        result_backend=joined,
+        broker_transport_options=dict(transport),
+        result_backend_transport_options=dict(transport),
+    )
+    return config
 
 
 def celery_ssl_options(settings: Settings) -> dict[str, Any]:

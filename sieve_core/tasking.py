@@ -19,7 +19,8 @@ messages after the visibility timeout. Tasks must therefore be idempotent, which
 and return values; only the server writes.
 
 Redis: the broker and the result backend connect through sieve_core.redis_conn, so a password in
-SIEVE_REDIS_URL and TLS (`rediss://`, SIEVE_REDIS_TLS_*) apply to them as to every other client.
+SIEVE_REDIS_URL, TLS (`rediss://`, SIEVE_REDIS_TLS_*) and Sentinel (SIEVE_REDIS_SENTINELS) apply to them
+as to every other client.
 """
 
 from __future__ import annotations
@@ -80,12 +81,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             "SIEVE_REDIS_URL is not set: the workers need the Redis that the server uses as its Celery "
             "broker (`sieve run` prints it; e.g. SIEVE_REDIS_URL=redis://127.0.0.1:6390/0)"
         )
-    url = redis_conn.redis_url(settings)
+    # The broker and the result backend: TLS (rediss://) and Sentinel as for every other client.
+    connection = redis_conn.celery_connection(settings)
+    visibility = {"visibility_timeout": VISIBILITY_TIMEOUT_S}
     return {
-        "broker_url": url,
-        "result_backend": url,
-        # TLS to the broker and the result backend (rediss://): the same options as every other client.
-        **redis_conn.celery_ssl_options(settings),
+        **connection,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": ["json"],
@@ -108,8 +108,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_soft_time_limit": 60,
         "task_time_limit": 90,
         "result_expires": RESULT_EXPIRES_S,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
-        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT_S},
+        "broker_transport_options": {**connection.get("broker_transport_options", {}), **visibility},
+        "result_backend_transport_options": {
+            **connection.get("result_backend_transport_options", {}),
+            **visibility,
+        },
         "broker_connection_retry_on_startup": True,
         "worker_send_task_events": False,
         "timezone": "UTC",

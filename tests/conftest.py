@@ -21,6 +21,7 @@ from sieve.v1 import collections_pb2_grpc, documents_pb2_grpc, search_pb2_grpc
 
 from server.app import SieveServer
 from sieve_cli import stack
+from sieve_cli.pg_cluster import PostgresCluster, PostgresUnavailable
 from sieve_cli.stack import WorkerProcess as Worker
 from sieve_core.config import Settings, load_settings
 from sieve_core.tasking import QUEUE_COLBERT, QUEUE_EMBED, SieveCelery
@@ -123,6 +124,28 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="module")
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+# -- a real PostgreSQL cluster (session-scoped; each test that asks gets an empty database of its own) ----
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """sieve_cli.pg_cluster.PostgresCluster in a temporary folder; a machine without PostgreSQL or psycopg
+    skips the test instead of failing it."""
+    pytest.importorskip("psycopg", reason="psycopg is not installed (make install installs the `pg` extra)")
+    try:
+        cluster = PostgresCluster()
+    except PostgresUnavailable as exc:
+        pytest.skip(str(exc))
+    with cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(postgres: PostgresCluster) -> str:
+    """The URL of an empty database on the session's cluster."""
+    return postgres.new_database()
 
 
 @pytest.fixture(scope="module")

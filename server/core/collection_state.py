@@ -205,6 +205,21 @@ class CollectionFactory:
         col.tokens = self._load_tokens(row, runner, defaults)
         return col
 
+    def catch_up(self, col: Collection, since: int, row: CollectionRow) -> int:
+        """Applies the store's changes after generation `since` to the collection's indexes (writes another
+        server committed), up to `row` (read before the changes: later ones may come too, and come again at
+        the next catch-up, which applies them harmlessly twice). Returns the keys applied."""
+        applied = 0
+        for change in self._store.changes_since(row.id, since, row.dims):
+            col.index.remove(change.removed_keys)
+            col.index.add(change.added_keys, change.added_vectors)
+            applied += len(change.removed_keys) + len(change.added_keys)
+        if col.fulltext is not None:  # staged like a local write's: the next lexical search commits them
+            for text in self._store.text_changes_since(row.id, since):
+                col.fulltext.apply(text.added, text.removed, row.generation)
+        col.row = row
+        return applied
+
     def open_text_index(self, row: CollectionRow, language: str) -> FullTextIndex:
         """The collection's full-text index at the store's generation: caught up, or rebuilt from the store."""
         return open_fulltext(

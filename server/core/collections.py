@@ -18,9 +18,10 @@ from server.core import validation
 from server.core.collection_state import Collection, CollectionFactory, settings_to_json, token_model
 from server.core.executors import Executors
 from server.core.tokens import BackfillTarget, format_at_creation, storage_info
+from server.storage.records import CollectionRow
 from server.storage.store import Store
 from sieve_core.config import Settings
-from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound
+from sieve_core.errors import AlreadyExists, FailedPrecondition, NotFound, SieveError
 from sieve_core.models.registry import ModelRegistry
 from sieve_core.types import CollectionInfo, CollectionSpec, SearchSettings, TokenStorageSpec
 
@@ -163,9 +164,12 @@ class Collections:
         await self._run.write(self._delete, name)
 
     def _delete(self, name: str) -> None:
-        col = self.find(name)
+        self.find(name)
         self._store.delete_collection(name)  # first: if the disk refuses, the collection stays as it was
-        del self._by_name[name]
+        self._forget(name)
+
+    def _forget(self, name: str) -> None:
+        col = self._by_name.pop(name)
         if col.fulltext is not None:
             col.fulltext.close()
         shutil.rmtree(col.directory, ignore_errors=True)
@@ -186,11 +190,39 @@ class Collections:
             if col.fulltext is not None:
                 col.fulltext.close()
 
+    # -- other servers' writes (writer thread; server/core/follower.py) ---------------------------
+    def sync(self, rows: list[CollectionRow]) -> None:
+        """Take in what other servers sharing the store committed: the collections they created or deleted,
+        and their writes (each index caught up to its row's generation)."""
+        current = {row.name: row for row in rows}
+        for name, col in list(self._by_name.items()):
+            if name not in current or current[name].id != col.row.id:
+                self._forget(name)
+        for row in rows:
+            known = self._by_name.get(row.name)
+            try:
+                if known is None:
+                    self._by_name[row.name] = self.factory.load(row)
+                elif row.generation > known.visible_generation:
+                    applied = self.factory.catch_up(known, known.visible_generation, row)
+                    known.visible_generation = row.generation
+                    self.published(known, applied, row.generation)
+            except SieveError as exc:  # e.g. its model is not on this server: the others still catch up
+                log.warning(
+                    "collection %r written by another server: not taken in: %s", row.name, exc.message
+                )
+
     # -- snapshots (writer thread) -----------------------------------------------------------------
     def published(self, col: Collection, changed: int, generation: int) -> None:
         """The index now shows `generation`: make that visible to searches; snapshot it if one is due (enough
         changed documents, or time, since the last one: see SNAPSHOT_PACE)."""
-        col.visible_generation = generation
+        if generation > col.visible_generation + 1:
+            # Another server wrote to the collection since this index was last caught up (a shared store):
+            # its writes go in too before `generation` is shown (this write is applied again, harmlessly).
+            changed += self.factory.catch_up(
+                col, col.visible_generation, self._store.get_collection(col.row.name)
+            )
+        col.visible_generation = max(generation, col.visible_generation)
         col.unsnapshotted_writes += changed
         elapsed = time.monotonic() - col.last_snapshot
         due = col.unsnapshotted_writes >= max(

@@ -15,6 +15,7 @@ work (ONNX, usearch, SQLite) runs in executors (executors.py), so the event loop
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 import numpy as np
@@ -22,13 +23,14 @@ import numpy as np
 from server.core.cascade import Cascade
 from server.core.collections import Collections
 from server.core.executors import Executors
+from server.core.follower import Follower
 from server.core.indexing import IndexTarget
 from server.core.retrieval import Retrieval
 from server.core.search import Searches
 from server.core.tokens import TokenBackfill, TokenStage
 from server.core.writes import Writes
 from server.dispatch.dispatcher import Dispatcher
-from server.storage.store import Store
+from server.storage.backends import open_store
 from sieve_core.cache import ResultCache
 from sieve_core.config import Settings
 from sieve_core.late_interaction_service import encode_documents
@@ -47,7 +49,7 @@ from sieve_core.types import (
 class Engine:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.store = Store(settings.data_dir / "sieve.db")
+        self.store = open_store(settings)
         # The process's one model registry: the collections' bi-encoders, the re-rankers' manifests.
         self.models = ModelRegistry(
             settings.models_dir, intra_op_threads=settings.onnx_threads, spin=settings.onnx_spin
@@ -80,17 +82,21 @@ class Engine:
         self.searches = Searches(
             settings, self.collections, self.writes, self.retrieval, self.cascade, self._run
         )
+        # With a store other servers write too (PostgreSQL), their writes are followed into the indexes.
+        self.follower = Follower(self.store, self.collections, self._run)
 
     # -- lifecycle -------------------------------------------------------------------------------
     async def start(self) -> None:
-        """Load the default model and every collection's index, on the writer thread; then start the
-        loop that has pending documents' token vectors computed."""
+        """Load the default model and every collection's index, on the writer thread; then follow other
+        servers' writes (a shared store) and start the loop that has pending documents' token vectors computed."""
         await self._run.run(self._run.writer, self.collections.open)
+        self.follower.start()
         self.backfill.start()
 
     async def close(self) -> None:
-        """Stop the token backfill, snapshot every index, then stop the executors."""
+        """Stop the token backfill and the follower, snapshot every index, then stop the executors."""
         await self.backfill.stop()
+        await asyncio.to_thread(self.follower.stop)
         await self._run.run(self._run.writer, self.collections.snapshot_all)
         await self._run.run(self._run.writer, self.collections.close)
         self.dispatcher.close()

@@ -11,6 +11,7 @@ or replaced token rows to the file system (`PRAGMA incremental_vacuum`). A store
 with the server stopped converts it.
 
 One writer (the server's write thread) and any number of reader threads, each with its own connection.
+The store's logic on top is shared with the PostgreSQL backend (server/storage/database.py).
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import errno
 import logging
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
+from server.storage.database import Database, Transaction
 from sieve_core.errors import FailedPrecondition, is_read_only
 
 log = logging.getLogger(__name__)
@@ -96,7 +99,7 @@ _ADDED_COLUMNS = (
 )
 
 
-class SqliteDatabase:
+class SqliteDatabase(Database):
     """One SQLite file in WAL mode: a connection per thread, one writer at a time."""
 
     def __init__(self, path: Path) -> None:
@@ -159,7 +162,12 @@ class SqliteDatabase:
         return conn
 
     def _transaction(self) -> Transaction:
-        return Transaction(self._conn(), self._write_lock)
+        return SqliteTransaction(self._conn(), self._write_lock)
+
+    def _batches(self, sql: str, params: Sequence[object], size: int) -> Iterator[list[Any]]:
+        cursor = self._conn().execute(sql, params)
+        while rows := cursor.fetchmany(size):
+            yield rows
 
     def close(self) -> None:
         conn = getattr(self._local, "conn", None)
@@ -192,49 +200,16 @@ class SqliteDatabase:
             return before - self.free_pages()
 
 
-class Transaction:
-    """BEGIN IMMEDIATE ... COMMIT under the store's write lock; ROLLBACK on an exception."""
+class SqliteTransaction(Transaction):
+    """BEGIN IMMEDIATE: SQLite takes its write lock at once, not at the first write."""
 
-    def __init__(self, conn: sqlite3.Connection, lock: threading.Lock) -> None:
-        self.conn = conn
-        self.lock = lock
-        self.rollback_on_exit = False
+    conn: sqlite3.Connection
 
-    def __enter__(self) -> Transaction:
-        self.lock.acquire()
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-        except BaseException:
-            self.lock.release()
-            raise
-        return self
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")
 
-    def execute(self, sql: str, params: Sequence[object] = ()) -> sqlite3.Cursor:
-        return self.conn.execute(sql, params)
-
-    def executemany(self, sql: str, params: Iterable[Sequence[object]]) -> sqlite3.Cursor:
-        return self.conn.executemany(sql, params)
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if exc_type is None and not self.rollback_on_exit:
-                try:
-                    self.conn.execute("COMMIT")
-                except BaseException:
-                    self._rollback()  # e.g. the disk filled up or went read-only while committing
-                    raise
-            else:
-                self._rollback()
-        finally:
-            self.lock.release()
-
-    def _rollback(self) -> None:
+    def rollback(self) -> None:
         # After SQLITE_FULL or an I/O error SQLite may already have rolled the transaction back itself;
         # a second ROLLBACK would fail and hide the error that matters.
         if self.conn.in_transaction:
             self.conn.execute("ROLLBACK")
-
-
-def chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

@@ -1,8 +1,10 @@
-"""The durable document store: SQLite in WAL mode, the source of truth for a server's collections.
+"""The durable document store, the source of truth for a server's collections: an SQLite file in WAL mode
+(the default) or a PostgreSQL database (SIEVE_STORE_URL), the same logic on either (backends.py
+`open_store` picks one).
 
 Ids, texts, metadata and vectors live here; the vector index is derived from it. Every write is one
-transaction committed before it is acknowledged (server/storage/sqlite_db.py); a write the disk refuses
-is rolled back as a whole and the engine turns the error into the client's status with
+transaction committed before it is acknowledged (server/storage/sqlite_db.py, postgres_db.py); a write the
+disk refuses is rolled back as a whole and the engine turns the error into the client's status with
 sieve_core.errors.storage_error.
 
 Each stored version of a document gets a fresh integer `key` (the vector index's label), and a
@@ -20,27 +22,35 @@ collection row counts the rows, so pending = doc_count - token_count costs nothi
 `pending_tokens` lists them. The collection's token format and the model that made its vectors are
 recorded on its row (`token_format`, JSON; NULL = the collection stores none).
 
-This module holds the collections and the writes; server/storage/sqlite_db.py the file, its schema and
-transactions; store_reads.py and store_tokens.py the reads and the token rows.
+This module holds the collections and the writes; store_reads.py and store_tokens.py the reads and the token
+rows, all in SQL both backends accept (server/storage/database.py); sqlite_db.py and postgres_db.py the
+backends: schema, connections, transactions, space.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from collections.abc import Sequence
 
 import numpy as np
 
+from server.storage.database import Connection, chunks
 from server.storage.records import CollectionRow, UpsertOutcome
-from server.storage.sqlite_db import chunks
+from server.storage.sqlite_db import SqliteDatabase
 from server.storage.store_reads import DocumentReads
 from server.storage.store_tokens import TokenRows
 from sieve_core.contracts import content_hash
 from sieve_core.errors import AlreadyExists, NotFound
 from sieve_core.types import Document
 
+# A new document, or a new version (new key, text and vector) of one: SQL both backends accept.
+_PUT_DOCUMENT = (
+    "INSERT INTO documents (collection_id, doc_id, key, text, metadata_json, content_hash, vector, generation)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection_id, doc_id) DO UPDATE SET key = excluded.key,"
+    " text = excluded.text, metadata_json = excluded.metadata_json, content_hash = excluded.content_hash,"
+    " vector = excluded.vector, generation = excluded.generation"
+)
 _COLLECTION_COLUMNS = (
     "id, name, embedding_model, embedding_model_id, metric, dims, defaults_json, generation, doc_count,"
     " created_at, token_format, token_model_id, token_count"
@@ -48,7 +58,7 @@ _COLLECTION_COLUMNS = (
 
 
 class Store(TokenRows, DocumentReads):
-    """The durable document store of one server (see the module docstring)."""
+    """The durable document store (see the module docstring), on a backend: SqliteStore or PostgresStore."""
 
     # -- collections ---------------------------------------------------------------------------
     def create_collection(
@@ -65,27 +75,28 @@ class Store(TokenRows, DocumentReads):
     ) -> CollectionRow:
         """`token_format` (JSON) given: the collection stores its documents' token vectors."""
         with self._transaction() as conn:
-            try:
-                cursor = conn.execute(
-                    "INSERT INTO collections (name, embedding_model, embedding_model_id, metric, dims,"
-                    " defaults_json, created_at, token_format, token_model_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        name,
-                        embedding_model,
-                        embedding_model_id,
-                        metric,
-                        dims,
-                        defaults_json,
-                        time.time(),
-                        token_format,
-                        token_model_id,
-                    ),
-                )
-            except sqlite3.IntegrityError:
-                raise AlreadyExists(f"collection {name!r} already exists") from None
+            created = conn.execute(
+                "INSERT INTO collections (name, embedding_model, embedding_model_id, metric, dims,"
+                " defaults_json, created_at, token_format, token_model_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (name) DO NOTHING RETURNING id",
+                (
+                    name,
+                    embedding_model,
+                    embedding_model_id,
+                    metric,
+                    dims,
+                    defaults_json,
+                    time.time(),
+                    token_format,
+                    token_model_id,
+                ),
+            ).fetchone()
+            if created is None:
+                raise AlreadyExists(f"collection {name!r} already exists")
             conn.execute(
-                "INSERT OR REPLACE INTO collection_text (collection_id, language) VALUES (?, ?)",
-                (cursor.lastrowid, text_language),
+                "INSERT INTO collection_text (collection_id, language) VALUES (?, ?)"
+                " ON CONFLICT (collection_id) DO UPDATE SET language = excluded.language",
+                (created[0], text_language),
             )
         return self.get_collection(name)
 
@@ -154,9 +165,7 @@ class Store(TokenRows, DocumentReads):
             if missing:
                 conn.rollback_on_exit = True
                 return UpsertOutcome(0, [], [], missing)
-            generation, next_key = conn.execute(
-                "SELECT generation, next_key FROM collections WHERE id = ?", (collection_id,)
-            ).fetchone()
+            generation, next_key = _counters(conn, collection_id)
             generation += 1
             added: list[tuple[int, np.ndarray]] = []
             added_ids: list[str] = []
@@ -179,7 +188,7 @@ class Store(TokenRows, DocumentReads):
                     )
                     if doc.id in tokens:  # fills a pending row; an existing one stays (same text)
                         token_delta += conn.execute(
-                            "INSERT OR IGNORE INTO tokens (collection_id, key, blob) VALUES (?, ?, ?)",
+                            "INSERT INTO tokens (collection_id, key, blob) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
                             (collection_id, key, tokens[doc.id]),
                         ).rowcount
                 else:
@@ -187,8 +196,7 @@ class Store(TokenRows, DocumentReads):
                     next_key += 1
                     vec = np.ascontiguousarray(vectors[doc.id], dtype=np.float32)
                     conn.execute(
-                        "INSERT OR REPLACE INTO documents (collection_id, doc_id, key, text, metadata_json,"
-                        " content_hash, vector, generation) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        _PUT_DOCUMENT,
                         (collection_id, doc.id, key, doc.text, meta_json, digest, vec.tobytes(), generation),
                     )
                     added.append((key, vec))
@@ -225,12 +233,7 @@ class Store(TokenRows, DocumentReads):
         """Delete documents by id. Returns (generation, removed keys)."""
         with self._transaction() as conn:
             existing = self._existing(conn, collection_id, ids)
-            generation = (
-                conn.execute("SELECT generation FROM collections WHERE id = ?", (collection_id,)).fetchone()[
-                    0
-                ]
-                + 1
-            )
+            generation = _counters(conn, collection_id)[0] + 1
             keys = [existing[i][0] for i in dict.fromkeys(ids) if i in existing]
             for doc_id in existing:
                 conn.execute(
@@ -264,3 +267,18 @@ class Store(TokenRows, DocumentReads):
                 "DELETE FROM tombstones WHERE collection_id = ? AND generation <= ?",
                 (collection_id, up_to_generation),
             )
+
+
+def _counters(conn: Connection, collection_id: int) -> tuple[int, int]:
+    """The collection's (generation, next_key), read in the write's transaction; NOT_FOUND if another server
+    sharing the store deleted the collection since this one looked it up."""
+    row = conn.execute(
+        "SELECT generation, next_key FROM collections WHERE id = ?", (collection_id,)
+    ).fetchone()
+    if row is None:
+        raise NotFound("the collection was deleted (through another server)")
+    return int(row[0]), int(row[1])
+
+
+class SqliteStore(Store, SqliteDatabase):
+    """The default store: one SQLite file in the server's data directory (server/storage/sqlite_db.py)."""

@@ -4,22 +4,19 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from server.storage.database import Connection, Database, chunks
 from server.storage.records import IndexChanges, StoredDocument, TextChanges
-from server.storage.sqlite_db import SqliteDatabase, Transaction, chunks
 from sieve_core.contracts import content_hash
 from sieve_core.types import Condition, Document
 
 
-class DocumentReads(SqliteDatabase):
+class DocumentReads(Database):
     @staticmethod
-    def _existing(
-        conn: sqlite3.Connection | Transaction, collection_id: int, ids: Iterable[str]
-    ) -> dict[str, tuple[int, bytes]]:
+    def _existing(conn: Connection, collection_id: int, ids: Iterable[str]) -> dict[str, tuple[int, bytes]]:
         out: dict[str, tuple[int, bytes]] = {}
         for chunk in chunks(list(dict.fromkeys(ids)), 500):
             marks = ",".join("?" * len(chunk))
@@ -92,11 +89,11 @@ class DocumentReads(SqliteDatabase):
         )
         empty = np.zeros((0, dims), dtype=np.float32)
         yield IndexChanges(np.zeros(0, dtype=np.uint64), empty, removed)
-        cursor = conn.execute(
+        for rows in self._batches(
             "SELECT key, vector FROM documents WHERE collection_id = ? AND generation > ? ORDER BY key",
             (collection_id, generation),
-        )
-        while rows := cursor.fetchmany(batch):
+            batch,
+        ):
             keys = np.array([r[0] for r in rows], dtype=np.uint64)
             vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float32).reshape(len(rows), dims)
             yield IndexChanges(keys, vectors, np.zeros(0, dtype=np.uint64))
@@ -114,9 +111,9 @@ class DocumentReads(SqliteDatabase):
             )
         ]
         yield TextChanges([], removed)
-        cursor = conn.execute(
+        for rows in self._batches(
             "SELECT key, text FROM documents WHERE collection_id = ? AND generation > ? ORDER BY key",
             (collection_id, generation),
-        )
-        while rows := cursor.fetchmany(batch):
+            batch,
+        ):
             yield TextChanges([(int(k), t) for k, t in rows], [])

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from server.storage.database import Database, chunks
 from server.storage.records import PendingDocument
-from server.storage.sqlite_db import SqliteDatabase, chunks
 from sieve_core.errors import NotFound
 
 
-class TokenRows(SqliteDatabase):
+class TokenRows(Database):
     def put_tokens(self, collection_id: int, blobs: dict[int, bytes]) -> int:
         """Stores token blobs computed after the write (pending documents), in one transaction.
 
@@ -26,9 +26,9 @@ class TokenRows(SqliteDatabase):
         with self._transaction() as conn:
             for key, blob in blobs.items():
                 written += conn.execute(
-                    "INSERT OR IGNORE INTO tokens (collection_id, key, blob) SELECT ?, ?, ?"
+                    "INSERT INTO tokens (collection_id, key, blob) SELECT ?, ?, ?"
                     " WHERE EXISTS (SELECT 1 FROM documents INDEXED BY documents_by_key"
-                    " WHERE collection_id = ? AND key = ?)",
+                    " WHERE collection_id = ? AND key = ?) ON CONFLICT DO NOTHING",
                     (collection_id, int(key), blob, collection_id, int(key)),
                 ).rowcount
             conn.execute(

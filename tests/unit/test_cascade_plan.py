@@ -16,7 +16,7 @@ from server.core.collection_state import server_defaults, token_model
 from server.core.tokens import TokenPlan, TokenStage, plan_from
 from server.dispatch.dispatcher import Dispatcher
 from server.storage.records import CollectionRow
-from server.storage.store import Store
+from server.storage.store import SqliteStore
 from sieve_core.cache import ResultCache
 from sieve_core.errors import FailedPrecondition
 from sieve_core.models.registry import ModelRegistry
@@ -39,7 +39,7 @@ def cascade(tmp_path: Path):  # type: ignore[no-untyped-def]
     pool = ThreadPoolExecutor(2)
     dispatcher = Dispatcher(settings)
     cache = ResultCache.from_settings(settings)
-    store = Store(tmp_path / "data" / "sieve.db")
+    store = SqliteStore(tmp_path / "data" / "sieve.db")
 
     async def read(fn, *args):  # type: ignore[no-untyped-def]
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from server.storage.fulltext import LANGUAGES, FullTextIndex, analyzer, open_fulltext
 from server.storage.records import CollectionRow
-from server.storage.store import Store
+from server.storage.store import SqliteStore, Store
 from sieve_core.types import Document
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ TEXTS = {
 
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "sieve.db")
+    s = SqliteStore(tmp_path / "sieve.db")
     yield s
     s.close()
 
@@ -240,9 +240,9 @@ import os, signal, sys
 from pathlib import Path
 import numpy as np
 from server.storage.fulltext import open_fulltext
-from server.storage.store import Store
+from server.storage.store import SqliteStore
 from sieve_core.types import Document
-store = Store(Path(sys.argv[1]) / "sieve.db")
+store = SqliteStore(Path(sys.argv[1]) / "sieve.db")
 row = store.create_collection("c", "m", "m@1", "cosine", 4, "{}")
 index = open_fulltext(Path(sys.argv[1]) / "ft", "english", lambda g: store.text_changes_since(row.id, g), 0, 0)
 for i in range(3):
@@ -263,7 +263,7 @@ def test_acknowledged_write_is_searchable_after_kill_9(tmp_path: Path) -> None:
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "acknowledged" in proc.stdout
-    store = Store(tmp_path / "sieve.db")
+    store = SqliteStore(tmp_path / "sieve.db")
     row = store.get_collection("c")
     index = FullTextIndex(tmp_path / "ft")
     assert index.generation < row.generation  # the last write never reached tantivy's disk

@@ -1,24 +1,37 @@
-"""Unit tests of the durable document store (server/storage/store.py) on a real SQLite file."""
+"""Unit tests of the durable document store (server/storage/store.py) on both of its backends: a real SQLite
+file and a real PostgreSQL database (the `postgres` fixture's cluster; skipped where PostgreSQL is missing).
+The tests of SQLite's own matters (file space, migrating an old file) run on SQLite only."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from server.storage.records import CollectionRow
-from server.storage.store import Store
+from server.storage.store import SqliteStore, Store
 from sieve_core.errors import AlreadyExists, NotFound
 from sieve_core.types import Condition, Document
 
 DIMS = 4
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+def reopen(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], Store]:
+    """Opens the test's store (again): an SQLite file, or a PostgreSQL database of the test's own."""
+    if request.param == "sqlite":
+        return lambda: SqliteStore(tmp_path / "sieve.db")
+    url = request.getfixturevalue("pg_url")
+    from server.storage.postgres_db import PostgresStore
+
+    return lambda: PostgresStore(url)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    s = Store(tmp_path / "sieve.db")
+def store(reopen: Callable[[], Store]) -> Iterator[Store]:
+    s = reopen()
     yield s
     s.close()
 
@@ -185,6 +198,16 @@ def test_delete_counts(store: Store) -> None:
     assert store.get_collection("c").doc_count == 1
 
 
+def test_a_write_to_a_collection_deleted_meanwhile_is_not_found(store: Store) -> None:
+    cid = _create(store, "gone").id  # e.g. deleted through another server sharing the store
+    store.delete_collection("gone")
+    with pytest.raises(NotFound):
+        store.upsert(cid, [Document("a", "alpha")], {"a": _vec(1)})
+    with pytest.raises(NotFound):
+        store.delete(cid, ["a"])
+    assert store.list_collections() == []
+
+
 def test_changes_since_catches_up_a_snapshot(store: Store) -> None:
     cid = _create(store).id
     docs = [Document(f"d{i}", f"text {i}", {"n": str(i % 3)}) for i in range(10)]
@@ -260,9 +283,8 @@ def test_filter_keys_with_one_and_two_conditions(store: Store) -> None:
     assert store.filter_keys(cid, [Condition("lang", "en")]).tolist() == en.tolist()
 
 
-def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "sieve.db"
-    store = Store(path)
+def test_data_survives_close_and_reopen(reopen: Callable[[], Store]) -> None:
+    store = reopen()
     cid = _create(store, "keep").id
     _, vectors = _upsert(store, cid, [Document("a", "alpha", {"m": "1"}), Document("b", "beta")])
     store.delete(cid, ["b"])
@@ -270,7 +292,7 @@ def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
     live = _live(store, cid)
     store.close()
 
-    reopened = Store(path)
+    reopened = reopen()
     try:
         again = reopened.get_collection("keep")
         assert again == row
@@ -409,7 +431,7 @@ def test_a_new_token_model_makes_every_document_pending(store: Store) -> None:
 
 def test_deleting_and_replacing_documents_reclaims_token_space(tmp_path: Path) -> None:
     path = tmp_path / "sieve.db"
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         assert store.incremental_vacuum
         cid = _token_collection(store).id
@@ -468,7 +490,7 @@ def test_a_store_from_before_token_vectors_is_migrated(tmp_path: Path) -> None:
     conn.commit()
     conn.close()
 
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         assert not store.incremental_vacuum  # created without it: the log asks for a one-off VACUUM
         row = store.get_collection("old")
@@ -484,4 +506,4 @@ def test_a_store_from_before_token_vectors_is_migrated(tmp_path: Path) -> None:
         assert store.compact(min_free_pages=0) == 0
     finally:
         store.close()
-    Store(path).close()  # a second open finds the columns there
+    SqliteStore(path).close()  # a second open finds the columns there

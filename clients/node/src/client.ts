@@ -21,6 +21,7 @@ import {
   type ServiceError,
   status as Status,
 } from "@grpc/grpc-js";
+import { channelTarget, serviceConfig } from "./channel";
 import { fromServiceError, InvalidArgumentError, SieveError } from "./errors";
 import { DEFAULT_RETRY, isRetryable, nextWaitMs, type RetryPolicy } from "./retry";
 import { type Collection, CollectionServiceClient, CreateCollectionRequest } from "./gen/sieve/v1/collections";
@@ -301,7 +302,8 @@ type UnaryMethod<Req, Res> = (
 ) => ClientUnaryCall;
 
 export class SieveClient {
-  readonly address: string;
+  /** As given: one "host:port", or several servers (see channel.ts). */
+  readonly address: string | readonly string[];
   readonly tls: boolean;
   readonly timeouts: Timeouts;
   readonly retry: RetryPolicy;
@@ -312,7 +314,10 @@ export class SieveClient {
   private readonly searches: SearchServiceClient;
   private readonly jobs: JobServiceClient;
 
-  constructor(address: string = DEFAULT_ADDRESS, options: SieveClientOptions = {}) {
+  /** `address`: one "host:port" (a DNS name that resolves to several servers spreads the calls over them),
+   * or several servers as a list of "IP:port" (or one comma-separated string): calls are spread over the
+   * servers that are up and moved to another on UNAVAILABLE (channel.ts). */
+  constructor(address: string | readonly string[] = DEFAULT_ADDRESS, options: SieveClientOptions = {}) {
     this.address = address;
     this.timeouts = { ...DEFAULT_TIMEOUTS, ...options.timeouts };
     this.retry = { ...DEFAULT_RETRY, ...options.retry };
@@ -323,18 +328,20 @@ export class SieveClient {
     const creds: ChannelCredentials = this.tls
       ? grpcCredentials.createSsl(read(options.rootCerts), read(options.privateKey), read(options.certChain))
       : grpcCredentials.createInsecure();
+    const { target, count } = channelTarget(address);
     const channelOptions: ChannelOptions = {
       "grpc.max_receive_message_length": MAX_MESSAGE_BYTES,
       "grpc.max_send_message_length": MAX_MESSAGE_BYTES,
       "grpc.primary_user_agent": "sieve-client-node/0.2.0",
+      "grpc.service_config": serviceConfig(count),
       ...options.channelOptions,
     };
-    this.collections = new CollectionServiceClient(address, creds, channelOptions);
+    this.collections = new CollectionServiceClient(target, creds, channelOptions);
     // One channel for all four services.
     const shared = { ...channelOptions, channelOverride: this.collections.getChannel() };
-    this.documents = new DocumentServiceClient(address, creds, shared);
-    this.searches = new SearchServiceClient(address, creds, shared);
-    this.jobs = new JobServiceClient(address, creds, shared);
+    this.documents = new DocumentServiceClient(target, creds, shared);
+    this.searches = new SearchServiceClient(target, creds, shared);
+    this.jobs = new JobServiceClient(target, creds, shared);
   }
 
   close(): void {

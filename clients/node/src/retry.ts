@@ -33,7 +33,8 @@ export const DEFAULT_RETRY: RetryPolicy = {
   maxRetryDelayMs: 30000,
 };
 
-const IDEMPOTENT = new Set([
+/** The calls safe to repeat whatever the server did ("Service/Method"). */
+export const IDEMPOTENT: ReadonlySet<string> = new Set([
   "CollectionService/GetCollection",
   "CollectionService/ListCollections",
   "DocumentService/UpsertDocuments",
@@ -48,8 +49,14 @@ const IDEMPOTENT = new Set([
 ]);
 const NEVER_RETRIED = new Set(["JobService/UploadIndexJob"]);
 // grpc's wording for a connection never made (grpc-js: "No connection established"; grpc-core: "failed to
-// connect to all addresses") and the Sieve server's start-up gate.
-const REFUSED_BEFORE_WORK = ["no connection established", "failed to connect to all addresses", "server is starting"];
+// connect to all addresses", and with round_robin "connections to all backends failing") and the Sieve
+// server's start-up gate.
+const REFUSED_BEFORE_WORK = [
+  "no connection established",
+  "failed to connect to all addresses",
+  "connections to all backends failing",
+  "server is starting",
+];
 const TOO_LARGE = "message larger than max";
 
 /** Whether a failed attempt of `method` ("Service/Method") may be sent again. */

@@ -29,6 +29,8 @@ export async function freePort(): Promise<number> {
 export interface LiveServer {
   address: string;
   stop(): Promise<void>;
+  /** SIGKILL, as a crash: no graceful shutdown. */
+  kill(): Promise<void>;
   log(): string;
 }
 
@@ -51,12 +53,15 @@ export async function startServer(): Promise<LiveServer> {
   const proc: ChildProcess = spawn(PYTHON, ["-m", "sieve_cli.main", "serve"], { cwd: ROOT, env });
   proc.stdout?.on("data", (d) => (output += d));
   proc.stderr?.on("data", (d) => (output += d));
-  const stop = async () => {
+  const signal = async (name: NodeJS.Signals) => {
     if (proc.exitCode === null && proc.signalCode === null) {
       const exited = new Promise((done) => proc.once("exit", done));
-      proc.kill("SIGTERM");
+      proc.kill(name);
       await exited;
     }
+  };
+  const stop = async () => {
+    await signal("SIGTERM");
     rmSync(dataDir, { recursive: true, force: true });
   };
   try {
@@ -68,7 +73,7 @@ export async function startServer(): Promise<LiveServer> {
     await stop();
     throw new Error(`the server did not start: ${err}\n${output}`);
   }
-  return { address, stop, log: () => output };
+  return { address, stop, kill: () => signal("SIGKILL"), log: () => output };
 }
 
 /** A self-signed certificate for 127.0.0.1 / localhost (openssl). */

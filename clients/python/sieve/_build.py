@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypeAlias
+from typing import Any, Literal, TypeAlias, TypedDict
 
 import grpc
 
@@ -208,30 +208,49 @@ def vector_values(value: VectorArg) -> list[float]:
     return value.tolist() if hasattr(value, "tolist") else [float(x) for x in value]
 
 
-def search(
-    collection: str,
-    query: str,
-    *,
-    top_k: int,
-    filter: FilterArg,
-    settings: common_pb2.SearchSettings,
-    omit_documents: bool,
-    min_generation: int,
-    query_vector: VectorArg | None = None,
-) -> search_pb2.SearchRequest:
-    if filter is None or isinstance(filter, common_pb2.Filter):
-        flt = filter
-    else:
-        flt = common_pb2.Filter(all=[common_pb2.Condition(key=k, equals=v) for k, v in filter.items()])
+class SearchOptions(TypedDict, total=False):
+    """The keyword arguments of `search` and `search_stream` besides `timeout` (see `SieveClient.search`)."""
+
+    top_k: int
+    filter: FilterArg
+    settings: SettingsArg
+    retrieve_candidates: int | None
+    ef_search: int | None
+    late_interaction: StageModeArg
+    late_interaction_keep: int | None
+    cross_encoder: StageModeArg
+    cross_encoder_keep: int | None
+    latency_budget_ms: int | None
+    tier: TierArg
+    retrieval: RetrievalArg
+    fusion: FusionArg
+    rrf_k: int | None
+    dense_weight: float | None
+    query_vector: VectorArg | None
+    omit_documents: bool
+    min_generation: int
+
+
+_REQUEST_FIELDS = ("top_k", "omit_documents", "min_generation")
+
+
+def search(collection: str, query: str, options: SearchOptions) -> search_pb2.SearchRequest:
+    """The SearchRequest of `search(collection, query, **options)` (a TypeError for an unknown option, as
+    Python gives for a misspelt keyword argument)."""
+    unknown = sorted(set(options) - set(SearchOptions.__annotations__))
+    if unknown:
+        raise TypeError(f"search() got unexpected keyword arguments: {', '.join(unknown)}")
+    given: dict[str, Any] = dict(options)
+    flt = given.pop("filter", None)
+    if flt is not None and not isinstance(flt, common_pb2.Filter):
+        flt = common_pb2.Filter(all=[common_pb2.Condition(key=k, equals=v) for k, v in flt.items()])
+    fields: dict[str, Any] = {key: given.pop(key) for key in _REQUEST_FIELDS if key in given}
+    vector = given.pop("query_vector", None)
+    if vector is not None:
+        fields["query_vector"] = vector_values(vector)
+    settings = search_settings(given.pop("settings", None), **given)
     return search_pb2.SearchRequest(
-        collection=collection,
-        query=query,
-        top_k=top_k,
-        filter=flt,
-        settings=settings,
-        omit_documents=omit_documents,
-        min_generation=min_generation,
-        query_vector=None if query_vector is None else vector_values(query_vector),
+        collection=collection, query=query, filter=flt, settings=settings, **fields
     )
 
 

@@ -52,9 +52,14 @@ IDEMPOTENT = frozenset(
 )
 NEVER_RETRIED = frozenset({"JobService/UploadIndexJob"})
 
-# Refusals recognised from the status text alone: grpc-core's for a connection never made, the Sieve
-# server's start-up gate (server/app.py), and grpc-core's for a message over the size limit.
-_REFUSED_BEFORE_WORK = ("failed to connect to all addresses", "server is starting")
+# Refusals recognised from the status text alone: grpc-core's for a connection never made (pick_first's
+# words, and round_robin's when no server is connected), the Sieve server's start-up gate (server/app.py),
+# and grpc-core's for a message over the size limit.
+_REFUSED_BEFORE_WORK = (
+    "failed to connect to all addresses",
+    "connections to all backends failing",
+    "server is starting",
+)
 _TOO_LARGE = "message larger than max"
 
 
