@@ -1,13 +1,16 @@
 """Search through gRPC against corpus size: a real `sieve serve` holding 100k and 1M synthetic documents.
 
     .venv/bin/python bench/search_corpus.py [--sizes 100000 1000000] [--queries 500] [--batch 1000]
+        [--max-fill-s SECONDS]
 
 For each size: a fresh `sieve serve` (temporary data directory, no workers, no Redis), one collection of the
 default embedding model (all-MiniLM-L6-v2, 384-d), filled through UpsertDocuments with precomputed vectors
 (Document.vector, UpsertDocumentsRequest.embedding_model): bench/ann.py's synthetic 384-d mixture, so that
 the corpus can be 1M without hours of embedding; each document's text is a short label ("synthetic document
-N"), indexed by the full-text index too. Progress and the upsert rate are logged as it goes (1M takes most of
-an hour on 2 busy cores: the HNSW inserts dominate). Then one client, one request at a time: Search by vector
+N"), indexed by the full-text index too. Progress and the upsert rate are logged as it goes: the HNSW inserts
+dominate (about 0.5-0.7 ms of CPU per document up to 100k, more as the graph grows), so on 2 cores shared with
+other work 1M takes hours; --max-fill-s stops the upsert after that long and measures what was loaded (the
+result says how many). Then one client, one request at a time: Search by vector
 (SearchRequest.query_vector, fresh draws from the same mixture) for the top 10, ids only: latency p50/p99 as
 the client sees it, the server's retrieve stage time, and recall@10 against exact search over the same
 vectors; the server's resident memory after loading. Search by vector skips the query embedding (a fixed
@@ -19,6 +22,7 @@ written after each size.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -52,10 +56,12 @@ def _rss_mb(pid: int) -> float:
     return 0.0
 
 
-def fill(documents: Any, name: str, corpus: np.ndarray, batch: int) -> float:
-    """Upsert the corpus with its vectors; returns seconds taken. Logs progress about every 5%."""
+def fill(documents: Any, name: str, corpus: np.ndarray, batch: int, budget_s: float) -> tuple[float, int]:
+    """Upsert the corpus with its vectors, for at most `budget_s` seconds; returns (seconds taken, documents
+    upserted). Logs progress about every 5%."""
     started = time.perf_counter()
     step = max(batch, len(corpus) // 20 // batch * batch)
+    done = 0
     for start in range(0, len(corpus), batch):
         docs = [
             documents_pb2.Document(id=f"d{i}", text=f"synthetic document {i}", vector=corpus[i].tolist())
@@ -66,18 +72,23 @@ def fill(documents: Any, name: str, corpus: np.ndarray, batch: int) -> float:
             timeout=600,
         )
         done = start + len(docs)
+        took = time.perf_counter() - started
         if done % step == 0 or done == len(corpus):
-            took = time.perf_counter() - started
             log(
-                f"  {done:,}/{len(corpus):,} upserted ({100 * done / len(corpus):.0f}%), {done / took:,.0f}/s"
+                f"  {done:,}/{len(corpus):,} upserted ({100 * done / len(corpus):.0f}%), {done / took:,.0f}/s,"
+                f" load average {os.getloadavg()[0]:.1f}"
             )
-    return time.perf_counter() - started
+        if took > budget_s and done < len(corpus):
+            log(
+                f"  stopped at {done:,}/{len(corpus):,} after {took:,.0f} s (--max-fill-s), {done / took:,.0f}/s"
+            )
+            break
+    return time.perf_counter() - started, done
 
 
-def measure(n: int, n_queries: int, batch: int) -> dict[str, Any]:
+def measure(n: int, n_queries: int, batch: int, budget_s: float) -> dict[str, Any]:
     corpus = synthetic(n)
     queries = synthetic_queries(n, n_queries)
-    truth = exact_topk(corpus, queries)
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     with (
         tempfile.TemporaryDirectory(prefix="sieve-corpus-") as data_dir,
@@ -92,8 +103,11 @@ def measure(n: int, n_queries: int, batch: int) -> dict[str, Any]:
             timeout=60,
         )
         log(f"{n:,} documents: upserting with precomputed vectors, {batch} per call")
-        fill_s = fill(documents, "corpus", corpus, batch)
+        load_before = os.getloadavg()[0]
+        fill_s, loaded = fill(documents, "corpus", corpus, batch, budget_s)
+        load_after = os.getloadavg()[0]
         rss = _rss_mb(served.proc.pid)
+        truth = exact_topk(corpus[:loaded], queries)  # what was loaded, if the budget cut the fill short
         del corpus
         ms: list[float] = []
         stage_ms: list[float] = []
@@ -110,9 +124,12 @@ def measure(n: int, n_queries: int, batch: int) -> dict[str, Any]:
                 stage_ms.append(response.stages[0].took_ms)
             found.append([int(h.id[1:]) for h in response.hits] + [-1] * (K - len(response.hits)))
     entry = {
-        "documents": n,
+        "documents": loaded,
+        "target_documents": n,
+        "upsert_batch": batch,
         "upsert_s": round(fill_s, 1),
-        "upsert_docs_per_s": round(n / fill_s, 1),
+        "upsert_docs_per_s": round(loaded / fill_s, 1),
+        "load_average_during_upsert": [round(load_before, 1), round(load_after, 1)],
         "server_rss_mb": round(rss, 1),
         "search": percentiles(ms),
         "retrieve_stage_ms_p50": float(np.median(stage_ms)),
@@ -120,7 +137,7 @@ def measure(n: int, n_queries: int, batch: int) -> dict[str, Any]:
         "queries": len(ms),
     }
     log(
-        f"  {n:,}: Search by vector p50 {entry['search']['p50_ms']:.2f} ms p99 {entry['search']['p99_ms']:.2f} ms "
+        f"  {loaded:,}: Search by vector p50 {entry['search']['p50_ms']:.2f} ms p99 {entry['search']['p99_ms']:.2f} ms "
         f"(retrieve stage {entry['retrieve_stage_ms_p50']:.2f} ms), recall@10 {entry['recall@10']:.4f}, "
         f"server RSS {rss:,.0f} MB, upserted at {entry['upsert_docs_per_s']:,.0f}/s"
     )
@@ -134,12 +151,18 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--queries", type=int, default=500)
     parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument(
+        "--max-fill-s",
+        type=float,
+        default=float("inf"),
+        help="stop upserting a size after this many seconds and measure what was loaded (recorded as such)",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     settings = load_settings({})
     results: list[dict[str, Any]] = []
     for n in args.sizes:
-        results.append(measure(n, args.queries, args.batch))
+        results.append(measure(n, args.queries, args.batch, args.max_fill_s))
         write_result(
             "search_corpus",
             {

@@ -11,10 +11,23 @@ import argparse
 import sys
 from pathlib import Path
 
-from sieve_core.config import markdown_table
+from sieve_core.config import Settings
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BEGIN, END = "<!-- settings:begin (scripts/gen_docs.py) -->", "<!-- settings:end -->"
+
+
+def markdown_table() -> str:
+    """The settings as the README's Markdown table ."""
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else str(field.default)
+        rows.append(f"| `SIEVE_{name.upper()}` | `{cell(default)}` | {cell(field.description or '')} |")
+    return "\n".join(rows) + "\n"
 
 
 def render(text: str) -> str:

@@ -109,9 +109,22 @@ class _Index(BaseSettings):
         "cheaper than an HNSW walk there, and exact).",
     )
     snapshot_every_writes: int = Field(
-        5_000, ge=1, description="Snapshot a collection's index after this many changed documents."
+        5_000,
+        ge=1,
+        description="Snapshot a collection's index after this many changed documents...",
     )
-    snapshot_interval_s: float = Field(60.0, gt=0, description="...or this many seconds after a write.")
+    snapshot_growth: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="...or this fraction of the index's size, if that is more (a snapshot rewrites the whole "
+        "index: at a fixed count its cost per write grows with the index). 0: the count alone.",
+    )
+    snapshot_interval_s: float = Field(
+        60.0,
+        gt=0,
+        description="...or this many seconds after a write (or 9x as long as the last snapshot took, if more).",
+    )
 
 
 class _SearchDefaults(BaseSettings):
@@ -332,19 +345,6 @@ class Settings(_Operations, _Security, _Jobs, _Limits, _SearchDefaults, _Index, 
         if self.store_url is not None:
             out["store_url"] = redact_url(self.store_url.get_secret_value())
         return out
-
-
-def markdown_table() -> str:
-    """The settings as the README's Markdown table (scripts/gen_docs.py keeps the README in step)."""
-
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    rows = ["| variable | default | meaning |", "|---|---|---|"]
-    for name, field in Settings.model_fields.items():
-        default = "unset" if field.default is None else str(field.default)
-        rows.append(f"| `SIEVE_{name.upper()}` | `{cell(default)}` | {cell(field.description or '')} |")
-    return "\n".join(rows) + "\n"
 
 
 def redact_url(url: str) -> str:

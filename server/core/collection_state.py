@@ -40,6 +40,7 @@ class Collection:
     unsnapshotted_writes: int = 0
     last_snapshot: float = field(default_factory=time.monotonic)
     snapshot_retry_at: float = 0.0  # after a failed snapshot (e.g. a full disk), not before this
+    snapshot_took_s: float = 0.0  # how long the last snapshot took: paces the next (Collections.published)
     # BM25 over the documents' texts (lexical and hybrid retrieval), kept in step by the writer thread.
     fulltext: FullTextIndex | None = None
     # How the collection stores its documents' token vectors (late interaction); None: it stores none.

@@ -16,7 +16,7 @@ work (ONNX, usearch, SQLite) runs in executors (executors.py), so the event loop
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 
 import numpy as np
 
@@ -119,7 +119,7 @@ class Engine:
         self,
         name: str,
         docs: list[Document],
-        vectors: dict[str, list[float]] | None = None,
+        vectors: Mapping[str, Sequence[float] | np.ndarray] | None = None,
         embedding_model: str = "",
     ) -> WriteResult:
         """Upsert; with `vectors` (by id, from the client), those documents are stored with them unembedded."""

@@ -99,7 +99,7 @@ def text_language(value: str) -> str:
     return value
 
 
-def vector(values: Sequence[float], dims: int, where: str) -> np.ndarray:
+def vector(values: Sequence[float] | np.ndarray, dims: int, where: str) -> np.ndarray:
     """A client's vector: the collection's dimensions, finite numbers."""
     out = np.asarray(values, dtype=np.float32)
     if out.shape != (dims,):

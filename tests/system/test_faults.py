@@ -554,7 +554,13 @@ def check_reads(client: Client, model: Model, probe: str) -> None:
 
 def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_freed(tmp_path: Path) -> None:
     texts, model = Texts(seed=7), Model()
-    env = {"SIEVE_SNAPSHOT_EVERY_WRITES": "1", "SIEVE_SNAPSHOT_INTERVAL_S": "3600", **NO_METRICS}
+    # A snapshot after every write, however small against the index (SIEVE_SNAPSHOT_GROWTH 0).
+    env = {
+        "SIEVE_SNAPSHOT_EVERY_WRITES": "1",
+        "SIEVE_SNAPSHOT_GROWTH": "0",
+        "SIEVE_SNAPSHOT_INTERVAL_S": "3600",
+        **NO_METRICS,
+    }
     with tmpfs(tmp_path / "mnt", "24m") as mnt:
         data_dir, small, big = mnt / "data", mnt / "ballast-small", mnt / "ballast-big"
         with running_server(data_dir, tmp_path / "first.log", **env) as client:

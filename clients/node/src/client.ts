@@ -25,7 +25,7 @@ import { channelTarget, serviceConfig } from "./channel";
 import { fromServiceError, InvalidArgumentError, SieveError } from "./errors";
 import { DEFAULT_RETRY, isRetryable, nextWaitMs, type RetryPolicy } from "./retry";
 import { type Collection, CollectionServiceClient, CreateCollectionRequest } from "./gen/sieve/v1/collections";
-import { Filter, Metric, SearchSettings, SearchTier, StageMode } from "./gen/sieve/v1/common";
+import { Filter, Fusion, Metric, Retrieval, SearchSettings, SearchTier, StageMode } from "./gen/sieve/v1/common";
 import {
   type DeleteDocumentsResponse,
   Document,
@@ -95,10 +95,15 @@ export type StageModeArg = "off" | "best_effort" | "required" | StageMode;
 export type MetricArg = "cosine" | "ip" | "l2" | Metric;
 export type FormatArg = "auto" | "sieve" | "beir" | SourceFormat;
 export type TierArg = "fast" | "balanced" | "best" | SearchTier;
+export type RetrievalArg = "dense" | "lexical" | "hybrid" | Retrieval;
+export type FusionArg = "rrf" | "weighted" | Fusion;
 export interface DocumentInput {
   id: string;
   text: string;
   metadata?: Record<string, string>;
+  /** The document's own vector, made by the collection's model (upsertDocuments' `embeddingModel` names
+   * it): stored instead of embedding the text. */
+  vector?: ArrayLike<number>;
 }
 export interface SettingsInput {
   retrieveCandidates?: number;
@@ -111,6 +116,13 @@ export interface SettingsInput {
   latencyBudgetMs?: number;
   /** A named budget with depths: "fast" (25 ms), "balanced" (60 ms), "best" (400 ms). */
   tier?: TierArg;
+  /** First stage: "dense", "lexical" (BM25) or "hybrid" (both, fused). */
+  retrieval?: RetrievalArg;
+  /** How hybrid retrieval fuses: "rrf" (reciprocal rank fusion, with rrfK) or "weighted" (denseWeight). */
+  fusion?: FusionArg;
+  rrfK?: number;
+  /** Weighted fusion's weight of the dense side, in [0, 1]. */
+  denseWeight?: number;
 }
 
 export interface CreateCollectionOptions extends CallOpts {
@@ -132,6 +144,14 @@ export interface SearchOptions extends CallOpts, SettingsInput {
   omitDocuments?: boolean;
   /** Read your writes: search once the collection has at least this generation. */
   minGeneration?: number;
+  /** Search by this vector (of the collection's model) instead of the query's embedding; the query may
+   * then be "" unless lexical retrieval or a re-ranking stage needs the text. */
+  queryVector?: ArrayLike<number>;
+}
+
+export interface UpsertOptions extends CallOpts {
+  /** The model that made the documents' own vectors (name or name@revision): the collection's. */
+  embeddingModel?: string;
 }
 
 export interface IndexJobOptions extends CallOpts {
@@ -156,6 +176,12 @@ const METRICS: Record<string, Metric> = {
   ip: Metric.METRIC_INNER_PRODUCT,
   l2: Metric.METRIC_L2,
 };
+const RETRIEVALS: Record<string, Retrieval> = {
+  dense: Retrieval.RETRIEVAL_DENSE,
+  lexical: Retrieval.RETRIEVAL_LEXICAL,
+  hybrid: Retrieval.RETRIEVAL_HYBRID,
+};
+const FUSIONS: Record<string, Fusion> = { rrf: Fusion.FUSION_RRF, weighted: Fusion.FUSION_WEIGHTED };
 const FORMATS: Record<string, SourceFormat> = {
   auto: SourceFormat.SOURCE_FORMAT_UNSPECIFIED,
   sieve: SourceFormat.SOURCE_FORMAT_SIEVE,
@@ -180,6 +206,10 @@ function settings(input: SettingsInput | undefined): SearchSettings {
     crossEncoderKeep: s.crossEncoderKeep,
     latencyBudgetMs: s.latencyBudgetMs,
     tier: s.tier === undefined ? undefined : lookup(TIERS, s.tier, "search tier"),
+    retrieval: s.retrieval === undefined ? undefined : lookup(RETRIEVALS, s.retrieval, "retrieval"),
+    fusion: s.fusion === undefined ? undefined : lookup(FUSIONS, s.fusion, "fusion"),
+    rrfK: s.rrfK,
+    denseWeight: s.denseWeight,
   });
 }
 
@@ -226,6 +256,7 @@ function searchRequest(collection: string, query: string, options: SearchOptions
     settings: settings(options),
     omitDocuments: options.omitDocuments ?? false,
     minGeneration: options.minGeneration ?? 0,
+    queryVector: options.queryVector === undefined ? [] : Array.from(options.queryVector),
   });
 }
 
@@ -388,15 +419,24 @@ export class SieveClient {
 
   // -- documents --------------------------------------------------------------------------------
   /** Inserts or replaces documents as one atomic batch; `generation` of the response can be passed as
-   * `minGeneration` to a search to read this write. */
+   * `minGeneration` to a search to read this write. Documents may carry their own `vector`, stored instead
+   * of embedding the text; `options.embeddingModel` must then name the collection's model. */
   async upsertDocuments(
     collection: string,
     documents: Iterable<DocumentInput | Document>,
-    options: CallOpts = {},
+    options: UpsertOptions = {},
   ): Promise<UpsertDocumentsResponse> {
     const d = this.documents;
-    // embeddingModel names the model of client-computed vectors (Document.vector); none are sent here.
-    const request = { collection, documents: [...documents].map((doc, i) => toDocument(doc, i)), embeddingModel: "" };
+    const request = {
+      collection,
+      documents: [...documents].map((doc, i) => {
+        const message = toDocument(doc, i);
+        // toDocument checks what a JSONL line may hold (no vectors); a vector is passed on as given.
+        const vector = (doc as { vector?: ArrayLike<number> }).vector;
+        return vector === undefined ? message : { ...message, vector: Array.from(vector) };
+      }),
+      embeddingModel: options.embeddingModel ?? "",
+    };
     return this.unary("DocumentService/UpsertDocuments", d.upsertDocuments.bind(d), request, options.timeoutMs, this.timeouts.write);
   }
 

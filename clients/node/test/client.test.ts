@@ -155,6 +155,44 @@ describe("against a live server", () => {
     });
   });
 
+  test("vectors of one's own and hybrid settings", async () => {
+    const name = unique();
+    const created = await client.createCollection(name);
+    const unit = (seed: number) => {
+      const v = Array.from({ length: created.dimensions }, (_, i) => Math.sin(seed * 7.3 + i * 1.7));
+      const norm = Math.hypot(...v);
+      return v.map((x) => x / norm);
+    };
+    const a = unit(1);
+    const b = Float32Array.from(unit(2));
+    const written = await client.upsertDocuments(
+      name,
+      [
+        { id: "a", text: "quarks and gluons", vector: a },
+        { id: "b", text: "owls hunt mice", vector: b },
+        { id: "c", text: "the cat sat on the mat" },
+      ],
+      { embeddingModel: created.embeddingModel },
+    );
+    assert.equal(written.upserted, 3);
+    for (const [id, v] of [["a", a], ["b", b]] as const) {
+      const { hits } = await client.search(name, "", { queryVector: v, topK: 1, minGeneration: written.generation });
+      assert.equal(hits[0].id, id);
+      assert.ok(hits[0].score > 0.999, String(hits[0].score));
+    }
+    const fusion = (r: SearchResponse) => r.stages.find((s) => s.stage === Stage.STAGE_FUSION)?.method;
+    const rrf = await client.search(name, "owls", { retrieval: "hybrid", fusion: "rrf", rrfK: 7 });
+    assert.equal(fusion(rrf), "rrf k=7");
+    assert.equal(rrf.hits[0].id, "b");
+    const weighted = await client.search(name, "owls", { retrieval: "hybrid", fusion: "weighted", denseWeight: 0.25 });
+    assert.equal(fusion(weighted), "weighted dense=0.25");
+    const lexical = await client.search(name, "cat", { retrieval: "lexical" });
+    assert.equal(lexical.stages[0].stage, Stage.STAGE_LEXICAL);
+    assert.equal(lexical.hits[0].id, "c");
+    await assert.rejects(client.search(name, "owls", { retrieval: "sparse" as "dense" }), TypeError);
+    await client.deleteCollection(name);
+  });
+
   test("errors carry status and message", async () => {
     const name = unique();
     await client.createCollection(name);

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, TypedDict
 
@@ -18,6 +18,10 @@ DocumentArg: TypeAlias = documents_pb2.Document | Mapping[str, Any]
 FilterArg: TypeAlias = Mapping[str, str] | common_pb2.Filter | None
 SettingsArg: TypeAlias = common_pb2.SearchSettings | Mapping[str, Any] | None
 TierArg: TypeAlias = Literal["fast", "balanced", "best"] | common_pb2.SearchTier | int | None
+RetrievalArg: TypeAlias = Literal["dense", "lexical", "hybrid"] | common_pb2.Retrieval | int | None
+FusionArg: TypeAlias = Literal["rrf", "weighted"] | common_pb2.Fusion | int | None
+# A vector: a list or tuple of numbers, or anything with .tolist() (a numpy array).
+VectorArg: TypeAlias = Sequence[float] | Any
 # A JSONL file (path), JSONL bytes in chunks, or documents.
 UploadSource: TypeAlias = str | Path | Iterable[bytes] | Iterable[DocumentArg]
 
@@ -117,8 +121,14 @@ def search_settings(
     cross_encoder_keep: int | None = None,
     latency_budget_ms: int | None = None,
     tier: TierArg = None,
+    retrieval: RetrievalArg = None,
+    fusion: FusionArg = None,
+    rrf_k: int | None = None,
+    dense_weight: float | None = None,
 ) -> common_pb2.SearchSettings:
-    """`base` (a message or a dict of its fields), with the keyword arguments that are not None on top."""
+    """`base` (a message or a dict of its fields), with the keyword arguments that are not None on top.
+    `retrieval`: "dense", "lexical" (BM25) or "hybrid" (both, fused by `fusion`: "rrf" with `rrf_k`, or
+    "weighted" with `dense_weight` in [0, 1])."""
     settings = common_pb2.SearchSettings()
     if isinstance(base, common_pb2.SearchSettings):
         settings.CopyFrom(base)
@@ -141,9 +151,15 @@ def search_settings(
         ("late_interaction_keep", late_interaction_keep),
         ("cross_encoder_keep", cross_encoder_keep),
         ("latency_budget_ms", latency_budget_ms),
+        ("rrf_k", rrf_k),
+        ("dense_weight", dense_weight),
     ):
         if value is not None:
             setattr(settings, key, value)
+    if retrieval is not None:
+        settings.retrieval = _lookup(_RETRIEVALS, retrieval, "retrieval")  # type: ignore[assignment]
+    if fusion is not None:
+        settings.fusion = _lookup(_FUSIONS, fusion, "fusion")  # type: ignore[assignment]
     if late_interaction is not None:
         settings.late_interaction = stage_mode(late_interaction)  # type: ignore[assignment]
     if cross_encoder is not None:
@@ -171,10 +187,25 @@ def create_collection(
     )
 
 
-def upsert(collection: str, documents: Iterable[DocumentArg]) -> documents_pb2.UpsertDocumentsRequest:
+def upsert(
+    collection: str, documents: Iterable[DocumentArg], embedding_model: str = ""
+) -> documents_pb2.UpsertDocumentsRequest:
+    """A dict may carry its own "vector" (computed by the client with the collection's model, which
+    `embedding_model` must name); a Document message its `vector` field."""
+    docs = []
+    for i, d in enumerate(documents):
+        message = document(d, i)
+        if isinstance(d, Mapping) and d.get("vector") is not None:
+            message.vector.extend(vector_values(d["vector"]))
+        docs.append(message)
     return documents_pb2.UpsertDocumentsRequest(
-        collection=collection, documents=[document(d, i) for i, d in enumerate(documents)]
+        collection=collection, documents=docs, embedding_model=embedding_model
     )
+
+
+def vector_values(value: VectorArg) -> list[float]:
+    """A vector as the list of floats protobuf takes (a numpy array through its own .tolist(): fast)."""
+    return value.tolist() if hasattr(value, "tolist") else [float(x) for x in value]
 
 
 class SearchOptions(TypedDict, total=False):
@@ -191,6 +222,11 @@ class SearchOptions(TypedDict, total=False):
     cross_encoder_keep: int | None
     latency_budget_ms: int | None
     tier: TierArg
+    retrieval: RetrievalArg
+    fusion: FusionArg
+    rrf_k: int | None
+    dense_weight: float | None
+    query_vector: VectorArg | None
     omit_documents: bool
     min_generation: int
 
@@ -209,6 +245,9 @@ def search(collection: str, query: str, options: SearchOptions) -> search_pb2.Se
     if flt is not None and not isinstance(flt, common_pb2.Filter):
         flt = common_pb2.Filter(all=[common_pb2.Condition(key=k, equals=v) for k, v in flt.items()])
     fields: dict[str, Any] = {key: given.pop(key) for key in _REQUEST_FIELDS if key in given}
+    vector = given.pop("query_vector", None)
+    if vector is not None:
+        fields["query_vector"] = vector_values(vector)
     settings = search_settings(given.pop("settings", None), **given)
     return search_pb2.SearchRequest(
         collection=collection, query=query, filter=flt, settings=settings, **fields

@@ -17,11 +17,19 @@ from sieve.v1 import documents_pb2
 
 class AsyncDocumentCalls(AsyncClientBase):
     async def upsert_documents(
-        self, collection: str, documents: Iterable[DocumentArg], *, timeout: float | None = None
+        self,
+        collection: str,
+        documents: Iterable[DocumentArg],
+        *,
+        embedding_model: str = "",
+        timeout: float | None = None,
     ) -> documents_pb2.UpsertDocumentsResponse:
         """Insert or replace documents (messages or {"id", "text", "metadata"} dicts) as one atomic batch.
-        The response's `generation` can be passed to `search(min_generation=...)` to read this write."""
-        request = _build.upsert(collection, documents)
+        The response's `generation` can be passed to `search(min_generation=...)` to read this write.
+        Documents may carry their own vectors ({"vector": [...]}, a list or a numpy array), stored instead
+        of embedding the text; `embedding_model` must then name the collection's model (name or
+        name@revision), so that they are comparable with its queries."""
+        request = _build.upsert(collection, documents, embedding_model)
         return await self._unary(
             "DocumentService/UpsertDocuments",
             self._documents.UpsertDocuments,

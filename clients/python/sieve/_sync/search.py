@@ -22,7 +22,10 @@ class SearchCalls(ClientBase):
         (all must hold) or a `Filter`; `settings` (a `SearchSettings` or a dict of its fields) and, on top,
         retrieve_candidates, ef_search, late_interaction / cross_encoder (stage modes "off", "best_effort" or
         "required"; None: the collection default), late_interaction_keep, cross_encoder_keep,
-        latency_budget_ms, tier ("fast", "balanced", "best"); omit_documents; min_generation.
+        latency_budget_ms, tier ("fast", "balanced", "best"); retrieval ("dense", "lexical" or "hybrid"),
+        fusion ("rrf" with rrf_k, or "weighted" with dense_weight); query_vector (search by this vector of
+        the collection's model instead of the query's embedding; the query may then be "" unless lexical
+        retrieval or a re-ranker needs the text); omit_documents; min_generation.
 
         The response has `hits` (each with `stage_scores`, and with late interaction or lexical retrieval
         `evidence`: the spans of `hit.text` that matched, in code points, so `hit.text[span.start:span.end]`
