@@ -12,10 +12,6 @@ is shared, and three servers on 2 cores share the same CPU): bench/load.py --ser
 
 from __future__ import annotations
 
-import importlib
-import sys
-from collections.abc import Iterator
-from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -23,8 +19,8 @@ import pytest
 
 from sieve_cli.pg_cluster import PostgresCluster
 from tests.conftest import require_bundle
+from tests.system.test_load import load  # noqa: F401  (the fixture: bench/load.py imported as under python)
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
 CLIENTS, SERVERS = 32, 3
 LIMIT, RETRY_MS = 8, 150
 WARMUP_S, DURATION_S = 5.0, 25.0
@@ -33,19 +29,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
-def load() -> Iterator[ModuleType]:
-    # bench scripts import each other by module name (`from run import ...`), as under `python bench/load.py`.
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module("load")
-    finally:
-        sys.path.remove(str(BENCH))
-        for name in ("load", "run"):
-            sys.modules.pop(name, None)
-
-
-@pytest.fixture(scope="module")
-def run(load: ModuleType, postgres: PostgresCluster) -> dict[str, Any]:
+def run(load: ModuleType, postgres: PostgresCluster) -> dict[str, Any]:  # noqa: F811 (the fixture above)
     """One run for both tests, on an empty database of the session's cluster."""
     require_bundle()
     cfg = load.LoadConfig(
