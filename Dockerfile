@@ -27,7 +27,7 @@ COPY sieve_core sieve_core
 COPY server server
 COPY workers workers
 COPY sieve_cli sieve_cli
-RUN pip install --no-cache-dir ./clients/python ".[ops]" && useradd --system --home /data sieve \
+RUN pip install --no-cache-dir ./clients/python ".[ops,pg]" && useradd --system --home /data sieve \
  && mkdir -p /data && chown sieve /data
 COPY --from=models /models /models
 ENV SIEVE_MODELS_DIR=/models SIEVE_DATA_DIR=/data SIEVE_GRPC_ADDRESS=0.0.0.0:50051 SIEVE_METRICS_ADDRESS=0.0.0.0:9464

@@ -3,6 +3,7 @@ real `sieve serve`, every outcome counted by status, the server's memory sampled
 
     .venv/bin/python bench/load.py [--beir ../shared/datasets/scifact] [--clients 32] [--duration 60]
                                    [--low-limit 8] [--max-calls 200000] [--name load]
+                                   [--servers 1,3 [--rounds 2]]
 
 Per configuration: a `sieve serve` subprocess on a free loopback port (127.0.0.1 only), no Redis and no
 workers (so every Search is the retrieval stage: the query embedded by ONNX, usearch, top 10 with documents;
@@ -29,6 +30,15 @@ Configurations: the server's default limit (SIEVE_MAX_INFLIGHT_REQUESTS unset, 6
 32 calls at a time, so no refusal is expected), then, unless --low-limit 0, the same load against a limit
 of --low-limit (default 8), where refusals must appear and nothing else may fail. Results go to
 bench/results/<name>.json with the machine and library versions.
+
+Several servers (--servers 1,3): every configuration runs on PostgreSQL instead (a cluster this script starts
+from the machine's packages, sieve_cli/pg_cluster.py; one database for the whole run, seeded once). A
+configuration of N servers starts N `sieve serve` over that database, each on its own data directory (they
+rebuild their indexes from the database at start and follow each other's writes, README: "Several servers
+over one PostgreSQL database"), and client k calls server k mod N (each client keeps its own connection to
+one server). The server counts take turns, --rounds times over (1, 3, 1, 3, ... with --rounds 2), on the
+same corpus and the same database; the low-limit run, if any, is last, on the largest count (the limit is
+per server). Throughput is the sum over the servers; memory figures are the first server's.
 """
 
 from __future__ import annotations
@@ -67,6 +77,7 @@ from sieve.v1 import (
 )
 
 from sieve_cli import stack
+from sieve_cli.pg_cluster import PostgresCluster
 from sieve_core.config import load_settings
 
 DEFAULT_BEIR = ROOT.parent / "shared" / "datasets" / "scifact"
@@ -98,6 +109,8 @@ class LoadConfig:
     retry_after_ms: int | None = None  # SIEVE_OVERLOAD_RETRY_AFTER_MS; None: the server's default
     server_settings: dict[str, str] = field(default_factory=dict)  # other SIEVE_* variables for the server
     seed: int = 7
+    servers: int = 1  # `sieve serve` processes over one PostgreSQL database (run_load's store_url)
+    postgres: bool = False  # on run_load's store_url rather than the data directory's SQLite file
 
     def env(self) -> dict[str, str]:
         env = dict(self.server_settings)
@@ -299,10 +312,15 @@ class Tally:
     retry_delays_ms: Counter[int] = field(default_factory=Counter)
     error_examples: dict[str, str] = field(default_factory=dict)
     started: int = 0
+    ok_by_server: Counter[tuple[int, str]] = field(
+        default_factory=Counter
+    )  # OK calls (whole run) by server, kind
+    max_generation: int = 0  # the highest generation an UpsertDocuments returned
 
 
-async def drive(address: str, corpus: Corpus, cfg: LoadConfig) -> tuple[Tally, float, float]:
-    """Runs the clients; returns the tally and the measured window's (start, end) on time.monotonic()."""
+async def drive(addresses: list[str], corpus: Corpus, cfg: LoadConfig) -> tuple[Tally, float, float]:
+    """Runs the clients, client k on addresses[k % len(addresses)]; returns the tally and the measured
+    window's (start, end) on time.monotonic()."""
     tally = Tally()
     hot = list(range(min(cfg.hot_ids, len(corpus.ids))))
     # Each write of an id flips its text (shared by the clients, so that nearly every document written
@@ -310,7 +328,9 @@ async def drive(address: str, corpus: Corpus, cfg: LoadConfig) -> tuple[Tally, f
     revision = dict.fromkeys(hot, 0)
     # Its own subchannel pool per channel: otherwise grpc shares one TCP connection among equal channels.
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20)]
-    channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(cfg.clients)]
+    channels = [
+        grpc.aio.insecure_channel(addresses[k % len(addresses)], options=options) for k in range(cfg.clients)
+    ]
     try:
         await asyncio.wait_for(asyncio.gather(*(c.channel_ready() for c in channels)), 60)
         begin = time.monotonic()
@@ -346,10 +366,11 @@ async def drive(address: str, corpus: Corpus, cfg: LoadConfig) -> tuple[Tally, f
                             )
                             for i in picked
                         ]
-                        await documents.UpsertDocuments(
+                        written = await documents.UpsertDocuments(
                             documents_pb2.UpsertDocumentsRequest(collection=COLLECTION, documents=batch),
                             timeout=cfg.upsert_deadline_s,
                         )
+                        tally.max_generation = max(tally.max_generation, written.generation)
                 except grpc.aio.AioRpcError as exc:
                     status = exc.code().name
                     delay = None
@@ -368,6 +389,7 @@ async def drive(address: str, corpus: Corpus, cfg: LoadConfig) -> tuple[Tally, f
                     continue
                 elapsed_ms = (time.perf_counter() - t) * 1000
                 tally.statuses[kind]["OK"] += 1
+                tally.ok_by_server[k % len(addresses), kind] += 1
                 if now >= measure_from:
                     tally.latencies_ms[kind].append(elapsed_ms)
 
@@ -380,47 +402,94 @@ async def drive(address: str, corpus: Corpus, cfg: LoadConfig) -> tuple[Tally, f
 # -- one configuration, end to end --------------------------------------------------------------------------
 
 
-def run_load(corpus: Corpus, configs: list[LoadConfig]) -> list[dict[str, Any]]:
-    """Every configuration in turn, each on its own `sieve serve` over one data directory (seeded by the
-    first server, so the corpus is embedded once); the results as dicts."""
+def run_load(corpus: Corpus, configs: list[LoadConfig], store_url: str | None = None) -> list[dict[str, Any]]:
+    """Every configuration in turn, each on its own `sieve serve` processes: on one SQLite data directory,
+    or (`postgres` configurations) on the PostgreSQL database `store_url`; each store is seeded by the first
+    server that uses it, so the corpus is embedded once per store. The results as dicts."""
+    for cfg in configs:
+        if cfg.servers > 1 and not cfg.postgres:
+            raise ValueError(f"{cfg.label}: several servers need the PostgreSQL store (postgres=True)")
+        if cfg.postgres and not store_url:
+            raise ValueError(f"{cfg.label}: a PostgreSQL configuration needs store_url")
     with tempfile.TemporaryDirectory(prefix="sieve-load-") as tmp:
-        seeded = False
+        seeded: set[bool] = set()
         runs = []
         for k, cfg in enumerate(configs):
-            runs.append(run_config(Path(tmp), k, corpus, cfg, seed_first=not seeded))
-            seeded = True
+            runs.append(
+                run_config(
+                    Path(tmp), k, corpus, cfg, seed_first=cfg.postgres not in seeded, store_url=store_url
+                )
+            )
+            seeded.add(cfg.postgres)
         return runs
 
 
-def run_config(tmp: Path, k: int, corpus: Corpus, cfg: LoadConfig, seed_first: bool) -> dict[str, Any]:
-    """Start a server with the configuration's settings on `tmp`/data, seed it if asked, load it, stop it."""
+def caught_up_s(address: str, generation: int) -> float:
+    """Seconds until the server at `address` answers a Search with `min_generation` = `generation` (its
+    indexes show every write acknowledged by any server up to it)."""
+    started = time.perf_counter()
+    with grpc.insecure_channel(address) as channel:
+        search_pb2_grpc.SearchServiceStub(channel).Search(
+            search_pb2.SearchRequest(
+                collection=COLLECTION,
+                query="catch up",
+                top_k=1,
+                min_generation=generation,
+                omit_documents=True,
+            ),
+            timeout=120,
+        )
+    return round(time.perf_counter() - started, 3)
+
+
+def run_config(
+    tmp: Path, k: int, corpus: Corpus, cfg: LoadConfig, seed_first: bool, store_url: str | None = None
+) -> dict[str, Any]:
+    """Start the configuration's servers with its settings (on `tmp`/data, or each on its own data directory
+    over `store_url`), seed through the first if asked, load them, check every server caught up with the
+    last acknowledged write, stop them."""
     env = cfg.env()
     limits = load_settings(env)
-    log_path = tmp / f"server-{k}.log"
+    if cfg.postgres:
+        env["SIEVE_STORE_URL"] = str(store_url)
+        data_dirs = [tmp / f"data-pg-{i}" for i in range(cfg.servers)]
+    else:
+        data_dirs = [tmp / "data"]
+    log_paths = [tmp / f"server-{k}-{i}.log" for i in range(len(data_dirs))]
     seed_s = None
-    with sieve_serve(tmp / "data", log_path, env) as (address, proc):
+    with contextlib.ExitStack() as servers:
+        served = [
+            servers.enter_context(sieve_serve(d, log_path, env))
+            for d, log_path in zip(data_dirs, log_paths, strict=True)
+        ]
+        addresses, procs = [a for a, _ in served], [p for _, p in served]
         if seed_first:
             log(f"[{cfg.label}] seeding {len(corpus.ids)} {corpus.name} documents")
-            seed_s = round(seed(address, corpus), 1)
+            seed_s = round(seed(addresses[0], corpus), 1)
             log(f"[{cfg.label}] seeded in {seed_s:.1f} s")
-        prime_s = round(prime(address, corpus, cfg.hot_ids), 1)
-        rss_before = proc_status_mb(proc.pid)
+        # Every server embeds what it is sent: each one's arena is sized before the measured window.
+        prime_s = round(sum(prime(a, corpus, cfg.hot_ids) for a in addresses), 1)
+        rss_before = proc_status_mb(procs[0].pid)
         log(
-            f"[{cfg.label}] server RSS {rss_before:.0f} MB; {cfg.clients} clients, {cfg.warmup_s:.0f} s "
-            f"warm-up + {cfg.duration_s:.0f} s, limit {limits.max_inflight_requests}"
+            f"[{cfg.label}] {len(addresses)} server(s), first one's RSS {rss_before:.0f} MB; {cfg.clients} "
+            f"clients, {cfg.warmup_s:.0f} s warm-up + {cfg.duration_s:.0f} s, limit {limits.max_inflight_requests}"
         )
-        sampler = RssSampler(proc.pid)
+        sampler = RssSampler(procs[0].pid)
         sampler.start()
         cpu = time.process_time()
         try:
-            tally, start, end = asyncio.run(drive(address, corpus, cfg))
+            tally, start, end = asyncio.run(drive(addresses, corpus, cfg))
         finally:
             samples = sampler.stop()
         client_cpu_s = time.process_time() - cpu
         finished = time.monotonic()
-        peak_mb = proc_status_mb(proc.pid, "VmHWM")
-        alive = proc.poll() is None
-    server_log = log_path.read_text(errors="replace")
+        # Every server follows the others' writes: each must show the last generation any server gave.
+        catch_up = [caught_up_s(a, tally.max_generation) for a in addresses] if tally.max_generation else []
+        peak_mb = proc_status_mb(procs[0].pid, "VmHWM")
+        alive = all(p.poll() is None for p in procs)
+    server_log = "".join(
+        f"--- server {i} ---\n{path.read_text(errors='replace')[-2000:]}" for i, path in enumerate(log_paths)
+    )
     return summarise(
         cfg,
         tally,
@@ -444,10 +513,20 @@ def run_config(tmp: Path, k: int, corpus: Corpus, cfg: LoadConfig, seed_first: b
                 for name, series in sampler.parts.items()
             },
             "server_alive_at_end": alive,
-            "server_exit_code": proc.returncode,
+            "server_exit_code": next((p.returncode for p in procs if p.returncode != 0), 0),
             "drain_s": round(finished - end, 2),
             "client_cpu_s": round(client_cpu_s, 1),
-            "server_log_tail": server_log[-2000:],
+            "server_log_tail": server_log,
+            "servers": {
+                "count": len(addresses),
+                "store": "postgresql" if cfg.postgres else "sqlite",
+                "ok_calls": [
+                    {kind: tally.ok_by_server[i, kind] for kind in ("search", "upsert")}
+                    for i in range(len(addresses))
+                ],
+                "last_generation": tally.max_generation,
+                "caught_up_s": catch_up,
+            },
         },
     )
 
@@ -496,6 +575,7 @@ def summarise(
             **{k: extra[k] for k in ("rss_before_load_mb", "rss_peak_mb", "rss_parts")},
         },
         **{k: extra[k] for k in ("server_alive_at_end", "server_exit_code", "drain_s", "client_cpu_s")},
+        "servers": extra["servers"],
         "server_log_tail": extra["server_log_tail"] if sum(errors.values()) else "",
     }
 
@@ -505,7 +585,7 @@ def print_summary(runs: list[dict[str, Any]], console: Console | None = None) ->
     table = Table(
         title=f"bench/load.py: mixed Search / UpsertDocuments, {runs[0]['config']['clients']} clients"
     )
-    columns = ("limit", "kind", "OK", "refused", "errors", "OK/s", "p50 ms", "p95 ms", "p99 ms")
+    columns = ("servers", "limit", "kind", "OK", "refused", "errors", "OK/s", "p50 ms", "p95 ms", "p99 ms")
     for column in columns:
         table.add_column(column, justify="left" if column == "kind" else "right")
     for r in runs:
@@ -513,6 +593,7 @@ def print_summary(runs: list[dict[str, Any]], console: Console | None = None) ->
             s, m = r["statuses"][kind], r["measured"][kind]
             errors = sum(n for status, n in s.items() if status not in ("OK", DELIBERATE))
             table.add_row(
+                f"{r['servers']['count']} ({r['servers']['store']})" if kind == "search" else "",
                 str(r["limits"]["max_inflight_requests"]) if kind == "search" else "",
                 kind,
                 str(s.get("OK", 0)),
@@ -524,6 +605,12 @@ def print_summary(runs: list[dict[str, Any]], console: Console | None = None) ->
                 f"{m['p99_ms']:.1f}",
             )
     console.print(table)
+    for n, figures in throughput_by_servers(runs).items():
+        console.print(
+            f"{n} server(s): OK calls/s (search + upsert) per round {figures['per_round']}, median "
+            f"{figures['median']}"
+            + (f", {figures['vs_one_server']}x one server's" if "vs_one_server" in figures else "")
+        )
     nan = float("nan")
     for r in runs:
         mem = r["memory"]
@@ -538,6 +625,26 @@ def print_summary(runs: list[dict[str, Any]], console: Console | None = None) ->
             + f"); errors {r['errors_by_status'] or 0}; RetryInfo delays (ms: count) "
             f"{r['retry_delays_ms'] or '-'}"
         )
+
+
+def throughput_by_servers(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """OK calls/s (search + upsert, measured window) of the default-limit runs, by server count: per round,
+    their median, and the median's ratio to one server's when both ran."""
+    by: dict[int, list[float]] = {}
+    for r in runs:
+        if r["config"]["max_inflight"] is None:
+            m = r["measured"]
+            by.setdefault(r["servers"]["count"], []).append(
+                round(m["search"]["per_s"] + m["upsert"]["per_s"], 2)
+            )
+    out: dict[int, dict[str, Any]] = {
+        n: {"per_round": v, "median": round(statistics.median(v), 2)} for n, v in sorted(by.items())
+    }
+    if 1 in out:
+        for n, figures in out.items():
+            if n != 1:
+                figures["vs_one_server"] = round(figures["median"] / out[1]["median"], 2)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,8 +678,16 @@ def main(argv: list[str] | None = None) -> int:
         default=8,
         help="second run with this SIEVE_MAX_INFLIGHT_REQUESTS (0: skip it)",
     )
+    parser.add_argument(
+        "--servers",
+        default="",
+        help="server counts to compare, e.g. 1,3: every run on one PostgreSQL database (default: one server "
+        "on SQLite)",
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="with --servers: times the counts take turns")
     parser.add_argument("--name", default="load", help="bench/results/<name>.json")
     args = parser.parse_args(argv)
+    counts = [int(n) for n in args.servers.split(",") if n.strip()]
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the server below is stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     started = time.monotonic()
@@ -593,13 +708,34 @@ def main(argv: list[str] | None = None) -> int:
         upsert_deadline_s=args.upsert_deadline,
     )
     configs = [base]
+    if counts:
+        configs = [
+            replace(base, label=f"{n} server(s), round {r + 1}", servers=n, postgres=True)
+            for r in range(args.rounds)
+            for n in counts
+        ]
     if args.low_limit > 0:
-        configs.append(replace(base, label="low limit", max_inflight=args.low_limit))
-    runs = run_load(corpus, configs)
+        configs.append(
+            replace(
+                base,
+                label="low limit",
+                max_inflight=args.low_limit,
+                servers=max(counts or [1]),
+                postgres=bool(counts),
+            )
+        )
+    with contextlib.ExitStack() as cluster:
+        url = cluster.enter_context(PostgresCluster()).new_database() if counts else None
+        runs = run_load(corpus, configs, store_url=url)
     print_summary(runs)
     write_result(
         args.name,
-        {"benchmark": "load", "runs": runs},
+        # Its own kind with --servers: bench/report.py's `load` rows describe the one-server runs.
+        {
+            "benchmark": "load-servers" if counts else "load",
+            "runs": runs,
+            "throughput_by_servers": throughput_by_servers(runs),
+        },
         command=command_line("bench/load.py", sys.argv[1:] if argv is None else argv),
         quick=args.duration < 60 or args.clients < 32,
         started=started,

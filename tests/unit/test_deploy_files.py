@@ -1,4 +1,5 @@
-"""Docker cannot run here: check what can be checked in the Dockerfile and docker-compose.yml."""
+"""Docker cannot run here: check what can be checked in the Dockerfile and the compose files (docker-compose.yml
+and its overrides: cross-encoder, Sentinel, several servers over PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ yaml = pytest.importorskip("yaml")
 
 
 OVERRIDE = "docker-compose.cross-encoder.yml"
+# Every compose file: the base and each override (tests/unit/test_compose_sentinel.py and
+# tests/unit/test_compose_servers.py check the last two in depth).
+COMPOSE_FILES = ("docker-compose.yml", OVERRIDE, "docker-compose.sentinel.yml", "docker-compose.servers.yml")
 
 
 def _compose(name: str = "docker-compose.yml") -> dict:  # type: ignore[type-arg]
@@ -26,9 +30,21 @@ def _all_services() -> list[tuple[str, dict]]:  # type: ignore[type-arg]
     return [(n, s) for f in ("docker-compose.yml", OVERRIDE) for n, s in _compose(f)["services"].items()]
 
 
+def _every_file_services() -> list[tuple[str, dict]]:  # type: ignore[type-arg]
+    """(file: service, definition) of every compose file."""
+    return [(f"{f}: {n}", s) for f in COMPOSE_FILES for n, s in _compose(f)["services"].items()]
+
+
+def test_compose_files_are_all_checked() -> None:
+    found = {p.name for p in ROOT.glob("docker-compose*.yml")}
+    assert found == set(COMPOSE_FILES), "a compose file the tests do not read"
+
+
 def test_every_sieve_setting_in_compose_is_real() -> None:
-    for name, service in _all_services():
-        for key in service.get("environment", {}):
+    for name, service in _every_file_services():
+        environment = service.get("environment", {})
+        assert isinstance(environment, dict), f"{name}: environment as a mapping, so the tests can read it"
+        for key in environment:
             if key.startswith("SIEVE_"):
                 assert key[len("SIEVE_") :].lower() in Settings.model_fields, f"{name}: unknown setting {key}"
 
@@ -36,18 +52,17 @@ def test_every_sieve_setting_in_compose_is_real() -> None:
 def test_every_sieve_command_exists() -> None:
     from sieve_cli.main import build_parser
 
-    commands = [
-        s["command"] for s in _compose()["services"].values() if s.get("command", [None])[0] == "sieve"
-    ]
+    services = [s for _, s in _every_file_services()]
+    commands = [s["command"] for s in services if s.get("command", [None])[0] == "sieve"]
     commands += [
         s["healthcheck"]["test"][1:]
-        for s in _compose()["services"].values()
+        for s in services
         if "healthcheck" in s and s["healthcheck"]["test"][1] == "sieve"
     ]
     docker = (ROOT / "Dockerfile").read_text()
     for line in re.findall(r"^(?:CMD|HEALTHCHECK .*CMD) (\[.*\])$", docker, re.M):
         commands.append(yaml.safe_load(line))
-    assert len(commands) >= 4
+    assert len(commands) >= 6  # the base file's server, the servers file's server-2, their health checks
     for argv in commands:
         build_parser().parse_args(argv[1:])  # exits (fails the test) on an unknown command or option
 
