@@ -1,11 +1,13 @@
 """The vector index of one collection: a usearch HNSW graph derived from the document store.
 
-Layout (measured with bench/ann.py --tune, see its docstring): a cosine collection stores its vectors
-L2-normalised in f16 under inner product, which ranks exactly as cosine does at half the memory traffic of
-f32 (the search is bound by fetching vectors). `storage="i8"` offers a quarter of it: the cosine kernel on
-int8 vectors, each scaled so that its largest component is 1 before usearch's quantisation (which maps
-[-1, 1] to [-127, 127]: a normalised 384-d vector's components are ~0.05, and unscaled they would keep ~3
-bits). Inner-product collections (unnormalised vectors) use f16 whatever is asked; l2 keeps f32.
+Layouts (chosen with bench/ann_tune.py, see the README's vector-index section). A cosine collection's vectors
+sit by default (storage "i8") as int8 under usearch's cosine kernel, each vector scaled so that its largest
+component is 127 and rounded here (`quantise`): usearch's own cast of floats maps the unit vector to
+[-127, 127], which leaves a normalised 384-d vector's components (~0.05) about 3 bits. The search is bound by
+fetching vectors (same distance count as FAISS, more time per distance): a quarter of f32's bytes per vector.
+Storage "f16" keeps them L2-normalised in f16 under inner product (the same ranking as cosine, exact up to f16
+rounding), "f32" the same in f32. Inner-product collections (unnormalised vectors) use f16 unless f32 is asked;
+l2 keeps f32.
 
 Searches share a read lock; adds, removes and ef changes take the write lock. Snapshots are written
 to `index-<generation>.usearch` with an atomic rename, so the newest complete file names the store
