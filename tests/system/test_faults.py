@@ -527,7 +527,13 @@ def check_reads(client: Client, model: Model, probe: str) -> None:
 
 def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_freed(tmp_path: Path) -> None:
     texts, model = Texts(seed=7), Model()
-    env = {"SIEVE_SNAPSHOT_EVERY_WRITES": "1", "SIEVE_SNAPSHOT_INTERVAL_S": "3600", **NO_METRICS}
+    # f16 vectors (not the default i8): snapshots big enough for the gap below.
+    env = {
+        "SIEVE_SNAPSHOT_EVERY_WRITES": "1",
+        "SIEVE_SNAPSHOT_INTERVAL_S": "3600",
+        "SIEVE_INDEX_STORAGE": "f16",
+        **NO_METRICS,
+    }
     with tmpfs(tmp_path / "mnt", "24m") as mnt:
         data_dir, small, big = mnt / "data", mnt / "ballast-small", mnt / "ballast-big"
         with running_server(data_dir, tmp_path / "first.log", **env) as client:
@@ -589,7 +595,7 @@ def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_f
             collection_dir = snapshot.parent
             files = sorted(p.name for p in collection_dir.iterdir() if p.is_file())  # (fulltext/ is a folder)
             assert files == [snapshot.name]  # no temp file
-            loaded = VectorIndex.load_latest(collection_dir, DIMS, "cosine")
+            loaded = VectorIndex.load_latest(collection_dir, DIMS, "cosine", storage="f16")
             assert loaded is not None and loaded[1] == 6 and len(loaded[0]) == 300
             check_reads(client, model, "doc-2000")
 
