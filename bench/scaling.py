@@ -596,7 +596,9 @@ def save_vectors(
 
     index = Index.restore(str(snapshot))
     keys = np.asarray(index.keys, dtype=np.uint64)
-    documents = np.asarray(index.get(keys), dtype=np.float32).reshape(len(keys), -1)
+    documents = np.asarray(index.get(keys, dtype="f32"), dtype=np.float32).reshape(len(keys), -1)
+    # As the snapshot stores them (i8: scaled to the int8 range, rounded): L2-normalised again for inner product.
+    documents /= np.maximum(np.linalg.norm(documents, axis=1, keepdims=True), 1e-12)
     runner = BiEncoderRunner(ROOT / "models" / MODEL)
     queries = runner.embed(list(data.queries.values()))
     CACHE.mkdir(parents=True, exist_ok=True)
