@@ -18,8 +18,9 @@ SIEVE_DEFAULT_EF_SEARCH=256), f32 vectors:
                 the cosine metric costs; not what Sieve runs today
   faiss hnsw    IndexHNSWFlat(d, M=16, METRIC_INNER_PRODUCT), efConstruction 200, efSearch 256 (FAISS's
                 level 0 has 2*M links, as usearch's does)
-  sieve f16     the server's own VectorIndex with its default settings and layout (SIEVE_INDEX_STORAGE:
-                f16, cosine as inner product on normalised f16 vectors): what a collection builds now
+  sieve <layout> the server's own VectorIndex with its default settings and layout (SIEVE_INDEX_STORAGE,
+                i8: int8 under the cosine kernel, each vector scaled to the full int8 range): what a
+                collection builds now
   exact         numpy float32 matmul (BLAS) + argpartition: the ground truth and the brute-force baseline
 
 All at one ef here; bench/ann_tune.py chooses ef per system for a recall target (the index's acceptance).
@@ -32,8 +33,9 @@ Batch search runs --rounds rounds over all queries, the systems in turn (QPS: th
 one-query latencies alternate system by system on each query. The paired ratios usearch cos / FAISS
 (median over slices, rounds or queries) are recorded beside the figures.
 
-Figures: build time (both HNSW libraries build with the same thread count, --threads, default all cores),
-batch QPS over all queries with the same thread count, single-query latency p50/p99 (one thread, one
+Figures: build time (both HNSW libraries build with the same thread count, --threads, default all cores:
+FAISS through OpenMP's omp_set_num_threads, usearch through each add/search call's `threads`; the result's
+settings say which each side used), batch QPS over all queries with the same thread count, single-query latency p50/p99 (one thread, one
 query per call, as a server request does), recall@10 against the exact top 10, and bytes per vector:
 serialized index / vectors, and memory: the process's resident set growth over the build (the same
 measure for both libraries; it reads low on small corpora, where freed memory is reused; usearch also
@@ -237,8 +239,8 @@ class Usearch(System):
 
 
 class SieveDefault(System):
-    """The server's own VectorIndex with the server's default settings (layout SIEVE_INDEX_STORAGE, f16:
-    cosine as inner product on normalised f16 vectors): what a collection builds today."""
+    """The server's own VectorIndex with the server's default settings (layout SIEVE_INDEX_STORAGE): what a
+    collection builds today."""
 
     def __init__(self, corpus: np.ndarray, threads: int) -> None:
         from server.storage.index import VectorIndex
@@ -257,7 +259,7 @@ class SieveDefault(System):
         )
 
     def add(self, start: int, stop: int) -> None:
-        self.index.add(self.keys[start:stop], self.corpus[start:stop])
+        self.index.add(self.keys[start:stop], self.corpus[start:stop], threads=self.threads)
 
     def batch(self, queries: np.ndarray) -> np.ndarray:
         return self.index.search_batch(queries, K, threads=self.threads).astype(np.int64)
@@ -361,7 +363,10 @@ def compare(
     load = [os.getloadavg()[0]]  # the shared machine's load while this data set was measured
     build_interleaved(name, systems, n, load)
 
-    log(f"{name}: batch search, {rounds} rounds of {len(queries)} queries, systems in turn")
+    log(
+        f"{name}: batch search, {rounds} rounds of {len(queries)} queries, systems in turn; {threads} threads each "
+        f"(FAISS: OpenMP {threads}; usearch: threads={threads}; exact: numpy's BLAS)"
+    )
     qps: dict[str, list[float]] = {s.name: [] for s in systems}
     found: dict[str, np.ndarray] = {}
     for r in range(rounds):
@@ -525,6 +530,11 @@ def main() -> int:
                     "ef_search": EF_SEARCH,
                     "k": K,
                     "threads": threads,
+                    "threads_per_side": {
+                        "faiss": f"{threads} (OpenMP, omp_set_num_threads) for build and batch search",
+                        "usearch": f"{threads} (threads= of each add / search call) for build and batch search",
+                        "exact": "numpy's BLAS threads (its default) for batch search",
+                    },
                     "latency": "one query per call, one thread (usearch threads=1, faiss omp 1, BLAS 1 thread)",
                     "side_by_side": "HNSW builds in turn slice by slice; batch rounds and one-query calls in turn",
                 },

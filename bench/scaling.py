@@ -588,7 +588,9 @@ def save_vectors(
 
     index = Index.restore(str(snapshot))
     keys = np.asarray(index.keys, dtype=np.uint64)
-    documents = np.asarray(index.get(keys), dtype=np.float32).reshape(len(keys), -1)
+    documents = np.asarray(index.get(keys, dtype="f32"), dtype=np.float32).reshape(len(keys), -1)
+    # As the snapshot stores them (i8: scaled to the int8 range, rounded): L2-normalised again for inner product.
+    documents /= np.maximum(np.linalg.norm(documents, axis=1, keepdims=True), 1e-12)
     runner = BiEncoderRunner(ROOT / "models" / MODEL)
     queries = runner.embed(list(data.queries.values()))
     CACHE.mkdir(parents=True, exist_ok=True)
@@ -658,8 +660,14 @@ def run_corpus(args: argparse.Namespace) -> int:
         build_s = None
         if path.is_file():
             log(f"{n:,} vectors: index from {path}")
+            # A usearch cos f32 index (bench/ann.py's): queries are normalised floats, as VectorIndex's f32 layout
+            # prepares them (its default, i8, would quantise them).
             vindex = VectorIndex(
-                384, "cosine", ef_search=settings.default_ef_search, index=Index.restore(str(path))
+                384,
+                "cosine",
+                ef_search=settings.default_ef_search,
+                storage="f32",
+                index=Index.restore(str(path)),
             )
         else:
             log(f"{n:,} vectors: building the index here (bench/ann.py did not leave one)")
@@ -668,7 +676,9 @@ def run_corpus(args: argparse.Namespace) -> int:
             path.parent.mkdir(parents=True, exist_ok=True)
             built.save(str(path.with_suffix(".tmp")))
             path.with_suffix(".tmp").replace(path)
-            vindex = VectorIndex(384, "cosine", ef_search=settings.default_ef_search, index=built)
+            vindex = VectorIndex(
+                384, "cosine", ef_search=settings.default_ef_search, storage="f32", index=built
+            )
         queries = synthetic_queries(n, n_queries)
         if corpus is None:
             corpus = synthetic(n)

@@ -83,10 +83,11 @@ class _Index(BaseSettings):
 
     hnsw_connectivity: int = Field(16, ge=4, le=128, description="HNSW M.")
     index_storage: Literal["f16", "i8", "f32"] = Field(
-        "f16",
-        description="Vector index scalar type: f16 (cosine as inner product on normalised f16 vectors), i8 "
-        "(cosine collections only: a quarter of f32's memory, lower recall), f32. A snapshot of another "
-        "format is rebuilt from the store on start. Measured: bench/ann_tune.py.",
+        "i8",
+        description="Vector index scalar type: i8 (cosine collections: int8 under the cosine kernel, each vector "
+        "scaled to use the full int8 range; ip and l2 collections fall back to f16 and f32), f16 (cosine as inner "
+        "product on normalised f16 vectors), f32. A snapshot of another format is rebuilt from the store on "
+        "start. Measured: bench/ann_tune.py.",
     )
     hnsw_ef_construction: int = Field(200, ge=8, le=4096, description="HNSW ef at insertion time.")
     default_ef_search: int = Field(256, ge=1, le=4096, description="HNSW ef at search time.")

@@ -1,11 +1,13 @@
 """The vector index of one collection: a usearch HNSW graph derived from the document store.
 
-Layout (measured with bench/ann.py --tune, see its docstring): a cosine collection stores its vectors
-L2-normalised in f16 under inner product, which ranks exactly as cosine does at half the memory traffic of
-f32 (the search is bound by fetching vectors). `storage="i8"` offers a quarter of it: the cosine kernel on
-int8 vectors, each scaled so that its largest component is 1 before usearch's quantisation (which maps
-[-1, 1] to [-127, 127]: a normalised 384-d vector's components are ~0.05, and unscaled they would keep ~3
-bits). Inner-product collections (unnormalised vectors) use f16 whatever is asked; l2 keeps f32.
+Layouts (chosen with bench/ann_tune.py, see the README's vector-index section). A cosine collection's vectors
+sit by default (storage "i8") as int8 under usearch's cosine kernel, each vector scaled so that its largest
+component is 127 and rounded here (`quantise`): usearch's own cast of floats maps the unit vector to
+[-127, 127], which leaves a normalised 384-d vector's components (~0.05) about 3 bits. The search is bound by
+fetching vectors (same distance count as FAISS, more time per distance): a quarter of f32's bytes per vector.
+Storage "f16" keeps them L2-normalised in f16 under inner product (the same ranking as cosine, exact up to f16
+rounding), "f32" the same in f32. Inner-product collections (unnormalised vectors) use f16 unless f32 is asked;
+l2 keeps f32.
 
 Searches share a read lock; adds, removes and ef changes take the write lock. Snapshots are written
 to `index-<generation>.usearch` with an atomic rename, so the newest complete file names the store
@@ -36,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _SNAPSHOT_PREFIX, _SNAPSHOT_SUFFIX = "index-", ".usearch"
 STORAGES = ("f16", "i8", "f32")
+DEFAULT_STORAGE = "i8"  # sieve_core.config's default (SIEVE_INDEX_STORAGE); chosen by bench/ann_tune.py
+I8_PEAK = 127  # the largest component of every (non-zero) vector this module stores as int8
 
 
 @dataclass(frozen=True)
@@ -45,30 +49,35 @@ class Layout:
 
     kind: MetricKind
     dtype: str
-    transform: str  # "none", "normalise" (cosine as inner product), "max-abs" (i8 under the cosine kernel)
+    transform: str  # "none", "normalise" (cosine as inner product), "quantise" (i8 under the cosine kernel)
 
     def prepare(self, vectors: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(vectors, dtype=np.float32)
         if self.transform == "none":
             return x
-        axis_norm = (
-            np.linalg.norm(x, axis=-1, keepdims=True)
-            if self.transform == "normalise"
-            else np.abs(x).max(axis=-1, keepdims=True)
-        )
-        return np.ascontiguousarray(x / np.maximum(axis_norm, 1e-12), dtype=np.float32)
+        if self.transform == "normalise":
+            return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12))
+        return quantise(x)
 
     def describe(self) -> str:
         return f"{self.kind.name.lower()} {self.dtype}"
 
 
-def layout(metric: str, storage: str = "f16") -> Layout:
+def quantise(x: np.ndarray) -> np.ndarray:
+    """int8 vectors for the cosine kernel: each scaled so that its largest component is 127, then rounded. Given
+    float input usearch would quantise by 127 x the unit vector instead, which leaves a normalised 384-d vector's
+    components (~0.05) about 3 bits; given int8 it stores them as they are."""
+    peak = np.maximum(np.abs(x).max(axis=-1, keepdims=True), 1e-30)
+    return np.ascontiguousarray(np.rint(x * (I8_PEAK / peak)), dtype=np.int8)
+
+
+def layout(metric: str, storage: str = DEFAULT_STORAGE) -> Layout:
     """The index layout of a collection with this metric when `storage` is asked for (see the docstring)."""
     if storage not in STORAGES:
         raise ValueError(f"unknown index storage {storage!r}; one of {', '.join(STORAGES)}")
     if metric == "cosine":
         if storage == "i8":
-            return Layout(MetricKind.Cos, "i8", "max-abs")
+            return Layout(MetricKind.Cos, "i8", "quantise")
         return Layout(MetricKind.IP, storage, "normalise")
     if metric == "ip":
         return Layout(MetricKind.IP, "f32" if storage == "f32" else "f16", "none")
@@ -142,7 +151,7 @@ class VectorIndex:
         connectivity: int = 16,
         ef_construction: int = 128,
         ef_search: int = 128,
-        storage: str = "f16",
+        storage: str = DEFAULT_STORAGE,
         index: Index | None = None,
     ) -> None:
         self.dims = dims
@@ -163,7 +172,8 @@ class VectorIndex:
     def __len__(self) -> int:
         return len(self._index)
 
-    def add(self, keys: np.ndarray, vectors: np.ndarray) -> None:
+    def add(self, keys: np.ndarray, vectors: np.ndarray, threads: int = 0) -> None:
+        """Adds (or replaces) vectors; `threads`: usearch's workers for this call (0: all cores)."""
         if len(keys) == 0:
             return
         with self._lock.write():
@@ -171,7 +181,7 @@ class VectorIndex:
             present = np.asarray(self._index.contains(keys), dtype=bool).reshape(-1)
             if present.any():
                 self._index.remove(keys[present])
-            self._index.add(keys, self.layout.prepare(vectors))
+            self._index.add(keys, self.layout.prepare(vectors), threads=threads)
 
     def remove(self, keys: np.ndarray) -> None:
         if len(keys) == 0:
@@ -267,7 +277,7 @@ class VectorIndex:
 
     @classmethod
     def load_latest(
-        cls, directory: Path, dims: int, metric: str, *, ef_search: int = 128, storage: str = "f16"
+        cls, directory: Path, dims: int, metric: str, *, ef_search: int = 128, storage: str = DEFAULT_STORAGE
     ) -> tuple[VectorIndex, int] | None:
         """The newest snapshot in `directory` and its generation, or None if there is none usable (then the
         caller rebuilds from the store). A snapshot in another format than `storage` asks for (e.g. one from
@@ -287,8 +297,14 @@ class VectorIndex:
                 log.warning("index snapshot %s does not match the collection; ignoring it", path)
                 continue
             kind, dtype = index.metric, index.dtype.name.lower()
-            if (kind, dtype) != (want.kind, want.dtype):
-                found = f"{getattr(kind, 'name', kind)!s} {dtype}".lower()
+            found = f"{getattr(kind, 'name', kind)!s} {dtype}".lower()
+            if (
+                (kind, dtype) == (want.kind, want.dtype)
+                and want.transform == "quantise"
+                and not _full_scale(index)
+            ):
+                found += " quantised by usearch"  # the i8 layout before vectors were scaled to full range
+            if found != want.describe():
                 log.warning(
                     "index snapshot %s is in format %s, the collection's index is %s: rebuilding it from the store",
                     path,
@@ -298,6 +314,18 @@ class VectorIndex:
                 return None
             return cls(dims, metric, ef_search=ef_search, storage=storage, index=index), generation
         return None
+
+
+def _full_scale(index: Index, sample: int = 256) -> bool:
+    """Whether an i8 index's vectors were quantised by `quantise` (every non-zero one peaks at +-127). usearch's own
+    quantisation (127 x the unit vector) reaches 127 only on a vector along an axis: one sampled vector below
+    full scale tells the two apart."""
+    keys = np.asarray(index.keys[: min(sample, len(index))], dtype=np.uint64)
+    if len(keys) == 0:
+        return True
+    vectors = np.asarray(index.get(keys, dtype="i8"), dtype=np.int32).reshape(len(keys), -1)
+    peaks = np.abs(vectors).max(axis=1)
+    return bool(np.all((peaks == I8_PEAK) | (peaks == 0)))
 
 
 def _digest(path: Path) -> str:

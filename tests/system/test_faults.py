@@ -554,11 +554,13 @@ def check_reads(client: Client, model: Model, probe: str) -> None:
 
 def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_freed(tmp_path: Path) -> None:
     texts, model = Texts(seed=7), Model()
-    # A snapshot after every write, however small against the index (SIEVE_SNAPSHOT_GROWTH 0).
+    # A snapshot after every write, however small against the index (SIEVE_SNAPSHOT_GROWTH 0), and f16
+    # vectors (not the default i8): snapshots big enough for the gap below.
     env = {
         "SIEVE_SNAPSHOT_EVERY_WRITES": "1",
         "SIEVE_SNAPSHOT_GROWTH": "0",
         "SIEVE_SNAPSHOT_INTERVAL_S": "3600",
+        "SIEVE_INDEX_STORAGE": "f16",
         **NO_METRICS,
     }
     with tmpfs(tmp_path / "mnt", "24m") as mnt:
@@ -607,7 +609,7 @@ def test_full_data_directory_refuses_writes_clearly_and_recovers_when_space_is_f
             collection_dir = snapshot.parent
             files = sorted(p.name for p in collection_dir.iterdir() if p.is_file())  # (fulltext/ is a folder)
             assert files == [snapshot.name]  # no temp file
-            loaded = VectorIndex.load_latest(collection_dir, DIMS, "cosine")
+            loaded = VectorIndex.load_latest(collection_dir, DIMS, "cosine", storage="f16")
             assert loaded is not None and loaded[1] == 6 and len(loaded[0]) == 300
             check_reads(client, model, "doc-2000")
 

@@ -267,7 +267,12 @@ def test_ann_compare_side_by_side(bench: dict[str, ModuleType]) -> None:
     ann = bench["ann"]
     corpus, queries = ann.synthetic(3000), ann.synthetic_queries(3000, 20)
     entry = ann.compare("tiny", corpus, queries, 1, 10, 2, False, False)
-    assert set(entry["systems"]) == {"exact", "usearch_cos", "sieve_f16", "faiss_hnsw"}
+    assert set(entry["systems"]) == {
+        "exact",
+        "usearch_cos",
+        f"sieve_{ann._DEFAULTS.index_storage}",
+        "faiss_hnsw",
+    }
     for name, r in entry["systems"].items():
         assert len(r["qps_rounds"]) == 2 and r["latency"]["samples"] == 10, name
         assert 0.8 <= r["recall@10"] <= 1.0, name  # ef_search 256 over 3,000 vectors: nearly exact
