@@ -172,6 +172,8 @@ class Supervisor:
             code = child.proc.returncode
             if not child.restartable:
                 say(f"{child.name} exited with code {code}; stopping everything")
+                if changed:  # a restart earlier in this look still reaches the state file
+                    self.state.write(self.children)
                 return 1
             self._schedule(child, code, now)
             changed = True
