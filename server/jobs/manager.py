@@ -13,7 +13,8 @@ an id wins. So a job's result is as if its lines were written one at a time in f
 line with an id wins. Jobs on one collection run one at a time, in the order they were started; other
 writes to the collection (UpsertDocuments) interleave with a job's batches, each batch being atomic.
 
-Durability (state in <data_dir>/jobs.db, server/jobs/job_store.py, kept by server/jobs/registry.py). After each batch is committed the job
+Durability (state in <data_dir>/jobs.db, or the PostgreSQL store's database, server/jobs/job_store.py, kept by
+server/jobs/registry.py). After each batch is committed the job
 records its position (byte offset and line of the next line), counters and the batch's bad lines in
 one transaction. After a restart every job that was queued or running resumes from its position (the
 batch that was in flight is read and committed again, which is idempotent), unless it cannot: its
@@ -22,6 +23,10 @@ reason. A job is never reported SUCCEEDED before every line was committed or rec
 
 Cancelling stops dispatch, drops the batches in flight, and keeps what was committed: every line up to
 `committed_through_line` and nothing after it.
+
+Several servers over one PostgreSQL store: a job runs (and resumes) on the server that started it; any of
+them answers GetJob, ListJobs and WatchJob for it from the job tables, and CancelJob through another server
+is recorded in the job's row and acted on by the server running it (within about STORED_POLL_S).
 
 This module holds what the API calls (start, upload, get, list, watch, cancel) and the scheduling of jobs;
 server/jobs/runner.py runs one job; server/jobs/registry.py keeps them.
@@ -43,17 +48,15 @@ from server.core import validation
 from server.core.indexing import IndexingEngine
 from server.jobs.job_store import CANCELLED, FINAL, QUEUED, RUNNING, JobRecord, LineError, now
 from server.jobs.live import JobView, LiveJob, finished_view
-from server.jobs.registry import JobRegistry, run_on
+from server.jobs.registry import CANCEL_WAIT_S, HEARTBEAT_S, STORED_POLL_S, JobRegistry, run_on
 from server.jobs.runner import JobRunner
 from server.jobs.source import file_identity, resolve_source
 from server.jobs.upload import UploadChunk, check_format, remove_partial, spool_upload
 from sieve_core.config import Settings
-from sieve_core.errors import FailedPrecondition, InvalidArgument, Unavailable
+from sieve_core.errors import InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_S = 5.0  # a watcher hears from a running job at least this often (rate and ETA move)
-CANCEL_WAIT_S = 10.0
 
 __all__ = ["JobManager", "JobView"]
 
@@ -67,6 +70,7 @@ class JobManager:
         self._jobs = JobRegistry(settings, self._files)
         self._runner = JobRunner(engine, settings, self._jobs, self._files)
         self._closing = False
+        self._cancels: asyncio.Task[None] | None = None
 
     async def _on_files(self, fn: Any, *args: Any) -> Any:
         return await run_on(self._files, fn, *args)
@@ -85,11 +89,15 @@ class JobManager:
                 record.resumes += 1
                 log.info("job %s: resuming at line %d", record.id, record.next_line)
             record.state = QUEUED
+        if self._settings.store_url is not None:  # other servers may be asked to cancel this one's jobs
+            self._cancels = asyncio.create_task(self._follow_cancels(), name="sieve-job-cancels")
         self._schedule()
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Pause running jobs at their next checkpoint (they stay RUNNING on disk and resume on restart)."""
         self._closing = True
+        if self._cancels is not None:
+            self._cancels.cancel()
         tasks = []
         for live in self._jobs.live.values():
             live.shutdown = True
@@ -128,6 +136,7 @@ class JobManager:
             file_size=file_size,
             file_mtime_ns=mtime_ns,
             created_at=now(),
+            owner=self._jobs.owner,
         )
         return await self._add(record)
 
@@ -155,6 +164,7 @@ class JobManager:
             file_mtime_ns=spooled.mtime_ns,
             total=spooled.total,
             created_at=now(),
+            owner=self._jobs.owner,
         )
         try:
             return await self._add(record)
@@ -231,11 +241,14 @@ class JobManager:
         while True:
             live = self._jobs.live.get(job_id)
             if live is None:
-                view = finished_view(await self._jobs.record(job_id))
-                yield view
-                if view.record.state in FINAL:
-                    return
-                raise Unavailable("the job is not loaded on this server (it is starting or stopping); retry")
+                record = await self._jobs.record(job_id)
+                if record.owner == self._jobs.owner and record.state not in FINAL:
+                    raise Unavailable(
+                        "the job is not loaded on this server (it is starting or stopping); retry"
+                    )
+                async for view in self._jobs.watch_stored(record, interval, self._check_open):
+                    yield view
+                return
             changed = live.changed()
             view = live.view()
             sent = time.monotonic()
@@ -257,20 +270,37 @@ class JobManager:
                 await asyncio.wait_for(live.finished.wait(), CANCEL_WAIT_S)
             live = self._jobs.live.get(job_id)
         if live is None:
-            record = await self._jobs.record(job_id)
-            if record.state == CANCELLED:
-                return finished_view(record)
-            raise FailedPrecondition(f"job {job_id} has already {record.state}; there is nothing to cancel")
-        live.record.cancel_requested = True
-        if live.task is None:
-            await self._jobs.finish(live, CANCELLED, "cancelled before it started")
-            return finished_view(live.record)
-        live.cancel = True
-        live.notify()
-        await self._jobs.save(live.record)  # a restart before the runner stops still honours the cancel
+            return await self._jobs.cancel_stored(await self._jobs.record(job_id))
+        await self._cancel_live(live)
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(live.finished.wait(), CANCEL_WAIT_S)
         return live.view() if job_id in self._jobs.live else finished_view(live.record)
+
+    async def _cancel_live(self, live: LiveJob) -> None:
+        live.record.cancel_requested = True
+        if live.task is None:
+            await self._jobs.finish(live, CANCELLED, "cancelled before it started")
+            return
+        live.cancel = True
+        live.notify()
+        await self._jobs.save(live.record)  # a restart before the runner stops still honours the cancel
+
+    async def _follow_cancels(self) -> None:
+        """On a shared store: cancels other servers recorded for this server's jobs, acted on within about
+        STORED_POLL_S."""
+        while not self._closing:
+            await asyncio.sleep(STORED_POLL_S)
+            if not self._jobs.live:
+                continue
+            try:
+                requested = await self._jobs.cancels_requested()
+            except Unavailable:
+                continue  # the database is away: the next look sees them
+            for job_id in requested:
+                live = self._jobs.live.get(job_id)
+                if live is not None and not live.cancel and not live.finishing:
+                    log.info("job %s: cancel requested through another server", job_id)
+                    await self._cancel_live(live)
 
     # -- running -----------------------------------------------------------------------------------
     async def _run(self, live: LiveJob) -> None:

@@ -127,7 +127,7 @@ def pg_sql(sql: str) -> str:
 
 
 @contextmanager
-def _errors() -> Iterator[None]:
+def pg_errors() -> Iterator[None]:
     """psycopg's errors as the client's: a value too big for an index is INVALID_ARGUMENT; a lost server, or
     a COMMIT whose outcome is unknown (the connection went during it), UNAVAILABLE (a retried upsert or delete
     is harmless either way: the same texts change nothing twice)."""
@@ -150,12 +150,12 @@ class PgConnection:
         self.raw = raw
 
     def execute(self, sql: str, params: Sequence[Any] = (), /) -> psycopg.Cursor:
-        with _errors():
+        with pg_errors():
             return self.raw.execute(pg_sql(sql), params)
 
     def executemany(self, sql: str, params: Iterable[Sequence[Any]], /) -> psycopg.Cursor:
         cursor = self.raw.cursor()
-        with _errors():
+        with pg_errors():
             cursor.executemany(pg_sql(sql), list(params))
         return cursor
 
@@ -197,7 +197,7 @@ class PostgresDatabase(Database):
         log.info("document store: PostgreSQL at %s", redact_url(url))
 
     def _connect(self) -> psycopg.Connection:
-        with _errors():
+        with pg_errors():
             raw = psycopg.connect(self.url, autocommit=True, options="-c synchronous_commit=on")
         with self._guard:
             self._all.append(raw)
@@ -220,7 +220,7 @@ class PostgresDatabase(Database):
     def _batches(self, sql: str, params: Sequence[object], size: int) -> Iterator[list[Any]]:
         # A server-side cursor (it needs a transaction): the rows come `size` at a time, not all at once.
         raw = self._conn().raw
-        with _errors(), raw.transaction(), raw.cursor(name=f"batches_{uuid.uuid4().hex}") as cursor:
+        with pg_errors(), raw.transaction(), raw.cursor(name=f"batches_{uuid.uuid4().hex}") as cursor:
             cursor.execute(pg_sql(sql), params)
             while rows := cursor.fetchmany(size):
                 yield rows
@@ -257,7 +257,7 @@ class ChangeListener:
     def wait(self, timeout: float) -> bool:
         """Blocks until a change is announced (True) or `timeout` seconds pass (False). Connects (again)
         when needed; a change announced while not connected is not seen, so the caller polls too."""
-        with _errors():
+        with pg_errors():
             if self._conn is None or self._conn.closed or self._conn.broken:
                 self._conn = psycopg.connect(self.url, autocommit=True)
                 self._conn.execute(f"LISTEN {CHANNEL}")
