@@ -38,15 +38,23 @@ class Connection(Protocol):
 class Transaction:
     """BEGIN ... COMMIT under the database's write lock; ROLLBACK on an exception or `rollback_on_exit`.
 
-    A backend gives `conn` (a Connection) and says how to begin and roll back."""
+    A backend gives `conn` (a Connection) and says how to begin and roll back. `collection_id`: the one
+    collection the transaction writes (its documents, tokens, tombstones and row), None for one that makes
+    or drops collections: a backend shared by several servers may let writes to different collections
+    commit at once (PostgreSQL does), but never two to the same collection."""
 
-    def __init__(self, conn: Connection, lock: threading.Lock) -> None:
+    def __init__(self, conn: Connection, lock: threading.Lock, collection_id: int | None = None) -> None:
         self.conn = conn
         self.lock = lock
+        self.collection_id = collection_id
         self.rollback_on_exit = False
 
     def begin(self) -> None:
         raise NotImplementedError
+
+    def lock_collection(self, collection_id: int) -> None:
+        """In a transaction begun without a collection: also excludes every write to this one (taken after
+        the transaction's own lock, the order every transaction takes them in)."""
 
     def rollback(self) -> None:
         raise NotImplementedError
@@ -87,7 +95,8 @@ class Database:
         """This thread's connection (reads outside a transaction see the last committed state)."""
         raise NotImplementedError
 
-    def _transaction(self) -> Transaction:
+    def _transaction(self, collection_id: int | None = None) -> Transaction:
+        """A write transaction; `collection_id`: the collection it writes, if only one (see Transaction)."""
         raise NotImplementedError
 
     def _batches(self, sql: str, params: Sequence[object], size: int) -> Iterator[list[Any]]:

@@ -6,11 +6,15 @@ dialects accept; this module turns its `?` placeholders into psycopg's `%s` and 
 
 Writes: one transaction per write, BEGIN ... COMMIT with synchronous_commit on (set per connection, whatever
 the server's default), so a write is acknowledged only after its COMMIT is durable. Every write transaction
-first takes one transaction-scoped advisory lock, so writes are serialised across every server sharing the
-database, as SQLite's BEGIN IMMEDIATE serialises them in one file: a collection's generation is read and
-incremented under that lock and committed with the write, so two writes never get the same generation, a
-rolled-back write leaves it as it was, and generations commit in increasing order (what the change log
-relies on). The lock is released by COMMIT, ROLLBACK, or the server's session ending (a killed Sieve).
+first takes a transaction-scoped advisory lock: a write to one collection (documents, deletes, token vectors)
+that collection's (COLLECTION_LOCK, id), so writes to a collection are serialised across every server sharing
+the database, as SQLite's BEGIN IMMEDIATE serialises them in one file, while writes to different collections
+commit side by side; creating a collection, or schema changes, take WRITE_LOCK, and dropping one takes
+WRITE_LOCK and then its collection's lock (always in that order, so no two transactions wait on each other).
+A collection's generation is read and incremented under its lock and committed with the write, so two writes
+never get the same generation, a rolled-back write leaves it as it was, and a collection's generations commit
+in increasing order (what the change log relies on). Locks are released by COMMIT, ROLLBACK, or the server's
+session ending (a killed Sieve). Within one server the writes still queue on one in-process lock.
 
 Connections: one per thread (the writer and the read pool), autocommit outside write transactions, made
 again after the database went away (the failed call raises UNAVAILABLE; the next one reconnects).
@@ -46,8 +50,11 @@ from sieve_core.errors import FailedPrecondition, InvalidArgument, Unavailable
 
 log = logging.getLogger(__name__)
 
-# pg_advisory_xact_lock key of the store's writes ("SIEVE" in ASCII).
+# pg_advisory_xact_lock key of the writes that make or drop collections, and of schema changes ("SIEVE").
 WRITE_LOCK = 0x5349455645
+# First key of the two-key pg_advisory_xact_lock(COLLECTION_LOCK, collection id) of one collection's writes
+# ("SIEV").
+COLLECTION_LOCK = 0x53494556
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -165,7 +172,17 @@ class PostgresTransaction(Transaction):
 
     def begin(self) -> None:
         self.conn.execute("BEGIN")
-        self.conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+        if self.collection_id is None:
+            self.conn.execute("SELECT pg_advisory_xact_lock(?)", (WRITE_LOCK,))
+        else:
+            self.lock_collection(self.collection_id)
+
+    def lock_collection(self, collection_id: int) -> None:
+        # The two-key form is a key space of its own (no clash with WRITE_LOCK); ids past 2^31 share keys,
+        # which only serialises their writes.
+        self.conn.execute(
+            "SELECT pg_advisory_xact_lock(?, ?)", (COLLECTION_LOCK, collection_id % 2_147_483_647)
+        )
 
     def rollback(self) -> None:
         raw = self.conn.raw
@@ -214,8 +231,8 @@ class PostgresDatabase(Database):
             self._local.conn = conn
         return conn
 
-    def _transaction(self) -> Transaction:
-        return PostgresTransaction(self._conn(), self._write_lock)
+    def _transaction(self, collection_id: int | None = None) -> Transaction:
+        return PostgresTransaction(self._conn(), self._write_lock, collection_id)
 
     def _batches(self, sql: str, params: Sequence[object], size: int) -> Iterator[list[Any]]:
         # A server-side cursor (it needs a transaction): the rows come `size` at a time, not all at once.

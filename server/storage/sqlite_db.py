@@ -161,8 +161,8 @@ class SqliteDatabase(Database):
             self._local.conn = conn
         return conn
 
-    def _transaction(self) -> Transaction:
-        return SqliteTransaction(self._conn(), self._write_lock)
+    def _transaction(self, collection_id: int | None = None) -> Transaction:
+        return SqliteTransaction(self._conn(), self._write_lock)  # the file has one writer at a time anyway
 
     def _batches(self, sql: str, params: Sequence[object], size: int) -> Iterator[list[Any]]:
         cursor = self._conn().execute(sql, params)

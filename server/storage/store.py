@@ -131,6 +131,7 @@ class Store(TokenRows, DocumentReads):
             if row is None:
                 raise NotFound(f"collection {name!r} does not exist")
             cid = row[0]
+            conn.lock_collection(cid)  # a write to it in progress on another server commits first
             for table in ("documents", "doc_meta", "tombstones", "tokens", "collection_text"):
                 conn.execute(f"DELETE FROM {table} WHERE collection_id = ?", (cid,))
             conn.execute("DELETE FROM collections WHERE id = ?", (cid,))
@@ -155,7 +156,7 @@ class Store(TokenRows, DocumentReads):
         replaced document's old row goes with its old key.
         """
         tokens = tokens or {}
-        with self._transaction() as conn:
+        with self._transaction(collection_id) as conn:
             existing = self._existing(conn, collection_id, [d.id for d in docs])
             missing = [
                 d.id
@@ -231,7 +232,7 @@ class Store(TokenRows, DocumentReads):
 
     def delete(self, collection_id: int, ids: Sequence[str]) -> tuple[int, list[int]]:
         """Delete documents by id. Returns (generation, removed keys)."""
-        with self._transaction() as conn:
+        with self._transaction(collection_id) as conn:
             existing = self._existing(conn, collection_id, ids)
             generation = _counters(conn, collection_id)[0] + 1
             keys = [existing[i][0] for i in dict.fromkeys(ids) if i in existing]
@@ -262,7 +263,7 @@ class Store(TokenRows, DocumentReads):
 
     def prune_tombstones(self, collection_id: int, up_to_generation: int) -> None:
         """Tombstones at or below a snapshot's generation are no longer needed to catch it up."""
-        with self._transaction() as conn:
+        with self._transaction(collection_id) as conn:
             conn.execute(
                 "DELETE FROM tombstones WHERE collection_id = ? AND generation <= ?",
                 (collection_id, up_to_generation),

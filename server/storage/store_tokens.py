@@ -23,7 +23,7 @@ class TokenRows(Database):
         for k whenever it arrives; a key deleted or replaced meanwhile is skipped. Returns rows written.
         """
         written = 0
-        with self._transaction() as conn:
+        with self._transaction(collection_id) as conn:
             for key, blob in blobs.items():
                 written += conn.execute(
                     "INSERT INTO tokens (collection_id, key, blob) SELECT ?, ?, ?"
@@ -41,7 +41,7 @@ class TokenRows(Database):
     ) -> int:
         """Records a collection's token format and model; if either changed, its stored token vectors no
         longer match and are dropped (every document becomes pending). Returns the rows dropped."""
-        with self._transaction() as conn:
+        with self._transaction(collection_id) as conn:
             row = conn.execute(
                 "SELECT token_format, token_model_id FROM collections WHERE id = ?", (collection_id,)
             ).fetchone()

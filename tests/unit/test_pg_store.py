@@ -53,6 +53,62 @@ def test_generations_are_never_reused_by_stores_writing_at_once(pg_url: str, sto
     assert (row.generation, row.doc_count) == (45, 45)
 
 
+def test_writes_to_different_collections_commit_side_by_side_and_to_one_collection_in_turn(
+    pg_url: str, store: PostgresStore
+) -> None:
+    """Two servers' stores: while one holds a write transaction on collection A open, the other commits to
+    B at once, but its write to A, and the drop of A, wait for it."""
+    a = store.create_collection("a", "model", "model@rev", "cosine", DIMS, "{}").id
+    b = store.create_collection("b", "model", "model@rev", "cosine", DIMS, "{}").id
+    other = PostgresStore(pg_url)
+    vector = {"x": np.ones(DIMS, dtype=np.float32)}
+    held, release = threading.Event(), threading.Event()
+
+    def hold_a() -> None:
+        with store._transaction(a) as tx:
+            tx.execute("UPDATE collections SET doc_count = doc_count WHERE id = ?", (a,))
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold_a)
+    holder.start()
+    try:
+        assert held.wait(10)
+        done = threading.Event()
+        threading.Thread(
+            target=lambda: (other.upsert(b, [Document("x", "to b")], vector), done.set())
+        ).start()
+        assert done.wait(10), "a write to collection b waited for a transaction on collection a"
+        waiting: dict[str, object] = {}
+        to_a = threading.Thread(
+            target=lambda: waiting.update(a=other.upsert(a, [Document("x", "to a")], vector))
+        )
+        to_a.start()
+        to_a.join(0.5)
+        assert to_a.is_alive(), "a write to collection a did not wait for the open transaction on it"
+    finally:
+        release.set()
+        holder.join()
+    to_a.join(10)
+    assert not to_a.is_alive() and waiting["a"].generation == 1  # type: ignore[attr-defined]
+    # Dropping a collection waits for a write to it in progress on another server.
+    held.clear()
+    release.clear()
+    holder = threading.Thread(target=hold_a)
+    holder.start()
+    assert held.wait(10)
+    dropped = threading.Thread(target=other.delete_collection, args=("a",))
+    dropped.start()
+    dropped.join(0.5)
+    alive = dropped.is_alive()
+    release.set()
+    holder.join()
+    dropped.join(10)
+    other.close()
+    assert alive, "dropping collection a did not wait for the open write to it"
+    assert {c.name for c in store.list_collections()} == {"b"}
+
+
 def test_a_metadata_value_too_long_for_an_index_entry_is_invalid_and_writes_nothing(
     store: PostgresStore,
 ) -> None:
