@@ -323,6 +323,8 @@ class TokenBackfill:
             self._reported[target.name] = row.tokens_pending
             if not row.tokens_pending:
                 continue
+            if not await self._run(self.store.claim, target.collection_id):
+                continue  # another server sharing the store computes them (Database.claim)
             docs = await self._run(self.store.pending_tokens, target.collection_id, BACKFILL_BATCH)
             if not docs:
                 continue

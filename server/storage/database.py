@@ -111,6 +111,12 @@ class Database:
         no other server can write here (an SQLite file is one server's)."""
         return None
 
+    def claim(self, collection_id: int) -> bool:
+        """Whether this server does the collection's background work (the token backfill of pending
+        documents): always, on a store only it writes; on a shared one, only the server holding the claim
+        (one at a time; held until that server stops or loses the database, then the next to ask gets it)."""
+        return True
+
     # -- space (what it means is the backend's) ----------------------------------------------------
     def size_bytes(self) -> int:
         raise NotImplementedError

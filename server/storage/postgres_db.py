@@ -55,6 +55,9 @@ WRITE_LOCK = 0x5349455645
 # First key of the two-key pg_advisory_xact_lock(COLLECTION_LOCK, collection id) of one collection's writes
 # ("SIEV").
 COLLECTION_LOCK = 0x53494556
+# First key of the session-level pg_try_advisory_lock(CLAIM_LOCK, collection id) that makes one server the one
+# doing a collection's background work (Database.claim) ("SIEW").
+CLAIM_LOCK = 0x53494557
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -199,6 +202,9 @@ class PostgresDatabase(Database):
         self._all: list[psycopg.Connection] = []
         self._guard = threading.Lock()
         self._write_lock = threading.Lock()  # this process's writers queue here, not in the database
+        self._claim_guard = threading.Lock()
+        self._claim_conn: psycopg.Connection | None = None
+        self._claimed: set[int] = set()
         conn = self._conn()
         read_only = conn.execute(
             "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only') = 'on'"
@@ -248,6 +254,32 @@ class PostgresDatabase(Database):
                 raw.close()
             self._all.clear()
         self._local = threading.local()
+        with self._claim_guard:
+            if self._claim_conn is not None:
+                self._claim_conn.close()  # gives the claims up: another server takes them
+            self._claim_conn, self._claimed = None, set()
+
+    def claim(self, collection_id: int) -> bool:
+        # Session-level locks on a connection of their own, kept while this server runs; a lost connection
+        # loses them (the next call connects again and asks again).
+        with self._claim_guard, pg_errors():
+            conn = self._claim_conn
+            if conn is not None and not conn.closed and collection_id in self._claimed:
+                try:
+                    conn.execute("SELECT 1")
+                    return True
+                except psycopg.OperationalError:
+                    conn.close()
+            if conn is None or conn.closed or conn.broken:
+                conn = self._claim_conn = psycopg.connect(self.url, autocommit=True)
+                self._claimed = set()
+            row = conn.execute(
+                "SELECT pg_try_advisory_lock(%s, %s)", (CLAIM_LOCK, collection_id % 2_147_483_647)
+            ).fetchone()
+            if row is not None and row[0]:
+                self._claimed.add(collection_id)
+                return True
+            return False
 
     def size_bytes(self) -> int:
         row = (

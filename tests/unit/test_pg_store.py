@@ -109,6 +109,18 @@ def test_writes_to_different_collections_commit_side_by_side_and_to_one_collecti
     assert {c.name for c in store.list_collections()} == {"b"}
 
 
+def test_one_server_at_a_time_holds_a_collections_background_work(pg_url: str, store: PostgresStore) -> None:
+    """Database.claim: the token backfill of a collection runs on one of the servers sharing the store; when
+    that one stops, the next to ask takes it over."""
+    other = PostgresStore(pg_url)
+    assert store.claim(1) and store.claim(1), "the holder lost its claim"
+    assert not other.claim(1), "two servers hold the same collection's claim"
+    assert other.claim(2) and not store.claim(2)  # claims are per collection
+    store.close()  # the holder stops
+    assert other.claim(1)
+    other.close()
+
+
 def test_a_metadata_value_too_long_for_an_index_entry_is_invalid_and_writes_nothing(
     store: PostgresStore,
 ) -> None:
