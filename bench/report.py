@@ -277,7 +277,10 @@ PUBLISHED = {
     "fiqa": [("BM25", 0.236), ("all-MiniLM-L6-v2", 0.3687), ("BM25+CE", 0.347), ("ColBERTv2", 0.356)],
 }
 ANN_NAMES = {
-    "usearch_cos": "usearch, cosine (Sieve's index)",
+    "usearch_cos": "usearch, cosine f32 (Sieve's index before the f16 and i8 layouts)",
+    "sieve_i8": "Sieve's VectorIndex, i8 (the default layout)",
+    "sieve_f16": "Sieve's VectorIndex, f16",
+    "sieve_f32": "Sieve's VectorIndex, f32",
     "usearch_ip": "usearch, inner product",
     "faiss_hnsw": "FAISS IndexHNSWFlat",
     "exact": "exact (numpy BLAS)",
@@ -374,12 +377,21 @@ def _bench_rows(r: dict, cmd: str) -> list[str]:  # type: ignore[type-arg]
     return []
 
 
-ANN_SHORT = {"usearch_cos": "usearch cos (Sieve)", "faiss_hnsw": "FAISS HNSW", "exact": "exact"}
+ANN_SHORT = {
+    "usearch_cos": "usearch cos f32 (Sieve before f16/i8)",
+    "sieve_i8": "Sieve i8 (default)",
+    "sieve_f16": "Sieve f16",
+    "sieve_f32": "Sieve f32",
+    "faiss_hnsw": "FAISS HNSW",
+    "exact": "exact",
+}
 
 
 def _ann_row(d: dict, m: str, cmd: str) -> str:  # type: ignore[type-arg]
-    """One README row per ANN data set: usearch cos (Sieve) / FAISS HNSW / exact, and the paired ratios."""
-    names = [x for x in ("usearch_cos", "faiss_hnsw", "exact") if x in d["systems"]]
+    """One README row per ANN data set: Sieve's index in its layout (where the run has it) / usearch cos f32 /
+    FAISS HNSW / exact, and the paired ratios."""
+    sieve = [x for x in d["systems"] if x.startswith("sieve_")]
+    names = [x for x in (*sieve, "usearch_cos", "faiss_hnsw", "exact") if x in d["systems"]]
     sy = [d["systems"][x] for x in names]
 
     def cell(label: str, values: list[str]) -> str:
@@ -392,12 +404,16 @@ def _ann_row(d: dict, m: str, cmd: str) -> str:  # type: ignore[type-arg]
         cell("recall@10", [f"{v['recall@10']:.3f}" for v in sy]),
         cell("serialized", [f"{v['bytes_per_vector']:.0f} B/vector" for v in sy]),
     ]
-    if all("rss_bytes_per_vector" in v for v in sy[:2]) and d["vectors"] >= 100_000:
-        cells.append(cell("resident", [f"{v['rss_bytes_per_vector']:.0f}" for v in sy[:2]]) + " B/vector")
+    hnsw = [v for x, v in zip(names, sy, strict=True) if x != "exact"]
+    if all("rss_bytes_per_vector" in v for v in hnsw) and d["vectors"] >= 100_000:
+        cells.append(cell("resident", [f"{v['rss_bytes_per_vector']:.0f}" for v in hnsw]) + " B/vector")
     p = d.get("paired")
+    for x in sieve:
+        if p and f"qps_{x}_over_faiss" in p:
+            cells.append(f"**{ANN_SHORT.get(x, x)} / FAISS batch QPS, paired: x{p[f'qps_{x}_over_faiss']:.2f}**")
     if p:
         cells.append(
-            f"**usearch / FAISS, paired: build time x{p['build_time_usearch_cos_over_faiss']:.2f}, QPS "
+            f"**usearch cos f32 / FAISS, paired: build time x{p['build_time_usearch_cos_over_faiss']:.2f}, QPS "
             f"x{p['qps_usearch_cos_over_faiss']:.2f}, 1-query latency x{p['latency_usearch_cos_over_faiss']:.2f}**"
         )
     side = "built and searched side by side (in turn)" if p else "one after the other"
@@ -713,7 +729,12 @@ def _section_peers() -> list[str]:
                     f"Paired, usearch cos / FAISS: build time x{p['build_time_usearch_cos_over_faiss']:.2f}, batch "
                     f"QPS x{p['qps_usearch_cos_over_faiss']:.2f}, one-query latency "
                     f"x{p['latency_usearch_cos_over_faiss']:.2f}; usearch cos / exact batch QPS "
-                    f"x{p['qps_usearch_cos_over_exact']:.2f}.",
+                    f"x{p['qps_usearch_cos_over_exact']:.2f}."
+                    + "".join(
+                        f" {ANN_NAMES.get(k[4:-11], k[4:-11])} / FAISS batch QPS x{v:.2f}."
+                        for k, v in p.items()
+                        if k.startswith("qps_sieve_") and k.endswith("_over_faiss")
+                    ),
                 ]
             out.append("")
         out += [*_plot("ann", "ANN peers"), _source(r), ""]
