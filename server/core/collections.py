@@ -45,6 +45,8 @@ class Collections:
         self._store = store
         self._run = run
         self._by_name: dict[str, Collection] = {}
+        # Other servers' collections this one cannot take in, and why (warned once per collection and reason).
+        self._refused: dict[tuple[str, int], str] = {}
         self.factory = CollectionFactory(settings, store, models)
         self.defaults = self.factory.defaults
 
@@ -208,9 +210,17 @@ class Collections:
                     known.visible_generation = row.generation
                     self.published(known, applied, row.generation)
             except SieveError as exc:  # e.g. its model is not on this server: the others still catch up
-                log.warning(
-                    "collection %r written by another server: not taken in: %s", row.name, exc.message
-                )
+                if self._refused.get((row.name, row.id)) != exc.message:  # not again at every poll
+                    log.warning(
+                        "collection %r written by another server: not taken in: %s (tried again at each "
+                        "change; said again only if the reason changes)",
+                        row.name,
+                        exc.message,
+                    )
+                self._refused[(row.name, row.id)] = exc.message
+            else:
+                self._refused.pop((row.name, row.id), None)
+        self._refused = {key: why for key, why in self._refused.items() if key[0] in current}
 
     # -- snapshots (writer thread) -----------------------------------------------------------------
     def published(self, col: Collection, changed: int, generation: int) -> None:

@@ -104,7 +104,9 @@ def test_two_or_more_servers_on_the_postgres_service_database(merged: dict[str, 
 def test_each_server_has_its_own_data_volume_and_published_port(merged: dict[str, Any]) -> None:
     servers = _servers(merged)
     volumes = [next(v for v in s["volumes"] if v.endswith(":/data")).split(":")[0] for s in servers.values()]
-    assert len(set(volumes)) == len(servers), volumes  # index snapshots, upload spools and server-id are per server
+    assert len(set(volumes)) == len(servers), (
+        volumes
+    )  # index snapshots, upload spools and server-id are per server
     assert set(volumes) <= set(merged["volumes"])
     grpc_ports = [next(p for p in s["ports"] if p.endswith(":50051")) for s in servers.values()]
     hosts = [p.rsplit(":", 1)[0] for p in grpc_ports]

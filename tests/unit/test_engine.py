@@ -163,3 +163,17 @@ async def test_a_streamed_search_ends_with_the_search_and_its_evidence(engine: E
     top = answer.hits[0]
     # The fake's tokens are words: "owl", then "at night" (adjacent words, one span).
     assert top.id == "owl" and [top.text[s.start : s.end] for s in top.evidence] == ["owl", "at night"]
+
+
+async def test_another_servers_collection_this_one_cannot_take_in_is_warned_about_once(
+    engine: Engine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A collection on a shared store whose model this server lacks: the follower tries it at every change,
+    but the log says so once per reason, not every second."""
+    engine.store.create_collection("elsewhere", "a-model-not-here", "a-model-not-here@1", "cosine", 4, "{}")
+    with caplog.at_level("WARNING", logger="server.core.collections"):
+        for _ in range(3):
+            engine.collections.sync(engine.store.list_collections())
+    warned = [r for r in caplog.records if "'elsewhere' written by another server: not taken in" in r.message]
+    assert len(warned) == 1, [r.message for r in caplog.records]
+    assert engine.collections.get("c").row.name == "c"  # the others are still in
