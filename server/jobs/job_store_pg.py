@@ -1,6 +1,6 @@
 """The job tables in the PostgreSQL store's database (SIEVE_STORE_URL): every server sharing it sees every job.
 
-Same rows and SQL as the SQLite file (server/jobs/job_store.py), with PostgreSQL's types (BIGINT for counts
+Same tables and SQL as the SQLite file (server/jobs/job_store.py), in PostgreSQL's types (BIGINT for counts
 and byte offsets, DOUBLE PRECISION for times). Its own connection, autocommit outside `save`'s transaction,
 synchronous_commit on: a job's checkpoint is durable when `save` returns, as in the file. No advisory lock:
 job rows are written by their owner only (and `cancel_requested` by anyone), so they need not wait on the
@@ -15,47 +15,16 @@ from typing import Any
 
 import psycopg
 
+from server.jobs import job_store
 from server.jobs.job_store import JobStore
 from server.storage.postgres_db import WRITE_LOCK, PgConnection, pg_errors
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (
-    id TEXT PRIMARY KEY,
-    collection TEXT NOT NULL,
-    source TEXT NOT NULL,
-    path TEXT NOT NULL,
-    upload INTEGER NOT NULL,
-    format INTEGER NOT NULL,
-    batch_size INTEGER NOT NULL,
-    file_size BIGINT NOT NULL,
-    file_mtime_ns BIGINT NOT NULL,
-    state TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    total BIGINT,
-    done BIGINT NOT NULL,
-    failed BIGINT NOT NULL,
-    next_offset BIGINT NOT NULL,
-    next_line BIGINT NOT NULL,
-    generation BIGINT NOT NULL,
-    cancel_requested INTEGER NOT NULL,
-    batch_retries INTEGER NOT NULL,
-    resumes INTEGER NOT NULL,
-    embedder TEXT NOT NULL,
-    created_at DOUBLE PRECISION NOT NULL,
-    started_at DOUBLE PRECISION,
-    finished_at DOUBLE PRECISION,
-    owner TEXT NOT NULL DEFAULT ''
-);
-CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_at);
-CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state);
-CREATE TABLE IF NOT EXISTS job_errors (
-    job_id TEXT NOT NULL,
-    line BIGINT NOT NULL,
-    doc_id TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    PRIMARY KEY (job_id, line)
-);
-"""
+# The file's tables in PostgreSQL's types: counts and byte offsets past 32 bits, times to the microsecond.
+SCHEMA = (
+    job_store.SCHEMA.replace(" WITHOUT ROWID", "")
+    .replace("INTEGER", "BIGINT")
+    .replace("REAL", "DOUBLE PRECISION")
+) + "CREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, state);"
 
 
 class PgJobStore(JobStore):
