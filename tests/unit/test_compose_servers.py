@@ -1,9 +1,10 @@
 """docker-compose.servers.yml on top of docker-compose.yml and docker-compose.sentinel.yml (Docker cannot run
 here): the three files merged as `docker compose -f ... -f ... -f ...` merges them (mappings key by key, the
 rest replaced), then checked: two or more Sieve servers, every one on the `postgres` service's database (its
-SIEVE_STORE_URL parsed by psycopg and compared with the image's POSTGRES_* variables), on the Sentinels, with
-its own data volume and its own published port, which the clients' several-address support accepts as one
-target; the PostgreSQL image's variables are the documented ones; the image installs psycopg."""
+SIEVE_STORE_URL parsed by psycopg and compared with the image's POSTGRES_* variables), on the Sentinels with
+REDIS_PASSWORD (for Redis and for the Sentinels), with its own data volume and its own published port, which
+the clients' several-address support accepts as one target; the PostgreSQL image's variables are the
+documented ones; the image installs psycopg."""
 
 from __future__ import annotations
 
@@ -11,13 +12,15 @@ import glob
 import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
+from sieve_core import redis_conn
 from sieve_core.config import Settings, load_settings, sentinel_addresses
+from tests.compose import load, raw
 from tests.conftest import ROOT
 
-yaml = pytest.importorskip("yaml")
 psycopg = pytest.importorskip("psycopg", reason="psycopg is not installed (the `pg` extra)")
 
 FILES = ("docker-compose.yml", "docker-compose.sentinel.yml", "docker-compose.servers.yml")
@@ -36,37 +39,16 @@ POSTGRES_IMAGE_VARIABLES |= {f"{v}_FILE" for v in ("POSTGRES_PASSWORD", "POSTGRE
 # Values for compose's ${VAR...} interpolation, as an operator would set them.
 ENV = {
     "POSTGRES_PASSWORD": "0123abcd",
+    "REDIS_PASSWORD": "4567ef89",
     "SIEVE_API_KEYS": "k1:admin",
     "PUBLISH_HOST": "127.0.0.1",
     "FLOWER_BASIC_AUTH": "",
 }
 
 
-def _merge(base: Any, override: Any) -> Any:
-    if isinstance(base, dict) and isinstance(override, dict):
-        return {k: _merge(base[k], v) if k in base else v for k, v in override.items()} | {
-            k: v for k, v in base.items() if k not in override
-        }
-    return override
-
-
-def _interpolate(value: Any) -> Any:
-    """Compose's ${VAR}, ${VAR:-default} and ${VAR:?error} with ENV (a variable missing from ENV fails)."""
-    if isinstance(value, dict):
-        return {k: _interpolate(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_interpolate(v) for v in value]
-    if not isinstance(value, str):
-        return value
-    return re.sub(r"\$\{(\w+)(?::[-?][^}]*)?\}", lambda m: ENV[m.group(1)], value.replace("$$", "$"))
-
-
 @pytest.fixture(scope="module")
 def merged() -> dict[str, Any]:
-    config: dict[str, Any] = {}
-    for name in FILES:
-        config = _merge(config, yaml.safe_load((ROOT / name).read_text()))
-    return _interpolate(config)  # type: ignore[no-any-return]
+    return load(*FILES, env=ENV)
 
 
 def _servers(config: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -93,6 +75,10 @@ def test_two_or_more_servers_on_the_postgres_service_database(merged: dict[str, 
         # The broker and caches through the Sentinels of the Sentinel file.
         assert settings.redis_sentinels, f"{name} is not on the Sentinels"
         assert {h for h, _ in sentinel_addresses(settings.redis_sentinels)} <= set(services)
+        # ... with the Sentinel file's password, for Redis and for the Sentinels themselves.
+        assert urlsplit(redis_conn.redis_url(settings)).password == ENV["REDIS_PASSWORD"], name
+        sentinel_password = settings.redis_sentinel_password
+        assert sentinel_password and sentinel_password.get_secret_value() == ENV["REDIS_PASSWORD"], name
         assert settings.grpc_address.endswith(":50051") and str(settings.data_dir) == "/data"
     healthcheck = postgres["healthcheck"]["test"]
     assert healthcheck[1] == "pg_isready"
@@ -104,9 +90,8 @@ def test_two_or_more_servers_on_the_postgres_service_database(merged: dict[str, 
 def test_each_server_has_its_own_data_volume_and_published_port(merged: dict[str, Any]) -> None:
     servers = _servers(merged)
     volumes = [next(v for v in s["volumes"] if v.endswith(":/data")).split(":")[0] for s in servers.values()]
-    assert len(set(volumes)) == len(servers), (
-        volumes
-    )  # index snapshots, upload spools and server-id are per server
+    # Index snapshots, upload spools and server-id are per server.
+    assert len(set(volumes)) == len(servers), volumes
     assert set(volumes) <= set(merged["volumes"])
     grpc_ports = [next(p for p in s["ports"] if p.endswith(":50051")) for s in servers.values()]
     hosts = [p.rsplit(":", 1)[0] for p in grpc_ports]
@@ -120,8 +105,8 @@ def test_each_server_has_its_own_data_volume_and_published_port(merged: dict[str
 def test_the_postgres_image_and_its_variables_are_real(merged: dict[str, Any]) -> None:
     postgres = merged["services"]["postgres"]
     assert set(postgres["environment"]) <= POSTGRES_IMAGE_VARIABLES
-    raw = yaml.safe_load((ROOT / "docker-compose.servers.yml").read_text())["services"]["postgres"]
-    assert raw["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?"), "password required"
+    unset = raw("docker-compose.servers.yml")["services"]["postgres"]
+    assert unset["environment"]["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD:?"), "password required"
     assert "/var/lib/postgresql/data" in [v.split(":")[1] for v in postgres["volumes"]]  # the image's PGDATA
     image_major = re.fullmatch(r"postgres:(\d+)(?:[.-].*)?", postgres["image"])
     assert image_major, postgres["image"]

@@ -17,8 +17,14 @@ yaml = pytest.importorskip("yaml")
 
 OVERRIDE = "docker-compose.cross-encoder.yml"
 # Every compose file: the base and each override (tests/unit/test_compose_sentinel.py and
-# tests/unit/test_compose_servers.py check the last two in depth).
-COMPOSE_FILES = ("docker-compose.yml", OVERRIDE, "docker-compose.sentinel.yml", "docker-compose.servers.yml")
+# tests/unit/test_compose_servers.py check the last three in depth).
+COMPOSE_FILES = (
+    "docker-compose.yml",
+    OVERRIDE,
+    "docker-compose.sentinel.yml",
+    "docker-compose.cross-encoder.sentinel.yml",
+    "docker-compose.servers.yml",
+)
 
 
 def _compose(name: str = "docker-compose.yml") -> dict:  # type: ignore[type-arg]
