@@ -410,7 +410,9 @@ def _ann_row(d: dict, m: str, cmd: str) -> str:  # type: ignore[type-arg]
     p = d.get("paired")
     for x in sieve:
         if p and f"qps_{x}_over_faiss" in p:
-            cells.append(f"**{ANN_SHORT.get(x, x)} / FAISS batch QPS, paired: x{p[f'qps_{x}_over_faiss']:.2f}**")
+            cells.append(
+                f"**{ANN_SHORT.get(x, x)} / FAISS batch QPS, paired: x{p[f'qps_{x}_over_faiss']:.2f}**"
+            )
     if p:
         cells.append(
             f"**usearch cos f32 / FAISS, paired: build time x{p['build_time_usearch_cos_over_faiss']:.2f}, QPS "
