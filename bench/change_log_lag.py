@@ -56,7 +56,7 @@ def main() -> int:
     vectors = synthetic(count, seed=7)
     acked: queue.Queue[tuple[int, int, float] | None] = queue.Queue()
     lags: list[float] = []
-    wrong: list[str] = []  # ids whose Search on B did not find them first
+    wrong: list[dict[str, Any]] = []  # Searches on B whose top hit was not the document just written
     with tempfile.TemporaryDirectory(prefix="sieve-lag-") as tmp, ExitStack() as stack_:
         url = stack_.enter_context(PostgresCluster()).new_database()
         a = serve(stack_, Path(tmp) / "a", {"SIEVE_STORE_URL": url})
@@ -77,14 +77,23 @@ def main() -> int:
                 request = search_pb2.SearchRequest(
                     collection=NAME,
                     query_vector=vectors[i].tolist(),
-                    top_k=1,
+                    top_k=3,
                     min_generation=generation,
                     omit_documents=True,
                 )
                 response = search.Search(request, timeout=30)
                 lags.append((time.perf_counter() - acked_at) * 1000)
-                if response.hits[0].id != f"d{i}":
-                    wrong.append(f"d{i}")
+                if not response.hits or response.hits[0].id != f"d{i}":
+                    # What B answered, so that a miss can be told apart: the write not yet in B's index (a
+                    # read-your-writes failure) or an approximate top hit (HNSW) with it lower or absent.
+                    wrong.append(
+                        {
+                            "id": f"d{i}",
+                            "min_generation": generation,
+                            "answered_generation": response.generation,
+                            "hits": [(h.id, round(h.score, 5)) for h in response.hits],
+                        }
+                    )
 
         def write(i: int) -> None:
             doc = documents_pb2.Document(
@@ -119,6 +128,7 @@ def main() -> int:
         "writes": count,
         "lag": lag,
         "top_hit_not_the_written_document": len(wrong),
+        "not_first": wrong[:20],
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
