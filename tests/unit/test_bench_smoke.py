@@ -214,7 +214,7 @@ def test_report_renders_every_kind(
     ):
         assert heading in text
     assert "rerank.json is not recorded yet" in text  # the cross-encoder section, whose result is absent
-    assert "usearch / FAISS, paired: build time x1.50" in "\n".join(rows)
+    assert "usearch cos f32 / FAISS, paired: build time x1.50" in "\n".join(rows)
 
 
 def test_quick_results_never_replace_full_ones(
