@@ -75,9 +75,12 @@ def baseline_server(code: Path, data_dir: Path) -> Iterator[str]:
 
 def measure(
     arms: dict[str, tuple[grpc.Channel, str]], queries: dict[str, str], rounds: int
-) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[str]]]]:
+) -> tuple[
+    dict[str, dict[str, list[float]]], dict[str, dict[str, list[str]]], dict[str, dict[str, list[object]]]
+]:
     """Every query through every arm (a server and a cascade), in turns; per arm, per component, the
-    milliseconds of each call; and the first round's ids per arm and query."""
+    milliseconds of each call; and the first round's ids, and whole hits (ids, scores, stage scores,
+    evidence spans), per arm and query."""
     opts = EvalOptions(folder=Path("."))
     calls = {
         name: (
@@ -88,6 +91,7 @@ def measure(
     }
     times: dict[str, dict[str, list[float]]] = {name: {} for name in arms}
     ids: dict[str, dict[str, list[str]]] = {name: {} for name in arms}
+    replies: dict[str, dict[str, list[object]]] = {name: {} for name in arms}
     names = list(arms)
     n = 0
     for round_ in range(rounds):
@@ -123,8 +127,17 @@ def measure(
                 add("evidence spans", []).append(sum(len(h.evidence) for h in response.hits))
                 if round_ == 0:
                     ids[name][qid] = [h.id for h in response.hits]
+                    replies[name][qid] = [
+                        (
+                            h.id,
+                            h.score,
+                            [(s.stage, s.score, s.rank) for s in h.stage_scores],
+                            list(h.evidence),
+                        )
+                        for h in response.hits
+                    ]
         log(f"round {round_ + 1}/{rounds} done (load {os.getloadavg()[0]:.1f})")
-    return times, ids
+    return times, ids, replies
 
 
 def summarize(times: dict[str, list[float]]) -> dict[str, float]:
@@ -182,7 +195,7 @@ def main() -> int:
         arms = {f"{label}{spec}": (ch, spec) for label, ch in servers.items() for spec in SPECS}
         if args.warmup:
             measure(arms, dict(list(data.queries.items())[-args.warmup :]), 1)
-        times, ids = measure(arms, queries, args.rounds)
+        times, ids, replies = measure(arms, queries, args.rounds)
     rows = {name: summarize(t) for name, t in times.items()}
     ndcg = {
         name: evaluate(run, {q: data.qrels[q] for q in run if q in data.qrels})["ndcg@10"]
@@ -198,6 +211,17 @@ def main() -> int:
             f"{label or 'this code '}: late/retrieve searches/s {ratios[label.strip() or 'this code']:.2f}, late costs +{extra:.1f} ms a search"
         )
     print("nDCG@10: " + ", ".join(f"{name} {v:.4f}" for name, v in ndcg.items()))
+    # Before and after must answer alike: the same hits, scores, stage scores and evidence spans.
+    differing = {
+        spec: sum(replies[f"base {spec}"][q] != replies[f"new {spec}"][q] for q in queries)
+        for spec in SPECS
+        if args.baseline is not None
+    }
+    if differing:
+        print(
+            "queries whose reply differs between the two codes (hits, scores, spans): "
+            + ", ".join(f"{spec} {n}/{len(queries)}" for spec, n in differing.items())
+        )
     print(f"load average before {load_before[0]:.2f}, after {os.getloadavg()[0]:.2f}")
     write_result(
         "late_overhead",
@@ -208,6 +232,7 @@ def main() -> int:
             "medians_ms": rows,
             "late_over_retrieve_searches_per_s": ratios,
             "ndcg@10": ndcg,
+            "replies_differing_from_baseline": differing,
             "loadavg_before": [round(x, 2) for x in load_before],
         },
         command=command_line("bench/late_overhead.py", sys.argv[1:]),
