@@ -193,16 +193,37 @@ def decode_spans(
     return [found.get(r, []) for r in order]
 
 
-def _varints(data: np.ndarray) -> np.ndarray:
-    """Every unsigned LEB128 varint in `data` (uint8), decoded at once (int64) rather than byte by byte in
-    Python: evidence decodes the spans of every hit a reply carries (see bench/evidence_cost.py)."""
+def span_values(blobs: Sequence[bytes | bytearray | memoryview]) -> tuple[np.ndarray, np.ndarray]:
+    """The spans sections of several blobs, their varints decoded in one pass (a reply's evidence reads
+    every hit's): all the values (int64), concatenated, and where each blob's begin (len(blobs) + 1
+    indexes; a blob without spans owns none). Each section is, per row, its member count then that many
+    (start delta, length) pairs (see the module doc)."""
+    sections: list[bytes | memoryview] = []
+    for blob in blobs:
+        size = read_header(blob).spans_bytes
+        sections.append(memoryview(blob)[len(blob) - size + _SPANS_LENGTH.size :] if size else b"")
+    data = np.frombuffer(b"".join(sections), dtype=np.uint8)
     ends = np.flatnonzero(data < 0x80)
+    byte_starts = np.concatenate(([0], np.cumsum([len(s) for s in sections]))).astype(np.int64)
+    return _varints(data, ends), np.searchsorted(ends, byte_starts)
+
+
+def _varints(data: np.ndarray, ends: np.ndarray | None = None) -> np.ndarray:
+    """Every unsigned LEB128 varint in `data` (uint8), decoded at once (int64) rather than byte by byte in
+    Python: evidence decodes the spans of every hit a reply carries (see bench/late_overhead.py). `ends`:
+    where each varint ends (the bytes below 0x80), if known."""
+    if ends is None:
+        ends = np.flatnonzero(data < 0x80)
+    values = data[ends].astype(np.int64)  # right for one-byte varints, most of them
     starts = np.concatenate(([0], ends[:-1] + 1)).astype(np.int64)
-    lengths = ends - starts + 1
-    values = (data[starts] & 0x7F).astype(np.int64)
-    for k in range(1, int(lengths.max(initial=1))):
-        longer = lengths > k
-        values[longer] |= (data[starts[longer] + k].astype(np.int64) & 0x7F) << (7 * k)
+    multi = np.flatnonzero(ends > starts)
+    if len(multi):
+        first, lengths = starts[multi], ends[multi] - starts[multi] + 1
+        longer = data[first].astype(np.int64) & 0x7F
+        for k in range(1, int(lengths.max())):
+            more = lengths > k
+            longer[more] |= (data[first[more] + k].astype(np.int64) & 0x7F) << (7 * k)
+        values[multi] = longer
     return values
 
 

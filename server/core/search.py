@@ -22,7 +22,7 @@ from server.core.stage_plan import StagePlan
 from server.core.writes import Writes
 from server.storage.fulltext import FullTextIndex
 from sieve_core.config import Settings
-from sieve_core.evidence import evidence_spans, lexical_spans
+from sieve_core.evidence import evidence_spans_many, lexical_spans
 from sieve_core.types import (
     Hit,
     SearchQuery,
@@ -217,13 +217,13 @@ def _lexical_hit(hit: Hit, lexical: bool) -> bool:
 
 
 def _resolve_evidence(hits: list[Hit], query: str, fulltext: FullTextIndex | None) -> None:
+    due = [hit for hit in hits if _evidence_due(hit, fulltext is not None)]
+    # Late interaction's spans for every hit it scored, in one pass over all their blobs.
+    scored = [(hit, hit.matches) for hit in due if hit.matches is not None]
+    for (hit, _), spans in zip(scored, evidence_spans_many([m for _, m in scored]), strict=True):
+        hit.evidence = spans
     weights: dict[str, float] | None = None  # the query's terms, analysed once per reply
-    for hit in hits:
-        if not _evidence_due(hit, fulltext is not None):
-            continue
-        if hit.matches is not None:
-            blob, best = hit.matches
-            hit.evidence = evidence_spans(blob, best)
+    for hit in due:
         # Lexical spans when late interaction did not score the hit, or has no spans for it (token
         # vectors stored before offsets were).
         if not hit.evidence and fulltext is not None and _lexical_hit(hit, True):

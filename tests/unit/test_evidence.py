@@ -6,12 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sieve_core.evidence import MAX_SPANS, evidence_spans, lexical_spans
+from sieve_core.evidence import MAX_SPANS, evidence_spans, evidence_spans_many, lexical_spans
 from sieve_core.late_interaction import BestMatches, maxsim_blobs
 from sieve_core.models.bi_encoder import BiEncoderRunner
-from sieve_core.token_codec import decode_spans, decode_tokens, encode_tokens, read_header
-from sieve_core.token_format import TokenFormat, compress, pool_tokens_with_members
+from sieve_core.token_codec import decode_spans, decode_tokens, encode_tokens, read_header, span_values
+from sieve_core.token_format import TokenFormat, compress, pool_tokens_with_members, prepare_query
 from tests.conftest import MODEL, MODELS_DIR, require_bundle
+from tests.corpus import DOCS
 
 # Code points outside the BMP and accents before the words, so UTF-8 bytes, UTF-16 units and code points
 # all differ.
@@ -128,6 +129,102 @@ def test_special_tokens_without_text_are_left_out_of_the_spans() -> None:
     spans = decode_spans(blob)
     assert [s for row in spans for s in row] and all(b > a for row in spans for a, b in row)
     assert sorted(s for row in spans for s in row) == [(0, 3), (4, 7), (8, 11), (12, 15)]
+
+
+# -- a whole reply's evidence at once ------------------------------------------------------------------------
+
+REPLY_TEXTS = [TEXT, *DOCS.values(), "Vitamin D, vitamin D3 and calcium: bone density in older adults " * 6]
+REPLY_QUERIES = ["vitamin d and bone fractures", "does aspirin prevent heart attacks", "café risk"]
+
+
+def _reply(runner: BiEncoderRunner, fmt: TokenFormat, query: str) -> list[tuple[bytes, BestMatches]]:
+    """Every text's blob (with spans) and MaxSim's argmax for the query: what a reply's hits carry."""
+    blobs = [
+        compress(r, fmt, o)
+        for r, o in zip(runner.token_vectors(REPLY_TEXTS), runner.token_offsets(REPLY_TEXTS), strict=True)
+    ]
+    best: list[BestMatches | None] = [None] * len(blobs)
+    maxsim_blobs(prepare_query(runner.token_vectors([query])[0], fmt), blobs, best=best)
+    return [(blob, found) for blob, found in zip(blobs, best, strict=True) if found is not None]
+
+
+@pytest.mark.parametrize("fmt", [TokenFormat(pool_factor=1), TokenFormat(), TokenFormat(projection_dims=128)])
+@pytest.mark.parametrize("query", REPLY_QUERIES)
+def test_a_replys_evidence_at_once_equals_each_hits_own(
+    runner: BiEncoderRunner, fmt: TokenFormat, query: str
+) -> None:
+    matches = _reply(runner, fmt, query)
+    # Hits of every kind in one reply: a blob without spans (stored before offsets were), and a hit whose
+    # query tokens all found nothing similar (no evidence), among ordinary ones.
+    plain = compress(runner.token_vectors([TEXT])[0], fmt)
+    _, found = _reply(runner, fmt, query)[0]
+    nothing = BestMatches(found.rows, -np.abs(found.sims))
+    matches = [*matches[:2], (plain, found), matches[2], (matches[3][0], nothing), *matches[4:]]
+    expected = [evidence_spans(blob, best) for blob, best in matches]
+    assert evidence_spans_many(matches) == expected  # spans and scores, exactly
+    assert expected[2] == [] and expected[4] == [] and sum(map(bool, expected)) == len(matches) - 2
+    assert evidence_spans_many(matches, max_spans=2) == [evidence_spans(b, m, 2) for b, m in matches]
+    assert evidence_spans_many([]) == []
+
+
+def test_a_replys_evidence_leaves_out_spans_of_special_tokens() -> None:
+    rows = np.eye(6, 8, dtype=np.float32)
+    rows[5] = rows[4]  # [SEP] (no text) pools with token 4
+    offsets = np.array([[0, 0], [0, 3], [4, 7], [8, 11], [12, 15], [0, 0]])
+    blob = compress(rows, TokenFormat(pool_factor=2), offsets)
+    best: list[BestMatches | None] = [None]
+    maxsim_blobs(np.eye(6, 8, dtype=np.float32), [blob], best=best)
+    assert best[0] is not None
+    spans = evidence_spans_many([(blob, best[0])])
+    assert spans == [evidence_spans(blob, best[0])] and spans[0]
+    assert all(s.end > s.start for s in spans[0])
+
+
+def test_span_values_are_each_blobs_spans_in_turn(runner: BiEncoderRunner) -> None:
+    rows, offsets = runner.token_vectors(REPLY_TEXTS[:3]), runner.token_offsets(REPLY_TEXTS[:3])
+    blobs = [compress(rows[0], TokenFormat(), offsets[0]), compress(rows[1], TokenFormat())]
+    blobs.append(compress(rows[2], TokenFormat(pool_factor=1), offsets[2]))
+    values, firsts = span_values(blobs)
+    assert len(firsts) == 4 and firsts[0] == 0 and firsts[-1] == len(values)
+    assert firsts[2] == firsts[1]  # the blob without spans owns no values
+    for k in (0, 2):
+        # Per row: its member count, then (start delta, length) pairs: decode_spans, flattened.
+        flat = []
+        for members in decode_spans(blobs[k]):
+            flat.append(len(members))
+            previous = 0
+            for start, end in members:
+                flat += [start - previous, end - start]
+                previous = start
+        assert values[firsts[k] : firsts[k + 1]].tolist() == flat
+
+
+def test_a_reply_reads_all_its_hits_spans_in_one_pass(
+    runner: BiEncoderRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reply's evidence (server/core/search.py) decodes every scored hit's spans section in one call,
+    not hit by hit (13 ms for a reply of 100 hits that way; bench/late_overhead.py)."""
+    import sieve_core.evidence
+    from server.core.search import _resolve_evidence
+    from sieve_core.types import Hit, Stage, StageScore
+
+    calls: list[int] = []
+    real = sieve_core.evidence.span_values
+
+    def counted(blobs):  # type: ignore[no-untyped-def]
+        calls.append(len(blobs))
+        return real(blobs)
+
+    monkeypatch.setattr(sieve_core.evidence, "span_values", counted)
+    matches = _reply(runner, TokenFormat(), REPLY_QUERIES[0])
+    hits = []
+    for i, m in enumerate(matches):
+        hit = Hit(f"d{i}", 1.0, "", stage_scores=[StageScore(Stage.LATE_INTERACTION, 1.0, i)], key=i)
+        hit.matches = m
+        hits.append(hit)
+    _resolve_evidence(hits, REPLY_QUERIES[0], None)
+    assert calls == [len(matches)]
+    assert [h.evidence for h in hits] == [evidence_spans(*m) for m in matches]
 
 
 # -- lexical hits -------------------------------------------------------------------------------------------
