@@ -81,7 +81,13 @@ class _Models(BaseSettings):
 class _Index(BaseSettings):
     """Index."""
 
-    hnsw_connectivity: int = Field(16, ge=4, le=128, description="HNSW M.")
+    hnsw_connectivity: int = Field(
+        16,
+        ge=4,
+        le=128,
+        description="HNSW M (links per node; level 0 has 2M). Measured: bench/ann_tune.py. An existing "
+        "snapshot keeps the M it was built with.",
+    )
     index_storage: Literal["f16", "i8", "f32"] = Field(
         "i8",
         description="Vector index scalar type: i8 (cosine collections: int8 under the cosine kernel, each vector "
