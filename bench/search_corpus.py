@@ -1,7 +1,7 @@
 """Search through gRPC against corpus size: a real `sieve serve` holding 100k and 1M synthetic documents.
 
     .venv/bin/python bench/search_corpus.py [--sizes 100000 1000000] [--queries 500] [--batch 1000]
-        [--max-fill-s SECONDS]
+        [--max-fill-s SECONDS] [--set SIEVE_NAME=VALUE ...] [--result NAME]
 
 For each size: a fresh `sieve serve` (temporary data directory, no workers, no Redis), one collection of the
 default embedding model (all-MiniLM-L6-v2, 384-d), filled through UpsertDocuments with precomputed vectors
@@ -16,7 +16,9 @@ the client sees it, the server's retrieve stage time, and recall@10 against exac
 vectors; the server's resident memory after loading. Search by vector skips the query embedding (a fixed
 ~5-7 ms here whatever the corpus size; bench/scaling.py's service section measures it), so these are the
 corpus-size-dependent part of a Search plus the service's own overhead. Results: bench/results/search_corpus.json,
-written after each size.
+written after each size. `--set` gives the server other settings (e.g. SIEVE_HNSW_CONNECTIVITY=32
+SIEVE_DEFAULT_EF_SEARCH=128, to measure a candidate default), recorded in the result, which then goes to
+bench/results/<--result>.json so as not to replace the defaults' figures.
 """
 
 from __future__ import annotations
@@ -86,13 +88,13 @@ def fill(documents: Any, name: str, corpus: np.ndarray, batch: int, budget_s: fl
     return time.perf_counter() - started, done
 
 
-def measure(n: int, n_queries: int, batch: int, budget_s: float) -> dict[str, Any]:
+def measure(n: int, n_queries: int, batch: int, budget_s: float, settings: dict[str, str]) -> dict[str, Any]:
     corpus = synthetic(n)
     queries = synthetic_queries(n, n_queries)
     options = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
     with (
         tempfile.TemporaryDirectory(prefix="sieve-corpus-") as data_dir,
-        stack.sieve_process("serve", data_dir=Path(data_dir), timeout_s=300) as served,
+        stack.sieve_process("serve", data_dir=Path(data_dir), settings=settings, timeout_s=300) as served,
         grpc.insecure_channel(served.address, options=options) as channel,
     ):
         collections = collections_pb2_grpc.CollectionServiceStub(channel)
@@ -157,18 +159,34 @@ def main() -> int:
         default=float("inf"),
         help="stop upserting a size after this many seconds and measure what was loaded (recorded as such)",
     )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SIEVE_NAME=VALUE",
+        help="a server setting other than its default (repeatable)",
+    )
+    parser.add_argument(
+        "--result", default="", help="result name (default search_corpus, or with --set: required)"
+    )
     args = parser.parse_args()
     started = time.monotonic()
-    settings = load_settings({})
+    overrides = dict(item.split("=", 1) for item in args.set)
+    if any(not k.startswith("SIEVE_") for k in overrides):
+        parser.error("--set takes SIEVE_NAME=VALUE")
+    if overrides and not args.result:
+        parser.error("--set measures settings other than the defaults: name the result with --result")
+    settings = load_settings(overrides)
     results: list[dict[str, Any]] = []
     for n in args.sizes:
-        results.append(measure(n, args.queries, args.batch, args.max_fill_s))
+        results.append(measure(n, args.queries, args.batch, args.max_fill_s, overrides))
         write_result(
-            "search_corpus",
+            args.result or "search_corpus",
             {
                 "what": "Search by vector through gRPC, one client, top 10, ids only; synthetic 384-d "
                 "(bench/ann.py generator) upserted with precomputed vectors",
                 "settings": {
+                    "overrides": overrides,
                     "index_storage": settings.index_storage,
                     "connectivity": settings.hnsw_connectivity,
                     "ef_construction": settings.hnsw_ef_construction,
