@@ -81,13 +81,7 @@ class _Models(BaseSettings):
 class _Index(BaseSettings):
     """Index."""
 
-    hnsw_connectivity: int = Field(
-        16,
-        ge=4,
-        le=128,
-        description="HNSW M (links per node; level 0 has 2M). Measured: bench/ann_tune.py. An existing "
-        "snapshot keeps the M it was built with.",
-    )
+    hnsw_connectivity: int = Field(16, ge=4, le=128, description="HNSW M; a snapshot keeps its own.")
     index_storage: Literal["f16", "i8", "f32"] = Field(
         "i8",
         description="Vector index scalar type: i8 (cosine collections: int8 under the cosine kernel, each vector "
@@ -227,6 +221,12 @@ class _Jobs(BaseSettings):
         8 << 30,
         ge=1,
         description="Largest UploadIndexJob (written to the data directory before the job starts).",
+    )
+    job_orphan_after_s: float = Field(
+        3600.0,
+        ge=0,
+        description="PostgreSQL store: another server's unfinished jobs are marked FAILED once it has been gone "
+        "this long (a job runs only on the server that started it); 0: never.",
     )
     job_source_dirs: str = Field(
         "",

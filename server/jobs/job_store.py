@@ -188,6 +188,14 @@ class JobStore:
                     [(job.id, e.line, e.doc_id, e.reason) for e in errors],
                 )
 
+    def absent_owners(self) -> builtins.list[str]:
+        """Other servers with unfinished jobs here that are not running (none for a file only this server
+        uses; see job_store_pg.py)."""
+        return []
+
+    def fail_orphans(self, owner: str, reason: str) -> builtins.list[str]:
+        return []
+
     def errors(self, job_id: str, after_line: int, limit: int) -> builtins.list[LineError]:
         rows = self._execute(
             "SELECT line, doc_id, reason FROM job_errors WHERE job_id = ? AND line > ? ORDER BY line LIMIT ?",

@@ -51,7 +51,7 @@ from server.jobs.live import JobView, LiveJob, finished_view
 from server.jobs.registry import CANCEL_WAIT_S, HEARTBEAT_S, STORED_POLL_S, JobRegistry, run_on
 from server.jobs.runner import JobRunner
 from server.jobs.source import file_identity, resolve_source
-from server.jobs.upload import UploadChunk, check_format, remove_partial, spool_upload
+from server.jobs.upload import UploadChunk, check_format, remove_partial, remove_spools, spool_upload
 from sieve_core.config import Settings
 from sieve_core.errors import InvalidArgument, Unavailable
 
@@ -89,6 +89,8 @@ class JobManager:
                 record.resumes += 1
                 log.info("job %s: resuming at line %d", record.id, record.next_line)
             record.state = QUEUED
+        # Spools of upload jobs that ended while this server was away (another server failed them).
+        await self._on_files(remove_spools, self._uploads, set(self._jobs.live))
         if self._settings.store_url is not None:  # other servers may be asked to cancel this one's jobs
             self._cancels = asyncio.create_task(self._follow_cancels(), name="sieve-job-cancels")
         self._schedule()
@@ -287,13 +289,17 @@ class JobManager:
 
     async def _follow_cancels(self) -> None:
         """On a shared store: cancels other servers recorded for this server's jobs, acted on within about
-        STORED_POLL_S."""
+        STORED_POLL_S; and other servers gone for SIEVE_JOB_ORPHAN_AFTER_S have their jobs failed."""
+        orphan_after = self._settings.job_orphan_after_s
+        orphan_every = max(STORED_POLL_S, min(30.0, orphan_after / 4))
+        orphans_checked = time.monotonic()
         while not self._closing:
             await asyncio.sleep(STORED_POLL_S)
-            if not self._jobs.live:
-                continue
             try:
-                requested = await self._jobs.cancels_requested()
+                if orphan_after and time.monotonic() - orphans_checked >= orphan_every:
+                    orphans_checked = time.monotonic()
+                    await self._jobs.fail_orphans(orphan_after)
+                requested = await self._jobs.cancels_requested() if self._jobs.live else []
             except Unavailable:
                 continue  # the database is away: the next look sees them
             for job_id in requested:

@@ -69,6 +69,7 @@ class JobRegistry:
     def __init__(self, settings: Settings, files: ThreadPoolExecutor) -> None:
         self._db = open_job_store(settings)
         self.owner = self._db.owner
+        self._absent_since: dict[str, float] = {}  # other servers with unfinished jobs, seen gone since
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="sieve-jobs-db")
         self._files = files
         self.live: dict[str, LiveJob] = {}
@@ -91,6 +92,22 @@ class JobRegistry:
 
     async def cancels_requested(self) -> list[str]:
         return await self._on_db(self._db.cancels_requested)
+
+    async def fail_orphans(self, after_s: float) -> None:
+        """Marks FAILED the unfinished jobs of other servers seen gone (their id lock free) for `after_s`."""
+        absent = set(await self._on_db(self._db.absent_owners))
+        t = time.monotonic()
+        self._absent_since = {o: self._absent_since.get(o, t) for o in absent}
+        for owner, since in list(self._absent_since.items()):
+            if t - since < after_s:
+                continue
+            reason = (
+                f"its server ({owner}) has been gone for {t - since:.0f} s (SIEVE_JOB_ORPHAN_AFTER_S); a job runs "
+                "only on the server that started it, where its source is: start it again"
+            )
+            for job_id in await self._on_db(self._db.fail_orphans, owner, reason):
+                log.warning("job %s: failed: %s", job_id, reason)
+            del self._absent_since[owner]
 
     async def request_cancel(self, job_id: str) -> bool:
         return await self._on_db(self._db.request_cancel, job_id)

@@ -130,6 +130,14 @@ def remove_partial(directory: Path) -> None:
             part.unlink(missing_ok=True)
 
 
+def remove_spools(directory: Path, keep: set[str]) -> None:
+    """At start, before any upload: the spools of jobs that are not to run here (ended meanwhile)."""
+    if directory.is_dir():
+        for spool in directory.glob("*.jsonl"):
+            if spool.stem not in keep:
+                spool.unlink(missing_ok=True)
+
+
 def _open(part: Path) -> BinaryIO:
     part.parent.mkdir(parents=True, exist_ok=True)
     return part.open("wb")

@@ -120,3 +120,30 @@ def test_a_job_is_cancelled_through_another_server(servers: tuple[Client, Client
         raise AssertionError("cancelling a finished job through another server succeeded")
     except grpc.RpcError as exc:
         assert exc.code() == grpc.StatusCode.FAILED_PRECONDITION and "succeeded" in (exc.details() or "")
+
+
+def test_a_gone_servers_job_is_failed_by_another_and_not_resumed_when_it_returns(
+    pg_url: str, tmp_path: Path
+) -> None:
+    env = {"SIEVE_STORE_URL": pg_url, "SIEVE_JOB_ORPHAN_AFTER_S": "2", **NO_AUTO_SNAPSHOT}
+    with running_server(tmp_path / "b", tmp_path / "b.log", **env) as b:
+        b_jobs = jobs_stub(b)
+        with running_server(tmp_path / "a", tmp_path / "a.log", **env) as a:
+            create(a, (b,))
+            job = upload(jobs_stub(a), 20_000, batch_size=20)
+            for message in b_jobs.WatchJob(J.WatchJobRequest(id=job.id, min_interval_ms=50), timeout=120):
+                if message.job.done >= 40:
+                    break
+            time.sleep(3)  # longer than SIEVE_JOB_ORPHAN_AFTER_S: a running server's jobs are left alone
+            assert b_jobs.GetJob(J.GetJobRequest(id=job.id), timeout=10).job.state == J.JOB_STATE_RUNNING
+            kill_9(a)
+        final = list(b_jobs.WatchJob(J.WatchJobRequest(id=job.id), timeout=60))[-1].job
+        assert final.state == J.JOB_STATE_FAILED and "has been gone" in final.reason, final
+        assert f"job {job.id}: failed: its server" in (tmp_path / "b.log").read_text()
+        with running_server(tmp_path / "a", tmp_path / "a.log", **env) as a:
+            again = jobs_stub(a).GetJob(J.GetJobRequest(id=job.id), timeout=10).job
+            assert again.state == J.JOB_STATE_FAILED and again.done == final.done
+        assert not list((tmp_path / "a" / "jobs" / "uploads").glob("*.jsonl")), (
+            "the failed job's spool was kept"
+        )
+        assert f"job {job.id}: resuming" not in (tmp_path / "a.log").read_text()

@@ -5,7 +5,8 @@ checkpoints do not undo."""
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,15 @@ from server.jobs.job_store import (
     SqliteJobStore,
 )
 from server.jobs.registry import server_id
+
+
+def eventually(check: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def record(job_id: str, owner: str, created_at: float = 1.0) -> JobRecord:
@@ -139,3 +149,35 @@ def test_a_data_directory_keeps_its_server_id(tmp_path: Path) -> None:
     first = server_id(tmp_path / "data")
     assert first and server_id(tmp_path / "data") == first
     assert server_id(tmp_path / "other") != first
+
+
+def test_a_gone_servers_unfinished_jobs_can_be_failed_and_its_id_is_one_servers(pg_url: str) -> None:
+    from server.jobs.job_store_pg import PgJobStore
+    from sieve_core.errors import FailedPrecondition
+
+    a, b = PgJobStore(pg_url, "server-a"), PgJobStore(pg_url, "server-b")
+    job = record("j", "server-a")
+    job.state = RUNNING
+    a.create(job)
+    finished = record("done", "server-a")
+    finished.state = SUCCEEDED
+    a.create(finished)
+    with pytest.raises(FailedPrecondition, match="another server is running with this data directory's id"):
+        PgJobStore(pg_url, "server-a", wait_s=0.5)
+    assert b.absent_owners() == [], "a running server was taken for gone"
+    a.close()  # server a stops (or is killed: its session ends, a moment later in PostgreSQL)
+    assert eventually(lambda: b.absent_owners() == ["server-a"])
+    back = PgJobStore(pg_url, "server-a", wait_s=5)  # it returns before the others act: nothing is failed
+    assert b.fail_orphans("server-a", "gone") == []
+    assert back.unfinished()[0].state == RUNNING
+    back.close()
+    failed_ids: list[str] = []
+    assert eventually(
+        lambda: bool(failed_ids.extend(b.fail_orphans("server-a", "its server is gone")) or failed_ids)
+    )
+    assert failed_ids == ["j"]
+    failed = b.get("j")
+    assert failed is not None and (failed.state, failed.reason) == (FAILED, "its server is gone")
+    assert failed.finished_at is not None
+    assert b.get("done") == finished  # an ended job is left as it was
+    b.close()
