@@ -302,6 +302,9 @@ class JobManager:
                 requested = await self._jobs.cancels_requested() if self._jobs.live else []
             except Unavailable:
                 continue  # the database is away: the next look sees them
+            except Exception:  # never let the loop die quietly: cancels through other servers depend on it
+                log.exception("looking for jobs cancelled through other servers failed; trying again")
+                continue
             for job_id in requested:
                 live = self._jobs.live.get(job_id)
                 if live is not None and not live.cancel and not live.finishing:
