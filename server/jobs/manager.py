@@ -70,7 +70,7 @@ class JobManager:
         self._jobs = JobRegistry(settings, self._files)
         self._runner = JobRunner(engine, settings, self._jobs, self._files)
         self._closing = False
-        self._cancels: asyncio.Task[None] | None = None
+        self._others: asyncio.Task[None] | None = None
 
     async def _on_files(self, fn: Any, *args: Any) -> Any:
         return await run_on(self._files, fn, *args)
@@ -92,14 +92,14 @@ class JobManager:
         # Spools of upload jobs that ended while this server was away (another server failed them).
         await self._on_files(remove_spools, self._uploads, set(self._jobs.live))
         if self._settings.store_url is not None:  # other servers may be asked to cancel this one's jobs
-            self._cancels = asyncio.create_task(self._follow_cancels(), name="sieve-job-cancels")
+            self._others = asyncio.create_task(self._follow_other_servers(), name="sieve-job-other-servers")
         self._schedule()
 
     async def stop(self, grace_s: float = 10.0) -> None:
         """Pause running jobs at their next checkpoint (they stay RUNNING on disk and resume on restart)."""
         self._closing = True
-        if self._cancels is not None:
-            self._cancels.cancel()
+        if self._others is not None:
+            self._others.cancel()
         tasks = []
         for live in self._jobs.live.values():
             live.shutdown = True
@@ -287,7 +287,7 @@ class JobManager:
         live.notify()
         await self._jobs.save(live.record)  # a restart before the runner stops still honours the cancel
 
-    async def _follow_cancels(self) -> None:
+    async def _follow_other_servers(self) -> None:
         """On a shared store: cancels other servers recorded for this server's jobs, acted on within about
         STORED_POLL_S; and other servers gone for SIEVE_JOB_ORPHAN_AFTER_S have their jobs failed."""
         orphan_after = self._settings.job_orphan_after_s

@@ -157,7 +157,7 @@ class JobRegistry:
             record = await self.record(record.id)
 
     async def cancel_stored(self, record: JobRecord) -> JobView:
-        """Cancels a job this server does not run: the row asks its owner to (JobManager._follow_cancels), and the
+        """Cancels a job this server does not run: the row asks its owner to (JobManager._follow_other_servers), and the
         answer waits up to CANCEL_WAIT_S for the owner to stop it."""
         if record.state == CANCELLED:
             return finished_view(record)
