@@ -11,12 +11,13 @@ Data sets:
     noise, L2-normalised, so that neighbours are meaningful (isotropic Gaussian vectors have none) and
     recall is not trivially 1; queries are fresh draws from the same mixture, not corpus points.
 
-Systems, all with Sieve's settings (SIEVE_HNSW_CONNECTIVITY=16, SIEVE_HNSW_EF_CONSTRUCTION=200,
-SIEVE_DEFAULT_EF_SEARCH=256), f32 vectors:
+Systems, all with Sieve's default settings (SIEVE_HNSW_CONNECTIVITY, SIEVE_HNSW_EF_CONSTRUCTION,
+SIEVE_DEFAULT_EF_SEARCH: 32, 200 and 128 since the defaults were chosen with bench/ann_tune.py; results written
+before that record M 16 and ef 256), f32 vectors:
   usearch cos   what a collection built before the f16 layout (MetricKind.Cos, f32)
   usearch ip    the same on inner product (the vectors are normalised, so the same ranking): shows what
                 the cosine metric costs; not what Sieve runs today
-  faiss hnsw    IndexHNSWFlat(d, M=16, METRIC_INNER_PRODUCT), efConstruction 200, efSearch 256 (FAISS's
+  faiss hnsw    IndexHNSWFlat(d, M, METRIC_INNER_PRODUCT), the same efConstruction and efSearch (FAISS's
                 level 0 has 2*M links, as usearch's does)
   sieve <layout> the server's own VectorIndex with its default settings and layout (SIEVE_INDEX_STORAGE,
                 i8: int8 under the cosine kernel, each vector scaled to the full int8 range): what a

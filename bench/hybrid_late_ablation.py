@@ -60,6 +60,9 @@ VARIANTS = (
     Variant("int8, no pooling", fmt=TokenFormat(pool_factor=1)),
     Variant("int8, pool 2", fmt=TokenFormat(pool_factor=2)),
     Variant("int8, pool 3", fmt=TokenFormat(pool_factor=3)),
+    Variant("int4, pool 2", fmt=TokenFormat(pool_factor=2, codec="int4")),
+    Variant("int4, pool 3", fmt=TokenFormat(pool_factor=3, codec="int4")),
+    Variant("int4, no pooling", fmt=TokenFormat(pool_factor=1, codec="int4")),
     Variant("fp16, pool 4", fmt=TokenFormat(pool_factor=4, codec="fp16")),
     Variant("fp16, no pooling", fmt=TokenFormat(pool_factor=1, codec="fp16")),
     Variant("each side 200, fused top 100", depth=200),
@@ -93,6 +96,13 @@ def _arguments() -> argparse.Namespace:
     parser.add_argument("beir", type=Path, nargs="?", default=DEFAULT_BEIR, help="BEIR folder (SciFact)")
     for option in ("--limit-docs", "--limit-queries"):
         parser.add_argument(option, type=int, default=None, help="a smoke run (written to results/quick)")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="TEXT",
+        help="only the variants whose names contain one of these (the default always runs); written to "
+        "results/quick",
+    )
     return parser.parse_args()
 
 
@@ -125,7 +135,10 @@ def main() -> int:
 
     blobs: dict[TokenFormat, tuple[list[bytes], float]] = {}
     rows: list[dict[str, object]] = []
-    for variant in VARIANTS:
+    chosen = [
+        v for v in VARIANTS if v is DEFAULT or not args.variants or any(t in v.name for t in args.variants)
+    ]
+    for variant in chosen:
         if variant.fmt is not None and variant.fmt not in blobs:
             log(f"compressing {len(texts)} documents as {variant.fmt.describe()}")
             stored = [compress(t, variant.fmt) for t in doc_tokens]
@@ -179,7 +192,7 @@ def main() -> int:
         "variants": rows,
     }
     command = command_line("bench/hybrid_late_ablation.py", sys.argv[1:])
-    quick = args.limit_docs is not None or args.limit_queries is not None
+    quick = args.limit_docs is not None or args.limit_queries is not None or bool(args.variants)
     write_result("hybrid_late_ablation", payload, command=command, quick=quick, started=started)
     return 0
 

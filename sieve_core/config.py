@@ -81,7 +81,9 @@ class _Models(BaseSettings):
 class _Index(BaseSettings):
     """Index."""
 
-    hnsw_connectivity: int = Field(16, ge=4, le=128, description="HNSW M; a snapshot keeps its own.")
+    hnsw_connectivity: int = Field(
+        32, ge=4, le=128, description="HNSW M (chosen with bench/ann_tune.py); a snapshot keeps its own."
+    )
     index_storage: Literal["f16", "i8", "f32"] = Field(
         "i8",
         description="Vector index scalar type: i8 (cosine collections: int8 under the cosine kernel, each vector "
@@ -90,7 +92,7 @@ class _Index(BaseSettings):
         "start. Measured: bench/ann_tune.py.",
     )
     hnsw_ef_construction: int = Field(200, ge=8, le=4096, description="HNSW ef at insertion time.")
-    default_ef_search: int = Field(256, ge=1, le=4096, description="HNSW ef at search time.")
+    default_ef_search: int = Field(128, ge=1, le=4096, description="HNSW ef at search time.")
     default_rrf_k: int = Field(
         60,
         ge=1,

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sieve_core.token_codec import HEADER_BYTES, decode_into, read_header
+from sieve_core.token_codec import decode_into, int_codes, read_header
 
 # -- packed documents ------------------------------------------------------------------------------------
 
@@ -221,11 +221,8 @@ def maxsim_blobs(
 
     def fill(k: int, rows: np.ndarray, scales: np.ndarray) -> None:
         blob, info = blobs[k], infos[k]
-        n = info.n_tokens
-        if info.fmt == "int8":
-            codes = np.frombuffer(blob, dtype=np.int8, count=n * info.dims, offset=HEADER_BYTES + 4 * n)
-            rows[...] = codes.reshape(n, info.dims)
-            scales[...] = np.frombuffer(blob, dtype="<f4", count=n, offset=HEADER_BYTES)
+        if info.fmt in ("int8", "int4"):
+            rows[...], scales[...] = int_codes(blob, info)
         else:
             decode_into(blob, info, rows)
             scales.fill(1.0)

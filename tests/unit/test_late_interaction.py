@@ -95,6 +95,35 @@ def test_int8_round_trip_other_rows_within_half_a_step() -> None:
     assert (y[7] == 0).all()
 
 
+@pytest.mark.parametrize("dims", [DIMS, 7])  # an odd width pads each row with one nibble
+def test_int4_round_trip_packs_two_codes_per_byte_within_half_a_step(dims: int) -> None:
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal((60, dims)).astype(np.float32) * rng.uniform(0.01, 50, (60, 1)).astype(np.float32)
+    x[5] = 0.0
+    blob = encode_tokens(x, "int4")
+    assert (
+        len(blob)
+        == HEADER_BYTES + 60 * ((dims + 1) // 2 + 4)
+        == HEADER_BYTES + 60 * bytes_per_token("int4", dims)
+    )
+    info = read_header(blob)
+    assert (info.fmt, info.n_tokens, info.dims, info.unit_norm) == ("int4", 60, dims, False)
+    y = decode_tokens(blob)
+    half_step = np.abs(x).max(axis=1, keepdims=True) / 14  # codes -7..7
+    assert (np.abs(y - x) <= half_step * (1 + 1e-5) + 1e-7).all()
+    assert (y[5] == 0).all()
+    # every code value -7..7 survives the packing, in both nibbles
+    ramp = np.tile(np.arange(-7, 8, dtype=np.float32), 2)[None, :]
+    np.testing.assert_allclose(decode_tokens(encode_tokens(ramp, "int4")), ramp, atol=1e-5)
+
+
+def test_int4_unit_rows_decode_to_unit_rows_close_to_the_original() -> None:
+    x = _unit_rows(np.random.default_rng(12), 100)
+    y = decode_tokens(encode_tokens(x, "int4"))
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1.0, atol=1e-6)
+    assert (y * x).sum(axis=1).min() > 0.97  # each decoded token's cosine to its original
+
+
 def test_fp16_round_trip_is_exact_within_fp16() -> None:
     x = _unit_rows(np.random.default_rng(3), 50)
     blob = encode_tokens(x, "fp16")
@@ -104,7 +133,7 @@ def test_fp16_round_trip_is_exact_within_fp16() -> None:
     np.testing.assert_array_equal(y, x.astype(np.float16).astype(np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
 def test_empty_document_round_trips(fmt: str) -> None:
     blob = encode_tokens(np.zeros((0, DIMS), dtype=np.float32), fmt)
     assert len(blob) == HEADER_BYTES
@@ -113,14 +142,14 @@ def test_empty_document_round_trips(fmt: str) -> None:
 
 def test_encode_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="unknown token format"):
-        encode_tokens(np.zeros((2, 4), dtype=np.float32), "int4")
+        encode_tokens(np.zeros((2, 4), dtype=np.float32), "int2")
     with pytest.raises(ValueError, match="2-D"):
         encode_tokens(np.zeros(4, dtype=np.float32))
     with pytest.raises(ValueError, match="NaN"):
         encode_tokens(np.array([[1.0, np.nan]], dtype=np.float32))
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
 def test_truncated_or_padded_blobs_raise(fmt: str) -> None:
     blob = encode_tokens(_unit_rows(np.random.default_rng(4), 10), fmt)
     for cut in (0, 3, HEADER_BYTES - 1, HEADER_BYTES, HEADER_BYTES + 1, len(blob) - 1):
@@ -187,7 +216,7 @@ def test_maxsim_equals_naive_reference_on_ragged_documents() -> None:
     assert maxsim(query, []).shape == (0,)
 
 
-@pytest.mark.parametrize("fmt", ["int8", "fp16"])
+@pytest.mark.parametrize("fmt", ["int8", "int4", "fp16"])
 def test_packed_decode_matches_per_document_decode(fmt: str) -> None:
     rng = np.random.default_rng(7)
     docs = _ragged_docs(rng)
@@ -206,7 +235,7 @@ def test_maxsim_straight_from_blobs_matches_decoded(chunk_tokens: int) -> None:
     rng = np.random.default_rng(9)
     docs = _ragged_docs(rng)
     query = _unit_rows(rng, 16)
-    blobs = [encode_tokens(d, "int8" if i % 3 else "fp16") for i, d in enumerate(docs)]  # mixed formats
+    blobs = [encode_tokens(d, ("fp16", "int8", "int4")[i % 3]) for i, d in enumerate(docs)]  # mixed formats
     expected = maxsim_naive(query, [decode_tokens(b) for b in blobs])
     got = maxsim_blobs(query, blobs, chunk_tokens=chunk_tokens)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)

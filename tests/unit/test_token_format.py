@@ -116,7 +116,7 @@ def test_format_json_round_trip_describe_and_validation() -> None:
     assert DEFAULT_TOKEN_FORMAT.describe() == "int8, pool 4"
     assert fmt.describe() == "int8, pool 2, projection 128"
     assert TokenFormat(pool_factor=1).describe() == "int8"
-    for bad in ({"pool_factor": 0}, {"projection_dims": -1}, {"codec": "int4"}, {"projection_seed": 256}):
+    for bad in ({"pool_factor": 0}, {"projection_dims": -1}, {"codec": "int2"}, {"projection_seed": 256}):
         with pytest.raises(ValueError):
             TokenFormat(**bad)
     with pytest.raises(ValueError, match="unknown token format fields"):
