@@ -275,13 +275,13 @@ class SieveDefault(System):
 class Faiss(System):
     name = "faiss_hnsw"
 
-    def __init__(self, corpus: np.ndarray, threads: int) -> None:
+    def __init__(self, corpus: np.ndarray, threads: int, connectivity: int = CONNECTIVITY) -> None:
         import faiss
 
         super().__init__()
         self.faiss, self.corpus, self.threads = faiss, corpus, threads
         faiss.omp_set_num_threads(threads)
-        self.index = faiss.IndexHNSWFlat(corpus.shape[1], CONNECTIVITY, faiss.METRIC_INNER_PRODUCT)
+        self.index = faiss.IndexHNSWFlat(corpus.shape[1], connectivity, faiss.METRIC_INNER_PRODUCT)
         self.index.hnsw.efConstruction = EF_CONSTRUCTION
         self.index.hnsw.efSearch = EF_SEARCH
 

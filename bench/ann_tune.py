@@ -9,8 +9,9 @@ queries from it; ground truth by exact float32 search.
 
 Systems: the server's own VectorIndex (server/storage/index.py) in each layout asked for (`i8`, the default:
 int8 under the cosine kernel, each vector scaled so that its largest component is 127; `f16`: cosine as inner
-product on normalised f16 vectors; `f32`: the same in f32), with connectivity M; and FAISS IndexHNSWFlat (M=16,
-inner product, f32). ef_construction is the server's (200) for all.
+product on normalised f16 vectors; `f32`: the same in f32), with connectivity M; and FAISS IndexHNSWFlat (M from
+--faiss-m, default 16 as in the issue's table; inner product, f32), the first of which every ratio is
+against. ef_construction is the server's (200) for all.
 
 Threads, the same for both sides: --threads (default: all cores) for builds and batch search; FAISS through
 OpenMP (omp_set_num_threads), usearch through the `threads` argument of each add/search call. The one-thread
@@ -126,10 +127,9 @@ class Sieve:
 
 
 class FaissSystem:
-    name = "faiss_hnsw_M16"
-
-    def __init__(self, corpus: np.ndarray, threads: int) -> None:
-        self.inner = Faiss(corpus, threads)
+    def __init__(self, corpus: np.ndarray, threads: int, connectivity: int) -> None:
+        self.name = f"faiss_hnsw_M{connectivity}"
+        self.inner = Faiss(corpus, threads, connectivity)
 
     def build(self, corpus: np.ndarray) -> None:
         for start in range(0, len(corpus), 10_000):
@@ -181,6 +181,13 @@ def main() -> int:
     parser.add_argument(
         "--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="storage:M of VectorIndex"
     )
+    parser.add_argument(
+        "--faiss-m",
+        type=int,
+        nargs="+",
+        default=[16],
+        help="FAISS HNSW connectivities; the first (default 16, the issue's peer) is what ratios are against",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     threads = args.threads or available_cores()
@@ -220,7 +227,8 @@ def main() -> int:
             started=started,
         )
 
-    candidates: list[Any] = [FaissSystem(corpus, threads)]
+    candidates: list[Any] = [FaissSystem(corpus, threads, m) for m in args.faiss_m]
+    reference = candidates[0].name
     for config in args.configs:
         storage, _, m = config.partition(":")
         candidates.append(Sieve(storage, int(m or 16), threads))
@@ -270,7 +278,7 @@ def main() -> int:
                 s.one(q)
                 ms[s.name].append((time.perf_counter() - t) * 1000)
     load.append(os.getloadavg()[0])
-    faiss = turns[FaissSystem.name]
+    faiss = turns[reference]
     for s in systems:
         entry, mine = results[s.name], turns[s.name]
         for key in ("qps", "qps_1t"):

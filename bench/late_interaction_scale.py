@@ -6,10 +6,11 @@
 Builds a collection in the server's own SQLite store (server.storage.store.Store, the file layout and
 pragmas the server uses: WAL, synchronous=FULL, incremental auto-vacuum) whose documents have what a
 SciFact document has: a text of SciFact's mean size (1,501 bytes, filler), a 384-d float32 vector, and a
-token blob of the collection's default format (int8, pool 4), written with the document in one
+token blob of the collection's default format (int4, pool 2 since the int4 codec; results written before
+it say int8, pool 4), written with the document in one
 `Store.upsert` transaction per batch, as UpsertDocuments writes them. The token vectors are synthetic
 (random unit vectors, see SyntheticBlobs; encoding 1M abstracts would take ~9 hours here): each
-document has ceil(n / 4) rows where n is drawn from SciFact's real token counts (the bundle's tokenizer
+document has ceil(n / pool factor) rows where n is drawn from SciFact's real token counts (the bundle's tokenizer
 over the corpus, truncated at max_length, without [CLS]/[SEP]), so the blobs have the sizes the default
 format gives SciFact.
 
@@ -45,7 +46,7 @@ from run import DEFAULT_BEIR, QUICK_RESULTS, RESULTS, ROOT, command_line, log, p
 import server.storage.store as store_module  # noqa: E402
 from server.storage.store import SqliteStore, Store  # noqa: E402
 from sieve_core.late_interaction import maxsim_blobs  # noqa: E402
-from sieve_core.token_codec import HEADER_BYTES, decode_tokens, encode_tokens  # noqa: E402
+from sieve_core.token_codec import HEADER_BYTES, bytes_per_token, decode_tokens, encode_tokens  # noqa: E402
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, check_blob  # noqa: E402
 from sieve_core.types import Document  # noqa: E402
 
@@ -85,7 +86,7 @@ def pooled_rows(counts: np.ndarray | None, rng: np.random.Generator, n: int) -> 
 
 
 class SyntheticBlobs:
-    """Token blobs of random unit rows in the default format (int8, pool 4), cheap enough for 1M documents.
+    """Token blobs of random unit rows in the default format, cheap enough for 1M documents.
 
     A pool of POOL_ROWS random unit rows goes through the codec (`encode_tokens`) once; a document of n
     rows is then n consecutive rows of the pool from a random offset, behind the header the codec writes
@@ -105,6 +106,7 @@ class SyntheticBlobs:
         n = self.POOL_ROWS
         self.scales = pool[HEADER_BYTES : HEADER_BYTES + 4 * n]
         self.codes = pool[HEADER_BYTES + 4 * n :]
+        self.width = bytes_per_token(fmt.codec, DIMS) - 4  # code bytes per row
         self.rows = rows
         self.headers: dict[int, bytes] = {}
         self.rng = rng
@@ -116,7 +118,7 @@ class SyntheticBlobs:
             header = encode_tokens(self.rows[:n], fmt.codec, pool_factor=fmt.pool_factor)[:HEADER_BYTES]
             self.headers[n] = header
         o = int(self.rng.integers(0, self.POOL_ROWS - n))
-        return header + self.scales[4 * o : 4 * (o + n)] + self.codes[DIMS * o : DIMS * (o + n)]
+        return header + self.scales[4 * o : 4 * (o + n)] + self.codes[self.width * o : self.width * (o + n)]
 
 
 def unit_vectors(rng: np.random.Generator, n: int) -> np.ndarray:

@@ -5,7 +5,7 @@
 In-process, through the project's own code: the corpus (title + " " + text) goes through
 all-MiniLM-L6-v2 once (`BiEncoderRunner.encode(..., tokens=True)`: the pooled vector and the token rows
 from one pass, as the server's write path does); per test query the dense top-`candidates` by exact
-cosine; then, for each format (pool factor 1/2/3/4 x projection none/128, int8), every document's rows go
+cosine; then, for each format (pool factor 1/2/3/4 x projection none/128 x codec int8/int4), every document's rows go
 through `sieve_core.token_format.compress`, the query's through `prepare_query`, and the candidates are
 re-ranked by `maxsim_blobs` over the stored blobs, as the server scores them. Prints a table and writes
 bench/results/token_formats.json: per format nDCG@10 (linear gains), recall@100, MRR@10, bytes per
@@ -47,7 +47,10 @@ from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, compress,
 NDCG_BAR = 0.705
 BYTES_BAR = 25 * 1024
 FORMATS = tuple(
-    TokenFormat(pool_factor=pool, projection_dims=dims) for dims in (0, 128) for pool in (1, 2, 3, 4)
+    TokenFormat(pool_factor=pool, projection_dims=dims, codec=codec)
+    for codec in ("int8", "int4")
+    for dims in (0, 128)
+    for pool in (1, 2, 3, 4)
 )
 # Reference figures (REFERENCE.md, "Measured here, round 2"), printed beside ours.
 REFERENCE_NDCG = {

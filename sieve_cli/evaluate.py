@@ -63,6 +63,7 @@ class EvalOptions:
     late_keep: int = 100  # kept by late interaction (what the cross-encoder sees)
     cross_keep: int = 100  # kept by the cross-encoder
     token_pool_factor: int = 0  # late interaction's token pooling (1: none); 0: the server's default format
+    token_codec: str = ""  # late interaction's token codec (int4, int8, fp16); "": the server's default
 
     def needs_workers(self) -> bool:
         """Workers (and Redis) are needed for the cross-encoder, and for late interaction only with a
@@ -214,8 +215,10 @@ def _eval_on(address: str, data, opts: EvalOptions) -> dict[str, object]:
                 collection=collections_pb2.Collection(
                     name=name,
                     defaults=defaults,
-                    token_storage=collections_pb2.TokenStorage(pool_factor=opts.token_pool_factor)
-                    if late and opts.token_pool_factor
+                    token_storage=collections_pb2.TokenStorage(
+                        pool_factor=opts.token_pool_factor, codec=opts.token_codec
+                    )
+                    if late and (opts.token_pool_factor or opts.token_codec)
                     else None,
                 )
             ),

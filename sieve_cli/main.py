@@ -70,6 +70,7 @@ def _eval(args: argparse.Namespace) -> int:
             late_keep=args.late_keep,
             cross_keep=args.cross_keep,
             token_pool_factor=args.token_pool_factor,
+            token_codec=args.token_codec,
         )
     )
     if args.json:
@@ -155,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=0,
         help="with late interaction: the collection's token pooling (1: none; 0: the server default)",
+    )
+    ev.add_argument(
+        "--token-codec",
+        choices=("int4", "int8", "fp16"),
+        default="",
+        help="with late interaction: the collection's token codec (default: the server's, int4)",
     )
     ev.add_argument("--json", action="store_true", help="print one JSON object (no progress bars)")
     ev.set_defaults(func=_eval)

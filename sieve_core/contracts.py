@@ -29,7 +29,7 @@ MAX_EMBED_TEXTS = 1000
 MAX_CANDIDATES = 2000
 MAX_TEXT_CHARS = 65_536
 
-Codec = Literal["int8", "fp16"]
+Codec = Literal["int4", "int8", "fp16"]
 _MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _HASH_HEX = re.compile(r"^[0-9a-f]{32}$")
 

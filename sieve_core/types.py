@@ -134,6 +134,7 @@ class TokenStorageSpec:
 
     pool_factor: int = 0
     projection_dims: int = 0
+    codec: str = ""  # "": the server default (int4); else "int4", "int8" or "fp16"
 
 
 @dataclass(frozen=True)
@@ -142,9 +143,10 @@ class TokenStorageInfo:
 
     pool_factor: int
     projection_dims: int
-    description: str  # e.g. "int8, pool 4"
+    description: str  # e.g. "int4, pool 2"
     model_id: str  # the model whose token vectors are stored
     pending: int
+    codec: str = "int4"
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from sieve_core.errors import InvalidArgument, NotFound
 from sieve_core.late_interaction import BestMatches, maxsim_blobs
 from sieve_core.logs import request_id
 from sieve_core.models.bundle import BundleManifest
+from sieve_core.token_codec import FORMATS
 from sieve_core.token_format import DEFAULT_TOKEN_FORMAT, TokenFormat, check_blob, prepare_query
 from sieve_core.types import (
     Hit,
@@ -86,7 +87,13 @@ def format_at_creation(
             f"token_storage.projection_dims must be 0 (none) or 1..{token_dims} (the token vectors' width), "
             f"got {spec.projection_dims}"
         )
-    return TokenFormat(pool_factor=pool, projection_dims=spec.projection_dims)
+    codec = spec.codec or DEFAULT_TOKEN_FORMAT.codec
+    if codec not in FORMATS:
+        raise InvalidArgument(
+            f"token_storage.codec must be empty (default: {DEFAULT_TOKEN_FORMAT.codec}) or one of "
+            f"{', '.join(sorted(FORMATS))}, got {codec!r}"
+        )
+    return TokenFormat(pool_factor=pool, projection_dims=spec.projection_dims, codec=codec)
 
 
 def plan_from(
@@ -108,6 +115,7 @@ def storage_info(row: CollectionRow, plan: TokenPlan | None) -> TokenStorageInfo
     return TokenStorageInfo(
         pool_factor=plan.fmt.pool_factor,
         projection_dims=plan.fmt.projection_dims,
+        codec=plan.fmt.codec,
         description=plan.fmt.describe(),
         model_id=row.token_model_id or plan.model_id,
         pending=row.tokens_pending,

@@ -124,7 +124,9 @@ def collection_spec(msg: collections_pb2.Collection) -> CollectionSpec:
         defaults=settings_from_pb(msg.defaults),
         text_language=msg.text_language,
         token_storage=(
-            TokenStorageSpec(msg.token_storage.pool_factor, msg.token_storage.projection_dims)
+            TokenStorageSpec(
+                msg.token_storage.pool_factor, msg.token_storage.projection_dims, msg.token_storage.codec
+            )
             if msg.HasField("token_storage")
             else None
         ),
@@ -155,6 +157,7 @@ def _token_storage_to_pb(info: TokenStorageInfo | None) -> collections_pb2.Token
     return collections_pb2.TokenStorage(
         pool_factor=info.pool_factor,
         projection_dims=info.projection_dims,
+        codec=info.codec,
         description=info.description,
         model_id=info.model_id,
         pending=info.pending,

@@ -85,8 +85,9 @@ async def test_collection_with_late_interaction_defaults_stores_the_default_form
     info = (await api.collections.GetCollection(collections_pb2.GetCollectionRequest(name=name))).collection
     assert info.HasField("token_storage")
     storage = info.token_storage
-    assert (storage.pool_factor, storage.projection_dims, storage.pending) == (4, 0, 0)
-    assert storage.description == DEFAULT_TOKEN_FORMAT.describe() == "int8, pool 4"
+    assert (storage.pool_factor, storage.projection_dims, storage.pending) == (2, 0, 0)
+    assert storage.codec == "int4"
+    assert storage.description == DEFAULT_TOKEN_FORMAT.describe() == "int4, pool 2"
     assert storage.model_id == info.embedding_model_id
     plain = await _create(api)
     info = (await api.collections.GetCollection(collections_pb2.GetCollectionRequest(name=plain))).collection
@@ -108,7 +109,7 @@ async def test_upsert_stores_token_vectors_from_the_same_encoder_pass(api) -> No
     assert stored == expected
     for blob in stored.values():
         info = read_header(blob)
-        assert (info.fmt, info.pool_factor, info.dims) == ("int8", 4, runner.dims)
+        assert (info.fmt, info.pool_factor, info.dims) == ("int4", 2, runner.dims)
     # An unchanged text is not encoded again; a changed one gets new token vectors, the old row goes.
     with counting(api) as passes:
         await _upsert(api, name, {"aspirin": DOCS["aspirin"], "mito": DOCS["mito"] + " Revised."})
@@ -139,7 +140,7 @@ async def test_search_scores_maxsim_from_the_store_with_the_query_tokens_of_one_
     assert (retrieve.candidates_out, late.candidates_in, late.candidates_out) == (6, 6, 3)
     assert (late.token_source, late.tokens_pending, late.query_token_source) == ("store", 0, "encoder pass")
     assert late.token_bytes == sum(len(b) for b in stored.values())
-    assert late.method.startswith("store: 6 docs, ") and "int8, pool 4" in late.method, late.method
+    assert late.method.startswith("store: 6 docs, ") and "int4, pool 2" in late.method, late.method
     assert "query tokens: encoder pass" in late.method and "zero-shot" in late.model_id
 
     runner = api.server.engine.models.get(MODEL)
@@ -159,17 +160,17 @@ async def test_search_scores_maxsim_from_the_store_with_the_query_tokens_of_one_
 
 
 async def test_token_storage_options_are_chosen_at_creation(api) -> None:  # type: ignore[no-untyped-def]
-    options = collections_pb2.TokenStorage(pool_factor=1, projection_dims=128)
+    options = collections_pb2.TokenStorage(pool_factor=1, projection_dims=128, codec="int8")
     name = await _create(api, token_storage=options)
     info = (await api.collections.GetCollection(collections_pb2.GetCollectionRequest(name=name))).collection
     assert info.token_storage.description == "int8, projection 128"
     await _upsert(api, name, DOCS)
     runner = api.server.engine.models.get(MODEL)
-    fmt = TokenFormat(pool_factor=1, projection_dims=128)
+    fmt = TokenFormat(pool_factor=1, projection_dims=128, codec="int8")
     stored = _stored(api, name)
     for doc_id, blob in stored.items():
         header = read_header(blob)
-        assert header.dims == 128 and header.pool_factor == 1
+        assert header.dims == 128 and header.pool_factor == 1 and header.fmt == "int8"
         assert header.n_tokens == len(runner.token_vectors([DOCS[doc_id]])[0])  # not pooled
     response = await api.search.Search(
         search_pb2.SearchRequest(collection=name, query=QUERY, top_k=3, settings=LATE)
@@ -181,6 +182,7 @@ async def test_token_storage_options_are_chosen_at_creation(api) -> None:  # typ
     for bad, field in (
         (collections_pb2.TokenStorage(pool_factor=99), "pool_factor"),
         (collections_pb2.TokenStorage(projection_dims=500), "projection_dims"),
+        (collections_pb2.TokenStorage(codec="int3"), "codec"),
     ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _create(api, token_storage=bad)
@@ -244,9 +246,11 @@ async def test_the_python_client_chooses_the_token_format(api) -> None:  # type:
         created = await client.create_collection(
             name, token_storage={"pool_factor": 2, "projection_dims": 128}
         )
-        assert created.token_storage.description == "int8, pool 2, projection 128"
+        assert created.token_storage.description == "int4, pool 2, projection 128"
+        eight = await client.create_collection(f"{name}-8", token_storage={"pool_factor": 4, "codec": "int8"})
+        assert (eight.token_storage.description, eight.token_storage.codec) == ("int8, pool 4", "int8")
         default = await client.create_collection(f"{name}-d", token_storage={})
-        assert default.token_storage.description == "int8, pool 4"
+        assert default.token_storage.description == "int4, pool 2"
         plain = await client.create_collection(f"{name}-p")
         assert not plain.HasField("token_storage")
 
@@ -283,7 +287,7 @@ async def test_a_collection_from_before_token_storage_is_backfilled_at_start(tmp
             info = (
                 await server.collections.GetCollection(collections_pb2.GetCollectionRequest(name=name))
             ).collection
-            assert info.token_storage.description == "int8, pool 4"
+            assert info.token_storage.description == "int4, pool 2"
             if info.token_storage.pending == 0:
                 break
             assert asyncio.get_running_loop().time() < deadline, info.token_storage

@@ -379,7 +379,7 @@ async def test_a_job_on_workers_streams_progress_and_stores_token_vectors(wapi, 
 
     # The workers returned the token vectors of the same pass (the collection re-ranks by late
     # interaction), and the server stored them with the documents: none pending.
-    assert info.token_storage.pending == 0 and info.token_storage.description == "int8, pool 4"
+    assert info.token_storage.pending == 0 and info.token_storage.description == "int4, pool 2"
     store = wapi.server.engine.store
     row = store.get_collection(name)
     assert row.token_count == 300

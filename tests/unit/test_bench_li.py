@@ -50,11 +50,11 @@ def test_verdict_names_the_formats_meeting_the_bar(bench: dict[str, ModuleType])
 
     rows = [
         row("int8", 0.709, 92_000),
-        row("int8, pool 4", 0.704, 23_000),
+        row("int4, pool 2", 0.704, 23_000),
         row("int8, pool 3", 0.707, 25_000),
     ]
     verdict = tf._verdict(rows)
-    assert verdict["default"] == "int8, pool 4" and verdict["default_meets_bar"] is False
+    assert verdict["default"] == "int4, pool 2" and verdict["default_meets_bar"] is False
     assert verdict["meeting_bar"] == ["int8, pool 3"]
     assert verdict["best_ndcg_meeting_bar"] == verdict["smallest_meeting_bar"] == "int8, pool 3"
 
@@ -91,4 +91,4 @@ def test_synthetic_blobs_are_default_format_blobs_of_unit_rows(bench: dict[str, 
     assert read_header(synthetic.blob(5)).pool_factor == DEFAULT_TOKEN_FORMAT.pool_factor
     counts = np.array([1, 4, 5, 238, 254])
     rows = scale.pooled_rows(counts, rng, 1000)
-    assert set(rows.tolist()) <= {math.ceil(c / 4) for c in counts}
+    assert set(rows.tolist()) <= {math.ceil(c / DEFAULT_TOKEN_FORMAT.pool_factor) for c in counts}

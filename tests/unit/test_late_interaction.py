@@ -14,7 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sieve_core import kernels
 from sieve_core.late_interaction import (
+    BestMatches,
     PackedTokens,
     decode_packed,
     maxsim,
@@ -245,6 +247,58 @@ def test_maxsim_straight_from_blobs_matches_decoded(chunk_tokens: int) -> None:
         maxsim_blobs(query, [blobs[0], blobs[1][:-1]])
     with pytest.raises(ValueError, match="query dims"):
         maxsim_blobs(query[:, :128], blobs)
+
+
+needs_integer_kernel = pytest.mark.skipif(
+    not kernels.available(), reason="onnxruntime's u8s8 product is not exact on this CPU (no VNNI)"
+)
+
+
+@needs_integer_kernel
+def test_integer_kernel_is_exact_on_extreme_codes() -> None:
+    rng = np.random.default_rng(21)
+    a = rng.integers(0, 256, (300, DIMS), dtype=np.uint8)
+    a[:50] = 255
+    b = rng.choice(np.array([-127, 127], dtype=np.int8), (DIMS, 24))
+    for zero in (0, 8, 128):
+        got = kernels.matmul_u8s8(a, b, zero)
+        assert got.dtype == np.int32
+        np.testing.assert_array_equal(got, (a.astype(np.int64) - zero) @ b.astype(np.int64))
+
+
+@needs_integer_kernel
+@pytest.mark.parametrize("fmts", [("int8",), ("int4",), ("int8", "int4")])  # the last: zero points change
+def test_integer_maxsim_from_blobs_matches_decoded_within_the_query_rounding(
+    fmts: tuple[str, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(22)
+    docs = _ragged_docs(rng)
+    query = _unit_rows(rng, 16)
+    blobs = [encode_tokens(d, fmts[i % len(fmts)]) for i, d in enumerate(docs)]
+    decoded = [decode_tokens(b) for b in blobs]
+    products = []
+    real = kernels.matmul_u8s8
+    monkeypatch.setattr(kernels, "matmul_u8s8", lambda a, b, z: products.append(z) or real(a, b, z))
+    for chunk_tokens in (1, 100, 2048):
+        products.clear()
+        best: list[BestMatches | None] = [None] * len(blobs)
+        got = maxsim_blobs(query, blobs, chunk_tokens=chunk_tokens, best=best)
+        assert products, "the integer product did not run"
+        assert set(products) == {128 if f == "int8" else 8 for f in fmts}
+        # The query is rounded to int8 per token: each of its 16 tokens' similarities moves by well under
+        # 2e-3 (half a step of 1/127 of its largest component, over unit rows); the float path is exact.
+        exact = maxsim_naive(query, decoded)
+        np.testing.assert_allclose(got, exact, atol=16 * 2e-3, rtol=0)
+        assert got[2] == got[-1] == 0.0 and best[2] is None and best[-1] is None
+        for k, found in enumerate(best):
+            if found is None:
+                continue
+            sims = query @ decoded[k].T  # (q, rows)
+            np.testing.assert_allclose(found.sims, sims[np.arange(len(query)), found.rows], atol=2e-3)
+            np.testing.assert_allclose(found.sims, sims.max(axis=1), atol=4e-3)  # a near-tie may flip
+            np.testing.assert_allclose(found.sims.sum(), got[k], atol=1e-4)
+    monkeypatch.setattr(kernels, "available", lambda: False)  # a CPU without the exact product
+    np.testing.assert_allclose(maxsim_blobs(query, blobs), maxsim_naive(query, decoded), rtol=1e-5, atol=1e-5)
 
 
 def test_maxsim_rejects_mismatched_dims() -> None:

@@ -116,3 +116,10 @@ def test_readme_settings_table_matches_the_settings() -> None:
         [sys.executable, "scripts/gen_docs.py", "--check"], cwd=ROOT, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_checked_in_onnx_kernels_match_their_generator() -> None:
+    result = subprocess.run(
+        [sys.executable, "scripts/gen_kernels.py", "--check"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr

@@ -71,10 +71,12 @@ def test_pooling_merges_near_duplicate_tokens_first() -> None:
 
 def test_factor_one_is_the_plain_codec() -> None:
     rows = _unit_rows(np.random.default_rng(3), 64)
-    fmt = TokenFormat(pool_factor=1)
+    fmt = TokenFormat(pool_factor=1, codec="int8")
     assert compress(rows, fmt) == encode_tokens(rows, "int8")
     assert read_header(compress(rows, fmt)).pool_factor == 1
     assert compress_many([rows, rows[:3]], fmt) == [encode_tokens(rows), encode_tokens(rows[:3])]
+    four = TokenFormat(pool_factor=1, codec="int4")
+    assert compress(rows, four) == encode_tokens(rows, "int4")
 
 
 def test_empty_document_compresses_to_an_empty_blob() -> None:
@@ -92,7 +94,7 @@ def test_projection_is_orthonormal_deterministic_and_seeded() -> None:
     np.testing.assert_array_equal(p, projection_matrix(DIMS, 128, 0))
     assert not np.allclose(p, projection_matrix(DIMS, 128, 1))
     rows = _unit_rows(np.random.default_rng(4), 30)
-    fmt = TokenFormat(pool_factor=1, projection_dims=128, projection_seed=7)
+    fmt = TokenFormat(pool_factor=1, projection_dims=128, projection_seed=7, codec="int8")
     blob = compress(rows, fmt)
     info = read_header(blob)
     assert (info.dims, info.projection_seed, info.pool_factor) == (128, 7, 1)
@@ -113,9 +115,9 @@ def test_format_json_round_trip_describe_and_validation() -> None:
     fmt = TokenFormat(pool_factor=2, projection_dims=128, projection_seed=3)
     assert TokenFormat.from_json(fmt.to_json()) == fmt
     assert TokenFormat.from_json({}) == DEFAULT_TOKEN_FORMAT
-    assert DEFAULT_TOKEN_FORMAT.describe() == "int8, pool 4"
-    assert fmt.describe() == "int8, pool 2, projection 128"
-    assert TokenFormat(pool_factor=1).describe() == "int8"
+    assert DEFAULT_TOKEN_FORMAT.describe() == "int4, pool 2"
+    assert fmt.describe() == "int4, pool 2, projection 128"
+    assert TokenFormat(pool_factor=1, codec="int8").describe() == "int8"
     for bad in ({"pool_factor": 0}, {"projection_dims": -1}, {"codec": "int2"}, {"projection_seed": 256}):
         with pytest.raises(ValueError):
             TokenFormat(**bad)
@@ -127,7 +129,9 @@ def test_check_blob_rejects_a_blob_of_another_format() -> None:
     rows = _unit_rows(np.random.default_rng(6), 40)
     check_blob(compress(rows), DEFAULT_TOKEN_FORMAT, DIMS)
     with pytest.raises(ValueError, match="does not match"):
-        check_blob(compress(rows, TokenFormat(pool_factor=2)), DEFAULT_TOKEN_FORMAT, DIMS)
+        check_blob(compress(rows, TokenFormat(pool_factor=4)), DEFAULT_TOKEN_FORMAT, DIMS)
+    with pytest.raises(ValueError, match="does not match"):  # the same pooling, another codec
+        check_blob(compress(rows, TokenFormat(pool_factor=2, codec="int8")), DEFAULT_TOKEN_FORMAT, DIMS)
     with pytest.raises(ValueError, match="does not match"):
         check_blob(encode_tokens(rows), DEFAULT_TOKEN_FORMAT, DIMS)  # an old, unpooled version-1 blob
 

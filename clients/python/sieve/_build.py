@@ -174,7 +174,7 @@ def create_collection(
     embedding_model: str,
     metric: MetricArg,
     defaults: SettingsArg,
-    token_storage: Mapping[str, int] | None = None,
+    token_storage: Mapping[str, int | str] | None = None,
 ) -> collections_pb2.CreateCollectionRequest:
     return collections_pb2.CreateCollectionRequest(
         collection=collections_pb2.Collection(
@@ -290,7 +290,7 @@ def upload_messages(
         yield jobs_pb2.UploadIndexJobRequest(documents=group)
 
 
-def _token_storage(spec: Mapping[str, int]) -> collections_pb2.TokenStorage:
-    """{"pool_factor": 4, "projection_dims": 128} -> TokenStorage (unknown keys: ValueError from protobuf)."""
+def _token_storage(spec: Mapping[str, int | str]) -> collections_pb2.TokenStorage:
+    """{"pool_factor": 4, "projection_dims": 128, "codec": "int8"} -> TokenStorage (unknown keys: ValueError from protobuf)."""
     build: Any = collections_pb2.TokenStorage  # the stubs type every keyword as the message's own fields
     return build(**spec)

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from sieve.v1 import common_pb2 as sieve_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asieve/v1/collections.proto\x12\x08sieve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15sieve/v1/common.proto\"\xd3\x02\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x65mbedding_model\x18\x02 \x01(\t\x12\x1a\n\x12\x65mbedding_model_id\x18\x03 \x01(\t\x12 \n\x06metric\x18\x04 \x01(\x0e\x32\x10.sieve.v1.Metric\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12*\n\x08\x64\x65\x66\x61ults\x18\x06 \x01(\x0b\x32\x18.sieve.v1.SearchSettings\x12\x16\n\x0e\x64ocument_count\x18\x07 \x01(\x03\x12\x12\n\ngeneration\x18\x08 \x01(\x03\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\rtoken_storage\x18\n \x01(\x0b\x32\x16.sieve.v1.TokenStorage\x12\x15\n\rtext_language\x18\x0b \x01(\t\"t\n\x0cTokenStorage\x12\x13\n\x0bpool_factor\x18\x01 \x01(\x05\x12\x17\n\x0fprojection_dims\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0f\n\x07pending\x18\x05 \x01(\x03\"C\n\x17\x43reateCollectionRequest\x12(\n\ncollection\x18\x01 \x01(\x0b\x32\x14.sieve.v1.Collection\"D\n\x18\x43reateCollectionResponse\x12(\n\ncollection\x18\x01 \x01(\x0b\x32\x14.sieve.v1.Collection\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x15GetCollectionResponse\x12(\n\ncollection\x18\x01 \x01(\x0b\x32\x14.sieve.v1.Collection\"\x18\n\x16ListCollectionsRequest\"D\n\x17ListCollectionsResponse\x12)\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x14.sieve.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse2\xf3\x02\n\x11\x43ollectionService\x12Y\n\x10\x43reateCollection\x12!.sieve.v1.CreateCollectionRequest\x1a\".sieve.v1.CreateCollectionResponse\x12P\n\rGetCollection\x12\x1e.sieve.v1.GetCollectionRequest\x1a\x1f.sieve.v1.GetCollectionResponse\x12V\n\x0fListCollections\x12 .sieve.v1.ListCollectionsRequest\x1a!.sieve.v1.ListCollectionsResponse\x12Y\n\x10\x44\x65leteCollection\x12!.sieve.v1.DeleteCollectionRequest\x1a\".sieve.v1.DeleteCollectionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1asieve/v1/collections.proto\x12\x08sieve.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x15sieve/v1/common.proto\"\xd3\x02\n\nCollection\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x17\n\x0f\x65mbedding_model\x18\x02 \x01(\t\x12\x1a\n\x12\x65mbedding_model_id\x18\x03 \x01(\t\x12 \n\x06metric\x18\x04 \x01(\x0e\x32\x10.sieve.v1.Metric\x12\x12\n\ndimensions\x18\x05 \x01(\x05\x12*\n\x08\x64\x65\x66\x61ults\x18\x06 \x01(\x0b\x32\x18.sieve.v1.SearchSettings\x12\x16\n\x0e\x64ocument_count\x18\x07 \x01(\x03\x12\x12\n\ngeneration\x18\x08 \x01(\x03\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\rtoken_storage\x18\n \x01(\x0b\x32\x16.sieve.v1.TokenStorage\x12\x15\n\rtext_language\x18\x0b \x01(\t\"\x83\x01\n\x0cTokenStorage\x12\x13\n\x0bpool_factor\x18\x01 \x01(\x05\x12\x17\n\x0fprojection_dims\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x10\n\x08model_id\x18\x04 \x01(\t\x12\x0f\n\x07pending\x18\x05 \x01(\x03\x12\r\n\x05\x63odec\x18\x06 \x01(\t\"C\n\x17\x43reateCollectionRequest\x12(\n\ncollection\x18\x01 \x01(\x0b\x32\x14.sieve.v1.Collection\"D\n\x18\x43reateCollectionResponse\x12(\n\ncollection\x18\x01 \x01(\x0b\x32\x14.sieve.v1.Collection\"$\n\x14GetCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x15GetCollectionResponse\x12(\n\ncollection\x18\x01 \x01(\x0b\x32\x14.sieve.v1.Collection\"\x18\n\x16ListCollectionsRequest\"D\n\x17ListCollectionsResponse\x12)\n\x0b\x63ollections\x18\x01 \x03(\x0b\x32\x14.sieve.v1.Collection\"\'\n\x17\x44\x65leteCollectionRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1a\n\x18\x44\x65leteCollectionResponse2\xf3\x02\n\x11\x43ollectionService\x12Y\n\x10\x43reateCollection\x12!.sieve.v1.CreateCollectionRequest\x1a\".sieve.v1.CreateCollectionResponse\x12P\n\rGetCollection\x12\x1e.sieve.v1.GetCollectionRequest\x1a\x1f.sieve.v1.GetCollectionResponse\x12V\n\x0fListCollections\x12 .sieve.v1.ListCollectionsRequest\x1a!.sieve.v1.ListCollectionsResponse\x12Y\n\x10\x44\x65leteCollection\x12!.sieve.v1.DeleteCollectionRequest\x1a\".sieve.v1.DeleteCollectionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,24 +36,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_COLLECTION']._serialized_start=97
   _globals['_COLLECTION']._serialized_end=436
-  _globals['_TOKENSTORAGE']._serialized_start=438
-  _globals['_TOKENSTORAGE']._serialized_end=554
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=556
-  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=623
-  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=625
-  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=693
-  _globals['_GETCOLLECTIONREQUEST']._serialized_start=695
-  _globals['_GETCOLLECTIONREQUEST']._serialized_end=731
-  _globals['_GETCOLLECTIONRESPONSE']._serialized_start=733
-  _globals['_GETCOLLECTIONRESPONSE']._serialized_end=798
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=800
-  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=824
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=826
-  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=894
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=896
-  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=935
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=937
-  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=963
-  _globals['_COLLECTIONSERVICE']._serialized_start=966
-  _globals['_COLLECTIONSERVICE']._serialized_end=1337
+  _globals['_TOKENSTORAGE']._serialized_start=439
+  _globals['_TOKENSTORAGE']._serialized_end=570
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_start=572
+  _globals['_CREATECOLLECTIONREQUEST']._serialized_end=639
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_start=641
+  _globals['_CREATECOLLECTIONRESPONSE']._serialized_end=709
+  _globals['_GETCOLLECTIONREQUEST']._serialized_start=711
+  _globals['_GETCOLLECTIONREQUEST']._serialized_end=747
+  _globals['_GETCOLLECTIONRESPONSE']._serialized_start=749
+  _globals['_GETCOLLECTIONRESPONSE']._serialized_end=814
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_start=816
+  _globals['_LISTCOLLECTIONSREQUEST']._serialized_end=840
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_start=842
+  _globals['_LISTCOLLECTIONSRESPONSE']._serialized_end=910
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_start=912
+  _globals['_DELETECOLLECTIONREQUEST']._serialized_end=951
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_start=953
+  _globals['_DELETECOLLECTIONRESPONSE']._serialized_end=979
+  _globals['_COLLECTIONSERVICE']._serialized_start=982
+  _globals['_COLLECTIONSERVICE']._serialized_end=1353
 # @@protoc_insertion_point(module_scope)

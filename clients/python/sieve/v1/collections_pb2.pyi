@@ -38,18 +38,20 @@ class Collection(_message.Message):
     def __init__(self, name: _Optional[str] = ..., embedding_model: _Optional[str] = ..., embedding_model_id: _Optional[str] = ..., metric: _Optional[_Union[_common_pb2.Metric, str]] = ..., dimensions: _Optional[int] = ..., defaults: _Optional[_Union[_common_pb2.SearchSettings, _Mapping]] = ..., document_count: _Optional[int] = ..., generation: _Optional[int] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., token_storage: _Optional[_Union[TokenStorage, _Mapping]] = ..., text_language: _Optional[str] = ...) -> None: ...
 
 class TokenStorage(_message.Message):
-    __slots__ = ("pool_factor", "projection_dims", "description", "model_id", "pending")
+    __slots__ = ("pool_factor", "projection_dims", "description", "model_id", "pending", "codec")
     POOL_FACTOR_FIELD_NUMBER: _ClassVar[int]
     PROJECTION_DIMS_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     PENDING_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
     pool_factor: int
     projection_dims: int
     description: str
     model_id: str
     pending: int
-    def __init__(self, pool_factor: _Optional[int] = ..., projection_dims: _Optional[int] = ..., description: _Optional[str] = ..., model_id: _Optional[str] = ..., pending: _Optional[int] = ...) -> None: ...
+    codec: str
+    def __init__(self, pool_factor: _Optional[int] = ..., projection_dims: _Optional[int] = ..., description: _Optional[str] = ..., model_id: _Optional[str] = ..., pending: _Optional[int] = ..., codec: _Optional[str] = ...) -> None: ...
 
 class CreateCollectionRequest(_message.Message):
     __slots__ = ("collection",)

@@ -65,13 +65,13 @@ export interface Collection {
 }
 
 /**
- * The format of a collection's stored token vectors: int8 with a per-token scale, after optional token
- * pooling and projection (smaller, at a small cost in ranking quality; see the README's format table).
+ * The format of a collection's stored token vectors: integer codes with a per-token scale, after optional
+ * token pooling and projection (smaller, at a small cost in ranking quality; see the README's format table).
  */
 export interface TokenStorage {
   /**
    * Keep about one vector per this many tokens (Ward clustering of each document's tokens, cluster means).
-   * 0: the server default (4); 1: no pooling. Queries are never pooled.
+   * 0: the server default (2); 1: no pooling. Queries are never pooled.
    */
   poolFactor: number;
   /** Project token vectors to this many dimensions by a fixed seeded orthonormal matrix. 0: no projection. */
@@ -88,6 +88,8 @@ export interface TokenStorage {
    * with their documents, so this stays 0; a ColBERT bundle's are computed after the write by the workers.
    */
   pending: number;
+  /** The codec: "int4" (two 4-bit codes per byte; the server default), "int8" or "fp16". Empty: the default. */
+  codec: string;
 }
 
 export interface CreateCollectionRequest {
@@ -390,7 +392,7 @@ export const Collection: MessageFns<Collection> = {
 };
 
 function createBaseTokenStorage(): TokenStorage {
-  return { poolFactor: 0, projectionDims: 0, description: "", modelId: "", pending: 0 };
+  return { poolFactor: 0, projectionDims: 0, description: "", modelId: "", pending: 0, codec: "" };
 }
 
 export const TokenStorage: MessageFns<TokenStorage> = {
@@ -409,6 +411,9 @@ export const TokenStorage: MessageFns<TokenStorage> = {
     }
     if (message.pending !== 0) {
       writer.uint32(40).int64(message.pending);
+    }
+    if (message.codec !== "") {
+      writer.uint32(50).string(message.codec);
     }
     return writer;
   },
@@ -466,6 +471,14 @@ export const TokenStorage: MessageFns<TokenStorage> = {
             message.pending = longToNumber(reader.int64());
             continue;
           }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.codec = reader.string();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -497,6 +510,7 @@ export const TokenStorage: MessageFns<TokenStorage> = {
         ? globalThis.String(object.model_id)
         : "",
       pending: isSet(object.pending) ? globalThis.Number(object.pending) : 0,
+      codec: isSet(object.codec) ? globalThis.String(object.codec) : "",
     };
   },
 
@@ -517,6 +531,9 @@ export const TokenStorage: MessageFns<TokenStorage> = {
     if (message.pending !== 0) {
       obj.pending = Math.round(message.pending);
     }
+    if (message.codec !== "") {
+      obj.codec = message.codec;
+    }
     return obj;
   },
 
@@ -530,6 +547,7 @@ export const TokenStorage: MessageFns<TokenStorage> = {
     message.description = object.description ?? "";
     message.modelId = object.modelId ?? "";
     message.pending = object.pending ?? 0;
+    message.codec = object.codec ?? "";
     return message;
   },
 };
