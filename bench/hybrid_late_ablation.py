@@ -10,7 +10,7 @@ index (server.storage.fulltext, English analyzer); the dense side is exact cosin
 the same top 100 here to within its recall); the two lists are fused by server.core.fusion.fuse; the
 candidates are re-ranked by `maxsim_blobs` over `compress`ed blobs as the server scores them (fp32: MaxSim
 over the raw token rows, the reference's way). Every variant is one change from the service's default
-(each side's top 100, RRF k=60, the fused top 100 re-ranked, int8 with pool factor 4), so its row says what
+(each side's top 100, RRF k=60, the fused top 100 re-ranked, the default token format), so its row says what
 that one setting is worth; none is chosen by these test queries. Prints a table and writes
 bench/results/hybrid_late_ablation.json: per variant nDCG@10, MRR@10, recall@100 of the re-ranked list,
 bytes per document of the stored token vectors and MaxSim ms per query (p50).
@@ -53,15 +53,16 @@ class Variant:
 
 
 BATCH = 32  # texts per encoder run
-DEFAULT = Variant("default: int8, pool 4; each side 100, RRF k=60, fused top 100")
+DEFAULT = Variant(f"default: {DEFAULT_TOKEN_FORMAT.describe()}; each side 100, RRF k=60, fused top 100")
 VARIANTS = (
     DEFAULT,
     Variant("fp32 token vectors (the reference's MaxSim)", fmt=None),
-    Variant("int8, no pooling", fmt=TokenFormat(pool_factor=1)),
-    Variant("int8, pool 2", fmt=TokenFormat(pool_factor=2)),
-    Variant("int8, pool 3", fmt=TokenFormat(pool_factor=3)),
-    Variant("int4, pool 2", fmt=TokenFormat(pool_factor=2, codec="int4")),
+    Variant("int8, no pooling", fmt=TokenFormat(pool_factor=1, codec="int8")),
+    Variant("int8, pool 2", fmt=TokenFormat(pool_factor=2, codec="int8")),
+    Variant("int8, pool 3", fmt=TokenFormat(pool_factor=3, codec="int8")),
+    Variant("int8, pool 4 (the default before int4)", fmt=TokenFormat(pool_factor=4, codec="int8")),
     Variant("int4, pool 3", fmt=TokenFormat(pool_factor=3, codec="int4")),
+    Variant("int4, pool 4", fmt=TokenFormat(pool_factor=4, codec="int4")),
     Variant("int4, no pooling", fmt=TokenFormat(pool_factor=1, codec="int4")),
     Variant("fp16, pool 4", fmt=TokenFormat(pool_factor=4, codec="fp16")),
     Variant("fp16, no pooling", fmt=TokenFormat(pool_factor=1, codec="fp16")),
@@ -70,7 +71,7 @@ VARIANTS = (
     Variant("each side 200, fused top 200", depth=200, keep=200),
     Variant("RRF k=20", rrf_k=20),
     Variant("RRF k=100", rrf_k=100),
-    Variant("no pooling, whole union re-ranked", fmt=TokenFormat(pool_factor=1), keep=0),
+    Variant("int8, no pooling, whole union re-ranked", fmt=TokenFormat(pool_factor=1, codec="int8"), keep=0),
 )
 
 

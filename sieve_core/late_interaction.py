@@ -105,11 +105,13 @@ def maxsim_packed(query_tokens: np.ndarray, docs: PackedTokens) -> np.ndarray:
     return scores
 
 
-CHUNK_TOKENS = 2048
+CHUNK_TOKENS = 2048  # float32 rows: 3 MB of 384-d rows
+INTEGER_CHUNK_TOKENS = 8192  # uint8 rows: the same 3 MB, a quarter of the product calls
 
-# Writes document k's rows (unscaled) into `rows` and their per-row scales into `scales`; returns the rows'
-# zero point (the integer path's code offset; 0 for float rows).
-_Fill = Callable[[int, np.ndarray, np.ndarray], int]
+# Writes the rows of the documents `members` (their indexes, in order), unscaled, one after another into
+# `rows` and their per-row scales into `scales`; returns the rows' zero point (the integer path's code
+# offset; 0 for float rows).
+_FillChunk = Callable[[Sequence[int], np.ndarray, np.ndarray], int]
 
 
 @dataclass(frozen=True)
@@ -155,11 +157,12 @@ class _IntegerProduct:
 def _maxsim_chunked(
     q: np.ndarray,
     lengths: Sequence[int],
-    fill: _Fill,
+    fill: _FillChunk,
     chunk_tokens: int,
     best: list[BestMatches | None] | None = None,
     *,
     integer: bool = False,
+    groups: Sequence[object] | None = None,
 ) -> np.ndarray:
     """The kernel behind `maxsim` and `maxsim_blobs`: documents are copied (or decoded) a chunk at a time
     into one reused buffer, then one matrix product and one segmented max per chunk.
@@ -167,8 +170,9 @@ def _maxsim_chunked(
     A chunk of 2048 x 384 float32 is 3 MB and stays in cache, where packing 100 SciFact abstracts at once
     would write 37 MB of fresh memory first; and per-document products (the naive loop) pay BLAS call
     and thread start-up overhead 100 times, which on a busy 2-core machine showed p90s of ~100 ms.
-    `integer`: the rows are uint8 codes (`fill` returns their zero point; a chunk holds one zero point)
-    and the product is the integer one (`_IntegerProduct`).
+    `integer`: the rows are uint8 codes and the product is the integer one (`_IntegerProduct`).
+    `groups`: per document, what a chunk must share (the integer path: the blob format, which decides
+    the zero point); a chunk ends where it changes.
     """
     if q.ndim != 2:
         raise ValueError(f"query tokens must be 2-D (n_tokens, dims), got shape {q.shape}")
@@ -181,11 +185,13 @@ def _maxsim_chunked(
     row_scales = np.empty(capacity, dtype=np.float32)
     members: list[int] = []  # the non-empty documents in the current chunk
     starts: list[int] = []
-    used = zero = 0
+    used = 0
+    group: object = None
 
     columns = np.arange(len(q))
 
     def flush() -> None:
+        zero = fill(members, buffer[:used], row_scales[:used])
         sims = product(buffer[:used], zero)  # (tokens, q): each document's rows are one contiguous segment
         sims *= row_scales[:used, None]
         maxima = np.maximum.reduceat(sims, starts, axis=0)
@@ -202,25 +208,32 @@ def _maxsim_chunked(
     for k, n in enumerate(lengths):
         if n == 0:
             continue  # scores 0.0
-        if used + n > capacity:
+        kind = None if groups is None else groups[k]
+        if members and (used + n > capacity or kind != group):
             flush()
             members.clear()
             starts.clear()
             used = 0
-        rows_zero = fill(k, buffer[used : used + n], row_scales[used : used + n])
-        if members and rows_zero != zero:  # another zero point: the chunk so far goes first
-            flush()
-            members.clear()
-            starts.clear()
-            buffer[:n], row_scales[:n] = buffer[used : used + n], row_scales[used : used + n]
-            used = 0
-        zero = rows_zero
+        group = kind
         members.append(k)
         starts.append(used)
         used += n
     if members:
         flush()
     return scores
+
+
+def _per_document(lengths: Sequence[int], fill: Callable[[int, np.ndarray, np.ndarray], None]) -> _FillChunk:
+    """A chunk filler from a per-document one (float rows: zero point 0)."""
+
+    def fill_chunk(members: Sequence[int], rows: np.ndarray, scales: np.ndarray) -> int:
+        at = 0
+        for k in members:
+            fill(k, rows[at : at + lengths[k]], scales[at : at + lengths[k]])
+            at += lengths[k]
+        return 0
+
+    return fill_chunk
 
 
 def maxsim(
@@ -236,12 +249,12 @@ def maxsim(
         if d.ndim != 2 or d.shape[1] != dims:
             raise ValueError(f"document {i}: token matrix shape {d.shape}, expected (n, {dims})")
 
-    def fill(k: int, rows: np.ndarray, scales: np.ndarray) -> int:
+    def fill(k: int, rows: np.ndarray, scales: np.ndarray) -> None:
         rows[...] = doc_tokens[k]
         scales.fill(1.0)
-        return 0
 
-    return _maxsim_chunked(q, [len(d) for d in doc_tokens], fill, chunk_tokens)
+    lengths = [len(d) for d in doc_tokens]
+    return _maxsim_chunked(q, lengths, _per_document(lengths, fill), chunk_tokens)
 
 
 def maxsim_naive(query_tokens: np.ndarray, doc_tokens: Sequence[np.ndarray]) -> np.ndarray:
@@ -258,7 +271,7 @@ def maxsim_blobs(
     query_tokens: np.ndarray,
     blobs: Sequence[bytes | bytearray | memoryview],
     *,
-    chunk_tokens: int = CHUNK_TOKENS,
+    chunk_tokens: int | None = None,
     best: list[BestMatches | None] | None = None,
 ) -> np.ndarray:
     """MaxSim straight from stored blobs, the re-rank path: the scores of
@@ -270,6 +283,7 @@ def maxsim_blobs(
     moves by < 2e-3); otherwise float32, equal to the decoded rows' to float rounding. Raises ValueError
     on any bad blob before doing any arithmetic.
     `best`: a list of len(blobs) Nones, filled with each document's `BestMatches` (None: no rows).
+    `chunk_tokens`: rows per product (default: CHUNK_TOKENS float32, INTEGER_CHUNK_TOKENS uint8 rows).
     """
     q = np.asarray(query_tokens, dtype=np.float32)
     infos = [read_header(b) for b in blobs]
@@ -278,17 +292,23 @@ def maxsim_blobs(
             raise ValueError(f"query dims {q.shape[1]} != document dims {info.dims}")
 
     integer = bool(infos) and all(i.fmt in INTEGER_FORMATS for i in infos) and kernels.available()
+    lengths = [i.n_tokens for i in infos]
+    if integer:
 
-    def fill(k: int, rows: np.ndarray, scales: np.ndarray) -> int:
+        def fill_chunk(members: Sequence[int], rows: np.ndarray, scales: np.ndarray) -> int:
+            return unsigned_codes([blobs[k] for k in members], [infos[k] for k in members], rows, scales)
+
+        chunk = INTEGER_CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+        groups = [i.fmt for i in infos]
+        return _maxsim_chunked(q, lengths, fill_chunk, chunk, best, integer=True, groups=groups)
+
+    def fill(k: int, rows: np.ndarray, scales: np.ndarray) -> None:
         blob, info = blobs[k], infos[k]
-        if integer:
-            scales[...], zero = unsigned_codes(blob, info, rows)
-            return zero
         if info.fmt in INTEGER_FORMATS:
             rows[...], scales[...] = int_codes(blob, info)
         else:
             decode_into(blob, info, rows)
             scales.fill(1.0)
-        return 0
 
-    return _maxsim_chunked(q, [i.n_tokens for i in infos], fill, chunk_tokens, best, integer=integer)
+    chunk = CHUNK_TOKENS if chunk_tokens is None else chunk_tokens
+    return _maxsim_chunked(q, lengths, _per_document(lengths, fill), chunk, best)

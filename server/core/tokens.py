@@ -51,7 +51,7 @@ from sieve_core.types import (
 log = logging.getLogger(__name__)
 
 ENABLE_HINT = (
-    "create the collection with token_storage (e.g. pool_factor 4) or with defaults.late_interaction "
+    "create the collection with token_storage (e.g. pool_factor 2) or with defaults.late_interaction "
     "BEST_EFFORT to store token vectors with its documents"
 )
 BACKFILL_BATCH = 64  # pending documents per worker task: ~2 s of ColBERT encoding on 2 cores
