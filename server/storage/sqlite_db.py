@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 # Pages (4 KB) that may sit free before `compact()` bothers: ~4 MB, a few hundred SciFact documents'
 # token vectors; below it the next writes reuse them anyway.
 COMPACT_MIN_FREE_PAGES = 1024
+MMAP_BYTES = 8 << 30  # PRAGMA mmap_size of each connection (see _conn)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS collections (
@@ -158,6 +159,10 @@ class SqliteDatabase(Database):
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=FULL")
             conn.execute("PRAGMA foreign_keys=ON")
+            # Reads through a memory map: a late-interaction search reads ~100 token blobs of ~23 KB, each
+            # spread over overflow pages; mapped, that took 0.7 instead of 1.5 ms here. SQLite caps the
+            # size at its compile-time maximum; beyond the mapped part it reads as before.
+            conn.execute(f"PRAGMA mmap_size={MMAP_BYTES}")
             self._local.conn = conn
         return conn
 
