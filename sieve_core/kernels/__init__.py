@@ -51,6 +51,7 @@ def _create() -> object | None:
                 "integer token blobs uses float32 products instead"
             )
             return None
+    log.info("MaxSim over int8/int4 token blobs: exact integer products (onnxruntime u8s8)")
     return session
 
 
