@@ -92,20 +92,27 @@ def evidence_spans_many(
 
 
 def _row_starts(values: np.ndarray, firsts: np.ndarray, hits: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """Where each (hit, row) pair's member count is in `values` (pairs sorted by hit, then row), -1 where
-    the hit's blob has no spans. A row's place depends on every row before it, so this walks the counts:
-    one step per row up to the last one wanted, in Python (a few microseconds per hit)."""
-    counts = values.data  # item by item: faster than numpy's indexing or a list of all the values
-    out: list[int] = []
-    current, pos, row, end = -1, 0, 0, 0
-    for h, r in zip(hits.tolist(), rows.tolist(), strict=True):
-        if h != current:
-            current, pos, row, end = h, int(firsts[h]), 0, int(firsts[h + 1])
-        while row < r and pos < end:
-            pos += 1 + 2 * counts[pos]
-            row += 1
-        out.append(pos if pos < end else -1)
-    return np.array(out, dtype=np.int64)
+    """Where each (hit, row) pair's member count is in `values`, -1 where the hit's blob has no spans (or
+    fewer rows). A row's place depends on every row before it (row k + 1 starts 1 + 2 x count after row k),
+    so this follows that chain by pointer jumping: `jump` maps a position to the next row's, then to the
+    one 2, 4, 8 ... rows on, and each pair takes the jumps of its row number's bits. About log2(rows)
+    gathers over all the values of the reply, instead of one Python step per row (2.4 ms for 100 hits of
+    ~120 rows here, 0.2 ms this way)."""
+    n = len(values)
+    jump = np.minimum(np.arange(n, dtype=np.int64) + 1 + 2 * values, n)
+    jump = np.append(jump, n)  # position n: past every section, where the walk stays
+    pos = firsts[hits].astype(np.int64)
+    ends = firsts[hits + 1].astype(np.int64)
+    remaining = rows.astype(np.int64)
+    while True:
+        odd = (remaining & 1).astype(bool)
+        pos[odd] = jump[pos[odd]]
+        remaining = remaining >> 1
+        if not remaining.any():
+            break
+        jump = jump[jump]
+    # Positions only grow, so a walk that ran past its own section ends at or beyond its end.
+    return np.where(pos < ends, pos, -1)
 
 
 def _merged_many(
