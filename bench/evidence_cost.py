@@ -1,5 +1,6 @@
 """What evidence spans cost a late-interaction search, in-process: MaxSim over 100 stored SciFact documents
-(default format, with spans), the same keeping the argmax, and the evidence of all 100 hits (a reply with
+(default format, with spans), by the integer product the server uses and by float32 products (the fallback
+on a CPU without an exact integer product; `maxsim_float`), the same keeping the argmax, and the evidence of all 100 hits (a reply with
 top_k 100 carries them all): hit by hit (`evidence_spans`) and as the server works it out, all hits in one
 pass (`evidence_spans_many`, checked equal). Medians over the test queries, one BLAS thread as the server
 runs.
@@ -22,6 +23,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from run import command_line, write_result  # noqa: E402
 
+from sieve_core import kernels  # noqa: E402
 from sieve_core.beir import load_beir  # noqa: E402
 from sieve_core.evidence import evidence_spans, evidence_spans_many  # noqa: E402
 from sieve_core.late_interaction import BestMatches, maxsim_blobs  # noqa: E402
@@ -50,6 +52,7 @@ def main() -> int:
     blobs = compress_many(rows, DEFAULT_TOKEN_FORMAT, runner.token_offsets(texts))
     times: dict[str, list[float]] = {
         "maxsim": [],
+        "maxsim_float": [],
         "maxsim_with_argmax": [],
         "evidence_all_hits": [],
         "evidence_all_hits_one_pass": [],
@@ -58,8 +61,19 @@ def main() -> int:
     for query in queries:
         q = prepare_query(runner.encode([query], tokens=True)[1][0], DEFAULT_TOKEN_FORMAT)  # type: ignore[index]
         t = time.perf_counter()
-        maxsim_blobs(q, blobs)
+        integer = maxsim_blobs(q, blobs)
         times["maxsim"].append((time.perf_counter() - t) * 1000)
+        integer_product, kernels.available = (
+            kernels.available,
+            lambda: False,
+        )  # the float path, as without VNNI
+        try:
+            t = time.perf_counter()
+            floats = maxsim_blobs(q, blobs)
+            times["maxsim_float"].append((time.perf_counter() - t) * 1000)
+        finally:
+            kernels.available = integer_product
+        assert abs(integer - floats).max() < 0.05, "integer and float MaxSim disagree"
         best: list[BestMatches | None] = [None] * len(blobs)
         t = time.perf_counter()
         maxsim_blobs(q, blobs, best=best)
@@ -79,6 +93,7 @@ def main() -> int:
         "documents": len(blobs),
         "queries": len(queries),
         "format": DEFAULT_TOKEN_FORMAT.describe(),
+        "integer_product": kernels.available(),
         "spans_per_hit": spans / (len(queries) * len(blobs)),
         **{f"{k}_p50_ms": statistics.median(v) for k, v in times.items()},
     }

@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument(
         "--token-codec",
-        choices=("int4", "int8", "fp16"),
+        choices=("int4", "int8", "fp16"),  # sieve_core.token_codec.FORMATS, not imported: the CLI starts fast
         default="",
         help="with late interaction: the collection's token codec (default: the server's, int4)",
     )

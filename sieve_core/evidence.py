@@ -96,8 +96,8 @@ def _row_starts(values: np.ndarray, firsts: np.ndarray, hits: np.ndarray, rows: 
     fewer rows). A row's place depends on every row before it (row k + 1 starts 1 + 2 x count after row k),
     so this follows that chain by pointer jumping: `jump` maps a position to the next row's, then to the
     one 2, 4, 8 ... rows on, and each pair takes the jumps of its row number's bits. About log2(rows)
-    gathers over all the values of the reply, instead of one Python step per row (2.4 ms for 100 hits of
-    ~120 rows here, 0.2 ms this way)."""
+    gathers over all the values of the reply, instead of one Python step per row: the evidence of 100 hits
+    (int4 pool 2, ~120 rows each) 2.61 instead of 2.86 ms (bench/evidence_cost.py before and after)."""
     n = len(values)
     jump = np.minimum(np.arange(n, dtype=np.int64) + 1 + 2 * values, n)
     jump = np.append(jump, n)  # position n: past every section, where the walk stays

@@ -174,12 +174,12 @@ def unsigned_codes(
     out: np.ndarray,
     scales: np.ndarray,
 ) -> int:
-    """Several int8 or int4 blobs of one format and width, their rows one after another: the codes into
+    """Several (at least one) int8 or int4 blobs of one format and width, their rows one after another: the codes into
     `out` (total rows, dims) uint8 as code + zero point, the form an unsigned-by-signed integer GEMM takes
     (sieve_core.late_interaction), and the per-token scales into `scales`; returns the zero point (128 for
     int8, 8 for int4). The payloads are joined first, so the unpacking is two array operations for all
     the blobs rather than a few per blob (a few microseconds each, 100 candidates a search)."""
-    fmt, dims = (infos[0].fmt, infos[0].dims) if infos else ("int8", out.shape[1])
+    fmt, dims = infos[0].fmt, infos[0].dims
     if fmt not in INTEGER_FORMATS or any((i.fmt, i.dims) != (fmt, dims) for i in infos):
         raise ValueError(f"unsigned_codes takes blobs of one integer format and width, got {fmt} and others")
     width = dims if fmt == "int8" else (dims + 1) // 2

@@ -19,7 +19,7 @@ them, become one blob of the SVTK codec (sieve_core.token_codec) in three steps:
 The default, int4 with pooling factor 2, was chosen by measurement (bench/hybrid_late_ablation.py, SciFact):
 at the same 22.8 KB per document as int8 pooled by 4 it ranks better, hybrid+late nDCG@10 0.7135 against
 0.7096 (fp32 unpooled: 0.7123), and dense+late 0.7094 against 0.7081; its MaxSim reads twice the rows
-(3.2 against 1.7 ms for 100 candidates with integer products).
+(2.2 against 1.2 ms for 100 candidates with integer products, bench/results/hybrid_late_ablation.json).
 
 Queries are never pooled: `prepare_query` only projects (and re-normalises) them, so that query and
 document rows live in the same space.

@@ -2,9 +2,9 @@
 
 `matmul_u8s8(a, b, zero)`: (a - zero) @ b exactly, in int32, for a uint8 (rows, dims) and b int8 (dims, q),
 through the one-node graph matmul_u8s8.onnx (written by scripts/gen_kernels.py). onnxruntime's u8s8 GEMM
-(MLAS) uses the CPU's integer dot-product instructions where it has them (AVX512-VNNI / AVX-VNNI): on these
-machines 1.0 ms against 5.9 ms for numpy's float32 sgemm on 12,000 x 384 rows against 32 query columns,
-one thread each.
+(MLAS) uses the CPU's integer dot-product instructions where it has them (AVX512-VNNI / AVX-VNNI): MaxSim
+over 100 SciFact documents (int4 pool 2) took 2.45 ms this way against 5.86 ms with float32 products, one
+thread (bench/evidence_cost.py).
 
 Without VNNI, x86 u8s8 kernels may add pairs of products in saturating 16-bit arithmetic, which is not exact
 for full-range uint8 codes. So the first use checks the kernel on extreme values (255 x +-127 throughout)
