@@ -2,7 +2,7 @@
 the smallest ef that reaches a recall target.
 
     .venv/bin/python bench/ann_tune.py [--size 100000] [--queries 1000] [--target 0.95] [--threads N]
-        [--configs i8:16 f16:16 ...] [--rounds 5]
+        [--configs i8:16 f16:16 i8:32:400 ...] [--faiss-m 16 ...] [--rounds 5] [--result NAME]
 
 Data: bench/ann.py's synthetic mixture (384-d, normalised, one cluster per 1,000 vectors, seed 0) and fresh
 queries from it; ground truth by exact float32 search.
@@ -11,7 +11,7 @@ Systems: the server's own VectorIndex (server/storage/index.py) in each layout a
 int8 under the cosine kernel, each vector scaled so that its largest component is 127; `f16`: cosine as inner
 product on normalised f16 vectors; `f32`: the same in f32), with connectivity M; and FAISS IndexHNSWFlat (M from
 --faiss-m, default 16 as in the issue's table; inner product, f32), the first of which every ratio is
-against. ef_construction is the server's (200) for all.
+against. ef_construction is the server's (200) unless a config names another (storage:M:ef_construction).
 
 Threads, the same for both sides: --threads (default: all cores) for builds and batch search; FAISS through
 OpenMP (omp_set_num_threads), usearch through the `threads` argument of each add/search call. The one-thread
@@ -87,16 +87,20 @@ DEFAULT_CONFIGS = ("i8:16", "f16:16")
 class Sieve:
     """The server's VectorIndex in one layout and connectivity."""
 
-    def __init__(self, storage: str, connectivity: int, threads: int) -> None:
+    def __init__(
+        self, storage: str, connectivity: int, threads: int, ef_construction: int = EF_CONSTRUCTION
+    ) -> None:
         self.name = f"sieve_{storage}_M{connectivity}"
-        if (storage, connectivity) == (_DEFAULTS.index_storage, _DEFAULTS.hnsw_connectivity):
+        if ef_construction != EF_CONSTRUCTION:
+            self.name += f"_efc{ef_construction}"
+        elif (storage, connectivity) == (_DEFAULTS.index_storage, _DEFAULTS.hnsw_connectivity):
             self.name += "_default"
         self.threads = threads
         self.index = VectorIndex(
             384,
             "cosine",
             connectivity=connectivity,
-            ef_construction=EF_CONSTRUCTION,
+            ef_construction=ef_construction,
             ef_search=64,
             storage=storage,
         )
@@ -179,7 +183,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--latency-queries", type=int, default=300)
     parser.add_argument(
-        "--configs", nargs="+", default=list(DEFAULT_CONFIGS), help="storage:M of VectorIndex"
+        "--configs",
+        nargs="+",
+        default=list(DEFAULT_CONFIGS),
+        help="storage:M[:ef_construction] of VectorIndex (ef_construction: the server's by default)",
+    )
+    parser.add_argument(
+        "--result", default="ann_tune", help="bench/results/<RESULT>.json (default: ann_tune)"
     )
     parser.add_argument(
         "--faiss-m",
@@ -200,7 +210,7 @@ def main() -> int:
 
     def save() -> None:
         write_result(
-            "ann_tune",
+            args.result,
             {
                 "settings": {
                     "vectors": args.size,
@@ -230,8 +240,8 @@ def main() -> int:
     candidates: list[Any] = [FaissSystem(corpus, threads, m) for m in args.faiss_m]
     reference = candidates[0].name
     for config in args.configs:
-        storage, _, m = config.partition(":")
-        candidates.append(Sieve(storage, int(m or 16), threads))
+        storage, m, efc = (config.split(":") + ["", ""])[:3]
+        candidates.append(Sieve(storage, int(m or 16), threads, int(efc or EF_CONSTRUCTION)))
     for system in candidates:
         gc.collect()
         rss = rss_bytes()
