@@ -39,7 +39,9 @@ OWNER_WAIT_S = 30.0
 
 
 def owner_key(owner: str) -> int:
-    """A server id as the second key of its lock (ids sharing a key only hide each other's absence)."""
+    """A server id as the second key of its lock. Two ids sharing a key (1 in 2^32) hide each other's
+    absence; one sharing this server's own key is never taken for gone (`absent_owners`), since this
+    server's session would take the lock again whether the other runs or not."""
     return int.from_bytes(hashlib.blake2b(owner.encode(), digest_size=4).digest(), "big", signed=True)
 
 
@@ -96,8 +98,11 @@ class PgJobStore(JobStore):
             (QUEUED, RUNNING, self.owner),
         ).fetchall()
         absent = []
+        mine = owner_key(self.owner)
         for (owner,) in owners:
             key = owner_key(owner)
+            if key == mine:
+                continue  # session locks are re-entrant: trying it here would always succeed
             if _true(self._execute("SELECT pg_try_advisory_lock(?, ?)", (OWNER_LOCK, key))):
                 self._execute("SELECT pg_advisory_unlock(?, ?)", (OWNER_LOCK, key))
                 absent.append(owner)
